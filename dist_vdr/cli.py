@@ -1,0 +1,98 @@
+"""`dist-vdr` command line: thin wrappers over the library.
+
+Subcommands:
+  train                 train a model from a recipe (run it under `accelerate launch`, see launch/)
+  make-tiny-model DIR   build the offline tiny Qwen3-VL embedding model
+  make-synthetic-pages DIR   generate a VDR-shaped page dataset
+
+User errors (bad config, missing data, bad rows) print one `error:` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training import headline, run_training
+
+    cfg = load_config(args.config, args.overrides)
+    results = run_training(cfg, resume=args.resume, no_resume=args.no_resume)
+    from . import distributed
+
+    info = distributed.current()
+    if info.is_main:
+        dims = cfg.evaluation.dims or cfg.loss.matryoshka_dims or sorted(results.get("after", {}) or [0])
+        print(f"final loss {results.get('final_loss')} at step {results.get('global_step')}", flush=True)
+        line = headline(results, list(dims), cfg.evaluation.main_metric)
+        if line:
+            print(line, flush=True)
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(hidden_size=args.hidden_size, seed=args.seed)
+    path = build_tiny_model(args.dir, spec, overwrite=args.overwrite)
+    print(f"tiny model in {path}")
+    return 0
+
+
+def _make_pages(args: argparse.Namespace) -> int:
+    from .data.synthetic import SyntheticPagesSpec, generate_pages
+
+    spec = SyntheticPagesSpec(num_train=args.num_train, num_negatives=args.num_negatives,
+                              num_eval_queries=args.num_eval_queries, num_eval_distractors=args.num_eval_distractors,
+                              seed=args.seed)
+    path = generate_pages(args.dir, spec, overwrite=args.overwrite)
+    print(f"pages in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-vdr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a recipe (launch with accelerate for several processes)")
+    t.add_argument("--config", required=True, help="recipe YAML, e.g. configs/tiny.yaml")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", metavar="CHECKPOINT", help="resume from this checkpoint folder")
+    g.add_argument("--no-resume", action="store_true", help="start fresh (refused if the output folder has checkpoints)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.max_steps=20")
+    t.set_defaults(fn=_train)
+
+    m = sub.add_parser("make-tiny-model", help="build the offline tiny Qwen3-VL embedding model")
+    m.add_argument("dir")
+    m.add_argument("--hidden-size", type=int, default=64)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(fn=_make_tiny_model)
+
+    s = sub.add_parser("make-synthetic-pages", help="generate a VDR-shaped page dataset")
+    s.add_argument("dir")
+    s.add_argument("--num-train", type=int, default=2000)
+    s.add_argument("--num-negatives", type=int, default=1)
+    s.add_argument("--num-eval-queries", type=int, default=128)
+    s.add_argument("--num-eval-distractors", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_make_pages)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

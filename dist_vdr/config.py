@@ -1,0 +1,303 @@
+"""Typed recipe configuration: YAML files + ``key=value`` overrides, validated when loaded.
+
+OmegaConf does the parsing and merging against the dataclass schema below (unknown keys and wrong
+types are rejected there); ``__post_init__`` checks the values; :func:`load_config` turns every
+failure into a ``ValueError`` that names the key and the fix. Checks that need the launch (world
+size) or the model (embedding dimension) or the data (columns) live in :meth:`Config.resolve_batch`,
+:func:`dist_vdr.model.check_dims` and :mod:`dist_vdr.data.loading`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_LOSSES = ("cmnrl", "mnrl")
+_SAMPLERS = ("no_duplicates_hashed", "no_duplicates", "batch_sampler")
+_DEVICES = ("auto", "cpu", "cuda")
+_EVAL_FORMATS = ("ir", "triplets")
+
+
+def _check_choice(section: str, key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{section}.{key}={value!r} is not one of {list(choices)}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name_or_path: str = "artifacts/tiny-model"
+    """Local folder or hub id of a sentence-transformers model or a raw vision-language model."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on GPUs that support it with precision=bf16, else fp32), float32, bfloat16, float16."""
+    attn_implementation: str = "auto"
+    """auto: flash_attention_2 when installed and on CUDA, else sdpa. Or any transformers value."""
+    pooling: str = "auto"
+    """auto: as the model defines it (a raw VLM gets last-token pooling + Normalize); or lasttoken, mean, cls."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra kwargs for from_pretrained (override dtype/attn_implementation above)."""
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Processor kwargs, e.g. min_pixels / max_pixels."""
+    trust_remote_code: bool = False
+    """Off unless the recipe needs model code from the hub."""
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("model.name_or_path is empty: give a local folder or a hub id")
+        _check_choice("model", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice("model", "pooling", self.pooling, ("auto", "lasttoken", "mean", "cls"))
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = "artifacts/pages"
+    """A folder written by save_to_disk (e.g. `dist-vdr make-synthetic-pages`) or a hub dataset id."""
+    train_name: Optional[str] = None
+    """Hub dataset configuration of the training data (e.g. `train`); unused for local folders."""
+    train_split: str = "train"
+    query_column: str = "query"
+    positive_column: str = "image"
+    negative_columns: list[str] = field(default_factory=lambda: ["negative_0"])
+    """Hard-negative page columns used in training (may be empty)."""
+    max_train_samples: Optional[int] = None
+    """Use only the first N training rows (None: all)."""
+    eval_format: str = "ir"
+    """ir: splits of queries / corpus / qrels; triplets: an eval split of query + positive + negatives,
+    whose pages (positives and negatives, de-duplicated) form the corpus (the published VDR layout)."""
+    eval_name: Optional[str] = None
+    """Hub dataset configuration of the eval data (e.g. `eval`)."""
+    eval_split: str = "eval"
+    """Split for eval_format=triplets."""
+    eval_negative_columns: list[str] = field(default_factory=list)
+    """For eval_format=triplets: page columns added to the corpus besides the positive."""
+    eval_queries_split: str = "eval_queries"
+    eval_corpus_split: str = "eval_corpus"
+    eval_qrels_split: str = "eval_qrels"
+    max_eval_queries: Optional[int] = None
+    validate_images: bool = True
+    """Open every page image once before training so a corrupt file fails early, with its row."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("data.path is empty: give a dataset folder or a hub id")
+        _check_choice("data", "eval_format", self.eval_format, _EVAL_FORMATS)
+        for key in ("max_train_samples", "max_eval_queries"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{key} must be >= 1 or null, got {value}")
+
+    @property
+    def train_columns(self) -> list[str]:
+        return [self.query_column, self.positive_column, *self.negative_columns]
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    name: str = "cmnrl"
+    """cmnrl: CachedMultipleNegativesRankingLoss (gradient caching); mnrl: plain MultipleNegativesRankingLoss."""
+    mini_batch_size: int = 1
+    """Rows per gradient-caching forward/backward (cmnrl)."""
+    mini_batch_num_tokens: Optional[int] = None
+    """Token budget per mini-batch (cmnrl); when set, mini-batches are cut by tokens, at most mini_batch_size rows... see README."""
+    matryoshka_dims: list[int] = field(default_factory=list)
+    """Matryoshka dimensions (empty: no MatryoshkaLoss). Each must be <= the embedding dimension."""
+    matryoshka_weights: Optional[list[float]] = None
+    scale: float = 20.0
+    """Inverse temperature of the cosine-similarity logits."""
+    cross_device_negatives: bool = True
+    """With several ranks, score each query against the documents of all ranks (gather)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("loss", "name", self.name, _LOSSES)
+        if self.mini_batch_size < 1:
+            raise ValueError(f"loss.mini_batch_size must be >= 1, got {self.mini_batch_size}")
+        if self.mini_batch_num_tokens is not None and self.mini_batch_num_tokens < 1:
+            raise ValueError("loss.mini_batch_num_tokens must be >= 1 or null")
+        if any(d < 1 for d in self.matryoshka_dims):
+            raise ValueError(f"loss.matryoshka_dims must be positive, got {self.matryoshka_dims}")
+        if len(set(self.matryoshka_dims)) != len(self.matryoshka_dims):
+            raise ValueError(f"loss.matryoshka_dims has duplicates: {self.matryoshka_dims}")
+        if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            raise ValueError("loss.matryoshka_weights must have one weight per matryoshka dim")
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    output_dir: str = "runs/tiny"
+    global_batch_size: int = 32
+    """Rows per optimizer step over all ranks and accumulation steps: the contrastive batch is
+    per_device_batch_size x world size (cross-device negatives)."""
+    per_device_batch_size: Optional[int] = None
+    """Derived from global_batch_size / (world size x gradient_accumulation_steps) when null;
+    when set it must agree."""
+    gradient_accumulation_steps: int = 1
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    """> 0 overrides num_epochs."""
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (mixed precision)."""
+    seed: int = 42
+    logging_steps: float = 1
+    eval_steps: Optional[float] = None
+    """Evaluate every N steps (< 1: that fraction of the total steps); null: only before/after."""
+    save_steps: float = 0.1
+    """Checkpoint every N steps (< 1: that fraction of the total steps)."""
+    save_total_limit: Optional[int] = 2
+    batch_sampler: str = "no_duplicates_hashed"
+    dataloader_num_workers: int = 0
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+    """Any other SentenceTransformerTrainingArguments field, passed through (validated against it)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("training", "precision", self.precision, _PRECISIONS)
+        _check_choice("training", "batch_sampler", self.batch_sampler, _SAMPLERS)
+        if self.global_batch_size < 1:
+            raise ValueError(f"training.global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("training.gradient_accumulation_steps must be >= 1")
+        if self.max_steps <= 0 and not self.num_epochs > 0:
+            raise ValueError("set training.num_epochs > 0 or training.max_steps > 0")
+        if self.save_steps <= 0:
+            raise ValueError("training.save_steps must be > 0")
+        managed = {"output_dir", "per_device_train_batch_size", "learning_rate", "seed", "bf16", "fp16",
+                   "max_steps", "num_train_epochs", "save_steps", "eval_steps", "batch_sampler", "use_cpu"}
+        clash = managed & set(self.trainer_args)
+        if clash:
+            raise ValueError(f"training.trainer_args sets {sorted(clash)}: use the training.* keys of the same meaning")
+
+
+@dataclass(kw_only=True)
+class EvaluationConfig:
+    enabled: bool = True
+    before_training: bool = True
+    """Evaluate the untrained model first (stored, so a resumed run does not redo it)."""
+    dims: Optional[list[int]] = None
+    """Embedding dims to evaluate (null: the Matryoshka dims, or the full dimension)."""
+    batch_size: int = 16
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 100])
+    main_metric: str = "ndcg@10"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("evaluation.batch_size must be >= 1")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"evaluation.ks must be positive cutoffs, got {self.ks}")
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    device: str = "auto"
+    """auto: CUDA when available, else CPU (gloo). cpu forces CPU even with GPUs."""
+    expected_world_size: int = 0
+    """When > 0, refuse to train unless exactly this many processes joined (guards against launchers
+    that silently start independent single processes)."""
+    num_threads_per_process: int = 0
+    """torch intra-op threads per rank (0: leave torch's default). On a CPU with P cores and W ranks use P/W."""
+
+    def __post_init__(self) -> None:
+        _check_choice("launch", "device", self.device, _DEVICES)
+        if self.expected_world_size < 0 or self.num_threads_per_process < 0:
+            raise ValueError("launch.expected_world_size and launch.num_threads_per_process must be >= 0")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def resolve_batch(self, world_size: int) -> int:
+        """Per-device batch for this world size; ValueError when the global batch does not split."""
+        t = self.training
+        ranks_x_accum = world_size * t.gradient_accumulation_steps
+        if t.global_batch_size % ranks_x_accum:
+            raise ValueError(
+                f"training.global_batch_size={t.global_batch_size} is not divisible by world size {world_size} x "
+                f"gradient_accumulation_steps {t.gradient_accumulation_steps} = {ranks_x_accum}; pick a multiple "
+                f"of {ranks_x_accum} (e.g. {ranks_x_accum * max(1, round(t.global_batch_size / ranks_x_accum))})"
+            )
+        per_device = t.global_batch_size // ranks_x_accum
+        if t.per_device_batch_size is not None and t.per_device_batch_size != per_device:
+            raise ValueError(
+                f"training.per_device_batch_size={t.per_device_batch_size} disagrees with global_batch_size="
+                f"{t.global_batch_size} on {world_size} rank(s) x {t.gradient_accumulation_steps} accumulation "
+                f"(= {per_device} per device); set one of them, or null per_device_batch_size"
+            )
+        return per_device
+
+    def eval_dims(self, embedding_dim: int) -> list[int]:
+        return list(self.evaluation.dims or self.loss.matryoshka_dims or [embedding_dim])
+
+
+def _schema():
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(Config)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a recipe: defaults < YAML file < ``key=value`` overrides. Raises ValueError on any problem."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = _schema()
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as exc:  # yaml.YAMLError and friends
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ValueError(f"overrides must look like section.key=value, got {bad}")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(schema, *layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ValueError(_explain(exc, path)) from exc
+    except ValueError as exc:
+        where = f" (in {path})" if path else ""
+        raise ValueError(f"{exc}{where}") from exc
+
+
+def _explain(exc, path) -> str:
+    where = f" in {path}" if path else ""
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    if type(exc).__name__ == "ConfigKeyError":
+        from omegaconf import OmegaConf
+
+        section = key.rsplit(".", 1)[0] if key and "." in key else None
+        node = OmegaConf.select(_schema(), section) if section else _schema()
+        known = f"; known keys{' of ' + section if section else ''}: {sorted(node.keys())}" if node is not None else ""
+        return f"unknown config key {key!r}{where}{known}"
+    return f"bad value for config key {key!r}{where}: {msg}"
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def steps_from_fraction(value: float | None, total_steps: int) -> int | None:
+    """HF-style step setting: < 1 is a fraction of total_steps (rounded up, at least 1)."""
+    if value is None:
+        return None
+    if value < 1:
+        return max(1, math.ceil(value * total_steps))
+    return int(value)

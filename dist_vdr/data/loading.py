@@ -1,0 +1,167 @@
+"""Load training and evaluation data as a recipe describes, and reject bad data before training.
+
+Local folders written by ``save_to_disk`` and hub datasets are both accepted. Problems a user can fix
+(a missing column, an empty query, a page image that does not decode) raise ``ValueError`` naming the
+split, row and column, before any model weights are touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import DataConfig
+
+
+@dataclass
+class EvalData:
+    """Retrieval evaluation set: ids to texts/pages and graded relevance judgements."""
+
+    queries: dict[str, str]
+    corpus: dict[str, object]  # page id -> PIL image
+    qrels: dict[str, dict[str, int]] = field(default_factory=dict)  # query id -> {page id: grade}
+
+    def relevant_sets(self) -> dict[str, set[str]]:
+        return {q: {p for p, g in rel.items() if g > 0} for q, rel in self.qrels.items()}
+
+
+def _load_split(path: str, name: str | None, split: str):
+    import datasets
+
+    if Path(path).is_dir():
+        try:
+            ds = datasets.load_from_disk(path)
+        except FileNotFoundError as exc:
+            raise ValueError(f"{path} is a folder but not a dataset written by save_to_disk: {exc}") from exc
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"dataset {path} has no split {split!r}; it has {sorted(ds)}")
+            return ds[split]
+        return ds
+    if path.startswith((".", "/", "~")):
+        raise ValueError(f"data.path={path!r} does not exist; generate pages with `dist-vdr make-synthetic-pages {path}`")
+    return datasets.load_dataset(path, name, split=split)
+
+
+def _require_columns(ds, columns: list[str], where: str) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{where} has no column(s) {missing}; it has {ds.column_names}. Fix data.* column names")
+
+
+def _check_queries(texts, where: str) -> None:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where} row {i}: empty query {text!r}; remove or fill the row")
+
+
+def _image_columns(ds, columns: list[str]) -> list[str]:
+    import datasets
+
+    return [c for c in columns if isinstance(ds.features.get(c), datasets.Image)]
+
+
+def check_images(ds, columns: list[str], where: str, show_progress: bool = False) -> None:
+    """Decode every page of ``columns`` once; ValueError names the first row that fails."""
+    import datasets
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    cols = _image_columns(ds, columns)
+    if not cols:
+        return
+    raw = ds.select_columns(cols).cast(datasets.Features({c: datasets.Image(decode=False) for c in cols}))
+    for i, row in enumerate(tqdm(raw, desc=f"checking pages of {where}", disable=not show_progress)):
+        for c in cols:
+            value = row[c]
+            if value is None:
+                raise ValueError(f"{where} row {i}, column {c!r}: no image")
+            try:
+                src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+                with Image.open(src) as im:
+                    im.load()
+            except Exception as exc:
+                raise ValueError(f"{where} row {i}, column {c!r}: image does not decode ({type(exc).__name__}: {exc}); "
+                                 f"fix or drop the row") from exc
+
+
+def load_train(cfg: DataConfig, show_progress: bool = False):
+    """The training dataset with exactly ``cfg.train_columns``, in that order."""
+    ds = _load_split(cfg.path, cfg.train_name, cfg.train_split)
+    where = f"training data {cfg.path}[{cfg.train_split}]"
+    _require_columns(ds, cfg.train_columns, where)
+    ds = ds.select_columns(cfg.train_columns)
+    if cfg.max_train_samples is not None:
+        ds = ds.select(range(min(cfg.max_train_samples, len(ds))))
+    if len(ds) == 0:
+        raise ValueError(f"{where} is empty")
+    _check_queries(ds[cfg.query_column], where)
+    if cfg.validate_images:
+        check_images(ds, cfg.train_columns, where, show_progress)
+    return ds
+
+
+def _page_id(value: dict) -> str:
+    data = value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()
+    return "page-" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def load_eval(cfg: DataConfig, show_progress: bool = False) -> EvalData:
+    if cfg.eval_format == "ir":
+        return _load_eval_ir(cfg, show_progress)
+    return _load_eval_triplets(cfg, show_progress)
+
+
+def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
+    queries = _load_split(cfg.path, cfg.eval_name, cfg.eval_queries_split)
+    corpus = _load_split(cfg.path, cfg.eval_name, cfg.eval_corpus_split)
+    qrels = _load_split(cfg.path, cfg.eval_name, cfg.eval_qrels_split)
+    _require_columns(queries, ["query_id", "query"], f"eval queries {cfg.path}[{cfg.eval_queries_split}]")
+    _require_columns(corpus, ["page_id", "image"], f"eval corpus {cfg.path}[{cfg.eval_corpus_split}]")
+    _require_columns(qrels, ["query_id", "page_id", "score"], f"eval qrels {cfg.path}[{cfg.eval_qrels_split}]")
+    _check_queries(queries["query"], f"eval queries {cfg.path}")
+    if cfg.validate_images:
+        check_images(corpus, ["image"], f"eval corpus {cfg.path}", show_progress)
+    rel: dict[str, dict[str, int]] = {}
+    for row in qrels:
+        rel.setdefault(str(row["query_id"]), {})[str(row["page_id"])] = int(row["score"])
+    qids = [str(q) for q in queries["query_id"]]
+    texts = dict(zip(qids, queries["query"]))
+    judged = [q for q in qids if any(g > 0 for g in rel.get(q, {}).values())]
+    if cfg.max_eval_queries is not None:
+        judged = judged[: cfg.max_eval_queries]
+    pages = dict(zip((str(p) for p in corpus["page_id"]), corpus["image"]))
+    unknown = {p for q in judged for p in rel[q] if p not in pages}
+    if unknown:
+        raise ValueError(f"eval qrels name page ids missing from the corpus, e.g. {sorted(unknown)[:3]}")
+    return EvalData(queries={q: texts[q] for q in judged}, corpus=pages, qrels={q: rel[q] for q in judged})
+
+
+def _load_eval_triplets(cfg: DataConfig, show_progress: bool) -> EvalData:
+    """Published VDR layout: each eval row's positive is relevant; positives and negatives form the corpus."""
+    import datasets
+
+    ds = _load_split(cfg.path, cfg.eval_name, cfg.eval_split)
+    where = f"eval data {cfg.path}[{cfg.eval_split}]"
+    page_cols = [cfg.positive_column, *cfg.eval_negative_columns]
+    _require_columns(ds, [cfg.query_column, *page_cols], where)
+    if cfg.max_eval_queries is not None:
+        ds = ds.select(range(min(cfg.max_eval_queries, len(ds))))
+    _check_queries(ds[cfg.query_column], where)
+    if cfg.validate_images:
+        check_images(ds, page_cols, where, show_progress)
+    raw = ds.cast(datasets.Features({**ds.features, **{c: datasets.Image(decode=False) for c in page_cols}}))
+    decoder = datasets.Image()
+    queries, corpus, qrels = {}, {}, {}
+    for i, row in enumerate(raw):
+        qid = f"q{i}"
+        queries[qid] = row[cfg.query_column]
+        for c in page_cols:
+            pid = _page_id(row[c])
+            if pid not in corpus:  # same page under several rows: one corpus entry (content hash)
+                corpus[pid] = decoder.decode_example(row[c])
+            if c == cfg.positive_column:
+                qrels[qid] = {pid: 1}
+    return EvalData(queries=queries, corpus=corpus, qrels=qrels)

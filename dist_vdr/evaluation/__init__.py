@@ -1,0 +1,1 @@
+"""Retrieval evaluation. ``stock`` wraps sentence-transformers' InformationRetrievalEvaluator (one per dim)."""

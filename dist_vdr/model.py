@@ -1,0 +1,100 @@
+"""Build the SentenceTransformer a recipe describes.
+
+Any sentence-transformers-loadable multimodal model works (local folder or hub id). A model that
+ships ``modules.json`` keeps its own pooling; a raw vision-language model (no ``modules.json``)
+gets last-token pooling + Normalize, the layout of the Qwen3-VL-Embedding models, instead of the
+mean pooling sentence-transformers would pick for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def resolve_attn_implementation(requested: str, on_cuda: bool) -> str:
+    """auto: flash_attention_2 when the flash_attn package is installed and we run on CUDA, else sdpa."""
+    if requested != "auto":
+        return requested
+    if on_cuda and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def resolve_dtype(requested: str, precision: str, on_cuda: bool) -> str:
+    """auto: bf16 weights for bf16 training on CUDA (as the published recipe), fp32 otherwise."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    return "bfloat16" if (precision == "bf16" and on_cuda) else "float32"
+
+
+def model_load_kwargs(cfg: ModelConfig, precision: str, on_cuda: bool) -> dict[str, Any]:
+    import torch
+
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, resolve_dtype(cfg.dtype, precision, on_cuda)),
+        "attn_implementation": resolve_attn_implementation(cfg.attn_implementation, on_cuda),
+    }
+    kwargs.update(cfg.model_kwargs)
+    if "torch_dtype" in kwargs:  # transformers 5 renamed it; accept the old spelling of published recipes
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    return kwargs
+
+
+def _has_modules_json(name_or_path: str) -> bool:
+    if Path(name_or_path).is_dir():
+        return (Path(name_or_path) / "modules.json").is_file()
+    from sentence_transformers.util.file_io import is_sentence_transformer_model
+
+    return is_sentence_transformer_model(name_or_path)
+
+
+def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu"):
+    """Load the model on ``device``. Raises ValueError for a path that is neither a folder nor a hub id."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    on_cuda = device.startswith("cuda")
+    path = cfg.name_or_path
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise ValueError(
+            f"model.name_or_path={path!r} is not a folder (and not a hub id of the form org/name); "
+            f"build the offline tiny model with `dist-vdr make-tiny-model {path}`"
+        )
+    load_kwargs = model_load_kwargs(cfg, precision, on_cuda)
+    common = dict(trust_remote_code=cfg.trust_remote_code, model_kwargs=load_kwargs,
+                  processor_kwargs=dict(cfg.processor_kwargs) or None)
+    if cfg.pooling == "auto" and _has_modules_json(path):
+        model = SentenceTransformer(path, device=device, **common)
+    else:
+        pooling = "lasttoken" if cfg.pooling == "auto" else cfg.pooling
+        transformer = Transformer(path, model_kwargs=load_kwargs, processor_kwargs=dict(cfg.processor_kwargs) or None,
+                                  config_kwargs={"trust_remote_code": cfg.trust_remote_code} if cfg.trust_remote_code else None)
+        dim = transformer.get_embedding_dimension()
+        model = SentenceTransformer(modules=[transformer, Pooling(dim, pooling), Normalize()], device=device)
+        logger.info("%s has no modules.json: using %s pooling + Normalize", path, pooling)
+    if cfg.gradient_checkpointing:
+        model[0].model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def embedding_dim(model) -> int:
+    return int(model.get_embedding_dimension())
+
+
+def check_dims(dims: list[int], dim: int, what: str) -> None:
+    """ValueError when a Matryoshka/eval dim exceeds the model's embedding dimension."""
+    too_big = [d for d in dims if d > dim]
+    if too_big:
+        raise ValueError(f"{what} {too_big} exceed the model's embedding dimension {dim}; use dims <= {dim}")

@@ -1,0 +1,188 @@
+"""Offline tiny Qwen3-VL: the real architecture and processor, random weights, a locally trained tokenizer.
+
+Tests and the demo cannot download weights, so they train this model instead. It keeps every piece
+that matters for the training path (the real ``Qwen3VLModel`` with its vision tower and deepstack,
+the real ``Qwen3VLProcessor`` with image and video processors, a byte-level BPE tokenizer with the
+Qwen special tokens and a chat template), only smaller: hidden size 64 and 2 layers by default.
+It is saved as a sentence-transformers model with last-token pooling + Normalize, the module layout
+of the real Qwen3-VL-Embedding models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# One image placeholder per image; the processor expands <|image_pad|> to the number of merged patches.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# The BPE merges are learnt from this text, so words of the generated queries become few tokens.
+_TOKENIZER_CORPUS = (
+    "a page with a header and a chart pie bar line table with parts bars points rows "
+    "red orange yellow green teal blue purple pink gray black white brown "
+    "one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 "
+    "document report figure revenue quarterly annual summary the of and in to for is on "
+    "find show which what where letter symbol glyph large small left right top bottom "
+    "A B C D E F G H I J K L M N O P Q R S T U V W X Y Z"
+)
+
+MARKER_FILE = "dist_vdr_tiny_model.json"
+
+
+@dataclass(kw_only=True)
+class TinyModelSpec:
+    """Sizes of the tiny model. Defaults train a visual matching task on CPU in minutes."""
+
+    hidden_size: int = 64
+    """Text hidden size = embedding dimension."""
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 128
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    vision_num_heads: int = 2
+    vision_intermediate_size: int = 64
+    vocab_size: int = 512
+    min_pixels: int = 32 * 32
+    max_pixels: int = 256 * 320
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.head_dim % 2 or self.head_dim < 8:
+            raise ValueError(f"head_dim must be even and >= 8, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    # Multimodal RoPE splits head_dim/2 rotary frequencies over (time, height, width).
+    half = head_dim // 2
+    t = half - 2 * (half // 3)
+    return [t, half // 3, half // 3]
+
+
+def _build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([_TOKENIZER_CORPUS] * 20, trainer)
+    return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def is_tiny_model(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a complete tiny model written by :func:`build_tiny_model`."""
+    return (Path(path) / MARKER_FILE).is_file()
+
+
+def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = None, *, overwrite: bool = False) -> Path:
+    """Build and save the tiny model; returns its folder.
+
+    Written to a temporary sibling folder and renamed into place, so an interrupted build never
+    leaves a half-written model that later loads. An existing complete model is kept unless
+    ``overwrite``; any other existing, non-empty folder is refused.
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import Qwen3VLConfig, Qwen3VLModel, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    spec = spec or TinyModelSpec()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if is_tiny_model(out) and not overwrite:
+            return out
+        if not overwrite:
+            raise ValueError(f"{out} exists and is not a tiny model; choose another folder or pass --overwrite")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    tokenizer = _build_tokenizer(spec.vocab_size)
+    ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=4096,
+        rope_scaling={"rope_type": "default", "mrope_section": _mrope_section(spec.head_dim), "mrope_interleaved": True},
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=spec.vision_depth,
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_intermediate_size,
+        num_heads=spec.vision_num_heads,
+        out_hidden_size=spec.hidden_size,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[0],
+    )
+    config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(spec.seed)
+    Qwen3VLModel(config).save_pretrained(tmp)
+    Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels
+        ),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
+        chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(tmp)
+
+    # Re-save as a sentence-transformers model: module 0 keeps the HF files in the root folder.
+    transformer = Transformer(str(tmp))
+    st = SentenceTransformer(modules=[transformer, Pooling(spec.hidden_size, "lasttoken"), Normalize()], device="cpu")
+    st.save(str(tmp))
+    (tmp / MARKER_FILE).write_text(json.dumps(asdict(spec), indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

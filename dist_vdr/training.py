@@ -1,0 +1,292 @@
+"""Assemble and run a training job: SentenceTransformerTrainer + the recipe's loss, data, evaluator.
+
+The order matters for users: everything a user can get wrong (config, world size, data, dims) is
+checked before the output folder is touched; rank 0 alone decides the resume point and writes the
+run's records; every rank announces itself so a log shows who trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from . import checkpoint, distributed
+from .config import Config, to_yaml
+from .data.loading import EvalData, load_eval, load_train
+from .evaluation import stock
+from .losses import build_loss
+from .model import build_model, check_dims, embedding_dim
+
+logger = logging.getLogger("dist_vdr")
+T = TypeVar("T")
+
+
+def say(info: distributed.DistInfo, msg: str, all_ranks: bool = False) -> None:
+    """One log line; by default from rank 0 only."""
+    if all_ranks or info.is_main:
+        print(f"[dist-vdr rank {info.rank}/{info.world_size}] {msg}", flush=True)
+
+
+def main_then_share(info: distributed.DistInfo, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and give its result to every rank; a ValueError there is raised everywhere."""
+    result: tuple = (None, None)
+    if info.is_main:
+        try:
+            result = (fn(), None)
+        except ValueError as exc:
+            result = (None, str(exc))
+    value, error = distributed.broadcast_object(result)
+    if error:
+        raise ValueError(error)
+    return value
+
+
+def git_revision() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if rev.returncode != 0:
+        return "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def write_run_records(out: Path, cfg: Config, info: distributed.DistInfo, resume_from: str | None) -> None:
+    """Resolved config + run info. An earlier, different config is kept under a timestamped name."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = to_yaml(cfg)
+    resolved = out / "resolved_config.yaml"
+    if resolved.is_file() and resolved.read_text() != text:
+        os.replace(resolved, out / f"resolved_config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    resolved.write_text(text)
+    import accelerate
+    import sentence_transformers
+    import torch
+    import transformers
+
+    run = {
+        "git_revision": git_revision(),
+        "command": sys.argv,
+        "world_size": info.world_size,
+        "device": info.device,
+        "resumed_from": resume_from,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "sentence_transformers": sentence_transformers.__version__, "accelerate": accelerate.__version__},
+    }
+    with open(out / "run_info.jsonl", "a") as f:  # one line per (re)start: the run's history
+        f.write(json.dumps(run) + "\n")
+
+
+def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int, has_eval: bool):
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    t = cfg.training
+    eval_every = t.eval_steps if (has_eval and t.eval_steps) else None
+    kwargs = dict(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=cfg.evaluation.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the total steps
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        batch_sampler=t.batch_sampler,
+        dataloader_num_workers=t.dataloader_num_workers,
+        # In-batch negatives want full batches, and DDP ranks must run the same number of steps.
+        dataloader_drop_last=True,
+        # The HF Trainer turns this on for non-PreTrainedModel models (SentenceTransformer included):
+        # an extra graph traversal per step and a broken gradient cache.
+        ddp_find_unused_parameters=False,
+        use_cpu=info.device == "cpu",
+        accelerator_config={"use_configured_state": True},
+        report_to="none",
+    )
+    kwargs.update(t.trainer_args)
+    try:
+        return SentenceTransformerTrainingArguments(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"training.trainer_args: {exc}") from exc
+
+
+def make_rank_logger(info: distributed.DistInfo):
+    from transformers import TrainerCallback
+
+    class RankLogger(TrainerCallback):
+        """Every rank says when it starts and ends, so the log proves all of them trained."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            say(info, f"training: {state.max_steps} steps, per-device batch {args.per_device_train_batch_size}, "
+                      f"global batch {args.per_device_train_batch_size * info.world_size * args.gradient_accumulation_steps}, "
+                      f"starting at step {state.global_step}", all_ranks=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1 or state.global_step % max(1, state.max_steps // 4) == 0:
+                say(info, f"step {state.global_step}/{state.max_steps} done", all_ranks=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            say(info, f"training finished at step {state.global_step}", all_ranks=True)
+
+    return RankLogger()
+
+
+def _metrics_file(out: Path, which: str) -> Path:
+    return out / f"metrics_{which}.json"
+
+
+def evaluate(trainer, info: distributed.DistInfo, out: Path, which: str, step: int) -> dict[int, dict[str, float]]:
+    """Run the evaluator through the trainer (it handles DDP) and store {dim: metrics} as JSON on rank 0."""
+    raw = trainer.evaluate()
+    per_dim = stock.summarise(raw)
+    if info.is_main:
+        payload = {"step": step, "metrics": {str(d): m for d, m in sorted(per_dim.items(), reverse=True)}}
+        tmp = _metrics_file(out, which).with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, _metrics_file(out, which))
+    return per_dim
+
+
+def _load_metrics(out: Path, which: str) -> dict[int, dict[str, float]] | None:
+    path = _metrics_file(out, which)
+    if not path.is_file():
+        return None
+    return {int(d): m for d, m in json.loads(path.read_text())["metrics"].items()}
+
+
+def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = False) -> dict:
+    """Train as ``cfg`` says. Returns {"before": ..., "after": ...} metrics per dim ({} when eval is off)."""
+    info = distributed.init(cfg.launch.device, cfg.launch.expected_world_size, cfg.launch.num_threads_per_process)
+    if not info.is_main:
+        import transformers
+
+        transformers.logging.set_verbosity_warning()
+    say(info, f"joined: world size {info.world_size}, device {info.device}", all_ranks=True)
+    per_device = cfg.resolve_batch(info.world_size)
+    out = Path(cfg.training.output_dir)
+
+    # Data first: a bad row fails here, before anything is written. Rank 0 reads every page once.
+    main_then_share(info, lambda: load_train(cfg.data, show_progress=True) and None)
+    train_ds = load_train(_without_image_check(cfg.data))
+    if len(train_ds) < cfg.training.global_batch_size:
+        raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
+                         f"lower training.global_batch_size or add data")
+    eval_data: EvalData | None = None
+    if cfg.evaluation.enabled:
+        main_then_share(info, lambda: load_eval(cfg.data, show_progress=True) and None)
+        eval_data = load_eval(_without_image_check(cfg.data))
+
+    model = build_model(cfg.model, precision=cfg.training.precision, device=info.device)
+    dim = embedding_dim(model)
+    check_dims(cfg.loss.matryoshka_dims, dim, "loss.matryoshka_dims")
+    check_dims(cfg.eval_dims(dim), dim, "evaluation.dims")
+
+    resume_from = checkpoint.decide_resume(out, resume=resume, no_resume=no_resume, is_main=info.is_main)
+    if info.is_main:
+        write_run_records(out, cfg, info, resume_from)
+    distributed.barrier()
+    say(info, f"resuming from {resume_from}" if resume_from else f"starting a new run in {out}")
+
+    from sentence_transformers import SentenceTransformerTrainer
+
+    evaluator = None
+    if eval_data is not None:
+        evaluator = stock.build_evaluator(eval_data, cfg.eval_dims(dim), batch_size=cfg.evaluation.batch_size,
+                                          ks=cfg.evaluation.ks, show_progress_bar=info.is_main)
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=build_training_args(cfg, info, per_device, has_eval=evaluator is not None),
+        train_dataset=train_ds,
+        loss=build_loss(model, cfg.loss, world_size=info.world_size),
+        evaluator=evaluator,
+        callbacks=[checkpoint.make_marker_callback(), make_rank_logger(info)],
+    )
+
+    results: dict = {}
+    if evaluator is not None and cfg.evaluation.before_training:
+        before = _load_metrics(out, "before")
+        if before is None:
+            say(info, "evaluating the untrained model")
+            before = evaluate(trainer, info, out, "before", step=0)
+        results["before"] = before
+
+    trainer.train(resume_from_checkpoint=resume_from)
+    _save_final(trainer, info, out)
+
+    if evaluator is not None:
+        say(info, "evaluating the trained model")
+        results["after"] = evaluate(trainer, info, out, "after", step=trainer.state.global_step)
+        if info.is_main:
+            _write_summary(out, results, cfg.eval_dims(dim))
+    results["final_loss"] = _last_logged_loss(trainer)
+    results["global_step"] = trainer.state.global_step
+    return results
+
+
+def _without_image_check(data_cfg):
+    import dataclasses
+
+    return dataclasses.replace(data_cfg, validate_images=False)
+
+
+def _save_final(trainer, info: distributed.DistInfo, out: Path) -> None:
+    """The trained model in ``out/final`` (written beside, then renamed: never half a model there)."""
+    tmp, final = out / "final.tmp", out / "final"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
+    trainer.save_model(str(tmp))  # collective under sharded engines
+    distributed.barrier()
+    if info.is_main:
+        if final.exists():
+            os.replace(final, out / f"final.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(tmp, final)
+    distributed.barrier()
+
+
+def _last_logged_loss(trainer) -> float | None:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses[-1] if losses else None
+
+
+def headline(results: dict, dims: list[int], metric: str = "ndcg@10") -> str | None:
+    if "after" not in results:
+        return None
+    d = max(dims)
+    after = results["after"].get(d, {}).get(metric)
+    before = results.get("before", {}).get(d, {}).get(metric)
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    return f"{metric.upper()} before={fmt(before)} after={fmt(after)}"
+
+
+def _write_summary(out: Path, results: dict, dims: list[int]) -> None:
+    summary = {
+        "dims": dims,
+        "before": {str(d): m for d, m in results.get("before", {}).items()},
+        "after": {str(d): m for d, m in results.get("after", {}).items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
