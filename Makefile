@@ -1,0 +1,35 @@
+# dist-vdr: the two commands of the README.
+#   make demo   set up .venv, build the tiny model and pages, train on 2 CPU processes, evaluate
+#   make test   set up .venv (if needed) and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pinned so pip takes the wheels of this machine's disk where it has them (see README, Installation).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.dist-vdr-installed
+DEMO_DIR ?= artifacts
+DEMO_RUN ?= runs/tiny
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/dist-vdr make-tiny-model $(DEMO_DIR)/tiny-model
+	$(BIN)/dist-vdr make-synthetic-pages $(DEMO_DIR)/pages
+	PYTHON=$(BIN)/python launch/train.sh launch/cpu.yaml --config configs/tiny.yaml \
+		model.name_or_path=$(DEMO_DIR)/tiny-model data.path=$(DEMO_DIR)/pages training.output_dir=$(DEMO_RUN)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf $(DEMO_DIR) $(DEMO_RUN)

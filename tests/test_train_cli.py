@@ -1,0 +1,147 @@
+"""End to end through the real launcher: 2 CPU processes (gloo), resume after a kill, bad inputs.
+
+These start real processes with `launch/train.sh launch/cpu.yaml` (accelerate launch -> torchrun
+workers), exactly as a user does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, launch_env, run_cli, run_launcher, tiny_overrides
+
+pytestmark = pytest.mark.slow
+RECIPE = "configs/tiny.yaml"
+
+
+def _losses(out: Path) -> dict[int, float]:
+    """step -> logged training loss, from the newest checkpoint's trainer state."""
+    from dist_vdr.checkpoint import latest_complete
+
+    state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker at once (torchrun's workers may sit in their own groups)."""
+    import psutil
+
+    victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    psutil.wait_procs([p for p in psutil.process_iter() if p.pid in victims], timeout=30)
+
+
+def test_two_processes_train_evaluate_and_record(tiny_model, pages, tmp_path):
+    out = tmp_path / "run"
+    proc = run_launcher("launch/cpu.yaml", ["--config", RECIPE, *tiny_overrides(
+        tiny_model, pages, out, "training.max_steps=4", "data.max_eval_queries=16")])
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    for rank in (0, 1):
+        assert f"[dist-vdr rank {rank}/2] joined: world size 2, device cpu" in log
+        assert f"[dist-vdr rank {rank}/2] training: 4 steps, per-device batch 8, global batch 16" in log
+        assert f"[dist-vdr rank {rank}/2] training finished at step 4" in log
+    assert re.search(r"^NDCG@10 before=0\.\d{4} after=0\.\d{4}$", proc.stdout, re.M), proc.stdout[-2000:]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dims"] == [64, 32, 16]
+    assert set(metrics["after"]) == {"64", "32", "16"} and "ndcg@10" in metrics["after"]["64"]
+    assert "loss" in (out / "resolved_config.yaml").read_text()
+    run_info = json.loads((out / "run_info.jsonl").read_text().splitlines()[-1])
+    assert run_info["world_size"] == 2 and run_info["git_revision"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert all((p / "dist_vdr_complete.json").is_file() for p in out.glob("checkpoint-*"))
+
+    from sentence_transformers import SentenceTransformer
+
+    final = SentenceTransformer(str(out / "final"), device="cpu")
+    assert final.encode(["a page with a red header"]).shape == (1, 64)
+
+
+def test_killed_run_resumes_to_the_same_final_loss(tiny_model, pages, tmp_path):
+    steps = 10
+    base = ["--config", RECIPE]
+    common = ["training.max_steps=%d" % steps, "evaluation.enabled=false"]
+
+    ref_out = tmp_path / "uninterrupted"
+    ref = run_launcher("launch/cpu.yaml", base + tiny_overrides(tiny_model, pages, ref_out, *common))
+    assert ref.returncode == 0, (ref.stdout + ref.stderr)[-4000:]
+
+    out = tmp_path / "interrupted"
+    args = ["bash", "launch/train.sh", "launch/cpu.yaml", *base, *tiny_overrides(tiny_model, pages, out, *common)]
+    victim = subprocess.Popen(args, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not list(out.glob("checkpoint-*/dist_vdr_complete.json")):
+            assert victim.poll() is None, "run ended before it could be interrupted"
+            time.sleep(0.02)
+    finally:
+        _kill_tree(victim)
+    from dist_vdr.checkpoint import latest_complete
+
+    killed_at = latest_complete(out)
+    assert killed_at is not None and int(killed_at.name.split("-")[1]) < steps
+
+    resumed = run_launcher("launch/cpu.yaml", base + tiny_overrides(tiny_model, pages, out, *common))
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-4000:]
+    m = re.search(r"resuming from \S*checkpoint-(\d+)", log)
+    assert m and int(m.group(1)) < steps, log[-3000:]
+    for rank in (0, 1):
+        assert f"[dist-vdr rank {rank}/2] training finished at step {steps}" in log
+
+    ref_losses, got = _losses(ref_out), _losses(out)
+    assert sorted(got) == list(range(1, steps + 1)) == sorted(ref_losses)
+    for step in got:
+        assert math.isclose(got[step], ref_losses[step], rel_tol=1e-5), (step, got[step], ref_losses[step])
+
+
+def test_accelerate_cpu_flag_trap_is_refused(tiny_model, pages, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process: the world-size guard refuses it."""
+    out = tmp_path / "trap"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m", "dist_vdr.cli",
+           "train", "--config", RECIPE, *tiny_overrides(tiny_model, pages, out), "launch.expected_world_size=2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "launch.expected_world_size=2 but 1 process(es) joined" in proc.stderr
+    assert not out.exists()
+
+
+def test_bad_input_exits_nonzero_and_keeps_existing_outputs(tiny_model, pages, tmp_path):
+    from dist_vdr.checkpoint import write_marker
+
+    out = tmp_path / "existing"
+    ckpt = out / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    write_marker(ckpt, {"step": 2})
+    (out / "metrics_before.json").write_text("{}")
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    cases = [
+        (["training.not_a_key=1"], "unknown config key 'training.not_a_key'"),
+        (["training.global_batch_size=15", "training.gradient_accumulation_steps=2"], "not divisible"),
+        (["data.negative_columns=[negative_9]"], "no column(s) ['negative_9']"),
+        (["loss.matryoshka_dims=[128,64]"], "exceed the model's embedding dimension 64"),
+    ]
+    for extra, message in cases:
+        proc = run_cli(["train", "--config", RECIPE, *tiny_overrides(tiny_model, pages, out), *extra])
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr[-1500:]
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
