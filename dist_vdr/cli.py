@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -26,7 +27,8 @@ def _train(args: argparse.Namespace) -> int:
     info = distributed.current()
     if info.is_main:
         dims = cfg.evaluation.dims or cfg.loss.matryoshka_dims or sorted(results.get("after", {}) or [0])
-        print(f"final loss {results.get('final_loss')} at step {results.get('global_step')}", flush=True)
+        if results.get("final_loss") is not None:
+            print(f"last logged loss {results['final_loss']:.6g} at step {results.get('global_step')}", flush=True)
         line = headline(results, list(dims), cfg.evaluation.main_metric)
         if line:
             print(line, flush=True)
@@ -84,8 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_library_noise() -> None:
+    # torch deprecates the autograd all_gather that sentence-transformers 6.2 calls once per loss
+    # chunk: one warning per step per rank drowns the log without telling the user anything.
+    warnings.filterwarnings("ignore", message=r".*all_gather is deprecated", category=FutureWarning)
+    # The per-save "Writing model shards" bars of transformers (the Trainer's own progress bar stays).
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_library_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
