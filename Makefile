@@ -24,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/dist-vdr make-tiny-model $(DEMO_DIR)/tiny-model
-	$(BIN)/dist-vdr make-synthetic-pages $(DEMO_DIR)/pages
+	$(BIN)/dist-vdr make-synthetic-pages $(DEMO_DIR)/pages --num-train 4000
 	PYTHON=$(BIN)/python launch/train.sh launch/cpu.yaml --config configs/tiny.yaml \
 		model.name_or_path=$(DEMO_DIR)/tiny-model data.path=$(DEMO_DIR)/pages training.output_dir=$(DEMO_RUN)
 
