@@ -101,7 +101,7 @@ class LossConfig:
     mini_batch_size: int = 1
     """Rows per gradient-caching forward/backward (cmnrl)."""
     mini_batch_num_tokens: Optional[int] = None
-    """Token budget per mini-batch (cmnrl); when set, mini-batches are cut by tokens, at most mini_batch_size rows... see README."""
+    """Token budget per embedding mini-batch (cmnrl): rows are packed greedily up to this many tokens."""
     matryoshka_dims: list[int] = field(default_factory=list)
     """Matryoshka dimensions (empty: no MatryoshkaLoss). Each must be <= the embedding dimension."""
     matryoshka_weights: Optional[list[float]] = None
@@ -109,9 +109,15 @@ class LossConfig:
     """Inverse temperature of the cosine-similarity logits."""
     cross_device_negatives: bool = True
     """With several ranks, score each query against the documents of all ranks (gather)."""
+    implementation: str = "auto"
+    """auto: the communication-efficient global-batch loss when world size > 1 (cmnrl), else stock;
+    global_batch: always it; stock: sentence-transformers' own gather (collectives grow with dims x chunks)."""
 
     def __post_init__(self) -> None:
         _check_choice("loss", "name", self.name, _LOSSES)
+        _check_choice("loss", "implementation", self.implementation, ("auto", "global_batch", "stock"))
+        if self.implementation == "global_batch" and self.name != "cmnrl":
+            raise ValueError("loss.implementation=global_batch needs loss.name=cmnrl")
         if self.mini_batch_size < 1:
             raise ValueError(f"loss.mini_batch_size must be >= 1, got {self.mini_batch_size}")
         if self.mini_batch_num_tokens is not None and self.mini_batch_num_tokens < 1:

@@ -126,3 +126,117 @@ def any_rank(flag: bool) -> bool:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding collectives of the global-batch loss, and a counter of every collective issued.
+# ----------------------------------------------------------------------------------------------
+
+def all_gather_stacked(tensor, world_size: int):
+    """All-gather ``tensor`` (same shape on every rank) into a new ``[world_size, *shape]`` tensor.
+
+    No autograd: the caller returns gradients to the owners itself (:func:`sum_to_owner`), once per step.
+    """
+    import torch
+    import torch.distributed as dist
+
+    tensor = tensor.detach().contiguous()
+    if world_size == 1:
+        return tensor.unsqueeze(0).clone()
+    out = torch.empty((world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    if dist.get_backend() == "gloo":
+        dist.all_gather(list(out.unbind(0)), tensor)
+    else:
+        dist.all_gather_into_tensor(out, tensor)
+    return out
+
+
+def sum_to_owner(grads, rank: int, world_size: int):
+    """Sum ``grads`` (``[world_size, ...]``, one slice per owner rank) over all ranks; return this rank's slice.
+
+    One reduce-scatter on NCCL; gloo has no reduce-scatter, so one all-reduce and a slice there.
+    """
+    import torch
+    import torch.distributed as dist
+
+    grads = grads.contiguous()
+    if world_size == 1:
+        return grads[0]
+    if dist.get_backend() == "gloo":
+        dist.all_reduce(grads)
+        return grads[rank]
+    out = torch.empty_like(grads[0])
+    dist.reduce_scatter_tensor(out, grads)  # input = the stack of the per-owner slices
+    return out
+
+
+_COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "reduce_scatter_tensor",
+                "scatter", "gather", "all_to_all", "all_to_all_single", "broadcast", "reduce", "barrier",
+                "all_gather_object", "broadcast_object_list", "_all_gather_base", "_reduce_scatter_base")
+
+
+@dataclass
+class CollectiveCount:
+    """Calls and payload bytes of torch.distributed collectives, by name."""
+
+    calls: dict
+    bytes: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+def _payload_bytes(args, kwargs) -> int:
+    import torch
+
+    total = 0
+    for value in list(args) + list(kwargs.values()):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                total += item.numel() * item.element_size()
+    return total
+
+
+class count_collectives:
+    """Context manager counting every collective this process issues through ``torch.distributed``.
+
+    It wraps the module-level functions, so it sees sentence-transformers' gathers, autograd
+    collectives (torch.distributed.nn) and DDP reductions routed through a Python comm hook
+    (:func:`register_counting_comm_hook`). Not thread-safe; meant for tests and benchmarks.
+    """
+
+    def __init__(self) -> None:
+        self.count = CollectiveCount(calls={})
+        self._saved: dict = {}
+
+    def __enter__(self) -> CollectiveCount:
+        import torch.distributed as dist
+
+        for name in _COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self._saved[name] = fn
+
+            def wrapped(*args, __fn=fn, __name=name, **kwargs):
+                self.count.calls[__name] = self.count.calls.get(__name, 0) + 1
+                self.count.bytes += _payload_bytes(args, kwargs)
+                return __fn(*args, **kwargs)
+
+            setattr(dist, name, wrapped)
+        return self.count
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+
+def register_counting_comm_hook(ddp_model) -> None:
+    """Route DDP's gradient all-reduce through Python (the stock allreduce hook) so the counter sees it."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    ddp_model.register_comm_hook(None, default_hooks.allreduce_hook)

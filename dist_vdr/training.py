@@ -113,7 +113,7 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        batch_sampler=t.batch_sampler,
+        batch_sampler=_batch_sampler(t.batch_sampler, info.world_size),
         dataloader_num_workers=t.dataloader_num_workers,
         # In-batch negatives want full batches, and DDP ranks must run the same number of steps.
         dataloader_drop_last=True,
@@ -129,6 +129,15 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         return SentenceTransformerTrainingArguments(**kwargs)
     except TypeError as exc:
         raise ValueError(f"training.trainer_args: {exc}") from exc
+
+
+def _batch_sampler(name: str, world_size: int):
+    """no_duplicates*: de-duplicated over the global batch (all ranks), by content hash."""
+    if name.startswith("no_duplicates"):
+        from .data.sampler import global_no_duplicates
+
+        return global_no_duplicates(world_size, precompute_hashes=name == "no_duplicates_hashed")
+    return name
 
 
 def make_rank_logger(info: distributed.DistInfo):
@@ -214,11 +223,14 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     if eval_data is not None:
         evaluator = stock.build_evaluator(eval_data, cfg.eval_dims(dim), batch_size=cfg.evaluation.batch_size,
                                           ks=cfg.evaluation.ks, show_progress_bar=info.is_main)
+    loss = build_loss(model, cfg.loss, rank=info.rank, world_size=info.world_size)
+    say(info, f"loss: {_describe_loss(loss)}; global batch {cfg.training.global_batch_size} "
+              f"= {info.world_size} rank(s) x {per_device} x {cfg.training.gradient_accumulation_steps} accumulation")
     trainer = SentenceTransformerTrainer(
         model=model,
         args=build_training_args(cfg, info, per_device, has_eval=evaluator is not None),
         train_dataset=train_ds,
-        loss=build_loss(model, cfg.loss, world_size=info.world_size),
+        loss=loss,
         evaluator=evaluator,
         callbacks=[checkpoint.make_marker_callback(), make_rank_logger(info)],
     )
@@ -242,6 +254,14 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     results["final_loss"] = _last_logged_loss(trainer)
     results["global_step"] = trainer.state.global_step
     return results
+
+
+def _describe_loss(loss) -> str:
+    inner = getattr(loss, "loss", None)
+    if inner is not None and hasattr(loss, "matryoshka_dims"):
+        return f"{type(loss).__name__}({type(inner).__name__}, dims={list(loss.matryoshka_dims)})"
+    dims = [d for d, _ in getattr(loss, "dims_weights", []) if d is not None]
+    return f"{type(loss).__name__}(dims={dims})" if dims else type(loss).__name__
 
 
 def _without_image_check(data_cfg):

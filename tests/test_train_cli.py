@@ -56,6 +56,7 @@ def test_two_processes_train_evaluate_and_record(tiny_model, pages, tmp_path):
         assert f"[dist-vdr rank {rank}/2] joined: world size 2, device cpu" in log
         assert f"[dist-vdr rank {rank}/2] training: 4 steps, per-device batch 8, global batch 16" in log
         assert f"[dist-vdr rank {rank}/2] training finished at step 4" in log
+    assert "loss: GlobalBatchCachedMNRL(dims=[64, 32, 16]); global batch 16 = 2 rank(s) x 8 x 1 accumulation" in log
     assert re.search(r"^NDCG@10 before=0\.\d{4} after=0\.\d{4}$", proc.stdout, re.M), proc.stdout[-2000:]
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -145,3 +146,28 @@ def test_bad_input_exits_nonzero_and_keeps_existing_outputs(tiny_model, pages, t
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
         assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr[-1500:]
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+
+
+def test_two_ranks_log_the_losses_of_one_process_with_the_global_batch(tiny_model, pages, tmp_path):
+    """End to end: global no-duplicates sampler + global-batch loss + DDP + the trainer's loss logging.
+
+    One process with batch 16 and two processes with 8 each see the same rows in the same order, so
+    every logged loss (the mean over ranks) must be the same.
+    """
+    common = ["training.max_steps=4", "evaluation.enabled=false", "training.save_steps=4"]
+    one_out, two_out = tmp_path / "one", tmp_path / "two"
+    one = run_cli(["train", "--config", RECIPE, *tiny_overrides(tiny_model, pages, one_out, *common),
+                   "launch.device=cpu"])
+    assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
+    two = run_launcher("launch/cpu.yaml", ["--config", RECIPE, *tiny_overrides(tiny_model, pages, two_out, *common)])
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    assert "loss: MatryoshkaLoss(CachedMultipleNegativesRankingLoss" in one.stdout
+
+    def logged(out):
+        state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
+        return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+    a, b = logged(one_out), logged(two_out)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert math.isclose(a[step], b[step], rel_tol=1e-5), (step, a[step], b[step])

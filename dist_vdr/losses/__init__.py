@@ -1,0 +1,49 @@
+"""The training loss a recipe describes.
+
+MatryoshkaLoss(CachedMultipleNegativesRankingLoss) is the published recipe: gradient caching with
+small mini-batches (or a token budget), Matryoshka over several dims. With several ranks the
+contrastive batch is the global batch (every query scores the pages of all ranks):
+- ``implementation: global_batch`` (the default whenever world size > 1 with cmnrl):
+  :class:`~dist_vdr.losses.global_batch.GlobalBatchCachedMNRL`, two embedding collectives per step;
+- ``implementation: stock``: sentence-transformers' own ``gather_across_devices=True``, whose
+  collectives grow with dims x mini-batches x columns (kept for comparison and benchmarks).
+"""
+
+from __future__ import annotations
+
+from ..config import LossConfig
+
+
+def uses_global_batch_loss(cfg: LossConfig, world_size: int) -> bool:
+    if cfg.name != "cmnrl" or world_size == 1 or not cfg.cross_device_negatives:
+        return False
+    return cfg.implementation in ("auto", "global_batch")
+
+
+def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1):
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    if uses_global_batch_loss(cfg, world_size) or cfg.implementation == "global_batch":
+        from .global_batch import GlobalBatchCachedMNRL
+
+        return GlobalBatchCachedMNRL(
+            model, matryoshka_dims=cfg.matryoshka_dims, matryoshka_weights=cfg.matryoshka_weights,
+            rank=rank, world_size=world_size if cfg.cross_device_negatives else 1, scale=cfg.scale,
+            mini_batch_size=cfg.mini_batch_size, mini_batch_num_tokens=cfg.mini_batch_num_tokens)
+
+    gather = cfg.cross_device_negatives and world_size > 1
+    if cfg.name == "cmnrl":
+        kwargs = {"mini_batch_size": cfg.mini_batch_size, "scale": cfg.scale, "gather_across_devices": gather}
+        if cfg.mini_batch_num_tokens is not None:
+            kwargs["mini_batch_num_tokens"] = cfg.mini_batch_num_tokens
+        inner = CachedMultipleNegativesRankingLoss(model, **kwargs)
+    else:
+        inner = MultipleNegativesRankingLoss(model, scale=cfg.scale, gather_across_devices=gather)
+    if not cfg.matryoshka_dims:
+        return inner
+    return MatryoshkaLoss(model, inner, matryoshka_dims=list(cfg.matryoshka_dims),
+                          matryoshka_weights=list(cfg.matryoshka_weights) if cfg.matryoshka_weights else None)

@@ -1,0 +1,199 @@
+"""Multi-process harness for loss equivalence: W gloo ranks (real DDP) vs one process with the global batch.
+
+Spawned workers import this module by name, so it lives beside the tests (on sys.path) and holds
+only top-level, picklable functions.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Case:
+    name: str
+    implementation: str = "global_batch"  # global_batch | stock | broken_no_return | broken_scale
+    dims: tuple = (64, 32, 16)
+    num_negatives: int = 1
+    mini_batch_size: int = 1
+    mini_batch_num_tokens: int | None = None
+    grad_accum: int = 1
+    per_rank_batch: int = 2
+    reference: str = "cached"  # cached | plain: the single-process reference loss
+    extra: dict = field(default_factory=dict)
+
+
+def make_rows(n: int, num_negatives: int, seed: int):
+    """Deterministic (query, page, negatives...) rows of generated pages."""
+    from dist_vdr.data.synthetic import all_attributes, describe, perturb, render_page
+
+    rng = random.Random(seed)
+    combos = rng.sample(all_attributes(), n)
+    rows = []
+    for attrs in combos:
+        row = [describe(attrs, rng), render_page(attrs, rng)]
+        row += [render_page(perturb(attrs, rng), rng) for _ in range(num_negatives)]
+        rows.append(row)
+    return rows
+
+
+def load_model(model_dir: str):
+    from sentence_transformers import SentenceTransformer
+
+    torch.manual_seed(0)
+    model = SentenceTransformer(model_dir, device="cpu", model_kwargs={"attn_implementation": "sdpa"})
+    model.train()
+    return model
+
+
+def build_case_loss(model, case: Case, rank: int, world: int, distributed_run: bool):
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
+
+    if not distributed_run:  # the single-process reference: stock sentence-transformers
+        if case.reference == "plain":
+            inner = MultipleNegativesRankingLoss(model)
+        else:
+            inner = CachedMultipleNegativesRankingLoss(model, mini_batch_size=case.mini_batch_size,
+                                                       mini_batch_num_tokens=case.mini_batch_num_tokens)
+        return MatryoshkaLoss(model, inner, list(case.dims)) if case.dims else inner
+    if case.implementation == "stock":
+        inner = CachedMultipleNegativesRankingLoss(model, mini_batch_size=case.mini_batch_size,
+                                                   mini_batch_num_tokens=case.mini_batch_num_tokens,
+                                                   gather_across_devices=True)
+        return MatryoshkaLoss(model, inner, list(case.dims)) if case.dims else inner
+    cls = {"global_batch": GlobalBatchCachedMNRL, "broken_no_return": NoReturnLoss,
+           "broken_scale": WrongScaleLoss}[case.implementation]
+    return cls(model, matryoshka_dims=case.dims, rank=rank, world_size=world, mini_batch_size=case.mini_batch_size,
+               mini_batch_num_tokens=case.mini_batch_num_tokens)
+
+
+def _broken_classes():
+    from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
+
+    class NoReturnLoss(GlobalBatchCachedMNRL):
+        """Deliberately broken: the gathered columns' gradients never reach their owners."""
+
+        def _owner_gradients(self, grad):
+            return grad[self.rank]
+
+    class WrongScaleLoss(GlobalBatchCachedMNRL):
+        """Deliberately broken: gradients scaled by W, as if DDP summed instead of averaging."""
+
+        def _owner_gradients(self, grad):
+            return super()._owner_gradients(grad) * self.world_size
+
+    return NoReturnLoss, WrongScaleLoss
+
+
+NoReturnLoss, WrongScaleLoss = _broken_classes()
+
+
+def override_model(loss, ddp) -> None:
+    """Swap the DDP wrapper into the loss and any nested loss, like SentenceTransformerTrainer does."""
+    for name, child in list(loss.named_children()):
+        if name == "model":
+            setattr(loss, name, ddp)
+        elif isinstance(child, torch.nn.Module):
+            override_model(child, ddp)
+
+
+def features(model, rows, columns: int):
+    return [model.preprocess([row[c] for row in rows]) for c in range(columns)]
+
+
+def run_step(model, loss_fn, micro_batches: list[list], case: Case, ddp=None):
+    """Forward/backward over the micro-batches (gradient accumulation), return (mean loss, grads)."""
+    columns = 2 + case.num_negatives
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, rows in enumerate(micro_batches):
+        feats = features(model, rows, columns)
+        last = i == len(micro_batches) - 1
+        ctx = ddp.no_sync() if (ddp is not None and not last) else _null()
+        with ctx:
+            loss = loss_fn(feats, None) / len(micro_batches)
+            loss.backward()
+        total += float(loss.detach())
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total, grads
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def global_micro_batches(case: Case, world: int, seed: int = 0):
+    n = case.per_rank_batch * world
+    return [make_rows(n, case.num_negatives, seed + k) for k in range(case.grad_accum)]
+
+
+def reference(model_dir: str, case: Case, world: int):
+    model = load_model(model_dir)
+    loss_fn = build_case_loss(model, case, 0, 1, distributed_run=False)
+    return run_step(model, loss_fn, global_micro_batches(case, world), case)
+
+
+def worker(rank: int, world: int, init_file: str, model_dir: str, cases: list, out_path: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dist_vdr import distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    try:
+        for case in cases:
+            model = load_model(model_dir)
+            ddp = DistributedDataParallel(model, find_unused_parameters=False)
+            distributed.register_counting_comm_hook(ddp)
+            loss_fn = build_case_loss(model, case, rank, world, distributed_run=True)
+            override_model(loss_fn, ddp)  # as the trainer does: the replay runs through DDP (no_sync handling)
+            mine = [rows[rank * case.per_rank_batch:(rank + 1) * case.per_rank_batch]
+                    for rows in global_micro_batches(case, world)]
+            with distributed.count_collectives() as count:
+                loss, grads = run_step(model, loss_fn, mine, case, ddp=ddp)
+            # The logged loss is the mean over ranks (as the HF trainer's logging gathers it).
+            t = torch.tensor([loss])
+            dist.all_reduce(t)
+            results[case.name] = {"loss": float(t) / world, "grads": grads, "collectives": dict(count.calls),
+                                  "bytes": count.bytes}
+    finally:
+        if rank == 0:
+            torch.save(results, out_path)
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_distributed(model_dir: str, cases: list, world: int, tmp_dir: str) -> dict:
+    import torch.multiprocessing as mp
+
+    init_file = os.path.join(tmp_dir, f"init-{world}")
+    out_path = os.path.join(tmp_dir, f"results-{world}.pt")
+    mp.start_processes(worker, args=(world, init_file, model_dir, cases, out_path), nprocs=world, join=True,
+                       start_method="spawn")
+    return torch.load(out_path, weights_only=False)
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    """Largest relative difference over all parameter gradients (norm-relative per tensor)."""
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    worst = 0.0
+    for k in a:
+        denom = max(float(b[k].norm()), 1e-12)
+        worst = max(worst, float((a[k] - b[k]).norm()) / denom)
+    return worst
