@@ -55,6 +55,21 @@ def _make_pages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_loss(args: argparse.Namespace) -> int:
+    from .bench import loss_comm
+
+    dims = tuple(int(d) for d in args.dims.split(",")) if args.dims else loss_comm.TINY_DIMS
+    results = loss_comm.run(args.model, world_size=args.world_size, global_batch=args.global_batch,
+                            mini_batch_size=args.mini_batch_size, dims=dims, steps=args.steps)
+    print(loss_comm.format_table(results, world_size=args.world_size, global_batch=args.global_batch,
+                                 mini_batch_size=args.mini_batch_size, dims=dims))
+    if args.json:
+        import json
+
+        print(json.dumps(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-vdr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_make_pages)
+    b = sub.add_parser("bench-loss", help="collectives, bytes and s/step: stock ST gather vs the global-batch loss")
+    b.add_argument("--model", default="artifacts/tiny-model")
+    b.add_argument("--world-size", type=int, default=2)
+    b.add_argument("--global-batch", type=int, default=64)
+    b.add_argument("--mini-batch-size", type=int, default=1)
+    b.add_argument("--dims", default="", help="comma-separated Matryoshka dims (default: 7 dims scaled to 64-d)")
+    b.add_argument("--steps", type=int, default=3)
+    b.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    b.set_defaults(fn=_bench_loss)
     return p
 
 
