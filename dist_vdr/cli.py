@@ -55,6 +55,38 @@ def _make_pages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Standalone sharded evaluation (run it under accelerate launch for several ranks)."""
+    import json
+
+    from . import distributed
+    from .config import DataConfig, ModelConfig
+    from .data.loading import load_eval
+    from .evaluation.sharded import ShardedRetrievalEvaluator
+    from .model import build_model, embedding_dim
+
+    info = distributed.init(args.device, 0, args.threads)
+    data_cfg = DataConfig(path=args.data, eval_format=args.eval_format, eval_name=args.eval_name,
+                          eval_split=args.eval_split, max_eval_queries=args.max_queries,
+                          eval_negative_columns=args.negative_columns.split(",") if args.negative_columns else [],
+                          validate_images=False)
+    data = load_eval(data_cfg)
+    model = build_model(ModelConfig(name_or_path=args.model, dtype=args.dtype), device=info.device,
+                        precision="bf16" if args.dtype == "bfloat16" else "fp32")
+    dims = [int(d) for d in args.dims.split(",")] if args.dims else [embedding_dim(model)]
+    evaluator = ShardedRetrievalEvaluator(data, dims, ks=[int(k) for k in args.ks.split(",")],
+                                          batch_size=args.batch_size, num_workers=args.num_workers,
+                                          backend=args.backend, cache_dir=args.cache)
+    flat = evaluator(model, output_path=args.output if info.is_main else None)
+    if info.is_main:
+        for d in evaluator.dims:
+            m = evaluator.last_metrics[d]
+            print(f"dim {d}: NDCG@10 {m.get('ndcg@10', float('nan')):.4f}  MRR@10 {m.get('mrr@10', float('nan')):.4f}  "
+                  f"Recall@10 {m.get('recall@10', float('nan')):.4f}", flush=True)
+        print(f"outputs in {args.output}" if args.output else json.dumps(flat), flush=True)
+    return 0
+
+
 def _bench_loss(args: argparse.Namespace) -> int:
     from .bench import loss_comm
 
@@ -98,6 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_make_pages)
+    e = sub.add_parser("eval", help="sharded retrieval evaluation of a model on a page corpus")
+    e.add_argument("--model", required=True, help="model folder or hub id")
+    e.add_argument("--data", required=True, help="dataset folder or hub id with the eval splits")
+    e.add_argument("--dims", default="", help="comma-separated dims (default: the full dimension)")
+    e.add_argument("--ks", default="1,3,5,10,100")
+    e.add_argument("--output", default=None, help="folder for metrics JSON/CSV, TREC runs, qrels and the plot")
+    e.add_argument("--cache", default=None, help="per-shard embedding cache folder (resumable)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--num-workers", type=int, default=2)
+    e.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"])
+    e.add_argument("--eval-format", default="ir", choices=["ir", "triplets"])
+    e.add_argument("--eval-name", default=None)
+    e.add_argument("--eval-split", default="eval")
+    e.add_argument("--negative-columns", default="", help="triplets format: page columns added to the corpus")
+    e.add_argument("--max-queries", type=int, default=None)
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: default)")
+    e.set_defaults(fn=_eval)
+
     b = sub.add_parser("bench-loss", help="collectives, bytes and s/step: stock ST gather vs the global-batch loss")
     b.add_argument("--model", default="artifacts/tiny-model")
     b.add_argument("--world-size", type=int, default=2)

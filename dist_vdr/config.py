@@ -187,10 +187,22 @@ class EvaluationConfig:
     dims: Optional[list[int]] = None
     """Embedding dims to evaluate (null: the Matryoshka dims, or the full dimension)."""
     batch_size: int = 16
+    """Pages per forward pass."""
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 100])
     main_metric: str = "ndcg@10"
+    implementation: str = "sharded"
+    """sharded: dist-vdr's evaluator (corpus sharded over ranks, every dim from one encode);
+    stock: sentence-transformers' InformationRetrievalEvaluator, one per dim."""
+    num_workers: int = 2
+    """DataLoader workers decoding and preprocessing pages (sharded evaluator)."""
+    search_backend: str = "auto"
+    """auto (faiss when installed, else torch), faiss or torch; all exact."""
 
     def __post_init__(self) -> None:
+        _check_choice("evaluation", "implementation", self.implementation, ("sharded", "stock"))
+        _check_choice("evaluation", "search_backend", self.search_backend, ("auto", "faiss", "torch"))
+        if self.num_workers < 0:
+            raise ValueError("evaluation.num_workers must be >= 0")
         if self.batch_size < 1:
             raise ValueError("evaluation.batch_size must be >= 1")
         if not self.ks or any(k < 1 for k in self.ks):

@@ -268,3 +268,43 @@ def _gloo_entry(rank: int, world_size: int, init_file: str, fn, args: tuple) -> 
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _comm_device():
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather_same(tensor):
+    """All-gather a tensor of the same shape on every rank into ``[world_size, *shape]`` (CPU result)."""
+    import torch
+    import torch.distributed as dist
+
+    if not _is_initialized():
+        return tensor.unsqueeze(0)
+    dev = _comm_device()
+    local = tensor.contiguous().to(dev)
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return torch.stack(out).cpu()
+
+
+def all_gather_rows(tensor, sizes: list[int]):
+    """Concatenate every rank's rows (rank r holds ``sizes[r]`` rows, known to all) in rank order."""
+    import torch
+
+    if not _is_initialized():
+        return tensor
+    width = max(sizes)
+    trailing = tensor.shape[1:] if tensor.shape[0] else None
+    # A rank with no rows cannot tell the row shape; share it (rank with the most rows has it).
+    if trailing is None or any(s == 0 for s in sizes):
+        shapes = all_gather_objects(tuple(tensor.shape[1:]) if tensor.shape[0] else None)
+        trailing = next(s for s in shapes if s is not None)
+    padded = torch.zeros((width, *trailing), dtype=tensor.dtype)
+    if tensor.shape[0]:
+        padded[: tensor.shape[0]] = tensor
+    gathered = all_gather_same(padded)
+    return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])

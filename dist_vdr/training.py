@@ -165,9 +165,24 @@ def _metrics_file(out: Path, which: str) -> Path:
     return out / f"metrics_{which}.json"
 
 
+def build_evaluator(cfg: Config, eval_data: EvalData, dim: int, info: distributed.DistInfo):
+    e = cfg.evaluation
+    if e.implementation == "stock":
+        return stock.build_evaluator(eval_data, cfg.eval_dims(dim), batch_size=e.batch_size, ks=e.ks,
+                                     show_progress_bar=info.is_main)
+    from .evaluation.sharded import ShardedRetrievalEvaluator
+
+    return ShardedRetrievalEvaluator(eval_data, cfg.eval_dims(dim), ks=e.ks, batch_size=e.batch_size,
+                                     num_workers=e.num_workers, backend=e.search_backend, show_progress=True)
+
+
 def evaluate(trainer, info: distributed.DistInfo, out: Path, which: str, step: int) -> dict[int, dict[str, float]]:
-    """Run the evaluator through the trainer (it handles DDP) and store {dim: metrics} as JSON on rank 0."""
-    raw = trainer.evaluate()
+    """Evaluate and store {dim: metrics} as JSON on rank 0 (full outputs of the sharded evaluator in eval_<which>/)."""
+    evaluator = trainer.evaluator
+    if getattr(evaluator, "all_ranks", False):
+        raw = evaluator(trainer.model, output_path=str(out / f"eval_{which}") if info.is_main else None, steps=step)
+    else:
+        raw = trainer.evaluate()  # stock: the trainer drives rank 0 + DDP encode serving
     per_dim = stock.summarise(raw)
     if info.is_main:
         payload = {"step": step, "metrics": {str(d): m for d, m in sorted(per_dim.items(), reverse=True)}}
@@ -217,16 +232,13 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     distributed.barrier()
     say(info, f"resuming from {resume_from}" if resume_from else f"starting a new run in {out}")
 
-    from sentence_transformers import SentenceTransformerTrainer
+    from .trainer import Trainer
 
-    evaluator = None
-    if eval_data is not None:
-        evaluator = stock.build_evaluator(eval_data, cfg.eval_dims(dim), batch_size=cfg.evaluation.batch_size,
-                                          ks=cfg.evaluation.ks, show_progress_bar=info.is_main)
+    evaluator = build_evaluator(cfg, eval_data, dim, info) if eval_data is not None else None
     loss = build_loss(model, cfg.loss, rank=info.rank, world_size=info.world_size)
     say(info, f"loss: {_describe_loss(loss)}; global batch {cfg.training.global_batch_size} "
               f"= {info.world_size} rank(s) x {per_device} x {cfg.training.gradient_accumulation_steps} accumulation")
-    trainer = SentenceTransformerTrainer(
+    trainer = Trainer(
         model=model,
         args=build_training_args(cfg, info, per_device, has_eval=evaluator is not None),
         train_dataset=train_ds,
@@ -304,9 +316,14 @@ def headline(results: dict, dims: list[int], metric: str = "ndcg@10") -> str | N
 
 
 def _write_summary(out: Path, results: dict, dims: list[int]) -> None:
+    from .evaluation.sharded import plot_ndcg_vs_dim
+
     summary = {
         "dims": dims,
         "before": {str(d): m for d, m in results.get("before", {}).items()},
         "after": {str(d): m for d, m in results.get("after", {}).items()},
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    curves = {label: results[key] for key, label in (("before", "before training"), ("after", "after training"))
+              if results.get(key)}
+    plot_ndcg_vs_dim(curves, out / "ndcg_vs_dim.png")

@@ -64,7 +64,7 @@ def test_ir_eval(pages):
     data = load_eval(DataConfig(path=str(pages), max_eval_queries=5))
     assert len(data.queries) == 5 and len(data.corpus) == 32
     for qid, rel in data.qrels.items():
-        assert qid in data.queries and set(rel) <= set(data.corpus)
+        assert qid in data.queries and set(rel) <= set(data.corpus["page_id"])
 
 
 def test_triplet_eval_builds_deduplicated_corpus(tmp_path):
@@ -75,4 +75,4 @@ def test_triplet_eval_builds_deduplicated_corpus(tmp_path):
     assert len(data.corpus) == 3  # blue appears twice: one corpus entry (content hash)
     assert data.qrels["q1"] != data.qrels["q0"]
     (q0_page,) = data.qrels["q0"]
-    assert data.corpus[q0_page].getpixel((0, 0)) == (255, 0, 0)
+    assert data.corpus_dict()[q0_page].getpixel((0, 0)) == (255, 0, 0)

@@ -17,14 +17,22 @@ from ..config import DataConfig
 
 @dataclass
 class EvalData:
-    """Retrieval evaluation set: ids to texts/pages and graded relevance judgements."""
+    """Retrieval evaluation set: query texts, a page corpus and graded relevance judgements.
+
+    ``corpus`` is a ``datasets.Dataset`` with ``page_id`` (str) and ``image`` columns: pages stay on
+    disk (memory-mapped Arrow) until a rank decodes its own shard.
+    """
 
     queries: dict[str, str]
-    corpus: dict[str, object]  # page id -> PIL image
+    corpus: object  # datasets.Dataset[page_id, image]
     qrels: dict[str, dict[str, int]] = field(default_factory=dict)  # query id -> {page id: grade}
 
     def relevant_sets(self) -> dict[str, set[str]]:
         return {q: {p for p, g in rel.items() if g > 0} for q, rel in self.qrels.items()}
+
+    def corpus_dict(self) -> dict[str, object]:
+        """page id -> decoded PIL image, all in memory (what the stock evaluator wants)."""
+        return dict(zip(self.corpus["page_id"], self.corpus["image"]))
 
 
 def _load_split(path: str, name: str | None, split: str):
@@ -115,6 +123,8 @@ def load_eval(cfg: DataConfig, show_progress: bool = False) -> EvalData:
 
 
 def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
+    import datasets
+
     queries = _load_split(cfg.path, cfg.eval_name, cfg.eval_queries_split)
     corpus = _load_split(cfg.path, cfg.eval_name, cfg.eval_corpus_split)
     qrels = _load_split(cfg.path, cfg.eval_name, cfg.eval_qrels_split)
@@ -132,11 +142,17 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
     judged = [q for q in qids if any(g > 0 for g in rel.get(q, {}).values())]
     if cfg.max_eval_queries is not None:
         judged = judged[: cfg.max_eval_queries]
-    pages = dict(zip((str(p) for p in corpus["page_id"]), corpus["image"]))
-    unknown = {p for q in judged for p in rel[q] if p not in pages}
+    corpus = corpus.select_columns(["page_id", "image"])
+    page_ids = [str(p) for p in corpus["page_id"]]
+    if len(set(page_ids)) != len(page_ids):
+        raise ValueError(f"eval corpus {cfg.path}[{cfg.eval_corpus_split}] has duplicate page ids")
+    if not isinstance(corpus.features["page_id"], datasets.Value) or corpus.features["page_id"].dtype != "string":
+        corpus = corpus.cast_column("page_id", datasets.Value("string"))
+    known = set(page_ids)
+    unknown = {p for q in judged for p in rel[q] if p not in known}
     if unknown:
         raise ValueError(f"eval qrels name page ids missing from the corpus, e.g. {sorted(unknown)[:3]}")
-    return EvalData(queries={q: texts[q] for q in judged}, corpus=pages, qrels={q: rel[q] for q in judged})
+    return EvalData(queries={q: texts[q] for q in judged}, corpus=corpus, qrels={q: rel[q] for q in judged})
 
 
 def _load_eval_triplets(cfg: DataConfig, show_progress: bool) -> EvalData:
@@ -153,15 +169,16 @@ def _load_eval_triplets(cfg: DataConfig, show_progress: bool) -> EvalData:
     if cfg.validate_images:
         check_images(ds, page_cols, where, show_progress)
     raw = ds.cast(datasets.Features({**ds.features, **{c: datasets.Image(decode=False) for c in page_cols}}))
-    decoder = datasets.Image()
-    queries, corpus, qrels = {}, {}, {}
+    queries, pages, qrels = {}, {}, {}
     for i, row in enumerate(raw):
         qid = f"q{i}"
         queries[qid] = row[cfg.query_column]
         for c in page_cols:
             pid = _page_id(row[c])
-            if pid not in corpus:  # same page under several rows: one corpus entry (content hash)
-                corpus[pid] = decoder.decode_example(row[c])
+            pages.setdefault(pid, row[c])  # same page under several rows: one corpus entry (content hash)
             if c == cfg.positive_column:
                 qrels[qid] = {pid: 1}
+    corpus = datasets.Dataset.from_dict({"page_id": list(pages), "image": list(pages.values())},
+                                        features=datasets.Features({"page_id": datasets.Value("string"),
+                                                                    "image": datasets.Image()}))
     return EvalData(queries=queries, corpus=corpus, qrels=qrels)

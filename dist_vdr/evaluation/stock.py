@@ -21,7 +21,7 @@ def build_evaluator(data: EvalData, dims: list[int], *, batch_size: int = 16, ks
     evaluators = [
         InformationRetrievalEvaluator(
             queries=data.queries,
-            corpus=data.corpus,
+            corpus=data.corpus_dict(),
             relevant_docs=data.relevant_sets(),
             name=f"dim{d}",
             truncate_dim=d,

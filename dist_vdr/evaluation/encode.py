@@ -1,0 +1,165 @@
+"""Encode this rank's shard of a page corpus, and the queries, for the sharded evaluator.
+
+Pages are decoded and preprocessed (processor: resize, patchify, chat template) in DataLoader
+workers, in batches of similar page area (less padding), and only the forward pass runs in the
+main process. Nothing travels between ranks here: each rank reads its own contiguous slice of the
+``datasets`` corpus. An optional on-disk cache keeps finished batches per shard, so an interrupted
+evaluation of a large corpus continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous [start, end) of rank's shard; the first n % W shards get one extra row."""
+    size, extra = divmod(n, world_size)
+    start = rank * size + min(rank, extra)
+    return start, start + size + (rank < extra)
+
+
+def _page_areas(shard, image_column: str) -> np.ndarray:
+    """Pixel area of each page from the image header only (no full decode)."""
+    import datasets
+    from PIL import Image
+
+    raw = shard.select_columns([image_column]).cast(datasets.Features({image_column: datasets.Image(decode=False)}))
+    areas = np.empty(len(raw), dtype=np.int64)
+    for i, value in enumerate(raw[image_column]):
+        src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+        with Image.open(src) as im:
+            areas[i] = im.width * im.height
+    return areas
+
+
+class _Pages(torch.utils.data.Dataset):
+    def __init__(self, shard, order: np.ndarray, image_column: str) -> None:
+        self.shard, self.order, self.image_column = shard, order, image_column
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        j = int(self.order[i])
+        return j, self.shard[j][self.image_column].convert("RGB")
+
+
+@dataclass
+class _Collate:
+    """Runs in DataLoader workers: the processor turns PIL pages into model inputs."""
+
+    model: object
+    prompt: str | None
+
+    def __call__(self, items):
+        positions = [j for j, _ in items]
+        feats = self.model.preprocess([im for _, im in items], prompt=self.prompt)
+        return positions, feats
+
+
+def document_prompt(model) -> str | None:
+    """The prompt encode_document would use (first of document/passage/corpus the model defines)."""
+    prompts = getattr(model, "prompts", None) or {}
+    for name in ("document", "passage", "corpus"):
+        if name in prompts:
+            return prompts[name]
+    return None
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_column: str = "image",
+                        batch_size: int = 16, num_workers: int = 0, cache_dir: str | None = None,
+                        cache_key: str = "", show_progress: bool = False) -> tuple[int, torch.Tensor]:
+    """Embed rank's shard of ``corpus``; returns (global offset of the shard, [n, D] float32 normalised)."""
+    from sentence_transformers.util import batch_to_device
+    from tqdm.auto import tqdm
+
+    start, end = shard_range(len(corpus), rank, world_size)
+    shard = corpus.select(range(start, end))
+    n = len(shard)
+    cache = _ShardCache(cache_dir, rank, world_size, start, end, cache_key) if cache_dir else None
+    done = cache.load() if cache else {}
+    todo = np.array([i for i in range(n) if i not in done], dtype=np.int64)
+    if todo.size:
+        # Similar page areas per batch: the processor pads to the largest page of the batch.
+        order = todo[np.argsort(-_page_areas(shard.select(todo.tolist()), image_column), kind="stable")]
+        loader = torch.utils.data.DataLoader(
+            _Pages(shard, order, image_column), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            collate_fn=_Collate(model, document_prompt(model)), persistent_workers=False,
+        )
+        device = model.device
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode(), _autocast(device):
+                for positions, feats in tqdm(loader, desc=f"encoding pages (rank {rank})", disable=not show_progress):
+                    emb = model(batch_to_device(feats, device))["sentence_embedding"].float()
+                    emb = torch.nn.functional.normalize(emb, p=2, dim=-1).cpu()
+                    for p, e in zip(positions, emb):
+                        done[p] = e
+                    if cache:
+                        cache.save(positions, emb)
+        finally:
+            model.train(was_training)
+    if n == 0:
+        return start, torch.empty(0, 0)
+    return start, torch.stack([done[i] for i in range(n)])
+
+
+def encode_queries(model, texts: list[str], *, batch_size: int = 32) -> torch.Tensor:
+    """Normalised float32 query embeddings on CPU, exactly as sentence-transformers' encode_query."""
+    if not texts:
+        return torch.empty(0, 0)
+    emb = model.encode_query(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    return torch.nn.functional.normalize(emb.float(), p=2, dim=-1).cpu()
+
+
+class _ShardCache:
+    """Finished batches of one shard as small atomic files; a manifest pins what they belong to."""
+
+    def __init__(self, cache_dir: str, rank: int, world_size: int, start: int, end: int, key: str) -> None:
+        self.dir = Path(cache_dir) / f"shard-{rank}-of-{world_size}"
+        self.manifest = {"start": start, "end": end, "key": key}
+        self.count = 0
+
+    def load(self) -> dict[int, torch.Tensor]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest = self.dir / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text()) != self.manifest:
+            raise ValueError(f"embedding cache {self.dir} belongs to another model, corpus or split "
+                             f"({manifest.read_text()}); use a fresh cache folder")
+        manifest.write_text(json.dumps(self.manifest))
+        done: dict[int, torch.Tensor] = {}
+        for f in sorted(self.dir.glob("batch-*.pt")):
+            positions, emb = torch.load(f, weights_only=True)
+            for p, e in zip(positions.tolist(), emb):
+                done[p] = e
+            self.count += 1
+        return done
+
+    def save(self, positions: list[int], emb: torch.Tensor) -> None:
+        name = self.dir / f"batch-{self.count:07d}.pt"
+        tmp = name.with_suffix(".tmp")
+        torch.save((torch.tensor(positions), emb.clone()), tmp)
+        os.replace(tmp, name)
+        self.count += 1
+
+
+def corpus_fingerprint(corpus) -> str:
+    """Identity of a corpus for cache manifests: its datasets fingerprint, or its size."""
+    fp = getattr(corpus, "_fingerprint", None) or str(len(corpus))
+    return hashlib.sha256(fp.encode()).hexdigest()[:16]

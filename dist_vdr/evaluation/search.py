@@ -1,0 +1,83 @@
+"""Exact top-k inner-product search over one corpus shard, and the merge of per-rank top-k lists.
+
+Memory stays O(chunk + queries x k): the corpus is scored in chunks and only a running top-k per
+query is kept. The backend is faiss (exact ``IndexFlatIP``) when installed, else chunked torch
+matmuls; both are exact. Ordering is made deterministic after the merge (score descending, then
+a tie key: the page id's position in sorted order, sentence-transformers' rule).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import torch
+
+NEG_INF = float("-inf")
+
+
+def has_faiss() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def shard_topk(queries: torch.Tensor, shard: torch.Tensor, k: int, *, backend: str = "auto",
+               corpus_chunk: int = 65536, query_block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ``queries @ shard.T`` per query: (scores [Q, k], local indices [Q, k]).
+
+    Rows past the shard size are padded with -inf scores and index -1 (shards smaller than k).
+    Both inputs are expected L2-normalised float32 on CPU (cosine = inner product).
+    """
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"unknown search backend {backend!r}; use auto, faiss or torch")
+    n = shard.shape[0]
+    kk = min(k, n)
+    if kk == 0:
+        scores, idx = torch.empty(queries.shape[0], 0), torch.empty(queries.shape[0], 0, dtype=torch.long)
+    elif backend == "faiss" or (backend == "auto" and has_faiss()):
+        scores, idx = _faiss_topk(queries, shard, kk)
+    else:
+        scores, idx = _torch_topk(queries, shard, kk, corpus_chunk, query_block)
+    if kk < k:
+        pad = k - kk
+        scores = torch.cat([scores, torch.full((scores.shape[0], pad), NEG_INF)], dim=1)
+        idx = torch.cat([idx, torch.full((idx.shape[0], pad), -1, dtype=torch.long)], dim=1)
+    return scores, idx
+
+
+def _faiss_topk(queries: torch.Tensor, shard: torch.Tensor, k: int):
+    import faiss
+
+    index = faiss.IndexFlatIP(shard.shape[1])
+    index.add(np.ascontiguousarray(shard.numpy(), dtype=np.float32))
+    scores, idx = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
+    return torch.from_numpy(scores), torch.from_numpy(idx).long()
+
+
+def _torch_topk(queries: torch.Tensor, shard: torch.Tensor, k: int, corpus_chunk: int, query_block: int):
+    all_scores, all_idx = [], []
+    for qb in range(0, queries.shape[0], query_block):
+        q = queries[qb:qb + query_block]
+        best_s = torch.full((q.shape[0], 0), NEG_INF)
+        best_i = torch.empty((q.shape[0], 0), dtype=torch.long)
+        for cb in range(0, shard.shape[0], corpus_chunk):
+            s = q @ shard[cb:cb + corpus_chunk].T
+            top = torch.topk(s, min(k, s.shape[1]), dim=1)
+            cand_s = torch.cat([best_s, top.values], dim=1)
+            cand_i = torch.cat([best_i, top.indices + cb], dim=1)
+            keep = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
+            best_s, best_i = keep.values, torch.gather(cand_i, 1, keep.indices)
+        all_scores.append(best_s)
+        all_idx.append(best_i)
+    return torch.cat(all_scores), torch.cat(all_idx)
+
+
+def merge_topk(scores: torch.Tensor, idx: torch.Tensor, k: int, tie_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge concatenated per-rank lists ([Q, R*k] scores and GLOBAL indices, -1 = padding) into the final
+    [Q, k] ranking: score descending, then ``tie_key[index]`` ascending. Padding sorts last and is dropped
+    by the caller (index -1)."""
+    s = scores.numpy().astype(np.float64)
+    i = idx.numpy()
+    key = np.where(i >= 0, tie_key[np.clip(i, 0, None)], np.iinfo(np.int64).max)
+    # np.lexsort sorts by the last key first: primary -score, secondary tie key.
+    order = np.lexsort((key, -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)

@@ -1,0 +1,175 @@
+"""Sharded retrieval evaluator: every rank encodes and searches its own slice of the corpus.
+
+Per evaluation:
+1. queries are encoded sharded across ranks and all-gathered (small);
+2. each rank encodes its contiguous corpus shard once, at full dimension (pages decoded and
+   preprocessed in DataLoader workers; nothing is sent through rank 0);
+3. for every dim (Matryoshka: truncate + re-normalise the same embeddings), each rank keeps the
+   exact top-k of every query over its shard; only those (score, page) lists are all-gathered and
+   merged, deterministically (score, then page id);
+4. NDCG/MRR/Recall/MAP/Accuracy/Precision@k for every dim; rank 0 writes JSON, CSV, TREC runs and
+   qrels, and a plot of NDCG@10 against dimension.
+
+It runs on every rank at once (``all_ranks = True``): the dist-vdr trainer calls it that way under
+DDP, DeepSpeed and FSDP alike, instead of sentence-transformers' rank-0-drives-everything scheme.
+Metric keys match the stock evaluator's (``dim{d}_cosine_ndcg@10``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import distributed
+from ..data.loading import EvalData
+from .encode import encode_corpus_shard, encode_queries, shard_range
+from .metrics import METRICS, retrieval_metrics
+from .search import merge_topk, shard_topk
+
+
+def _base():
+    from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
+
+    return BaseEvaluator
+
+
+class ShardedRetrievalEvaluator(_base()):
+    all_ranks = True
+
+    def __init__(self, data: EvalData, dims: list[int], *, ks=(1, 3, 5, 10, 100), batch_size: int = 16,
+                 query_batch_size: int = 32, num_workers: int = 0, backend: str = "auto",
+                 cache_dir: str | None = None, show_progress: bool = True, run_tag: str = "dist-vdr") -> None:
+        super().__init__()
+        if not dims:
+            raise ValueError("the evaluator needs at least one embedding dim")
+        self.data = data
+        self.dims = sorted(set(int(d) for d in dims), reverse=True)
+        self.ks = sorted(set(int(k) for k in ks))
+        self.top_k = max(self.ks)
+        self.batch_size, self.query_batch_size, self.num_workers = batch_size, query_batch_size, num_workers
+        self.backend, self.cache_dir, self.show_progress, self.run_tag = backend, cache_dir, show_progress, run_tag
+        self.query_ids = list(data.queries)
+        self.page_ids = [str(p) for p in data.corpus["page_id"]]
+        # Tie key: position of each page id in sorted order (ties broken by ascending page id).
+        self.tie_key = np.empty(len(self.page_ids), dtype=np.int64)
+        self.tie_key[np.argsort(np.array(self.page_ids, dtype=object), kind="stable")] = np.arange(len(self.page_ids))
+        self.primary_metric = f"dim{self.dims[0]}_cosine_ndcg@10" if 10 in self.ks else \
+            f"dim{self.dims[0]}_cosine_ndcg@{self.ks[-1]}"
+        self.last_rankings: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.last_metrics: dict[int, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, model, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+        info = distributed.current()
+        queries = self._encode_queries(model, info)
+        offset, shard = encode_corpus_shard(
+            model, self.data.corpus, rank=info.rank, world_size=info.world_size, batch_size=self.batch_size,
+            num_workers=self.num_workers, cache_dir=self.cache_dir, cache_key=_model_key(model),
+            show_progress=self.show_progress and info.is_main)
+        full_dim = queries.shape[1]
+        too_big = [d for d in self.dims if d > full_dim]
+        if too_big:
+            raise ValueError(f"evaluation dims {too_big} exceed the model's embedding dimension {full_dim}")
+        flat: dict[str, float] = {}
+        for dim in self.dims:
+            scores, idx = self._search(queries, shard, offset, dim, info.world_size)
+            ranked = {qid: [self.page_ids[j] for j in row if j >= 0] for qid, row in zip(self.query_ids, idx)}
+            metrics = retrieval_metrics(ranked, self.data.qrels, self.ks)
+            self.last_rankings[dim], self.last_metrics[dim] = (scores, idx), metrics
+            flat.update({f"dim{dim}_cosine_{name}": value for name, value in metrics.items()})
+        if output_path and info.is_main:
+            self.write_outputs(output_path, steps)
+        return flat
+
+    def _encode_queries(self, model, info: distributed.DistInfo) -> torch.Tensor:
+        n = len(self.query_ids)
+        start, end = shard_range(n, info.rank, info.world_size)
+        mine = encode_queries(model, [self.data.queries[q] for q in self.query_ids[start:end]],
+                              batch_size=self.query_batch_size)
+        sizes = [shard_range(n, r, info.world_size) for r in range(info.world_size)]
+        return distributed.all_gather_rows(mine, [e - s for s, e in sizes])
+
+    def _search(self, queries: torch.Tensor, shard: torch.Tensor, offset: int, dim: int, world_size: int):
+        q = torch.nn.functional.normalize(queries[:, :dim], p=2, dim=-1) if dim < queries.shape[1] else queries
+        if shard.numel() == 0:
+            shard = torch.empty(0, queries.shape[1])
+        e = torch.nn.functional.normalize(shard[:, :dim], p=2, dim=-1) if dim < shard.shape[1] else shard
+        scores, idx = shard_topk(q, e.contiguous(), self.top_k, backend=self.backend)
+        idx = torch.where(idx >= 0, idx + offset, idx)
+        all_scores = distributed.all_gather_same(scores)  # [W, Q, k]
+        all_idx = distributed.all_gather_same(idx)
+        cat_s = all_scores.permute(1, 0, 2).reshape(q.shape[0], -1)
+        cat_i = all_idx.permute(1, 0, 2).reshape(q.shape[0], -1)
+        return merge_topk(cat_s, cat_i, self.top_k, self.tie_key)
+
+    # ------------------------------------------------------------------ outputs
+    def write_outputs(self, output_path: str, steps: int = -1) -> None:
+        """metrics.json / metrics.csv (one row per dim), run.dim{d}.trec, qrels.trec, ndcg_vs_dim.png."""
+        out = Path(output_path)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"steps": steps, "num_queries": len(self.query_ids), "num_pages": len(self.page_ids),
+                   "metrics": {str(d): m for d, m in self.last_metrics.items()}}
+        _atomic_write(out / "retrieval_metrics.json", json.dumps(payload, indent=2))
+        write_csv(out / "retrieval_metrics.csv", self.last_metrics, [f"{m}@{k}" for m in METRICS for k in self.ks])
+        for dim, (scores, idx) in self.last_rankings.items():
+            lines = []
+            for qid, s_row, i_row in zip(self.query_ids, scores, idx):
+                for rank, (s, j) in enumerate(((s, j) for s, j in zip(s_row, i_row) if j >= 0), start=1):
+                    lines.append(f"{qid} Q0 {self.page_ids[j]} {rank} {s:.6f} {self.run_tag}-dim{dim}\n")
+            _atomic_write(out / f"run.dim{dim}.trec", "".join(lines))
+        _atomic_write(out / "qrels.trec", "".join(f"{q} 0 {p} {g}\n" for q in self.query_ids
+                                                  for p, g in sorted(self.data.qrels.get(q, {}).items())))
+        plot_ndcg_vs_dim({"this run": {d: m for d, m in self.last_metrics.items()}}, out / "ndcg_vs_dim.png")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _model_key(model) -> str:
+    card = getattr(model, "model_card_data", None)
+    name = getattr(card, "base_model", None) or type(model).__name__
+    total = sum(float(p.detach().float().sum()) for p in list(model.parameters())[:4])
+    return f"{name}:{total:.6e}"
+
+
+def plot_ndcg_vs_dim(curves: dict[str, dict[int, dict[str, float]]], path: str | Path, metric: str = "ndcg@10") -> None:
+    """One line per curve (e.g. before / after training): ``metric`` against embedding dimension."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for label, per_dim in curves.items():
+        dims = sorted(per_dim)
+        ax.plot(dims, [per_dim[d].get(metric, float("nan")) for d in dims], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("embedding dimension")
+    ax.set_ylabel(metric.upper())
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_csv(path: str | Path, per_dim: dict[int, dict[str, float]], names: list[str]) -> None:
+    """One row per dim (largest first), one column per metric; written beside and renamed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dim", *names])
+        for d in sorted(per_dim, reverse=True):
+            w.writerow([d, *(f"{per_dim[d][n]:.6f}" for n in names)])
+    os.replace(tmp, path)

@@ -1,0 +1,184 @@
+"""The sharded evaluator: metrics vs sentence-transformers and pytrec_eval, 1 rank vs 2 ranks, cache resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, launch_env
+from dist_vdr.evaluation.metrics import retrieval_metrics
+from dist_vdr.evaluation.search import merge_topk, shard_topk
+
+
+def _random_run(num_q=40, num_docs=60, k=20, graded=False, seed=0):
+    rng = random.Random(seed)
+    docs = [f"d{i:03d}" for i in range(num_docs)]
+    ranked, qrels = {}, {}
+    for q in range(num_q):
+        qid = f"q{q}"
+        ranked[qid] = rng.sample(docs, k)
+        rel = rng.sample(docs, rng.randint(1, 4))
+        qrels[qid] = {d: (rng.randint(1, 3) if graded else 1) for d in rel}
+    return ranked, qrels
+
+
+@pytest.mark.parametrize("graded", [False, True])
+def test_metrics_equal_pytrec_eval(graded):
+    import pytrec_eval
+
+    ranked, qrels = _random_run(graded=graded)
+    ks = [1, 3, 5, 10]
+    ours = retrieval_metrics(ranked, qrels, ks)
+    run = {q: {d: float(len(docs) - i) for i, d in enumerate(docs)} for q, docs in ranked.items()}
+    measures = {f"ndcg_cut.{','.join(map(str, ks))}", f"recall.{','.join(map(str, ks))}", f"P.{','.join(map(str, ks))}",
+                f"success.{','.join(map(str, ks))}"}
+    ref = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    for k in ks:
+        for ours_name, trec_name in (("ndcg", "ndcg_cut"), ("recall", "recall"), ("precision", "P"),
+                                     ("accuracy", "success")):
+            expected = np.mean([ref[q][f"{trec_name}_{k}"] for q in ranked])
+            assert ours[f"{ours_name}@{k}"] == pytest.approx(expected, abs=1e-9), (ours_name, k)
+        # MRR@k: trec_eval's recip_rank on the run cut at k.
+        cut = {q: {d: s for d, s in r.items() if s > len(ranked[q]) - k} for q, r in run.items()}
+        rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+        assert ours[f"mrr@{k}"] == pytest.approx(np.mean([rr[q]["recip_rank"] for q in ranked]), abs=1e-9)
+    # MAP@k: trec_eval's map_cut divides by all relevant pages; with one relevant page per query the
+    # stock (sentence-transformers) definition min(k, #relevant) is the same.
+    single = {q: dict([next(iter(r.items()))]) for q, r in qrels.items()}
+    ref_map = pytrec_eval.RelevanceEvaluator(single, {"map_cut.10"}).evaluate(run)
+    assert retrieval_metrics(ranked, single, [10])["map@10"] == pytest.approx(
+        np.mean([ref_map[q]["map_cut_10"] for q in ranked]), abs=1e-9)
+
+
+def test_search_backends_and_sharded_merge_agree():
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(1000, 16, generator=g), dim=-1)
+    tie_key = np.arange(1000)
+    s_f, i_f = shard_topk(q, c, 10, backend="faiss")
+    s_t, i_t = shard_topk(q, c, 10, backend="torch", corpus_chunk=128, query_block=7)
+    assert torch.equal(i_f, i_t) and torch.allclose(s_f, s_t, atol=1e-5)
+    # Three uneven shards, merged, equal the single search; a shard smaller than k pads with -1.
+    parts = [(0, 5), (5, 600), (600, 1000)]
+    all_s, all_i = [], []
+    for a, b in parts:
+        s, i = shard_topk(q, c[a:b], 10, backend="torch")
+        all_s.append(s)
+        all_i.append(torch.where(i >= 0, i + a, i))
+    assert (all_i[0] == -1).any()
+    ms, mi = merge_topk(torch.cat(all_s, 1), torch.cat(all_i, 1), 10, tie_key)
+    assert np.array_equal(mi, i_t.numpy())
+
+
+def test_ties_break_by_page_id():
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.5]])
+    idx = torch.tensor([[3, 0, 1, 2]])
+    tie_key = np.array([0, 2, 1, 3])  # page order by id: 0 < 2 < 1 < 3
+    _, order = merge_topk(scores, idx, 4, tie_key)
+    assert order.tolist() == [[0, 2, 1, 3]]
+
+
+def _data(pages):
+    from dist_vdr.config import DataConfig
+    from dist_vdr.data.loading import load_eval
+
+    return load_eval(DataConfig(path=str(pages)))
+
+
+def test_equals_stock_information_retrieval_evaluator(tiny_model, pages, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from dist_vdr.evaluation import stock
+    from dist_vdr.evaluation.sharded import ShardedRetrievalEvaluator
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    data = _data(pages)
+    dims = [64, 32, 16]
+    ours = ShardedRetrievalEvaluator(data, dims, batch_size=8, num_workers=0, show_progress=False)(model)
+    theirs = stock.build_evaluator(data, dims, batch_size=8)(model)
+    per_ours, per_theirs = stock.summarise(ours), stock.summarise(theirs)
+    assert per_ours.keys() == per_theirs.keys() == {64, 32, 16}
+    for d in dims:
+        for name in ("ndcg@10", "mrr@10", "accuracy@1", "accuracy@10", "recall@100", "map@100", "precision@3"):
+            assert per_ours[d][name] == pytest.approx(per_theirs[d][name], abs=1e-9), (d, name)
+
+
+def test_outputs_reproduce_with_pytrec_eval(tiny_model, pages, tmp_path):
+    import pytrec_eval
+    from sentence_transformers import SentenceTransformer
+
+    from dist_vdr.evaluation.sharded import ShardedRetrievalEvaluator
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    ev = ShardedRetrievalEvaluator(_data(pages), [64, 16], batch_size=8, num_workers=2, show_progress=False)
+    ev(model, output_path=str(tmp_path / "out"))
+    out = tmp_path / "out"
+    for name in ("retrieval_metrics.json", "retrieval_metrics.csv", "qrels.trec", "run.dim64.trec",
+                 "run.dim16.trec", "ndcg_vs_dim.png"):
+        assert (out / name).is_file(), name
+    qrels, run = {}, {}
+    for line in (out / "qrels.trec").read_text().splitlines():
+        q, _, p, g = line.split()
+        qrels.setdefault(q, {})[p] = int(g)
+    for line in (out / "run.dim64.trec").read_text().splitlines():
+        q, _, p, rank, score, tag = line.split()
+        run.setdefault(q, {})[p] = float(score)
+        assert tag == "dist-vdr-dim64"
+    ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
+    metrics = json.loads((out / "retrieval_metrics.json").read_text())["metrics"]["64"]
+    assert metrics["ndcg@10"] == pytest.approx(np.mean([r["ndcg_cut_10"] for r in ref.values()]), abs=1e-5)
+    assert metrics["recall@100"] == pytest.approx(np.mean([r["recall_100"] for r in ref.values()]), abs=1e-9)
+
+
+def test_cache_resumes_an_interrupted_encoding(tiny_model, pages, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from dist_vdr.evaluation.encode import encode_corpus_shard
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    corpus = _data(pages).corpus
+    _, full = encode_corpus_shard(model, corpus, rank=0, world_size=1, batch_size=4, cache_dir=str(tmp_path / "c"),
+                                  cache_key="k")
+    files = sorted((tmp_path / "c" / "shard-0-of-1").glob("batch-*.pt"))
+    assert len(files) == 8
+    for f in files[3:]:  # as if killed after 3 batches
+        f.unlink()
+    calls = []
+    original = model.forward
+    model.forward = lambda feats: (calls.append(1), original(feats))[1]
+    _, resumed = encode_corpus_shard(model, corpus, rank=0, world_size=1, batch_size=4,
+                                     cache_dir=str(tmp_path / "c"), cache_key="k")
+    model.forward = original
+    assert len(calls) == 5  # only the missing batches were encoded again
+    assert torch.allclose(full, resumed, atol=1e-6)
+    with pytest.raises(ValueError, match="belongs to another model"):
+        encode_corpus_shard(model, corpus, rank=0, world_size=1, cache_dir=str(tmp_path / "c"), cache_key="other")
+
+
+@pytest.mark.slow
+def test_eval_command_two_ranks_equal_one_rank(tiny_model, pages, tmp_path):
+    """`dist-vdr eval` under the real launcher with 2 ranks gives the metrics of 1 process."""
+    args = ["--model", str(tiny_model), "--data", str(pages), "--dims", "64,32", "--batch-size", "8"]
+    one = subprocess.run([sys.executable, "-m", "dist_vdr.cli", "eval", *args, "--output", str(tmp_path / "one")],
+                         cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = launch_env()
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu.yaml",
+                          "--main_process_port", env["MASTER_PORT"], "-m", "dist_vdr.cli", "eval", *args,
+                          "--device", "cpu", "--output", str(tmp_path / "two")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "retrieval_metrics.json").read_text())["metrics"]
+    b = json.loads((tmp_path / "two" / "retrieval_metrics.json").read_text())["metrics"]
+    assert a.keys() == b.keys() == {"64", "32"}
+    for d in a:
+        for name, value in a[d].items():
+            assert b[d][name] == pytest.approx(value, abs=1e-9), (d, name)
+    assert (tmp_path / "one" / "run.dim64.trec").read_text().split()[2::6] == \
+        (tmp_path / "two" / "run.dim64.trec").read_text().split()[2::6]
