@@ -102,6 +102,24 @@ def _bench_loss(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_eval(args: argparse.Namespace) -> int:
+    from .bench import eval_speed
+
+    dims = [int(d) for d in args.dims.split(",")]
+    results = eval_speed.run_eval_bench(args.model, args.data, dims, batch_size=args.batch_size,
+                                        workers=args.num_workers, world_size=args.world_size)
+    print(eval_speed.format_eval(results, args.world_size))
+    return 0
+
+
+def _bench_search(args: argparse.Namespace) -> int:
+    from .bench import eval_speed
+
+    results = eval_speed.run_search_bench(args.num_pages, args.num_queries, args.dim, backend=args.backend)
+    print(eval_speed.format_search(results, args.num_pages, args.num_queries, args.dim))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-vdr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None, help="folder for metrics JSON/CSV, TREC runs, qrels and the plot")
     e.add_argument("--cache", default=None, help="per-shard embedding cache folder (resumable)")
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--num-workers", type=int, default=2)
+    e.add_argument("--num-workers", type=int, default=-1, help="page-preprocessing workers (-1: auto)")
     e.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"])
     e.add_argument("--eval-format", default="ir", choices=["ir", "triplets"])
     e.add_argument("--eval-name", default=None)
@@ -159,6 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=3)
     b.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     b.set_defaults(fn=_bench_loss)
+    be = sub.add_parser("bench-eval", help="7-dim sweep: stock per-dim evaluators vs the sharded evaluator, 1 and W ranks")
+    be.add_argument("--model", default="artifacts/tiny-model")
+    be.add_argument("--data", required=True, help="dataset folder with eval_queries/eval_corpus/eval_qrels")
+    be.add_argument("--dims", default="64,48,32,16,8,4,2")
+    be.add_argument("--batch-size", type=int, default=16)
+    be.add_argument("--num-workers", type=int, default=-1)
+    be.add_argument("--world-size", type=int, default=2)
+    be.set_defaults(fn=_bench_eval)
+
+    bs = sub.add_parser("bench-search", help="exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS")
+    bs.add_argument("--num-pages", type=int, default=1_000_000)
+    bs.add_argument("--num-queries", type=int, default=10_000)
+    bs.add_argument("--dim", type=int, default=64)
+    bs.add_argument("--backend", default="faiss", choices=["faiss", "torch"])
+    bs.set_defaults(fn=_bench_search)
     return p
 
 

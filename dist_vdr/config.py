@@ -193,16 +193,17 @@ class EvaluationConfig:
     implementation: str = "sharded"
     """sharded: dist-vdr's evaluator (corpus sharded over ranks, every dim from one encode);
     stock: sentence-transformers' InformationRetrievalEvaluator, one per dim."""
-    num_workers: int = 2
-    """DataLoader workers decoding and preprocessing pages (sharded evaluator)."""
+    num_workers: int = -1
+    """DataLoader workers decoding and preprocessing pages (sharded evaluator); -1: auto (none on CPU,
+    where they compete with the model for the same cores; up to 4 per GPU rank)."""
     search_backend: str = "auto"
     """auto (faiss when installed, else torch), faiss or torch; all exact."""
 
     def __post_init__(self) -> None:
         _check_choice("evaluation", "implementation", self.implementation, ("sharded", "stock"))
         _check_choice("evaluation", "search_backend", self.search_backend, ("auto", "faiss", "torch"))
-        if self.num_workers < 0:
-            raise ValueError("evaluation.num_workers must be >= 0")
+        if self.num_workers < -1:
+            raise ValueError("evaluation.num_workers must be >= 0, or -1 for auto")
         if self.batch_size < 1:
             raise ValueError("evaluation.batch_size must be >= 1")
         if not self.ks or any(k < 1 for k in self.ks):

@@ -242,7 +242,7 @@ def register_counting_comm_hook(ddp_model) -> None:
     ddp_model.register_comm_hook(None, default_hooks.allreduce_hook)
 
 
-def spawn_gloo(fn, world_size: int, args: tuple, workdir: str) -> None:
+def spawn_gloo(fn, world_size: int, args: tuple, workdir: str, threads_per_rank: int = 1) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a gloo group.
 
     For benchmarks and tools that need a process group without a launcher (a file rendezvous in
@@ -253,15 +253,15 @@ def spawn_gloo(fn, world_size: int, args: tuple, workdir: str) -> None:
     init_file = os.path.join(workdir, "gloo-rendezvous")
     if os.path.exists(init_file):
         os.remove(init_file)
-    mp.start_processes(_gloo_entry, args=(world_size, init_file, fn, args), nprocs=world_size, join=True,
-                       start_method="spawn")
+    mp.start_processes(_gloo_entry, args=(world_size, init_file, fn, args, threads_per_rank), nprocs=world_size,
+                       join=True, start_method="spawn")
 
 
-def _gloo_entry(rank: int, world_size: int, init_file: str, fn, args: tuple) -> None:
+def _gloo_entry(rank: int, world_size: int, init_file: str, fn, args: tuple, threads: int) -> None:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)

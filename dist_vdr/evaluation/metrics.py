@@ -8,7 +8,6 @@ Rankings must already be in their final order (see :func:`order_hits` for the ti
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,43 +20,43 @@ def order_hits(scores: Sequence[float], page_ids: Sequence[str]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (-scores[i], page_ids[i]))
 
 
-def _dcg(gains: np.ndarray) -> float:
-    if gains.size == 0:
-        return 0.0
-    return float(np.sum(gains / np.log2(np.arange(2, gains.size + 2))))
-
-
 def retrieval_metrics(ranked: dict[str, Sequence[str]], qrels: dict[str, dict[str, int]],
                       ks: Sequence[int] = (1, 3, 5, 10, 100)) -> dict[str, float]:
     """Mean metrics over the judged queries of ``ranked`` ({query id: page ids, best first}).
 
     Returns keys like ``ndcg@10``. Queries without any relevant page are skipped (as stock does).
+    Vectorised over queries: one [queries x depth] gain matrix, so 10,000 queries x top-100 take
+    well under a second.
     """
     ks = sorted(set(int(k) for k in ks))
-    sums = {f"{m}@{k}": 0.0 for m in METRICS for k in ks}
-    n = 0
-    for qid, pages in ranked.items():
-        grades = qrels.get(qid, {})
-        relevant = {p for p, g in grades.items() if g > 0}
-        if not relevant:
-            continue
-        n += 1
-        gains = np.array([grades.get(p, 0) if grades.get(p, 0) > 0 else 0 for p in pages], dtype=np.float64)
-        hits = gains > 0
-        ideal = np.array(sorted((g for g in grades.values() if g > 0), reverse=True), dtype=np.float64)
-        first_hit = int(np.argmax(hits)) if hits.any() else math.inf
-        cum_hits = np.cumsum(hits)
-        for k in ks:
-            top_hits = int(cum_hits[min(k, len(pages)) - 1]) if len(pages) else 0
-            sums[f"accuracy@{k}"] += 1.0 if first_hit < k else 0.0
-            sums[f"precision@{k}"] += top_hits / k
-            sums[f"recall@{k}"] += top_hits / len(relevant)
-            sums[f"mrr@{k}"] += 1.0 / (first_hit + 1) if first_hit < k else 0.0
-            idcg = _dcg(ideal[:k])
-            sums[f"ndcg@{k}"] += _dcg(gains[:k]) / idcg if idcg > 0 else 0.0
-            ranks = np.nonzero(hits[:k])[0]
-            precisions = np.arange(1, ranks.size + 1) / (ranks + 1)
-            sums[f"map@{k}"] += float(precisions.sum()) / min(k, len(relevant))
-    if n == 0:
+    judged = [q for q in ranked if any(g > 0 for g in qrels.get(q, {}).values())]
+    if not judged:
         raise ValueError("no query has a relevant page in the qrels: nothing to evaluate")
-    return {key: value / n for key, value in sums.items()}
+    depth = max(max((len(ranked[q]) for q in judged), default=0), max(ks))
+    gains = np.zeros((len(judged), depth))
+    ideal = np.zeros((len(judged), depth))
+    num_relevant = np.zeros(len(judged))
+    for row, q in enumerate(judged):
+        grades = qrels[q]
+        got = [max(grades.get(p, 0), 0) for p in ranked[q]]
+        gains[row, : len(got)] = got
+        positive = sorted((g for g in grades.values() if g > 0), reverse=True)[:depth]
+        ideal[row, : len(positive)] = positive
+        num_relevant[row] = sum(1 for g in grades.values() if g > 0)
+    hits = gains > 0
+    discount = 1.0 / np.log2(np.arange(2, depth + 2))
+    cum_hits = np.cumsum(hits, axis=1)
+    first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), depth + 1)
+    precision_at_hit = np.where(hits, cum_hits / np.arange(1, depth + 1), 0.0)
+    out: dict[str, float] = {}
+    for k in ks:
+        top = cum_hits[:, k - 1]
+        idcg = (ideal[:, :k] * discount[:k]).sum(axis=1)
+        dcg = (gains[:, :k] * discount[:k]).sum(axis=1)
+        out[f"accuracy@{k}"] = float(np.mean(first_hit < k))
+        out[f"precision@{k}"] = float(np.mean(top / k))
+        out[f"recall@{k}"] = float(np.mean(top / num_relevant))
+        out[f"mrr@{k}"] = float(np.mean(np.where(first_hit < k, 1.0 / (first_hit + 1), 0.0)))
+        out[f"ndcg@{k}"] = float(np.mean(np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1), 0.0)))
+        out[f"map@{k}"] = float(np.mean(precision_at_hit[:, :k].sum(axis=1) / np.minimum(k, num_relevant)))
+    return {f"{m}@{k}": out[f"{m}@{k}"] for m in METRICS for k in ks}

@@ -47,9 +47,10 @@ def shard_topk(queries: torch.Tensor, shard: torch.Tensor, k: int, *, backend: s
 def _faiss_topk(queries: torch.Tensor, shard: torch.Tensor, k: int):
     import faiss
 
-    index = faiss.IndexFlatIP(shard.shape[1])
-    index.add(np.ascontiguousarray(shard.numpy(), dtype=np.float32))
-    scores, idx = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
+    # Brute-force knn straight on the shard's memory: an IndexFlatIP would copy the whole shard.
+    scores, idx = faiss.knn(np.ascontiguousarray(queries.numpy(), dtype=np.float32),
+                            np.ascontiguousarray(shard.numpy(), dtype=np.float32), k,
+                            metric=faiss.METRIC_INNER_PRODUCT)
     return torch.from_numpy(scores), torch.from_numpy(idx).long()
 
 

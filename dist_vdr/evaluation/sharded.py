@@ -29,7 +29,7 @@ from .. import distributed
 from ..data.loading import EvalData
 from .encode import encode_corpus_shard, encode_queries, shard_range
 from .metrics import METRICS, retrieval_metrics
-from .search import merge_topk, shard_topk
+from .search import has_faiss, merge_topk, shard_topk
 
 
 def _base():
@@ -42,7 +42,7 @@ class ShardedRetrievalEvaluator(_base()):
     all_ranks = True
 
     def __init__(self, data: EvalData, dims: list[int], *, ks=(1, 3, 5, 10, 100), batch_size: int = 16,
-                 query_batch_size: int = 32, num_workers: int = 0, backend: str = "auto",
+                 query_batch_size: int = 32, num_workers: int = -1, backend: str = "auto",
                  cache_dir: str | None = None, show_progress: bool = True, run_tag: str = "dist-vdr") -> None:
         super().__init__()
         if not dims:
@@ -60,6 +60,8 @@ class ShardedRetrievalEvaluator(_base()):
         self.tie_key[np.argsort(np.array(self.page_ids, dtype=object), kind="stable")] = np.arange(len(self.page_ids))
         self.primary_metric = f"dim{self.dims[0]}_cosine_ndcg@10" if 10 in self.ks else \
             f"dim{self.dims[0]}_cosine_ndcg@{self.ks[-1]}"
+        if backend in ("auto", "faiss") and has_faiss():
+            import faiss  # noqa: F401  (import once here, not inside the first timed evaluation)
         self.last_rankings: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.last_metrics: dict[int, dict[str, float]] = {}
 
