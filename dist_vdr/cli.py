@@ -87,6 +87,25 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from .cluster import SlurmResources, submit
+
+    extra = dict(item.split("=", 1) for item in args.sbatch) if args.sbatch else {}
+    resources = SlurmResources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                               cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time,
+                               partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+                               signal_delay_s=args.signal_delay_s, job_name=args.job_name, cluster=args.cluster,
+                               extra=extra)
+    job = submit(args.config, args.overrides, resources, launch_config=args.launch, log_dir=args.log_dir)
+    print(f"submitted job {job.job_id} ({resources.nodes} node(s) x {resources.tasks_per_node} task(s), "
+          f"cluster {resources.cluster})", flush=True)
+    print(f"logs: {job.paths.folder} (one .out/.err per rank: {job.job_id}_<rank>_log.out)", flush=True)
+    if args.wait:
+        results = job.results()  # one entry per task; rank 0 carries the metrics
+        print(f"job {job.job_id} finished: {results[0]}", flush=True)
+    return 0
+
+
 def _bench_loss(args: argparse.Namespace) -> int:
     from .bench import loss_comm
 
@@ -148,6 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_make_pages)
+    j = sub.add_parser("submit", help="submit training to SLURM with submitit (preemption-safe requeue)")
+    j.add_argument("--config", required=True)
+    j.add_argument("--launch", default=None, help="accelerate config naming the engine (DDP when omitted)")
+    j.add_argument("--nodes", type=int, default=1)
+    j.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0 for CPU jobs")
+    j.add_argument("--tasks-per-node", type=int, default=None, help="CPU jobs: ranks per node (default 1)")
+    j.add_argument("--cpus-per-task", type=int, default=None)
+    j.add_argument("--mem-gb", type=float, default=None)
+    j.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    j.add_argument("--partition")
+    j.add_argument("--account")
+    j.add_argument("--qos")
+    j.add_argument("--constraint")
+    j.add_argument("--signal-delay-s", type=int, default=90, help="USR2 this long before the time limit")
+    j.add_argument("--job-name", default="dist-vdr")
+    j.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"])
+    j.add_argument("--log-dir", default=None, help="default: <training.output_dir>/slurm-logs")
+    j.add_argument("--sbatch", action="append", metavar="KEY=VALUE", help="extra #SBATCH option, repeatable")
+    j.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    j.add_argument("overrides", nargs="*", metavar="key=value")
+    j.set_defaults(fn=_submit)
+
     e = sub.add_parser("eval", help="sharded retrieval evaluation of a model on a page corpus")
     e.add_argument("--model", required=True, help="model folder or hub id")
     e.add_argument("--data", required=True, help="dataset folder or hub id with the eval splits")

@@ -219,9 +219,16 @@ class LaunchConfig:
     that silently start independent single processes)."""
     num_threads_per_process: int = 0
     """torch intra-op threads per rank (0: leave torch's default). On a CPU with P cores and W ranks use P/W."""
+    handle_preemption: bool = True
+    """On SIGUSR2 (SLURM's/submitit's warning before a time limit or preemption), all ranks save a
+    checkpoint at the next step boundary and stop; the job is then requeued and resumes there."""
+    collective_timeout_s: int = 600
+    """Upper bound for any collective: if a rank dies, the others fail within this time, not hang."""
 
     def __post_init__(self) -> None:
         _check_choice("launch", "device", self.device, _DEVICES)
+        if self.collective_timeout_s < 10:
+            raise ValueError("launch.collective_timeout_s must be >= 10")
         if self.expected_world_size < 0 or self.num_threads_per_process < 0:
             raise ValueError("launch.expected_world_size and launch.num_threads_per_process must be >= 0")
 

@@ -38,14 +38,18 @@ def _is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init(device: str = "auto", expected_world_size: int = 0, num_threads: int = 0) -> DistInfo:
+def init(device: str = "auto", expected_world_size: int = 0, num_threads: int = 0,
+         timeout_s: int = 600) -> DistInfo:
     """Join the process group the launcher prepared and return this process's place in it.
 
     ``device``: auto (CUDA if available, else CPU/gloo), cpu or cuda. Raises ValueError when the
     launch does not give the world size the user asked for: the classic trap is
     ``accelerate launch --cpu --num_processes 2`` (one process) or torchrun on CPU without gloo
-    (two independent single-process runs).
+    (two independent single-process runs). ``timeout_s`` bounds every collective: when a rank dies
+    the others fail within that time instead of hanging.
     """
+    from datetime import timedelta
+
     import torch
     from accelerate import PartialState
 
@@ -54,7 +58,8 @@ def init(device: str = "auto", expected_world_size: int = 0, num_threads: int = 
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-    state = PartialState(cpu=use_cpu)
+    state = PartialState(cpu=use_cpu, timeout=timedelta(seconds=timeout_s)) if launched_world_size() > 1 \
+        else PartialState(cpu=use_cpu)
     info = DistInfo(
         rank=state.process_index,
         world_size=state.num_processes,

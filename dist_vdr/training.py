@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, preemption
 from .config import Config, to_yaml
 from .data.loading import EvalData, load_eval, load_train
 from .evaluation import stock
@@ -121,6 +121,7 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         # an extra graph traversal per step and a broken gradient cache.
         ddp_find_unused_parameters=False,
         use_cpu=info.device == "cpu",
+        ddp_timeout=cfg.launch.collective_timeout_s,
         accelerator_config={"use_configured_state": True},
         report_to="none",
     )
@@ -201,7 +202,10 @@ def _load_metrics(out: Path, which: str) -> dict[int, dict[str, float]] | None:
 
 def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = False) -> dict:
     """Train as ``cfg`` says. Returns {"before": ..., "after": ...} metrics per dim ({} when eval is off)."""
-    info = distributed.init(cfg.launch.device, cfg.launch.expected_world_size, cfg.launch.num_threads_per_process)
+    info = distributed.init(cfg.launch.device, cfg.launch.expected_world_size, cfg.launch.num_threads_per_process,
+                            timeout_s=cfg.launch.collective_timeout_s)
+    if cfg.launch.handle_preemption:
+        preemption.install()
     if not info.is_main:
         import transformers
 
@@ -234,6 +238,7 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
 
     from .trainer import Trainer
 
+    stopper = preemption.make_callback()
     evaluator = build_evaluator(cfg, eval_data, dim, info) if eval_data is not None else None
     loss = build_loss(model, cfg.loss, rank=info.rank, world_size=info.world_size)
     say(info, f"loss: {_describe_loss(loss)}; global batch {cfg.training.global_batch_size} "
@@ -244,7 +249,7 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
         train_dataset=train_ds,
         loss=loss,
         evaluator=evaluator,
-        callbacks=[checkpoint.make_marker_callback(), make_rank_logger(info)],
+        callbacks=[checkpoint.make_marker_callback(), make_rank_logger(info), stopper],
     )
 
     results: dict = {}
@@ -256,6 +261,10 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
         results["before"] = before
 
     trainer.train(resume_from_checkpoint=resume_from)
+    if stopper.stopped_at is not None:
+        say(info, f"stopped for preemption at step {stopper.stopped_at}: checkpoint-{stopper.stopped_at} saved; "
+                  f"rerun (or requeue) to resume", all_ranks=True)
+        return {"preempted": True, "global_step": stopper.stopped_at, "final_loss": _last_logged_loss(trainer)}
     _save_final(trainer, info, out)
 
     if evaluator is not None:

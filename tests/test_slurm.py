@@ -1,0 +1,216 @@
+"""SLURM: generated job scripts (sbatch mocked as submitit's own tests do), and a real two-node
+cluster on this host (Debian's slurmctld + 2 slurmd): preemption signal -> collective checkpoint ->
+requeue -> resume with the loss curve of an uninterrupted run; kill -9 of one rank -> bounded exit
+-> the next run resumes from the last complete checkpoint, skipping a truncated one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port, launch_env, run_cli, tiny_overrides
+from slurm_cluster import LocalSlurm, available
+
+RECIPE = str(REPO / "configs/tiny.yaml")
+
+
+# ------------------------------------------------------------------------------------------- unit
+def test_generated_job_script(tmp_path, monkeypatch):
+    from submitit.slurm.test_slurm import mocked_slurm
+
+    from dist_vdr.cluster import SlurmResources, submit
+
+    monkeypatch.chdir(REPO)
+    res = SlurmResources(nodes=4, gpus_per_node=8, cpus_per_task=12, mem_gb=400, time_min=240, partition="gpu",
+                         account="proj", qos="high", constraint="h100", signal_delay_s=180, extra={"exclusive": True})
+    with mocked_slurm():
+        job = submit(RECIPE, ["training.max_steps=3"], res, log_dir=str(tmp_path / "logs"))
+        script = Path(job.paths.submission_file).read_text()
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=12", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
+                 "#SBATCH --qos=high", "#SBATCH --constraint=h100", "#SBATCH --signal=USR2@180",
+                 "#SBATCH --time=240", "#SBATCH --exclusive", "export OMP_NUM_THREADS=12"):
+        assert line in script, (line, script)
+    assert "srun" in script and str(tmp_path / "logs") in script
+
+
+def test_resources_validation():
+    from dist_vdr.cluster import SlurmResources
+
+    assert SlurmResources(nodes=2).world_size == 2
+    assert SlurmResources(nodes=2, gpus_per_node=4).world_size == 8
+    with pytest.raises(ValueError, match="one task per GPU"):
+        SlurmResources(gpus_per_node=4, tasks_per_node=2)
+    with pytest.raises(ValueError, match="--cluster"):
+        SlurmResources(cluster="pbs")
+
+
+def test_bad_recipe_never_reaches_the_queue(tmp_path, monkeypatch):
+    from submitit.slurm.test_slurm import mocked_slurm
+
+    from dist_vdr.cluster import SlurmResources, submit
+
+    with mocked_slurm() as mock, pytest.raises(ValueError, match="unknown config key"):
+        submit(RECIPE, ["training.bogus=1"], SlurmResources(), log_dir=str(tmp_path))
+    assert not list(tmp_path.iterdir())
+    del mock
+
+
+# ---------------------------------------------------------------------------------- real cluster
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    why = available()
+    if why:
+        if os.environ.get("DIST_VDR_REQUIRE_SLURM"):
+            pytest.fail(why)
+        pytest.skip(why)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), ctld_port=free_port(), node_port=_two_free_ports())
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def _two_free_ports() -> int:
+    import socket
+
+    for base in range(17101, 17901, 2):
+        ok = True
+        for port in (base, base + 1):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+        if ok:
+            return base
+    raise RuntimeError("no two consecutive free ports")
+
+
+def _submit(slurm: LocalSlurm, out: Path, extra: list[str], *overrides: str) -> str:
+    env = dict(launch_env(), SLURM_CONF=str(slurm.conf))
+    proc = run_cli(["submit", "--config", RECIPE, "--nodes", "2", "--time", "10", "--signal-delay-s", "60", *extra,
+                    *overrides], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("submitted job"))
+    assert "logs:" in proc.stdout
+    return line.split()[2]
+
+
+def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _first_checkpoint(slurm: LocalSlurm, job: str, out: Path) -> list[int]:
+    def ready():
+        state = slurm.job_field(job, "JobState")
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED"):
+            raise AssertionError(f"job {job} ended ({state}) before a checkpoint:\n" + _job_logs(out, job, "err")[-3000:])
+        return _complete_checkpoints(out)
+
+    return _wait(ready, 300, "a first complete checkpoint")
+
+
+def _complete_checkpoints(out: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/dist_vdr_complete.json"))
+
+
+def _logged_losses(out: Path) -> dict[int, float]:
+    from dist_vdr.checkpoint import latest_complete
+
+    state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def _job_logs(out: Path, job: str, kind: str = "out") -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((out / "slurm-logs" / job).glob(f"*_log.{kind}")))
+
+
+STEPS = 40
+COMMON = [f"training.max_steps={STEPS}", "training.save_steps=10", "evaluation.enabled=false",
+          "launch.collective_timeout_s=60"]
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_and_continues_the_loss_curve(slurm, tiny_model, pages, tmp_path):
+    # Reference: one process, same global batch (2 ranks log the same losses, see test_train_cli).
+    ref_out = tmp_path / "reference"
+    ref = run_cli(["train", "--config", RECIPE, *tiny_overrides(tiny_model, pages, ref_out, *COMMON),
+                   "launch.device=cpu"])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = tmp_path / "slurm-run"
+    job = _submit(slurm, out, [], *tiny_overrides(tiny_model, pages, out, *COMMON))
+    _first_checkpoint(slurm, job, out)
+    slurm.run(["scancel", "--signal=USR2", job])  # what SLURM sends signal_delay_s before the end
+    _wait(lambda: slurm.job_field(job, "Restarts") == "1", 180, "the job to requeue itself")
+    logs = _job_logs(out, job)
+    stopped = int(logs.split("stopped for preemption at step ")[1].split(":")[0])
+    assert stopped in _complete_checkpoints(out) and stopped < STEPS
+    # Slurm holds a requeued job ~2 minutes (BeginTime); start it now rather than wait.
+    _wait(lambda: slurm.job_field(job, "JobState") in ("PENDING", "RUNNING", "COMPLETED"), 60, "a pending job")
+    slurm.release(job)
+    _wait(lambda: slurm.job_field(job, "JobState") == "COMPLETED", 400, "the requeued job to finish")
+
+    logs = _job_logs(out, job)
+    assert f"resuming from {out}/checkpoint-{stopped}" in logs
+    for rank in (0, 1):
+        assert f"[dist-vdr rank {rank}/2] training finished at step {STEPS}" in logs
+    starts = [json.loads(l) for l in (out / "run_info.jsonl").read_text().splitlines()]
+    assert [s["resumed_from"] for s in starts] == [None, str(out / f"checkpoint-{stopped}")]
+    ref_losses, got = _logged_losses(ref_out), _logged_losses(out)
+    assert sorted(got) == sorted(ref_losses) == list(range(1, STEPS + 1))  # no step lost or repeated
+    for step, loss in got.items():
+        assert math.isclose(loss, ref_losses[step], rel_tol=1e-5), (step, loss, ref_losses[step])
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_job_and_the_next_run_resumes(slurm, tiny_model, pages, tmp_path):
+    import psutil
+
+    out = tmp_path / "killed"
+    overrides = tiny_overrides(tiny_model, pages, out, *COMMON)
+    job = _submit(slurm, out, [], *overrides)
+    _first_checkpoint(slurm, job, out)
+
+    def rank_pid(rank: str):
+        for p in psutil.process_iter(["pid", "cmdline", "environ"]):
+            try:
+                env = p.info["environ"] or {}
+                if "submitit.core._submit" in " ".join(p.info["cmdline"] or []) and \
+                        env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == rank:
+                    return p.pid
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return None
+
+    os.kill(_wait(lambda: rank_pid("1"), 60, "rank 1's process"), signal.SIGKILL)
+    killed_at = time.time()
+    _wait(lambda: slurm.job_field(job, "JobState") not in ("RUNNING", "COMPLETING", None), 180,
+          "the surviving rank to give up")
+    assert time.time() - killed_at < 180
+    assert slurm.job_field(job, "JobState") in ("FAILED", "CANCELLED", "COMPLETED")
+    last = _complete_checkpoints(out)[-1]
+    assert last < STEPS
+    truncated = out / f"checkpoint-{STEPS + 5}"  # a save cut short: files but no completion marker
+    truncated.mkdir()
+    (truncated / "model.safetensors").write_bytes(b"\0" * 10)
+
+    job2 = _submit(slurm, out, [], *overrides)
+    _wait(lambda: slurm.job_field(job2, "JobState") == "COMPLETED", 400, "the resubmitted job to finish")
+    logs = _job_logs(out, job2)
+    assert f"resuming from {out}/checkpoint-{last}" in logs
+    assert f"[dist-vdr rank 0/2] training finished at step {STEPS}" in logs
+    assert not truncated.exists() and list(out.glob(f"incomplete-checkpoint-{STEPS + 5}-*"))
