@@ -95,9 +95,20 @@ class LocalSlurm:
                 return item.split("=", 1)[1]
         return None
 
-    def release(self, job_id: str) -> None:
-        """Start a requeued job now instead of after Slurm's requeue delay (BeginTime ~ +2 min)."""
-        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+    def release(self, job_id: str, timeout: float = 60) -> None:
+        """Start a requeued job now instead of after Slurm's requeue delay (BeginTime ~ +2 min).
+
+        The update only holds once the job is back to PENDING, so repeat it until the job left PENDING.
+        """
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.job_field(job_id, "JobState")
+            if state == "PENDING":
+                self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+            elif state not in ("COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", None) and \
+                    self.job_field(job_id, "Restarts") not in (None, "0"):
+                return
+            time.sleep(2)
 
     def stop(self) -> None:
         self.run(["scancel", "--full", "-u", "root"], check=False)

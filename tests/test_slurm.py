@@ -160,7 +160,6 @@ def test_preempted_job_requeues_and_continues_the_loss_curve(slurm, tiny_model, 
     stopped = int(logs.split("stopped for preemption at step ")[1].split(":")[0])
     assert stopped in _complete_checkpoints(out) and stopped < STEPS
     # Slurm holds a requeued job ~2 minutes (BeginTime); start it now rather than wait.
-    _wait(lambda: slurm.job_field(job, "JobState") in ("PENDING", "RUNNING", "COMPLETED"), 60, "a pending job")
     slurm.release(job)
     _wait(lambda: slurm.job_field(job, "JobState") == "COMPLETED", 400, "the requeued job to finish")
 
@@ -214,3 +213,43 @@ def test_killed_rank_ends_the_job_and_the_next_run_resumes(slurm, tiny_model, pa
     assert f"resuming from {out}/checkpoint-{last}" in logs
     assert f"[dist-vdr rank 0/2] training finished at step {STEPS}" in logs
     assert not truncated.exists() and list(out.glob(f"incomplete-checkpoint-{STEPS + 5}-*"))
+
+
+# Without submitit's start-up, CPU steps run at ~5/s: more steps leave time to signal mid-run.
+SBATCH_STEPS = 120
+SBATCH_COMMON = [f"training.max_steps={SBATCH_STEPS}", "training.save_steps=10", "evaluation.enabled=false",
+                 "launch.collective_timeout_s=60"]
+
+
+@pytest.mark.slow
+def test_sbatch_template_forwards_the_signal_and_requeues(slurm, tiny_model, pages, tmp_path):
+    """slurm/train_multi_node.sbatch (no submitit): srun + one accelerate launch per node."""
+    out = tmp_path / "sbatch-run"
+    env = dict(launch_env(), SLURM_CONF=str(slurm.conf), PROCS_PER_NODE="1", PYTHON=launch_env()["PYTHON"])
+    env.pop("MASTER_PORT")
+    proc = __import__("subprocess").run(
+        ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+         f"--output={tmp_path}/slurm-%j.out", "slurm/train_multi_node.sbatch", "launch/cpu.yaml", RECIPE,
+         *tiny_overrides(tiny_model, pages, out, *SBATCH_COMMON)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    log = tmp_path / f"slurm-{job}.out"
+
+    def ready():
+        if slurm.job_field(job, "JobState") in ("FAILED", "COMPLETED", "CANCELLED"):
+            raise AssertionError(log.read_text(errors="replace")[-3000:])
+        return _complete_checkpoints(out)
+
+    _wait(ready, 300, "a first complete checkpoint")
+    slurm.run(["scancel", "--signal=USR2", job])
+    _wait(lambda: slurm.job_field(job, "Restarts") == "1", 180, "the job to requeue itself")
+    text = log.read_text(errors="replace")
+    assert "USR2: forwarding to the ranks" in text and "requeueing job" in text
+    stopped = int(text.split("stopped for preemption at step ")[1].split(":")[0])
+    slurm.release(job)
+    _wait(lambda: slurm.job_field(job, "JobState") == "COMPLETED", 400, "the requeued job to finish")
+    text = log.read_text(errors="replace")
+    assert f"resuming from {out}/checkpoint-{stopped}" in text
+    assert f"[dist-vdr rank 0/2] training finished at step {SBATCH_STEPS}" in text
+    assert sorted(_logged_losses(out)) == list(range(1, SBATCH_STEPS + 1))
