@@ -83,16 +83,7 @@ def decide_resume(output_dir: str | os.PathLike, *, resume: str | None, no_resum
     ``resume``: an explicit checkpoint folder (must be complete). ``no_resume``: start from scratch,
     refused when the output folder already holds checkpoints (nothing written is overwritten).
     """
-    decision: tuple[str | None, str | None] = (None, None)  # (path, error)
-    if is_main:
-        try:
-            decision = (_decide(Path(output_dir), resume, no_resume), None)
-        except ValueError as exc:
-            decision = (None, str(exc))
-    path, error = distributed.broadcast_object(decision)
-    if error:
-        raise ValueError(error)
-    return path
+    return distributed.main_then_share(is_main, lambda: _decide(Path(output_dir), resume, no_resume))
 
 
 def _decide(out: Path, resume: str | None, no_resume: bool) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -107,6 +107,23 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def main_then_share(is_main: bool, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and give its result to every rank; a ValueError there is raised everywhere.
+
+    Rank 0 decides (resume point, data validity), the others must not decide on their own.
+    """
+    result: tuple = (None, None)
+    if is_main:
+        try:
+            result = (fn(), None)
+        except ValueError as exc:
+            result = (None, str(exc))
+    value, error = broadcast_object(result)
+    if error:
+        raise ValueError(error)
+    return value
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
 
 from . import checkpoint, distributed, preemption
 from .config import Config, to_yaml
@@ -25,27 +24,12 @@ from .losses import build_loss
 from .model import build_model, check_dims, embedding_dim
 
 logger = logging.getLogger("dist_vdr")
-T = TypeVar("T")
 
 
 def say(info: distributed.DistInfo, msg: str, all_ranks: bool = False) -> None:
     """One log line; by default from rank 0 only."""
     if all_ranks or info.is_main:
         print(f"[dist-vdr rank {info.rank}/{info.world_size}] {msg}", flush=True)
-
-
-def main_then_share(info: distributed.DistInfo, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on rank 0 only and give its result to every rank; a ValueError there is raised everywhere."""
-    result: tuple = (None, None)
-    if info.is_main:
-        try:
-            result = (fn(), None)
-        except ValueError as exc:
-            result = (None, str(exc))
-    value, error = distributed.broadcast_object(result)
-    if error:
-        raise ValueError(error)
-    return value
 
 
 def git_revision() -> str:
@@ -214,16 +198,13 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     per_device = cfg.resolve_batch(info.world_size)
     out = Path(cfg.training.output_dir)
 
-    # Data first: a bad row fails here, before anything is written. Rank 0 reads every page once.
-    main_then_share(info, lambda: load_train(cfg.data, show_progress=True) and None)
+    # Data first: a bad row fails here, before anything is written. Rank 0 decodes every page once.
+    distributed.main_then_share(info.is_main, lambda: _validate_data(cfg))
     train_ds = load_train(_without_image_check(cfg.data))
     if len(train_ds) < cfg.training.global_batch_size:
         raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
                          f"lower training.global_batch_size or add data")
-    eval_data: EvalData | None = None
-    if cfg.evaluation.enabled:
-        main_then_share(info, lambda: load_eval(cfg.data, show_progress=True) and None)
-        eval_data = load_eval(_without_image_check(cfg.data))
+    eval_data: EvalData | None = load_eval(_without_image_check(cfg.data)) if cfg.evaluation.enabled else None
 
     model = build_model(cfg.model, precision=cfg.training.precision, device=info.device)
     dim = embedding_dim(model)
@@ -283,6 +264,12 @@ def _describe_loss(loss) -> str:
         return f"{type(loss).__name__}({type(inner).__name__}, dims={list(loss.matryoshka_dims)})"
     dims = [d for d, _ in getattr(loss, "dims_weights", []) if d is not None]
     return f"{type(loss).__name__}(dims={dims})" if dims else type(loss).__name__
+
+
+def _validate_data(cfg: Config) -> None:
+    load_train(cfg.data, show_progress=True)
+    if cfg.evaluation.enabled:
+        load_eval(cfg.data, show_progress=True)
 
 
 def _without_image_check(data_cfg):

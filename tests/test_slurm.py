@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -138,9 +139,13 @@ def _job_logs(out: Path, job: str, kind: str = "out") -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((out / "slurm-logs" / job).glob(f"*_log.{kind}")))
 
 
+def _common(steps: int) -> list[str]:
+    return [f"training.max_steps={steps}", "training.save_steps=10", "evaluation.enabled=false",
+            "launch.collective_timeout_s=60"]
+
+
 STEPS = 40
-COMMON = [f"training.max_steps={STEPS}", "training.save_steps=10", "evaluation.enabled=false",
-          "launch.collective_timeout_s=60"]
+COMMON = _common(STEPS)
 
 
 @pytest.mark.slow
@@ -217,8 +222,7 @@ def test_killed_rank_ends_the_job_and_the_next_run_resumes(slurm, tiny_model, pa
 
 # Without submitit's start-up, CPU steps run at ~5/s: more steps leave time to signal mid-run.
 SBATCH_STEPS = 120
-SBATCH_COMMON = [f"training.max_steps={SBATCH_STEPS}", "training.save_steps=10", "evaluation.enabled=false",
-                 "launch.collective_timeout_s=60"]
+SBATCH_COMMON = _common(SBATCH_STEPS)
 
 
 @pytest.mark.slow
@@ -227,7 +231,7 @@ def test_sbatch_template_forwards_the_signal_and_requeues(slurm, tiny_model, pag
     out = tmp_path / "sbatch-run"
     env = dict(launch_env(), SLURM_CONF=str(slurm.conf), PROCS_PER_NODE="1", PYTHON=launch_env()["PYTHON"])
     env.pop("MASTER_PORT")
-    proc = __import__("subprocess").run(
+    proc = subprocess.run(
         ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
          f"--output={tmp_path}/slurm-%j.out", "slurm/train_multi_node.sbatch", "launch/cpu.yaml", RECIPE,
          *tiny_overrides(tiny_model, pages, out, *SBATCH_COMMON)],
