@@ -18,9 +18,15 @@ import warnings
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .training import headline, run_training
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.launch.handle_preemption:
+        from . import preemption
+
+        preemption.install()  # before torch, gloo or any library starts a thread (see preemption.install)
+    _quiet_library_noise()
+    from .training import headline, run_training
+
     results = run_training(cfg, resume=args.resume, no_resume=args.no_resume)
     from . import distributed
 
@@ -251,8 +257,9 @@ def _quiet_library_noise() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_library_noise()
     args = build_parser().parse_args(argv)
+    if args.command != "train":  # train installs its signal handling first, then quiets the libraries
+        _quiet_library_noise()
     try:
         return args.fn(args)
     except ValueError as exc:

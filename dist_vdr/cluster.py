@@ -84,8 +84,16 @@ def engine_env(launch_config: str | None) -> dict[str, str]:
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(["--config_file", str(launch_config), "-m", "dist_vdr.cli"])
-    args, _, _ = _validate_launch_command(args)
-    env = prepare_deepspeed_cmd_env(args)[1] if kind == "DEEPSPEED" else prepare_multi_gpu_env(args)
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if kind == "DEEPSPEED":
+        # As accelerate's launch_command does before its DeepSpeed launcher.
+        fields = list(defaults.deepspeed_config.keys()) if defaults else []
+        if mp_from_config:
+            fields.append("mixed_precision")
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
     keep = ("ACCELERATE_", "FSDP_", "DEEPSPEED_")
     return {k: str(v) for k, v in env.items() if k.startswith(keep)}
 
@@ -102,6 +110,9 @@ class TrainJob:
         self.use_gpus = use_gpus
 
     def __call__(self):
+        from . import preemption
+
+        preemption.install()  # first: before gloo/torch threads exist (replaces submitit's USR2 handler)
         import submitit
 
         from .config import load_config

@@ -16,21 +16,39 @@ import threading
 from . import distributed
 
 _flag = threading.Event()
-_installed: set[int] = set()
+_waiter: threading.Thread | None = None
 
 
 def install(signals: tuple[str, ...] = ("SIGUSR2",)) -> None:
-    """Route ``signals`` to the flag (replacing other handlers, e.g. submitit's). Main thread only."""
-    for name in signals:
-        signum = getattr(signal, name)
-        signal.signal(signum, _handler)
-        _installed.add(signum)
+    """Turn ``signals`` into the flag. Call it first thing in the process, before any other thread starts.
+
+    A Python signal handler is not enough here: the kernel hands a process-directed signal to ANY
+    thread that does not block it, and when that is one of gloo's/NCCL's C++ threads, its
+    interrupted system call ends the process (seen: "terminate called without an active exception",
+    SIGABRT, on a rank of a real SLURM job). So the signals are blocked in this thread -- every
+    thread created later inherits the mask -- and one daemon thread takes them with sigwait.
+    The default disposition is restored first: an inherited SIG_IGN (see slurm/node_launch.sh, which
+    shields the launcher) would discard the signal before sigwait could see it. Idempotent.
+    """
+    global _waiter
+    if _waiter is not None:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("preemption.install() must run in the main thread")
+    signums = {getattr(signal, name) for name in signals}
+    for signum in signums:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    _waiter = threading.Thread(target=_wait_for, args=(signums,), name="dist-vdr-preemption", daemon=True)
+    _waiter.start()
 
 
-def _handler(signum, frame) -> None:
-    _flag.set()
-    print(f"[dist-vdr] received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary",
-          flush=True)
+def _wait_for(signums: set[int]) -> None:
+    while True:
+        signum = signal.sigwait(signums)
+        _flag.set()
+        print(f"[dist-vdr] received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary",
+              flush=True)
 
 
 def requested() -> bool:

@@ -53,6 +53,19 @@ def test_resources_validation():
         SlurmResources(cluster="pbs")
 
 
+def test_engine_comes_from_the_same_launch_config():
+    """A submitit job gets the environment `accelerate launch --config_file X` would give its workers."""
+    from dist_vdr.cluster import engine_env
+
+    assert engine_env(None) == {} and engine_env(str(REPO / "launch/ddp.yaml")) == {}
+    assert engine_env(str(REPO / "launch/cpu.yaml")) == {}
+    zero2 = engine_env(str(REPO / "launch/zero2.yaml"))
+    assert zero2["ACCELERATE_USE_DEEPSPEED"] == "true" and zero2["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
+    assert engine_env(str(REPO / "launch/zero3.yaml"))["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
+    fsdp = engine_env(str(REPO / "launch/fsdp2.yaml"))
+    assert fsdp["ACCELERATE_USE_FSDP"] == "true" and fsdp["FSDP_VERSION"] == "2"
+
+
 def test_bad_recipe_never_reaches_the_queue(tmp_path, monkeypatch):
     from submitit.slurm.test_slurm import mocked_slurm
 
