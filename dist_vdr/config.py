@@ -9,7 +9,6 @@ size) or the model (embedding dimension) or the data (columns) live in :meth:`Co
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -318,12 +317,3 @@ def to_yaml(cfg: Config) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def steps_from_fraction(value: float | None, total_steps: int) -> int | None:
-    """HF-style step setting: < 1 is a fraction of total_steps (rounded up, at least 1)."""
-    if value is None:
-        return None
-    if value < 1:
-        return max(1, math.ceil(value * total_steps))
-    return int(value)

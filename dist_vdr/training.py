@@ -8,7 +8,6 @@ run's records; every rank announces itself so a log shows who trained.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -22,9 +21,6 @@ from .data.loading import EvalData, load_eval, load_train
 from .evaluation import stock
 from .losses import build_loss
 from .model import build_model, check_dims, embedding_dim
-
-logger = logging.getLogger("dist_vdr")
-
 
 def say(info: distributed.DistInfo, msg: str, all_ranks: bool = False) -> None:
     """One log line; by default from rank 0 only."""

@@ -239,12 +239,4 @@ def generate_pages(out_dir: str | os.PathLike, spec: SyntheticPagesSpec | None =
     return out
 
 
-def sizes_summary(ds) -> str:
-    """Short description of page sizes (for logs): min/median/max width and height."""
-    ws = sorted(im.width for im in ds["image"])
-    hs = sorted(im.height for im in ds["image"])
-    mid = len(ws) // 2
-    return f"width {ws[0]}/{ws[mid]}/{ws[-1]}, height {hs[0]}/{hs[mid]}/{hs[-1]} (min/median/max px)"
-
-
 __all__ = ["SyntheticPagesSpec", "generate_pages", "render_page", "describe", "perturb", "all_attributes"]

@@ -9,7 +9,6 @@ evaluation of a large corpus continues where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import multiprocessing
@@ -171,9 +170,3 @@ class _ShardCache:
         torch.save((torch.tensor(positions), emb.clone()), tmp)
         os.replace(tmp, name)
         self.count += 1
-
-
-def corpus_fingerprint(corpus) -> str:
-    """Identity of a corpus for cache manifests: its datasets fingerprint, or its size."""
-    fp = getattr(corpus, "_fingerprint", None) or str(len(corpus))
-    return hashlib.sha256(fp.encode()).hexdigest()[:16]

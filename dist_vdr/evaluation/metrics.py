@@ -3,7 +3,7 @@
 Definitions follow sentence-transformers' InformationRetrievalEvaluator so that, for binary
 relevance, the numbers are the same (tested); NDCG uses the grade as gain (as trec_eval's
 ndcg_cut), so graded judgements are supported. A page counts as relevant when its grade is > 0.
-Rankings must already be in their final order (see :func:`order_hits` for the tie-breaking rule).
+Rankings must already be in their final order (ties: see :func:`dist_vdr.evaluation.search.merge_topk`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,6 @@ from collections.abc import Sequence
 import numpy as np
 
 METRICS = ("accuracy", "precision", "recall", "mrr", "ndcg", "map")
-
-
-def order_hits(scores: Sequence[float], page_ids: Sequence[str]) -> list[int]:
-    """Positions sorted by score descending, ties by page id ascending (sentence-transformers' rule)."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], page_ids[i]))
 
 
 def retrieval_metrics(ranked: dict[str, Sequence[str]], qrels: dict[str, dict[str, int]],
