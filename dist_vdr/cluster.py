@@ -175,7 +175,7 @@ def submit(config_path: str, overrides: list[str], resources: SlurmResources, *,
                       slurm_additional_parameters=dict(resources.extra))
         params = {k: v for k, v in params.items() if v is not None}
     elif resources.cluster == "local":
-        params["local_signal_delay_s"] = resources.signal_delay_s  # the local executor emulates the warning
+        params["local_setup"] = setup
     executor.update_parameters(**params)
     job = executor.submit(TrainJob(config_path, overrides, launch_config=launch_config, workdir=os.getcwd(),
                                    use_gpus=resources.gpus_per_node > 0))

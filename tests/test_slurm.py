@@ -77,6 +77,21 @@ def test_bad_recipe_never_reaches_the_queue(tmp_path, monkeypatch):
     del mock
 
 
+@pytest.mark.slow
+def test_submit_to_the_local_executor(tiny_model, pages, tmp_path):
+    """`--cluster local`: the same job on this machine (submitit's LocalExecutor), 2 ranks, to completion."""
+    out = tmp_path / "local"
+    proc = run_cli(["submit", "--cluster", "local", "--nodes", "1", "--tasks-per-node", "2", "--time", "5", "--wait",
+                    "--config", RECIPE, *tiny_overrides(tiny_model, pages, out, "training.max_steps=4",
+                                                        "evaluation.enabled=false")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'global_step': 4" in proc.stdout
+    job = proc.stdout.split("submitted job ")[1].split()[0]
+    logs = _job_logs(out, job)
+    for rank in (0, 1):
+        assert f"[dist-vdr rank {rank}/2] training finished at step 4" in logs
+
+
 # ---------------------------------------------------------------------------------- real cluster
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
