@@ -81,6 +81,15 @@ def init(device: str = "auto", expected_world_size: int = 0, num_threads: int = 
     return info
 
 
+def requested_engine() -> str | None:
+    """The sharded engine the launcher's accelerate config asked for ("deepspeed", "fsdp"), if any."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    return None
+
+
 def current() -> DistInfo:
     """DistInfo of an already-initialised process (single process when none)."""
     if not _is_initialized():

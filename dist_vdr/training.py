@@ -229,6 +229,7 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
         callbacks=[checkpoint.make_marker_callback(), make_rank_logger(info), stopper],
     )
 
+    _check_engine(trainer, info)
     results: dict = {}
     if evaluator is not None and cfg.evaluation.before_training:
         before = _load_metrics(out, "before")
@@ -260,6 +261,20 @@ def _describe_loss(loss) -> str:
         return f"{type(loss).__name__}({type(inner).__name__}, dims={list(loss.matryoshka_dims)})"
     dims = [d for d, _ in getattr(loss, "dims_weights", []) if d is not None]
     return f"{type(loss).__name__}(dims={dims})" if dims else type(loss).__name__
+
+
+def _check_engine(trainer, info: distributed.DistInfo) -> None:
+    """Refuse to train when the launch config asked for DeepSpeed/FSDP but the trainer did not set it up.
+
+    Seen: launch/fsdp2.yaml with 2 CPU processes trains with plain DDP, silently (accelerate's CPU
+    state never takes the FSDP path). Better an error than a run that is not what was asked for.
+    """
+    requested = distributed.requested_engine()
+    active = "deepspeed" if trainer.is_deepspeed_enabled else "fsdp" if trainer.is_fsdp_enabled else None
+    if requested and requested != active:
+        raise ValueError(f"the launch config asks for {requested} but the trainer set up "
+                         f"{active or 'DDP'} on {info.device}; use a DDP launch config (launch/cpu.yaml, "
+                         f"launch/ddp.yaml) here")
 
 
 def _validate_data(cfg: Config) -> None:
