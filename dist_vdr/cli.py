@@ -11,6 +11,7 @@ User errors (bad config, missing data, bad rows) print one `error:` line and exi
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import warnings
@@ -32,10 +33,9 @@ def _train(args: argparse.Namespace) -> int:
 
     info = distributed.current()
     if info.is_main:
-        dims = cfg.evaluation.dims or cfg.loss.matryoshka_dims or sorted(results.get("after", {}) or [0])
         if results.get("final_loss") is not None:
             print(f"last logged loss {results['final_loss']:.6g} at step {results.get('global_step')}", flush=True)
-        line = headline(results, list(dims), cfg.evaluation.main_metric)
+        line = headline(results, results.get("dims", []), cfg.evaluation.main_metric)
         if line:
             print(line, flush=True)
     return 0
@@ -256,6 +256,9 @@ def _quiet_library_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A rank that dies in native code (SIGABRT/SIGSEGV) still prints the Python stacks of all its
+    # threads: in a multi-process log that is often the only clue to which step and call failed.
+    faulthandler.enable()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     if args.command != "train":  # train installs its signal handling first, then quiets the libraries

@@ -22,6 +22,7 @@ from .evaluation import stock
 from .losses import build_loss
 from .model import build_model, check_dims, embedding_dim
 
+
 def say(info: distributed.DistInfo, msg: str, all_ranks: bool = False) -> None:
     """One log line; by default from rank 0 only."""
     if all_ranks or info.is_main:
@@ -252,6 +253,7 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
             _write_summary(out, results, cfg.eval_dims(dim))
     results["final_loss"] = _last_logged_loss(trainer)
     results["global_step"] = trainer.state.global_step
+    results["dims"] = cfg.eval_dims(dim)
     return results
 
 
