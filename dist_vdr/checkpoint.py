@@ -120,3 +120,11 @@ def make_marker_callback():
             return control
 
     return CheckpointMarker()
+
+
+def saved_world_size(path: str | os.PathLike) -> int | None:
+    """Number of ranks that wrote a complete checkpoint (from its marker), None when unknown."""
+    try:
+        return int(json.loads((Path(path) / MARKER_FILE).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -223,6 +223,12 @@ class LaunchConfig:
     checkpoint at the next step boundary and stop; the job is then requeued and resumes there."""
     collective_timeout_s: int = 600
     """Upper bound for any collective: if a rank dies, the others fail within this time, not hang."""
+    keep_parameters_gathered: bool = False
+    """FSDP2 only: keep parameters unsharded for the whole step (one all-gather per layer and step
+    instead of one per mini-batch forward and backward) at the memory cost of one full model copy."""
+    log_collectives: bool = False
+    """Write the torch.distributed collectives of every training step (calls by name, bytes) to
+    <output_dir>/collectives/rank<r>.jsonl: a communication audit (tests use it)."""
 
     def __post_init__(self) -> None:
         _check_choice("launch", "device", self.device, _DEVICES)

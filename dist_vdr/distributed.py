@@ -58,8 +58,24 @@ def init(device: str = "auto", expected_world_size: int = 0, num_threads: int = 
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-    state = PartialState(cpu=use_cpu, timeout=timedelta(seconds=timeout_s)) if launched_world_size() > 1 \
-        else PartialState(cpu=use_cpu)
+    engine = requested_engine()
+    kwargs: dict[str, Any] = {"timeout": timedelta(seconds=timeout_s)} if launched_world_size() > 1 else {}
+    if use_cpu and engine:
+        # accelerate's CPU state (cpu=True) never takes the DeepSpeed/FSDP path: it would silently
+        # train with DDP. A gloo group without cpu=True keeps the engine; DeepSpeed must also pick
+        # its CPU accelerator before its first import.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if engine == "deepspeed" and os.environ["DS_ACCELERATOR"] != "cpu":
+            raise ValueError(f"DeepSpeed on CPU needs DS_ACCELERATOR=cpu (it is {os.environ['DS_ACCELERATOR']!r})")
+        state = PartialState(backend="gloo", **kwargs)
+        if engine == "fsdp" and "LOCAL_RANK" in os.environ:
+            # accelerate upgrades only a GPU-type state to FSDP; a gloo group on CPU is typed NO.
+            # fully_shard itself runs on CPU with gloo, so present the group as multi-device.
+            from accelerate.utils import DistributedType
+
+            state.distributed_type = DistributedType.MULTI_GPU
+    else:
+        state = PartialState(cpu=use_cpu, **kwargs)
     info = DistInfo(
         rank=state.process_index,
         world_size=state.num_processes,
@@ -203,7 +219,10 @@ def sum_to_owner(grads, rank: int, world_size: int):
 
 _COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "reduce_scatter_tensor",
                 "scatter", "gather", "all_to_all", "all_to_all_single", "broadcast", "reduce", "barrier",
-                "all_gather_object", "broadcast_object_list", "_all_gather_base", "_reduce_scatter_base")
+                "all_gather_object", "broadcast_object_list", "_all_gather_base", "_reduce_scatter_base",
+                # torch >= 2.13 single-tensor forms (FSDP2 uses these)
+                "all_gather_single", "reduce_scatter_single", "all_reduce_coalesced", "all_gather_coalesced",
+                "gather_single", "gather_into_tensor", "scatter_object_list", "gather_object")
 
 
 @dataclass

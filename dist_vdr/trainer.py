@@ -1,14 +1,18 @@
-"""SentenceTransformerTrainer with evaluators that run on every rank.
+"""SentenceTransformerTrainer with evaluators that run on every rank, and engine-aware gradient caching.
 
 sentence-transformers 6.2 runs an evaluator on rank 0 only (the other ranks serve its encode calls,
 pickled through scatter) and disables that under FSDP/DeepSpeed. dist-vdr's sharded evaluator
 instead runs on all ranks at once, each with its own corpus shard; evaluators that say so with
-``all_ranks = True`` are called that way here. Everything else is the stock trainer.
+``all_ranks = True`` are called that way here. On the first training step the engine hooks of
+:mod:`dist_vdr.engines` are installed (one gradient reduction per step under DeepSpeed and FSDP2).
+Everything else is the stock trainer.
 """
 
 from __future__ import annotations
 
 import os
+
+from . import engines
 
 
 def _base():
@@ -18,6 +22,46 @@ def _base():
 
 
 class Trainer(_base()):
+    keep_parameters_gathered: bool = False
+    _engine_ready: bool = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._engine_ready:  # the engine exists only once train() has prepared the model
+            engines.prepare_trainer(self, keep_parameters_gathered=self.keep_parameters_gathered)
+            self._engine_ready = True
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.keep_parameters_gathered:
+            engines.release_parameters(self)
+        return loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # transformers 5 passes the wrapped model on the FSDP path; sentence-transformers' override
+        # takes one argument (TypeError). FSDP checkpoints hold sharded weights (distcp), which only
+        # the transformers loader reads, with resharding to the current number of ranks.
+        if self.is_fsdp_enabled:
+            from transformers import Trainer as HFTrainer
+
+            return HFTrainer._load_from_checkpoint(self, resume_from_checkpoint, model)
+        return super()._load_from_checkpoint(resume_from_checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # sentence-transformers' _save ignores ``state_dict``; under ZeRO-3/FSDP2 the module's own
+        # parameters are shards, so the gathered full state dict must be what gets written.
+        if not self.args.should_save:
+            return None
+        if not state_dict:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        with engines.saving_state_dict(self.model, state_dict):
+            # No model card: writing it runs an encode on this rank alone, and a forward of a
+            # sharded model is a collective (the other ranks would never join: hang).
+            self.model.save_pretrained(output_dir, create_model_card=False)
+        import torch
+
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        return None
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
         evaluator = self.evaluator

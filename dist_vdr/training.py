@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, distributed, preemption
+from . import checkpoint, distributed, engines, preemption
 from .config import Config, to_yaml
 from .data.loading import EvalData, load_eval, load_train
 from .evaluation import stock
@@ -101,7 +101,9 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         # The HF Trainer turns this on for non-PreTrainedModel models (SentenceTransformer included):
         # an extra graph traversal per step and a broken gradient cache.
         ddp_find_unused_parameters=False,
-        use_cpu=info.device == "cpu",
+        # use_cpu selects accelerate's CPU state, which has no DeepSpeed/FSDP path (the engines get a
+        # gloo group from distributed.init instead).
+        use_cpu=info.device == "cpu" and distributed.requested_engine() is None,
         ddp_timeout=cfg.launch.collective_timeout_s,
         accelerator_config={"use_configured_state": True},
         report_to="none",
@@ -204,11 +206,18 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     eval_data: EvalData | None = load_eval(_without_image_check(cfg.data)) if cfg.evaluation.enabled else None
 
     model = build_model(cfg.model, precision=cfg.training.precision, device=info.device)
+    engines.adapt_model(model, distributed.requested_engine())
     dim = embedding_dim(model)
     check_dims(cfg.loss.matryoshka_dims, dim, "loss.matryoshka_dims")
     check_dims(cfg.eval_dims(dim), dim, "evaluation.dims")
 
+    engine = distributed.requested_engine()
+    if engine and cfg.training.gradient_accumulation_steps != 1:
+        raise ValueError(f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps} under "
+                         f"{engine}: with gradient caching the batch costs no extra memory, so raise "
+                         f"training.global_batch_size instead and keep accumulation at 1")
     resume_from = checkpoint.decide_resume(out, resume=resume, no_resume=no_resume, is_main=info.is_main)
+    load_universal = _prepare_resharded_resume(resume_from, cfg, info, per_device, engine)
     if info.is_main:
         write_run_records(out, cfg, info, resume_from)
     distributed.barrier()
@@ -221,14 +230,18 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     loss = build_loss(model, cfg.loss, rank=info.rank, world_size=info.world_size)
     say(info, f"loss: {_describe_loss(loss)}; global batch {cfg.training.global_batch_size} "
               f"= {info.world_size} rank(s) x {per_device} x {cfg.training.gradient_accumulation_steps} accumulation")
+    args = build_training_args(cfg, info, per_device, has_eval=evaluator is not None)
+    engines.configure_deepspeed(args, load_universal=load_universal)
     trainer = Trainer(
         model=model,
-        args=build_training_args(cfg, info, per_device, has_eval=evaluator is not None),
+        args=args,
         train_dataset=train_ds,
         loss=loss,
         evaluator=evaluator,
-        callbacks=[checkpoint.make_marker_callback(), make_rank_logger(info), stopper],
+        callbacks=[checkpoint.make_marker_callback(), make_rank_logger(info), stopper]
+        + ([engines.make_collective_logger(str(out), info.rank)] if cfg.launch.log_collectives else []),
     )
+    trainer.keep_parameters_gathered = cfg.launch.keep_parameters_gathered
 
     _check_engine(trainer, info)
     results: dict = {}
@@ -255,6 +268,27 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     results["global_step"] = trainer.state.global_step
     results["dims"] = cfg.eval_dims(dim)
     return results
+
+
+def _prepare_resharded_resume(resume_from: str | None, cfg: Config, info: distributed.DistInfo, per_device: int,
+                              engine: str | None) -> bool:
+    """A checkpoint written by another number of ranks: keep the global batch, reshard the states.
+
+    The global batch (and so the contrastive task and the data order, see data/sampler.py) stays
+    what the recipe says; only the per-device batch changes. FSDP2 checkpoints (torch distributed
+    checkpoint) reshard on load; DeepSpeed ones are converted to a universal checkpoint first (rank 0,
+    once). Returns whether DeepSpeed must load the universal checkpoint.
+    """
+    saved = checkpoint.saved_world_size(resume_from) if resume_from else None
+    if not saved or saved == info.world_size:
+        return False
+    say(info, f"checkpoint written by {saved} rank(s), resuming on {info.world_size}: global batch "
+              f"{cfg.training.global_batch_size} kept (per-device batch {per_device})")
+    if engine != "deepspeed":
+        return False
+    say(info, "converting the DeepSpeed checkpoint to a universal checkpoint (ds_to_universal)")
+    distributed.main_then_share(info.is_main, lambda: engines.make_universal(resume_from))
+    return True
 
 
 def _describe_loss(loss) -> str:
@@ -297,7 +331,13 @@ def _save_final(trainer, info: distributed.DistInfo, out: Path) -> None:
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
-    trainer.save_model(str(tmp))  # collective under sharded engines
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # Gather the full weights (collective), rank 0 writes a plain SentenceTransformer folder.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if info.is_main:
+            trainer._save(str(tmp), state_dict=state_dict)
+    else:
+        trainer.save_model(str(tmp))
     distributed.barrier()
     if info.is_main:
         if final.exists():

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import distributed
+
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """Contiguous [start, end) of rank's shard; the first n % W shards get one extra row."""
@@ -101,7 +103,11 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
     cache = _ShardCache(cache_dir, rank, world_size, start, end, cache_key) if cache_dir else None
     done = cache.load() if cache else {}
     todo = np.array([i for i in range(n) if i not in done], dtype=np.int64)
-    if todo.size:
+    # Sharded engines (ZeRO-3, FSDP2) gather parameters inside every forward: a collective, so all
+    # ranks must run the same number of forwards. Ranks with fewer batches run padding forwards.
+    my_batches = -(-int(todo.size) // batch_size)
+    num_batches = max(distributed.all_gather_objects(my_batches)) if world_size > 1 else my_batches
+    if num_batches:
         # Similar page areas per batch: the processor pads to the largest page of the batch.
         order = todo[np.argsort(-_page_areas(shard.select(todo.tolist()), image_column), kind="stable")]
         # Workers are forked: the collate function holds the model's processor (and the module
@@ -118,7 +124,9 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode(), _autocast(device):
+            # no_grad, not inference_mode: FSDP2 writes its gathered parameters into storages that
+            # outlive the forward, which inference tensors may not.
+            with torch.no_grad(), _autocast(device):
                 for positions, feats in tqdm(loader, desc=f"encoding pages (rank {rank})", disable=not show_progress):
                     emb = model(batch_to_device(feats, device))["sentence_embedding"].float()
                     emb = torch.nn.functional.normalize(emb, p=2, dim=-1).cpu()
@@ -126,6 +134,8 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
                         done[p] = e
                     if cache:
                         cache.save(positions, emb)
+                for _ in range(num_batches - my_batches):  # lockstep padding, result discarded
+                    model(batch_to_device(_blank_page_features(model), device))
         finally:
             model.train(was_training)
     if n == 0:
@@ -133,12 +143,23 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
     return start, torch.stack([done[i] for i in range(n)])
 
 
-def encode_queries(model, texts: list[str], *, batch_size: int = 32) -> torch.Tensor:
-    """Normalised float32 query embeddings on CPU, exactly as sentence-transformers' encode_query."""
-    if not texts:
+def _blank_page_features(model):
+    from PIL import Image
+
+    return model.preprocess([Image.new("RGB", (64, 64), "white")], prompt=document_prompt(model))
+
+
+def encode_queries(model, texts: list[str], *, batch_size: int = 32, pad_to: int = 0) -> torch.Tensor:
+    """Normalised float32 query embeddings on CPU, exactly as sentence-transformers' encode_query.
+
+    ``pad_to``: encode that many texts (repeating a filler) so that every rank runs the same number
+    of forwards (sharded engines); only the embeddings of ``texts`` are returned.
+    """
+    padded = list(texts) + ["?"] * max(0, pad_to - len(texts))
+    if not padded:
         return torch.empty(0, 0)
-    emb = model.encode_query(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
-    return torch.nn.functional.normalize(emb.float(), p=2, dim=-1).cpu()
+    emb = model.encode_query(padded, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    return torch.nn.functional.normalize(emb[: len(texts)].float(), p=2, dim=-1).cpu()
 
 
 class _ShardCache:

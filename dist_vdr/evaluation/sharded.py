@@ -71,7 +71,8 @@ class ShardedRetrievalEvaluator(_base()):
         queries = self._encode_queries(model, info)
         offset, shard = encode_corpus_shard(
             model, self.data.corpus, rank=info.rank, world_size=info.world_size, batch_size=self.batch_size,
-            num_workers=self.num_workers, cache_dir=self.cache_dir, cache_key=_model_key(model),
+            num_workers=self.num_workers, cache_dir=self.cache_dir,
+            cache_key=_model_key(model) if self.cache_dir else "",
             show_progress=self.show_progress and info.is_main)
         full_dim = queries.shape[1]
         too_big = [d for d in self.dims if d > full_dim]
@@ -91,8 +92,9 @@ class ShardedRetrievalEvaluator(_base()):
     def _encode_queries(self, model, info: distributed.DistInfo) -> torch.Tensor:
         n = len(self.query_ids)
         start, end = shard_range(n, info.rank, info.world_size)
+        largest = max(e - s for s, e in (shard_range(n, r, info.world_size) for r in range(info.world_size)))
         mine = encode_queries(model, [self.data.queries[q] for q in self.query_ids[start:end]],
-                              batch_size=self.query_batch_size)
+                              batch_size=self.query_batch_size, pad_to=largest if info.world_size > 1 else 0)
         sizes = [shard_range(n, r, info.world_size) for r in range(info.world_size)]
         return distributed.all_gather_rows(mine, [e - s for s, e in sizes])
 
