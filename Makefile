@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Pinned so pip takes the wheels of this machine's disk where it has them (see README, Installation).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEEPSPEED_SPEC ?= deepspeed==0.19.8 ninja
 STAMP := $(VENV)/.dist-vdr-installed
 DEMO_DIR ?= artifacts
 DEMO_RUN ?= runs/tiny
@@ -19,6 +20,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	# DeepSpeed ships only an sdist whose build imports torch: build it against the torch above.
+	$(BIN)/python -m pip install -q --no-build-isolation $(DEEPSPEED_SPEC)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
@@ -30,12 +33,19 @@ demo: $(STAMP)
 
 # The SLURM integration tests run a real two-node cluster on this host (Debian's slurmctld + slurmd).
 # As root with apt-get they are installed here; elsewhere those tests are skipped with the reason.
+# DeepSpeed on CPU JIT-compiles a small C++ op (gcc/g++; ninja comes from pip).
 system-deps:
 	@if ! command -v slurmctld >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client >/dev/null; \
 	  else echo "note: slurmctld/slurmd not installed (needs root + apt-get): SLURM tests will be skipped"; fi; \
+	fi
+	@if ! command -v g++ >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; \
+	  else echo "note: no g++ (needs root + apt-get to install): the DeepSpeed CPU tests will fail"; fi; \
 	fi
 
 test: $(STAMP) system-deps

@@ -1,0 +1,162 @@
+"""Gradient caching under DeepSpeed ZeRO-2/3 and FSDP2, through the real launcher on CPU (gloo).
+
+Every run uses the same recipe, data and global batch (16); only the engine and the number of ranks
+change. The reference is the DDP run (launch/cpu.yaml), itself checked against one process holding
+the global batch in test_loss_equivalence / test_train_cli. Per engine:
+- the logged loss and gradient norm of every step, the final weights and the evaluator's metrics
+  equal DDP's;
+- a checkpoint written by 2 ranks continues on 1 rank, and one written by 1 rank continues on 2,
+  with the loss curve of the uninterrupted run (DeepSpeed: universal checkpoint; FSDP2: DCP);
+- gradient reductions per step do not grow with the number of mini-batches (8x more here).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import launch_env, run_launcher, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+RECIPE = "configs/tiny.yaml"
+ENGINES = ["cpu_zero2", "cpu_zero3", "cpu_fsdp2"]
+STEPS = 6
+REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
+              "_reduce_scatter_base", "all_reduce_coalesced")
+
+
+@pytest.fixture(scope="session")
+def extensions_dir(tmp_path_factory) -> Path:
+    # DeepSpeed JIT-compiles a CPU op once per session; a private folder cannot hold a stale lock.
+    return tmp_path_factory.mktemp("torch_extensions")
+
+
+def _train(launch: str, out: Path, nproc: int, extensions_dir: Path, tiny_model, pages, *more: str) -> str:
+    env = launch_env(NUM_PROCESSES=str(nproc), TORCH_EXTENSIONS_DIR=str(extensions_dir))
+    args = ["--config", RECIPE, *tiny_overrides(tiny_model, pages, out, f"training.max_steps={STEPS}",
+                                                 "training.save_steps=2", "training.save_total_limit=10", *more)]
+    proc = run_launcher(f"launch/{launch}.yaml", args, env=env, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    return log
+
+
+def _history(out: Path) -> dict[int, tuple[float, float]]:
+    """step -> (loss, grad_norm) from the newest checkpoint's trainer state."""
+    from dist_vdr.checkpoint import latest_complete
+
+    state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
+    return {h["step"]: (h["loss"], h["grad_norm"]) for h in state["log_history"] if "loss" in h}
+
+
+def _assert_same_curve(got: dict, ref: dict, steps, rel: float = 1e-5) -> None:
+    for step in steps:
+        for name, a, b in zip(("loss", "grad_norm"), got[step], ref[step]):
+            assert a == pytest.approx(b, rel=rel), f"step {step} {name}: {a} vs reference {b}"
+
+
+def _restart_from(src: Path, step: int, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    shutil.copytree(src / f"checkpoint-{step}", dst / f"checkpoint-{step}")
+
+
+_runs: dict = {}
+
+
+def _eval_overrides() -> list[str]:
+    return ["data.max_eval_queries=8", "launch.log_collectives=true"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_model, pages, extensions_dir) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    _train("cpu", out, 2, extensions_dir, tiny_model, pages, *_eval_overrides())
+    return out
+
+
+def _engine_run(engine: str, tmp_path_factory, tiny_model, pages, extensions_dir) -> tuple[Path, str]:
+    """2 ranks, evaluation before and after, collectives logged (shared by the tests of one engine)."""
+    if engine not in _runs:
+        out = tmp_path_factory.mktemp(engine) / "run"
+        more = _eval_overrides() + (["launch.keep_parameters_gathered=true"] if engine == "cpu_fsdp2" else [])
+        log = _train(engine, out, 2, extensions_dir, tiny_model, pages, *more)
+        _runs[engine] = (out, log)
+    return _runs[engine]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_trains_like_ddp(engine, ddp_run, tmp_path_factory, tiny_model, pages, extensions_dir):
+    out, log = _engine_run(engine, tmp_path_factory, tiny_model, pages, extensions_dir)
+    expected = {"cpu_zero2": "DeepSpeed", "cpu_zero3": "DeepSpeed", "cpu_fsdp2": "FSDP2: 5 sharded units"}[engine]
+    assert expected in log
+    assert "loss: GlobalBatchCachedMNRL" in log
+    _assert_same_curve(_history(out), _history(ddp_run), range(1, STEPS + 1))
+
+    # The final folder is a plain SentenceTransformer with the same weights as DDP's.
+    from sentence_transformers import SentenceTransformer
+
+    got = SentenceTransformer(str(out / "final"), device="cpu").state_dict()
+    ref = SentenceTransformer(str(ddp_run / "final"), device="cpu").state_dict()
+    assert got.keys() == ref.keys()
+    worst = max((got[k].float() - ref[k].float()).abs().max().item() for k in ref)
+    assert worst < 2e-5, worst
+
+    # The sharded evaluator ran under the engine (after training: sharded parameters) and agrees.
+    mine, theirs = (json.loads((d / "metrics.json").read_text()) for d in (out, ddp_run))
+    for dim, metrics in theirs["after"].items():
+        assert mine["after"][dim]["ndcg@10"] == pytest.approx(metrics["ndcg@10"], abs=1e-4)
+    assert mine["before"] == theirs["before"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_resumes_on_another_number_of_ranks(engine, tmp_path_factory, tiny_model, pages, extensions_dir):
+    ref_out, _ = _engine_run(engine, tmp_path_factory, tiny_model, pages, extensions_dir)
+    ref = _history(ref_out)
+    base = tmp_path_factory.mktemp(f"{engine}-resume")
+    # Known gap (README, "Engines"): DeepSpeed 0.19.8's universal-checkpoint loader for ZeRO-3
+    # restores the weights exactly (the first resumed step matches to 1e-7) but not the optimizer
+    # state: later steps drift (2% in grad norm after 3 steps here). ZeRO-2 and FSDP2 resume on
+    # another rank count exactly; ZeRO-3 on the same rank count too. Loose bound: still on the curve.
+    rel = 5e-2 if engine == "cpu_zero3" else 1e-5
+
+    down = base / "2to1"  # written by 2 ranks at step 2, continued by 1 rank to the end
+    _restart_from(ref_out, 2, down)
+    log = _train(engine, down, 1, extensions_dir, tiny_model, pages, "evaluation.enabled=false")
+    assert "checkpoint written by 2 rank(s), resuming on 1: global batch 16 kept (per-device batch 16)" in log
+    if "zero" in engine:
+        assert "universal checkpoint" in log
+    _assert_same_curve(_history(down), ref, [3], rel=1e-5)
+    _assert_same_curve(_history(down), ref, range(4, STEPS + 1), rel=rel)
+
+    up = base / "1to2"  # the 1-rank run's step-4 checkpoint, continued by 2 ranks
+    _restart_from(down, 4, up)
+    log = _train(engine, up, 2, extensions_dir, tiny_model, pages, "evaluation.enabled=false")
+    assert "checkpoint written by 1 rank(s), resuming on 2: global batch 16 kept (per-device batch 8)" in log
+    _assert_same_curve(_history(up), ref, range(5, STEPS + 1), rel=rel)
+
+
+def _per_step(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "collectives" / "rank0.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_one_gradient_reduction_per_step(engine, tmp_path_factory, tiny_model, pages, extensions_dir):
+    """Per-device batch 8: 2 mini-batches per column in the reference run, 8 here. Same reductions."""
+    ref_out, _ = _engine_run(engine, tmp_path_factory, tiny_model, pages, extensions_dir)
+    out = tmp_path_factory.mktemp(f"{engine}-mb1") / "run"
+    more = ["loss.mini_batch_size=1", "evaluation.enabled=false", "launch.log_collectives=true"]
+    if engine == "cpu_fsdp2":
+        more.append("launch.keep_parameters_gathered=true")
+    _train(engine, out, 2, extensions_dir, tiny_model, pages, *more)
+    ref_steps, steps = _per_step(ref_out), _per_step(out)
+    assert len(steps) == STEPS and len(ref_steps) == STEPS
+    for a, b in zip(steps, ref_steps):
+        reductions = {k: v for k, v in a["calls"].items() if k in REDUCTIONS}
+        assert reductions, a  # the gradients were reduced through torch.distributed (the counter sees it)
+        assert reductions == {k: v for k, v in b["calls"].items() if k in REDUCTIONS}, (a, b)
+        if engine == "cpu_fsdp2":  # parameters kept gathered: the all-gathers do not grow either
+            assert a["calls"] == b["calls"], (a, b)
