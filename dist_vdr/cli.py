@@ -264,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "train":  # train installs its signal handling first, then quiets the libraries
         _quiet_library_noise()
     try:
-        return args.fn(args)
+        code = args.fn(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    from . import distributed
+
+    distributed.shutdown()  # every rank got here: leave the group together (see shutdown's note)
+    return code
 
 
 if __name__ == "__main__":

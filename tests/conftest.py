@@ -64,3 +64,9 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> sub
 def run_launcher(launch_cfg: str, args: list[str], env: dict | None = None, timeout: int = 600):
     return subprocess.run(["bash", "launch/train.sh", launch_cfg, *args], cwd=REPO, env=env or launch_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def log_tail(text: str, chars: int = 6000) -> str:
+    """The end of a process log for an assertion message, without faulthandler's huge module list."""
+    lines = [ln for ln in text.splitlines() if not ln.startswith(("Extension modules:", "WARNING: Location"))]
+    return "\n".join(lines)[-chars:]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import launch_env, run_launcher, tiny_overrides
+from conftest import launch_env, log_tail, run_launcher, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def _train(launch: str, out: Path, nproc: int, extensions_dir: Path, tiny_model,
                                                  "training.save_steps=2", "training.save_total_limit=10", *more)]
     proc = run_launcher(f"launch/{launch}.yaml", args, env=env, timeout=400)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    assert proc.returncode == 0, log_tail(log)
     return log
 
 

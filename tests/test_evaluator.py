@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, launch_env
+from conftest import REPO, launch_env, log_tail
 from dist_vdr.evaluation.metrics import retrieval_metrics
 from dist_vdr.evaluation.search import merge_topk, shard_topk
 
@@ -167,13 +167,13 @@ def test_eval_command_two_ranks_equal_one_rank(tiny_model, pages, tmp_path):
     args = ["--model", str(tiny_model), "--data", str(pages), "--dims", "64,32", "--batch-size", "8"]
     one = subprocess.run([sys.executable, "-m", "dist_vdr.cli", "eval", *args, "--output", str(tmp_path / "one")],
                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.returncode == 0, log_tail(one.stderr)
     env = launch_env()
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu.yaml",
                           "--main_process_port", env["MASTER_PORT"], "-m", "dist_vdr.cli", "eval", *args,
                           "--device", "cpu", "--output", str(tmp_path / "two")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, log_tail(two.stderr)
     a = json.loads((tmp_path / "one" / "retrieval_metrics.json").read_text())["metrics"]
     b = json.loads((tmp_path / "two" / "retrieval_metrics.json").read_text())["metrics"]
     assert a.keys() == b.keys() == {"64", "32"}
