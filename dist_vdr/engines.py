@@ -125,15 +125,6 @@ def release_parameters(trainer) -> None:
                 module.reshard()
 
 
-def engine_name(trainer) -> str:
-    if trainer.is_deepspeed_enabled:
-        stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
-        return f"deepspeed-zero{stage}"
-    if trainer.is_fsdp_enabled:
-        return "fsdp2" if getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2 else "fsdp"
-    return "ddp" if trainer.args.world_size > 1 else "single"
-
-
 def adapt_model(model, engine: str | None) -> None:
     """Model tweaks an engine needs before the trainer wraps it.
 
