@@ -17,7 +17,7 @@ DDP only (``no_sync`` for all replays but the last). This module adds the two sh
 
 Both trade memory for communication: full (unsharded) gradients live on every rank for the duration
 of the replay, as under DDP. Parameters are gathered as the engine does by default (per forward and
-per backward of each mini-batch under ZeRO-3/FSDP2); ``engine.keep_parameters_gathered`` keeps
+per backward of each mini-batch under ZeRO-3/FSDP2); ``launch.keep_parameters_gathered`` keeps
 FSDP2's parameters unsharded for the whole step instead (memory of one full model copy, one
 all-gather per step).
 """
@@ -105,15 +105,18 @@ def prepare_trainer(trainer, *, keep_parameters_gathered: bool = False) -> None:
     wrapper = getattr(accelerator, "deepspeed_engine_wrapped", None)
     if wrapper is not None:
         coalesced_deepspeed_backward(wrapper)
-    if _is_fsdp2(trainer.model_wrapped) and trainer.is_world_process_zero():
-        units = sum(1 for m in trainer.model_wrapped.modules() if _is_fsdp2(m))
+    model = trainer.model_wrapped
+    if not _is_fsdp2(model):
+        return
+    if trainer.is_world_process_zero():
+        units = sum(1 for m in model.modules() if _is_fsdp2(m))
         logger.warning("FSDP2: %d sharded units%s", units,
                        ", parameters kept gathered during each step" if keep_parameters_gathered else "")
-    if keep_parameters_gathered and _is_fsdp2(trainer.model_wrapped):
+    if keep_parameters_gathered:
         # One all-gather per layer and step instead of two per mini-batch: the unsharded parameters
         # stay until the optimizer step (see release_parameters).
-        trainer.model_wrapped.set_reshard_after_forward(False)
-        trainer.model_wrapped.set_reshard_after_backward(False)
+        model.set_reshard_after_forward(False)
+        model.set_reshard_after_backward(False)
 
 
 def release_parameters(trainer) -> None:
@@ -194,13 +197,17 @@ def configure_deepspeed(args, *, load_universal: bool) -> None:
         ds.setdefault("checkpoint", {})["load_universal"] = True
 
 
+def _read_tag(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
 def deepspeed_tag(checkpoint_dir: str) -> str:
     latest = os.path.join(checkpoint_dir, "latest")
     if not os.path.isfile(latest):
         raise ValueError(f"{checkpoint_dir} holds no DeepSpeed checkpoint ('latest' missing): it was written "
                          f"by another engine; resume it with the launch config that wrote it")
-    with open(latest) as f:
-        return f.read().strip()
+    return _read_tag(latest)
 
 
 def make_universal(checkpoint_dir: str) -> str:
@@ -212,7 +219,7 @@ def make_universal(checkpoint_dir: str) -> str:
     tag = deepspeed_tag(checkpoint_dir)
     marker = os.path.join(checkpoint_dir, "latest_universal")
     if os.path.isfile(marker):
-        return open(marker).read().strip()
+        return _read_tag(marker)
     out = os.path.join(checkpoint_dir, f"{tag}_universal")
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
            os.path.join(checkpoint_dir, tag), "--output_folder", out, "--inject_missing_state",
@@ -220,8 +227,8 @@ def make_universal(checkpoint_dir: str) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.isfile(marker):
         raise ValueError(f"ds_to_universal failed for {checkpoint_dir} (exit {proc.returncode}):\n"
-                           f"{(proc.stdout + proc.stderr)[-3000:]}")
-    return open(marker).read().strip()
+                         f"{(proc.stdout + proc.stderr)[-3000:]}")
+    return _read_tag(marker)
 
 
 def make_collective_logger(output_dir: str, rank: int):

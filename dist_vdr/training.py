@@ -196,6 +196,11 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     say(info, f"joined: world size {info.world_size}, device {info.device}", all_ranks=True)
     per_device = cfg.resolve_batch(info.world_size)
     out = Path(cfg.training.output_dir)
+    engine = distributed.requested_engine()
+    if engine and cfg.training.gradient_accumulation_steps != 1:
+        raise ValueError(f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps} under "
+                         f"{engine}: with gradient caching the batch costs no extra memory, so raise "
+                         f"training.global_batch_size instead and keep accumulation at 1")
 
     # Data first: a bad row fails here, before anything is written. Rank 0 decodes every page once.
     distributed.main_then_share(info.is_main, lambda: _validate_data(cfg))
@@ -206,16 +211,11 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     eval_data: EvalData | None = load_eval(_without_image_check(cfg.data)) if cfg.evaluation.enabled else None
 
     model = build_model(cfg.model, precision=cfg.training.precision, device=info.device)
-    engines.adapt_model(model, distributed.requested_engine())
+    engines.adapt_model(model, engine)
     dim = embedding_dim(model)
     check_dims(cfg.loss.matryoshka_dims, dim, "loss.matryoshka_dims")
     check_dims(cfg.eval_dims(dim), dim, "evaluation.dims")
 
-    engine = distributed.requested_engine()
-    if engine and cfg.training.gradient_accumulation_steps != 1:
-        raise ValueError(f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps} under "
-                         f"{engine}: with gradient caching the batch costs no extra memory, so raise "
-                         f"training.global_batch_size instead and keep accumulation at 1")
     resume_from = checkpoint.decide_resume(out, resume=resume, no_resume=no_resume, is_main=info.is_main)
     load_universal = _prepare_resharded_resume(resume_from, cfg, info, per_device, engine)
     if info.is_main:

@@ -92,11 +92,10 @@ class ShardedRetrievalEvaluator(_base()):
     def _encode_queries(self, model, info: distributed.DistInfo) -> torch.Tensor:
         n = len(self.query_ids)
         start, end = shard_range(n, info.rank, info.world_size)
-        largest = max(e - s for s, e in (shard_range(n, r, info.world_size) for r in range(info.world_size)))
+        sizes = [e - s for s, e in (shard_range(n, r, info.world_size) for r in range(info.world_size))]
         mine = encode_queries(model, [self.data.queries[q] for q in self.query_ids[start:end]],
-                              batch_size=self.query_batch_size, pad_to=largest if info.world_size > 1 else 0)
-        sizes = [shard_range(n, r, info.world_size) for r in range(info.world_size)]
-        return distributed.all_gather_rows(mine, [e - s for s, e in sizes])
+                              batch_size=self.query_batch_size, pad_to=max(sizes) if info.world_size > 1 else 0)
+        return distributed.all_gather_rows(mine, sizes)
 
     def _search(self, queries: torch.Tensor, shard: torch.Tensor, offset: int, dim: int, world_size: int):
         q = torch.nn.functional.normalize(queries[:, :dim], p=2, dim=-1) if dim < queries.shape[1] else queries
