@@ -1,6 +1,7 @@
 # dist-vdr: the two commands of the README.
 #   make demo   set up .venv, build the tiny model and pages, train on 2 CPU processes, evaluate
 #   make test   set up .venv (if needed) and run the test suite
+#   make demo-reranker   after demo: the tiny reranker (warm-started, mined negatives), retrieval vs reranked
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,9 +11,10 @@ DEEPSPEED_SPEC ?= deepspeed==0.19.8 ninja
 STAMP := $(VENV)/.dist-vdr-installed
 DEMO_DIR ?= artifacts
 DEMO_RUN ?= runs/tiny
+DEMO_RERANKER_RUN ?= runs/tiny-reranker
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean-demo system-deps
+.PHONY: demo demo-reranker test venv clean-demo system-deps
 
 venv: $(STAMP)
 
@@ -30,6 +32,14 @@ demo: $(STAMP)
 	$(BIN)/dist-vdr make-synthetic-pages $(DEMO_DIR)/pages --num-train 4000
 	PYTHON=$(BIN)/python launch/train.sh launch/cpu.yaml --config configs/tiny.yaml \
 		model.name_or_path=$(DEMO_DIR)/tiny-model data.path=$(DEMO_DIR)/pages training.output_dir=$(DEMO_RUN)
+
+# The tiny reranker on top of the demo: starts from the demo's trained embedding backbone, mines
+# negatives with it, trains on 2 CPU processes and reports NDCG@10 of retrieval vs reranked.
+demo-reranker: demo
+	$(BIN)/dist-vdr make-tiny-model --reranker $(DEMO_DIR)/tiny-reranker --init-from $(DEMO_RUN)/final
+	PYTHON=$(BIN)/python launch/train.sh launch/cpu.yaml --config configs/tiny-reranker.yaml \
+		model.name_or_path=$(DEMO_DIR)/tiny-reranker reranker.retriever=$(DEMO_RUN)/final \
+		data.path=$(DEMO_DIR)/pages training.output_dir=$(DEMO_RERANKER_RUN)
 
 # The SLURM integration tests run a real two-node cluster on this host (Debian's slurmctld + slurmd).
 # As root with apt-get they are installed here; elsewhere those tests are skipped with the reason.
@@ -52,4 +62,4 @@ test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-demo:
-	rm -rf $(DEMO_DIR) $(DEMO_RUN)
+	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(DEMO_RERANKER_RUN)

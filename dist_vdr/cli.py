@@ -2,8 +2,9 @@
 
 Subcommands:
   train                 train a model from a recipe (run it under `accelerate launch`, see launch/)
-  make-tiny-model DIR   build the offline tiny Qwen3-VL embedding model
+  make-tiny-model DIR   build the offline tiny Qwen3-VL embedding model (--reranker: the tiny reranker)
   make-synthetic-pages DIR   generate a VDR-shaped page dataset
+  eval / mine-negatives      sharded retrieval evaluation / hard-negative mining (accelerate launch)
 
 User errors (bad config, missing data, bad rows) print one `error:` line and exit with status 2.
 """
@@ -42,11 +43,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny import TinyModelSpec, build_tiny_model
+    from .tiny import TinyModelSpec, build_tiny_model, build_tiny_reranker
 
     spec = TinyModelSpec(hidden_size=args.hidden_size, seed=args.seed)
-    path = build_tiny_model(args.dir, spec, overwrite=args.overwrite)
-    print(f"tiny model in {path}")
+    if args.init_from and not args.reranker:
+        raise ValueError("--init-from applies to --reranker")
+    if args.reranker:
+        path = build_tiny_reranker(args.dir, spec, init_from=args.init_from, overwrite=args.overwrite)
+    else:
+        path = build_tiny_model(args.dir, spec, overwrite=args.overwrite)
+    print(f"tiny {'reranker' if args.reranker else 'embedding model'} in {path}")
     return 0
 
 
@@ -90,6 +96,37 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"dim {d}: NDCG@10 {m.get('ndcg@10', float('nan')):.4f}  MRR@10 {m.get('mrr@10', float('nan')):.4f}  "
                   f"Recall@10 {m.get('recall@10', float('nan')):.4f}", flush=True)
         print(f"outputs in {args.output}" if args.output else json.dumps(flat), flush=True)
+    return 0
+
+
+def _mine(args: argparse.Namespace) -> int:
+    """Hard negatives for a training split (run it under accelerate launch for several ranks)."""
+    from . import distributed, mining
+    from .config import DataConfig, MiningConfig, ModelConfig
+    from .data.loading import load_train
+    from .model import build_model
+
+    info = distributed.init(args.device, 0, args.threads)
+    id_columns = dict(item.split("=", 1) for item in args.document_id_column)
+    cfg = MiningConfig(num_negatives=args.num_negatives, rank_start=args.rank_start, max_rank=args.max_rank,
+                       margin=args.margin, document_id_columns=id_columns)
+    data = DataConfig(path=args.data, train_name=args.name, train_split=args.split, query_column=args.query_column,
+                      positive_column=args.positive_column, negative_columns=args.page_columns,
+                      validate_images=False)
+    ds = load_train(data, extra_columns=list(id_columns.values()))
+    model = build_model(ModelConfig(name_or_path=args.model, dtype=args.dtype), device=info.device,
+                        precision="bf16" if args.dtype == "bfloat16" else "fp32")
+    result = mining.mine(model, ds, cfg, query_column=args.query_column, positive_column=args.positive_column,
+                         page_columns=args.page_columns, batch_size=args.batch_size, num_workers=args.num_workers,
+                         cache_dir=args.cache)
+    if info.is_main:
+        fp = mining.fingerprint(args.model, args.data, args.split, None, cfg)
+        mining.write_mined(ds, result, args.out, query_column=args.query_column,
+                           positive_column=args.positive_column, fingerprint=fp)
+        print(f"{len(result.kept_rows)} rows with {cfg.num_negatives} negatives each in {args.out} "
+              f"({result.num_dropped} rows without enough candidates dropped; {len(result.pages)} distinct pages)",
+              flush=True)
+    distributed.barrier()
     return 0
 
 
@@ -157,8 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.max_steps=20")
     t.set_defaults(fn=_train)
 
-    m = sub.add_parser("make-tiny-model", help="build the offline tiny Qwen3-VL embedding model")
+    m = sub.add_parser("make-tiny-model", help="build the offline tiny Qwen3-VL embedding model (or reranker)")
     m.add_argument("dir")
+    m.add_argument("--reranker", action="store_true",
+                   help="build the tiny multimodal reranker instead (LM head + LogitScore('1', '0'))")
+    m.add_argument("--init-from", default=None, metavar="EMBEDDING_MODEL",
+                   help="--reranker: start from this tiny embedding model's backbone weights (e.g. runs/tiny/final)")
     m.add_argument("--hidden-size", type=int, default=64)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--overwrite", action="store_true")
@@ -214,6 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: default)")
     e.set_defaults(fn=_eval)
+
+    mn = sub.add_parser("mine-negatives", help="mine hard negatives with an embedding model (sharded over ranks)")
+    mn.add_argument("--model", required=True, help="embedding model folder or hub id")
+    mn.add_argument("--data", required=True, help="dataset folder or hub id with query + positive page columns")
+    mn.add_argument("--out", required=True, help="output dataset folder: query, positive, negative_0..n-1")
+    mn.add_argument("--name", default=None, help="hub dataset configuration")
+    mn.add_argument("--split", default="train")
+    mn.add_argument("--query-column", default="query")
+    mn.add_argument("--positive-column", default="image")
+    mn.add_argument("--page-columns", nargs="*", default=[], help="more page columns whose pages join the corpus")
+    mn.add_argument("--num-negatives", type=int, default=3)
+    mn.add_argument("--rank-start", type=int, default=0, help="skip this many best non-positive pages")
+    mn.add_argument("--max-rank", type=int, default=30, help="pick only among the top max-rank pages")
+    mn.add_argument("--margin", type=float, default=None, help="negatives must score < positive - margin")
+    mn.add_argument("--document-id-column", action="append", default=[], metavar="PAGECOL=IDCOL",
+                    help="never pick a page of the positive's document (repeat per page column)")
+    mn.add_argument("--batch-size", type=int, default=16)
+    mn.add_argument("--num-workers", type=int, default=-1)
+    mn.add_argument("--cache", default=None, help="per-shard embedding cache folder (resumable)")
+    mn.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    mn.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    mn.add_argument("--threads", type=int, default=0)
+    mn.set_defaults(fn=_mine)
 
     b = sub.add_parser("bench-loss", help="collectives, bytes and s/step: stock ST gather vs the global-batch loss")
     b.add_argument("--model", default="artifacts/tiny-model")

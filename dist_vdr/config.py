@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _LOSSES = ("cmnrl", "mnrl")
+_RERANKER_LOSSES = ("bce", "listwise")
+_TASKS = ("embedding", "reranker")
 _SAMPLERS = ("no_duplicates_hashed", "no_duplicates", "batch_sampler")
 _DEVICES = ("auto", "cpu", "cuda")
 _EVAL_FORMATS = ("ir", "triplets")
@@ -22,7 +24,8 @@ _EVAL_FORMATS = ("ir", "triplets")
 
 def _check_choice(section: str, key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"{section}.{key}={value!r} is not one of {list(choices)}")
+        name = f"{section}.{key}" if section else key
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
 
 
 @dataclass(kw_only=True)
@@ -95,10 +98,13 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    name: str = "cmnrl"
-    """cmnrl: CachedMultipleNegativesRankingLoss (gradient caching); mnrl: plain MultipleNegativesRankingLoss."""
+    name: str = "auto"
+    """auto: cmnrl for task=embedding, bce for task=reranker. Embedding: cmnrl (CachedMultipleNegativesRankingLoss, gradient caching) or mnrl (plain
+    MultipleNegativesRankingLoss). Reranker: bce (BinaryCrossEntropyLoss over the positive and the
+    hard-negative pairs) or listwise (softmax cross-entropy over each query's positive and hard
+    negatives: the cross-encoder MultipleNegativesRankingLoss). Both reranker losses use gradient caching."""
     mini_batch_size: int = 1
-    """Rows per gradient-caching forward/backward (cmnrl)."""
+    """Rows per gradient-caching forward/backward (cmnrl); (query, page) pairs per forward (reranker)."""
     mini_batch_num_tokens: Optional[int] = None
     """Token budget per embedding mini-batch (cmnrl): rows are packed greedily up to this many tokens."""
     matryoshka_dims: list[int] = field(default_factory=list)
@@ -111,11 +117,20 @@ class LossConfig:
     implementation: str = "auto"
     """auto: the communication-efficient global-batch loss when world size > 1 (cmnrl), else stock;
     global_batch: always it; stock: sentence-transformers' own gather (collectives grow with dims x chunks)."""
+    pos_weight: Optional[float] = None
+    """Reranker bce: weight of the positive pairs (e.g. the number of negatives per query to balance them)."""
+    num_in_batch_negatives: int = 0
+    """Reranker listwise: extra negatives per query drawn at random from the other rows of the rank's
+    batch (sentence-transformers' sampling; with > 0 the loss depends on how rows are split over ranks)."""
 
     def __post_init__(self) -> None:
-        _check_choice("loss", "name", self.name, _LOSSES)
+        _check_choice("loss", "name", self.name, ("auto",) + _LOSSES + _RERANKER_LOSSES)
+        if self.num_in_batch_negatives < 0:
+            raise ValueError("loss.num_in_batch_negatives must be >= 0")
+        if self.pos_weight is not None and self.pos_weight <= 0:
+            raise ValueError("loss.pos_weight must be > 0 or null")
         _check_choice("loss", "implementation", self.implementation, ("auto", "global_batch", "stock"))
-        if self.implementation == "global_batch" and self.name != "cmnrl":
+        if self.implementation == "global_batch" and self.name not in ("cmnrl", "auto"):
             raise ValueError("loss.implementation=global_batch needs loss.name=cmnrl")
         if self.mini_batch_size < 1:
             raise ValueError(f"loss.mini_batch_size must be >= 1, got {self.mini_batch_size}")
@@ -155,14 +170,18 @@ class TrainingConfig:
     save_steps: float = 0.1
     """Checkpoint every N steps (< 1: that fraction of the total steps)."""
     save_total_limit: Optional[int] = 2
-    batch_sampler: str = "no_duplicates_hashed"
+    batch_sampler: str = "auto"
+    """auto: no_duplicates_hashed for embedding models (a repeated page in the global batch would be a
+    false in-batch negative) and for listwise rerankers with in-batch negatives; batch_sampler (plain
+    shuffled batches) for rerankers otherwise: mined negatives are shared between queries, which
+    no-duplicates batching cannot fill batches with."""
     dataloader_num_workers: int = 0
     trainer_args: dict[str, Any] = field(default_factory=dict)
     """Any other SentenceTransformerTrainingArguments field, passed through (validated against it)."""
 
     def __post_init__(self) -> None:
         _check_choice("training", "precision", self.precision, _PRECISIONS)
-        _check_choice("training", "batch_sampler", self.batch_sampler, _SAMPLERS)
+        _check_choice("training", "batch_sampler", self.batch_sampler, ("auto",) + _SAMPLERS)
         if self.global_batch_size < 1:
             raise ValueError(f"training.global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.gradient_accumulation_steps < 1:
@@ -239,13 +258,99 @@ class LaunchConfig:
 
 
 @dataclass(kw_only=True)
+class RerankerConfig:
+    """task=reranker: the cross-encoder, its retriever (first stage and negative mining) and evaluation."""
+
+    head: str = "auto"
+    """auto: a CrossEncoder folder/hub id keeps its own head, anything else gets logit_score;
+    logit_score: LM head + LogitScore(true_token, false_token); dense: last-token pooling + a
+    1-output Dense initialised from the LM head rows (W[true] - W[false])."""
+    true_token: str = "1"
+    false_token: str = "0"
+    chat_template: Optional[str] = None
+    """null: the model's own; builtin: dist-vdr's query/document template (Qwen-VL tokens); or a .jinja file."""
+    prompt: Optional[str] = None
+    """Instruction given to the reranker with every pair (rendered as the system message)."""
+    retriever: str = "artifacts/tiny-model"
+    """Embedding model (folder or hub id) that retrieves the candidates to rerank and mines negatives."""
+    rerank_depth: int = 20
+    """Evaluation: rerank each query's top-N retrieved pages (the rest keep their retrieval order)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("reranker", "head", self.head, ("auto", "logit_score", "dense"))
+        if self.rerank_depth < 1:
+            raise ValueError("reranker.rerank_depth must be >= 1")
+        if not self.retriever:
+            raise ValueError("reranker.retriever is empty: give the embedding model that retrieves candidates")
+
+
+@dataclass(kw_only=True)
+class MiningConfig:
+    """Hard negatives mined with the retriever from the training pages (task=reranker, or `dist-vdr mine-negatives`)."""
+
+    enabled: bool = True
+    """task=reranker: mine before training (cached in <output_dir>/mined) and train on the result;
+    false: train on data.negative_columns as they are."""
+    num_negatives: int = 3
+    """Mined (hard) negatives per query, written as columns negative_0..negative_{n-1}."""
+    rank_start: int = 0
+    """Skip this many of the best-ranked non-positive pages (likely unlabelled positives)."""
+    max_rank: int = 30
+    """Pick negatives only among the retriever's top max_rank pages; rows with too few are dropped."""
+    margin: Optional[float] = None
+    """Keep a candidate only when its cosine score < the positive's score - margin (false-negative guard)."""
+    num_random_negatives: int = 0
+    """Also this many pages drawn at random (per-row seeded, never the positive or its document),
+    written after the mined ones. Easy negatives: a reranker trained only on hard ones can stall
+    (measured on the tiny reranker: the loss stays at ln(1 + negatives))."""
+    seed: int = 0
+    """Seed of the random negatives."""
+    max_uses_per_page: Optional[int] = None
+    """Use a page as a negative for at most this many queries (rows in data order). Retrievers have
+    hubs, pages near many queries; without a cap a few of them become most of the negatives and a
+    reranker learns to recognise those pages instead of reading the query."""
+    document_id_columns: dict[str, str] = field(default_factory=dict)
+    """Page column -> column holding that page's document id (e.g. {image: document_id}). A candidate
+    from the positive's own document is never a negative (other pages of the same PDF, or the same
+    content rendered again, are often relevant too)."""
+
+    def __post_init__(self) -> None:
+        if self.num_negatives < 1:
+            raise ValueError("mining.num_negatives must be >= 1")
+        if self.num_random_negatives < 0:
+            raise ValueError("mining.num_random_negatives must be >= 0")
+        if self.max_uses_per_page is not None and self.max_uses_per_page < 1:
+            raise ValueError("mining.max_uses_per_page must be >= 1 or null")
+        if self.rank_start < 0 or self.max_rank < self.rank_start + self.num_negatives:
+            raise ValueError(f"mining.max_rank={self.max_rank} leaves no room for {self.num_negatives} negatives after "
+                             f"rank_start={self.rank_start}; raise max_rank")
+
+
+@dataclass(kw_only=True)
 class Config:
+    task: str = "embedding"
+    """embedding: a SentenceTransformer (bi-encoder); reranker: a multimodal CrossEncoder."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("", "task", self.task, _TASKS)
+        if self.loss.name == "auto":
+            self.loss.name = "bce" if self.task == "reranker" else "cmnrl"
+        if self.training.batch_sampler == "auto":
+            in_batch = self.task == "embedding" or self.loss.num_in_batch_negatives > 0
+            self.training.batch_sampler = "no_duplicates_hashed" if in_batch else "batch_sampler"
+        allowed = _RERANKER_LOSSES if self.task == "reranker" else _LOSSES
+        if self.loss.name not in allowed:
+            raise ValueError(f"loss.name={self.loss.name!r} is not a {self.task} loss; use one of {list(allowed)}")
+        if self.task == "reranker" and self.loss.matryoshka_dims:
+            raise ValueError("loss.matryoshka_dims applies to embedding models; remove it for task=reranker")
 
     def resolve_batch(self, world_size: int) -> int:
         """Per-device batch for this world size; ValueError when the global batch does not split."""

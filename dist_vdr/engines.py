@@ -153,19 +153,27 @@ def adapt_model(model, engine: str | None) -> None:
 
 @contextlib.contextmanager
 def saving_state_dict(model, state_dict: dict):
-    """While active, the SentenceTransformer's save writes ``state_dict`` (gathered full weights).
+    """While active, the model's save writes ``state_dict`` (gathered full weights).
 
     Its first module (Transformer) saves the backbone with ``save_pretrained``; that call gets the
-    backbone's part of ``state_dict``. Models with trainable parameters outside the backbone (a
-    Dense head) are refused rather than saved with stale head weights.
+    backbone's part of ``state_dict``. Later modules with weights (a reranker's Dense head) save
+    ``self.state_dict()``, which returns their part of ``state_dict`` meanwhile (under ZeRO-3/FSDP2
+    their own parameters are shards).
     """
     backbone = model[0].model
     prefix = "0.model."
     backbone_sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    rest = sorted(k for k in state_dict if not k.startswith(prefix))
-    if not backbone_sd or rest:
-        raise NotImplementedError(f"saving a sharded model with weights outside its backbone ({rest[:5]}) "
-                                  f"is not supported; train it with DDP (launch/ddp.yaml)")
+    if not backbone_sd:
+        raise ValueError(f"the gathered state dict has no backbone weights (keys like {prefix}*); got "
+                         f"{sorted(state_dict)[:5]}")
+    heads: dict[int, dict] = {}
+    for key, value in state_dict.items():
+        index, _, rest = key.partition(".")
+        if index.isdigit() and int(index) > 0:
+            heads.setdefault(int(index), {})[rest] = value
+    unknown = sorted(k for k in state_dict if not k.startswith(prefix) and not k.partition(".")[0].isdigit())
+    if unknown:
+        raise ValueError(f"cannot place gathered weights {unknown[:5]} in the model's modules")
     original = backbone.save_pretrained
 
     def save_pretrained(path, *args, **kwargs):
@@ -173,10 +181,14 @@ def saving_state_dict(model, state_dict: dict):
         return original(path, *args, **kwargs)
 
     backbone.save_pretrained = save_pretrained
+    for index, sd in heads.items():
+        model[index].state_dict = lambda *args, _sd=sd, **kwargs: dict(_sd)
     try:
         yield
     finally:
-        del backbone.save_pretrained  # back to the class method
+        del backbone.save_pretrained  # back to the class methods
+        for index in heads:
+            del model[index].state_dict
 
 
 def configure_deepspeed(args, *, load_universal: bool) -> None:

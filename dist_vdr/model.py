@@ -59,19 +59,25 @@ def _has_modules_json(name_or_path: str) -> bool:
     return is_sentence_transformer_model(name_or_path)
 
 
+def check_model_path(path: str, make: str = "make-tiny-model", key: str = "model.name_or_path") -> str:
+    """``path`` when it is a folder or looks like a hub id (org/name); ValueError with the fix otherwise."""
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+    if looks_local and not Path(path).expanduser().is_dir():
+        tool, *flags = make.split()
+        raise ValueError(
+            f"{key}={path!r} is not a folder (and not a hub id of the form org/name); "
+            f"build the offline tiny model with `dist-vdr {tool} {' '.join(flags + [path])}`"
+        )
+    return path
+
+
 def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu"):
     """Load the model on ``device``. Raises ValueError for a path that is neither a folder nor a hub id."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     on_cuda = device.startswith("cuda")
-    path = cfg.name_or_path
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
-    if looks_local and not Path(path).expanduser().is_dir():
-        raise ValueError(
-            f"model.name_or_path={path!r} is not a folder (and not a hub id of the form org/name); "
-            f"build the offline tiny model with `dist-vdr make-tiny-model {path}`"
-        )
+    path = check_model_path(cfg.name_or_path)
     load_kwargs = model_load_kwargs(cfg, precision, on_cuda)
     common = dict(trust_remote_code=cfg.trust_remote_code, model_kwargs=load_kwargs,
                   processor_kwargs=dict(cfg.processor_kwargs) or None)

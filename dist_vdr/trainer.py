@@ -1,11 +1,12 @@
-"""SentenceTransformerTrainer with evaluators that run on every rank, and engine-aware gradient caching.
+"""sentence-transformers' trainers with evaluators that run on every rank, and engine-aware gradient caching.
 
 sentence-transformers 6.2 runs an evaluator on rank 0 only (the other ranks serve its encode calls,
 pickled through scatter) and disables that under FSDP/DeepSpeed. dist-vdr's sharded evaluator
 instead runs on all ranks at once, each with its own corpus shard; evaluators that say so with
 ``all_ranks = True`` are called that way here. On the first training step the engine hooks of
 :mod:`dist_vdr.engines` are installed (one gradient reduction per step under DeepSpeed and FSDP2).
-Everything else is the stock trainer.
+Everything else is the stock trainer: ``Trainer`` for embedding models (SentenceTransformerTrainer),
+``RerankerTrainer`` for cross-encoders (CrossEncoderTrainer), with the same additions.
 """
 
 from __future__ import annotations
@@ -15,13 +16,7 @@ import os
 from . import engines
 
 
-def _base():
-    from sentence_transformers import SentenceTransformerTrainer
-
-    return SentenceTransformerTrainer
-
-
-class Trainer(_base()):
+class _DistVdrTrainerMixin:
     keep_parameters_gathered: bool = False
     _engine_ready: bool = False
 
@@ -79,3 +74,18 @@ class Trainer(_base()):
         output.metrics.update({k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": v
                                for k, v in metrics.items()})
         return output
+
+
+def _trainers():
+    from sentence_transformers import CrossEncoderTrainer, SentenceTransformerTrainer
+
+    class Trainer(_DistVdrTrainerMixin, SentenceTransformerTrainer):
+        """SentenceTransformerTrainer + dist-vdr's engine hooks, all-rank evaluators and sharded saves."""
+
+    class RerankerTrainer(_DistVdrTrainerMixin, CrossEncoderTrainer):
+        """CrossEncoderTrainer + the same additions."""
+
+    return Trainer, RerankerTrainer
+
+
+Trainer, RerankerTrainer = _trainers()

@@ -70,7 +70,7 @@ def write_run_records(out: Path, cfg: Config, info: distributed.DistInfo, resume
 
 
 def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int, has_eval: bool):
-    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers import CrossEncoderTrainingArguments, SentenceTransformerTrainingArguments
 
     t = cfg.training
     eval_every = t.eval_steps if (has_eval and t.eval_steps) else None
@@ -108,9 +108,12 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         accelerator_config={"use_configured_state": True},
         report_to="none",
     )
+    if cfg.task == "reranker" and cfg.reranker.prompt:
+        kwargs["prompts"] = cfg.reranker.prompt  # one instruction for every (query, page) pair
     kwargs.update(t.trainer_args)
+    args_cls = CrossEncoderTrainingArguments if cfg.task == "reranker" else SentenceTransformerTrainingArguments
     try:
-        return SentenceTransformerTrainingArguments(**kwargs)
+        return args_cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"training.trainer_args: {exc}") from exc
 
@@ -149,8 +152,13 @@ def _metrics_file(out: Path, which: str) -> Path:
     return out / f"metrics_{which}.json"
 
 
-def build_evaluator(cfg: Config, eval_data: EvalData, dim: int, info: distributed.DistInfo):
+def build_evaluator(cfg: Config, eval_data: EvalData, dim: int, info: distributed.DistInfo, candidates=None):
     e = cfg.evaluation
+    if cfg.task == "reranker":
+        from .reranker.evaluation import RerankEvaluator
+
+        return RerankEvaluator(eval_data, candidates, depth=cfg.reranker.rerank_depth, ks=e.ks,
+                               batch_size=e.batch_size, prompt=cfg.reranker.prompt)
     if e.implementation == "stock":
         return stock.build_evaluator(eval_data, cfg.eval_dims(dim), batch_size=e.batch_size, ks=e.ks,
                                      show_progress_bar=info.is_main)
@@ -167,9 +175,14 @@ def evaluate(trainer, info: distributed.DistInfo, out: Path, which: str, step: i
         raw = evaluator(trainer.model, output_path=str(out / f"eval_{which}") if info.is_main else None, steps=step)
     else:
         raw = trainer.evaluate()  # stock: the trainer drives rank 0 + DDP encode serving
-    per_dim = stock.summarise(raw)
+    if trainer.evaluator.__class__.__name__ == "RerankEvaluator":
+        from .reranker.training import summarise
+
+        per_dim = summarise(raw)  # {"retrieval": ..., "rerank": ...}
+    else:
+        per_dim = stock.summarise(raw)
     if info.is_main:
-        payload = {"step": step, "metrics": {str(d): m for d, m in sorted(per_dim.items(), reverse=True)}}
+        payload = {"step": step, "metrics": {str(d): m for d, m in sorted(per_dim.items(), key=str, reverse=True)}}
         tmp = _metrics_file(out, which).with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=2))
         os.replace(tmp, _metrics_file(out, which))
@@ -180,7 +193,7 @@ def _load_metrics(out: Path, which: str) -> dict[int, dict[str, float]] | None:
     path = _metrics_file(out, which)
     if not path.is_file():
         return None
-    return {int(d): m for d, m in json.loads(path.read_text())["metrics"].items()}
+    return {int(d) if d.isdigit() else d: m for d, m in json.loads(path.read_text())["metrics"].items()}
 
 
 def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = False) -> dict:
@@ -209,12 +222,20 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
         raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
                          f"lower training.global_batch_size or add data")
     eval_data: EvalData | None = load_eval(_without_image_check(cfg.data)) if cfg.evaluation.enabled else None
+    candidates = None
+    if cfg.task == "reranker":
+        from .reranker import training as reranker_training
 
-    model = build_model(cfg.model, precision=cfg.training.precision, device=info.device)
+        # Mining and first-stage retrieval with the retriever (collective, cached in the output folder).
+        train_ds, candidates = reranker_training.prepare(cfg, info, out, train_ds, eval_data)
+        model = _build_reranker(cfg, info)
+        dim = 0
+    else:
+        model = build_model(cfg.model, precision=cfg.training.precision, device=info.device)
+        dim = embedding_dim(model)
+        check_dims(cfg.loss.matryoshka_dims, dim, "loss.matryoshka_dims")
+        check_dims(cfg.eval_dims(dim), dim, "evaluation.dims")
     engines.adapt_model(model, engine)
-    dim = embedding_dim(model)
-    check_dims(cfg.loss.matryoshka_dims, dim, "loss.matryoshka_dims")
-    check_dims(cfg.eval_dims(dim), dim, "evaluation.dims")
 
     resume_from = checkpoint.decide_resume(out, resume=resume, no_resume=no_resume, is_main=info.is_main)
     load_universal = _prepare_resharded_resume(resume_from, cfg, info, per_device, engine)
@@ -223,16 +244,22 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     distributed.barrier()
     say(info, f"resuming from {resume_from}" if resume_from else f"starting a new run in {out}")
 
-    from .trainer import Trainer
+    from .trainer import RerankerTrainer, Trainer
 
     stopper = preemption.make_callback()
-    evaluator = build_evaluator(cfg, eval_data, dim, info) if eval_data is not None else None
-    loss = build_loss(model, cfg.loss, rank=info.rank, world_size=info.world_size)
+    evaluator = build_evaluator(cfg, eval_data, dim, info, candidates) if eval_data is not None else None
+    if cfg.task == "reranker":
+        from .losses.reranker import build_reranker_loss
+
+        loss = build_reranker_loss(model, cfg.loss)
+    else:
+        loss = build_loss(model, cfg.loss, rank=info.rank, world_size=info.world_size)
     say(info, f"loss: {_describe_loss(loss)}; global batch {cfg.training.global_batch_size} "
               f"= {info.world_size} rank(s) x {per_device} x {cfg.training.gradient_accumulation_steps} accumulation")
     args = build_training_args(cfg, info, per_device, has_eval=evaluator is not None)
     engines.configure_deepspeed(args, load_universal=load_universal)
-    trainer = Trainer(
+    trainer_cls = RerankerTrainer if cfg.task == "reranker" else Trainer
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -263,11 +290,18 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
         say(info, "evaluating the trained model")
         results["after"] = evaluate(trainer, info, out, "after", step=trainer.state.global_step)
         if info.is_main:
-            _write_summary(out, results, cfg.eval_dims(dim))
+            _write_summary(out, results, cfg.eval_dims(dim) if cfg.task == "embedding" else None)
     results["final_loss"] = _last_logged_loss(trainer)
     results["global_step"] = trainer.state.global_step
-    results["dims"] = cfg.eval_dims(dim)
+    results["dims"] = cfg.eval_dims(dim) if cfg.task == "embedding" else []
+    results["task"] = cfg.task
     return results
+
+
+def _build_reranker(cfg: Config, info: distributed.DistInfo):
+    from .reranker.model import build_reranker
+
+    return build_reranker(cfg.model, cfg.reranker, precision=cfg.training.precision, device=info.device)
 
 
 def _prepare_resharded_resume(resume_from: str | None, cfg: Config, info: distributed.DistInfo, per_device: int,
@@ -352,6 +386,10 @@ def _last_logged_loss(trainer) -> float | None:
 
 
 def headline(results: dict, dims: list[int], metric: str = "ndcg@10") -> str | None:
+    if results.get("task") == "reranker":
+        from .reranker.training import headline as rerank_headline
+
+        return rerank_headline(results, metric)
     if "after" not in results:
         return None
     d = max(dims)
@@ -364,9 +402,13 @@ def headline(results: dict, dims: list[int], metric: str = "ndcg@10") -> str | N
     return f"{metric.upper()} before={fmt(before)} after={fmt(after)}"
 
 
-def _write_summary(out: Path, results: dict, dims: list[int]) -> None:
+def _write_summary(out: Path, results: dict, dims: list[int] | None) -> None:
     from .evaluation.sharded import plot_ndcg_vs_dim
 
+    if dims is None:  # reranker: retrieval vs reranked, before and after training
+        summary = {key: {str(k): m for k, m in results.get(key, {}).items()} for key in ("before", "after")}
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        return
     summary = {
         "dims": dims,
         "before": {str(d): m for d, m in results.get("before", {}).items()},

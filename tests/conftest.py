@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,3 +72,38 @@ def log_tail(text: str, chars: int = 6000) -> str:
     """The end of a process log for an assertion message, without faulthandler's huge module list."""
     lines = [ln for ln in text.splitlines() if not ln.startswith(("Extension modules:", "WARNING: Location"))]
     return "\n".join(lines)[-chars:]
+
+
+def logged_losses(out: Path, key: str = "loss") -> dict[int, float]:
+    """step -> logged training loss (or ``key``), from the newest complete checkpoint's trainer state."""
+    from dist_vdr.checkpoint import latest_complete
+
+    state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
+    return {h["step"]: h[key] for h in state["log_history"] if key in h}
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker at once (torchrun's workers may sit in their own groups)."""
+    import psutil
+
+    victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    psutil.wait_procs([p for p in psutil.process_iter() if p.pid in victims], timeout=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker(tmp_path_factory) -> Path:
+    from dist_vdr.tiny import build_tiny_reranker
+
+    return build_tiny_reranker(tmp_path_factory.mktemp("models") / "tiny-reranker")
+
+
+@pytest.fixture(scope="session")
+def extensions_dir(tmp_path_factory) -> Path:
+    # DeepSpeed JIT-compiles a CPU op once per session; a private folder cannot hold a stale lock.
+    return tmp_path_factory.mktemp("torch_extensions")

@@ -29,12 +29,6 @@ REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor",
               "_reduce_scatter_base", "all_reduce_coalesced")
 
 
-@pytest.fixture(scope="session")
-def extensions_dir(tmp_path_factory) -> Path:
-    # DeepSpeed JIT-compiles a CPU op once per session; a private folder cannot hold a stale lock.
-    return tmp_path_factory.mktemp("torch_extensions")
-
-
 def _train(launch: str, out: Path, nproc: int, extensions_dir: Path, tiny_model, pages, *more: str) -> str:
     env = launch_env(NUM_PROCESSES=str(nproc), TORCH_EXTENSIONS_DIR=str(extensions_dir))
     args = ["--config", RECIPE, *tiny_overrides(tiny_model, pages, out, f"training.max_steps={STEPS}",

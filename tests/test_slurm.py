@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, launch_env, run_cli, tiny_overrides
+from conftest import REPO, free_port, launch_env, logged_losses, run_cli, tiny_overrides
 from slurm_cluster import LocalSlurm, available
 
 RECIPE = str(REPO / "configs/tiny.yaml")
@@ -156,13 +156,6 @@ def _complete_checkpoints(out: Path) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/dist_vdr_complete.json"))
 
 
-def _logged_losses(out: Path) -> dict[int, float]:
-    from dist_vdr.checkpoint import latest_complete
-
-    state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
-    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-
-
 def _job_logs(out: Path, job: str, kind: str = "out") -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((out / "slurm-logs" / job).glob(f"*_log.{kind}")))
 
@@ -202,7 +195,7 @@ def test_preempted_job_requeues_and_continues_the_loss_curve(slurm, tiny_model, 
         assert f"[dist-vdr rank {rank}/2] training finished at step {STEPS}" in logs
     starts = [json.loads(l) for l in (out / "run_info.jsonl").read_text().splitlines()]
     assert [s["resumed_from"] for s in starts] == [None, str(out / f"checkpoint-{stopped}")]
-    ref_losses, got = _logged_losses(ref_out), _logged_losses(out)
+    ref_losses, got = logged_losses(ref_out), logged_losses(out)
     assert sorted(got) == sorted(ref_losses) == list(range(1, STEPS + 1))  # no step lost or repeated
     for step, loss in got.items():
         assert math.isclose(loss, ref_losses[step], rel_tol=1e-5), (step, loss, ref_losses[step])
@@ -284,4 +277,4 @@ def test_sbatch_template_forwards_the_signal_and_requeues(slurm, tiny_model, pag
     text = log.read_text(errors="replace")
     assert f"resuming from {out}/checkpoint-{stopped}" in text
     assert f"[dist-vdr rank 0/2] training finished at step {SBATCH_STEPS}" in text
-    assert sorted(_logged_losses(out)) == list(range(1, SBATCH_STEPS + 1))
+    assert sorted(logged_losses(out)) == list(range(1, SBATCH_STEPS + 1))

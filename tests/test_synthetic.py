@@ -18,10 +18,21 @@ from dist_vdr.data.synthetic import (
 )
 
 
+def describe_matches(query: str, document_id: str) -> bool:
+    colour, chart, count = document_id.split("/")
+    return colour in query and chart in query
+
+
 def test_layout_and_columns(pages):
     ds = datasets.load_from_disk(str(pages))
     assert set(ds) == {"train", "eval_queries", "eval_corpus", "eval_qrels"}
-    assert ds["train"].column_names == ["query", "image", "negative_0", "negative_1"]
+    assert ds["train"].column_names == ["query", "image", "negative_0", "negative_1", "document_id",
+                                        "negative_0_document_id", "negative_1_document_id"]
+    row = ds["train"][0]
+    # Each hard negative differs in one attribute: never the positive's document.
+    assert row["document_id"].count("/") == 2
+    assert row["document_id"] not in (row["negative_0_document_id"], row["negative_1_document_id"])
+    assert describe_matches(row["query"], row["document_id"])
     assert isinstance(ds["train"].features["image"], datasets.Image)
     assert len(ds["train"]) == 256 and len(ds["eval_queries"]) == 32
     qrels = ds["eval_qrels"]

@@ -51,7 +51,7 @@ def test_build_is_idempotent_and_refuses_foreign_folders(tiny_model, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a tiny model"):
+    with pytest.raises(ValueError, match="not a tiny embedding model"):
         build_tiny_model(foreign)
     assert (foreign / "notes.txt").read_text() == "mine"
 

@@ -8,70 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, launch_env, run_cli, run_launcher, tiny_overrides
+from conftest import REPO, kill_tree, launch_env, logged_losses, run_cli, run_launcher, tiny_overrides
 
 pytestmark = pytest.mark.slow
 RECIPE = "configs/tiny.yaml"
-
-
-def _losses(out: Path) -> dict[int, float]:
-    """step -> logged training loss, from the newest checkpoint's trainer state."""
-    from dist_vdr.checkpoint import latest_complete
-
-    state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
-    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every worker at once (torchrun's workers may sit in their own groups)."""
-    import psutil
-
-    victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-    psutil.wait_procs([p for p in psutil.process_iter() if p.pid in victims], timeout=30)
-
-
-def test_two_processes_train_evaluate_and_record(tiny_model, pages, tmp_path):
-    out = tmp_path / "run"
-    proc = run_launcher("launch/cpu.yaml", ["--config", RECIPE, *tiny_overrides(
-        tiny_model, pages, out, "training.max_steps=4", "data.max_eval_queries=16")])
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    for rank in (0, 1):
-        assert f"[dist-vdr rank {rank}/2] joined: world size 2, device cpu" in log
-        assert f"[dist-vdr rank {rank}/2] training: 4 steps, per-device batch 8, global batch 16" in log
-        assert f"[dist-vdr rank {rank}/2] training finished at step 4" in log
-    assert "loss: GlobalBatchCachedMNRL(dims=[64, 32, 16]); global batch 16 = 2 rank(s) x 8 x 1 accumulation" in log
-    assert re.search(r"^NDCG@10 before=0\.\d{4} after=0\.\d{4}$", proc.stdout, re.M), proc.stdout[-2000:]
-
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["dims"] == [64, 32, 16]
-    assert set(metrics["after"]) == {"64", "32", "16"} and "ndcg@10" in metrics["after"]["64"]
-    assert "loss" in (out / "resolved_config.yaml").read_text()
-    run_info = json.loads((out / "run_info.jsonl").read_text().splitlines()[-1])
-    assert run_info["world_size"] == 2 and run_info["git_revision"]
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    assert all((p / "dist_vdr_complete.json").is_file() for p in out.glob("checkpoint-*"))
-
-    from sentence_transformers import SentenceTransformer
-
-    final = SentenceTransformer(str(out / "final"), device="cpu")
-    assert final.encode(["a page with a red header"]).shape == (1, 64)
 
 
 def test_killed_run_resumes_to_the_same_final_loss(tiny_model, pages, tmp_path):
@@ -93,7 +40,7 @@ def test_killed_run_resumes_to_the_same_final_loss(tiny_model, pages, tmp_path):
             assert victim.poll() is None, "run ended before it could be interrupted"
             time.sleep(0.02)
     finally:
-        _kill_tree(victim)
+        kill_tree(victim)
     from dist_vdr.checkpoint import latest_complete
 
     killed_at = latest_complete(out)
@@ -107,7 +54,7 @@ def test_killed_run_resumes_to_the_same_final_loss(tiny_model, pages, tmp_path):
     for rank in (0, 1):
         assert f"[dist-vdr rank {rank}/2] training finished at step {steps}" in log
 
-    ref_losses, got = _losses(ref_out), _losses(out)
+    ref_losses, got = logged_losses(ref_out), logged_losses(out)
     assert sorted(got) == list(range(1, steps + 1)) == sorted(ref_losses)
     for step in got:
         assert math.isclose(got[step], ref_losses[step], rel_tol=1e-5), (step, got[step], ref_losses[step])

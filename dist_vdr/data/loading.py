@@ -95,12 +95,13 @@ def check_images(ds, columns: list[str], where: str, show_progress: bool = False
                                  f"fix or drop the row") from exc
 
 
-def load_train(cfg: DataConfig, show_progress: bool = False):
-    """The training dataset with exactly ``cfg.train_columns``, in that order."""
+def load_train(cfg: DataConfig, show_progress: bool = False, extra_columns: list[str] = ()):
+    """The training dataset with exactly ``cfg.train_columns`` (then ``extra_columns``), in that order."""
     ds = _load_split(cfg.path, cfg.train_name, cfg.train_split)
     where = f"training data {cfg.path}[{cfg.train_split}]"
-    _require_columns(ds, cfg.train_columns, where)
-    ds = ds.select_columns(cfg.train_columns)
+    columns = [*cfg.train_columns, *(c for c in extra_columns if c not in cfg.train_columns)]
+    _require_columns(ds, columns, where)
+    ds = ds.select_columns(columns)
     if cfg.max_train_samples is not None:
         ds = ds.select(range(min(cfg.max_train_samples, len(ds))))
     if len(ds) == 0:

@@ -7,7 +7,8 @@ exactly one attribute, so the model must read all three. Every row is drawn from
 ``random.Random(seed, index)``, so the output is the same for a seed whatever the chunking.
 
 Layout on disk (a ``datasets.DatasetDict`` written with ``save_to_disk``):
-- ``train``: ``query``, ``image``, ``negative_0..k`` (Image feature), like the published VDR data;
+- ``train``: ``query``, ``image``, ``negative_0..k`` (Image feature), like the published VDR data,
+  and ``document_id`` / ``negative_k_document_id`` (pages with the same attributes share an id);
 - ``eval_queries`` (``query_id``, ``query``), ``eval_corpus`` (``page_id``, ``image``) and
   ``eval_qrels`` (``query_id``, ``page_id``, ``score``): held-out pages never seen in training.
 """
@@ -173,13 +174,29 @@ def _png(img: Image.Image) -> dict:
     return {"bytes": buf.getvalue(), "path": None}
 
 
+def document_id(attrs: Attributes) -> str:
+    """Pages with the same attributes are renderings of the same content: one "document" (the same
+    answer to a query). Mining uses it to avoid picking such a page as a negative."""
+    colour, chart, count = attrs
+    return f"{colour}/{chart}/{count}"
+
+
 def _train_row(spec: SyntheticPagesSpec, index: int, combos: list[Attributes]) -> dict:
     rng = random.Random(f"{spec.seed}/train/{index}")
     attrs = rng.choice(combos)
-    row = {"query": describe(attrs, rng), "image": _png(render_page(attrs, rng))}
+    row = {"query": describe(attrs, rng), "image": _png(render_page(attrs, rng)), "document_id": document_id(attrs)}
     for k in range(spec.num_negatives):
-        row[f"negative_{k}"] = _png(render_page(perturb(attrs, rng), rng))
+        negative = perturb(attrs, rng)
+        row[f"negative_{k}"] = _png(render_page(negative, rng))
+        row[f"negative_{k}_document_id"] = document_id(negative)
     return row
+
+
+FORMAT = 2  # 2: training rows carry document ids
+
+
+def _marker(spec: SyntheticPagesSpec) -> dict:
+    return {**asdict(spec), "format": FORMAT}
 
 
 def generate_pages(out_dir: str | os.PathLike, spec: SyntheticPagesSpec | None = None, *, overwrite: bool = False,
@@ -196,14 +213,19 @@ def generate_pages(out_dir: str | os.PathLike, spec: SyntheticPagesSpec | None =
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         marker = out / MARKER_FILE
-        if marker.is_file() and json.loads(marker.read_text()) == asdict(spec):
+        previous = json.loads(marker.read_text()) if marker.is_file() else None
+        if previous == _marker(spec):
             return out
-        raise ValueError(f"{out} exists and holds something else; choose another folder or pass --overwrite")
+        # Our own pages from an older layout (no document ids): regenerate them in place.
+        if not (previous and {k: v for k, v in previous.items() if k != "format"} == asdict(spec)):
+            raise ValueError(f"{out} exists and holds something else; choose another folder or pass --overwrite")
 
     combos = all_attributes()
     image = datasets.Image()
     neg_cols = [f"negative_{k}" for k in range(spec.num_negatives)]
-    train_features = datasets.Features({"query": datasets.Value("string"), "image": image, **{c: image for c in neg_cols}})
+    text = datasets.Value("string")
+    train_features = datasets.Features({"query": text, "image": image, **{c: image for c in neg_cols},
+                                        "document_id": text, **{f"{c}_document_id": text for c in neg_cols}})
     rows = [_train_row(spec, i, combos) for i in tqdm(range(spec.num_train), desc="train pages", disable=not show_progress)]
     train = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in train_features}, features=train_features)
 
@@ -232,7 +254,7 @@ def generate_pages(out_dir: str | os.PathLike, spec: SyntheticPagesSpec | None =
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ds.save_to_disk(str(tmp))
-    (tmp / MARKER_FILE).write_text(json.dumps(asdict(spec), indent=2))
+    (tmp / MARKER_FILE).write_text(json.dumps(_marker(spec), indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -55,9 +55,7 @@ class ShardedRetrievalEvaluator(_base()):
         self.backend, self.cache_dir, self.show_progress, self.run_tag = backend, cache_dir, show_progress, run_tag
         self.query_ids = list(data.queries)
         self.page_ids = [str(p) for p in data.corpus["page_id"]]
-        # Tie key: position of each page id in sorted order (ties broken by ascending page id).
-        self.tie_key = np.empty(len(self.page_ids), dtype=np.int64)
-        self.tie_key[np.argsort(np.array(self.page_ids, dtype=object), kind="stable")] = np.arange(len(self.page_ids))
+        self.tie_key = sorted_position(self.page_ids)
         self.primary_metric = f"dim{self.dims[0]}_cosine_ndcg@10" if 10 in self.ks else \
             f"dim{self.dims[0]}_cosine_ndcg@{self.ks[-1]}"
         if backend in ("auto", "faiss") and has_faiss():
@@ -90,25 +88,12 @@ class ShardedRetrievalEvaluator(_base()):
         return flat
 
     def _encode_queries(self, model, info: distributed.DistInfo) -> torch.Tensor:
-        n = len(self.query_ids)
-        start, end = shard_range(n, info.rank, info.world_size)
-        sizes = [e - s for s, e in (shard_range(n, r, info.world_size) for r in range(info.world_size))]
-        mine = encode_queries(model, [self.data.queries[q] for q in self.query_ids[start:end]],
-                              batch_size=self.query_batch_size, pad_to=max(sizes) if info.world_size > 1 else 0)
-        return distributed.all_gather_rows(mine, sizes)
+        return encode_queries_sharded(model, [self.data.queries[q] for q in self.query_ids], info,
+                                      batch_size=self.query_batch_size)
 
     def _search(self, queries: torch.Tensor, shard: torch.Tensor, offset: int, dim: int, world_size: int):
-        q = torch.nn.functional.normalize(queries[:, :dim], p=2, dim=-1) if dim < queries.shape[1] else queries
-        if shard.numel() == 0:
-            shard = torch.empty(0, queries.shape[1])
-        e = torch.nn.functional.normalize(shard[:, :dim], p=2, dim=-1) if dim < shard.shape[1] else shard
-        scores, idx = shard_topk(q, e.contiguous(), self.top_k, backend=self.backend)
-        idx = torch.where(idx >= 0, idx + offset, idx)
-        all_scores = distributed.all_gather_same(scores)  # [W, Q, k]
-        all_idx = distributed.all_gather_same(idx)
-        cat_s = all_scores.permute(1, 0, 2).reshape(q.shape[0], -1)
-        cat_i = all_idx.permute(1, 0, 2).reshape(q.shape[0], -1)
-        return merge_topk(cat_s, cat_i, self.top_k, self.tie_key)
+        return global_topk(queries, shard, offset, self.top_k, self.tie_key, dim=dim, backend=self.backend)
+
 
     # ------------------------------------------------------------------ outputs
     def write_outputs(self, output_path: str, steps: int = -1) -> None:
@@ -120,15 +105,50 @@ class ShardedRetrievalEvaluator(_base()):
         _atomic_write(out / "retrieval_metrics.json", json.dumps(payload, indent=2))
         write_csv(out / "retrieval_metrics.csv", self.last_metrics, [f"{m}@{k}" for m in METRICS for k in self.ks])
         for dim, (scores, idx) in self.last_rankings.items():
-            lines = []
-            for qid, s_row, i_row in zip(self.query_ids, scores, idx):
-                for rank, (s, j) in enumerate(((s, j) for s, j in zip(s_row, i_row) if j >= 0), start=1):
-                    lines.append(f"{qid} Q0 {self.page_ids[j]} {rank} {s:.6f} {self.run_tag}-dim{dim}\n")
-            _atomic_write(out / f"run.dim{dim}.trec", "".join(lines))
-        _atomic_write(out / "qrels.trec", "".join(f"{q} 0 {p} {g}\n" for q in self.query_ids
-                                                  for p, g in sorted(self.data.qrels.get(q, {}).items())))
+            ranked = {qid: [(self.page_ids[j], sc) for sc, j in zip(s_row, i_row) if j >= 0]
+                      for qid, s_row, i_row in zip(self.query_ids, scores, idx)}
+            write_trec_run(out / f"run.dim{dim}.trec", ranked, f"{self.run_tag}-dim{dim}")
+        write_trec_qrels(out / "qrels.trec", self.query_ids, self.data.qrels)
         plot_ndcg_vs_dim({"this run": {d: m for d, m in self.last_metrics.items()}}, out / "ndcg_vs_dim.png")
 
+
+def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, *, batch_size: int = 32) -> torch.Tensor:
+    """Every rank encodes its slice of ``texts``; all ranks get all embeddings [len(texts), D]."""
+    n = len(texts)
+    start, end = shard_range(n, info.rank, info.world_size)
+    sizes = [e - s for s, e in (shard_range(n, r, info.world_size) for r in range(info.world_size))]
+    mine = encode_queries(model, texts[start:end], batch_size=batch_size,
+                          pad_to=max(sizes) if info.world_size > 1 else 0)
+    return distributed.all_gather_rows(mine, sizes)
+
+
+def global_topk(queries: torch.Tensor, shard: torch.Tensor, offset: int, k: int, tie_key: np.ndarray, *,
+                dim: int | None = None, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of all queries over the corpus whose rows [offset, offset + len(shard)) this rank holds.
+
+    Called on every rank at once: each searches its shard, the per-rank lists are all-gathered and
+    merged (score, then ``tie_key``). Returns (scores [Q, k], global page indices [Q, k], -1 = none).
+    ``dim``: truncate both sides to this Matryoshka dimension and re-normalise first.
+    """
+    dim = dim or queries.shape[1]
+    q = torch.nn.functional.normalize(queries[:, :dim], p=2, dim=-1) if dim < queries.shape[1] else queries
+    if shard.numel() == 0:
+        shard = torch.empty(0, queries.shape[1])
+    e = torch.nn.functional.normalize(shard[:, :dim], p=2, dim=-1) if dim < shard.shape[1] else shard
+    scores, idx = shard_topk(q, e.contiguous(), k, backend=backend)
+    idx = torch.where(idx >= 0, idx + offset, idx)
+    all_scores = distributed.all_gather_same(scores)  # [W, Q, k]
+    all_idx = distributed.all_gather_same(idx)
+    cat_s = all_scores.permute(1, 0, 2).reshape(q.shape[0], -1)
+    cat_i = all_idx.permute(1, 0, 2).reshape(q.shape[0], -1)
+    return merge_topk(cat_s, cat_i, k, tie_key)
+
+
+def sorted_position(ids: list[str]) -> np.ndarray:
+    """Tie key: the position of each id in sorted order (ties broken by ascending id, as stock does)."""
+    key = np.empty(len(ids), dtype=np.int64)
+    key[np.argsort(np.array(ids, dtype=object), kind="stable")] = np.arange(len(ids))
+    return key
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -166,13 +186,25 @@ def plot_ndcg_vs_dim(curves: dict[str, dict[int, dict[str, float]]], path: str |
     os.replace(tmp, path)
 
 
-def write_csv(path: str | Path, per_dim: dict[int, dict[str, float]], names: list[str]) -> None:
-    """One row per dim (largest first), one column per metric; written beside and renamed."""
+def write_trec_run(path: str | Path, ranked: dict[str, list[tuple[str, float]]], tag: str) -> None:
+    """TREC run file: ``qid Q0 docid rank score tag``, one line per (query, page), best first."""
+    lines = [f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n"
+             for qid, pages in ranked.items() for rank, (pid, score) in enumerate(pages, start=1)]
+    _atomic_write(Path(path), "".join(lines))
+
+
+def write_trec_qrels(path: str | Path, query_ids: list[str], qrels: dict[str, dict[str, int]]) -> None:
+    _atomic_write(Path(path), "".join(f"{q} 0 {p} {g}\n" for q in query_ids
+                                      for p, g in sorted(qrels.get(q, {}).items())))
+
+
+def write_csv(path: str | Path, per_dim: dict, names: list[str], key_name: str = "dim") -> None:
+    """One row per key (dims: largest first), one column per metric; written beside and renamed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["dim", *names])
+        w.writerow([key_name, *names])
         for d in sorted(per_dim, reverse=True):
             w.writerow([d, *(f"{per_dim[d][n]:.6f}" for n in names)])
     os.replace(tmp, path)

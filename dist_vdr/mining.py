@@ -1,0 +1,239 @@
+"""Hard negatives mined with an embedding model, sharded across ranks.
+
+The evaluator's machinery does the work: the de-duplicated pages of the training data form the
+corpus, every rank encodes its own shard (optionally cached on disk, so an interrupted mining run
+continues), queries are encoded sharded and all-gathered, and each rank's exact top-k lists are
+merged deterministically (score, then content hash). Then, per query, negatives are the best-ranked
+pages that are not its positive (same content hash), from ``rank_start`` on, within the top
+``max_rank``, and, with a ``margin``, scoring below the positive's score minus the margin (pages
+that score as high as the positive are often unlabelled positives). Rows without enough such
+pages are dropped and counted. The result depends only on the embeddings, not on the number of
+ranks (tested: 2 ranks write the same dataset as 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+from .config import MiningConfig
+
+MARKER_FILE = "dist_vdr_mined.json"
+
+
+@dataclass
+class MinedNegatives:
+    kept_rows: np.ndarray
+    """Training rows that got enough negatives."""
+    negatives: np.ndarray
+    """[len(kept_rows), num_negatives] indices into ``pages``."""
+    ranks: np.ndarray
+    """Retrieval rank (0 = best non-positive page) of each chosen negative."""
+    pages: object
+    """datasets.Dataset[image]: the de-duplicated page table."""
+    num_dropped: int
+
+
+def _content_hash(value: dict) -> str:
+    data = value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_pages(ds, page_columns: list[str]) -> tuple[np.ndarray, list[str]]:
+    """De-duplicate the pages of ``page_columns`` by content.
+
+    Returns ([rows, columns] page index of every cell, content hash of every page); pages are
+    numbered in order of first occurrence (row by row, column by column).
+    """
+    import datasets
+
+    raw = ds.select_columns(page_columns).cast(
+        datasets.Features({c: datasets.Image(decode=False) for c in page_columns}))
+    index: dict[str, int] = {}
+    cells = np.empty((len(raw), len(page_columns)), dtype=np.int64)
+    for row, values in enumerate(raw):
+        for c, column in enumerate(page_columns):
+            cells[row, c] = index.setdefault(_content_hash(values[column]), len(index))
+    return cells, list(index)
+
+
+def select_negatives(scores: np.ndarray, idx: np.ndarray, positives: np.ndarray, positive_scores: np.ndarray,
+                     cfg: MiningConfig, documents: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query, the first ``num_negatives`` eligible pages of its ranking (see the module docstring).
+
+    ``documents``: document code of every page (-1: unknown); pages of the positive's document are
+    skipped like the positive itself (they take no rank). Returns (negatives [Q, n], their ranks
+    [Q, n], ok [Q]); rows with ok False are to be dropped.
+    """
+    q = len(idx)
+    negatives = np.full((q, cfg.num_negatives), -1, dtype=np.int64)
+    ranks = np.full((q, cfg.num_negatives), -1, dtype=np.int64)
+    uses: dict[int, int] = {}
+    cap = cfg.max_uses_per_page
+    for i in range(q):
+        found, rank = 0, 0
+        for s, j in zip(scores[i], idx[i]):
+            if j < 0 or rank >= cfg.max_rank or found == cfg.num_negatives:
+                break
+            if j == positives[i] or (documents is not None and documents[j] >= 0
+                                     and documents[j] == documents[positives[i]]):
+                continue
+            if (rank >= cfg.rank_start and (cfg.margin is None or s < positive_scores[i] - cfg.margin)
+                    and (cap is None or uses.get(int(j), 0) < cap)):
+                negatives[i, found], ranks[i, found] = j, rank
+                uses[int(j)] = uses.get(int(j), 0) + 1
+                found += 1
+            rank += 1
+    return negatives, ranks, (negatives >= 0).all(axis=1)
+
+
+def random_negatives(positives: np.ndarray, chosen: np.ndarray, num_pages: int, n: int, seed: int,
+                     documents: np.ndarray | None = None) -> np.ndarray:
+    """[Q, n] pages drawn uniformly per row (generator seeded by (seed, row): independent of how rows
+    are split over ranks), never the positive, a page of its document or one already chosen; -1
+    where the corpus has too few pages."""
+    out = np.full((len(positives), n), -1, dtype=np.int64)
+    for i, positive in enumerate(positives):
+        rng = np.random.default_rng([seed, i])
+        taken = set(int(j) for j in chosen[i] if j >= 0) | {int(positive)}
+        found = 0
+        # A short sample nearly always holds n usable pages (O(n) per row, not O(pages)).
+        for j in rng.choice(num_pages, size=min(num_pages, 4 * n + len(taken) + 16), replace=False):
+            j = int(j)
+            if j in taken or (documents is not None and documents[j] >= 0 and documents[j] == documents[positive]):
+                continue
+            out[i, found] = j
+            taken.add(j)
+            found += 1
+            if found == n:
+                break
+    return out
+
+
+def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: str, page_columns: list[str],
+         batch_size: int = 16, num_workers: int = -1, backend: str = "auto", cache_dir: str | None = None,
+         show_progress: bool = True) -> MinedNegatives:
+    """Mine on every rank at once (collective); every rank returns the same result."""
+    from .evaluation.encode import encode_corpus_shard
+    from .evaluation.sharded import _model_key, encode_queries_sharded, global_topk, sorted_position
+
+    info = distributed.current()
+    if positive_column not in page_columns:
+        page_columns = [positive_column, *page_columns]
+    # Rank 0 hashes the pages once; the table is small (indices and hashes).
+    cells, hashes = distributed.main_then_share(info.is_main, lambda: hash_pages(ds, page_columns))
+    pages = pages_dataset(ds, page_columns, cells)
+    queries = encode_queries_sharded(model, list(ds[query_column]), info, batch_size=batch_size)
+    offset, shard = encode_corpus_shard(model, pages, rank=info.rank, world_size=info.world_size,
+                                        batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
+                                        cache_key=f"{_model_key(model)}:{len(hashes)} pages:{hashes[0] if hashes else ''}",
+                                        show_progress=show_progress and info.is_main)
+    k = cfg.max_rank + 1  # the positive may take one of the slots
+    scores, idx = global_topk(queries, shard, offset, k, sorted_position(hashes), backend=backend)
+    positives = cells[:, page_columns.index(positive_column)]
+    positive_scores = _positive_scores(queries, shard, offset, positives)
+    documents = page_documents(ds, page_columns, cells, cfg.document_id_columns) if cfg.document_id_columns else None
+    negatives, ranks, ok = select_negatives(scores, idx, positives, positive_scores, cfg, documents)
+    if cfg.num_random_negatives:
+        extra = random_negatives(positives, negatives, len(hashes), cfg.num_random_negatives, cfg.seed, documents)
+        negatives = np.concatenate([negatives, extra], axis=1)
+        ranks = np.concatenate([ranks, np.full_like(extra, -1)], axis=1)
+        ok &= (extra >= 0).all(axis=1)
+    kept = np.flatnonzero(ok)
+    return MinedNegatives(kept_rows=kept, negatives=negatives[kept], ranks=ranks[kept], pages=pages,
+                          num_dropped=int((~ok).sum()))
+
+
+def pages_dataset(ds, page_columns: list[str], cells: np.ndarray):
+    """The page table of :func:`hash_pages` as a dataset with one ``image`` column, page i at row i."""
+    import datasets
+
+    first: dict[int, tuple[int, int]] = {}  # page -> (column, row) of its first occurrence
+    for row in range(cells.shape[0]):
+        for c in range(cells.shape[1]):
+            first.setdefault(int(cells[row, c]), (c, row))
+    raw = ds.select_columns(page_columns).cast(
+        datasets.Features({c: datasets.Image(decode=False) for c in page_columns}))
+    # One selection per column, concatenated (grouped by column), then re-ordered by page index.
+    grouped = sorted(first, key=lambda p: (first[p][0], p))
+    parts = [_as_image_column(raw.select_columns([col]), col).select(
+        [first[p][1] for p in grouped if first[p][0] == c]) for c, col in enumerate(page_columns)]
+    pages = datasets.concatenate_datasets([part for part in parts if len(part)])
+    position = np.empty(len(first), dtype=np.int64)
+    position[np.array(grouped, dtype=np.int64)] = np.arange(len(first))
+    return pages.select(position.tolist()).cast_column("image", datasets.Image())
+
+
+def page_documents(ds, page_columns: list[str], cells: np.ndarray, id_columns: dict[str, str]) -> np.ndarray:
+    """Document code of every page (-1 where no id column covers it); codes are equal iff ids are."""
+    missing = [c for c in id_columns.values() if c not in ds.column_names]
+    unknown = [c for c in id_columns if c not in page_columns]
+    if missing or unknown:
+        raise ValueError(f"mining.document_id_columns: columns {missing or unknown} are not in the data (page "
+                         f"columns {page_columns}, all columns {ds.column_names})")
+    codes: dict[str, int] = {}
+    documents = np.full(int(cells.max()) + 1 if cells.size else 0, -1, dtype=np.int64)
+    for c, column in enumerate(page_columns):
+        if column in id_columns:
+            for row, doc in enumerate(ds[id_columns[column]]):
+                documents[cells[row, c]] = codes.setdefault(str(doc), len(codes))
+    return documents
+
+
+def _as_image_column(ds, column: str):
+    return ds if column == "image" else ds.rename_column(column, "image")
+
+
+def _positive_scores(queries: torch.Tensor, shard: torch.Tensor, offset: int, positives: np.ndarray) -> np.ndarray:
+    """Cosine score of every query with its positive page; the rank holding the page computes it."""
+    local = torch.zeros(len(positives), dtype=torch.float32)
+    n = shard.shape[0] if shard.numel() else 0
+    mine = np.flatnonzero((positives >= offset) & (positives < offset + n))
+    if mine.size:
+        rows = torch.from_numpy(positives[mine] - offset)
+        local[torch.from_numpy(mine)] = (queries[torch.from_numpy(mine)] * shard[rows]).sum(dim=1)
+    return distributed.all_gather_same(local).sum(dim=0).numpy()
+
+
+def write_mined(ds, mined: MinedNegatives, out: str | Path, *, query_column: str, positive_column: str,
+                fingerprint: dict) -> Path:
+    """Rows that got negatives, as ``query_column``, ``positive_column``, ``negative_0..n-1`` (+ ranks),
+    written beside ``out`` and renamed into place with a marker holding ``fingerprint``."""
+    import datasets
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    base = ds.select_columns([query_column, positive_column]).select(mined.kept_rows.tolist())
+    columns = [base]
+    for j in range(mined.negatives.shape[1]):
+        columns.append(mined.pages.select(mined.negatives[:, j].tolist()).rename_column("image", f"negative_{j}"))
+    ranks = datasets.Dataset.from_dict({"negative_ranks": mined.ranks.tolist()})
+    result = datasets.concatenate_datasets([*columns, ranks], axis=1)
+    result.save_to_disk(str(tmp))
+    (tmp / MARKER_FILE).write_text(json.dumps({**fingerprint, "rows": len(result), "dropped": mined.num_dropped},
+                                              indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def read_marker(path: str | Path) -> dict | None:
+    marker = Path(path) / MARKER_FILE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def fingerprint(retriever: str, data_path: str, split: str, max_rows: int | None, cfg: MiningConfig) -> dict:
+    """What a mined dataset was made from: reused only when all of it matches."""
+    return {"retriever": str(retriever), "data": str(data_path), "split": split, "max_rows": max_rows,
+            "mining": dataclasses.asdict(cfg)}

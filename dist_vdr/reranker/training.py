@@ -1,0 +1,113 @@
+"""The reranker's parts of a training run: mined training data, first-stage candidates, outputs.
+
+The retriever (an embedding model) is loaded once per run on every rank, mines hard negatives from
+the training pages and retrieves the evaluation candidates, collectively, and is freed before the
+reranker loads. Both results are cached in the output folder (``mined/`` with a fingerprint,
+``retrieval_candidates.json``), so a resumed or requeued run neither loads the retriever nor
+mines again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+from pathlib import Path
+
+from .. import distributed, mining
+from ..config import Config
+from ..data.loading import EvalData, load_train
+
+
+def _say(info, msg: str) -> None:
+    if info.is_main:
+        print(f"[dist-vdr rank {info.rank}/{info.world_size}] {msg}", flush=True)
+
+
+def prepare(cfg: Config, info: distributed.DistInfo, out: Path, train_ds, eval_data: EvalData | None):
+    """(training dataset, first-stage candidates or None). Collective."""
+    mined_dir = out / "mined"
+    candidates_file = out / "retrieval_candidates.json"
+    data = cfg.data
+    fp = mining.fingerprint(cfg.reranker.retriever, data.path, data.train_split, data.max_train_samples, cfg.mining)
+    need_mining = cfg.mining.enabled and _stale(mined_dir, fp)
+    need_candidates = eval_data is not None and not candidates_file.is_file()
+    candidates = None
+    if need_mining or need_candidates:
+        from ..config import ModelConfig
+        from ..model import build_model
+
+        retriever_cfg = ModelConfig(name_or_path=cfg.reranker.retriever, dtype=cfg.model.dtype,
+                                    attn_implementation=cfg.model.attn_implementation,
+                                    trust_remote_code=cfg.model.trust_remote_code)
+        retriever = build_model(retriever_cfg, precision=cfg.training.precision, device=info.device)
+        e = cfg.evaluation
+        if need_mining:
+            if cfg.mining.document_id_columns:  # the training columns plus the pages' document ids
+                train_ds = load_train(dataclasses.replace(data, validate_images=False),
+                                      extra_columns=list(cfg.mining.document_id_columns.values()))
+            _say(info, f"mining {cfg.mining.num_negatives} hard negatives per query with {cfg.reranker.retriever}")
+            result = mining.mine(retriever, train_ds, cfg.mining, query_column=data.query_column,
+                                 positive_column=data.positive_column, page_columns=list(data.negative_columns),
+                                 batch_size=e.batch_size, num_workers=e.num_workers, backend=e.search_backend,
+                                 cache_dir=str(out / "mining_cache"))
+            if info.is_main:
+                mining.write_mined(train_ds, result, mined_dir, query_column=data.query_column,
+                                   positive_column=data.positive_column, fingerprint=fp)
+            _say(info, f"mined: {len(result.kept_rows)} rows kept, {result.num_dropped} without enough negatives "
+                       f"dropped -> {mined_dir}")
+            distributed.barrier()
+        if need_candidates:
+            from .evaluation import retrieve
+
+            _say(info, f"retrieving the top {max(e.ks)} evaluation candidates with {cfg.reranker.retriever}")
+            candidates = retrieve(retriever, eval_data, top_k=max(max(e.ks), cfg.reranker.rerank_depth),
+                                  batch_size=e.batch_size, num_workers=e.num_workers, backend=e.search_backend)
+            if info.is_main:
+                tmp = candidates_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(candidates))
+                os.replace(tmp, candidates_file)
+            distributed.barrier()
+        del retriever
+        gc.collect()
+    if eval_data is not None and candidates is None:
+        candidates = {q: [tuple(c) for c in pages] for q, pages in json.loads(candidates_file.read_text()).items()}
+    if cfg.mining.enabled:
+        mined_cfg = dataclasses.replace(cfg.data, path=str(mined_dir), train_name=None, max_train_samples=None,
+                                        negative_columns=[f"negative_{j}" for j in range(
+                                            cfg.mining.num_negatives + cfg.mining.num_random_negatives)],
+                                        validate_images=False)
+        train_ds = load_train(mined_cfg)
+        if len(train_ds) < cfg.training.global_batch_size:
+            raise ValueError(f"mining kept {len(train_ds)} rows, fewer than the global batch "
+                             f"{cfg.training.global_batch_size}: relax mining.margin / rank_start or raise max_rank")
+    return train_ds, candidates
+
+
+def _stale(mined_dir: Path, fp: dict) -> bool:
+    marker = mining.read_marker(mined_dir)
+    return marker is None or {k: marker.get(k) for k in fp} != fp
+
+
+def summarise(raw: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Flat evaluator keys (retrieval_ndcg@10, rerank_ndcg@10) -> {"retrieval": {...}, "rerank": {...}}."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in raw.items():
+        key = key.removeprefix("eval_")
+        stage, _, metric = key.partition("_")
+        if stage in ("retrieval", "rerank") and "@" in metric:
+            out.setdefault(stage, {})[metric] = value
+    return out
+
+
+def headline(results: dict, metric: str = "ndcg@10") -> str | None:
+    if "after" not in results:
+        return None
+
+    def get(which: str, stage: str):
+        value = results.get(which, {}).get(stage, {}).get(metric)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    return (f"{metric.upper()} retrieval={get('after', 'retrieval')} reranked: before training={get('before', 'rerank')} "
+            f"after={get('after', 'rerank')}")

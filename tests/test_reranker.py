@@ -1,0 +1,150 @@
+"""Reranker training end to end through the real launcher: mining, training, retrieve-and-rerank.
+
+2 CPU ranks (gloo) against one process holding the same global batch: the mined data, every logged
+loss and gradient norm, and the retrieval and rerank metrics before and after training must be the
+same. A killed run resumes on its loss curve (mined data reused). The dense head trains the same
+under DeepSpeed ZeRO-3 as under DDP and its gathered weights are saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, kill_tree, launch_env, log_tail, logged_losses, run_cli, run_launcher
+
+pytestmark = pytest.mark.slow
+RECIPE = "configs/tiny-reranker.yaml"
+
+
+def rerank_overrides(reranker: Path, retriever: Path, data: Path, out: Path, *more: str) -> list[str]:
+    return [f"model.name_or_path={reranker}", f"reranker.retriever={retriever}", f"data.path={data}",
+            f"training.output_dir={out}", "training.global_batch_size=8", "loss.mini_batch_size=6",
+            "training.logging_steps=1", "training.save_steps=2", "training.save_total_limit=5",
+            "training.warmup_ratio=0", "training.learning_rate=1e-3", "mining.num_negatives=2",
+            "mining.max_rank=20", "evaluation.batch_size=8", "reranker.rerank_depth=10", *more]
+
+
+def _mined_digest(out: Path) -> list[tuple]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(out / "mined"))
+    cols = ["image", "negative_0", "negative_1"]
+    raw = ds.cast(datasets.Features({**ds.features, **{c: datasets.Image(decode=False) for c in cols}}))
+    return [(row["query"], *(hashlib.sha256(row[c]["bytes"]).hexdigest() for c in cols)) for row in raw]
+
+
+def _metrics(out: Path, which: str) -> dict:
+    return json.loads((out / f"metrics_{which}.json").read_text())["metrics"]
+
+
+def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_model, pages, tmp_path):
+    common = ["training.max_steps=4"]
+    one_out, two_out = tmp_path / "one", tmp_path / "two"
+    one = run_cli(["train", "--config", RECIPE,
+                   *rerank_overrides(tiny_reranker, tiny_model, pages, one_out, *common), "launch.device=cpu"])
+    assert one.returncode == 0, log_tail(one.stdout + one.stderr)
+    two = run_launcher("launch/cpu.yaml", ["--config", RECIPE,
+                                           *rerank_overrides(tiny_reranker, tiny_model, pages, two_out, *common)])
+    log = two.stdout + two.stderr
+    assert two.returncode == 0, log_tail(log)
+    assert "mining 2 hard negatives per query" in log and "loss: CachedBCELoss" in log
+    for rank in (0, 1):
+        assert f"[dist-vdr rank {rank}/2] training finished at step 4" in log
+
+    assert _mined_digest(one_out) == _mined_digest(two_out)
+    assert len(_mined_digest(one_out)) > 200
+    for key in ("loss", "grad_norm"):
+        a, b = logged_losses(one_out, key), logged_losses(two_out, key)
+        assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+        for step in a:
+            assert a[step] == pytest.approx(b[step], rel=1e-5), (key, step, a[step], b[step])
+    for which in ("before", "after"):
+        m1, m2 = _metrics(one_out, which), _metrics(two_out, which)
+        assert set(m1) == {"retrieval", "rerank"}
+        for stage in m1:
+            for name, value in m1[stage].items():
+                assert m2[stage][name] == pytest.approx(value, abs=1e-9), (which, stage, name)
+    # Training changed the reranking (the test can tell a trained model from an untrained one).
+    assert _metrics(two_out, "before")["rerank"] != _metrics(two_out, "after")["rerank"]
+    assert _metrics(two_out, "before")["retrieval"] == _metrics(two_out, "after")["retrieval"]
+    assert re.search(r"NDCG@10 retrieval=\d\.\d{4} reranked: before training=\d\.\d{4} after=\d\.\d{4}", two.stdout)
+
+    evals = two_out / "eval_after"
+    for name in ("rerank_metrics.json", "rerank_metrics.csv", "run.retrieval.trec", "run.rerank.trec", "qrels.trec"):
+        assert (evals / name).is_file(), name
+    first = (evals / "run.rerank.trec").read_text().splitlines()[0].split()
+    assert len(first) == 6 and first[1] == "Q0" and first[3] == "1"
+
+    from sentence_transformers import CrossEncoder
+
+    final = CrossEncoder(str(two_out / "final"), device="cpu")
+    import datasets
+
+    row = datasets.load_from_disk(str(pages))["train"][0]
+    assert final.predict([(row["query"], row["image"])]).shape == (1,)
+
+
+def test_killed_reranker_run_resumes_on_its_loss_curve(tiny_reranker, tiny_model, pages, tmp_path):
+    steps = 6
+    common = [f"training.max_steps={steps}", "evaluation.enabled=false"]
+    ref_out, out = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    ref = run_launcher("launch/cpu.yaml", ["--config", RECIPE,
+                                           *rerank_overrides(tiny_reranker, tiny_model, pages, ref_out, *common)])
+    assert ref.returncode == 0, log_tail(ref.stdout + ref.stderr)
+
+    args = ["bash", "launch/train.sh", "launch/cpu.yaml", "--config", RECIPE,
+            *rerank_overrides(tiny_reranker, tiny_model, pages, out, *common)]
+    victim = subprocess.Popen(args, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not list(out.glob("checkpoint-*/dist_vdr_complete.json")):
+            assert victim.poll() is None, "run ended before it could be interrupted"
+            time.sleep(0.02)
+    finally:
+        kill_tree(victim)
+    resumed = run_launcher("launch/cpu.yaml", ["--config", RECIPE,
+                                               *rerank_overrides(tiny_reranker, tiny_model, pages, out, *common)])
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log_tail(log)
+    m = re.search(r"resuming from \S*checkpoint-(\d+)", log)
+    assert m and int(m.group(1)) < steps, log_tail(log)
+    assert "mining" not in log  # the mined data of the first attempt is reused
+    ref_losses, got = logged_losses(ref_out), logged_losses(out)
+    assert sorted(got) == sorted(ref_losses) == list(range(1, steps + 1))
+    for step in got:
+        assert got[step] == pytest.approx(ref_losses[step], rel=1e-5), (step, got[step], ref_losses[step])
+
+
+def test_dense_head_trains_under_zero3_like_ddp(tiny_reranker, tiny_model, pages, tmp_path, extensions_dir):
+    common = ["training.max_steps=3", "evaluation.enabled=false", "reranker.head=dense", "loss.name=listwise"]
+    env = launch_env(TORCH_EXTENSIONS_DIR=str(extensions_dir))
+    outs = {}
+    for launch in ("cpu", "cpu_zero3"):
+        outs[launch] = tmp_path / launch
+        proc = run_launcher(f"launch/{launch}.yaml", ["--config", RECIPE, *rerank_overrides(
+            tiny_reranker, tiny_model, pages, outs[launch], *common)], env=env, timeout=500)
+        assert proc.returncode == 0, log_tail(proc.stdout + proc.stderr)
+    for key in ("loss", "grad_norm"):
+        a, b = logged_losses(outs["cpu"], key), logged_losses(outs["cpu_zero3"], key)
+        for step in (1, 2, 3):
+            assert b[step] == pytest.approx(a[step], rel=1e-5), (key, step)
+
+    import datasets
+    from sentence_transformers import CrossEncoder
+
+    rows = datasets.load_from_disk(str(pages))["train"].select(range(4))
+    pairs = list(zip(rows["query"], rows["image"]))
+    ddp, zero3 = (CrossEncoder(str(outs[k] / "final"), device="cpu") for k in ("cpu", "cpu_zero3"))
+    assert type(zero3[-1]).__name__ == "Dense"
+    # The head trained (moved from its initial value) and ZeRO-3 saved the gathered weights.
+    assert (zero3[-1].linear.weight - ddp[-1].linear.weight).abs().max() < 1e-4
+    assert abs(float(zero3[-1].linear.bias)) > 0
+    assert ddp.predict(pairs) == pytest.approx(zero3.predict(pairs), abs=1e-4)
