@@ -85,6 +85,8 @@ def _eval(args: argparse.Namespace) -> int:
     data = load_eval(data_cfg)
     model = build_model(ModelConfig(name_or_path=args.model, dtype=args.dtype), device=info.device,
                         precision="bf16" if args.dtype == "bfloat16" else "fp32")
+    if args.reranker:
+        return _eval_rerank(args, info, data, model)
     dims = [int(d) for d in args.dims.split(",")] if args.dims else [embedding_dim(model)]
     evaluator = ShardedRetrievalEvaluator(data, dims, ks=[int(k) for k in args.ks.split(",")],
                                           batch_size=args.batch_size, num_workers=args.num_workers,
@@ -96,6 +98,30 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"dim {d}: NDCG@10 {m.get('ndcg@10', float('nan')):.4f}  MRR@10 {m.get('mrr@10', float('nan')):.4f}  "
                   f"Recall@10 {m.get('recall@10', float('nan')):.4f}", flush=True)
         print(f"outputs in {args.output}" if args.output else json.dumps(flat), flush=True)
+    return 0
+
+
+def _eval_rerank(args: argparse.Namespace, info, data, retriever) -> int:
+    """--reranker: the retriever's top-k, the top --rerank-depth reranked (queries sharded over ranks)."""
+    import gc
+
+    from .config import ModelConfig, RerankerConfig
+    from .reranker.evaluation import RerankEvaluator, retrieve
+    from .reranker.model import build_reranker
+
+    ks = [int(k) for k in args.ks.split(",")]
+    candidates = retrieve(retriever, data, top_k=max(max(ks), args.rerank_depth), batch_size=args.batch_size,
+                          num_workers=args.num_workers, backend=args.backend)
+    del retriever
+    gc.collect()
+    reranker = build_reranker(ModelConfig(name_or_path=args.reranker, dtype=args.dtype), RerankerConfig(),
+                              device=info.device, precision="bf16" if args.dtype == "bfloat16" else "fp32")
+    evaluator = RerankEvaluator(data, candidates, depth=args.rerank_depth, ks=ks, batch_size=args.batch_size)
+    evaluator(reranker, output_path=args.output if info.is_main else None)
+    if info.is_main:
+        for stage, m in (("retrieval", evaluator.retrieval_metrics), ("reranked", evaluator.last_metrics)):
+            print(f"{stage}: NDCG@10 {m.get('ndcg@10', float('nan')):.4f}  MRR@10 {m.get('mrr@10', float('nan')):.4f}  "
+                  f"Recall@10 {m.get('recall@10', float('nan')):.4f}", flush=True)
     return 0
 
 
@@ -242,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dims", default="", help="comma-separated dims (default: the full dimension)")
     e.add_argument("--ks", default="1,3,5,10,100")
     e.add_argument("--output", default=None, help="folder for metrics JSON/CSV, TREC runs, qrels and the plot")
+    e.add_argument("--reranker", default=None, help="also rerank the model's top pages with this CrossEncoder")
+    e.add_argument("--rerank-depth", type=int, default=20, help="pages reranked per query (with --reranker)")
     e.add_argument("--cache", default=None, help="per-shard embedding cache folder (resumable)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--num-workers", type=int, default=-1, help="page-preprocessing workers (-1: auto)")

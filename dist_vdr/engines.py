@@ -170,7 +170,9 @@ def saving_state_dict(model, state_dict: dict):
     for key, value in state_dict.items():
         index, _, rest = key.partition(".")
         if index.isdigit() and int(index) > 0:
-            heads.setdefault(int(index), {})[rest] = value
+            # Own storage: DeepSpeed's gathered tensors can be views into one flat buffer, which
+            # safetensors refuses to save ("not covering the entire storage"). Heads are small.
+            heads.setdefault(int(index), {})[rest] = value.detach().clone().contiguous()
     unknown = sorted(k for k in state_dict if not k.startswith(prefix) and not k.partition(".")[0].isdigit())
     if unknown:
         raise ValueError(f"cannot place gathered weights {unknown[:5]} in the model's modules")

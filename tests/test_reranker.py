@@ -28,7 +28,7 @@ def rerank_overrides(reranker: Path, retriever: Path, data: Path, out: Path, *mo
             f"training.output_dir={out}", "training.global_batch_size=8", "loss.mini_batch_size=6",
             "training.logging_steps=1", "training.save_steps=2", "training.save_total_limit=5",
             "training.warmup_ratio=0", "training.learning_rate=1e-3", "mining.num_negatives=2",
-            "mining.max_rank=20", "evaluation.batch_size=8", "reranker.rerank_depth=10", *more]
+            "evaluation.batch_size=8", "reranker.rerank_depth=10", *more]
 
 
 def _mined_digest(out: Path) -> list[tuple]:
@@ -45,7 +45,7 @@ def _metrics(out: Path, which: str) -> dict:
 
 
 def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_model, pages, tmp_path):
-    common = ["training.max_steps=4"]
+    common = ["training.max_steps=4", "loss.name=bce", "loss.pos_weight=2.0", "training.eval_steps=null"]
     one_out, two_out = tmp_path / "one", tmp_path / "two"
     one = run_cli(["train", "--config", RECIPE,
                    *rerank_overrides(tiny_reranker, tiny_model, pages, one_out, *common), "launch.device=cpu"])
@@ -82,6 +82,15 @@ def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_mo
     first = (evals / "run.rerank.trec").read_text().splitlines()[0].split()
     assert len(first) == 6 and first[1] == "Q0" and first[3] == "1"
 
+    # Standalone: `dist-vdr eval --reranker` on the saved model reproduces the run's final evaluation.
+    cli = run_cli(["eval", "--model", str(tiny_model), "--reranker", str(two_out / "final"), "--data", str(pages),
+                   "--rerank-depth", "10", "--batch-size", "8", "--output", str(tmp_path / "cli_eval"),
+                   "--device", "cpu"])
+    assert cli.returncode == 0, log_tail(cli.stdout + cli.stderr)
+    got = json.loads((tmp_path / "cli_eval" / "rerank_metrics.json").read_text())["metrics"]
+    assert got["rerank"]["ndcg@10"] == pytest.approx(_metrics(two_out, "after")["rerank"]["ndcg@10"], abs=1e-9)
+    assert re.search(r"reranked: NDCG@10 \d\.\d{4}", cli.stdout)
+
     from sentence_transformers import CrossEncoder
 
     final = CrossEncoder(str(two_out / "final"), device="cpu")
@@ -93,7 +102,7 @@ def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_mo
 
 def test_killed_reranker_run_resumes_on_its_loss_curve(tiny_reranker, tiny_model, pages, tmp_path):
     steps = 6
-    common = [f"training.max_steps={steps}", "evaluation.enabled=false"]
+    common = [f"training.max_steps={steps}", "evaluation.enabled=false", "training.eval_steps=null"]
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "interrupted"
     ref = run_launcher("launch/cpu.yaml", ["--config", RECIPE,
                                            *rerank_overrides(tiny_reranker, tiny_model, pages, ref_out, *common)])
@@ -124,7 +133,7 @@ def test_killed_reranker_run_resumes_on_its_loss_curve(tiny_reranker, tiny_model
 
 
 def test_dense_head_trains_under_zero3_like_ddp(tiny_reranker, tiny_model, pages, tmp_path, extensions_dir):
-    common = ["training.max_steps=3", "evaluation.enabled=false", "reranker.head=dense", "loss.name=listwise"]
+    common = ["training.max_steps=3", "evaluation.enabled=false", "training.eval_steps=null", "reranker.head=dense"]
     env = launch_env(TORCH_EXTENSIONS_DIR=str(extensions_dir))
     outs = {}
     for launch in ("cpu", "cpu_zero3"):
@@ -147,4 +156,5 @@ def test_dense_head_trains_under_zero3_like_ddp(tiny_reranker, tiny_model, pages
     # The head trained (moved from its initial value) and ZeRO-3 saved the gathered weights.
     assert (zero3[-1].linear.weight - ddp[-1].linear.weight).abs().max() < 1e-4
     assert abs(float(zero3[-1].linear.bias)) > 0
-    assert ddp.predict(pairs) == pytest.approx(zero3.predict(pairs), abs=1e-4)
+    # Weights agree to ~1e-4 after 3 Adam steps (the loss curves to 1e-5); scores to well under 1e-3.
+    assert ddp.predict(pairs) == pytest.approx(zero3.predict(pairs), abs=1e-3)

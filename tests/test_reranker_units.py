@@ -39,6 +39,7 @@ def test_tiny_reranker_reads_query_and_page_and_scores_one_logit(tiny_reranker, 
     feats = model.preprocess(list(zip(queries, positives)))
     text = tok.decode(feats["input_ids"][0])
     assert f"Query: {queries[0]}" in text and "Document: <|vision_start|><|image_pad|>" in text
+    assert text.index("Document: ") < text.index("Query: ")  # page first: computed as an embedding model does
     assert text.rstrip().endswith("<|im_start|>assistant")  # the next token is the answer LogitScore reads
     prompted = tok.decode(model.preprocess([(queries[0], positives[0])], prompt="Is it the page?")["input_ids"][0])
     assert "Is it the page?" in prompted and "Judge whether" not in prompted
@@ -151,7 +152,8 @@ def test_page_table_deduplicates_by_content(pages):
 
 def test_reranker_config_defaults_and_refusals():
     cfg = load_config("configs/tiny-reranker.yaml")
-    assert cfg.task == "reranker" and cfg.loss.name == "bce" and cfg.training.batch_sampler == "batch_sampler"
+    assert cfg.task == "reranker" and cfg.loss.name == "listwise" and cfg.training.batch_sampler == "batch_sampler"
+    assert load_config(None, ["task=reranker"]).loss.name == "bce"  # auto
     assert load_config("configs/tiny.yaml").training.batch_sampler == "no_duplicates_hashed"
     listwise = load_config("configs/tiny-reranker.yaml", ["loss.name=listwise", "loss.num_in_batch_negatives=2"])
     assert listwise.training.batch_sampler == "no_duplicates_hashed"
