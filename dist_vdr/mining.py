@@ -104,7 +104,7 @@ def random_negatives(positives: np.ndarray, chosen: np.ndarray, num_pages: int, 
     out = np.full((len(positives), n), -1, dtype=np.int64)
     for i, positive in enumerate(positives):
         rng = np.random.default_rng([seed, i])
-        taken = set(int(j) for j in chosen[i] if j >= 0) | {int(positive)}
+        taken = {int(j) for j in chosen[i] if j >= 0} | {int(positive)}
         found = 0
         # A short sample nearly always holds n usable pages (O(n) per row, not O(pages)).
         for j in rng.choice(num_pages, size=min(num_pages, 4 * n + len(taken) + 16), replace=False):
@@ -124,7 +124,12 @@ def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: st
          show_progress: bool = True) -> MinedNegatives:
     """Mine on every rank at once (collective); every rank returns the same result."""
     from .evaluation.encode import encode_corpus_shard
-    from .evaluation.sharded import _model_key, encode_queries_sharded, global_topk, sorted_position
+    from .evaluation.sharded import (
+        _model_key,
+        encode_queries_sharded,
+        global_topk,
+        sorted_position,
+    )
 
     info = distributed.current()
     if positive_column not in page_columns:

@@ -175,12 +175,8 @@ def evaluate(trainer, info: distributed.DistInfo, out: Path, which: str, step: i
         raw = evaluator(trainer.model, output_path=str(out / f"eval_{which}") if info.is_main else None, steps=step)
     else:
         raw = trainer.evaluate()  # stock: the trainer drives rank 0 + DDP encode serving
-    if trainer.evaluator.__class__.__name__ == "RerankEvaluator":
-        from .reranker.training import summarise
-
-        per_dim = summarise(raw)  # {"retrieval": ..., "rerank": ...}
-    else:
-        per_dim = stock.summarise(raw)
+    # {dim: metrics} for embedding evaluators, {"retrieval"/"rerank": metrics} for the rerank evaluator.
+    per_dim = getattr(evaluator, "summarise", stock.summarise)(raw)
     if info.is_main:
         payload = {"step": step, "metrics": {str(d): m for d, m in sorted(per_dim.items(), key=str, reverse=True)}}
         tmp = _metrics_file(out, which).with_suffix(".tmp")

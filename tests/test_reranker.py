@@ -16,8 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO, kill_tree, launch_env, log_tail, logged_losses, run_cli, run_launcher
+from conftest import (
+    REPO,
+    kill_tree,
+    launch_env,
+    log_tail,
+    logged_losses,
+    run_cli,
+    run_launcher,
+)
 
 pytestmark = pytest.mark.slow
 RECIPE = "configs/tiny-reranker.yaml"

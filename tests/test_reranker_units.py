@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dist_vdr.config import LossConfig, MiningConfig, ModelConfig, RerankerConfig, load_config
+from dist_vdr.config import (
+    LossConfig,
+    MiningConfig,
+    ModelConfig,
+    RerankerConfig,
+    load_config,
+)
 
 
 def _rows(pages, n=4):
@@ -187,7 +193,8 @@ def test_sharded_save_routes_head_weights_to_their_module(tiny_reranker, tmp_pat
 
 
 def test_rerank_summary_and_headline():
-    from dist_vdr.reranker.training import headline, summarise
+    from dist_vdr.reranker.evaluation import summarise
+    from dist_vdr.reranker.training import headline
 
     raw = {"eval_retrieval_ndcg@10": 0.5, "eval_rerank_ndcg@10": 0.7, "eval_runtime": 1.0, "rerank_mrr@10": 0.6}
     assert summarise(raw) == {"retrieval": {"ndcg@10": 0.5}, "rerank": {"ndcg@10": 0.7, "mrr@10": 0.6}}

@@ -30,7 +30,9 @@ from ..config import LossConfig
 
 
 def _base():
-    from sentence_transformers.cross_encoder.losses import CachedMultipleNegativesRankingLoss
+    from sentence_transformers.cross_encoder.losses import (
+        CachedMultipleNegativesRankingLoss,
+    )
 
     return CachedMultipleNegativesRankingLoss
 

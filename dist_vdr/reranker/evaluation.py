@@ -17,14 +17,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import distributed
 from ..data.loading import EvalData
 from ..evaluation.encode import _autocast, shard_range
 from ..evaluation.metrics import METRICS, retrieval_metrics
-from ..evaluation.sharded import _atomic_write, write_csv, write_trec_qrels, write_trec_run
+from ..evaluation.sharded import (
+    _atomic_write,
+    write_csv,
+    write_trec_qrels,
+    write_trec_run,
+)
 
 
 def _base():
@@ -47,15 +51,27 @@ def retrieve(retriever, data: EvalData, *, top_k: int, batch_size: int = 16, num
             for qid, s_row, i_row in zip(first.query_ids, scores, idx)}
 
 
+def summarise(raw: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Flat evaluator keys (retrieval_ndcg@10, rerank_ndcg@10) -> {"retrieval": {...}, "rerank": {...}}."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in raw.items():
+        key = key.removeprefix("eval_")
+        stage, _, metric = key.partition("_")
+        if stage in ("retrieval", "rerank") and "@" in metric:
+            out.setdefault(stage, {})[metric] = value
+    return out
+
+
 class RerankEvaluator(_base()):
     all_ranks = True
+    summarise = staticmethod(summarise)  # what the run records: metrics per stage
 
     def __init__(self, data: EvalData, candidates: dict[str, list[tuple[str, float]]], *, depth: int = 20,
                  ks=(1, 3, 5, 10, 100), batch_size: int = 16, prompt: str | None = None,
                  show_progress: bool = True, run_tag: str = "dist-vdr") -> None:
         super().__init__()
         self.data, self.candidates, self.depth = data, candidates, depth
-        self.ks = sorted(set(int(k) for k in ks))
+        self.ks = sorted({int(k) for k in ks})
         self.batch_size, self.prompt, self.show_progress, self.run_tag = batch_size, prompt, show_progress, run_tag
         self.query_ids = [q for q in data.queries if q in candidates]
         self.row_of = {str(p): i for i, p in enumerate(data.corpus["page_id"])}

@@ -20,8 +20,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import ModelConfig, RerankerConfig
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +128,7 @@ def build_reranker(model_cfg: ModelConfig, cfg: RerankerConfig, *, precision: st
     return model
 
 
-def lm_head_rows(path: str, token_ids: list[int], transformer) -> "torch.Tensor":
+def lm_head_rows(path: str, token_ids: list[int], transformer) -> torch.Tensor:
     """Rows ``token_ids`` of the checkpoint's LM head ([len(token_ids), hidden], on CPU).
 
     A model with tied embeddings has no head tensor: the input embedding rows are the head. The
@@ -139,7 +143,7 @@ def lm_head_rows(path: str, token_ids: list[int], transformer) -> "torch.Tensor"
     if not tied:
         for file in _safetensors_files(path):
             with safe_open(file, framework="pt") as f:
-                key = next((k for k in f.keys() if k.endswith("lm_head.weight")), None)
+                key = next((k for k in f.keys() if k.endswith("lm_head.weight")), None)  # noqa: SIM118 (not a dict)
                 if key is not None:
                     head = f.get_slice(key)  # reads only the requested rows
                     return torch.stack([head[i:i + 1][0] for i in token_ids])

@@ -90,17 +90,6 @@ def _stale(mined_dir: Path, fp: dict) -> bool:
     return marker is None or {k: marker.get(k) for k in fp} != fp
 
 
-def summarise(raw: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Flat evaluator keys (retrieval_ndcg@10, rerank_ndcg@10) -> {"retrieval": {...}, "rerank": {...}}."""
-    out: dict[str, dict[str, float]] = {}
-    for key, value in raw.items():
-        key = key.removeprefix("eval_")
-        stage, _, metric = key.partition("_")
-        if stage in ("retrieval", "rerank") and "@" in metric:
-            out.setdefault(stage, {})[metric] = value
-    return out
-
-
 def headline(results: dict, metric: str = "ndcg@10") -> str | None:
     if "after" not in results:
         return None
