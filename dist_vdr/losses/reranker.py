@@ -8,9 +8,8 @@ hooks make the replay one reduction per step under DeepSpeed and FSDP2 too). Mem
 mini-batch of page activations, whatever the number of negatives.
 
 - ``listwise``: softmax cross-entropy over each query's positive and hard negatives, the stock loss
-  on the raw scores (stock's default squashes them with a sigmoid and scales by 10 first: measured
-  on the tiny reranker, the scores then saturate within ~20 steps, every candidate gets sigmoid 1,
-  the loss sits at ln(1 + negatives) and the gradient vanishes). Stock rejects ``num_negatives=0``
+  on the raw scores, the convention of LLM rerankers (stock's default squashes them with a sigmoid
+  and scales by 10, which bounds every logit difference by 10). Stock rejects ``num_negatives=0``
   (torch.multinomial of 0 samples): allowed here, meaning "hard negatives only", which keeps the
   loss of a row independent of the batch.
 - ``bce``: ``BinaryCrossEntropyLoss``'s objective (BCE-with-logits, label 1 for the positive pair,
