@@ -136,6 +136,8 @@ def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: st
         page_columns = [positive_column, *page_columns]
     # Rank 0 hashes the pages once; the table is small (indices and hashes).
     cells, hashes = distributed.main_then_share(info.is_main, lambda: hash_pages(ds, page_columns))
+    # Checked before the (long) encoding: a wrong document-id column fails here.
+    documents = page_documents(ds, page_columns, cells, cfg.document_id_columns) if cfg.document_id_columns else None
     pages = pages_dataset(ds, page_columns, cells)
     queries = encode_queries_sharded(model, list(ds[query_column]), info, batch_size=batch_size)
     offset, shard = encode_corpus_shard(model, pages, rank=info.rank, world_size=info.world_size,
@@ -146,7 +148,6 @@ def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: st
     scores, idx = global_topk(queries, shard, offset, k, sorted_position(hashes), backend=backend)
     positives = cells[:, page_columns.index(positive_column)]
     positive_scores = _positive_scores(queries, shard, offset, positives)
-    documents = page_documents(ds, page_columns, cells, cfg.document_id_columns) if cfg.document_id_columns else None
     negatives, ranks, ok = select_negatives(scores, idx, positives, positive_scores, cfg, documents)
     if cfg.num_random_negatives:
         extra = random_negatives(positives, negatives, len(hashes), cfg.num_random_negatives, cfg.seed, documents)
