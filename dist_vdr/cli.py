@@ -134,8 +134,9 @@ def _mine(args: argparse.Namespace) -> int:
 
     info = distributed.init(args.device, 0, args.threads)
     id_columns = dict(item.split("=", 1) for item in args.document_id_column)
-    cfg = MiningConfig(num_negatives=args.num_negatives, rank_start=args.rank_start, max_rank=args.max_rank,
-                       margin=args.margin, document_id_columns=id_columns)
+    cfg = MiningConfig(num_negatives=args.num_negatives, num_random_negatives=args.num_random_negatives,
+                       rank_start=args.rank_start, max_rank=args.max_rank, margin=args.margin,
+                       max_uses_per_page=args.max_uses_per_page, document_id_columns=id_columns)
     data = DataConfig(path=args.data, train_name=args.name, train_split=args.split, query_column=args.query_column,
                       positive_column=args.positive_column, negative_columns=args.page_columns,
                       validate_images=False)
@@ -149,7 +150,7 @@ def _mine(args: argparse.Namespace) -> int:
         fp = mining.fingerprint(args.model, args.data, args.split, None, cfg)
         mining.write_mined(ds, result, args.out, query_column=args.query_column,
                            positive_column=args.positive_column, fingerprint=fp)
-        print(f"{len(result.kept_rows)} rows with {cfg.num_negatives} negatives each in {args.out} "
+        print(f"{len(result.kept_rows)} rows with {result.negatives.shape[1]} negatives each in {args.out} "
               f"({result.num_dropped} rows without enough candidates dropped; {len(result.pages)} distinct pages)",
               flush=True)
     distributed.barrier()
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     mn.add_argument("--positive-column", default="image")
     mn.add_argument("--page-columns", nargs="*", default=[], help="more page columns whose pages join the corpus")
     mn.add_argument("--num-negatives", type=int, default=3)
+    mn.add_argument("--num-random-negatives", type=int, default=0, help="also this many random pages per query")
+    mn.add_argument("--max-uses-per-page", type=int, default=None, help="use a page as negative at most this often")
     mn.add_argument("--rank-start", type=int, default=0, help="skip this many best non-positive pages")
     mn.add_argument("--max-rank", type=int, default=30, help="pick only among the top max-rank pages")
     mn.add_argument("--margin", type=float, default=None, help="negatives must score < positive - margin")

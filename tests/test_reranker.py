@@ -67,6 +67,15 @@ def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_mo
 
     assert _mined_digest(one_out) == _mined_digest(two_out)
     assert len(_mined_digest(one_out)) > 200
+    # The standalone command, with the recipe's mining settings, writes the same rows.
+    mine = run_cli(["mine-negatives", "--model", str(tiny_model), "--data", str(pages), "--out",
+                    str(tmp_path / "cli_mined" / "mined"), "--page-columns", "negative_0", "--num-negatives", "2",
+                    "--num-random-negatives", "3", "--max-rank", "100", "--max-uses-per-page", "2",
+                    "--document-id-column", "image=document_id",
+                    "--document-id-column", "negative_0=negative_0_document_id", "--batch-size", "8",
+                    "--device", "cpu"])
+    assert mine.returncode == 0, log_tail(mine.stdout + mine.stderr)
+    assert _mined_digest(tmp_path / "cli_mined") == _mined_digest(one_out)
     for key in ("loss", "grad_norm"):
         a, b = logged_losses(one_out, key), logged_losses(two_out, key)
         assert sorted(a) == sorted(b) == [1, 2, 3, 4]

@@ -18,11 +18,7 @@ from pathlib import Path
 from .. import distributed, mining
 from ..config import Config
 from ..data.loading import EvalData, load_train
-
-
-def _say(info, msg: str) -> None:
-    if info.is_main:
-        print(f"[dist-vdr rank {info.rank}/{info.world_size}] {msg}", flush=True)
+from ..training import say
 
 
 def prepare(cfg: Config, info: distributed.DistInfo, out: Path, train_ds, eval_data: EvalData | None):
@@ -47,7 +43,7 @@ def prepare(cfg: Config, info: distributed.DistInfo, out: Path, train_ds, eval_d
             if cfg.mining.document_id_columns:  # the training columns plus the pages' document ids
                 train_ds = load_train(dataclasses.replace(data, validate_images=False),
                                       extra_columns=list(cfg.mining.document_id_columns.values()))
-            _say(info, f"mining {cfg.mining.num_negatives} hard negatives per query with {cfg.reranker.retriever}")
+            say(info, f"mining {cfg.mining.num_negatives} hard negatives per query with {cfg.reranker.retriever}")
             result = mining.mine(retriever, train_ds, cfg.mining, query_column=data.query_column,
                                  positive_column=data.positive_column, page_columns=list(data.negative_columns),
                                  batch_size=e.batch_size, num_workers=e.num_workers, backend=e.search_backend,
@@ -55,13 +51,13 @@ def prepare(cfg: Config, info: distributed.DistInfo, out: Path, train_ds, eval_d
             if info.is_main:
                 mining.write_mined(train_ds, result, mined_dir, query_column=data.query_column,
                                    positive_column=data.positive_column, fingerprint=fp)
-            _say(info, f"mined: {len(result.kept_rows)} rows kept, {result.num_dropped} without enough negatives "
+            say(info, f"mined: {len(result.kept_rows)} rows kept, {result.num_dropped} without enough negatives "
                        f"dropped -> {mined_dir}")
             distributed.barrier()
         if need_candidates:
             from .evaluation import retrieve
 
-            _say(info, f"retrieving the top {max(e.ks)} evaluation candidates with {cfg.reranker.retriever}")
+            say(info, f"retrieving the top {max(e.ks)} evaluation candidates with {cfg.reranker.retriever}")
             candidates = retrieve(retriever, eval_data, top_k=max(max(e.ks), cfg.reranker.rerank_depth),
                                   batch_size=e.batch_size, num_workers=e.num_workers, backend=e.search_backend)
             if info.is_main:
