@@ -14,7 +14,6 @@ ranks (tested: 2 ranks write the same dataset as 1).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import torch
 
 from . import distributed
 from .config import MiningConfig
+from .data.loading import content_hash
 
 MARKER_FILE = "dist_vdr_mined.json"
 
@@ -43,11 +43,6 @@ class MinedNegatives:
     num_dropped: int
 
 
-def _content_hash(value: dict) -> str:
-    data = value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()
-    return hashlib.sha256(data).hexdigest()
-
-
 def hash_pages(ds, page_columns: list[str]) -> tuple[np.ndarray, list[str]]:
     """De-duplicate the pages of ``page_columns`` by content.
 
@@ -62,7 +57,7 @@ def hash_pages(ds, page_columns: list[str]) -> tuple[np.ndarray, list[str]]:
     cells = np.empty((len(raw), len(page_columns)), dtype=np.int64)
     for row, values in enumerate(raw):
         for c, column in enumerate(page_columns):
-            cells[row, c] = index.setdefault(_content_hash(values[column]), len(index))
+            cells[row, c] = index.setdefault(content_hash(values[column]), len(index))
     return cells, list(index)
 
 

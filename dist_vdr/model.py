@@ -51,7 +51,8 @@ def model_load_kwargs(cfg: ModelConfig, precision: str, on_cuda: bool) -> dict[s
     return kwargs
 
 
-def _has_modules_json(name_or_path: str) -> bool:
+def has_modules_json(name_or_path: str) -> bool:
+    """A sentence-transformers model (SentenceTransformer or CrossEncoder): it keeps its own modules."""
     if Path(name_or_path).is_dir():
         return (Path(name_or_path) / "modules.json").is_file()
     from sentence_transformers.util.file_io import is_sentence_transformer_model
@@ -81,7 +82,7 @@ def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu
     load_kwargs = model_load_kwargs(cfg, precision, on_cuda)
     common = dict(trust_remote_code=cfg.trust_remote_code, model_kwargs=load_kwargs,
                   processor_kwargs=dict(cfg.processor_kwargs) or None)
-    if cfg.pooling == "auto" and _has_modules_json(path):
+    if cfg.pooling == "auto" and has_modules_json(path):
         model = SentenceTransformer(path, device=device, **common)
     else:
         pooling = "lasttoken" if cfg.pooling == "auto" else cfg.pooling

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,20 @@ def logged_losses(out: Path, key: str = "loss") -> dict[int, float]:
 
     state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
     return {h["step"]: h[key] for h in state["log_history"] if key in h}
+
+
+def kill_after_first_checkpoint(args: list[str], out: Path, timeout_s: float = 300) -> None:
+    """Start ``args`` (a launcher command) and SIGKILL it with all its workers as soon as ``out`` holds
+    a complete checkpoint: an interruption at an arbitrary point after the first save."""
+    victim = subprocess.Popen(args, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline and not list(out.glob("checkpoint-*/dist_vdr_complete.json")):
+            assert victim.poll() is None, "run ended before it could be interrupted"
+            time.sleep(0.02)
+    finally:
+        kill_tree(victim)
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

@@ -11,20 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import (
-    REPO,
-    kill_tree,
-    launch_env,
-    log_tail,
-    logged_losses,
-    run_cli,
-    run_launcher,
-)
+from conftest import kill_after_first_checkpoint, launch_env, log_tail, logged_losses, run_cli, run_launcher
 
 pytestmark = pytest.mark.slow
 RECIPE = "configs/tiny-reranker.yaml"
@@ -126,15 +116,7 @@ def test_killed_reranker_run_resumes_on_its_loss_curve(tiny_reranker, tiny_model
 
     args = ["bash", "launch/train.sh", "launch/cpu.yaml", "--config", RECIPE,
             *rerank_overrides(tiny_reranker, tiny_model, pages, out, *common)]
-    victim = subprocess.Popen(args, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and not list(out.glob("checkpoint-*/dist_vdr_complete.json")):
-            assert victim.poll() is None, "run ended before it could be interrupted"
-            time.sleep(0.02)
-    finally:
-        kill_tree(victim)
+    kill_after_first_checkpoint(args, out)
     resumed = run_launcher("launch/cpu.yaml", ["--config", RECIPE,
                                                *rerank_overrides(tiny_reranker, tiny_model, pages, out, *common)])
     log = resumed.stdout + resumed.stderr

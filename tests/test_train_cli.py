@@ -11,11 +11,10 @@ import math
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import REPO, kill_tree, launch_env, logged_losses, run_cli, run_launcher, tiny_overrides
+from conftest import REPO, kill_after_first_checkpoint, launch_env, logged_losses, run_cli, run_launcher, tiny_overrides
 
 pytestmark = pytest.mark.slow
 RECIPE = "configs/tiny.yaml"
@@ -32,15 +31,7 @@ def test_killed_run_resumes_to_the_same_final_loss(tiny_model, pages, tmp_path):
 
     out = tmp_path / "interrupted"
     args = ["bash", "launch/train.sh", "launch/cpu.yaml", *base, *tiny_overrides(tiny_model, pages, out, *common)]
-    victim = subprocess.Popen(args, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and not list(out.glob("checkpoint-*/dist_vdr_complete.json")):
-            assert victim.poll() is None, "run ended before it could be interrupted"
-            time.sleep(0.02)
-    finally:
-        kill_tree(victim)
+    kill_after_first_checkpoint(args, out)
     from dist_vdr.checkpoint import latest_complete
 
     killed_at = latest_complete(out)

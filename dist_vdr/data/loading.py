@@ -112,9 +112,14 @@ def load_train(cfg: DataConfig, show_progress: bool = False, extra_columns: list
     return ds
 
 
-def _page_id(value: dict) -> str:
+def content_hash(value: dict) -> str:
+    """SHA-256 of an undecoded page image (``Image(decode=False)`` value: bytes or a file path)."""
     data = value["bytes"] if value.get("bytes") else Path(value["path"]).read_bytes()
-    return "page-" + hashlib.sha256(data).hexdigest()[:16]
+    return hashlib.sha256(data).hexdigest()
+
+
+def _page_id(value: dict) -> str:
+    return "page-" + content_hash(value)[:16]
 
 
 def load_eval(cfg: DataConfig, show_progress: bool = False) -> EvalData:

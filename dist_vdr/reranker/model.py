@@ -54,14 +54,6 @@ RERANK_CHAT_TEMPLATE = (
 )
 
 
-def _is_cross_encoder(path: str) -> bool:
-    from sentence_transformers.util.file_io import is_sentence_transformer_model
-
-    if Path(path).is_dir():
-        return (Path(path) / "modules.json").is_file()
-    return is_sentence_transformer_model(path)
-
-
 def _chat_template(value: str | None) -> str | None:
     if value is None:
         return None
@@ -88,7 +80,7 @@ def build_reranker(model_cfg: ModelConfig, cfg: RerankerConfig, *, precision: st
     from sentence_transformers.cross_encoder.modules import LogitScore
     from sentence_transformers.sentence_transformer.modules import Pooling
 
-    from ..model import check_model_path, model_load_kwargs
+    from ..model import check_model_path, has_modules_json, model_load_kwargs
 
     path = check_model_path(model_cfg.name_or_path, "make-tiny-model --reranker")
     load_kwargs = model_load_kwargs(model_cfg, precision, device.startswith("cuda"))
@@ -98,7 +90,7 @@ def build_reranker(model_cfg: ModelConfig, cfg: RerankerConfig, *, precision: st
         processor_kwargs["chat_template"] = template
     config_kwargs = {"trust_remote_code": True} if model_cfg.trust_remote_code else None
     head = cfg.head
-    if head == "auto" and _is_cross_encoder(path):
+    if head == "auto" and has_modules_json(path):
         model = CrossEncoder(path, device=device, trust_remote_code=model_cfg.trust_remote_code,
                              model_kwargs=load_kwargs, processor_kwargs=processor_kwargs or None)
     else:
