@@ -4,6 +4,8 @@ Subcommands:
   train                 train a model from a recipe (run it under `accelerate launch`, see launch/)
   make-tiny-model DIR   build the offline tiny Qwen3-VL embedding model (--reranker: the tiny reranker)
   make-synthetic-pages DIR   generate a VDR-shaped page dataset
+  make-synthetic-pdfs DIR    generate a folder of PDFs and scans with queries and qrels
+  pages build               render a folder of PDFs/images into a page corpus dataset (parallel, resumable)
   eval / mine-negatives      sharded retrieval evaluation / hard-negative mining (accelerate launch)
 
 User errors (bad config, missing data, bad rows) print one `error:` line and exit with status 2.
@@ -79,6 +81,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     info = distributed.init(args.device, 0, args.threads)
     data_cfg = DataConfig(path=args.data, eval_format=args.eval_format, eval_name=args.eval_name,
+                          eval_queries_file=args.queries, eval_qrels_file=args.qrels,
                           eval_split=args.eval_split, max_eval_queries=args.max_queries,
                           eval_negative_columns=args.negative_columns.split(",") if args.negative_columns else [],
                           validate_images=False)
@@ -122,38 +125,6 @@ def _eval_rerank(args: argparse.Namespace, info, data, retriever) -> int:
         for stage, m in (("retrieval", evaluator.retrieval_metrics), ("reranked", evaluator.last_metrics)):
             print(f"{stage}: NDCG@10 {m.get('ndcg@10', float('nan')):.4f}  MRR@10 {m.get('mrr@10', float('nan')):.4f}  "
                   f"Recall@10 {m.get('recall@10', float('nan')):.4f}", flush=True)
-    return 0
-
-
-def _mine(args: argparse.Namespace) -> int:
-    """Hard negatives for a training split (run it under accelerate launch for several ranks)."""
-    from . import distributed, mining
-    from .config import DataConfig, MiningConfig, ModelConfig
-    from .data.loading import load_train
-    from .model import build_model
-
-    info = distributed.init(args.device, 0, args.threads)
-    id_columns = dict(item.split("=", 1) for item in args.document_id_column)
-    cfg = MiningConfig(num_negatives=args.num_negatives, num_random_negatives=args.num_random_negatives,
-                       rank_start=args.rank_start, max_rank=args.max_rank, margin=args.margin,
-                       max_uses_per_page=args.max_uses_per_page, document_id_columns=id_columns)
-    data = DataConfig(path=args.data, train_name=args.name, train_split=args.split, query_column=args.query_column,
-                      positive_column=args.positive_column, negative_columns=args.page_columns,
-                      validate_images=False)
-    ds = load_train(data, extra_columns=list(id_columns.values()))
-    model = build_model(ModelConfig(name_or_path=args.model, dtype=args.dtype), device=info.device,
-                        precision="bf16" if args.dtype == "bfloat16" else "fp32")
-    result = mining.mine(model, ds, cfg, query_column=args.query_column, positive_column=args.positive_column,
-                         page_columns=args.page_columns, batch_size=args.batch_size, num_workers=args.num_workers,
-                         cache_dir=args.cache)
-    if info.is_main:
-        fp = mining.fingerprint(args.model, args.data, args.split, None, cfg)
-        mining.write_mined(ds, result, args.out, query_column=args.query_column,
-                           positive_column=args.positive_column, fingerprint=fp)
-        print(f"{len(result.kept_rows)} rows with {result.negatives.shape[1]} negatives each in {args.out} "
-              f"({result.num_dropped} rows without enough candidates dropped; {len(result.pages)} distinct pages)",
-              flush=True)
-    distributed.barrier()
     return 0
 
 
@@ -265,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="sharded retrieval evaluation of a model on a page corpus")
     e.add_argument("--model", required=True, help="model folder or hub id")
-    e.add_argument("--data", required=True, help="dataset folder or hub id with the eval splits")
+    e.add_argument("--data", required=True, help="dataset folder or hub id with the eval splits, or a page corpus "
+                                                 "(`pages build` output) with --queries and --qrels")
+    e.add_argument("--queries", default=None, help="queries file (JSONL/CSV/TSV) instead of the eval_queries split")
+    e.add_argument("--qrels", default=None, help="qrels file (TREC/JSONL/CSV/TSV) naming page ids of --data")
     e.add_argument("--dims", default="", help="comma-separated dims (default: the full dimension)")
     e.add_argument("--ks", default="1,3,5,10,100")
     e.add_argument("--output", default=None, help="folder for metrics JSON/CSV, TREC runs, qrels and the plot")
@@ -285,30 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: default)")
     e.set_defaults(fn=_eval)
 
-    mn = sub.add_parser("mine-negatives", help="mine hard negatives with an embedding model (sharded over ranks)")
-    mn.add_argument("--model", required=True, help="embedding model folder or hub id")
-    mn.add_argument("--data", required=True, help="dataset folder or hub id with query + positive page columns")
-    mn.add_argument("--out", required=True, help="output dataset folder: query, positive, negative_0..n-1")
-    mn.add_argument("--name", default=None, help="hub dataset configuration")
-    mn.add_argument("--split", default="train")
-    mn.add_argument("--query-column", default="query")
-    mn.add_argument("--positive-column", default="image")
-    mn.add_argument("--page-columns", nargs="*", default=[], help="more page columns whose pages join the corpus")
-    mn.add_argument("--num-negatives", type=int, default=3)
-    mn.add_argument("--num-random-negatives", type=int, default=0, help="also this many random pages per query")
-    mn.add_argument("--max-uses-per-page", type=int, default=None, help="use a page as negative at most this often")
-    mn.add_argument("--rank-start", type=int, default=0, help="skip this many best non-positive pages")
-    mn.add_argument("--max-rank", type=int, default=30, help="pick only among the top max-rank pages")
-    mn.add_argument("--margin", type=float, default=None, help="negatives must score < positive - margin")
-    mn.add_argument("--document-id-column", action="append", default=[], metavar="PAGECOL=IDCOL",
-                    help="never pick a page of the positive's document (repeat per page column)")
-    mn.add_argument("--batch-size", type=int, default=16)
-    mn.add_argument("--num-workers", type=int, default=-1)
-    mn.add_argument("--cache", default=None, help="per-shard embedding cache folder (resumable)")
-    mn.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    mn.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    mn.add_argument("--threads", type=int, default=0)
-    mn.set_defaults(fn=_mine)
+    from .cli_data import add_parsers
+
+    add_parsers(sub)  # pages build, make-synthetic-pdfs, mine-negatives
 
     b = sub.add_parser("bench-loss", help="collectives, bytes and s/step: stock ST gather vs the global-batch loss")
     b.add_argument("--model", default="artifacts/tiny-model")

@@ -66,6 +66,15 @@ class DataConfig:
     """Hard-negative page columns used in training (may be empty)."""
     max_train_samples: Optional[int] = None
     """Use only the first N training rows (None: all)."""
+    pages_path: Optional[str] = None
+    """Page corpus (`dist-vdr pages build` folder, dataset folder or hub id) that training page columns
+    holding page ids (strings) name: pages are decoded batch by batch from it, memory-mapped, instead of
+    being stored in every row (e.g. rows written by `dist-vdr mine-negatives --corpus`)."""
+    pages_id_column: str = "page_id"
+    """Column of pages_path holding the page ids (`id` in the published VDR layout)."""
+    negative_ids_column: Optional[str] = None
+    """A column listing negative page ids per row (`negatives` in the published VDR layout):
+    negative_columns are made from its first entries; rows with too few usable ids are dropped."""
     eval_format: str = "ir"
     """ir: splits of queries / corpus / qrels; triplets: an eval split of query + positive + negatives,
     whose pages (positives and negatives, de-duplicated) form the corpus (the published VDR layout)."""
@@ -75,6 +84,14 @@ class DataConfig:
     """Split for eval_format=triplets."""
     eval_negative_columns: list[str] = field(default_factory=list)
     """For eval_format=triplets: page columns added to the corpus besides the positive."""
+    eval_corpus_path: Optional[str] = None
+    """For eval_format=ir: the page corpus (default: the eval_corpus split of data.path), e.g. a
+    `dist-vdr pages build` folder."""
+    eval_queries_file: Optional[str] = None
+    """For eval_format=ir: queries as JSONL/CSV/TSV (query_id, query) instead of the eval_queries split."""
+    eval_qrels_file: Optional[str] = None
+    """For eval_format=ir: judgements as TREC qrels, JSONL, CSV or TSV naming page ids of the corpus
+    (duplicates dropped by `pages build` are mapped to the page kept) instead of the eval_qrels split."""
     eval_queries_split: str = "eval_queries"
     eval_corpus_split: str = "eval_corpus"
     eval_qrels_split: str = "eval_qrels"

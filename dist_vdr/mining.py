@@ -62,11 +62,13 @@ def hash_pages(ds, page_columns: list[str]) -> tuple[np.ndarray, list[str]]:
 
 
 def select_negatives(scores: np.ndarray, idx: np.ndarray, positives: np.ndarray, positive_scores: np.ndarray,
-                     cfg: MiningConfig, documents: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     cfg: MiningConfig, documents: np.ndarray | None = None,
+                     relevant: list[set[int]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per query, the first ``num_negatives`` eligible pages of its ranking (see the module docstring).
 
     ``documents``: document code of every page (-1: unknown); pages of the positive's document are
-    skipped like the positive itself (they take no rank). Returns (negatives [Q, n], their ranks
+    skipped like the positive itself (they take no rank), and so are the pages of ``relevant[i]``
+    (every page judged relevant to the query). Returns (negatives [Q, n], their ranks
     [Q, n], ok [Q]); rows with ok False are to be dropped.
     """
     q = len(idx)
@@ -80,7 +82,7 @@ def select_negatives(scores: np.ndarray, idx: np.ndarray, positives: np.ndarray,
             if j < 0 or rank >= cfg.max_rank or found == cfg.num_negatives:
                 break
             if j == positives[i] or (documents is not None and documents[j] >= 0
-                                     and documents[j] == documents[positives[i]]):
+                                     and documents[j] == documents[positives[i]]) or (relevant and j in relevant[i]):
                 continue
             if (rank >= cfg.rank_start and (cfg.margin is None or s < positive_scores[i] - cfg.margin)
                     and (cap is None or uses.get(int(j), 0) < cap)):
@@ -92,14 +94,14 @@ def select_negatives(scores: np.ndarray, idx: np.ndarray, positives: np.ndarray,
 
 
 def random_negatives(positives: np.ndarray, chosen: np.ndarray, num_pages: int, n: int, seed: int,
-                     documents: np.ndarray | None = None) -> np.ndarray:
+                     documents: np.ndarray | None = None, relevant: list[set[int]] | None = None) -> np.ndarray:
     """[Q, n] pages drawn uniformly per row (generator seeded by (seed, row): independent of how rows
     are split over ranks), never the positive, a page of its document or one already chosen; -1
     where the corpus has too few pages."""
     out = np.full((len(positives), n), -1, dtype=np.int64)
     for i, positive in enumerate(positives):
         rng = np.random.default_rng([seed, i])
-        taken = {int(j) for j in chosen[i] if j >= 0} | {int(positive)}
+        taken = {int(j) for j in chosen[i] if j >= 0} | {int(positive)} | (relevant[i] if relevant else set())
         found = 0
         # A short sample nearly always holds n usable pages (O(n) per row, not O(pages)).
         for j in rng.choice(num_pages, size=min(num_pages, 4 * n + len(taken) + 16), replace=False):
@@ -117,7 +119,36 @@ def random_negatives(positives: np.ndarray, chosen: np.ndarray, num_pages: int, 
 def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: str, page_columns: list[str],
          batch_size: int = 16, num_workers: int = -1, backend: str = "auto", cache_dir: str | None = None,
          show_progress: bool = True) -> MinedNegatives:
-    """Mine on every rank at once (collective); every rank returns the same result."""
+    """Mine for the rows of a training dataset, its own pages as the corpus (collective); every rank
+    returns the same result."""
+    info = distributed.current()
+    if positive_column not in page_columns:
+        page_columns = [positive_column, *page_columns]
+    # Rank 0 hashes the pages once; the table is small (indices and hashes).
+    cells, hashes = distributed.main_then_share(info.is_main, lambda: hash_pages(ds, page_columns))
+    # Checked before the (long) encoding: a wrong document-id column fails here.
+    documents = page_documents(ds, page_columns, cells, cfg.document_id_columns) if cfg.document_id_columns else None
+    pages = pages_dataset(ds, page_columns, cells)
+    positives = cells[:, page_columns.index(positive_column)]
+    negatives, ranks, ok = mine_pages(model, list(ds[query_column]), pages, hashes, positives, cfg,
+                                      documents=documents, batch_size=batch_size, num_workers=num_workers,
+                                      backend=backend, cache_dir=cache_dir, show_progress=show_progress)
+    kept = np.flatnonzero(ok)
+    return MinedNegatives(kept_rows=kept, negatives=negatives[kept], ranks=ranks[kept], pages=pages,
+                          num_dropped=int((~ok).sum()))
+
+
+def mine_pages(model, queries: list[str], pages, page_keys: list[str], positives: np.ndarray, cfg: MiningConfig, *,
+               documents: np.ndarray | None = None, relevant: list[set[int]] | None = None, batch_size: int = 16,
+               num_workers: int = -1, backend: str = "auto", cache_dir: str | None = None,
+               show_progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Negatives for ``queries`` (row i's positive is page ``positives[i]`` of ``pages``), collective.
+
+    ``page_keys``: a unique key per page (content hash or page id) that breaks score ties, so the
+    result does not depend on how pages are split over ranks. ``relevant``: per row, every page
+    judged relevant to its query (never a negative). Returns (negatives, ranks, ok) as
+    :func:`select_negatives`, random negatives appended.
+    """
     from .evaluation.encode import encode_corpus_shard
     from .evaluation.sharded import (
         _model_key,
@@ -127,31 +158,25 @@ def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: st
     )
 
     info = distributed.current()
-    if positive_column not in page_columns:
-        page_columns = [positive_column, *page_columns]
-    # Rank 0 hashes the pages once; the table is small (indices and hashes).
-    cells, hashes = distributed.main_then_share(info.is_main, lambda: hash_pages(ds, page_columns))
-    # Checked before the (long) encoding: a wrong document-id column fails here.
-    documents = page_documents(ds, page_columns, cells, cfg.document_id_columns) if cfg.document_id_columns else None
-    pages = pages_dataset(ds, page_columns, cells)
-    queries = encode_queries_sharded(model, list(ds[query_column]), info, batch_size=batch_size)
+    encoded = encode_queries_sharded(model, queries, info, batch_size=batch_size)
     offset, shard = encode_corpus_shard(model, pages, rank=info.rank, world_size=info.world_size,
                                         batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
-                                        cache_key=f"{_model_key(model)}:{len(hashes)} pages:{hashes[0] if hashes else ''}",
+                                        cache_key=f"{_model_key(model)}:{len(page_keys)} pages:"
+                                                  f"{page_keys[0] if page_keys else ''}",
                                         show_progress=show_progress and info.is_main)
-    k = cfg.max_rank + 1  # the positive may take one of the slots
-    scores, idx = global_topk(queries, shard, offset, k, sorted_position(hashes), backend=backend)
-    positives = cells[:, page_columns.index(positive_column)]
-    positive_scores = _positive_scores(queries, shard, offset, positives)
-    negatives, ranks, ok = select_negatives(scores, idx, positives, positive_scores, cfg, documents)
+    # The positive, and other relevant pages, may take slots of the top k.
+    k = cfg.max_rank + 1 + (max(map(len, relevant)) - 1 if relevant else 0)
+    scores, idx = global_topk(encoded, shard, offset, k, sorted_position(page_keys),
+                              backend=backend)
+    positive_scores = _positive_scores(encoded, shard, offset, positives)
+    negatives, ranks, ok = select_negatives(scores, idx, positives, positive_scores, cfg, documents, relevant)
     if cfg.num_random_negatives:
-        extra = random_negatives(positives, negatives, len(hashes), cfg.num_random_negatives, cfg.seed, documents)
+        extra = random_negatives(positives, negatives, len(page_keys), cfg.num_random_negatives, cfg.seed, documents,
+                                 relevant)
         negatives = np.concatenate([negatives, extra], axis=1)
         ranks = np.concatenate([ranks, np.full_like(extra, -1)], axis=1)
         ok &= (extra >= 0).all(axis=1)
-    kept = np.flatnonzero(ok)
-    return MinedNegatives(kept_rows=kept, negatives=negatives[kept], ranks=ranks[kept], pages=pages,
-                          num_dropped=int((~ok).sum()))
+    return negatives, ranks, ok
 
 
 def pages_dataset(ds, page_columns: list[str], cells: np.ndarray):
@@ -211,22 +236,74 @@ def write_mined(ds, mined: MinedNegatives, out: str | Path, *, query_column: str
     written beside ``out`` and renamed into place with a marker holding ``fingerprint``."""
     import datasets
 
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     base = ds.select_columns([query_column, positive_column]).select(mined.kept_rows.tolist())
     columns = [base]
     for j in range(mined.negatives.shape[1]):
         columns.append(mined.pages.select(mined.negatives[:, j].tolist()).rename_column("image", f"negative_{j}"))
     ranks = datasets.Dataset.from_dict({"negative_ranks": mined.ranks.tolist()})
     result = datasets.concatenate_datasets([*columns, ranks], axis=1)
-    result.save_to_disk(str(tmp))
-    (tmp / MARKER_FILE).write_text(json.dumps({**fingerprint, "rows": len(result), "dropped": mined.num_dropped},
-                                              indent=2))
+    return save_atomic(result, out, {**fingerprint, "rows": len(result), "dropped": mined.num_dropped})
+
+
+def save_atomic(ds, out: str | Path, marker: dict) -> Path:
+    """``ds`` written beside ``out``, marked, then renamed into place (a killed write leaves no half dataset)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def training_pairs(queries: dict[str, str], qrels: dict[str, dict[str, int]], index: dict[str, int]):
+    """One training row per judged query: its highest-graded page is the positive (the first of
+    equal grades), every page graded > 0 is kept out of its negatives.
+
+    Returns (query ids, texts, positives [Q] page indices, relevant page sets).
+    """
+    qids, texts, positives, relevant = [], [], [], []
+    for qid, text in queries.items():
+        rel = {p: g for p, g in qrels.get(qid, {}).items() if g > 0}
+        if not rel:
+            continue
+        best = max(rel.values())
+        qids.append(qid)
+        texts.append(text)
+        positives.append(index[next(p for p, g in rel.items() if g == best)])
+        relevant.append({index[p] for p in rel})
+    if not qids:
+        raise ValueError("no query has a relevant page (grade > 0) in the qrels; check that the query ids match")
+    return qids, texts, np.array(positives, dtype=np.int64), relevant
+
+
+def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[str, int]], cfg: MiningConfig, *,
+                exclude_same_document: bool = False, **encode_kwargs):
+    """Negatives from a page corpus (``page_id``, ``image``, ``document_id``) for judged queries,
+    collective. Returns (datasets.Dataset of query_id, query, image = positive page id,
+    negative_0..n-1 = page ids, negative_ranks; number of queries dropped)."""
+    import datasets
+
+    page_ids = [str(p) for p in corpus["page_id"]]
+    index = {p: i for i, p in enumerate(page_ids)}
+    qids, texts, positives, relevant = training_pairs(queries, qrels, index)
+    documents = None
+    if exclude_same_document:
+        if "document_id" not in corpus.column_names:
+            raise ValueError("--exclude-same-document needs a document_id column in the corpus (pages build writes it)")
+        codes: dict[str, int] = {}
+        documents = np.array([codes.setdefault(str(d), len(codes)) for d in corpus["document_id"]], dtype=np.int64)
+    negatives, ranks, ok = mine_pages(model, texts, corpus.select_columns(["image"]), page_ids, positives, cfg,
+                                      documents=documents, relevant=relevant, **encode_kwargs)
+    kept = np.flatnonzero(ok)
+    columns = {"query_id": [qids[i] for i in kept], "query": [texts[i] for i in kept],
+               "image": [page_ids[positives[i]] for i in kept]}
+    for j in range(negatives.shape[1]):
+        columns[f"negative_{j}"] = [page_ids[negatives[i, j]] for i in kept]
+    columns["negative_ranks"] = ranks[kept].tolist()
+    return datasets.Dataset.from_dict(columns), int((~ok).sum())
 
 
 def read_marker(path: str | Path) -> dict | None:

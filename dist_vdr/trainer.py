@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from . import engines
+from .data import page_refs
 
 
 class _DistVdrTrainerMixin:
@@ -24,6 +25,8 @@ class _DistVdrTrainerMixin:
         if not self._engine_ready:  # the engine exists only once train() has prepared the model
             engines.prepare_trainer(self, keep_parameters_gathered=self.keep_parameters_gathered)
             self._engine_ready = True
+        if page_refs.TRACE_KEY in inputs:
+            page_refs.record_trace(inputs, self.args.process_index, self.state.global_step + 1)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.keep_parameters_gathered:
             engines.release_parameters(self)

@@ -265,6 +265,7 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
         + ([engines.make_collective_logger(str(out), info.rank)] if cfg.launch.log_collectives else []),
     )
     trainer.keep_parameters_gathered = cfg.launch.keep_parameters_gathered
+    _resolve_page_ids(trainer, cfg, train_ds, info)
 
     _check_engine(trainer, info)
     results: dict = {}
@@ -341,6 +342,22 @@ def _check_engine(trainer, info: distributed.DistInfo) -> None:
         raise ValueError(f"the launch config asks for {requested} but the trainer set up "
                          f"{active or 'DDP'} on {info.device}; use a DDP launch config (launch/cpu.yaml, "
                          f"launch/ddp.yaml) here")
+
+
+def _resolve_page_ids(trainer, cfg: Config, train_ds, info: distributed.DistInfo) -> None:
+    """Rows naming pages by id (data.pages_path): the collator decodes each batch's pages from the corpus."""
+    from .data import page_refs
+
+    columns = page_refs.id_columns(train_ds, [cfg.data.positive_column, *cfg.data.negative_columns])
+    if not columns:
+        return
+    if cfg.task == "reranker":
+        raise ValueError("data.pages_path (rows naming pages by id) is not supported for task: reranker yet; "
+                         "train it on rows with page images (dist-vdr mine-negatives --data writes them)")
+    say(info, f"pages of {columns} resolved batch by batch from {cfg.data.pages_path}")
+    trainer.data_collator = page_refs.ResolvingCollator(
+        trainer.data_collator, page_refs.load_table(cfg.data), columns,
+        key_columns=[cfg.data.query_column, cfg.data.positive_column])
 
 
 def _validate_data(cfg: Config) -> None:

@@ -96,19 +96,41 @@ def check_images(ds, columns: list[str], where: str, show_progress: bool = False
 
 
 def load_train(cfg: DataConfig, show_progress: bool = False, extra_columns: list[str] = ()):
-    """The training dataset with exactly ``cfg.train_columns`` (then ``extra_columns``), in that order."""
+    """The training dataset with exactly ``cfg.train_columns`` (then ``extra_columns``), in that order.
+
+    Page columns may hold page ids resolved against ``cfg.pages_path`` (see :mod:`.page_refs`);
+    those are checked to name pages of that corpus, and image columns to decode.
+    """
+    from . import page_refs
+
     ds = _load_split(cfg.path, cfg.train_name, cfg.train_split)
     where = f"training data {cfg.path}[{cfg.train_split}]"
     columns = [*cfg.train_columns, *(c for c in extra_columns if c not in cfg.train_columns)]
-    _require_columns(ds, columns, where)
-    ds = ds.select_columns(columns)
     if cfg.max_train_samples is not None:
         ds = ds.select(range(min(cfg.max_train_samples, len(ds))))
+    table = page_refs.load_table(cfg) if cfg.pages_path else None
+    if cfg.negative_ids_column:
+        if table is None:
+            raise ValueError("data.negative_ids_column needs data.pages_path (the corpus the ids name; for the "
+                             "published VDR layout, the training data itself with data.pages_id_column=id)")
+        _require_columns(ds, [c for c in columns if c not in cfg.negative_columns] + [cfg.negative_ids_column], where)
+        ds = page_refs.expand_negative_ids(ds.select_columns(
+            [c for c in columns if c not in cfg.negative_columns] + [cfg.negative_ids_column]),
+            cfg.negative_ids_column, cfg.negative_columns, table, where)
+    _require_columns(ds, columns, where)
+    ds = ds.select_columns(columns)
     if len(ds) == 0:
         raise ValueError(f"{where} is empty")
     _check_queries(ds[cfg.query_column], where)
+    page_columns = [cfg.positive_column, *cfg.negative_columns]
+    ids = page_refs.id_columns(ds, page_columns)
+    if ids and table is None:
+        raise ValueError(f"{where}: columns {ids} hold page ids, not images; set data.pages_path to the page "
+                         f"corpus they name (e.g. the `dist-vdr pages build` folder they were mined from)")
+    if table is not None:
+        page_refs.check_ids(ds, ids, table, where)
     if cfg.validate_images:
-        check_images(ds, cfg.train_columns, where, show_progress)
+        check_images(ds, [c for c in cfg.train_columns if c not in ids], where, show_progress)
     return ds
 
 
@@ -131,15 +153,30 @@ def load_eval(cfg: DataConfig, show_progress: bool = False) -> EvalData:
 def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
     import datasets
 
-    queries = _load_split(cfg.path, cfg.eval_name, cfg.eval_queries_split)
-    corpus = _load_split(cfg.path, cfg.eval_name, cfg.eval_corpus_split)
-    qrels = _load_split(cfg.path, cfg.eval_name, cfg.eval_qrels_split)
+    from . import ingest, judgements
+
+    corpus_path = cfg.eval_corpus_path or cfg.path
+    ingest.check_complete(corpus_path)
+    corpus = _load_split(corpus_path, cfg.eval_name, cfg.eval_corpus_split)
+    _require_columns(corpus, ["page_id", "image"], f"eval corpus {corpus_path}[{cfg.eval_corpus_split}]")
+    if cfg.eval_queries_file:
+        texts = judgements.read_queries(cfg.eval_queries_file)
+        queries = datasets.Dataset.from_dict({"query_id": list(texts), "query": list(texts.values())})
+    else:
+        queries = _load_split(cfg.path, cfg.eval_name, cfg.eval_queries_split)
+    if cfg.eval_qrels_file:
+        read = judgements.read_qrels(cfg.eval_qrels_file)
+        read = judgements.resolve_page_ids(read, set(map(str, corpus["page_id"])), judgements.read_aliases(corpus_path))
+        qrels = datasets.Dataset.from_dict({"query_id": [q for q, rel in read.items() for _ in rel],
+                                            "page_id": [p for rel in read.values() for p in rel],
+                                            "score": [g for rel in read.values() for g in rel.values()]})
+    else:
+        qrels = _load_split(cfg.path, cfg.eval_name, cfg.eval_qrels_split)
     _require_columns(queries, ["query_id", "query"], f"eval queries {cfg.path}[{cfg.eval_queries_split}]")
-    _require_columns(corpus, ["page_id", "image"], f"eval corpus {cfg.path}[{cfg.eval_corpus_split}]")
     _require_columns(qrels, ["query_id", "page_id", "score"], f"eval qrels {cfg.path}[{cfg.eval_qrels_split}]")
     _check_queries(queries["query"], f"eval queries {cfg.path}")
     if cfg.validate_images:
-        check_images(corpus, ["image"], f"eval corpus {cfg.path}", show_progress)
+        check_images(corpus, ["image"], f"eval corpus {corpus_path}", show_progress)
     rel: dict[str, dict[str, int]] = {}
     for row in qrels:
         rel.setdefault(str(row["query_id"]), {})[str(row["page_id"])] = int(row["score"])
