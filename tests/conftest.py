@@ -83,10 +83,10 @@ def logged_losses(out: Path, key: str = "loss") -> dict[int, float]:
     return {h["step"]: h[key] for h in state["log_history"] if key in h}
 
 
-def kill_after_first_checkpoint(args: list[str], out: Path, timeout_s: float = 300) -> None:
+def kill_after_first_checkpoint(args: list[str], out: Path, timeout_s: float = 300, env: dict | None = None) -> None:
     """Start ``args`` (a launcher command) and SIGKILL it with all its workers as soon as ``out`` holds
     a complete checkpoint: an interruption at an arbitrary point after the first save."""
-    victim = subprocess.Popen(args, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL,
+    victim = subprocess.Popen(args, cwd=REPO, env=env or launch_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout_s
     try:

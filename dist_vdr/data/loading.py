@@ -109,6 +109,11 @@ def load_train(cfg: DataConfig, show_progress: bool = False, extra_columns: list
     if cfg.max_train_samples is not None:
         ds = ds.select(range(min(cfg.max_train_samples, len(ds))))
     table = page_refs.load_table(cfg) if cfg.pages_path else None
+    if table is not None and cfg.pages_path == cfg.path and cfg.pages_id_column in ds.column_names:
+        # The rows are the corpus (the VDR layout): name the positive by its row's id too, so that
+        # every page column holds ids and the no-duplicates sampler sees a page that is one row's
+        # positive and another's negative as the same value.
+        ds = ds.remove_columns([cfg.positive_column]).rename_column(cfg.pages_id_column, cfg.positive_column)
     if cfg.negative_ids_column:
         if table is None:
             raise ValueError("data.negative_ids_column needs data.pages_path (the corpus the ids name; for the "
