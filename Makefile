@@ -2,6 +2,7 @@
 #   make demo   set up .venv, build the tiny model and pages, train on 2 CPU processes, evaluate
 #   make test   set up .venv (if needed) and run the test suite
 #   make demo-reranker   after demo: the tiny reranker (warm-started, mined negatives), retrieval vs reranked
+#   make demo-pdfs       a folder of generated PDFs -> page corpus -> mined negatives -> training (README)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,9 +13,10 @@ STAMP := $(VENV)/.dist-vdr-installed
 DEMO_DIR ?= artifacts
 DEMO_RUN ?= runs/tiny
 DEMO_RERANKER_RUN ?= runs/tiny-reranker
+DEMO_PDFS_RUN ?= runs/tiny-pdfs
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-reranker test venv clean-demo system-deps
+.PHONY: demo demo-reranker demo-pdfs test venv clean-demo system-deps
 
 venv: $(STAMP)
 
@@ -41,6 +43,22 @@ demo-reranker: demo
 		model.name_or_path=$(DEMO_DIR)/tiny-reranker reranker.retriever=$(DEMO_RUN)/final \
 		data.path=$(DEMO_DIR)/pages training.output_dir=$(DEMO_RERANKER_RUN)
 
+# The README walkthrough "Your documents" on generated PDFs: page corpus, negatives mined over the
+# whole corpus on 2 ranks, training on rows naming pages by id, eval from query/qrels files.
+demo-pdfs: $(STAMP)
+	$(BIN)/dist-vdr make-tiny-model $(DEMO_DIR)/tiny-model
+	$(BIN)/dist-vdr make-synthetic-pdfs $(DEMO_DIR)/pdfs --num-documents 1000 --num-scans 200
+	$(BIN)/dist-vdr pages build --input $(DEMO_DIR)/pdfs/documents --out $(DEMO_DIR)/corpus --dpi 20
+	OMP_NUM_THREADS=1 $(BIN)/python -m accelerate.commands.launch --config_file launch/cpu.yaml \
+		-m dist_vdr.cli mine-negatives --model $(DEMO_DIR)/tiny-model --corpus $(DEMO_DIR)/corpus \
+		--queries $(DEMO_DIR)/pdfs/train_queries.jsonl --qrels $(DEMO_DIR)/pdfs/train_qrels.trec \
+		--out $(DEMO_DIR)/mined --num-negatives 1 --max-rank 100 --max-uses-per-page 3 \
+		--exclude-same-document --device cpu
+	PYTHON=$(BIN)/python launch/train.sh launch/cpu.yaml --config configs/tiny.yaml \
+		model.name_or_path=$(DEMO_DIR)/tiny-model training.output_dir=$(DEMO_PDFS_RUN) \
+		data.path=$(DEMO_DIR)/mined data.pages_path=$(DEMO_DIR)/corpus data.eval_path=$(DEMO_DIR)/corpus \
+		data.eval_queries_file=$(DEMO_DIR)/pdfs/eval_queries.jsonl data.eval_qrels_file=$(DEMO_DIR)/pdfs/eval_qrels.trec
+
 # The SLURM integration tests run a real two-node cluster on this host (Debian's slurmctld + slurmd).
 # As root with apt-get they are installed here; elsewhere those tests are skipped with the reason.
 # DeepSpeed on CPU JIT-compiles a small C++ op (gcc/g++; ninja comes from pip).
@@ -62,4 +80,4 @@ test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-demo:
-	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(DEMO_RERANKER_RUN)
+	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(DEMO_RERANKER_RUN) $(DEMO_PDFS_RUN)

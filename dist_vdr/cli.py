@@ -7,6 +7,7 @@ Subcommands:
   make-synthetic-pdfs DIR    generate a folder of PDFs and scans with queries and qrels
   pages build               render a folder of PDFs/images into a page corpus dataset (parallel, resumable)
   eval / mine-negatives      sharded retrieval evaluation / hard-negative mining (accelerate launch)
+  bench-loss / bench-eval / bench-search / bench-corpus   benchmarks that print figures
 
 User errors (bad config, missing data, bad rows) print one `error:` line and exit with status 2.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import json
 import os
 import sys
 import warnings
@@ -71,8 +73,6 @@ def _make_pages(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     """Standalone sharded evaluation (run it under accelerate launch for several ranks)."""
-    import json
-
     from . import distributed
     from .config import DataConfig, ModelConfig
     from .data.loading import load_eval
@@ -156,8 +156,6 @@ def _bench_loss(args: argparse.Namespace) -> int:
     print(loss_comm.format_table(results, world_size=args.world_size, global_batch=args.global_batch,
                                  mini_batch_size=args.mini_batch_size, dims=dims))
     if args.json:
-        import json
-
         print(json.dumps(results))
     return 0
 
@@ -169,6 +167,18 @@ def _bench_eval(args: argparse.Namespace) -> int:
     results = eval_speed.run_eval_bench(args.model, args.data, dims, batch_size=args.batch_size,
                                         workers=args.num_workers, world_size=args.world_size)
     print(eval_speed.format_eval(results, args.world_size))
+    return 0
+
+
+def _bench_corpus(args: argparse.Namespace) -> int:
+    from .bench import corpus
+
+    results = corpus.run_corpus_bench(args.work_dir, model=args.model, num_documents=args.num_documents,
+                                      num_scans=args.num_scans, render_documents=args.render_documents,
+                                      dpi=args.dpi, world_size=args.world_size)
+    print(corpus.format_corpus(results))
+    if args.json:
+        print(json.dumps(results, indent=2))
     return 0
 
 
@@ -281,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--world-size", type=int, default=2)
     be.set_defaults(fn=_bench_eval)
 
+    bc = sub.add_parser("bench-corpus", help="pages build and corpus mining: 1 process vs W, rows compared")
+    bc.add_argument("--work-dir", required=True, help="scratch folder (generated PDFs, corpora, mined rows)")
+    bc.add_argument("--model", default="artifacts/tiny-model")
+    bc.add_argument("--num-documents", type=int, default=2300, help="generated PDFs (~4.5 pages each)")
+    bc.add_argument("--num-scans", type=int, default=200)
+    bc.add_argument("--render-documents", type=int, default=400, help="PDFs rendered at --dpi for the build figures")
+    bc.add_argument("--dpi", type=float, default=144.0)
+    bc.add_argument("--world-size", type=int, default=2)
+    bc.add_argument("--json", action="store_true")
+    bc.set_defaults(fn=_bench_corpus)
+
     bs = sub.add_parser("bench-search", help="exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS")
     bs.add_argument("--num-pages", type=int, default=1_000_000)
     bs.add_argument("--num-queries", type=int, default=10_000)
@@ -309,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.enable()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    if args.command != "train":  # train installs its signal handling first, then quiets the libraries
+    # train installs its signal handling first, then quiets the libraries; the page commands never
+    # load transformers (its import alone is ~0.8 GB of the builder's resident memory).
+    if args.command not in ("train", "pages", "make-synthetic-pdfs"):
         _quiet_library_noise()
     try:
         code = args.fn(args)

@@ -84,9 +84,9 @@ class DataConfig:
     """Split for eval_format=triplets."""
     eval_negative_columns: list[str] = field(default_factory=list)
     """For eval_format=triplets: page columns added to the corpus besides the positive."""
-    eval_corpus_path: Optional[str] = None
-    """For eval_format=ir: the page corpus (default: the eval_corpus split of data.path), e.g. a
-    `dist-vdr pages build` folder."""
+    eval_path: Optional[str] = None
+    """Where the eval data lives (null: data.path): a dataset with the eval splits, or for eval_format=ir
+    with eval_queries_file/eval_qrels_file a page corpus such as a `dist-vdr pages build` folder."""
     eval_queries_file: Optional[str] = None
     """For eval_format=ir: queries as JSONL/CSV/TSV (query_id, query) instead of the eval_queries split."""
     eval_qrels_file: Optional[str] = None

@@ -90,7 +90,7 @@ def test_corpus_mining_two_ranks_equals_one(tiny_model, pdf_corpus, mined, tmp_p
 
 def _train_args(tiny_model: Path, src: Path, corpus: Path, rows: Path, out: Path, *more: str) -> list[str]:
     return ["--config", "configs/tiny.yaml", *tiny_overrides(tiny_model, rows, out), f"data.pages_path={corpus}",
-            "data.negative_columns=[negative_0,negative_1]", f"data.eval_corpus_path={corpus}",
+            "data.negative_columns=[negative_0,negative_1]", f"data.eval_path={corpus}",
             f"data.eval_queries_file={src / 'eval_queries.jsonl'}", f"data.eval_qrels_file={src / 'eval_qrels.trec'}",
             "training.max_steps=6", "training.dataloader_num_workers=1", *more]
 

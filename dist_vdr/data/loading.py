@@ -160,7 +160,7 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
 
     from . import ingest, judgements
 
-    corpus_path = cfg.eval_corpus_path or cfg.path
+    corpus_path = cfg.eval_path or cfg.path
     ingest.check_complete(corpus_path)
     corpus = _load_split(corpus_path, cfg.eval_name, cfg.eval_corpus_split)
     _require_columns(corpus, ["page_id", "image"], f"eval corpus {corpus_path}[{cfg.eval_corpus_split}]")
@@ -168,7 +168,7 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
         texts = judgements.read_queries(cfg.eval_queries_file)
         queries = datasets.Dataset.from_dict({"query_id": list(texts), "query": list(texts.values())})
     else:
-        queries = _load_split(cfg.path, cfg.eval_name, cfg.eval_queries_split)
+        queries = _load_split(corpus_path, cfg.eval_name, cfg.eval_queries_split)
     if cfg.eval_qrels_file:
         read = judgements.read_qrels(cfg.eval_qrels_file)
         read = judgements.resolve_page_ids(read, set(map(str, corpus["page_id"])), judgements.read_aliases(corpus_path))
@@ -176,10 +176,10 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
                                             "page_id": [p for rel in read.values() for p in rel],
                                             "score": [g for rel in read.values() for g in rel.values()]})
     else:
-        qrels = _load_split(cfg.path, cfg.eval_name, cfg.eval_qrels_split)
-    _require_columns(queries, ["query_id", "query"], f"eval queries {cfg.path}[{cfg.eval_queries_split}]")
-    _require_columns(qrels, ["query_id", "page_id", "score"], f"eval qrels {cfg.path}[{cfg.eval_qrels_split}]")
-    _check_queries(queries["query"], f"eval queries {cfg.path}")
+        qrels = _load_split(corpus_path, cfg.eval_name, cfg.eval_qrels_split)
+    _require_columns(queries, ["query_id", "query"], f"eval queries {corpus_path}[{cfg.eval_queries_split}]")
+    _require_columns(qrels, ["query_id", "page_id", "score"], f"eval qrels {corpus_path}[{cfg.eval_qrels_split}]")
+    _check_queries(queries["query"], f"eval queries {corpus_path}")
     if cfg.validate_images:
         check_images(corpus, ["image"], f"eval corpus {corpus_path}", show_progress)
     rel: dict[str, dict[str, int]] = {}
@@ -193,7 +193,7 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
     corpus = corpus.select_columns(["page_id", "image"])
     page_ids = [str(p) for p in corpus["page_id"]]
     if len(set(page_ids)) != len(page_ids):
-        raise ValueError(f"eval corpus {cfg.path}[{cfg.eval_corpus_split}] has duplicate page ids")
+        raise ValueError(f"eval corpus {corpus_path}[{cfg.eval_corpus_split}] has duplicate page ids")
     if not isinstance(corpus.features["page_id"], datasets.Value) or corpus.features["page_id"].dtype != "string":
         corpus = corpus.cast_column("page_id", datasets.Value("string"))
     known = set(page_ids)
@@ -207,8 +207,9 @@ def _load_eval_triplets(cfg: DataConfig, show_progress: bool) -> EvalData:
     """Published VDR layout: each eval row's positive is relevant; positives and negatives form the corpus."""
     import datasets
 
-    ds = _load_split(cfg.path, cfg.eval_name, cfg.eval_split)
-    where = f"eval data {cfg.path}[{cfg.eval_split}]"
+    path = cfg.eval_path or cfg.path
+    ds = _load_split(path, cfg.eval_name, cfg.eval_split)
+    where = f"eval data {path}[{cfg.eval_split}]"
     page_cols = [cfg.positive_column, *cfg.eval_negative_columns]
     _require_columns(ds, [cfg.query_column, *page_cols], where)
     if cfg.max_eval_queries is not None:

@@ -13,13 +13,16 @@ page a query was written for 2 and the other renderings of its content 1.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .judgements import write_qrels_trec, write_queries_jsonl
 from .synthetic import Attributes, all_attributes, describe, render_page
+
+MARKER_FILE = "dist_vdr_pdfs.json"
 
 
 @dataclass(kw_only=True)
@@ -46,9 +49,12 @@ def generate_pdf_folder(out_dir: str | Path, spec: SyntheticPdfSpec | None = Non
                         overwrite: bool = False) -> Path:
     spec = spec or SyntheticPdfSpec()
     out = Path(out_dir)
+    marker = json.dumps(asdict(spec), sort_keys=True)
     if out.exists():
+        if not overwrite and (out / MARKER_FILE).is_file() and (out / MARKER_FILE).read_text() == marker:
+            return out  # already generated with this spec (the output is deterministic)
         if not overwrite:
-            raise ValueError(f"{out} exists; pass --overwrite to replace it")
+            raise ValueError(f"{out} exists with other content; pass --overwrite to replace it")
         shutil.rmtree(out)
     docs = out / "documents"
     (docs / "reports").mkdir(parents=True)
@@ -96,4 +102,5 @@ def generate_pdf_folder(out_dir: str | Path, spec: SyntheticPdfSpec | None = Non
     write_qrels_trec(out / "train_qrels.trec", train_rel)
     write_queries_jsonl(out / "eval_queries.jsonl", eval_q)
     write_qrels_trec(out / "eval_qrels.trec", eval_rel)
+    (out / MARKER_FILE).write_text(marker)  # last: a killed run leaves no marker and is redone
     return out

@@ -3,7 +3,10 @@
 Pages are decoded and preprocessed (processor: resize, patchify, chat template) in DataLoader
 workers, in batches of similar page area (less padding), and only the forward pass runs in the
 main process. Nothing travels between ranks here: each rank reads its own contiguous slice of the
-``datasets`` corpus. An optional on-disk cache keeps finished batches per shard, so an interrupted
+``datasets`` corpus. Batches are formed inside fixed blocks of ``BLOCK_BATCHES`` batches of the
+corpus (sorted by area within a block), and shards are whole blocks: every batch holds the same
+pages whatever the number of ranks, so the embeddings, and the rankings built on them, do not
+change with it (a batch's padding changes the floating-point result of its pages). An optional on-disk cache keeps finished batches per shard, so an interrupted
 evaluation of a large corpus continues where it stopped.
 """
 
@@ -29,6 +32,27 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + size + (rank < extra)
 
 
+BLOCK_BATCHES = 8
+
+
+def corpus_shard_range(n: int, rank: int, world_size: int, batch_size: int) -> tuple[int, int]:
+    """Rank's contiguous [start, end) of an n-page corpus, in whole blocks of BLOCK_BATCHES batches."""
+    block = batch_size * BLOCK_BATCHES
+    first, last = shard_range(-(-n // block), rank, world_size)
+    return min(first * block, n), min(last * block, n)
+
+
+def block_batches(areas: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Batches of shard positions: each block (from the shard's start) sorted by decreasing area, cut
+    into batch_size pieces. Depends only on the pages of the block, not on the number of ranks."""
+    block = batch_size * BLOCK_BATCHES
+    batches = []
+    for start in range(0, len(areas), block):
+        order = start + np.argsort(-areas[start:start + block], kind="stable")
+        batches += [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    return batches
+
+
 def _page_areas(shard, image_column: str) -> np.ndarray:
     """Pixel area of each page from the image header only (no full decode)."""
     import datasets
@@ -44,14 +68,13 @@ def _page_areas(shard, image_column: str) -> np.ndarray:
 
 
 class _Pages(torch.utils.data.Dataset):
-    def __init__(self, shard, order: np.ndarray, image_column: str) -> None:
-        self.shard, self.order, self.image_column = shard, order, image_column
+    def __init__(self, shard, image_column: str) -> None:
+        self.shard, self.image_column = shard, image_column
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.shard)
 
-    def __getitem__(self, i: int):
-        j = int(self.order[i])
+    def __getitem__(self, j: int):
         return j, self.shard[j][self.image_column].convert("RGB")
 
 
@@ -97,26 +120,26 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
     from sentence_transformers.util import batch_to_device
     from tqdm.auto import tqdm
 
-    start, end = shard_range(len(corpus), rank, world_size)
-    shard = corpus.select(range(start, end))
+    start, end = corpus_shard_range(len(corpus), rank, world_size, batch_size)
+    shard = corpus.select(range(start, end) if end > start else [])  # a small corpus may leave a rank none
     n = len(shard)
     cache = _ShardCache(cache_dir, rank, world_size, start, end, cache_key) if cache_dir else None
     done = cache.load() if cache else {}
-    todo = np.array([i for i in range(n) if i not in done], dtype=np.int64)
+    # A cached batch is whole: the batches still to run are exactly those of the uninterrupted run.
+    batches = [b for b in block_batches(_page_areas(shard, image_column), batch_size)
+               if not all(p in done for p in b)] if len(done) < n else []
     # Sharded engines (ZeRO-3, FSDP2) gather parameters inside every forward: a collective, so all
     # ranks must run the same number of forwards. Ranks with fewer batches run padding forwards.
-    my_batches = -(-int(todo.size) // batch_size)
+    my_batches = len(batches)
     num_batches = max(distributed.all_gather_objects(my_batches)) if world_size > 1 else my_batches
     if num_batches:
-        # Similar page areas per batch: the processor pads to the largest page of the batch.
-        order = todo[np.argsort(-_page_areas(shard.select(todo.tolist()), image_column), kind="stable")]
         # Workers are forked: the collate function holds the model's processor (and the module
         # around it), which a spawn/forkserver start would pickle into every worker (measured: 30x
         # slower inside a spawned rank). Where fork is unavailable, preprocess in this process.
         fork = "fork" in multiprocessing.get_all_start_methods()
         workers = (auto_workers(model.device, world_size) if num_workers < 0 else num_workers) if fork else 0
         loader = torch.utils.data.DataLoader(
-            _Pages(shard, order, image_column), batch_size=batch_size, shuffle=False, num_workers=workers,
+            _Pages(shard, image_column), batch_sampler=batches, num_workers=workers,
             collate_fn=_Collate(model, document_prompt(model)), persistent_workers=False,
             multiprocessing_context="fork" if workers else None,
         )
