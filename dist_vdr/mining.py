@@ -226,7 +226,8 @@ def _positive_scores(queries: torch.Tensor, shard: torch.Tensor, offset: int, po
     mine = np.flatnonzero((positives >= offset) & (positives < offset + n))
     if mine.size:
         rows = torch.from_numpy(positives[mine] - offset)
-        local[torch.from_numpy(mine)] = (queries[torch.from_numpy(mine)] * shard[rows]).sum(dim=1)
+        # As the candidates' scores are computed (search.rescore): the same value on any number of ranks.
+        local[torch.from_numpy(mine)] = (queries[torch.from_numpy(mine)].double() * shard[rows].double()).sum(dim=1).float()
     return distributed.all_gather_same(local).sum(dim=0).numpy()
 
 

@@ -219,6 +219,9 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
                          f"lower training.global_batch_size or add data")
     eval_data: EvalData | None = load_eval(_without_image_check(cfg.data)) if cfg.evaluation.enabled else None
     candidates = None
+    if cfg.task == "reranker" and cfg.data.pages_path:
+        raise ValueError("data.pages_path (rows naming pages by id) is not supported for task: reranker yet; "
+                         "train it on rows with page images (dist-vdr mine-negatives --data writes them)")
     if cfg.task == "reranker":
         from .reranker import training as reranker_training
 
@@ -351,9 +354,6 @@ def _resolve_page_ids(trainer, cfg: Config, train_ds, info: distributed.DistInfo
     columns = page_refs.id_columns(train_ds, [cfg.data.positive_column, *cfg.data.negative_columns])
     if not columns:
         return
-    if cfg.task == "reranker":
-        raise ValueError("data.pages_path (rows naming pages by id) is not supported for task: reranker yet; "
-                         "train it on rows with page images (dist-vdr mine-negatives --data writes them)")
     say(info, f"pages of {columns} resolved batch by batch from {cfg.data.pages_path}")
     trainer.data_collator = page_refs.ResolvingCollator(
         trainer.data_collator, page_refs.load_table(cfg.data), columns,

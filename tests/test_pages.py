@@ -177,3 +177,20 @@ def test_killed_build_resumes_to_the_same_corpus(tmp_path):
     assert _rows(out) == _rows(tmp_path / "whole")
     files = [json.loads(line)["file"] for line in manifest.read_text().splitlines()]
     assert len(files) == len(set(files)) == 48  # every file recorded once
+
+
+def test_a_file_that_crashes_its_renderer_is_isolated(tmp_path, monkeypatch):
+    """Native code dying on one file (here: injected) costs that file only, not the build."""
+    from dist_vdr.data import ingest
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for d in range(6):
+        _pdf(docs / f"doc-{d}.pdf", [(d * 40, 90, 90), (90, d * 40, 90)])
+    monkeypatch.setenv(ingest.CRASH_ENV, "doc-3.pdf")
+    summary = build_pages(PagesBuildConfig(input_dir=str(docs), out_dir=str(tmp_path / "out"), dpi=20,
+                                           files_per_shard=3, num_workers=2), show_progress=False)
+    assert summary["pages"] == 10 and summary["bad_files"] == 1
+    bad = [json.loads(line) for line in (tmp_path / "out" / "bad_files.jsonl").open()]
+    assert bad == [{"file": "doc-3.pdf", "reason": "crashed the renderer process"}]
+    assert "doc-3.pdf#1" not in _rows(tmp_path / "out")[0] and len(_rows(tmp_path / "out")) == 10

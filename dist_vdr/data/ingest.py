@@ -15,8 +15,8 @@ Work is split into shards of ``files_per_shard`` files rendered in parallel proc
 is written beside its final name and renamed into place, then its files are appended to
 ``manifest.jsonl``. An interrupted build therefore resumes with the files the manifest lacks and
 loses nothing already written. Bad inputs (corrupt or encrypted PDF, zero pages, undecodable
-image, decompression bomb) are skipped and summarised (``bad_files.jsonl``); they are tried again
-on resume, so a fixed file joins. At the end the shards are merged in (document, page) order,
+image, decompression bomb, a file that crashes the renderer process) are skipped and summarised
+(``bad_files.jsonl``); they are tried again on resume, so a fixed file joins. At the end the shards are merged in (document, page) order,
 pages whose content repeats an earlier page are dropped and listed in ``duplicates.jsonl`` (qrels
 naming them are mapped to the kept page), and ``dist_vdr_pages_build.json`` marks the corpus
 complete.
@@ -32,6 +32,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -41,6 +42,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".g
 SETTINGS_FILE = "dist_vdr_pages_settings.json"
 MARKER_FILE = "dist_vdr_pages_build.json"
 MANIFEST_FILE = "manifest.jsonl"
+CRASH_ENV = "DIST_VDR_TEST_CRASH_ON_FILE"
 
 
 @dataclass(kw_only=True)
@@ -179,6 +181,8 @@ def _image_pages(path: Path, cfg: PagesBuildConfig):
 def render_file(root: str | Path, rel: str, cfg: PagesBuildConfig) -> list[dict]:
     """All page rows of one input file; raises BadInput with the reason when it has none."""
     path = Path(root) / rel
+    if os.environ.get(CRASH_ENV) == rel:  # fault injection for the tests: native code dying on a file
+        os._exit(139)
     pages = _pdf_pages(path, cfg) if path.suffix.lower() in PDF_SUFFIXES else _image_pages(path, cfg)
     doc = document_id(rel)
     rows = []
@@ -209,7 +213,9 @@ def build_shard(cfg: PagesBuildConfig, files: list[str]) -> tuple[str, list[dict
     Image.MAX_IMAGE_PIXELS = None  # the bomb check is ours (BadInput with the size), not a warning
     datasets.disable_progress_bars()  # one bar per shard save would bury the build's own bar
     rows, records = [], []
+    status = Path(cfg.out_dir) / "shards" / f".rendering-{os.getpid()}"  # what this process renders now
     for rel in files:
+        status.write_text(rel)
         try:
             got = render_file(cfg.input_dir, rel, cfg)
         except BadInput as exc:
@@ -217,6 +223,7 @@ def build_shard(cfg: PagesBuildConfig, files: list[str]) -> tuple[str, list[dict
             continue
         rows.extend(got)
         records.append({"file": rel, "status": "ok", "pages": len(got)})
+    status.write_text("")
     name = shard_name(files)
     shards = Path(cfg.out_dir) / "shards"
     tmp, final = shards / f".tmp-{name}-{os.getpid()}", shards / name
@@ -298,16 +305,7 @@ def build_pages(cfg: PagesBuildConfig, *, overwrite: bool = False, show_progress
             bar.update(len(records))
             bar.set_postfix(pages=new_pages, bad=len(bad))
 
-        if workers <= 1:
-            for task in tasks:
-                record(build_shard(cfg, task)[1])
-        else:
-            import multiprocessing
-
-            # spawn: PDFium and the parent's threads must not be inherited half-initialised through fork
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                for future in as_completed([pool.submit(build_shard, cfg, task) for task in tasks]):
-                    record(future.result()[1])
+        _render_all(cfg, tasks, workers, record, bar)
     bar.close()
     summary = finalize(cfg, files, bad, ignored, show_progress=show_progress)
     seconds = time.perf_counter() - started
@@ -316,6 +314,49 @@ def build_pages(cfg: PagesBuildConfig, *, overwrite: bool = False, show_progress
     (out / MARKER_FILE).write_text(json.dumps(summary, indent=2))
     shutil.rmtree(out / "shards", ignore_errors=True)  # merged into the corpus; only a resume needed them
     return summary
+
+
+def _render_all(cfg: PagesBuildConfig, tasks: list[list[str]], workers: int, record, bar) -> None:
+    """Run every task in worker processes; a file that crashes its process is found and reported bad.
+
+    When a worker dies, the pool is broken and the files its processes were rendering are unknown
+    among the in-flight ones: each worker notes its current file, those files are retried one per
+    process (the one that crashes again is bad), and the other tasks go on in a fresh pool.
+    """
+    status_dir = Path(cfg.out_dir) / "shards"
+    while tasks:
+        for f in status_dir.glob(".rendering-*"):
+            f.unlink()
+        finished: set[int] = set()
+        try:
+            with _pool(workers) as pool:
+                futures = {pool.submit(build_shard, cfg, task): i for i, task in enumerate(tasks)}
+                for future in as_completed(futures):
+                    record(future.result()[1])
+                    finished.add(futures[future])
+            return
+        except BrokenProcessPool:
+            suspects = {f.read_text() for f in status_dir.glob(".rendering-*")} - {""}
+            if not suspects:
+                raise
+            bar.write(f"a renderer process crashed while rendering one of {sorted(suspects)}: "
+                      "retrying those one per process")
+            for rel in sorted(suspects):
+                try:
+                    with _pool(1) as pool:
+                        record(pool.submit(build_shard, cfg, [rel]).result()[1])
+                except BrokenProcessPool:
+                    record([{"file": rel, "status": "bad", "reason": "crashed the renderer process"}])
+            tasks = [[rel for rel in task if rel not in suspects] for i, task in enumerate(tasks) if i not in finished]
+            tasks = [task for task in tasks if task]
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    import multiprocessing
+
+    # Always processes, even for one worker: a file that crashes native code must not take the
+    # build (and its manifest) down. spawn: PDFium and the parent's threads are not forked half-set.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def finalize(cfg: PagesBuildConfig, files: list[str], bad: list[dict], ignored: list[str],

@@ -109,6 +109,8 @@ class ResolvingCollator:
         self.trace = bool(os.environ.get(TRACE_ENV))
 
     def __getattr__(self, name):  # the trainer reads the stock collator's attributes (tokenize_fn, ...)
+        if name == "inner":  # unpickling (spawned DataLoader workers) looks attributes up before __init__
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def __call__(self, features: list[dict]) -> dict:

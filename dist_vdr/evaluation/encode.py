@@ -172,17 +172,12 @@ def _blank_page_features(model):
     return model.preprocess([Image.new("RGB", (64, 64), "white")], prompt=document_prompt(model))
 
 
-def encode_queries(model, texts: list[str], *, batch_size: int = 32, pad_to: int = 0) -> torch.Tensor:
-    """Normalised float32 query embeddings on CPU, exactly as sentence-transformers' encode_query.
-
-    ``pad_to``: encode that many texts (repeating a filler) so that every rank runs the same number
-    of forwards (sharded engines); only the embeddings of ``texts`` are returned.
-    """
-    padded = list(texts) + ["?"] * max(0, pad_to - len(texts))
-    if not padded:
+def encode_queries(model, texts: list[str], *, batch_size: int = 32) -> torch.Tensor:
+    """Normalised float32 query embeddings on CPU, exactly as sentence-transformers' encode_query."""
+    if not texts:
         return torch.empty(0, 0)
-    emb = model.encode_query(padded, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
-    return torch.nn.functional.normalize(emb[: len(texts)].float(), p=2, dim=-1).cpu()
+    emb = model.encode_query(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    return torch.nn.functional.normalize(emb.float(), p=2, dim=-1).cpu()
 
 
 class _ShardCache:

@@ -2,8 +2,10 @@
 
 Memory stays O(chunk + queries x k): the corpus is scored in chunks and only a running top-k per
 query is kept. The backend is faiss (exact ``IndexFlatIP``) when installed, else chunked torch
-matmuls; both are exact. Ordering is made deterministic after the merge (score descending, then
-a tie key: the page id's position in sorted order, sentence-transformers' rule).
+matmuls; both are exact. The candidates' scores are then recomputed pair by pair (:func:`rescore`),
+so a ranking does not depend on how the corpus was split, and ordering is made deterministic after
+the merge (score descending, then a tie key: the page id's position in sorted order,
+sentence-transformers' rule).
 """
 
 from __future__ import annotations
@@ -70,6 +72,28 @@ def _torch_topk(queries: torch.Tensor, shard: torch.Tensor, k: int, corpus_chunk
         all_scores.append(best_s)
         all_idx.append(best_i)
     return torch.cat(all_scores), torch.cat(all_idx)
+
+
+RESCORE_SLACK = 8
+"""Extra candidates per shard, so that rescoring can reorder near-ties at the k-th place."""
+
+
+def rescore(queries: torch.Tensor, shard: torch.Tensor, idx: torch.Tensor, query_block: int = 1024) -> torch.Tensor:
+    """The candidates' scores recomputed as float64 dot products, rounded to float32 (-inf for padding).
+
+    A matrix product rounds a (query, page) score differently with the shape of the product and
+    the tile the pair falls in, i.e. with how the corpus is split over ranks and chunks; near-ties
+    then flip with the number of ranks. Recomputed row by row, a pair always gets the same score.
+    """
+    out = torch.full(idx.shape, NEG_INF)
+    if shard.shape[0] == 0:  # a rank without pages (small corpus): only padding
+        return out
+    for qb in range(0, idx.shape[0], query_block):
+        block = idx[qb:qb + query_block]
+        pages = shard[block.clamp(min=0)].double()  # [b, k, D]
+        s = (pages * queries[qb:qb + query_block, None, :].double()).sum(dim=-1).float()
+        out[qb:qb + query_block] = torch.where(block >= 0, s, torch.full_like(s, NEG_INF))
+    return out
 
 
 def merge_topk(scores: torch.Tensor, idx: torch.Tensor, k: int, tie_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

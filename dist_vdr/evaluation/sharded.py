@@ -29,7 +29,7 @@ from .. import distributed
 from ..data.loading import EvalData
 from .encode import encode_corpus_shard, encode_queries, shard_range
 from .metrics import METRICS, retrieval_metrics
-from .search import has_faiss, merge_topk, shard_topk
+from .search import RESCORE_SLACK, has_faiss, merge_topk, rescore, shard_topk
 
 
 def _base():
@@ -113,13 +113,28 @@ class ShardedRetrievalEvaluator(_base()):
 
 
 def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, *, batch_size: int = 32) -> torch.Tensor:
-    """Every rank encodes its slice of ``texts``; all ranks get all embeddings [len(texts), D]."""
+    """Every rank encodes its share of ``texts``; all ranks get all embeddings [len(texts), D].
+
+    Queries are sorted by length (as sentence-transformers does) and cut into batches once, for
+    the whole list; ranks take whole batches. A query is thus encoded in the same batch, padded
+    the same way, whatever the number of ranks: its embedding does not depend on it.
+    """
     n = len(texts)
-    start, end = shard_range(n, info.rank, info.world_size)
-    sizes = [e - s for s, e in (shard_range(n, r, info.world_size) for r in range(info.world_size))]
-    mine = encode_queries(model, texts[start:end], batch_size=batch_size,
-                          pad_to=max(sizes) if info.world_size > 1 else 0)
-    return distributed.all_gather_rows(mine, sizes)
+    order = sorted(range(n), key=lambda i: -len(texts[i]))  # stable: equal lengths keep their order
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    ranges = [shard_range(len(batches), r, info.world_size) for r in range(info.world_size)]
+    first, last = ranges[info.rank]
+    parts = [encode_queries(model, [texts[j] for j in batch], batch_size=batch_size) for batch in batches[first:last]]
+    # Sharded engines gather parameters in every forward (a collective): the same number on every rank.
+    for _ in range(max(e - s for s, e in ranges) - (last - first)):
+        encode_queries(model, ["?"], batch_size=batch_size)
+    mine = torch.cat(parts) if parts else torch.empty(0, 0)
+    sizes = [sum(len(b) for b in batches[s:e]) for s, e in ranges]
+    gathered = distributed.all_gather_rows(mine, sizes)  # rows in sorted order
+    out = torch.empty_like(gathered)
+    if n:
+        out[torch.tensor(order)] = gathered
+    return out
 
 
 def global_topk(queries: torch.Tensor, shard: torch.Tensor, offset: int, k: int, tie_key: np.ndarray, *,
@@ -135,7 +150,9 @@ def global_topk(queries: torch.Tensor, shard: torch.Tensor, offset: int, k: int,
     if shard.numel() == 0:
         shard = torch.empty(0, queries.shape[1])
     e = torch.nn.functional.normalize(shard[:, :dim], p=2, dim=-1) if dim < shard.shape[1] else shard
-    scores, idx = shard_topk(q, e.contiguous(), k, backend=backend)
+    e = e.contiguous()
+    _, idx = shard_topk(q, e, k + RESCORE_SLACK, backend=backend)
+    scores = rescore(q, e, idx)
     idx = torch.where(idx >= 0, idx + offset, idx)
     all_scores = distributed.all_gather_same(scores)  # [W, Q, k]
     all_idx = distributed.all_gather_same(idx)
