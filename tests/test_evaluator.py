@@ -186,18 +186,20 @@ def test_eval_command_two_ranks_equal_one_rank(tiny_model, pages, tmp_path):
 
 def test_corpus_batches_do_not_depend_on_the_number_of_ranks():
     """Shards are whole blocks of batches: every page lands in the same batch for any world size."""
-    from dist_vdr.evaluation.encode import block_batches, corpus_shard_range
+    from dist_vdr.evaluation.encode import block_batches, block_size, corpus_shard_range
 
     rng = np.random.default_rng(0)
-    for n in (0, 5, 16, 127, 128, 129, 1000):
+    assert block_size(100, 16) == 16 and block_size(100_000, 16) == 128  # balanced small, sorted large
+    for n in (0, 5, 16, 127, 128, 129, 1000, 5000):
         areas = rng.integers(1, 50, size=n)  # many ties: the stable sort must keep them in order
-        reference = {tuple(b) for b in block_batches(areas, 16)}
+        block = block_size(n, 16)
+        reference = {tuple(b) for b in block_batches(areas, 16, block)}
         for world_size in (1, 2, 3, 4):
             covered, batches = [], set()
             for rank in range(world_size):
-                start, end = corpus_shard_range(n, rank, world_size, 16)
-                assert (start == n or start % 128 == 0) and (end == n or end % 128 == 0)
+                start, end = corpus_shard_range(n, rank, world_size, block)
+                assert (start == n or start % block == 0) and (end == n or end % block == 0)
                 covered += range(start, end)
-                batches |= {tuple(start + p for p in b) for b in block_batches(areas[start:end], 16)}
+                batches |= {tuple(start + p for p in b) for b in block_batches(areas[start:end], 16, block)}
             assert covered == list(range(n))
             assert batches == reference, (n, world_size)

@@ -3,8 +3,9 @@
 Pages are decoded and preprocessed (processor: resize, patchify, chat template) in DataLoader
 workers, in batches of similar page area (less padding), and only the forward pass runs in the
 main process. Nothing travels between ranks here: each rank reads its own contiguous slice of the
-``datasets`` corpus. Batches are formed inside fixed blocks of ``BLOCK_BATCHES`` batches of the
-corpus (sorted by area within a block), and shards are whole blocks: every batch holds the same
+``datasets`` corpus. Batches are formed inside fixed blocks of up to ``MAX_BLOCK_BATCHES`` batches of
+the corpus (sorted by area within a block; the block size depends on the corpus size only), and
+shards are whole blocks: every batch holds the same
 pages whatever the number of ranks, so the embeddings, and the rankings built on them, do not
 change with it (a batch's padding changes the floating-point result of its pages). An optional on-disk cache keeps finished batches per shard, so an interrupted
 evaluation of a large corpus continues where it stopped.
@@ -32,20 +33,24 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + size + (rank < extra)
 
 
-BLOCK_BATCHES = 8
+MAX_BLOCK_BATCHES = 8
 
 
-def corpus_shard_range(n: int, rank: int, world_size: int, batch_size: int) -> tuple[int, int]:
-    """Rank's contiguous [start, end) of an n-page corpus, in whole blocks of BLOCK_BATCHES batches."""
-    block = batch_size * BLOCK_BATCHES
+def block_size(n: int, batch_size: int) -> int:
+    """Pages per block: up to MAX_BLOCK_BATCHES batches, and at least 32 blocks when the corpus allows,
+    so that whole-block shards stay balanced. Depends on the corpus, never on the number of ranks."""
+    return batch_size * max(1, min(MAX_BLOCK_BATCHES, n // (batch_size * 32)))
+
+
+def corpus_shard_range(n: int, rank: int, world_size: int, block: int) -> tuple[int, int]:
+    """Rank's contiguous [start, end) of an n-page corpus, in whole blocks."""
     first, last = shard_range(-(-n // block), rank, world_size)
     return min(first * block, n), min(last * block, n)
 
 
-def block_batches(areas: np.ndarray, batch_size: int) -> list[list[int]]:
+def block_batches(areas: np.ndarray, batch_size: int, block: int) -> list[list[int]]:
     """Batches of shard positions: each block (from the shard's start) sorted by decreasing area, cut
     into batch_size pieces. Depends only on the pages of the block, not on the number of ranks."""
-    block = batch_size * BLOCK_BATCHES
     batches = []
     for start in range(0, len(areas), block):
         order = start + np.argsort(-areas[start:start + block], kind="stable")
@@ -120,13 +125,14 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
     from sentence_transformers.util import batch_to_device
     from tqdm.auto import tqdm
 
-    start, end = corpus_shard_range(len(corpus), rank, world_size, batch_size)
+    block = block_size(len(corpus), batch_size)
+    start, end = corpus_shard_range(len(corpus), rank, world_size, block)
     shard = corpus.select(range(start, end) if end > start else [])  # a small corpus may leave a rank none
     n = len(shard)
     cache = _ShardCache(cache_dir, rank, world_size, start, end, cache_key) if cache_dir else None
     done = cache.load() if cache else {}
     # A cached batch is whole: the batches still to run are exactly those of the uninterrupted run.
-    batches = [b for b in block_batches(_page_areas(shard, image_column), batch_size)
+    batches = [b for b in block_batches(_page_areas(shard, image_column), batch_size, block)
                if not all(p in done for p in b)] if len(done) < n else []
     # Sharded engines (ZeRO-3, FSDP2) gather parameters inside every forward: a collective, so all
     # ranks must run the same number of forwards. Ranks with fewer batches run padding forwards.
