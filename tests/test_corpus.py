@@ -88,6 +88,30 @@ def test_corpus_mining_two_ranks_equals_one(tiny_model, pdf_corpus, mined, tmp_p
     assert len(mined_pages) == len(set(mined_pages))
 
 
+def test_killed_mining_resumes_from_its_embedding_cache(tiny_model, pdf_corpus, mined, tmp_path):
+    """SIGKILL while the corpus is being encoded; the rerun with the same --cache keeps the finished
+    batches and writes exactly the rows of an uninterrupted run."""
+    import time
+
+    from conftest import kill_tree
+
+    src, corpus = pdf_corpus
+    out, cache = tmp_path / "rows", tmp_path / "cache"
+    args = [*_mine_args(tiny_model, src, corpus, out), "--cache", str(cache)]
+    victim = subprocess.Popen([sys.executable, "-m", "dist_vdr.cli", *args], cwd=REPO, env=launch_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(cache.glob("*/batch-*.pt")):
+        assert victim.poll() is None, "mining ended before it could be interrupted"
+        time.sleep(0.005)
+    kill_tree(victim)
+    kept = len(list(cache.glob("*/batch-*.pt")))
+    assert kept >= 1 and not out.exists(), "the kill came too late to interrupt the encoding"
+    again = run_cli(args)
+    assert again.returncode == 0, log_tail(again.stdout + again.stderr)
+    assert _table(out) == _table(mined)
+
+
 def _train_args(tiny_model: Path, src: Path, corpus: Path, rows: Path, out: Path, *more: str) -> list[str]:
     return ["--config", "configs/tiny.yaml", *tiny_overrides(tiny_model, rows, out), f"data.pages_path={corpus}",
             "data.negative_columns=[negative_0,negative_1]", f"data.eval_path={corpus}",
