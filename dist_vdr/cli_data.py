@@ -52,14 +52,12 @@ def _mine(args: argparse.Namespace) -> int:
                        max_uses_per_page=args.max_uses_per_page, document_id_columns=id_columns, seed=args.seed)
     encode = {"batch_size": args.batch_size, "num_workers": args.num_workers, "cache_dir": args.cache}
     if corpus_mode:
-        from .data import ingest, judgements
-        from .data.loading import _load_split
+        from .data import judgements
+        from .data.loading import load_pages, read_corpus_qrels
 
-        ingest.check_complete(args.corpus)
-        corpus = _load_split(args.corpus, None, "train")
+        corpus = load_pages(args.corpus)
         queries = judgements.read_queries(args.queries)
-        qrels = judgements.resolve_page_ids(judgements.read_qrels(args.qrels), set(map(str, corpus["page_id"])),
-                                            judgements.read_aliases(args.corpus))
+        qrels = read_corpus_qrels(args.qrels, corpus, args.corpus)
     else:
         from .config import DataConfig
         from .data.loading import load_train

@@ -225,9 +225,11 @@ def _positive_scores(queries: torch.Tensor, shard: torch.Tensor, offset: int, po
     n = shard.shape[0] if shard.numel() else 0
     mine = np.flatnonzero((positives >= offset) & (positives < offset + n))
     if mine.size:
+        from .evaluation.search import rescore
+
         rows = torch.from_numpy(positives[mine] - offset)
-        # As the candidates' scores are computed (search.rescore): the same value on any number of ranks.
-        local[torch.from_numpy(mine)] = (queries[torch.from_numpy(mine)].double() * shard[rows].double()).sum(dim=1).float()
+        # The candidates' own pair score: the same value as in the ranking, on any number of ranks.
+        local[torch.from_numpy(mine)] = rescore(queries[torch.from_numpy(mine)], shard, rows[:, None])[:, 0]
     return distributed.all_gather_same(local).sum(dim=0).numpy()
 
 

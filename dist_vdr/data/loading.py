@@ -53,6 +53,23 @@ def _load_split(path: str, name: str | None, split: str):
     return datasets.load_dataset(path, name, split=split)
 
 
+def load_pages(path: str, name: str | None = None, split: str = "train"):
+    """A page corpus (e.g. a `dist-vdr pages build` folder); an unfinished build is refused with the fix."""
+    from . import ingest
+
+    ingest.check_complete(path)
+    return _load_split(path, name, split)
+
+
+def read_corpus_qrels(qrels_file: str, corpus, corpus_path: str) -> dict[str, dict[str, int]]:
+    """Judgements from a file, page ids checked against ``corpus`` and duplicates dropped by
+    `pages build` mapped to the page kept."""
+    from . import judgements
+
+    return judgements.resolve_page_ids(judgements.read_qrels(qrels_file), set(map(str, corpus["page_id"])),
+                                       judgements.read_aliases(corpus_path))
+
+
 def _require_columns(ds, columns: list[str], where: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
@@ -118,10 +135,10 @@ def load_train(cfg: DataConfig, show_progress: bool = False, extra_columns: list
         if table is None:
             raise ValueError("data.negative_ids_column needs data.pages_path (the corpus the ids name; for the "
                              "published VDR layout, the training data itself with data.pages_id_column=id)")
-        _require_columns(ds, [c for c in columns if c not in cfg.negative_columns] + [cfg.negative_ids_column], where)
-        ds = page_refs.expand_negative_ids(ds.select_columns(
-            [c for c in columns if c not in cfg.negative_columns] + [cfg.negative_ids_column]),
-            cfg.negative_ids_column, cfg.negative_columns, table, where)
+        source = [c for c in columns if c not in cfg.negative_columns] + [cfg.negative_ids_column]
+        _require_columns(ds, source, where)
+        ds = page_refs.expand_negative_ids(ds.select_columns(source), cfg.negative_ids_column, cfg.negative_columns,
+                                           table, where)
     _require_columns(ds, columns, where)
     ds = ds.select_columns(columns)
     if len(ds) == 0:
@@ -158,11 +175,10 @@ def load_eval(cfg: DataConfig, show_progress: bool = False) -> EvalData:
 def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
     import datasets
 
-    from . import ingest, judgements
+    from . import judgements
 
     corpus_path = cfg.eval_path or cfg.path
-    ingest.check_complete(corpus_path)
-    corpus = _load_split(corpus_path, cfg.eval_name, cfg.eval_corpus_split)
+    corpus = load_pages(corpus_path, cfg.eval_name, cfg.eval_corpus_split)
     _require_columns(corpus, ["page_id", "image"], f"eval corpus {corpus_path}[{cfg.eval_corpus_split}]")
     if cfg.eval_queries_file:
         texts = judgements.read_queries(cfg.eval_queries_file)
@@ -170,8 +186,7 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
     else:
         queries = _load_split(corpus_path, cfg.eval_name, cfg.eval_queries_split)
     if cfg.eval_qrels_file:
-        read = judgements.read_qrels(cfg.eval_qrels_file)
-        read = judgements.resolve_page_ids(read, set(map(str, corpus["page_id"])), judgements.read_aliases(corpus_path))
+        read = read_corpus_qrels(cfg.eval_qrels_file, corpus, corpus_path)
         qrels = datasets.Dataset.from_dict({"query_id": [q for q, rel in read.items() for _ in rel],
                                             "page_id": [p for rel in read.values() for p in rel],
                                             "score": [g for rel in read.values() for g in rel.values()]})

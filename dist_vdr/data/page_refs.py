@@ -15,6 +15,7 @@ trained on (the resume tests check that nothing is repeated or skipped across an
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -55,13 +56,16 @@ class PageTable:
 
 
 def load_table(cfg) -> PageTable:
-    """The page table of ``cfg.pages_path`` (a DataConfig)."""
-    from . import ingest
-    from .loading import _load_split
+    """The page table of ``cfg.pages_path`` (a DataConfig), built once per process: loading the
+    training data and setting up the collator both need it, and its id index spans the corpus."""
+    return _table(cfg.pages_path, cfg.train_name, cfg.train_split, cfg.pages_id_column)
 
-    ingest.check_complete(cfg.pages_path)
-    pages = _load_split(cfg.pages_path, cfg.train_name, cfg.train_split)
-    return PageTable(pages, cfg.pages_id_column, where=f"data.pages_path {cfg.pages_path}")
+
+@functools.lru_cache(maxsize=2)
+def _table(path: str, name: str | None, split: str, id_column: str) -> PageTable:
+    from .loading import load_pages
+
+    return PageTable(load_pages(path, name, split), id_column, where=f"data.pages_path {path}")
 
 
 def expand_negative_ids(ds, list_column: str, names: list[str], table: PageTable, where: str):

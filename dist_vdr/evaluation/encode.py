@@ -5,10 +5,10 @@ workers, in batches of similar page area (less padding), and only the forward pa
 main process. Nothing travels between ranks here: each rank reads its own contiguous slice of the
 ``datasets`` corpus. Batches are formed inside fixed blocks of up to ``MAX_BLOCK_BATCHES`` batches of
 the corpus (sorted by area within a block; the block size depends on the corpus size only), and
-shards are whole blocks: every batch holds the same
-pages whatever the number of ranks, so the embeddings, and the rankings built on them, do not
-change with it (a batch's padding changes the floating-point result of its pages). An optional on-disk cache keeps finished batches per shard, so an interrupted
-evaluation of a large corpus continues where it stopped.
+shards are whole blocks: every batch holds the same pages whatever the number of ranks, so the
+embeddings, and the rankings built on them, do not change with it (a batch's padding changes the
+floating-point result of its pages). An optional on-disk cache keeps finished batches per shard,
+so an interrupted evaluation of a large corpus continues where it stopped.
 """
 
 from __future__ import annotations
