@@ -16,7 +16,7 @@ DEMO_RERANKER_RUN ?= runs/tiny-reranker
 DEMO_PDFS_RUN ?= runs/tiny-pdfs
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-reranker demo-pdfs test venv clean-demo system-deps
+.PHONY: demo demo-reranker demo-pdfs test venv clean-demo system-deps bench-wheels
 
 venv: $(STAMP)
 
@@ -78,6 +78,18 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Wheels for a GPU machine without internet (WHEELS=wheels launch/bench_gpu.sh OUT): what dist-vdr
+# needs beyond the image's torch, transformers and accelerate, at this venv's versions, for its
+# Python (3.12 on the lent GPU machines).
+BENCH_WHEELS := sentence-transformers datasets pyarrow dill multiprocess xxhash fsspec omegaconf \
+	antlr4-python3-runtime tqdm pandas python-dateutil pytz tzdata faiss-cpu pypdfium2
+BENCH_PYTHON ?= 3.12
+bench-wheels: $(STAMP)
+	rm -rf wheels
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $(BENCH_PYTHON) \
+		--platform manylinux_2_28_x86_64 -d wheels $$($(BIN)/python -m pip freeze | \
+		grep -iE "^($$(echo $(BENCH_WHEELS) | tr ' ' '|'))==")
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(DEMO_RERANKER_RUN) $(DEMO_PDFS_RUN)

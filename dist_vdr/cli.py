@@ -7,6 +7,7 @@ Subcommands:
   make-synthetic-pdfs DIR    generate a folder of PDFs and scans with queries and qrels
   pages build               render a folder of PDFs/images into a page corpus dataset (parallel, resumable)
   eval / mine-negatives      sharded retrieval evaluation / hard-negative mining (accelerate launch)
+  bench                 training throughput vs stock sentence-transformers (GPU or CPU)
   bench-loss / bench-eval / bench-search / bench-corpus   benchmarks that print figures
 
 User errors (bad config, missing data, bad rows) print one `error:` line and exit with status 2.
@@ -49,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import TinyModelSpec, build_tiny_model, build_tiny_reranker
 
-    spec = TinyModelSpec(hidden_size=args.hidden_size, seed=args.seed)
+    spec = TinyModelSpec(hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, seed=args.seed)
     if args.init_from and not args.reranker:
         raise ValueError("--init-from applies to --reranker")
     if args.reranker:
@@ -182,6 +183,18 @@ def _bench_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import train_speed
+
+    report = train_speed.run_train_bench(
+        args.work_dir, model=args.model, config=args.config, steps=args.steps, warmup_steps=args.warmup_steps,
+        global_batch_size=args.global_batch_size, stock=[s for s in args.stock.split(",") if s],
+        ours=args.ours or None, pages=args.pages, device=args.device, timeout_s=args.timeout_s)
+    print(train_speed.format_table(report))
+    print(f"written: {args.work_dir}/bench.json, {args.work_dir}/bench.md", flush=True)
+    return 0
+
+
 def _bench_search(args: argparse.Namespace) -> int:
     from .bench import eval_speed
 
@@ -209,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--init-from", default=None, metavar="EMBEDDING_MODEL",
                    help="--reranker: start from this tiny embedding model's backbone weights (e.g. runs/tiny/final)")
     m.add_argument("--hidden-size", type=int, default=64)
+    m.add_argument("--num-layers", type=int, default=2, help="language-model layers (a reranker warm-started from a "
+                   "shallower model gets identity-initialised extra layers)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(fn=_make_tiny_model)
@@ -301,6 +316,25 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--world-size", type=int, default=2)
     bc.add_argument("--json", action="store_true")
     bc.set_defaults(fn=_bench_corpus)
+
+    bt = sub.add_parser("bench", help="training throughput: dist-vdr train vs stock sentence-transformers settings, "
+                                      "side by side (s/step, triplets/s, tokens/s, MFU, peak memory)")
+    bt.add_argument("--work-dir", required=True, help="scratch folder (model, generated pages, one run per setting)")
+    bt.add_argument("--model", default="tiny", help="tiny, qwen3-vl-2b (random weights, built offline) or a model folder")
+    bt.add_argument("--config", default=None, help="recipe for the dist-vdr settings (default: configs/tiny.yaml for "
+                    "tiny, configs/qwen3-vl-embedding-2b-vdr.yaml for qwen3-vl-2b)")
+    bt.add_argument("--steps", type=int, default=3, help="measured optimizer steps per setting")
+    bt.add_argument("--warmup-steps", type=int, default=1)
+    bt.add_argument("--global-batch-size", type=int, default=None, help="triplets per step (default: the recipe's)")
+    bt.add_argument("--stock", default="mb1,mb8,mb16,tok6000",
+                    help="stock settings: mbN = mini_batch_size N, tokN = mini_batch_num_tokens N ('' for none)")
+    bt.add_argument("--ours", action="append", metavar="NAME[:key=value,...]",
+                    help="a dist-vdr setting: the recipe with overrides (repeatable; default: the recipe as is)")
+    bt.add_argument("--pages", default="mixed", choices=["mixed", "anchor"],
+                    help="mixed: real page shapes at 150 dpi; anchor: 1416x1648 as the stock anchors")
+    bt.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    bt.add_argument("--timeout-s", type=float, default=None, help="per-setting time limit")
+    bt.set_defaults(fn=_bench)
 
     bs = sub.add_parser("bench-search", help="exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS")
     bs.add_argument("--num-pages", type=int, default=1_000_000)

@@ -193,6 +193,9 @@ class TrainingConfig:
     shuffled batches) for rerankers otherwise: mined negatives are shared between queries, which
     no-duplicates batching cannot fill batches with."""
     dataloader_num_workers: int = 0
+    record_step_stats: bool = False
+    """Write ``<output_dir>/step_stats.json``: seconds, tokens, estimated FLOPs per optimizer step and
+    peak memory (``dist-vdr bench`` reads it). The device is synchronised at each step boundary."""
     trainer_args: dict[str, Any] = field(default_factory=dict)
     """Any other SentenceTransformerTrainingArguments field, passed through (validated against it)."""
 

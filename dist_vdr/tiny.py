@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -69,6 +71,27 @@ class TinyModelSpec:
     min_pixels: int = 32 * 32
     max_pixels: int = 256 * 320
     seed: int = 0
+    embedding_rows: Optional[int] = None
+    """Rows of the token embedding (null: the tokenizer's size). The real vocabulary's 151,936 rows
+    matter for memory (weights and optimizer states), not for the tokens used."""
+    tie_word_embeddings: bool = False
+    rope_theta: Optional[float] = None
+    """Null: transformers' default for Qwen3-VL text."""
+    mrope_section: Optional[tuple[int, int, int]] = None
+    """Rotary frequencies per (time, height, width); null: head_dim/2 split in three."""
+    vision_out_hidden_size: Optional[int] = None
+    """Null: hidden_size."""
+    deepstack_visual_indexes: tuple[int, ...] = (0,)
+
+    @classmethod
+    def qwen3_vl_2b(cls, **overrides) -> "TinyModelSpec":
+        """The shapes of Qwen3-VL-2B (2.13 B parameters) for benchmarks: random weights, offline."""
+        shapes = dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                      head_dim=128, intermediate_size=6144, vision_depth=24, vision_hidden_size=1024,
+                      vision_num_heads=16, vision_intermediate_size=4096, embedding_rows=151936,
+                      tie_word_embeddings=True, rope_theta=5_000_000.0, mrope_section=(24, 20, 20), deepstack_visual_indexes=(5, 11, 17),
+                      min_pixels=28 * 28, max_pixels=600 * 600)
+        return cls(**{**shapes, **overrides})
 
     def __post_init__(self) -> None:
         if self.head_dim % 2 or self.head_dim < 8:
@@ -108,7 +131,8 @@ def is_tiny_model(path: str | os.PathLike, kind: str | None = None) -> bool:
     return kind is None or json.loads(marker.read_text()).get("kind", "embedding") == kind
 
 
-def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = None, *, overwrite: bool = False) -> Path:
+def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = None, *, overwrite: bool = False,
+                     device: str = "cpu", dtype: str = "float32") -> Path:
     """Build and save the tiny model; returns its folder.
 
     Written to a temporary sibling folder and renamed into place, so an interrupted build never
@@ -129,7 +153,9 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = No
     tokenizer = _build_tokenizer(spec.vocab_size)
     config = _qwen3vl_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
-    Qwen3VLModel(config).save_pretrained(tmp)
+    # Built on ``device`` in ``dtype``: the 2B shapes initialise in seconds on a GPU, minutes on a CPU.
+    with torch.device(device):
+        Qwen3VLModel(config).to(getattr(torch, dtype)).save_pretrained(tmp)
     _processor(spec, tokenizer, CHAT_TEMPLATE).save_pretrained(tmp)
 
     # Re-save as a sentence-transformers model: module 0 keeps the HF files in the root folder.
@@ -165,15 +191,16 @@ def _qwen3vl_config(spec: TinyModelSpec, tokenizer):
 
     ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
     text = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=spec.embedding_rows or len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads,
         head_dim=spec.head_dim,
-        max_position_embeddings=4096,
-        rope_scaling={"rope_type": "default", "mrope_section": _mrope_section(spec.head_dim), "mrope_interleaved": True},
+        max_position_embeddings=32768 if spec.embedding_rows else 4096,
+        rope_scaling={"rope_type": "default", "mrope_section": list(spec.mrope_section or _mrope_section(spec.head_dim)),
+                      "mrope_interleaved": True, **({"rope_theta": spec.rope_theta} if spec.rope_theta else {})},
         bos_token_id=ids["<|im_start|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -183,12 +210,12 @@ def _qwen3vl_config(spec: TinyModelSpec, tokenizer):
         hidden_size=spec.vision_hidden_size,
         intermediate_size=spec.vision_intermediate_size,
         num_heads=spec.vision_num_heads,
-        out_hidden_size=spec.hidden_size,
+        out_hidden_size=spec.vision_out_hidden_size or spec.hidden_size,
         patch_size=16,
         spatial_merge_size=2,
         temporal_patch_size=2,
         num_position_embeddings=2304,
-        deepstack_visual_indexes=[0],
+        deepstack_visual_indexes=list(spec.deepstack_visual_indexes),
     )
     return Qwen3VLConfig(
         text_config=text,
@@ -197,6 +224,7 @@ def _qwen3vl_config(spec: TinyModelSpec, tokenizer):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=spec.tie_word_embeddings,
     )
 
 
@@ -261,8 +289,19 @@ def build_tiny_reranker(out_dir: str | os.PathLike, spec: TinyModelSpec | None =
     return _finish_build(tmp, out, {**asdict(spec), "kind": "reranker", "init_from": source})
 
 
+def _num_layers(state: dict) -> int:
+    found = [int(m.group(1)) for k in state if (m := re.search(r"language_model\.layers\.(\d+)\.", k))]
+    return max(found) + 1 if found else 0
+
+
+def _in_layer_at_or_after(key: str, first: int) -> bool:
+    m = re.search(r"language_model\.layers\.(\d+)\.", key)
+    return m is not None and int(m.group(1)) >= first
+
+
 def _load_backbone(model, source: Path) -> None:
     """Copy an embedding model's Qwen3-VL weights (vision tower + language model) into ``model.model``."""
+    import torch
     from safetensors.torch import load_file
 
     files = sorted(source.glob("*.safetensors"))
@@ -272,8 +311,17 @@ def _load_backbone(model, source: Path) -> None:
     state = {}
     for f in files:
         state.update(load_file(str(f)))
+    layers = model.model.language_model.layers
     try:
-        model.model.load_state_dict(state, strict=True)
+        missing, unexpected = model.model.load_state_dict(state, strict=False)
+        if unexpected or any(not _in_layer_at_or_after(k, _num_layers(state)) for k in missing):
+            raise RuntimeError(f"unexpected keys {unexpected[:3]}, missing keys {missing[:3]}")
     except RuntimeError as exc:
         raise ValueError(f"--init-from {source}: its weights do not fit the tiny reranker (build both with the same "
                          f"--hidden-size and seed): {str(exc).splitlines()[0]}") from exc
+    # Layers beyond the source's start as the identity (zero output projections of attention and
+    # MLP, the residual stream passes through): the warm start scores exactly as the source's
+    # depth does, and the new layers add capacity for the query-page interaction.
+    for layer in layers[_num_layers(state):]:
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)

@@ -243,6 +243,7 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     distributed.barrier()
     say(info, f"resuming from {resume_from}" if resume_from else f"starting a new run in {out}")
 
+    from .step_stats import StepStatsCallback
     from .trainer import RerankerTrainer, Trainer
 
     stopper = preemption.make_callback()
@@ -265,7 +266,8 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
         loss=loss,
         evaluator=evaluator,
         callbacks=[checkpoint.make_marker_callback(), make_rank_logger(info), stopper]
-        + ([engines.make_collective_logger(str(out), info.rank)] if cfg.launch.log_collectives else []),
+        + ([engines.make_collective_logger(str(out), info.rank)] if cfg.launch.log_collectives else [])
+        + ([StepStatsCallback(out / "step_stats.json", is_main=info.is_main)] if cfg.training.record_step_stats else []),
     )
     trainer.keep_parameters_gathered = cfg.launch.keep_parameters_gathered
     _resolve_page_ids(trainer, cfg, train_ds, info)
