@@ -219,3 +219,20 @@ def test_tiny_reranker_starts_from_an_embedding_backbone(tiny_model, tmp_path):
         "language_model.layers.0.mlp.up_proj.weight"], backbone["language_model.layers.0.mlp.up_proj.weight"])
     with pytest.raises(ValueError, match="do not fit"):
         build_tiny_reranker(tmp_path / "other", TinyModelSpec(hidden_size=32, head_dim=8), init_from=tiny_model)
+
+
+def test_deeper_tiny_reranker_starts_as_its_warm_start(tiny_model, pages, tmp_path):
+    """Layers beyond the embedding backbone's start as the identity: same hidden states as the shallow one."""
+    from sentence_transformers import CrossEncoder
+
+    from dist_vdr.tiny import TinyModelSpec, build_tiny_reranker
+
+    shallow = CrossEncoder(str(build_tiny_reranker(tmp_path / "two", init_from=tiny_model)), device="cpu")
+    deep = CrossEncoder(str(build_tiny_reranker(tmp_path / "four", TinyModelSpec(num_hidden_layers=4),
+                                                init_from=tiny_model)), device="cpu")
+    assert len(deep[0].model.model.language_model.layers) == 4
+    q, p, _, _ = _rows(pages, 2)
+    feats = shallow.preprocess(list(zip(q, p)))
+    hidden = [m[0].model.model(**{k: v for k, v in feats.items() if k not in ("modality", "num_images_per_sample")}
+                               ).last_hidden_state for m in (shallow, deep)]
+    assert torch.allclose(hidden[0], hidden[1], atol=1e-5)
