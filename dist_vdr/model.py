@@ -96,6 +96,24 @@ def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu
     return model
 
 
+def compile_blocks(model) -> int:
+    """torch.compile each transformer block of ``model`` in place (regional compilation); returns how many.
+
+    Blocks are transformers' ``GradientCheckpointingLayer``s (decoder layers, vision blocks): compiling
+    them rather than the whole model keeps the Python glue between them (image splitting, pooling,
+    the loss) out of the graph, so pages of new sizes do not recompile the model, and the module tree
+    stays as it was for DDP, FSDP2 and DeepSpeed wrapping and for checkpoints.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise ValueError("model.compile=true: this model has no transformers blocks to compile; set it to false")
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 def embedding_dim(model) -> int:
     return int(model.get_embedding_dimension())
 

@@ -20,7 +20,7 @@ from .config import Config, to_yaml
 from .data.loading import EvalData, load_eval, load_train
 from .evaluation import stock
 from .losses import build_loss
-from .model import build_model, check_dims, embedding_dim
+from .model import build_model, check_dims, compile_blocks, embedding_dim
 
 
 def say(info: distributed.DistInfo, msg: str, all_ranks: bool = False) -> None:
@@ -235,6 +235,8 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
         check_dims(cfg.loss.matryoshka_dims, dim, "loss.matryoshka_dims")
         check_dims(cfg.eval_dims(dim), dim, "evaluation.dims")
     engines.adapt_model(model, engine)
+    if cfg.model.compile:
+        say(info, f"model.compile: {compile_blocks(model)} transformer blocks compiled (the first steps compile them)")
 
     resume_from = checkpoint.decide_resume(out, resume=resume, no_resume=no_resume, is_main=info.is_main)
     load_universal = _prepare_resharded_resume(resume_from, cfg, info, per_device, engine)
