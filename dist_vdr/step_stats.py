@@ -198,5 +198,5 @@ def device_facts() -> dict:
             "peak_memory_kind": "max RSS", "peak_bf16_flops": None}
 
 
-def StepStatsCallback(path: str | os.PathLike, *, is_main: bool = True):  # noqa: N802 (a class factory)
+def StepStatsCallback(path: str | os.PathLike, *, is_main: bool = True):
     return _make_callback_cls()(path, is_main=is_main)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, log_tail, logged_losses, run_cli
 
 
@@ -46,7 +45,7 @@ def test_bench_cpu_smoke(tmp_path):
     cmd = [sys.executable, "-m", "dist_vdr.cli", "bench", "--model", "tiny", "--work-dir", str(work),
            "--global-batch-size", "4", "--steps", "1", "--warmup-steps", "1", "--stock", "mb2",
            "--ours", "recipe", "--ours", "mb1:loss.mini_batch_size=1", "--timeout-s", "300"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| setting | s/step | triplets/s |" in proc.stdout
     report = json.loads((work / "bench.json").read_text())
@@ -62,7 +61,7 @@ def test_bench_cpu_smoke(tmp_path):
     tokens = {name: r["tokens_per_s"] * r["s_per_step"] for name, r in rows.items()}
     assert max(tokens.values()) == pytest.approx(min(tokens.values()), rel=0.1), tokens
     # The dist-vdr settings ran `dist-vdr train` itself (its run records), with their overrides.
-    ours = sorted((work / "runs").glob("*dist-vdr-mb1"))[0]
+    ours = next((work / "runs").glob("*dist-vdr-mb1"))
     assert "mini_batch_size: 1" in (ours / "resolved_config.yaml").read_text()
 
 

@@ -55,7 +55,10 @@ def train_stock(job: dict) -> None:
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
+    )
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
     from ..config import load_config
