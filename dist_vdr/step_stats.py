@@ -57,7 +57,9 @@ class _Tower:
         # Patch mergers (Qwen-VL: the final merger and the deepstack mergers) see one token per
         # merge_size^2 patches: their parameters count at that fraction per patch.
         merged_share = 1 / (getattr(cfg, "spatial_merge_size", 1) or 1) ** 2
-        self.params = sum(p.numel() * (merged_share if "merger" in n else 1)
+        # ds_numel: a ZeRO-3 partitioned parameter's full size (its local tensor is empty); FSDP2's
+        # DTensors report their global size.
+        self.params = sum(getattr(p, "ds_numel", p.numel()) * (merged_share if "merger" in n else 1)
                           for n, p in (module.named_parameters() if module is not None else ())
                           if not any(e in n for e in embedding_names))
         self.layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "depth", 0) or 0
