@@ -1,9 +1,11 @@
 """Per-step time, tokens, FLOPs and peak memory of a training run, for benchmarks.
 
-``StepStatsCallback`` times every optimizer step (the device synchronised at both ends, so the time is
-the step's and not the queue's), counts the tokens each forward pass of the vision-language model
-sees (a forward pre-hook: text tokens from the attention mask, image patches from ``pixel_values``,
-per-sequence and per-image lengths for attention) and estimates the FLOPs executed from them:
+``StepStatsCallback`` times every optimizer step from the end of the previous one (the batch fetch
+included; the device synchronised at each end, so the time is the step's and not the queue's;
+``compute_seconds`` leaves the fetch out), counts the tokens each forward pass of the
+vision-language model sees (forward pre-hooks: text tokens from the attention mask, image patches
+from ``pixel_values``, per-sequence and per-image lengths for attention) and estimates the FLOPs
+executed from them:
 
     forward = 2 x (language-model parameters x text tokens + vision parameters x patches)
               + 4 x layers x attention width x sum(length^2)   (per tower; QK^T and AV, full square)
@@ -143,6 +145,7 @@ def _make_callback_cls():
             self.steps: list[dict] = []
             self.counter: TokenCounter | None = None
             self._t0 = 0.0
+            self._last_end: float | None = None
 
         def _sync(self):
             import torch
@@ -167,9 +170,13 @@ def _make_callback_cls():
 
         def on_step_end(self, args, state, control, **kwargs):
             self._sync()
-            seconds = time.perf_counter() - self._t0
+            now = time.perf_counter()
+            # A step's time is from the previous step's end: the batch fetch (DataLoader, collation)
+            # happens before on_step_begin and counts, so a GPU waiting for pages shows here.
+            seconds = now - (self._last_end if self._last_end is not None else self._t0)
+            self._last_end = now
             c = self.counter
-            self.steps.append({"step": state.global_step, "seconds": seconds,
+            self.steps.append({"step": state.global_step, "seconds": seconds, "compute_seconds": now - self._t0,
                                "text_tokens": c.text_tokens if c else None, "patches": c.patches if c else None,
                                "sequences": c.sequences if c else None, "flops": c.flops if c else None})
 
