@@ -65,7 +65,8 @@ def parse_ours(spec: str) -> Setting:
     name, _, rest = spec.partition(":")
     overrides = [o for o in rest.split(",") if o]
     if not name or any("=" not in o for o in overrides):
-        raise ValueError(f"--ours {spec!r}: use NAME or NAME:key=value,key=value (e.g. tok6000:loss.mini_batch_num_tokens=6000)")
+        raise ValueError(f"--ours {spec!r}: use NAME or NAME:key=value,key=value "
+                         f"(e.g. tok6000:loss.mini_batch_num_tokens=6000)")
     compiled = any(o.replace(" ", "").lower() in ("model.compile=true", "model.compile=1") for o in overrides)
     return Setting(name=f"dist-vdr {name}", kind="ours", overrides=overrides, extra_warmup_steps=3 if compiled else 0)
 
