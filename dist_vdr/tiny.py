@@ -16,7 +16,6 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -71,26 +70,26 @@ class TinyModelSpec:
     min_pixels: int = 32 * 32
     max_pixels: int = 256 * 320
     seed: int = 0
-    embedding_rows: Optional[int] = None
+    embedding_rows: int | None = None
     """Rows of the token embedding (null: the tokenizer's size). The real vocabulary's 151,936 rows
     matter for memory (weights and optimizer states), not for the tokens used."""
     tie_word_embeddings: bool = False
-    rope_theta: Optional[float] = None
+    rope_theta: float | None = None
     """Null: transformers' default for Qwen3-VL text."""
-    mrope_section: Optional[tuple[int, int, int]] = None
+    mrope_section: tuple[int, int, int] | None = None
     """Rotary frequencies per (time, height, width); null: head_dim/2 split in three."""
-    vision_out_hidden_size: Optional[int] = None
+    vision_out_hidden_size: int | None = None
     """Null: hidden_size."""
     deepstack_visual_indexes: tuple[int, ...] = (0,)
 
     @classmethod
-    def qwen3_vl_2b(cls, **overrides) -> "TinyModelSpec":
+    def qwen3_vl_2b(cls, **overrides) -> TinyModelSpec:
         """The shapes of Qwen3-VL-2B (2.13 B parameters) for benchmarks: random weights, offline."""
-        shapes = dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                      head_dim=128, intermediate_size=6144, vision_depth=24, vision_hidden_size=1024,
-                      vision_num_heads=16, vision_intermediate_size=4096, embedding_rows=151936,
-                      tie_word_embeddings=True, rope_theta=5_000_000.0, mrope_section=(24, 20, 20), deepstack_visual_indexes=(5, 11, 17),
-                      min_pixels=28 * 28, max_pixels=600 * 600)
+        shapes = {"hidden_size": 2048, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+                  "head_dim": 128, "intermediate_size": 6144, "vision_depth": 24, "vision_hidden_size": 1024,
+                  "vision_num_heads": 16, "vision_intermediate_size": 4096, "embedding_rows": 151936,
+                  "tie_word_embeddings": True, "rope_theta": 5_000_000.0, "mrope_section": (24, 20, 20),
+                  "deepstack_visual_indexes": (5, 11, 17), "min_pixels": 28 * 28, "max_pixels": 600 * 600}
         return cls(**{**shapes, **overrides})
 
     def __post_init__(self) -> None:
