@@ -288,14 +288,13 @@ def build_tiny_reranker(out_dir: str | os.PathLike, spec: TinyModelSpec | None =
     return _finish_build(tmp, out, {**asdict(spec), "kind": "reranker", "init_from": source})
 
 
-def _num_layers(state: dict) -> int:
-    found = [int(m.group(1)) for k in state if (m := re.search(r"language_model\.layers\.(\d+)\.", k))]
-    return max(found) + 1 if found else 0
+_LAYER_KEY = re.compile(r"language_model\.layers\.(\d+)\.")
 
 
-def _in_layer_at_or_after(key: str, first: int) -> bool:
-    m = re.search(r"language_model\.layers\.(\d+)\.", key)
-    return m is not None and int(m.group(1)) >= first
+def _layer_index(key: str) -> int | None:
+    """Language-model layer a weight belongs to (None: not a layer weight)."""
+    m = _LAYER_KEY.search(key)
+    return int(m.group(1)) if m else None
 
 
 def _load_backbone(model, source: Path) -> None:
@@ -310,10 +309,11 @@ def _load_backbone(model, source: Path) -> None:
     state = {}
     for f in files:
         state.update(load_file(str(f)))
-    layers = model.model.language_model.layers
+    source_depth = 1 + max((i for k in state if (i := _layer_index(k)) is not None), default=-1)
     try:
         missing, unexpected = model.model.load_state_dict(state, strict=False)
-        if unexpected or any(not _in_layer_at_or_after(k, _num_layers(state)) for k in missing):
+        # Only the layers the source does not have may be missing.
+        if unexpected or any(i is None or i < source_depth for i in map(_layer_index, missing)):
             raise RuntimeError(f"unexpected keys {unexpected[:3]}, missing keys {missing[:3]}")
     except RuntimeError as exc:
         raise ValueError(f"--init-from {source}: its weights do not fit the tiny reranker (build both with the same "
@@ -321,6 +321,6 @@ def _load_backbone(model, source: Path) -> None:
     # Layers beyond the source's start as the identity (zero output projections of attention and
     # MLP, the residual stream passes through): the warm start scores exactly as the source's
     # depth does, and the new layers add capacity for the query-page interaction.
-    for layer in layers[_num_layers(state):]:
+    for layer in model.model.language_model.layers[source_depth:]:
         torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
         torch.nn.init.zeros_(layer.mlp.down_proj.weight)
