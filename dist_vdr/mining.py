@@ -248,13 +248,13 @@ def write_mined(ds, mined: MinedNegatives, out: str | Path, *, query_column: str
     return save_atomic(result, out, {**fingerprint, "rows": len(result), "dropped": mined.num_dropped})
 
 
-def save_atomic(ds, out: str | Path, marker: dict) -> Path:
+def save_atomic(ds, out: str | Path, marker: dict, marker_file: str = MARKER_FILE) -> Path:
     """``ds`` written beside ``out``, marked, then renamed into place (a killed write leaves no half dataset)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ds.save_to_disk(str(tmp))
-    (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+    (tmp / marker_file).write_text(json.dumps(marker, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -309,8 +309,8 @@ def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[st
     return datasets.Dataset.from_dict(columns), int((~ok).sum())
 
 
-def read_marker(path: str | Path) -> dict | None:
-    marker = Path(path) / MARKER_FILE
+def read_marker(path: str | Path, marker_file: str = MARKER_FILE) -> dict | None:
+    marker = Path(path) / marker_file
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 

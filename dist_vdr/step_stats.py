@@ -22,6 +22,7 @@ at the end of training (rank 0).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -133,6 +134,7 @@ class TokenCounter:
             h.remove()
 
 
+@functools.lru_cache(maxsize=1)
 def _make_callback_cls():
     from transformers import TrainerCallback
 

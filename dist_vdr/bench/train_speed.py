@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ RECIPES = {"tiny": "configs/tiny.yaml", "qwen3-vl-2b": "configs/qwen3-vl-embeddi
 # (width, height, share) of pages at 150 dpi: A4 and Letter portrait, A4 landscape, 16:9 slides, scans.
 MIXED_SHAPES = ((1240, 1754, 0.3), (1275, 1650, 0.3), (1754, 1240, 0.1), (1920, 1080, 0.2), (1416, 1648, 0.1))
 ANCHOR_SHAPE = (1416, 1648)
+PAGES_MARKER = "dist_vdr_bench_pages.json"
 _WORDS = ("quarterly", "revenue", "grew", "percent", "annual", "report", "table", "figure", "region", "segment",
           "operating", "margin", "cash", "flow", "guidance", "outlook", "page", "chart", "summary")
 
@@ -89,9 +91,10 @@ def _page(rng: random.Random, width: int, height: int):
 
 def make_pages(out: Path, num_rows: int, pages: str, scale: float = 1.0, seed: int = 0) -> Path:
     """A training set of ``num_rows`` (query, image, negative_0) rows, saved with ``datasets`` (cached)."""
-    marker = out / "dist_vdr_bench_pages.json"
+    from ..mining import read_marker, save_atomic
+
     want = {"num_rows": num_rows, "pages": pages, "scale": scale, "seed": seed}
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    if read_marker(out, PAGES_MARKER) == want:
         return out
     from datasets import Dataset, DatasetDict, Features, Image, Value
     from tqdm.auto import tqdm
@@ -106,15 +109,7 @@ def make_pages(out: Path, num_rows: int, pages: str, scale: float = 1.0, seed: i
             w, h = rng.choices(shapes, weights)[0]
             rows[col].append(_page(rng, max(32, int(w * scale)), max(32, int(h * scale))))
     feats = Features({"query": Value("string"), "image": Image(), "negative_0": Image()})
-    tmp = out.with_name(out.name + ".tmp")
-    DatasetDict({"train": Dataset.from_dict(rows, features=feats)}).save_to_disk(str(tmp))
-    (tmp / marker.name).write_text(json.dumps(want))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return save_atomic(DatasetDict({"train": Dataset.from_dict(rows, features=feats)}), out, want, PAGES_MARKER)
 
 
 def summarise(setting: Setting, stats: dict | None, global_batch: int, warmup_steps: int, error: str | None) -> dict:
@@ -146,8 +141,9 @@ def _run_worker(job: dict, log: Path, timeout_s: float | None) -> str | None:
             return f"timed out after {timeout_s:.0f} s (log: {log})"
     if proc.returncode == 0:
         return None
-    tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
-    if "OutOfMemoryError" in log.read_text(errors="replace") or "out of memory" in tail[0].lower():
+    text = log.read_text(errors="replace")
+    tail = text.strip().splitlines()[-1:] or ["?"]
+    if "OutOfMemoryError" in text or "out of memory" in tail[0].lower():
         return "out of memory"
     return f"exit {proc.returncode}: {tail[0][:300]} (log: {log})"
 
@@ -185,8 +181,6 @@ def run_train_bench(work_dir: str, *, model: str = "tiny", config: str | None = 
     for i, setting in enumerate(settings):
         out = work / "runs" / f"{i:02d}-{setting.name.replace(' ', '-')}"
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         out.mkdir(parents=True)
         print(f"[bench] {setting.name} ...", flush=True)
