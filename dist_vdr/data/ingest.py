@@ -18,9 +18,8 @@ loses nothing already written. Bad inputs (corrupt or encrypted PDF, zero pages,
 image, decompression bomb, a file that crashes the renderer process) are skipped and summarised
 (``bad_files.jsonl``); they are tried again on resume, so a fixed file joins. At the end the
 shards are merged in (document, page) order, pages whose content repeats an earlier page are
-dropped and listed in ``duplicates.jsonl`` (qrels
-naming them are mapped to the kept page), and ``dist_vdr_pages_build.json`` marks the corpus
-complete.
+dropped and listed in ``duplicates.jsonl`` (qrels naming them are mapped to the kept page), and
+``dist_vdr_pages_build.json`` marks the corpus complete.
 """
 
 from __future__ import annotations
