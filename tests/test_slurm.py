@@ -122,9 +122,9 @@ def _two_free_ports() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def _submit(slurm: LocalSlurm, out: Path, extra: list[str], *overrides: str) -> str:
+def _submit(slurm: LocalSlurm, out: Path, extra: list[str], *overrides: str, recipe: str = RECIPE) -> str:
     env = dict(launch_env(), SLURM_CONF=str(slurm.conf))
-    proc = run_cli(["submit", "--config", RECIPE, "--nodes", "2", "--time", "10", "--signal-delay-s", "60", *extra,
+    proc = run_cli(["submit", "--config", recipe, "--nodes", "2", "--time", "10", "--signal-delay-s", "60", *extra,
                     *overrides], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("submitted job"))
@@ -239,6 +239,43 @@ def test_killed_rank_ends_the_job_and_the_next_run_resumes(slurm, tiny_model, pa
     assert f"resuming from {out}/checkpoint-{last}" in logs
     assert f"[dist-vdr rank 0/2] training finished at step {STEPS}" in logs
     assert not truncated.exists() and list(out.glob(f"incomplete-checkpoint-{STEPS + 5}-*"))
+
+
+@pytest.mark.slow
+def test_preempted_reranker_job_mines_once_and_continues_the_loss_curve(slurm, tiny_reranker, tiny_model, pages,
+                                                                        tmp_path):
+    """task=reranker through the same submitit path: 2 nodes mine negatives, train, get preempted,
+    requeue, reuse the mined rows and finish on the loss curve of one uninterrupted process."""
+    from test_reranker import RECIPE as RERANK_RECIPE
+    from test_reranker import rerank_overrides
+
+    steps = 24
+    common = [f"training.max_steps={steps}", "training.save_steps=4", "evaluation.enabled=false",
+              "training.eval_steps=null", "launch.collective_timeout_s=60"]
+    ref_out, out = tmp_path / "reference", tmp_path / "slurm-reranker"
+    ref = run_cli(["train", "--config", RERANK_RECIPE,
+                   *rerank_overrides(tiny_reranker, tiny_model, pages, ref_out, *common), "launch.device=cpu"])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    job = _submit(slurm, out, [], *rerank_overrides(tiny_reranker, tiny_model, pages, out, *common),
+                  recipe=RERANK_RECIPE)
+    _first_checkpoint(slurm, job, out)
+    slurm.run(["scancel", "--signal=USR2", job])
+    _wait(lambda: slurm.job_field(job, "Restarts") == "1", 180, "the job to requeue itself")
+    stopped = int(_job_logs(out, job).split("stopped for preemption at step ")[1].split(":")[0])
+    assert stopped in _complete_checkpoints(out) and stopped < steps
+    slurm.release(job)
+    _wait(lambda: slurm.job_field(job, "JobState") == "COMPLETED", 400, "the requeued job to finish")
+
+    logs = _job_logs(out, job)
+    assert f"resuming from {out}/checkpoint-{stopped}" in logs
+    assert logs.count("hard negatives per query") == 1  # the requeued attempt reuses the mined rows
+    for rank in (0, 1):
+        assert f"[dist-vdr rank {rank}/2] training finished at step {steps}" in logs
+    ref_losses, got = logged_losses(ref_out), logged_losses(out)
+    assert sorted(got) == sorted(ref_losses) == list(range(1, steps + 1))
+    for step, loss in got.items():
+        assert math.isclose(loss, ref_losses[step], rel_tol=1e-5), (step, loss, ref_losses[step])
 
 
 # Without submitit's start-up, CPU steps run at ~5/s: more steps leave time to signal mid-run.
