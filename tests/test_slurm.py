@@ -179,26 +179,35 @@ def test_preempted_job_requeues_and_continues_the_loss_curve(slurm, tiny_model, 
 
     out = tmp_path / "slurm-run"
     job = _submit(slurm, out, [], *tiny_overrides(tiny_model, pages, out, *COMMON))
+    stopped, _ = _preempt_and_finish_on_the_reference_curve(slurm, job, out, ref_out, STEPS)
+    starts = [json.loads(l) for l in (out / "run_info.jsonl").read_text().splitlines()]
+    assert [s["resumed_from"] for s in starts] == [None, str(out / f"checkpoint-{stopped}")]
+
+
+def _preempt_and_finish_on_the_reference_curve(slurm: LocalSlurm, job: str, out: Path, ref_out: Path,
+                                               steps: int) -> tuple[int, str]:
+    """USR2 after the job's first complete checkpoint -> it saves, requeues itself, resumes at the
+    saved step, finishes ``steps`` and logs at every step the loss of the run in ``ref_out``.
+    Returns the step it stopped at and the job's logs (both attempts: submitit appends)."""
     _first_checkpoint(slurm, job, out)
     slurm.run(["scancel", "--signal=USR2", job])  # what SLURM sends signal_delay_s before the end
     _wait(lambda: slurm.job_field(job, "Restarts") == "1", 180, "the job to requeue itself")
-    logs = _job_logs(out, job)
-    stopped = int(logs.split("stopped for preemption at step ")[1].split(":")[0])
-    assert stopped in _complete_checkpoints(out) and stopped < STEPS
+    stopped = int(_job_logs(out, job).split("stopped for preemption at step ")[1].split(":")[0])
+    assert stopped in _complete_checkpoints(out) and stopped < steps
     # Slurm holds a requeued job ~2 minutes (BeginTime); start it now rather than wait.
     slurm.release(job)
     _wait(lambda: slurm.job_field(job, "JobState") == "COMPLETED", 400, "the requeued job to finish")
 
     logs = _job_logs(out, job)
+    assert f"stopped for preemption at step {stopped}" in logs
     assert f"resuming from {out}/checkpoint-{stopped}" in logs
     for rank in (0, 1):
-        assert f"[dist-vdr rank {rank}/2] training finished at step {STEPS}" in logs
-    starts = [json.loads(l) for l in (out / "run_info.jsonl").read_text().splitlines()]
-    assert [s["resumed_from"] for s in starts] == [None, str(out / f"checkpoint-{stopped}")]
+        assert f"[dist-vdr rank {rank}/2] training finished at step {steps}" in logs
     ref_losses, got = logged_losses(ref_out), logged_losses(out)
-    assert sorted(got) == sorted(ref_losses) == list(range(1, STEPS + 1))  # no step lost or repeated
+    assert sorted(got) == sorted(ref_losses) == list(range(1, steps + 1))  # no step lost or repeated
     for step, loss in got.items():
         assert math.isclose(loss, ref_losses[step], rel_tol=1e-5), (step, loss, ref_losses[step])
+    return stopped, logs
 
 
 @pytest.mark.slow
@@ -259,25 +268,8 @@ def test_preempted_reranker_job_mines_once_and_continues_the_loss_curve(slurm, t
 
     job = _submit(slurm, out, [], *rerank_overrides(tiny_reranker, tiny_model, pages, out, *common),
                   recipe=RERANK_RECIPE)
-    _first_checkpoint(slurm, job, out)
-    slurm.run(["scancel", "--signal=USR2", job])
-    _wait(lambda: slurm.job_field(job, "Restarts") == "1", 180, "the job to requeue itself")
-    stopped = int(_job_logs(out, job).split("stopped for preemption at step ")[1].split(":")[0])
-    assert stopped in _complete_checkpoints(out) and stopped < steps
-    slurm.release(job)
-    _wait(lambda: slurm.job_field(job, "JobState") == "COMPLETED", 400, "the requeued job to finish")
-
-    logs = _job_logs(out, job)
-    assert f"resuming from {out}/checkpoint-{stopped}" in logs
-    # Both attempts log to the same files (submitit appends): mined once, by the first attempt.
-    assert f"stopped for preemption at step {stopped}" in logs
-    assert logs.count("hard negatives per query") == 1
-    for rank in (0, 1):
-        assert f"[dist-vdr rank {rank}/2] training finished at step {steps}" in logs
-    ref_losses, got = logged_losses(ref_out), logged_losses(out)
-    assert sorted(got) == sorted(ref_losses) == list(range(1, steps + 1))
-    for step, loss in got.items():
-        assert math.isclose(loss, ref_losses[step], rel_tol=1e-5), (step, loss, ref_losses[step])
+    _, logs = _preempt_and_finish_on_the_reference_curve(slurm, job, out, ref_out, steps)
+    assert logs.count("hard negatives per query") == 1  # mined by the first attempt only
 
 
 # Without submitit's start-up, CPU steps run at ~5/s: more steps leave time to signal mid-run.
