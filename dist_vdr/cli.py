@@ -111,7 +111,7 @@ def _eval_rerank(args: argparse.Namespace, info, data, retriever) -> int:
 
     from .config import ModelConfig, RerankerConfig
     from .reranker.evaluation import RerankEvaluator, retrieve
-    from .reranker.model import build_reranker
+    from .reranker.model import FUSION_FILE, build_reranker, saved_fusion
 
     ks = [int(k) for k in args.ks.split(",")]
     candidates = retrieve(retriever, data, top_k=max(max(ks), args.rerank_depth), batch_size=args.batch_size,
@@ -120,10 +120,26 @@ def _eval_rerank(args: argparse.Namespace, info, data, retriever) -> int:
     gc.collect()
     reranker = build_reranker(ModelConfig(name_or_path=args.reranker, dtype=args.dtype), RerankerConfig(),
                               device=info.device, precision="bf16" if args.dtype == "bfloat16" else "fp32")
-    evaluator = RerankEvaluator(data, candidates, depth=args.rerank_depth, ks=ks, batch_size=args.batch_size)
+    weight = args.retrieval_score_weight
+    if weight is None:  # a residual reranker ranks by its score + its training weight x retrieval score
+        fusion = saved_fusion(args.reranker) or {}
+        weight = fusion.get("retrieval_score_weight", 0.0)
+        if weight and info.is_main:
+            print(f"ranking by reranker score + {weight:g} x retrieval score (the reranker's {FUSION_FILE}; "
+                  f"--retrieval-score-weight overrides)", flush=True)
+            if fusion.get("retriever") not in (args.model, None):
+                print(f"note: this reranker was trained on the scores of {fusion['retriever']}, not of {args.model}",
+                      flush=True)
+    if weight < 0:
+        raise ValueError("--retrieval-score-weight must be >= 0")
+    evaluator = RerankEvaluator(data, candidates, depth=args.rerank_depth, ks=ks, batch_size=args.batch_size,
+                                retrieval_score_weight=weight)
     evaluator(reranker, output_path=args.output if info.is_main else None)
     if info.is_main:
-        for stage, m in (("retrieval", evaluator.retrieval_metrics), ("reranked", evaluator.last_metrics)):
+        stages = [("retrieval", evaluator.retrieval_metrics), ("reranked", evaluator.last_metrics)]
+        if evaluator.last_alone_metrics:
+            stages.append(("reranker score alone", evaluator.last_alone_metrics))
+        for stage, m in stages:
             print(f"{stage}: NDCG@10 {m.get('ndcg@10', float('nan')):.4f}  MRR@10 {m.get('mrr@10', float('nan')):.4f}  "
                   f"Recall@10 {m.get('recall@10', float('nan')):.4f}", flush=True)
     return 0
@@ -270,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None, help="folder for metrics JSON/CSV, TREC runs, qrels and the plot")
     e.add_argument("--reranker", default=None, help="also rerank the model's top pages with this CrossEncoder")
     e.add_argument("--rerank-depth", type=int, default=20, help="pages reranked per query (with --reranker)")
+    e.add_argument("--retrieval-score-weight", type=float, default=None,
+                   help="rank by reranker score + this x retrieval score (default: the weight a residual reranker "
+                        "was trained with, from its folder; 0 for others)")
     e.add_argument("--cache", default=None, help="per-shard embedding cache folder (resumable)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--num-workers", type=int, default=-1, help="page-preprocessing workers (-1: auto)")

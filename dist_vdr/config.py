@@ -300,9 +300,16 @@ class RerankerConfig:
     """Embedding model (folder or hub id) that retrieves the candidates to rerank and mines negatives."""
     rerank_depth: int = 20
     """Evaluation: rerank each query's top-N retrieved pages (the rest keep their retrieval order)."""
+    retrieval_score_weight: float = 0.0
+    """> 0: a pair's final score is the reranker's score + this weight x the retriever's cosine score,
+    in training (the listwise loss over the sum: the reranker learns what retrieval gets wrong, a
+    residual) and in the evaluation's ranking (also reported by the reranker's score alone).
+    0: the reranker's score alone. Needs the listwise loss on mined rows (they carry the scores)."""
 
     def __post_init__(self) -> None:
         _check_choice("reranker", "head", self.head, ("auto", "logit_score", "dense"))
+        if self.retrieval_score_weight < 0:
+            raise ValueError("reranker.retrieval_score_weight must be >= 0 (0: the reranker's score alone)")
         if self.rerank_depth < 1:
             raise ValueError("reranker.rerank_depth must be >= 1")
         if not self.retriever:
@@ -376,6 +383,11 @@ class Config:
             raise ValueError(f"loss.name={self.loss.name!r} is not a {self.task} loss; use one of {list(allowed)}")
         if self.task == "reranker" and self.loss.matryoshka_dims:
             raise ValueError("loss.matryoshka_dims applies to embedding models; remove it for task=reranker")
+        if self.task == "reranker" and self.reranker.retrieval_score_weight > 0:
+            if self.loss.name != "listwise" or self.loss.num_in_batch_negatives or not self.mining.enabled:
+                raise ValueError("reranker.retrieval_score_weight > 0 trains on the retriever's scores of each row's "
+                                 "pages, which mining records: use loss.name=listwise, "
+                                 "loss.num_in_batch_negatives=0 and mining.enabled=true (or set the weight to 0)")
 
     def resolve_batch(self, world_size: int) -> int:
         """Per-device batch for this world size; ValueError when the global batch does not split."""

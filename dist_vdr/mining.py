@@ -28,6 +28,8 @@ from .config import MiningConfig
 from .data.loading import content_hash
 
 MARKER_FILE = "dist_vdr_mined.json"
+# Column of mined rows: the retriever's cosine score of the positive, then of each negative.
+RETRIEVER_SCORES = "retriever_scores"
 
 
 @dataclass
@@ -38,6 +40,8 @@ class MinedNegatives:
     """[len(kept_rows), num_negatives] indices into ``pages``."""
     ranks: np.ndarray
     """Retrieval rank (0 = best non-positive page) of each chosen negative."""
+    scores: np.ndarray
+    """[len(kept_rows), 1 + num_negatives] the retriever's cosine score of the positive, then of each negative."""
     pages: object
     """datasets.Dataset[image]: the de-duplicated page table."""
     num_dropped: int
@@ -130,24 +134,26 @@ def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: st
     documents = page_documents(ds, page_columns, cells, cfg.document_id_columns) if cfg.document_id_columns else None
     pages = pages_dataset(ds, page_columns, cells)
     positives = cells[:, page_columns.index(positive_column)]
-    negatives, ranks, ok = mine_pages(model, list(ds[query_column]), pages, hashes, positives, cfg,
-                                      documents=documents, batch_size=batch_size, num_workers=num_workers,
-                                      backend=backend, cache_dir=cache_dir, show_progress=show_progress)
+    negatives, ranks, ok, scores = mine_pages(model, list(ds[query_column]), pages, hashes, positives, cfg,
+                                              documents=documents, batch_size=batch_size, num_workers=num_workers,
+                                              backend=backend, cache_dir=cache_dir, show_progress=show_progress)
     kept = np.flatnonzero(ok)
-    return MinedNegatives(kept_rows=kept, negatives=negatives[kept], ranks=ranks[kept], pages=pages,
-                          num_dropped=int((~ok).sum()))
+    return MinedNegatives(kept_rows=kept, negatives=negatives[kept], ranks=ranks[kept], scores=scores[kept],
+                          pages=pages, num_dropped=int((~ok).sum()))
 
 
 def mine_pages(model, queries: list[str], pages, page_keys: list[str], positives: np.ndarray, cfg: MiningConfig, *,
                documents: np.ndarray | None = None, relevant: list[set[int]] | None = None, batch_size: int = 16,
                num_workers: int = -1, backend: str = "auto", cache_dir: str | None = None,
-               show_progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               show_progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Negatives for ``queries`` (row i's positive is page ``positives[i]`` of ``pages``), collective.
 
     ``page_keys``: a unique key per page (content hash or page id) that breaks score ties, so the
     result does not depend on how pages are split over ranks. ``relevant``: per row, every page
     judged relevant to its query (never a negative). Returns (negatives, ranks, ok) as
-    :func:`select_negatives`, random negatives appended.
+    :func:`select_negatives`, random negatives appended, and the retriever's scores [Q, 1 + negatives]
+    of the positive and of each negative (nan where a row has no negative there): a reranker can
+    learn on top of them (``reranker.retrieval_score_weight``).
     """
     from .evaluation.encode import encode_corpus_shard
     from .evaluation.sharded import (
@@ -168,7 +174,7 @@ def mine_pages(model, queries: list[str], pages, page_keys: list[str], positives
     k = cfg.max_rank + 1 + (max(map(len, relevant)) - 1 if relevant else 0)
     scores, idx = global_topk(encoded, shard, offset, k, sorted_position(page_keys),
                               backend=backend)
-    positive_scores = _positive_scores(encoded, shard, offset, positives)
+    positive_scores = _pair_scores(encoded, shard, offset, positives[:, None])[:, 0]
     negatives, ranks, ok = select_negatives(scores, idx, positives, positive_scores, cfg, documents, relevant)
     if cfg.num_random_negatives:
         extra = random_negatives(positives, negatives, len(page_keys), cfg.num_random_negatives, cfg.seed, documents,
@@ -176,7 +182,8 @@ def mine_pages(model, queries: list[str], pages, page_keys: list[str], positives
         negatives = np.concatenate([negatives, extra], axis=1)
         ranks = np.concatenate([ranks, np.full_like(extra, -1)], axis=1)
         ok &= (extra >= 0).all(axis=1)
-    return negatives, ranks, ok
+    pair_scores = _pair_scores(encoded, shard, offset, np.concatenate([positives[:, None], negatives], axis=1))
+    return negatives, ranks, ok, pair_scores
 
 
 def pages_dataset(ds, page_columns: list[str], cells: np.ndarray):
@@ -219,23 +226,29 @@ def _as_image_column(ds, column: str):
     return ds if column == "image" else ds.rename_column(column, "image")
 
 
-def _positive_scores(queries: torch.Tensor, shard: torch.Tensor, offset: int, positives: np.ndarray) -> np.ndarray:
-    """Cosine score of every query with its positive page; the rank holding the page computes it."""
-    local = torch.zeros(len(positives), dtype=torch.float32)
-    n = shard.shape[0] if shard.numel() else 0
-    mine = np.flatnonzero((positives >= offset) & (positives < offset + n))
-    if mine.size:
-        from .evaluation.search import rescore
+def _pair_scores(queries: torch.Tensor, shard: torch.Tensor, offset: int, pages: np.ndarray) -> np.ndarray:
+    """Cosine score of query i with each page ``pages[i, j]`` ([Q, m]; nan where -1); the rank holding
+    a page computes its scores, with the candidates' own pair score (the ranking's value on any
+    number of ranks)."""
+    from .evaluation.search import rescore
 
-        rows = torch.from_numpy(positives[mine] - offset)
-        # The candidates' own pair score: the same value as in the ranking, on any number of ranks.
-        local[torch.from_numpy(mine)] = rescore(queries[torch.from_numpy(mine)], shard, rows[:, None])[:, 0]
-    return distributed.all_gather_same(local).sum(dim=0).numpy()
+    local = torch.zeros(pages.shape, dtype=torch.float32)
+    n = shard.shape[0] if shard.numel() else 0
+    held = (pages >= offset) & (pages < offset + n)
+    for j in range(pages.shape[1]):
+        rows = np.flatnonzero(held[:, j])
+        if rows.size:
+            local[torch.from_numpy(rows), j] = rescore(queries[torch.from_numpy(rows)], shard,
+                                                       torch.from_numpy(pages[rows, j] - offset)[:, None])[:, 0]
+    out = distributed.all_gather_same(local).sum(dim=0).numpy()
+    out[pages < 0] = np.nan
+    return out
 
 
 def write_mined(ds, mined: MinedNegatives, out: str | Path, *, query_column: str, positive_column: str,
                 fingerprint: dict) -> Path:
-    """Rows that got negatives, as ``query_column``, ``positive_column``, ``negative_0..n-1`` (+ ranks),
+    """Rows that got negatives, as ``query_column``, ``positive_column``, ``negative_0..n-1`` (+ ranks,
+    the retriever's scores),
     written beside ``out`` and renamed into place with a marker holding ``fingerprint``."""
     import datasets
 
@@ -243,7 +256,8 @@ def write_mined(ds, mined: MinedNegatives, out: str | Path, *, query_column: str
     columns = [base]
     for j in range(mined.negatives.shape[1]):
         columns.append(mined.pages.select(mined.negatives[:, j].tolist()).rename_column("image", f"negative_{j}"))
-    ranks = datasets.Dataset.from_dict({"negative_ranks": mined.ranks.tolist()})
+    ranks = datasets.Dataset.from_dict({"negative_ranks": mined.ranks.tolist(),
+                                        RETRIEVER_SCORES: mined.scores.astype(np.float32).tolist()})
     result = datasets.concatenate_datasets([*columns, ranks], axis=1)
     return save_atomic(result, out, {**fingerprint, "rows": len(result), "dropped": mined.num_dropped})
 
@@ -286,7 +300,7 @@ def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[st
                 exclude_same_document: bool = False, **encode_kwargs):
     """Negatives from a page corpus (``page_id``, ``image``, ``document_id``) for judged queries,
     collective. Returns (datasets.Dataset of query_id, query, image = positive page id,
-    negative_0..n-1 = page ids, negative_ranks; number of queries dropped)."""
+    negative_0..n-1 = page ids, negative_ranks, retriever_scores; number of queries dropped)."""
     import datasets
 
     page_ids = [str(p) for p in corpus["page_id"]]
@@ -298,14 +312,15 @@ def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[st
             raise ValueError("--exclude-same-document needs a document_id column in the corpus (pages build writes it)")
         codes: dict[str, int] = {}
         documents = np.array([codes.setdefault(str(d), len(codes)) for d in corpus["document_id"]], dtype=np.int64)
-    negatives, ranks, ok = mine_pages(model, texts, corpus.select_columns(["image"]), page_ids, positives, cfg,
-                                      documents=documents, relevant=relevant, **encode_kwargs)
+    negatives, ranks, ok, scores = mine_pages(model, texts, corpus.select_columns(["image"]), page_ids, positives,
+                                              cfg, documents=documents, relevant=relevant, **encode_kwargs)
     kept = np.flatnonzero(ok)
     columns = {"query_id": [qids[i] for i in kept], "query": [texts[i] for i in kept],
                "image": [page_ids[positives[i]] for i in kept]}
     for j in range(negatives.shape[1]):
         columns[f"negative_{j}"] = [page_ids[negatives[i, j]] for i in kept]
     columns["negative_ranks"] = ranks[kept].tolist()
+    columns[RETRIEVER_SCORES] = scores[kept].astype(np.float32).tolist()
     return datasets.Dataset.from_dict(columns), int((~ok).sum())
 
 
@@ -317,4 +332,4 @@ def read_marker(path: str | Path, marker_file: str = MARKER_FILE) -> dict | None
 def fingerprint(retriever: str, data_path: str, split: str, max_rows: int | None, cfg: MiningConfig) -> dict:
     """What a mined dataset was made from: reused only when all of it matches."""
     return {"retriever": str(retriever), "data": str(data_path), "split": split, "max_rows": max_rows,
-            "mining": dataclasses.asdict(cfg)}
+            "mining": dataclasses.asdict(cfg), "format": 2}  # 2: with the retriever's scores

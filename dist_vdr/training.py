@@ -158,7 +158,8 @@ def build_evaluator(cfg: Config, eval_data: EvalData, dim: int, info: distribute
         from .reranker.evaluation import RerankEvaluator
 
         return RerankEvaluator(eval_data, candidates, depth=cfg.reranker.rerank_depth, ks=e.ks,
-                               batch_size=e.batch_size, prompt=cfg.reranker.prompt)
+                               batch_size=e.batch_size, prompt=cfg.reranker.prompt,
+                               retrieval_score_weight=cfg.reranker.retrieval_score_weight)
     if e.implementation == "stock":
         return stock.build_evaluator(eval_data, cfg.eval_dims(dim), batch_size=e.batch_size, ks=e.ks,
                                      show_progress_bar=info.is_main)
@@ -253,7 +254,7 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     if cfg.task == "reranker":
         from .losses.reranker import build_reranker_loss
 
-        loss = build_reranker_loss(model, cfg.loss)
+        loss = build_reranker_loss(model, cfg.loss, cfg.reranker.retrieval_score_weight)
     else:
         loss = build_loss(model, cfg.loss, rank=info.rank, world_size=info.world_size)
     say(info, f"loss: {_describe_loss(loss)}; global batch {cfg.training.global_batch_size} "
@@ -288,7 +289,12 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
         say(info, f"stopped for preemption at step {stopper.stopped_at}: checkpoint-{stopper.stopped_at} saved; "
                   f"rerun (or requeue) to resume", all_ranks=True)
         return {"preempted": True, "global_step": stopper.stopped_at, "final_loss": _last_logged_loss(trainer)}
-    _save_final(trainer, info, out)
+    fusion = None
+    if cfg.task == "reranker":
+        from .reranker.model import fusion_record
+
+        fusion = fusion_record(cfg.reranker)
+    _save_final(trainer, info, out, fusion)
 
     if evaluator is not None:
         say(info, "evaluating the trained model")
@@ -334,6 +340,8 @@ def _describe_loss(loss) -> str:
     if inner is not None and hasattr(loss, "matryoshka_dims"):
         return f"{type(loss).__name__}({type(inner).__name__}, dims={list(loss.matryoshka_dims)})"
     dims = [d for d, _ in getattr(loss, "dims_weights", []) if d is not None]
+    if getattr(loss, "retrieval_score_weight", 0):
+        return f"{type(loss).__name__}(reranker score + {loss.retrieval_score_weight:g} x retrieval score)"
     return f"{type(loss).__name__}(dims={dims})" if dims else type(loss).__name__
 
 
@@ -376,8 +384,9 @@ def _without_image_check(data_cfg):
     return dataclasses.replace(data_cfg, validate_images=False)
 
 
-def _save_final(trainer, info: distributed.DistInfo, out: Path) -> None:
-    """The trained model in ``out/final`` (written beside, then renamed: never half a model there)."""
+def _save_final(trainer, info: distributed.DistInfo, out: Path, fusion: dict | None = None) -> None:
+    """The trained model in ``out/final`` (written beside, then renamed: never half a model there),
+    with a residual reranker's ``fusion`` record (``reranker.model.fusion_record``) in it."""
     tmp, final = out / "final.tmp", out / "final"
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -391,6 +400,10 @@ def _save_final(trainer, info: distributed.DistInfo, out: Path) -> None:
         trainer.save_model(str(tmp))
     distributed.barrier()
     if info.is_main:
+        if fusion:
+            from .reranker.model import FUSION_FILE
+
+            (tmp / FUSION_FILE).write_text(json.dumps(fusion, indent=2))
         if final.exists():
             os.replace(final, out / f"final.previous-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(tmp, final)

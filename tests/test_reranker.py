@@ -1,9 +1,10 @@
 """Reranker training end to end through the real launcher: mining, training, retrieve-and-rerank.
 
-2 CPU ranks (gloo) against one process holding the same global batch: the mined data, every logged
-loss and gradient norm, and the retrieval and rerank metrics before and after training must be the
-same. A killed run resumes on its loss curve (mined data reused). The dense head trains the same
-under DeepSpeed ZeRO-3 as under DDP and its gathered weights are saved.
+2 CPU ranks (gloo) against one process holding the same global batch, with the recipe's residual
+listwise loss: the mined data and the retriever's scores, every logged loss and gradient norm, and
+the retrieval and rerank metrics before and after training must be the same. A killed run resumes
+on its loss curve (mined data reused). The dense head with the BCE loss trains the same under
+DeepSpeed ZeRO-3 as under DDP and its gathered weights are saved.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import kill_after_first_checkpoint, launch_env, log_tail, logged_losses, run_cli, run_launcher
 
@@ -37,12 +39,19 @@ def _mined_digest(out: Path) -> list[tuple]:
     return [(row["query"], *(hashlib.sha256(row[c]["bytes"]).hexdigest() for c in cols)) for row in raw]
 
 
+def _retriever_scores(out: Path) -> list[list[float]]:
+    import datasets
+
+    return datasets.load_from_disk(str(out / "mined"))["retriever_scores"]
+
+
 def _metrics(out: Path, which: str) -> dict:
     return json.loads((out / f"metrics_{which}.json").read_text())["metrics"]
 
 
 def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_model, pages, tmp_path):
-    common = ["training.max_steps=4", "loss.name=bce", "loss.pos_weight=2.0", "training.eval_steps=null"]
+    # The recipe's loss: listwise over reranker score + 20 x the mined rows' retriever scores.
+    common = ["training.max_steps=4", "training.eval_steps=null"]
     one_out, two_out = tmp_path / "one", tmp_path / "two"
     one = run_cli(["train", "--config", RECIPE,
                    *rerank_overrides(tiny_reranker, tiny_model, pages, one_out, *common), "launch.device=cpu"])
@@ -51,7 +60,8 @@ def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_mo
                                            *rerank_overrides(tiny_reranker, tiny_model, pages, two_out, *common)])
     log = two.stdout + two.stderr
     assert two.returncode == 0, log_tail(log)
-    assert "mining 2 hard negatives per query" in log and "loss: CachedBCELoss" in log
+    assert "mining 2 hard negatives per query" in log
+    assert "loss: ListwiseLoss(reranker score + 20 x retrieval score)" in log
     for rank in (0, 1):
         assert f"[dist-vdr rank {rank}/2] training finished at step 4" in log
 
@@ -60,12 +70,23 @@ def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_mo
     # The standalone command, with the recipe's mining settings, writes the same rows.
     mine = run_cli(["mine-negatives", "--model", str(tiny_model), "--data", str(pages), "--out",
                     str(tmp_path / "cli_mined" / "mined"), "--page-columns", "negative_0", "--num-negatives", "2",
-                    "--num-random-negatives", "3", "--max-rank", "100", "--max-uses-per-page", "2",
+                    "--num-random-negatives", "0", "--max-rank", "100", "--max-uses-per-page", "2",
                     "--document-id-column", "image=document_id",
                     "--document-id-column", "negative_0=negative_0_document_id", "--batch-size", "8",
                     "--device", "cpu"])
     assert mine.returncode == 0, log_tail(mine.stdout + mine.stderr)
     assert _mined_digest(tmp_path / "cli_mined") == _mined_digest(one_out)
+    # The retriever's score of each row's positive and negatives (what the residual loss adds): the
+    # same from 1 and 2 ranks, and in each row the better-ranked negative has the higher score.
+    scores = np.array(_retriever_scores(one_out))
+    assert scores.shape == (len(_mined_digest(one_out)), 3) and not np.isnan(scores).any()
+    assert np.allclose(scores, np.array(_retriever_scores(two_out)), atol=1e-6)
+    assert np.allclose(scores, np.array(_retriever_scores(tmp_path / "cli_mined")), atol=1e-6)
+    import datasets
+
+    ranks = np.array(datasets.load_from_disk(str(one_out / "mined"))["negative_ranks"])
+    first = ranks[:, 0] < ranks[:, 1]
+    assert (np.where(first, scores[:, 1] >= scores[:, 2], scores[:, 2] >= scores[:, 1])).all()
     for key in ("loss", "grad_norm"):
         a, b = logged_losses(one_out, key), logged_losses(two_out, key)
         assert sorted(a) == sorted(b) == [1, 2, 3, 4]
@@ -73,7 +94,7 @@ def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_mo
             assert a[step] == pytest.approx(b[step], rel=1e-5), (key, step, a[step], b[step])
     for which in ("before", "after"):
         m1, m2 = _metrics(one_out, which), _metrics(two_out, which)
-        assert set(m1) == {"retrieval", "rerank"}
+        assert set(m1) == {"retrieval", "rerank", "rerankonly"}  # fused, and the reranker's score alone
         for stage in m1:
             for name, value in m1[stage].items():
                 assert m2[stage][name] == pytest.approx(value, abs=1e-9), (which, stage, name)
@@ -88,13 +109,19 @@ def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_mo
     first = (evals / "run.rerank.trec").read_text().splitlines()[0].split()
     assert len(first) == 6 and first[1] == "Q0" and first[3] == "1"
 
-    # Standalone: `dist-vdr eval --reranker` on the saved model reproduces the run's final evaluation.
+    # The fusion weight is saved with the model: `dist-vdr eval --reranker` on the saved model ranks
+    # by the same fused score and reproduces the run's final evaluation.
+    fusion = json.loads((two_out / "final" / "dist_vdr_fusion.json").read_text())
+    assert fusion == {"retriever": str(tiny_model), "retrieval_score_weight": 20}
     cli = run_cli(["eval", "--model", str(tiny_model), "--reranker", str(two_out / "final"), "--data", str(pages),
                    "--rerank-depth", "10", "--batch-size", "8", "--output", str(tmp_path / "cli_eval"),
                    "--device", "cpu"])
     assert cli.returncode == 0, log_tail(cli.stdout + cli.stderr)
     got = json.loads((tmp_path / "cli_eval" / "rerank_metrics.json").read_text())["metrics"]
     assert got["rerank"]["ndcg@10"] == pytest.approx(_metrics(two_out, "after")["rerank"]["ndcg@10"], abs=1e-9)
+    assert got["rerankonly"]["ndcg@10"] == pytest.approx(_metrics(two_out, "after")["rerankonly"]["ndcg@10"],
+                                                         abs=1e-9)
+    assert "ranking by reranker score + 20 x retrieval score" in cli.stdout
     assert re.search(r"reranked: NDCG@10 \d\.\d{4}", cli.stdout)
 
     from sentence_transformers import CrossEncoder
@@ -131,7 +158,8 @@ def test_killed_reranker_run_resumes_on_its_loss_curve(tiny_reranker, tiny_model
 
 
 def test_dense_head_trains_under_zero3_like_ddp(tiny_reranker, tiny_model, pages, tmp_path, extensions_dir):
-    common = ["training.max_steps=3", "evaluation.enabled=false", "training.eval_steps=null", "reranker.head=dense"]
+    common = ["training.max_steps=3", "evaluation.enabled=false", "training.eval_steps=null", "reranker.head=dense",
+              "loss.name=bce", "loss.pos_weight=2.0", "reranker.retrieval_score_weight=0"]
     env = launch_env(TORCH_EXTENSIONS_DIR=str(extensions_dir))
     outs = {}
     for launch in ("cpu", "cpu_zero3"):

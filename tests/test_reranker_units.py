@@ -156,12 +156,45 @@ def test_page_table_deduplicates_by_content(pages):
             assert np.array_equal(np.asarray(table[int(cells[row, c])]["image"]), np.asarray(ds[row][column]))
 
 
+def test_listwise_loss_with_retrieval_scores_learns_the_residual(tiny_reranker, pages):
+    """With retrieval_score_weight w the softmax is over reranker score + w x retriever score per pair;
+    the retriever's scores are constants (no gradient), shifted logits change the loss and gradients."""
+    from dist_vdr.losses.reranker import build_reranker_loss
+
+    model = _reranker(tiny_reranker)
+    q, p, n0, n1 = _rows(pages)
+    prior = torch.tensor([[0.9, 0.1, -0.2], [0.3, 0.5, 0.0], [0.2, 0.2, 0.2], [-0.1, 0.4, 0.8]])
+    cfg = LossConfig(name="listwise", mini_batch_size=3)
+    with torch.no_grad():
+        scores = torch.stack([torch.from_numpy(model.predict(list(zip(q, c)), activation_fn=torch.nn.Identity()))
+                              for c in (p, n0, n1)], dim=1)
+    target = torch.zeros(4, dtype=torch.long)
+    loss = build_reranker_loss(model, cfg, retrieval_score_weight=20.0)([q, p, n0, n1], list(prior))
+    assert math.isclose(loss.item(), torch.nn.functional.cross_entropy(scores + 20 * prior, target).item(),
+                        rel_tol=1e-5)
+    loss.backward()
+    with_prior = _grads(model)
+    model.zero_grad()
+    build_reranker_loss(model, cfg)([q, p, n0, n1], None).backward()
+    assert (with_prior - _grads(model)).norm() > 1e-3 * with_prior.norm()
+    model.zero_grad()
+    # A weight of 0 ignores the scores; a weight without them, or of the wrong shape, is refused.
+    plain = build_reranker_loss(model, cfg, retrieval_score_weight=0.0)([q, p, n0, n1], list(prior))
+    assert math.isclose(plain.item(), torch.nn.functional.cross_entropy(scores, target).item(), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="retriever's scores"):
+        build_reranker_loss(model, cfg, retrieval_score_weight=1.0)([q, p, n0, n1], None)
+    with pytest.raises(ValueError, match="mine again"):
+        build_reranker_loss(model, cfg, retrieval_score_weight=1.0)([q, p, n0, n1], list(prior[:, :2]))
+
+
 def test_reranker_config_defaults_and_refusals():
     cfg = load_config("configs/tiny-reranker.yaml")
     assert cfg.task == "reranker" and cfg.loss.name == "listwise" and cfg.training.batch_sampler == "batch_sampler"
+    assert cfg.reranker.retrieval_score_weight == 20  # the tiny recipe is a residual reranker
     assert load_config(None, ["task=reranker"]).loss.name == "bce"  # auto
     assert load_config("configs/tiny.yaml").training.batch_sampler == "no_duplicates_hashed"
-    listwise = load_config("configs/tiny-reranker.yaml", ["loss.name=listwise", "loss.num_in_batch_negatives=2"])
+    listwise = load_config("configs/tiny-reranker.yaml", ["loss.name=listwise", "loss.num_in_batch_negatives=2",
+                                                          "reranker.retrieval_score_weight=0"])
     assert listwise.training.batch_sampler == "no_duplicates_hashed"
     with pytest.raises(ValueError, match="not a reranker loss"):
         load_config("configs/tiny-reranker.yaml", ["loss.name=cmnrl"])
@@ -171,6 +204,14 @@ def test_reranker_config_defaults_and_refusals():
         load_config("configs/tiny-reranker.yaml", ["loss.matryoshka_dims=[16]"])
     with pytest.raises(ValueError, match="max_rank"):
         load_config("configs/tiny-reranker.yaml", ["mining.num_negatives=5", "mining.max_rank=4"])
+    with pytest.raises(ValueError, match="retrieval_score_weight"):
+        load_config("configs/tiny-reranker.yaml", ["reranker.retrieval_score_weight=1", "loss.name=bce"])
+    with pytest.raises(ValueError, match="retrieval_score_weight"):
+        load_config("configs/tiny-reranker.yaml", ["reranker.retrieval_score_weight=1", "mining.enabled=false"])
+    with pytest.raises(ValueError, match="retrieval_score_weight"):  # in-batch pairs have no retriever score
+        load_config("configs/tiny-reranker.yaml", ["loss.num_in_batch_negatives=2"])
+    with pytest.raises(ValueError, match=">= 0"):
+        load_config("configs/tiny-reranker.yaml", ["reranker.retrieval_score_weight=-1"])
     recipe = load_config("configs/qwen3-vl-reranker-2b-vdr.yaml")
     assert recipe.model.name_or_path == "Qwen/Qwen3-VL-Reranker-2B" and recipe.task == "reranker"
 

@@ -185,7 +185,7 @@ def test_preempted_job_requeues_and_continues_the_loss_curve(slurm, tiny_model, 
 
 
 def _preempt_and_finish_on_the_reference_curve(slurm: LocalSlurm, job: str, out: Path, ref_out: Path,
-                                               steps: int) -> tuple[int, str]:
+                                               steps: int, rel: float = 1e-5) -> tuple[int, str]:
     """USR2 after the job's first complete checkpoint -> it saves, requeues itself, resumes at the
     saved step, finishes ``steps`` and logs at every step the loss of the run in ``ref_out``.
     Returns the step it stopped at and the job's logs (both attempts: submitit appends)."""
@@ -206,7 +206,7 @@ def _preempt_and_finish_on_the_reference_curve(slurm: LocalSlurm, job: str, out:
     ref_losses, got = logged_losses(ref_out), logged_losses(out)
     assert sorted(got) == sorted(ref_losses) == list(range(1, steps + 1))  # no step lost or repeated
     for step, loss in got.items():
-        assert math.isclose(loss, ref_losses[step], rel_tol=1e-5), (step, loss, ref_losses[step])
+        assert math.isclose(loss, ref_losses[step], rel_tol=rel), (step, loss, ref_losses[step])
     return stopped, logs
 
 
@@ -268,7 +268,10 @@ def test_preempted_reranker_job_mines_once_and_continues_the_loss_curve(slurm, t
 
     job = _submit(slurm, out, [], *rerank_overrides(tiny_reranker, tiny_model, pages, out, *common),
                   recipe=RERANK_RECIPE)
-    _, logs = _preempt_and_finish_on_the_reference_curve(slurm, job, out, ref_out, steps)
+    # 5e-5: the residual loss's logits carry 20 x the retriever's cosine (~15), so fp32 rounding of
+    # 2 nodes vs 1 process reaches ~1.2e-5 relative after 15 Adam steps (measured); a resume at the
+    # wrong step or on other rows is off by > 1e-2.
+    _, logs = _preempt_and_finish_on_the_reference_curve(slurm, job, out, ref_out, steps, rel=5e-5)
     assert logs.count("hard negatives per query") == 1  # mined by the first attempt only
 
 

@@ -37,10 +37,42 @@ def _base():
 
 
 class ListwiseLoss(_base()):
+    """The cached listwise loss; with ``retrieval_score_weight`` > 0, over the reranker's scores plus
+    that weight x the retriever's scores of the same pairs (the rows' ``scores`` label column:
+    positive first, then each hard negative), so the reranker learns a residual on top of retrieval."""
+
+    def __init__(self, model, *, retrieval_score_weight: float = 0.0, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.retrieval_score_weight = retrieval_score_weight
+        self._prior: torch.Tensor | None = None
+
     def get_in_batch_negatives(self, anchors, candidates):
         if self.num_negatives == 0:
             return iter(())
         return super().get_in_batch_negatives(anchors, candidates)
+
+    def forward(self, inputs, labels=None, prompt=None, task=None):
+        self._prior = None
+        if self.retrieval_score_weight:
+            if labels is None:
+                raise ValueError("reranker.retrieval_score_weight > 0 needs the retriever's scores of every row "
+                                 "(the mined rows' retriever_scores); train on mined rows or set the weight to 0")
+            scores = torch.stack(list(labels)) if isinstance(labels, (list, tuple)) else labels
+            if scores.shape != (len(inputs[0]), len(inputs) - 1):
+                raise ValueError(f"retriever scores of shape {tuple(scores.shape)} for {len(inputs[0])} rows of "
+                                 f"{len(inputs) - 1} pages: mine again (the mined rows predate this setting)")
+            self._prior = self.retrieval_score_weight * scores.float()
+        return super().forward(inputs, labels, prompt=prompt, task=task)
+
+    def calculate_loss(self, logits, batch_size: int) -> torch.Tensor:
+        if self._prior is None:
+            return super().calculate_loss(logits, batch_size)
+        # Pairs are column-major (the positives, then one block per negative column): [rows, 1 + negatives].
+        combined = torch.cat(logits).reshape(-1, batch_size).T + self._prior.to(logits[0].device)
+        return self.cross_entropy_loss(combined, torch.zeros(batch_size, dtype=torch.long, device=combined.device))
+
+    def get_config_dict(self):
+        return {**super().get_config_dict(), "retrieval_score_weight": self.retrieval_score_weight}
 
 
 class CachedBCELoss(ListwiseLoss):
@@ -61,10 +93,10 @@ class CachedBCELoss(ListwiseLoss):
         return {"mini_batch_size": self.mini_batch_size, "pos_weight": self.pos_weight}
 
 
-def build_reranker_loss(model, cfg: LossConfig):
+def build_reranker_loss(model, cfg: LossConfig, retrieval_score_weight: float = 0.0):
     if cfg.name == "bce":
         return CachedBCELoss(model, mini_batch_size=cfg.mini_batch_size, pos_weight=cfg.pos_weight)
     if cfg.name == "listwise":
         return ListwiseLoss(model, num_negatives=cfg.num_in_batch_negatives, mini_batch_size=cfg.mini_batch_size,
-                            activation_fn=None, scale=1.0)
+                            activation_fn=None, scale=1.0, retrieval_score_weight=retrieval_score_weight)
     raise ValueError(f"loss.name={cfg.name!r} is not a reranker loss; use bce or listwise")

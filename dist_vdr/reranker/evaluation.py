@@ -6,6 +6,9 @@ queries are split over the ranks; each rank scores its queries' top ``depth`` ca
 reranker, the scores are all-gathered, and every query's top ``depth`` is re-ordered by reranker
 score (ties: retrieval order); pages below ``depth`` keep their retrieval order. Metrics of the
 retrieval alone and after reranking, side by side (``retrieval_ndcg@10``, ``rerank_ndcg@10``...).
+With ``retrieval_score_weight`` w > 0 the reranked order is by reranker score + w x retrieval
+score (the score the reranker was trained on), and the order by the reranker's score alone is
+reported too (``rerankonly_ndcg@10``...).
 
 A query's pairs are scored in batches of that query's pairs only, so a pair's score does not
 depend on which rank scores it or with what: 1 and 2 ranks give identical metrics (tested). Under
@@ -57,7 +60,7 @@ def summarise(raw: dict[str, float]) -> dict[str, dict[str, float]]:
     for key, value in raw.items():
         key = key.removeprefix("eval_")
         stage, _, metric = key.partition("_")
-        if stage in ("retrieval", "rerank") and "@" in metric:
+        if stage in ("retrieval", "rerank", "rerankonly") and "@" in metric:
             out.setdefault(stage, {})[metric] = value
     return out
 
@@ -68,9 +71,10 @@ class RerankEvaluator(_base()):
 
     def __init__(self, data: EvalData, candidates: dict[str, list[tuple[str, float]]], *, depth: int = 20,
                  ks=(1, 3, 5, 10, 100), batch_size: int = 16, prompt: str | None = None,
-                 show_progress: bool = True, run_tag: str = "dist-vdr") -> None:
+                 show_progress: bool = True, run_tag: str = "dist-vdr", retrieval_score_weight: float = 0.0) -> None:
         super().__init__()
         self.data, self.candidates, self.depth = data, candidates, depth
+        self.retrieval_score_weight = retrieval_score_weight
         self.ks = sorted({int(k) for k in ks})
         self.batch_size, self.prompt, self.show_progress, self.run_tag = batch_size, prompt, show_progress, run_tag
         self.query_ids = [q for q in data.queries if q in candidates]
@@ -80,6 +84,7 @@ class RerankEvaluator(_base()):
         self.retrieval_metrics = retrieval_metrics(retrieval, data.qrels, self.ks)
         self.last_reranked: dict[str, list[tuple[str, float]]] = {}
         self.last_metrics: dict[str, float] = {}
+        self.last_alone_metrics: dict[str, float] = {}
 
     def __call__(self, model, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
         info = distributed.current()
@@ -88,18 +93,28 @@ class RerankEvaluator(_base()):
         sizes = [e - s for s, e in (shard_range(n, r, info.world_size) for r in range(info.world_size))]
         local = self._score(model, self.query_ids[start:end], info)
         scores = distributed.all_gather_rows(local, sizes).numpy()  # [n, depth], nan past a query's list
-        reranked = {}
-        for qid, row in zip(self.query_ids, scores):
-            head = self.candidates[qid][: self.depth]
-            order = sorted(range(len(head)), key=lambda i: (-row[i], i))
-            reranked[qid] = [(head[i][0], float(row[i])) for i in order] + self.candidates[qid][self.depth:]
+        w = self.retrieval_score_weight
+        reranked, alone = self._rerank(scores, w), self._rerank(scores, 0.0) if w else None
         after = retrieval_metrics({q: [p for p, _ in pages] for q, pages in reranked.items()}, self.data.qrels,
                                   self.ks)
         self.last_reranked, self.last_metrics = reranked, after
+        self.last_alone_metrics = retrieval_metrics({q: [p for p, _ in pages] for q, pages in alone.items()},
+                                                    self.data.qrels, self.ks) if alone else {}
         if output_path and info.is_main:
             self.write_outputs(output_path, steps)
         return {**{f"retrieval_{k}": v for k, v in self.retrieval_metrics.items()},
-                **{f"rerank_{k}": v for k, v in after.items()}}
+                **{f"rerank_{k}": v for k, v in after.items()},
+                **{f"rerankonly_{k}": v for k, v in self.last_alone_metrics.items()}}
+
+    def _rerank(self, scores, weight: float) -> dict[str, list[tuple[str, float]]]:
+        """Each query's top ``depth`` ordered by reranker score + weight x retrieval score (ties: retrieval order)."""
+        out = {}
+        for qid, row in zip(self.query_ids, scores):
+            head = self.candidates[qid][: self.depth]
+            final = [float(row[i]) + weight * head[i][1] for i in range(len(head))]
+            order = sorted(range(len(head)), key=lambda i: (-final[i], i))
+            out[qid] = [(head[i][0], final[i]) for i in order] + self.candidates[qid][self.depth:]
+        return out
 
     def _batches(self, query_ids: list[str]) -> list[tuple[int, list[int], list[tuple[str, str]]]]:
         """(local query position, candidate positions, [(query text, page id)]) per forward."""
@@ -145,7 +160,10 @@ class RerankEvaluator(_base()):
         out = Path(output_path)
         out.mkdir(parents=True, exist_ok=True)
         rows = {"retrieval": self.retrieval_metrics, "rerank": self.last_metrics}
-        payload = {"steps": steps, "num_queries": len(self.query_ids), "rerank_depth": self.depth, "metrics": rows}
+        if self.last_alone_metrics:
+            rows["rerankonly"] = self.last_alone_metrics
+        payload = {"steps": steps, "num_queries": len(self.query_ids), "rerank_depth": self.depth,
+                   "retrieval_score_weight": self.retrieval_score_weight, "metrics": rows}
         _atomic_write(out / "rerank_metrics.json", json.dumps(payload, indent=2))
         write_csv(out / "rerank_metrics.csv", rows, [f"{m}@{k}" for m in METRICS for k in self.ks], key_name="stage")
         write_trec_run(out / "run.retrieval.trec", {q: self.candidates[q] for q in self.query_ids},

@@ -29,6 +29,23 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Beside a residual reranker (trained with ``reranker.retrieval_score_weight`` > 0): its scores are
+# corrections to one retriever's cosine scores, meaningful only added to them with that weight.
+FUSION_FILE = "dist_vdr_fusion.json"
+
+
+def fusion_record(cfg: RerankerConfig) -> dict | None:
+    """What ``FUSION_FILE`` holds for a reranker trained with ``cfg``; None for a plain reranker."""
+    if not cfg.retrieval_score_weight:
+        return None
+    return {"retriever": str(cfg.retriever), "retrieval_score_weight": cfg.retrieval_score_weight}
+
+
+def saved_fusion(name_or_path: str) -> dict | None:
+    """The fusion record saved with a local reranker folder, if any."""
+    path = Path(name_or_path) / FUSION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
 # Renders the instruction (a system message, e.g. from ``reranker.prompt``; a default otherwise), then
 # the document, then the query, then opens the assistant turn: the next token is the answer "1" or
 # "0" that LogitScore reads. Document first: in a causal model the page's tokens are then computed

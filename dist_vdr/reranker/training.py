@@ -74,7 +74,12 @@ def prepare(cfg: Config, info: distributed.DistInfo, out: Path, train_ds, eval_d
                                         negative_columns=[f"negative_{j}" for j in range(
                                             cfg.mining.num_negatives + cfg.mining.num_random_negatives)],
                                         validate_images=False)
-        train_ds = load_train(mined_cfg)
+        if cfg.reranker.retrieval_score_weight:
+            # The collator hands a "scores" column to the loss as labels (positive first, then each negative).
+            train_ds = load_train(mined_cfg, extra_columns=[mining.RETRIEVER_SCORES]).rename_column(
+                mining.RETRIEVER_SCORES, "scores")
+        else:
+            train_ds = load_train(mined_cfg)
         if len(train_ds) < cfg.training.global_batch_size:
             raise ValueError(f"mining kept {len(train_ds)} rows, fewer than the global batch "
                              f"{cfg.training.global_batch_size}: relax mining.margin / rank_start or raise max_rank")
@@ -94,5 +99,8 @@ def headline(results: dict, metric: str = "ndcg@10") -> str | None:
         value = results.get(which, {}).get(stage, {}).get(metric)
         return "n/a" if value is None else f"{value:.4f}"
 
-    return (f"{metric.upper()} retrieval={get('after', 'retrieval')} reranked: before training={get('before', 'rerank')} "
+    line = (f"{metric.upper()} retrieval={get('after', 'retrieval')} reranked: before training={get('before', 'rerank')} "
             f"after={get('after', 'rerank')}")
+    if "rerankonly" in results.get("after", {}):  # retrieval_score_weight > 0: the reranker's score alone too
+        line += f" (reranker score alone: before={get('before', 'rerankonly')} after={get('after', 'rerankonly')})"
+    return line
