@@ -182,7 +182,8 @@ def mine_pages(model, queries: list[str], pages, page_keys: list[str], positives
         negatives = np.concatenate([negatives, extra], axis=1)
         ranks = np.concatenate([ranks, np.full_like(extra, -1)], axis=1)
         ok &= (extra >= 0).all(axis=1)
-    pair_scores = _pair_scores(encoded, shard, offset, np.concatenate([positives[:, None], negatives], axis=1))
+    # The positives' scores are those computed above (for the margin); only the negatives' are new.
+    pair_scores = np.concatenate([positive_scores[:, None], _pair_scores(encoded, shard, offset, negatives)], axis=1)
     return negatives, ranks, ok, pair_scores
 
 

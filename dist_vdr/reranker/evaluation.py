@@ -93,18 +93,19 @@ class RerankEvaluator(_base()):
         sizes = [e - s for s, e in (shard_range(n, r, info.world_size) for r in range(info.world_size))]
         local = self._score(model, self.query_ids[start:end], info)
         scores = distributed.all_gather_rows(local, sizes).numpy()  # [n, depth], nan past a query's list
-        w = self.retrieval_score_weight
-        reranked, alone = self._rerank(scores, w), self._rerank(scores, 0.0) if w else None
-        after = retrieval_metrics({q: [p for p, _ in pages] for q, pages in reranked.items()}, self.data.qrels,
-                                  self.ks)
+        reranked = self._rerank(scores, self.retrieval_score_weight)
+        after = self._metrics(reranked)
         self.last_reranked, self.last_metrics = reranked, after
-        self.last_alone_metrics = retrieval_metrics({q: [p for p, _ in pages] for q, pages in alone.items()},
-                                                    self.data.qrels, self.ks) if alone else {}
+        # A residual reranker: also the order by its own score alone.
+        self.last_alone_metrics = self._metrics(self._rerank(scores, 0.0)) if self.retrieval_score_weight else {}
         if output_path and info.is_main:
             self.write_outputs(output_path, steps)
         return {**{f"retrieval_{k}": v for k, v in self.retrieval_metrics.items()},
                 **{f"rerank_{k}": v for k, v in after.items()},
                 **{f"rerankonly_{k}": v for k, v in self.last_alone_metrics.items()}}
+
+    def _metrics(self, ranking: dict[str, list[tuple[str, float]]]) -> dict[str, float]:
+        return retrieval_metrics({q: [p for p, _ in pages] for q, pages in ranking.items()}, self.data.qrels, self.ks)
 
     def _rerank(self, scores, weight: float) -> dict[str, list[tuple[str, float]]]:
         """Each query's top ``depth`` ordered by reranker score + weight x retrieval score (ties: retrieval order)."""
