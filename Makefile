@@ -20,13 +20,15 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# constraints.txt: the exact versions the suite and the demo figures were measured with (a fresh
+# machine would otherwise install the newest releases the ranges allow, which nobody has run).
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -c constraints.txt $(TORCH_SPEC)
 	# DeepSpeed ships only an sdist whose build imports torch: build it against the torch above.
-	$(BIN)/python -m pip install -q --no-build-isolation $(DEEPSPEED_SPEC)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-build-isolation -c constraints.txt $(DEEPSPEED_SPEC)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 demo: $(STAMP)

@@ -16,6 +16,7 @@ User errors (bad config, missing data, bad rows) print one `error:` line and exi
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import json
 import os
@@ -34,7 +35,8 @@ def _train(args: argparse.Namespace) -> int:
     _quiet_library_noise()
     from .training import headline, run_training
 
-    results = run_training(cfg, resume=args.resume, no_resume=args.no_resume)
+    results = run_training(cfg, resume=args.resume, no_resume=args.no_resume,
+                           allow_config_change=args.allow_config_change)
     from . import distributed
 
     info = distributed.current()
@@ -219,6 +221,13 @@ def _bench_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_checkpoint(args: argparse.Namespace) -> int:
+    from .bench import checkpoint_hash
+
+    print(checkpoint_hash.format_result(checkpoint_hash.run(args.work_dir, args.size_gb)), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-vdr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -228,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", metavar="CHECKPOINT", help="resume from this checkpoint folder")
     g.add_argument("--no-resume", action="store_true", help="start fresh (refused if the output folder has checkpoints)")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume although training.max_steps/num_epochs differ from the checkpoint's recipe")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.max_steps=20")
     t.set_defaults(fn=_train)
 
@@ -355,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--timeout-s", type=float, default=None, help="per-setting time limit")
     bt.set_defaults(fn=_bench)
 
+    bk = sub.add_parser("bench-checkpoint", help="checkpoint file hashing (the completion marker) next to writing")
+    bk.add_argument("--work-dir", required=True, help="scratch folder on the file system the runs write to")
+    bk.add_argument("--size-gb", type=float, default=4.26, help="bytes written and hashed (default: Qwen3-VL-2B bf16)")
+    bk.set_defaults(fn=_bench_checkpoint)
+
     bs = sub.add_parser("bench-search", help="exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS")
     bs.add_argument("--num-pages", type=int, default=1_000_000)
     bs.add_argument("--num-queries", type=int, default=10_000)
@@ -381,22 +397,47 @@ def main(argv: list[str] | None = None) -> int:
     # A rank that dies in native code (SIGABRT/SIGSEGV) still prints the Python stacks of all its
     # threads: in a multi-process log that is often the only clue to which step and call failed.
     faulthandler.enable()
+    from . import lifecycle
+
+    if lifecycle.launched_by_torch_elastic():
+        lifecycle.die_with_launcher()  # no rank outlives its launcher (it would go on writing the run)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     # train installs its signal handling first, then quiets the libraries; the page commands never
     # load transformers (its import alone is ~0.8 GB of the builder's resident memory).
     if args.command not in ("train", "pages", "make-synthetic-pdfs"):
         _quiet_library_noise()
+    from . import distributed
+
     try:
         code = args.fn(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        # An error every rank raised at once (rank 0 decided) is reported once, by rank 0.
+        if not isinstance(exc, distributed.AllRanksError) or distributed.current().is_main:
+            # A training run may stop with a progress bar mid-line: the error starts a line of its own.
+            print(f"{chr(10) if args.command == 'train' else ''}error: {exc}", file=sys.stderr, flush=True)
         return 2
-    from . import distributed
+    except OSError as exc:
+        from .storage import no_space_message
 
+        message = no_space_message(os.getcwd(), exc) if exc.errno == errno.ENOSPC else None
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
     distributed.shutdown()  # every rank got here: leave the group together (see shutdown's note)
     return code
 
 
+def entry() -> None:
+    """Console-script and ``python -m`` entry: a rank of a process group exits without native teardown."""
+    code = main()
+    from . import distributed, lifecycle
+
+    if distributed.was_initialized():
+        lifecycle.exit_now(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

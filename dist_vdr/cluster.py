@@ -129,6 +129,10 @@ class TrainJob:
         print(f"[dist-vdr] job {job_env.job_id} task {job_env.global_rank}/{job_env.num_tasks} on "
               f"{job_env.hostname}, master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", flush=True)
         results = run_training(load_config(self.config_path, overrides))
+        if results.get("preempted") and results.get("signal") != "SIGUSR2":
+            # scancel / SIGTERM: the step is saved; the user stopped the job, so no requeue.
+            print(f"[dist-vdr] job {job_env.job_id} stopped by {results['signal']}: not requeued", flush=True)
+            return results if job_env.global_rank == 0 else None
         if results.get("preempted"):
             if job_env.global_rank == 0:
                 print(f"[dist-vdr] requeueing job {job_env.job_id}", flush=True)

@@ -9,6 +9,7 @@ size) or the model (embedding dimension) or the data (columns) live in :meth:`Co
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +21,16 @@ _TASKS = ("embedding", "reranker")
 _SAMPLERS = ("no_duplicates_hashed", "no_duplicates", "batch_sampler")
 _DEVICES = ("auto", "cpu", "cuda")
 _EVAL_FORMATS = ("ir", "triplets")
+_METRICS = ("ndcg", "mrr", "map", "recall", "precision", "accuracy")  # evaluation.metrics.METRICS
+
+
+def _check_steps(key: str, value: float | None) -> None:
+    """A step cadence: a positive whole number of steps, or a fraction (< 1) of the total steps."""
+    if value is None and key == "eval_steps":
+        return
+    if value is None or value <= 0 or (value >= 1 and value != int(value)):
+        raise ValueError(f"training.{key} must be a whole number of steps >= 1 or a fraction in (0, 1) of the "
+                         f"total steps, got {value}")
 
 
 def _check_choice(section: str, key: str, value: Any, choices: tuple) -> None:
@@ -30,8 +41,9 @@ def _check_choice(section: str, key: str, value: Any, choices: tuple) -> None:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name_or_path: str = "artifacts/tiny-model"
-    """Local folder or hub id of a sentence-transformers model or a raw vision-language model."""
+    name_or_path: str = "./artifacts/tiny-model"
+    """Local folder or hub id of a sentence-transformers model or a raw vision-language model (a value
+    that looks like a path must exist; ``hf://org/name`` always means the hub: see dist_vdr.sources)."""
     dtype: str = "auto"
     """Weights dtype: auto (bf16 on GPUs that support it with precision=bf16, else fp32), float32, bfloat16, float16."""
     attn_implementation: str = "auto"
@@ -60,7 +72,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    path: str = "artifacts/pages"
+    path: str = "./artifacts/pages"
     """A folder written by save_to_disk (e.g. `dist-vdr make-synthetic-pages`) or a hub dataset id."""
     train_name: Optional[str] = None
     """Hub dataset configuration of the training data (e.g. `train`); unused for local folders."""
@@ -213,10 +225,21 @@ class TrainingConfig:
             raise ValueError("training.gradient_accumulation_steps must be >= 1")
         if self.max_steps <= 0 and not self.num_epochs > 0:
             raise ValueError("set training.num_epochs > 0 or training.max_steps > 0")
-        if self.save_steps <= 0:
-            raise ValueError("training.save_steps must be > 0")
+        if not self.learning_rate > 0:
+            raise ValueError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"training.warmup_ratio must be in [0, 1) (a fraction of the steps), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
+        for key in ("logging_steps", "save_steps", "eval_steps"):
+            _check_steps(key, getattr(self, key))
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"training.save_total_limit must be >= 1 or null (keep all), got {self.save_total_limit}")
+        if self.dataloader_num_workers < 0:
+            raise ValueError("training.dataloader_num_workers must be >= 0")
         managed = {"output_dir", "per_device_train_batch_size", "learning_rate", "seed", "bf16", "fp16",
-                   "max_steps", "num_train_epochs", "save_steps", "eval_steps", "batch_sampler", "use_cpu"}
+                   "max_steps", "num_train_epochs", "save_steps", "eval_steps", "batch_sampler", "use_cpu",
+                   "save_total_limit", "logging_nan_inf_filter"}
         clash = managed & set(self.trainer_args)
         if clash:
             raise ValueError(f"training.trainer_args sets {sorted(clash)}: use the training.* keys of the same meaning")
@@ -251,6 +274,10 @@ class EvaluationConfig:
             raise ValueError("evaluation.batch_size must be >= 1")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"evaluation.ks must be positive cutoffs, got {self.ks}")
+        name, _, k = self.main_metric.partition("@")
+        if name not in _METRICS or not k.isdigit() or int(k) not in self.ks:
+            raise ValueError(f"evaluation.main_metric={self.main_metric!r} is not a computed metric: use "
+                             f"<{'|'.join(_METRICS)}>@k with k in evaluation.ks {self.ks}")
 
 
 @dataclass(kw_only=True)
@@ -296,7 +323,7 @@ class RerankerConfig:
     """null: the model's own; builtin: dist-vdr's query/document template (Qwen-VL tokens); or a .jinja file."""
     prompt: Optional[str] = None
     """Instruction given to the reranker with every pair (rendered as the system message)."""
-    retriever: str = "artifacts/tiny-model"
+    retriever: str = "./artifacts/tiny-model"
     """Embedding model (folder or hub id) that retrieves the candidates to rerank and mines negatives."""
     rerank_depth: int = 20
     """Evaluation: rerank each query's top-N retrieved pages (the rest keep their retrieval order)."""
@@ -418,37 +445,90 @@ def _schema():
     return OmegaConf.structured(Config)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a recipe: defaults < YAML file < ``key=value`` overrides. Raises ValueError on any problem."""
-    from omegaconf import OmegaConf
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                check_paths: bool = True) -> Config:
+    """Load a recipe: defaults < YAML file < ``key=value`` overrides. Raises ValueError on any problem,
+    naming the layer (file or override) it comes from. ``check_paths``: refuse local-looking model and
+    data paths that do not exist (:mod:`dist_vdr.sources`), before anything is loaded or written."""
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    schema = _schema()
-    layers = []
+    merged = _schema()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist")
         try:
-            layers.append(OmegaConf.load(path))
+            layer = OmegaConf.load(path)
         except Exception as exc:  # yaml.YAMLError and friends
             raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(layer, DictConfig):
+            raise ValueError(f"config file {path} must be a mapping of sections (model:, data:, training: ...), "
+                             f"not a {type(layer).__name__.replace('Config', '').lower() or 'value'}")
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            raise ValueError(_explain(exc, f" in {path}")) from exc
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ValueError(f"overrides must look like section.key=value, got {bad}")
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(schema, *layers)
-        return OmegaConf.to_object(merged)
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
-        raise ValueError(_explain(exc, path)) from exc
-    except ValueError as exc:
-        where = f" (in {path})" if path else ""
-        raise ValueError(f"{exc}{where}") from exc
+        raise ValueError(_explain(exc, f" in the override {_override_of(exc, overrides)}")) from exc
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, ValueError) as exc:
+        raise ValueError(_blame(exc, path, overrides)) from exc
+    _check_with_libraries(cfg)
+    if check_paths:
+        _resolve_sources(cfg)
+    return cfg
 
 
-def _explain(exc, path) -> str:
-    where = f" in {path}" if path else ""
+def _override_of(exc, overrides) -> str:
+    key = getattr(exc, "full_key", None) or ""
+    return next((o for o in overrides if o.split("=", 1)[0] == key), f"{key}=...")
+
+
+def _blame(exc, path, overrides) -> str:
+    """A value check failed: say whether the override or the file set the value."""
+    msg = _explain(exc, "") if not isinstance(exc, ValueError) else str(exc)
+    m = re.match(r"(?:bad value for config key ')?([a-z_]+\.[a-z_]+)", msg)
+    key = m.group(1) if m else None
+    given = [o for o in overrides if key and o.split("=", 1)[0] == key]
+    if given:
+        return f"{msg} (from the override {given[-1]})"
+    return f"{msg} (in {path})" if path else msg
+
+
+def _check_with_libraries(cfg: Config) -> None:
+    """Values whose valid set a library defines (checked here, before anything is loaded or written)."""
+    from transformers.trainer_utils import SchedulerType
+
+    names = [t.value for t in SchedulerType]
+    if cfg.training.lr_scheduler_type not in names:
+        raise ValueError(f"training.lr_scheduler_type={cfg.training.lr_scheduler_type!r} is not one of {names}")
+
+
+def _resolve_sources(cfg: Config) -> None:
+    from . import sources
+
+    cfg.model.name_or_path = sources.resolve(cfg.model.name_or_path, "model.name_or_path", "model folder")
+    d = cfg.data
+    d.path = sources.resolve(d.path, "data.path", "dataset folder")
+    if d.pages_path:
+        d.pages_path = sources.resolve(d.pages_path, "data.pages_path", "page corpus folder")
+    if d.eval_path and cfg.evaluation.enabled:
+        d.eval_path = sources.resolve(d.eval_path, "data.eval_path", "eval data folder")
+    for key in ("eval_queries_file", "eval_qrels_file"):
+        if getattr(d, key) and cfg.evaluation.enabled:
+            setattr(d, key, sources.resolve_file(getattr(d, key), f"data.{key}"))
+    if cfg.task == "reranker":
+        cfg.reranker.retriever = sources.resolve(cfg.reranker.retriever, "reranker.retriever", "retriever folder")
+
+
+def _explain(exc, where: str) -> str:
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
     if type(exc).__name__ == "ConfigKeyError":

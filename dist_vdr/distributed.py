@@ -15,6 +15,10 @@ from typing import Any, Callable, TypeVar
 T = TypeVar("T")
 
 
+class AllRanksError(ValueError):
+    """A user error raised on every rank at once (rank 0 decided): reported once, by rank 0."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -97,6 +101,14 @@ def init(device: str = "auto", expected_world_size: int = 0, num_threads: int = 
     return info
 
 
+_was_initialized = False
+
+
+def was_initialized() -> bool:
+    """Whether this process joined a process group (even one destroyed since)."""
+    return _was_initialized or _is_initialized()
+
+
 def shutdown() -> None:
     """Leave the process group cleanly: all ranks meet, then the group is destroyed.
 
@@ -108,6 +120,8 @@ def shutdown() -> None:
         return
     import torch.distributed as dist
 
+    global _was_initialized
+    _was_initialized = True
     try:
         dist.barrier()
     finally:
@@ -164,7 +178,7 @@ def main_then_share(is_main: bool, fn: Callable[[], T]) -> T:
             result = (None, str(exc))
     value, error = broadcast_object(result)
     if error:
-        raise ValueError(error)
+        raise AllRanksError(error)
     return value
 
 
@@ -180,16 +194,21 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (an all-reduce MAX)."""
+    return any_ranks([flag])[0]
+
+
+def any_ranks(flags: list[bool]) -> list[bool]:
+    """Per position, True on every rank when it is true on at least one: several flags, one all-reduce."""
     if not _is_initialized():
-        return flag
+        return list(flags)
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 
 from . import distributed
 from .config import MiningConfig
-from .data.loading import content_hash
+from .data.loading import content_hash, undecoded
 
 MARKER_FILE = "dist_vdr_mined.json"
 # Column of mined rows: the retriever's cosine score of the positive, then of each negative.
@@ -53,10 +53,7 @@ def hash_pages(ds, page_columns: list[str]) -> tuple[np.ndarray, list[str]]:
     Returns ([rows, columns] page index of every cell, content hash of every page); pages are
     numbered in order of first occurrence (row by row, column by column).
     """
-    import datasets
-
-    raw = ds.select_columns(page_columns).cast(
-        datasets.Features({c: datasets.Image(decode=False) for c in page_columns}))
+    raw = undecoded(ds.select_columns(page_columns), page_columns)  # no cast: it writes into the data folder
     index: dict[str, int] = {}
     cells = np.empty((len(raw), len(page_columns)), dtype=np.int64)
     for row, values in enumerate(raw):
@@ -156,19 +153,13 @@ def mine_pages(model, queries: list[str], pages, page_keys: list[str], positives
     learn on top of them (``reranker.retrieval_score_weight``).
     """
     from .evaluation.encode import encode_corpus_shard
-    from .evaluation.sharded import (
-        _model_key,
-        encode_queries_sharded,
-        global_topk,
-        sorted_position,
-    )
+    from .evaluation.sharded import encode_queries_sharded, global_topk, sorted_position
 
     info = distributed.current()
     encoded = encode_queries_sharded(model, queries, info, batch_size=batch_size)
+    # The cache (if any) is keyed by the model, the preprocessing and the pages' contents.
     offset, shard = encode_corpus_shard(model, pages, rank=info.rank, world_size=info.world_size,
                                         batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
-                                        cache_key=f"{_model_key(model)}:{len(page_keys)} pages:"
-                                                  f"{page_keys[0] if page_keys else ''}",
                                         show_progress=show_progress and info.is_main)
     # The positive, and other relevant pages, may take slots of the top k.
     k = cfg.max_rank + 1 + (max(map(len, relevant)) - 1 if relevant else 0)
@@ -195,8 +186,7 @@ def pages_dataset(ds, page_columns: list[str], cells: np.ndarray):
     for row in range(cells.shape[0]):
         for c in range(cells.shape[1]):
             first.setdefault(int(cells[row, c]), (c, row))
-    raw = ds.select_columns(page_columns).cast(
-        datasets.Features({c: datasets.Image(decode=False) for c in page_columns}))
+    raw = undecoded(ds.select_columns(page_columns), page_columns)  # no cast: it writes into the data folder
     # One selection per column, concatenated (grouped by column), then re-ordered by page index.
     grouped = sorted(first, key=lambda p: (first[p][0], p))
     parts = [_as_image_column(raw.select_columns([col]), col).select(
@@ -253,14 +243,23 @@ def write_mined(ds, mined: MinedNegatives, out: str | Path, *, query_column: str
     written beside ``out`` and renamed into place with a marker holding ``fingerprint``."""
     import datasets
 
-    base = ds.select_columns([query_column, positive_column]).select(mined.kept_rows.tolist())
-    columns = [base]
-    for j in range(mined.negatives.shape[1]):
-        columns.append(mined.pages.select(mined.negatives[:, j].tolist()).rename_column("image", f"negative_{j}"))
-    ranks = datasets.Dataset.from_dict({"negative_ranks": mined.ranks.tolist(),
-                                        RETRIEVER_SCORES: mined.scores.astype(np.float32).tolist()})
-    result = datasets.concatenate_datasets([*columns, ranks], axis=1)
-    return save_atomic(result, out, {**fingerprint, "rows": len(result), "dropped": mined.num_dropped})
+    # Joining columns flattens the row selections into Arrow files, by default beside the source data
+    # (a copy of the pages in the user's data folder): they go to a scratch folder beside ``out`` instead.
+    scratch = Path(out).with_name(Path(out).name + ".parts")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        base = ds.select_columns([query_column, positive_column]).select(mined.kept_rows.tolist())
+        columns = [base.flatten_indices(cache_file_name=str(scratch / "rows.arrow"))]
+        for j in range(mined.negatives.shape[1]):
+            negative = mined.pages.select(mined.negatives[:, j].tolist()).rename_column("image", f"negative_{j}")
+            columns.append(negative.flatten_indices(cache_file_name=str(scratch / f"negative_{j}.arrow")))
+        ranks = datasets.Dataset.from_dict({"negative_ranks": mined.ranks.tolist(),
+                                            RETRIEVER_SCORES: mined.scores.astype(np.float32).tolist()})
+        result = datasets.concatenate_datasets([*columns, ranks], axis=1)
+        return save_atomic(result, out, {**fingerprint, "rows": len(result), "dropped": mined.num_dropped})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_atomic(ds, out: str | Path, marker: dict, marker_file: str = MARKER_FILE) -> Path:
@@ -282,18 +281,16 @@ def training_pairs(queries: dict[str, str], qrels: dict[str, dict[str, int]], in
 
     Returns (query ids, texts, positives [Q] page indices, relevant page sets).
     """
-    qids, texts, positives, relevant = [], [], [], []
-    for qid, text in queries.items():
-        rel = {p: g for p, g in qrels.get(qid, {}).items() if g > 0}
-        if not rel:
-            continue
+    from .data.judgements import judged_queries
+
+    qids = judged_queries(list(queries), qrels, "mining queries / qrels")  # none: ValueError; some: a warning
+    texts, positives, relevant = [], [], []
+    for qid in qids:
+        rel = {p: g for p, g in qrels[qid].items() if g > 0}
         best = max(rel.values())
-        qids.append(qid)
-        texts.append(text)
+        texts.append(queries[qid])
         positives.append(index[next(p for p, g in rel.items() if g == best)])
         relevant.append({index[p] for p in rel})
-    if not qids:
-        raise ValueError("no query has a relevant page (grade > 0) in the qrels; check that the query ids match")
     return qids, texts, np.array(positives, dtype=np.int64), relevant
 
 

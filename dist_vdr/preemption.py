@@ -6,6 +6,14 @@ collective: it cannot be written from one rank's signal handler. So the handler 
 at the end of every optimizer step the ranks all-reduce it (one tiny collective), and when any
 rank has it, all of them save the same checkpoint together and leave the training loop. The
 caller (submitit job or sbatch script) then requeues the job, which resumes from that checkpoint.
+SIGTERM (``scancel``, a launcher stopping its workers) and SIGINT (Ctrl-C) are taken the same way:
+the step is kept. A second signal while the first is pending exits at once (status 128 + signal),
+for a run that cannot reach a step boundary.
+
+The same all-reduce carries a second flag: a non-finite loss on any rank during the step. Then
+every rank raises :class:`NonFiniteLoss` before the step is saved, so the newest checkpoint on
+disk is the last good one (the Trainer's own NaN filter would log the average of earlier losses
+and go on training a NaN model).
 """
 
 from __future__ import annotations
@@ -16,10 +24,18 @@ import threading
 from . import distributed
 
 _flag = threading.Event()
+_received: list[str] = []
 _waiter: threading.Thread | None = None
 
 
-def install(signals: tuple[str, ...] = ("SIGUSR2",)) -> None:
+STOP_SIGNALS = ("SIGUSR2", "SIGTERM", "SIGINT")
+
+
+class NonFiniteLoss(distributed.AllRanksError):
+    """The loss went NaN/inf: training stops before the step is saved (raised on every rank)."""
+
+
+def install(signals: tuple[str, ...] = STOP_SIGNALS) -> None:
     """Turn ``signals`` into the flag. Call it first thing in the process, before any other thread starts.
 
     A Python signal handler is not enough here: the kernel hands a process-directed signal to ANY
@@ -44,11 +60,28 @@ def install(signals: tuple[str, ...] = ("SIGUSR2",)) -> None:
 
 
 def _wait_for(signums: set[int]) -> None:
+    import os
+    import sys
+
     while True:
         signum = signal.sigwait(signums)
+        name = signal.Signals(signum).name
+        user_stop = signum != signal.SIGUSR2
+        # A second SIGTERM/SIGINT means "now" (a run that cannot reach a step boundary). Not after a
+        # USR2: SLURM sends SIGTERM at the time limit while the requested checkpoint may still be written.
+        if user_stop and any(s != "SIGUSR2" for s in _received):
+            print(f"[dist-vdr] received {name} again: exiting without waiting for the step boundary", flush=True)
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        _received.append(name)
         _flag.set()
-        print(f"[dist-vdr] received {signal.Signals(signum).name}: saving a checkpoint at the next step boundary",
-              flush=True)
+        again = f" (send {name} again to exit at once)" if user_stop else ""
+        print(f"[dist-vdr] received {name}: saving a checkpoint at the next step boundary{again}", flush=True)
+
+
+def first_signal() -> str | None:
+    """Name of the signal that asked for the stop (SIGUSR2: preemption / time limit, requeue wanted)."""
+    return _received[0] if _received else None
 
 
 def requested() -> bool:
@@ -57,10 +90,29 @@ def requested() -> bool:
 
 def reset() -> None:
     _flag.clear()
+    _received.clear()
 
 
-def make_callback():
-    """TrainerCallback: at each step end, agree (all ranks) whether to checkpoint and stop."""
+class StepHealth:
+    """Whether a loss of the current optimizer step was not finite (the trainer reports every micro-step)."""
+
+    def __init__(self) -> None:
+        self.bad: str | None = None
+
+    def observe(self, loss) -> None:
+        import torch
+
+        if self.bad is None and isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+            self.bad = str(loss.detach().float().cpu().item())
+
+    def take(self) -> str | None:
+        bad, self.bad = self.bad, None
+        return bad
+
+
+def make_callback(health: StepHealth | None = None):
+    """TrainerCallback: at each step end, agree (all ranks, one all-reduce) whether to checkpoint and
+    stop, and whether a loss went non-finite."""
     from transformers import TrainerCallback
 
     class PreemptionCallback(TrainerCallback):
@@ -68,7 +120,15 @@ def make_callback():
             self.stopped_at: int | None = None
 
         def on_step_end(self, args, state, control, **kwargs):
-            if distributed.any_rank(_flag.is_set()) and state.global_step < state.max_steps:
+            bad = health.take() if health is not None else None
+            stop, non_finite = distributed.any_ranks([_flag.is_set(), bad is not None])
+            if non_finite:
+                where = f"loss {bad} on this rank" if bad is not None else "on another rank"
+                raise NonFiniteLoss(
+                    f"the loss is not finite at step {state.global_step} ({where}): training stopped before "
+                    f"saving this step, so the newest checkpoint in {args.output_dir} is the last good one; "
+                    f"lower training.learning_rate, check the model weights and data, then rerun to resume")
+            if stop and state.global_step < state.max_steps:
                 control.should_save = True
                 control.should_training_stop = True
                 self.stopped_at = state.global_step

@@ -19,6 +19,7 @@ from .data import page_refs
 
 class _DistVdrTrainerMixin:
     keep_parameters_gathered: bool = False
+    step_health = None  # preemption.StepHealth: told every micro-step's loss, checked at the step end
     _engine_ready: bool = False
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -28,9 +29,19 @@ class _DistVdrTrainerMixin:
         if page_refs.TRACE_KEY in inputs:
             page_refs.record_trace(inputs, self.args.process_index, self.state.global_step + 1)
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.step_health is not None:
+            self.step_health.observe(loss)
         if self.keep_parameters_gathered:
             engines.release_parameters(self)
         return loss
+
+    def _run_epoch(self, *args, **kwargs):
+        # transformers 5.x (checked 5.17-5.24) checks max_steps only after a step: resumed from the
+        # checkpoint of the last step, it would train one step past the recipe.
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # transformers 5 passes the wrapped model on the FSDP path; sentence-transformers' override

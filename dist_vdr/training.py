@@ -15,12 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, distributed, engines, preemption
+from . import checkpoint, distributed, engines, preemption, resume_guard
 from .config import Config, to_yaml
 from .data.loading import EvalData, load_eval, load_train
 from .evaluation import stock
 from .losses import build_loss
 from .model import build_model, check_dims, compile_blocks, embedding_dim
+from .run_lock import RunLock
 
 
 def say(info: distributed.DistInfo, msg: str, all_ranks: bool = False) -> None:
@@ -93,7 +94,11 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         eval_steps=eval_every,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        # dist-vdr rotates (checkpoint.rotate) once the new checkpoint is marked; the Trainer's own
+        # rotation runs before the marker exists, so a kill between the two left no complete checkpoint.
+        save_total_limit=None,
+        # A non-finite loss stops the run (preemption.StepHealth); the filter would log an average instead.
+        logging_nan_inf_filter=False,
         batch_sampler=_batch_sampler(t.batch_sampler, info.world_size),
         dataloader_num_workers=t.dataloader_num_workers,
         # In-batch negatives want full batches, and DDP ranks must run the same number of steps.
@@ -186,15 +191,24 @@ def evaluate(trainer, info: distributed.DistInfo, out: Path, which: str, step: i
     return per_dim
 
 
-def _load_metrics(out: Path, which: str) -> dict[int, dict[str, float]] | None:
+def _load_metrics(out: Path, which: str, step: int | None = None) -> dict[int, dict[str, float]] | None:
+    """Stored metrics (of ``step``, when given: a finished run rerun reuses its final evaluation)."""
     path = _metrics_file(out, which)
     if not path.is_file():
         return None
-    return {int(d) if d.isdigit() else d: m for d, m in json.loads(path.read_text())["metrics"].items()}
+    payload = json.loads(path.read_text())
+    if step is not None and payload.get("step") != step:
+        return None
+    return {int(d) if d.isdigit() else d: m for d, m in payload["metrics"].items()}
 
 
-def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = False) -> dict:
-    """Train as ``cfg`` says. Returns {"before": ..., "after": ...} metrics per dim ({} when eval is off)."""
+def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = False,
+                 allow_config_change: bool = False) -> dict:
+    """Train as ``cfg`` says. Returns {"before": ..., "after": ...} metrics per dim ({} when eval is off).
+
+    ``allow_config_change``: resume even when the schedule length differs from the checkpoint's
+    recipe (see :mod:`dist_vdr.resume_guard`).
+    """
     info = distributed.init(cfg.launch.device, cfg.launch.expected_world_size, cfg.launch.num_threads_per_process,
                             timeout_s=cfg.launch.collective_timeout_s)
     if cfg.launch.handle_preemption:
@@ -214,6 +228,31 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
 
     # Data first: a bad row fails here, before anything is written. Rank 0 decodes every page once.
     distributed.main_then_share(info.is_main, lambda: _validate_data(cfg))
+    lock = RunLock(out, log=lambda msg: say(info, msg))
+    distributed.main_then_share(info.is_main, lock.acquire)  # one writer per run folder
+    try:
+        return _run_locked(cfg, info, out, per_device, engine, resume, no_resume, allow_config_change)
+    finally:
+        if info.is_main:
+            lock.release()
+
+
+def _run_locked(cfg: Config, info: distributed.DistInfo, out: Path, per_device: int, engine: str | None,
+                resume: str | None, no_resume: bool, allow_config_change: bool) -> dict:
+    config_text = to_yaml(cfg)
+    resume_from = checkpoint.decide_resume(out, resume=resume, no_resume=no_resume, info=info,
+                                           log=lambda msg: say(info, msg))
+    if resume_from:
+        recorded = checkpoint.saved_config(resume_from)
+        notes = distributed.main_then_share(info.is_main, lambda: resume_guard.check(
+            recorded, config_text, resume_from, allow_config_change))
+        for note in notes:
+            say(info, note)
+        if not resume_guard.schedule_changed(recorded, config_text):
+            finished = _finished_run(cfg, info, out, resume_from)
+            if finished is not None:
+                return finished
+
     train_ds = load_train(_without_image_check(cfg.data))
     if len(train_ds) < cfg.training.global_batch_size:
         raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
@@ -239,8 +278,10 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     if cfg.model.compile:
         say(info, f"model.compile: {compile_blocks(model)} transformer blocks compiled (the first steps compile them)")
 
-    resume_from = checkpoint.decide_resume(out, resume=resume, no_resume=no_resume, is_main=info.is_main)
     load_universal = _prepare_resharded_resume(resume_from, cfg, info, per_device, engine)
+    # Built (and so validated: trainer_args, scheduler name, ...) before the run's records are written.
+    args = build_training_args(cfg, info, per_device, has_eval=eval_data is not None)
+    engines.configure_deepspeed(args, load_universal=load_universal)
     if info.is_main:
         write_run_records(out, cfg, info, resume_from)
     distributed.barrier()
@@ -249,7 +290,8 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     from .step_stats import StepStatsCallback
     from .trainer import RerankerTrainer, Trainer
 
-    stopper = preemption.make_callback()
+    health = preemption.StepHealth()
+    stopper = preemption.make_callback(health)
     evaluator = build_evaluator(cfg, eval_data, dim, info, candidates) if eval_data is not None else None
     if cfg.task == "reranker":
         from .losses.reranker import build_reranker_loss
@@ -259,8 +301,6 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
         loss = build_loss(model, cfg.loss, rank=info.rank, world_size=info.world_size)
     say(info, f"loss: {_describe_loss(loss)}; global batch {cfg.training.global_batch_size} "
               f"= {info.world_size} rank(s) x {per_device} x {cfg.training.gradient_accumulation_steps} accumulation")
-    args = build_training_args(cfg, info, per_device, has_eval=evaluator is not None)
-    engines.configure_deepspeed(args, load_universal=load_universal)
     trainer_cls = RerankerTrainer if cfg.task == "reranker" else Trainer
     trainer = trainer_cls(
         model=model,
@@ -268,11 +308,13 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
         train_dataset=train_ds,
         loss=loss,
         evaluator=evaluator,
-        callbacks=[checkpoint.make_marker_callback(), make_rank_logger(info), stopper]
+        callbacks=[checkpoint.make_marker_callback(info, config_text, cfg.training.save_total_limit),
+                   make_rank_logger(info), stopper]
         + ([engines.make_collective_logger(str(out), info.rank)] if cfg.launch.log_collectives else [])
         + ([StepStatsCallback(out / "step_stats.json", is_main=info.is_main)] if cfg.training.record_step_stats else []),
     )
     trainer.keep_parameters_gathered = cfg.launch.keep_parameters_gathered
+    trainer.step_health = health
     _resolve_page_ids(trainer, cfg, train_ds, info)
 
     _check_engine(trainer, info)
@@ -284,11 +326,16 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
             before = evaluate(trainer, info, out, "before", step=0)
         results["before"] = before
 
-    trainer.train(resume_from_checkpoint=resume_from)
+    _train(trainer, resume_from, out)
     if stopper.stopped_at is not None:
-        say(info, f"stopped for preemption at step {stopper.stopped_at}: checkpoint-{stopper.stopped_at} saved; "
+        # Which rank saw which signal differs; a USR2 anywhere means preemption (requeue wanted).
+        signals = distributed.all_gather_objects(preemption.first_signal())
+        reason = "SIGUSR2" if "SIGUSR2" in signals else next((s for s in signals if s), "a stop signal")
+        why = "for preemption" if reason == "SIGUSR2" else f"by {reason}"
+        say(info, f"stopped {why} at step {stopper.stopped_at}: checkpoint-{stopper.stopped_at} saved; "
                   f"rerun (or requeue) to resume", all_ranks=True)
-        return {"preempted": True, "global_step": stopper.stopped_at, "final_loss": _last_logged_loss(trainer)}
+        return {"preempted": True, "signal": reason, "global_step": stopper.stopped_at,
+                "final_loss": _last_logged_loss(trainer)}
     fusion = None
     if cfg.task == "reranker":
         from .reranker.model import fusion_record
@@ -297,14 +344,51 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     _save_final(trainer, info, out, fusion)
 
     if evaluator is not None:
-        say(info, "evaluating the trained model")
-        results["after"] = evaluate(trainer, info, out, "after", step=trainer.state.global_step)
+        after = _load_metrics(out, "after", step=trainer.state.global_step)
+        if after is None:
+            say(info, "evaluating the trained model")
+            after = evaluate(trainer, info, out, "after", step=trainer.state.global_step)
+        results["after"] = after
         if info.is_main:
             _write_summary(out, results, cfg.eval_dims(dim) if cfg.task == "embedding" else None)
     results["final_loss"] = _last_logged_loss(trainer)
     results["global_step"] = trainer.state.global_step
     results["dims"] = cfg.eval_dims(dim) if cfg.task == "embedding" else []
     results["task"] = cfg.task
+    return results
+
+
+def _train(trainer, resume_from: str | None, out: Path) -> None:
+    """trainer.train, with a full disk reported in one line (the checkpoints already marked stay)."""
+    from .storage import no_space_message
+
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except (OSError, RuntimeError) as exc:
+        message = no_space_message(out, exc)
+        if message is None:
+            raise
+        raise ValueError(message) from exc
+
+
+def _finished_run(cfg: Config, info: distributed.DistInfo, out: Path, resume_from: str) -> dict | None:
+    """A rerun of a finished run (``final/`` intact and of the newest checkpoint's step): its results,
+    without training another step or writing another model. None when the run is not finished."""
+    step = checkpoint.checkpoint_step(resume_from)
+    final = out / "final"
+    if distributed.main_then_share(info.is_main, lambda: _final_step(final)) != step or checkpoint.verify(final):
+        return None
+    say(info, f"this run finished at step {step}: {final} holds its model (a new training.output_dir starts "
+              f"another run)")
+    results: dict = {"global_step": step, "task": cfg.task}
+    for which in ("before", "after"):
+        metrics = _load_metrics(out, which, step=step if which == "after" else None)
+        if metrics is not None:
+            results[which] = metrics
+    state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
+    results["final_loss"] = losses[-1] if losses else None
+    results["dims"] = sorted((d for d in results.get("after", {}) if isinstance(d, int)), reverse=True)
     return results
 
 
@@ -385,9 +469,15 @@ def _without_image_check(data_cfg):
 
 
 def _save_final(trainer, info: distributed.DistInfo, out: Path, fusion: dict | None = None) -> None:
-    """The trained model in ``out/final`` (written beside, then renamed: never half a model there),
-    with a residual reranker's ``fusion`` record (``reranker.model.fusion_record``) in it."""
+    """The trained model in ``out/final`` (written beside, marked with its file hashes, then renamed:
+    never half a model there), with a residual reranker's ``fusion`` record
+    (``reranker.model.fusion_record``) in it. A rerun of a finished run finds ``final/`` already
+    holding this step and leaves it; a final of another step is kept as ``final.previous``."""
     tmp, final = out / "final.tmp", out / "final"
+    step = trainer.state.global_step
+    if distributed.main_then_share(info.is_main, lambda: _final_step(final)) == step and not checkpoint.verify(final):
+        say(info, f"{final} already holds the model of step {step}")
+        return
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
@@ -399,15 +489,25 @@ def _save_final(trainer, info: distributed.DistInfo, out: Path, fusion: dict | N
     else:
         trainer.save_model(str(tmp))
     distributed.barrier()
-    if info.is_main:
-        if fusion:
-            from .reranker.model import FUSION_FILE
+    if info.is_main and fusion:
+        from .reranker.model import FUSION_FILE
 
-            (tmp / FUSION_FILE).write_text(json.dumps(fusion, indent=2))
+        (tmp / FUSION_FILE).write_text(json.dumps(fusion, indent=2))
+    checkpoint.mark_complete(tmp, info, {"step": step})
+    if info.is_main:
         if final.exists():
-            os.replace(final, out / f"final.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+            previous = out / "final.previous"
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(final, previous)
         os.replace(tmp, final)
     distributed.barrier()
+
+
+def _final_step(final: Path) -> int | None:
+    """Step recorded in the marker of ``final/`` (its files are verified by the caller), None without one."""
+    if not checkpoint.is_complete(final):
+        return None
+    return json.loads((final / checkpoint.MARKER_FILE).read_text()).get("step")
 
 
 def _last_logged_loss(trainer) -> float | None:

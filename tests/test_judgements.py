@@ -7,6 +7,7 @@ import json
 import pytest
 
 from dist_vdr.data.judgements import (
+    judged_queries,
     read_aliases,
     read_qrels,
     read_queries,
@@ -203,3 +204,74 @@ def test_read_aliases(tmp_path):
     _write(tmp_path / "duplicates.jsonl", '{"page_id": "d1"}\n')
     with pytest.raises(ValueError, match=r"duplicates\.jsonl, line 1: no duplicate_of"):
         read_aliases(tmp_path)
+
+
+# --- queries matched against qrels -------------------------------------------------------------------------
+
+
+def test_judged_queries_none_matching_is_one_line_error_with_the_fix():
+    with pytest.raises(ValueError) as info:
+        judged_queries(["q1", "q2"], {"Q1": {"p": 1}, "Q2": {"p": 1}}, "eval files")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("eval files: none of the 2 queries has a relevant page")
+    assert "'q1', 'q2'" in message and "'Q1', 'Q2'" in message and "give queries and qrels the same query ids" in message
+    with pytest.raises(ValueError, match="none of the 1 queries has a page graded > 0"):
+        judged_queries(["q1"], {"q1": {"p": 0}}, "eval files")
+
+
+def test_judged_queries_partial_match_warns_with_counts_and_examples():
+    qrels = {"q1": {"p": 1}, "q2": {"p": 0, "r": 2}, "q3": {"p": 0}, "x9": {"p": 1}}
+    with pytest.warns(UserWarning) as caught:
+        got = judged_queries(["q1", "q2", "q3", "a", "b", "c", "d"], qrels, "eval files")
+    assert got == ["q1", "q2"]
+    message = str(caught[0].message)
+    assert "5 of 7 queries left out of the metrics and outputs (4 match no query id of the qrels " \
+           "(e.g. 'a', 'b', 'c', ...), 1 have no page graded > 0); 1 qrels query ids match no query (e.g. 'x9')" \
+           in message
+
+
+def _corpus(tmp_path, n=4):
+    import io
+
+    import datasets
+    from PIL import Image
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(buf, "PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    path = tmp_path / "corpus"
+    datasets.Dataset.from_dict({"page_id": [f"p{i}" for i in range(n)], "image": [png(i) for i in range(n)]},
+                               features=datasets.Features({"page_id": datasets.Value("string"),
+                                                           "image": datasets.Image()})).save_to_disk(str(path))
+    return path
+
+
+def test_eval_files_that_do_not_match_fail_or_warn_while_loading(tmp_path):
+    """Before any model is loaded: no judged query is an error naming the ids; some unjudged queries a
+    warning, and only judged queries are evaluated."""
+    from conftest import run_cli
+
+    from dist_vdr.config import DataConfig
+    from dist_vdr.data.loading import load_eval
+
+    corpus = _corpus(tmp_path)
+    write_queries_jsonl(tmp_path / "q.jsonl", {"q1": "one", "q2": "two", "q3": "three", "q4": "four"})
+    write_qrels_trec(tmp_path / "half.trec", {"q1": {"p0": 1}, "q2": {"p1": 2, "p2": 0}, "q9": {"p3": 1}})
+    write_qrels_trec(tmp_path / "none.trec", {"Q1": {"p0": 1}, "Q2": {"p1": 1}})
+
+    def cfg(qrels):
+        return DataConfig(path=str(corpus), eval_queries_file=str(tmp_path / "q.jsonl"),
+                          eval_qrels_file=str(tmp_path / qrels), validate_images=False)
+
+    with pytest.warns(UserWarning, match=r"2 of 4 queries left out .*\(e\.g\. 'q3', 'q4'\).* 1 qrels query ids"):
+        data = load_eval(cfg("half.trec"))
+    assert list(data.queries) == ["q1", "q2"] and set(data.qrels) == {"q1", "q2"}
+    with pytest.raises(ValueError, match="4 query ids match no query id of the qrels"):
+        load_eval(cfg("none.trec"))
+    # The command fails on the files, not on the (missing) model it would load next.
+    done = run_cli(["eval", "--model", str(tmp_path / "no-model"), "--data", str(corpus), "--device", "cpu",
+                    "--queries", str(tmp_path / "q.jsonl"), "--qrels", str(tmp_path / "none.trec")])
+    assert done.returncode == 2
+    assert "error:" in done.stderr and "give queries and qrels the same query ids" in done.stderr

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import kill_after_first_checkpoint, launch_env, log_tail, logged_losses, run_cli, run_launcher
+from conftest import (assert_same_step, kill_after_first_checkpoint, launch_env, log_tail, logged_losses, run_cli,
+                      run_launcher)
 
 pytestmark = pytest.mark.slow
 RECIPE = "configs/tiny-reranker.yaml"
@@ -91,7 +92,7 @@ def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_mo
         a, b = logged_losses(one_out, key), logged_losses(two_out, key)
         assert sorted(a) == sorted(b) == [1, 2, 3, 4]
         for step in a:
-            assert a[step] == pytest.approx(b[step], rel=1e-5), (key, step, a[step], b[step])
+            assert_same_step(key, step, b[step], a[step])
     for which in ("before", "after"):
         m1, m2 = _metrics(one_out, which), _metrics(two_out, which)
         assert set(m1) == {"retrieval", "rerank", "rerankonly"}  # fused, and the reranker's score alone
@@ -170,7 +171,7 @@ def test_dense_head_trains_under_zero3_like_ddp(tiny_reranker, tiny_model, pages
     for key in ("loss", "grad_norm"):
         a, b = logged_losses(outs["cpu"], key), logged_losses(outs["cpu_zero3"], key)
         for step in (1, 2, 3):
-            assert b[step] == pytest.approx(a[step], rel=1e-5), (key, step)
+            assert_same_step(key, step, b[step], a[step])
 
     import datasets
     from sentence_transformers import CrossEncoder

@@ -16,6 +16,9 @@ Qrels (``read_qrels``):
 
 Grades are integers; a page is relevant when its grade is > 0. Mistakes a user can fix raise ``ValueError``
 naming the file and line, so a bad judgement file fails before any model is loaded.
+
+``judged_queries`` matches queries against qrels: only queries with a relevant page are evaluated (or
+mined); when none is, ``ValueError``; when some are not, one warning with the counts and examples.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Container, Iterator, Mapping
+import warnings
+from collections.abc import Container, Iterator, Mapping, Sequence
 from pathlib import Path
 
 QUERY_ID_KEYS = ("query_id", "query-id", "qid", "_id", "id")
@@ -179,6 +183,41 @@ def resolve_page_ids(qrels: Mapping[str, Mapping[str, int]], known_page_ids: Con
         raise ValueError(f"{len(unknown)} page id(s) in the qrels are not in the page corpus (e.g. {examples}); "
                          f"{_CORPUS_HINT}")
     return resolved
+
+
+def _examples(ids: Sequence[str], n: int = 3) -> str:
+    return ", ".join(repr(i) for i in ids[:n]) + (", ..." if len(ids) > n else "")
+
+
+def judged_queries(query_ids: Sequence[str], qrels: Mapping[str, Mapping[str, int]], where: str) -> list[str]:
+    """The ids of ``query_ids`` with at least one relevant page (grade > 0) in ``qrels``, in order.
+
+    No such query: ``ValueError`` with the likely fix (ids that do not match are the usual cause).
+    Some queries left out, or qrels for unknown queries: one warning with the counts and examples, so
+    a partial mismatch is not silently evaluated on the matching part only.
+    """
+    if not query_ids:
+        raise ValueError(f"{where}: there are no queries; give at least one query with a relevant page")
+    relevant = {q for q, pages in qrels.items() if any(g > 0 for g in pages.values())}
+    judged = [q for q in query_ids if q in relevant]
+    unmatched = [q for q in query_ids if q not in qrels]
+    known = set(query_ids)
+    orphans = [q for q in qrels if q not in known]
+    if not judged and unmatched:
+        raise ValueError(f"{where}: none of the {len(query_ids)} queries has a relevant page: {len(unmatched)} "
+                         f"query ids match no query id of the qrels (queries: {_examples(unmatched)}; qrels: "
+                         f"{_examples(orphans) or 'none'}); give queries and qrels the same query ids")
+    if not judged:
+        raise ValueError(f"{where}: none of the {len(query_ids)} queries has a page graded > 0 in the qrels; "
+                         f"mark relevant pages with a grade of 1 or more")
+    if len(judged) < len(query_ids) or orphans:
+        unjudged = len(query_ids) - len(judged) - len(unmatched)
+        warnings.warn(f"{where}: {len(query_ids) - len(judged)} of {len(query_ids)} queries left out of the metrics "
+                      f"and outputs ({len(unmatched)} match no query id of the qrels"
+                      f"{f' (e.g. {_examples(unmatched)})' if unmatched else ''}, {unjudged} have no page graded "
+                      f"> 0); {len(orphans)} qrels query ids match no query"
+                      f"{f' (e.g. {_examples(orphans)})' if orphans else ''}", UserWarning, stacklevel=2)
+    return judged
 
 
 def read_aliases(corpus_dir: str | os.PathLike) -> dict[str, str]:

@@ -1,8 +1,11 @@
 """Load training and evaluation data as a recipe describes, and reject bad data before training.
 
 Local folders written by ``save_to_disk`` and hub datasets are both accepted. Problems a user can fix
-(a missing column, an empty query, a page image that does not decode) raise ``ValueError`` naming the
-split, row and column, before any model weights are touched.
+(a missing column, an empty query, a page image that does not decode, queries that match none of the
+qrels) raise ``ValueError`` naming the split, row and column, before any model weights are touched.
+
+Data folders are only read: transforms that ``datasets`` would cache beside a dataset loaded from
+disk (``cast``, ``map``) are avoided, since their ``cache-*.arrow`` files are full copies of the pages.
 """
 
 from __future__ import annotations
@@ -82,6 +85,20 @@ def _check_queries(texts, where: str) -> None:
             raise ValueError(f"{where} row {i}: empty query {text!r}; remove or fill the row")
 
 
+def undecoded(ds, columns: list[str]):
+    """``ds`` with the image ``columns`` giving their stored values ({bytes, path}) instead of PIL images.
+
+    ``cast_column`` to an Image feature that differs only in ``decode`` changes the schema alone (the
+    Arrow storage is the same); ``Dataset.cast`` would rewrite every page into a cache file in the
+    dataset's folder.
+    """
+    import datasets
+
+    for column in columns:
+        ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
 def _image_columns(ds, columns: list[str]) -> list[str]:
     import datasets
 
@@ -90,14 +107,13 @@ def _image_columns(ds, columns: list[str]) -> list[str]:
 
 def check_images(ds, columns: list[str], where: str, show_progress: bool = False) -> None:
     """Decode every page of ``columns`` once; ValueError names the first row that fails."""
-    import datasets
     from PIL import Image
     from tqdm.auto import tqdm
 
     cols = _image_columns(ds, columns)
     if not cols:
         return
-    raw = ds.select_columns(cols).cast(datasets.Features({c: datasets.Image(decode=False) for c in cols}))
+    raw = undecoded(ds.select_columns(cols), cols)
     for i, row in enumerate(tqdm(raw, desc=f"checking pages of {where}", disable=not show_progress)):
         for c in cols:
             value = row[c]
@@ -202,7 +218,9 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
         rel.setdefault(str(row["query_id"]), {})[str(row["page_id"])] = int(row["score"])
     qids = [str(q) for q in queries["query_id"]]
     texts = dict(zip(qids, queries["query"]))
-    judged = [q for q in qids if any(g > 0 for g in rel.get(q, {}).values())]
+    where = (f"eval queries {cfg.eval_queries_file or f'{corpus_path}[{cfg.eval_queries_split}]'} / qrels "
+             f"{cfg.eval_qrels_file or f'{corpus_path}[{cfg.eval_qrels_split}]'}")
+    judged = judgements.judged_queries(qids, rel, where)
     if cfg.max_eval_queries is not None:
         judged = judged[: cfg.max_eval_queries]
     corpus = corpus.select_columns(["page_id", "image"])
@@ -210,7 +228,8 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
     if len(set(page_ids)) != len(page_ids):
         raise ValueError(f"eval corpus {corpus_path}[{cfg.eval_corpus_split}] has duplicate page ids")
     if not isinstance(corpus.features["page_id"], datasets.Value) or corpus.features["page_id"].dtype != "string":
-        corpus = corpus.cast_column("page_id", datasets.Value("string"))
+        # Replaced, not cast: a cast of a dataset loaded from disk writes a copy into its folder.
+        corpus = corpus.remove_columns(["page_id"]).add_column("page_id", page_ids).select_columns(["page_id", "image"])
     known = set(page_ids)
     unknown = {p for q in judged for p in rel[q] if p not in known}
     if unknown:
@@ -232,7 +251,7 @@ def _load_eval_triplets(cfg: DataConfig, show_progress: bool) -> EvalData:
     _check_queries(ds[cfg.query_column], where)
     if cfg.validate_images:
         check_images(ds, page_cols, where, show_progress)
-    raw = ds.cast(datasets.Features({**ds.features, **{c: datasets.Image(decode=False) for c in page_cols}}))
+    raw = undecoded(ds, page_cols)
     queries, pages, qrels = {}, {}, {}
     for i, row in enumerate(raw):
         qid = f"q{i}"

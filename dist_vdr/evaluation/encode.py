@@ -8,11 +8,17 @@ the corpus (sorted by area within a block; the block size depends on the corpus 
 shards are whole blocks: every batch holds the same pages whatever the number of ranks, so the
 embeddings, and the rankings built on them, do not change with it (a batch's padding changes the
 floating-point result of its pages). An optional on-disk cache keeps finished batches per shard,
-so an interrupted evaluation of a large corpus continues where it stopped.
+so an interrupted evaluation of a large corpus continues where it stopped. A cache entry is keyed by
+what its embeddings depend on (model weights and configuration, processor settings, prompt, the
+shard's page contents, batching); anything else encodes into a fresh sub-folder.
+
+The corpus is only read: nothing here writes into the dataset's folder (``datasets`` transforms such
+as ``cast`` would write a full copy of the pages there as ``cache-*.arrow``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing
@@ -58,18 +64,74 @@ def block_batches(areas: np.ndarray, batch_size: int, block: int) -> list[list[i
     return batches
 
 
-def _page_areas(shard, image_column: str) -> np.ndarray:
-    """Pixel area of each page from the image header only (no full decode)."""
-    import datasets
+def _scan_pages(shard, image_column: str, digest: bool = False) -> tuple[np.ndarray, str]:
+    """(pixel area of each page from its image header, no full decode; SHA-256 of the pages' contents
+    in order, or "" when ``digest`` is false).
+
+    Reads the raw Arrow column batch by batch: no ``cast``/``map``, which would write a decoded-flag
+    copy of the pages into the dataset's folder, and at most one batch of page bytes in memory.
+    """
     from PIL import Image
 
-    raw = shard.select_columns([image_column]).cast(datasets.Features({image_column: datasets.Image(decode=False)}))
-    areas = np.empty(len(raw), dtype=np.int64)
-    for i, value in enumerate(raw[image_column]):
-        src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-        with Image.open(src) as im:
-            areas[i] = im.width * im.height
-    return areas
+    areas = np.empty(len(shard), dtype=np.int64)
+    hasher = hashlib.sha256()
+    i = 0
+    for table in shard.select_columns([image_column]).with_format("arrow").iter(batch_size=256):
+        for value in table.column(image_column).to_pylist():
+            data = value.get("bytes")
+            if digest:
+                hasher.update(_page_signature(value))
+            with Image.open(io.BytesIO(data) if data else value["path"]) as im:
+                areas[i] = im.width * im.height
+            i += 1
+    return areas, hasher.hexdigest() if digest else ""
+
+
+def _page_signature(value: dict) -> bytes:
+    """What identifies a page's content: its bytes, or for a page stored as a file path the path, size
+    and modification time (reading every file again only to hash it would double the I/O)."""
+    if value.get("bytes"):
+        data = value["bytes"]
+        return b"B%d:" % len(data) + hashlib.sha256(data).digest()
+    stat = os.stat(value["path"])
+    return f"P{value['path']}:{stat.st_size}:{stat.st_mtime_ns};".encode()
+
+
+def _weights_digest(model) -> str:
+    """Every parameter's name, shape, dtype, sum and sum of squares (float64): a finetuned model differs
+    even where only some layers were trained. Chunked, so no float64 copy of a large matrix is made."""
+    hasher = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            total = squares = 0.0
+            for chunk in p.detach().reshape(-1).split(1 << 22):
+                chunk = chunk.double()
+                total += float(chunk.sum())
+                squares += float((chunk * chunk).sum())
+            hasher.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{total!r}:{squares!r};".encode())
+    return hasher.hexdigest()
+
+
+def _settings_digest(model) -> str:
+    """Module configurations (pooling, normalisation...) and processor settings (min/max pixels,
+    resizing, chat template): they change the embeddings without changing the weights."""
+    parts = []
+    for module in model if isinstance(model, torch.nn.Sequential) else [model]:
+        config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
+        processor = getattr(module, "processor", None)
+        parts.append({"module": type(module).__name__, "config": config,
+                      "processor": processor.to_json_string() if hasattr(processor, "to_json_string") else
+                      repr(processor)})
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def embedding_key(model, *, image_column: str, batch_size: int, block: int, extra: str = "") -> dict:
+    """What a shard's cached embeddings depend on, apart from its pages (see :func:`encode_corpus_shard`)."""
+    first = next(model.parameters(), None)
+    return {"weights": _weights_digest(model), "settings": _settings_digest(model),
+            "prompt": document_prompt(model), "image_column": image_column, "batch_size": batch_size,
+            "block": block, "device": torch.device(model.device).type,  # bf16 autocast on GPUs only
+            "dtype": str(first.dtype) if first is not None else "", "extra": extra}
 
 
 class _Pages(torch.utils.data.Dataset):
@@ -121,18 +183,26 @@ def _autocast(device: torch.device):
 def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_column: str = "image",
                         batch_size: int = 16, num_workers: int = 0, cache_dir: str | None = None,
                         cache_key: str = "", show_progress: bool = False) -> tuple[int, torch.Tensor]:
-    """Embed rank's shard of ``corpus``; returns (global offset of the shard, [n, D] float32 normalised)."""
+    """Embed rank's shard of ``corpus``; returns (global offset of the shard, [n, D] float32 normalised).
+
+    ``cache_dir``: finished batches are kept in a sub-folder named by the shard and by everything its
+    embeddings depend on (:func:`embedding_key` + the shard's page contents; ``cache_key``: anything
+    else the caller adds), so a different model, corpus or preprocessing never reuses them.
+    """
     from sentence_transformers.util import batch_to_device
     from tqdm.auto import tqdm
 
     block = block_size(len(corpus), batch_size)
     start, end = corpus_shard_range(len(corpus), rank, world_size, block)
-    shard = corpus.select(range(start, end) if end > start else [])  # a small corpus may leave a rank none
+    shard = corpus.select(range(start, end))  # a small corpus may leave a rank none
     n = len(shard)
-    cache = _ShardCache(cache_dir, rank, world_size, start, end, cache_key) if cache_dir else None
+    areas, pages_digest = _scan_pages(shard, image_column, digest=bool(cache_dir))
+    cache = _ShardCache(cache_dir, rank, world_size, start, end,
+                        {**embedding_key(model, image_column=image_column, batch_size=batch_size, block=block,
+                                         extra=cache_key), "pages": pages_digest}) if cache_dir else None
     done = cache.load() if cache else {}
     # A cached batch is whole: the batches still to run are exactly those of the uninterrupted run.
-    batches = [b for b in block_batches(_page_areas(shard, image_column), batch_size, block)
+    batches = [b for b in block_batches(areas, batch_size, block)
                if not all(p in done for p in b)] if len(done) < n else []
     # Sharded engines (ZeRO-3, FSDP2) gather parameters inside every forward: a collective, so all
     # ranks must run the same number of forwards. Ranks with fewer batches run padding forwards.
@@ -187,19 +257,24 @@ def encode_queries(model, texts: list[str], *, batch_size: int = 32) -> torch.Te
 
 
 class _ShardCache:
-    """Finished batches of one shard as small atomic files; a manifest pins what they belong to."""
+    """Finished batches of one shard as small atomic files; a manifest pins what they belong to.
 
-    def __init__(self, cache_dir: str, rank: int, world_size: int, start: int, end: int, key: str) -> None:
-        self.dir = Path(cache_dir) / f"shard-{rank}-of-{world_size}"
+    The folder name carries a digest of the manifest: another model, corpus or preprocessing gets a
+    folder of its own (re-encoded from scratch), never another's embeddings.
+    """
+
+    def __init__(self, cache_dir: str, rank: int, world_size: int, start: int, end: int, key: dict) -> None:
         self.manifest = {"start": start, "end": end, "key": key}
+        digest = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = Path(cache_dir) / f"shard-{rank}-of-{world_size}-{digest}"
         self.count = 0
 
     def load(self) -> dict[int, torch.Tensor]:
         self.dir.mkdir(parents=True, exist_ok=True)
         manifest = self.dir / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text()) != self.manifest:
+        if manifest.is_file() and json.loads(manifest.read_text()) != self.manifest:  # only if edited by hand
             raise ValueError(f"embedding cache {self.dir} belongs to another model, corpus or split "
-                             f"({manifest.read_text()}); use a fresh cache folder")
+                             f"({manifest.read_text()}); delete that folder")
         manifest.write_text(json.dumps(self.manifest))
         done: dict[int, torch.Tensor] = {}
         for f in sorted(self.dir.glob("batch-*.pt")):

@@ -3,6 +3,8 @@
 Definitions follow sentence-transformers' InformationRetrievalEvaluator so that, for binary
 relevance, the numbers are the same (tested); NDCG uses the grade as gain (as trec_eval's
 ndcg_cut), so graded judgements are supported. A page counts as relevant when its grade is > 0.
+MAP@k divides by min(k, number of relevant pages), as sentence-transformers does (trec_eval's map_cut
+and ranx divide by the number of relevant pages: lower when a query has more than k).
 Rankings must already be in their final order (ties: see :func:`dist_vdr.evaluation.search.merge_topk`).
 """
 

@@ -4,8 +4,8 @@ Memory stays O(chunk + queries x k): the corpus is scored in chunks and only a r
 query is kept. The backend is faiss (exact ``IndexFlatIP``) when installed, else chunked torch
 matmuls; both are exact. The candidates' scores are then recomputed pair by pair (:func:`rescore`),
 so a ranking does not depend on how the corpus was split, and ordering is made deterministic after
-the merge (score descending, then a tie key: the page id's position in sorted order,
-sentence-transformers' rule).
+the merge (score descending, then a tie key given by the caller: the evaluator's is descending page
+id, trec_eval's rule; mining's is ascending content hash).
 """
 
 from __future__ import annotations

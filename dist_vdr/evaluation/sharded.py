@@ -6,7 +6,8 @@ Per evaluation:
    preprocessed in DataLoader workers; nothing is sent through rank 0);
 3. for every dim (Matryoshka: truncate + re-normalise the same embeddings), each rank keeps the
    exact top-k of every query over its shard; only those (score, page) lists are all-gathered and
-   merged, deterministically (score, then page id);
+   merged, deterministically (score, then descending page id: trec_eval's order of equal scores, so
+   the written runs reproduce the metrics);
 4. NDCG/MRR/Recall/MAP/Accuracy/Precision@k for every dim; rank 0 writes JSON, CSV, TREC runs and
    qrels, and a plot of NDCG@10 against dimension.
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import distributed
+from ..data.judgements import judged_queries
 from ..data.loading import EvalData
 from .encode import encode_corpus_shard, encode_queries, shard_range
 from .metrics import METRICS, retrieval_metrics
@@ -53,9 +55,10 @@ class ShardedRetrievalEvaluator(_base()):
         self.top_k = max(self.ks)
         self.batch_size, self.query_batch_size, self.num_workers = batch_size, query_batch_size, num_workers
         self.backend, self.cache_dir, self.show_progress, self.run_tag = backend, cache_dir, show_progress, run_tag
-        self.query_ids = list(data.queries)
+        # Only queries with a relevant page count; they alone go into the metrics and the outputs.
+        self.query_ids = judged_queries(list(data.queries), data.qrels, "evaluation data")
         self.page_ids = [str(p) for p in data.corpus["page_id"]]
-        self.tie_key = sorted_position(self.page_ids)
+        self.tie_key = trec_tie_key(self.page_ids)
         self.primary_metric = f"dim{self.dims[0]}_cosine_ndcg@10" if 10 in self.ks else \
             f"dim{self.dims[0]}_cosine_ndcg@{self.ks[-1]}"
         if backend in ("auto", "faiss") and has_faiss():
@@ -70,7 +73,6 @@ class ShardedRetrievalEvaluator(_base()):
         offset, shard = encode_corpus_shard(
             model, self.data.corpus, rank=info.rank, world_size=info.world_size, batch_size=self.batch_size,
             num_workers=self.num_workers, cache_dir=self.cache_dir,
-            cache_key=_model_key(model) if self.cache_dir else "",
             show_progress=self.show_progress and info.is_main)
         full_dim = queries.shape[1]
         too_big = [d for d in self.dims if d > full_dim]
@@ -167,17 +169,19 @@ def sorted_position(ids: list[str]) -> np.ndarray:
     key[np.argsort(np.array(ids, dtype=object), kind="stable")] = np.arange(len(ids))
     return key
 
+
+def trec_tie_key(ids: list[str]) -> np.ndarray:
+    """Tie key of the evaluator: equal scores in descending id order, as trec_eval sorts a run (score,
+    then docno by strcmp, descending; Python compares str by code point, the order of their UTF-8
+    bytes). The written runs then give trec_eval the evaluator's rankings even where scores are
+    exactly equal. (sentence-transformers breaks such ties by ascending id.)"""
+    return len(ids) - 1 - sorted_position(ids)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _model_key(model) -> str:
-    card = getattr(model, "model_card_data", None)
-    name = getattr(card, "base_model", None) or type(model).__name__
-    total = sum(float(p.detach().float().sum()) for p in list(model.parameters())[:4])
-    return f"{name}:{total:.6e}"
 
 
 def plot_ndcg_vs_dim(curves: dict[str, dict[int, dict[str, float]]], path: str | Path, metric: str = "ndcg@10") -> None:
@@ -204,10 +208,22 @@ def plot_ndcg_vs_dim(curves: dict[str, dict[int, dict[str, float]]], path: str |
 
 
 def write_trec_run(path: str | Path, ranked: dict[str, list[tuple[str, float]]], tag: str) -> None:
-    """TREC run file: ``qid Q0 docid rank score tag``, one line per (query, page), best first."""
-    lines = [f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n"
+    """TREC run file: ``qid Q0 docid rank score tag``, one line per (query, page), best first.
+
+    trec_eval ignores the rank column and re-sorts by score, so scores are written exactly
+    (:func:`score_text`): rounded ones would tie and be re-ordered by docno.
+    """
+    lines = [f"{qid} Q0 {pid} {rank} {score_text(score)} {tag}\n"
              for qid, pages in ranked.items() for rank, (pid, score) in enumerate(pages, start=1)]
     _atomic_write(Path(path), "".join(lines))
+
+
+def score_text(score: float) -> str:
+    """The shortest decimal that reads back as the same score: at most 9 significant digits for a
+    float32 score (the evaluator's), 17 for other floats (e.g. fused reranker scores). Distinct scores
+    stay distinct and in order; equal ones stay equal."""
+    single = np.float32(score)
+    return str(single) if float(single) == float(score) else repr(float(score))
 
 
 def write_trec_qrels(path: str | Path, query_ids: list[str], qrels: dict[str, dict[str, int]]) -> None:
