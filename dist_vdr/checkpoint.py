@@ -258,7 +258,7 @@ def _candidates(out: Path, resume: str | None, no_resume: bool, log) -> list[str
     return [str(p) for _, p, ok in reversed(list_checkpoints(out)) if ok]
 
 
-def rotate(output_dir: str | os.PathLike, keep: int | None, protect: tuple[str, ...] = ()) -> list[Path]:
+def rotate(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond the newest ``keep`` ones; returns what was deleted.
 
     Called only right after a new checkpoint was marked: a deleted checkpoint always has a newer
@@ -266,7 +266,7 @@ def rotate(output_dir: str | os.PathLike, keep: int | None, protect: tuple[str, 
     """
     if not keep:
         return []
-    complete = [p for _, p, ok in list_checkpoints(output_dir) if ok and str(p) not in protect]
+    complete = [p for _, p, ok in list_checkpoints(output_dir) if ok]
     doomed = complete[:-keep] if len(complete) > keep else []
     for path in doomed:
         shutil.rmtree(path)

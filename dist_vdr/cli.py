@@ -49,6 +49,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training import check_data
+
+    paths = [a for a in args.items if "=" not in a]
+    if len(paths) > 1:
+        raise ValueError(f"data check takes one dataset, got {paths}")
+    overrides = [*(f"data.path={p}" for p in paths), *(a for a in args.items if "=" in a)]
+    check_data(load_config(args.config, overrides))
+    return 0
+
+
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import TinyModelSpec, build_tiny_model, build_tiny_reranker
 
@@ -82,6 +94,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluation.sharded import ShardedRetrievalEvaluator
     from .model import build_model, embedding_dim
 
+    _resolve_paths(args, model="model folder", data="dataset or page corpus folder", reranker="reranker folder")
     info = distributed.init(args.device, 0, args.threads)
     data_cfg = DataConfig(path=args.data, eval_format=args.eval_format, eval_name=args.eval_name,
                           eval_queries_file=args.queries, eval_qrels_file=args.qrels,
@@ -105,6 +118,19 @@ def _eval(args: argparse.Namespace) -> int:
                   f"Recall@10 {m.get('recall@10', float('nan')):.4f}", flush=True)
         print(f"outputs in {args.output}" if args.output else json.dumps(flat), flush=True)
     return 0
+
+
+def _resolve_paths(args: argparse.Namespace, files: tuple[str, ...] = ("queries", "qrels"), **folders: str) -> None:
+    """Flags naming models/data follow the recipe's rule (dist_vdr.sources): a local-looking path
+    must exist, ``hf://`` marks a hub id; query/qrels files must exist."""
+    from . import sources
+
+    for name, what in folders.items():
+        if getattr(args, name, None):
+            setattr(args, name, sources.resolve(getattr(args, name), f"--{name.replace('_', '-')}", what))
+    for name in files:
+        if getattr(args, name, None):
+            setattr(args, name, sources.resolve_file(getattr(args, name), f"--{name}"))
 
 
 def _eval_rerank(args: argparse.Namespace, info, data, retriever) -> int:
@@ -241,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume although training.max_steps/num_epochs differ from the checkpoint's recipe")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.max_steps=20")
     t.set_defaults(fn=_train)
+
+    dc = sub.add_parser("data", help="data commands: `data check` validates and hashes a recipe's data ahead of "
+                                     "training (the record makes training start without the pass)")
+    dc_sub = dc.add_subparsers(dest="data_command", required=True)
+    chk = dc_sub.add_parser("check", help="the training start's page validation and row hashing, done now")
+    chk.add_argument("--config", default=None, help="the recipe whose data to check (its data/training settings)")
+    chk.add_argument("items", nargs="*", metavar="DATA | key=value",
+                     help="the dataset folder or hub id (sets data.path), and config overrides")
+    chk.set_defaults(fn=_data_check)
 
     m = sub.add_parser("make-tiny-model", help="build the offline tiny Qwen3-VL embedding model (or reranker)")
     m.add_argument("dir")
@@ -402,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if lifecycle.launched_by_torch_elastic():
         lifecycle.die_with_launcher()  # no rank outlives its launcher (it would go on writing the run)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_options_first(list(sys.argv[1:] if argv is None else argv)))
     # train installs its signal handling first, then quiets the libraries; the page commands never
     # load transformers (its import alone is ~0.8 GB of the builder's resident memory).
     if args.command not in ("train", "pages", "make-synthetic-pdfs"):
@@ -427,6 +462,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     distributed.shutdown()  # every rank got here: leave the group together (see shutdown's note)
     return code
+
+
+_VALUE_OPTIONS = ("--config", "--resume")
+
+
+def _options_first(argv: list[str]) -> list[str]:
+    """``train``/``data check``: options may follow the key=value overrides (launch/train.sh appends
+    its own overrides after the user's arguments); argparse cannot take a positional list split by
+    options, so the options go first."""
+    command = argv[:2] if argv[:2] == ["data", "check"] else argv[:1]
+    if command not in (["train"], ["data", "check"]):
+        return argv
+    rest, options, positionals = argv[len(command):], [], []
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if token.startswith("-"):
+            options.append(token)
+            if token in _VALUE_OPTIONS and i + 1 < len(rest):
+                options.append(rest[i + 1])
+                i += 1
+        else:
+            positionals.append(token)
+        i += 1
+    return [*command, *options, *positionals]
 
 
 def entry() -> None:

@@ -294,6 +294,13 @@ class LaunchConfig:
     checkpoint at the next step boundary and stop; the job is then requeued and resumes there."""
     collective_timeout_s: int = 600
     """Upper bound for any collective: if a rank dies, the others fail within this time, not hang."""
+    startup_timeout_s: int = 21600
+    """Upper bound for the waits around long startup work (the data pass, a checkpoint conversion):
+    ranks that finish their share first wait this long, in a group of its own, with a progress line
+    a minute -- not inside collective_timeout_s."""
+    startup_workers: int = 0
+    """Processes per rank for the startup data pass (decode + hash); 0: the cores of the node shared
+    by its ranks."""
     keep_parameters_gathered: bool = False
     """FSDP2 only: keep parameters unsharded for the whole step (one all-gather per layer and step
     instead of one per mini-batch forward and backward) at the memory cost of one full model copy."""
@@ -305,6 +312,11 @@ class LaunchConfig:
         _check_choice("launch", "device", self.device, _DEVICES)
         if self.collective_timeout_s < 10:
             raise ValueError("launch.collective_timeout_s must be >= 10")
+        if self.startup_timeout_s < self.collective_timeout_s:
+            raise ValueError(f"launch.startup_timeout_s={self.startup_timeout_s} must be >= "
+                             f"launch.collective_timeout_s={self.collective_timeout_s}")
+        if self.startup_workers < 0:
+            raise ValueError("launch.startup_workers must be >= 0 (0: auto)")
         if self.expected_world_size < 0 or self.num_threads_per_process < 0:
             raise ValueError("launch.expected_world_size and launch.num_threads_per_process must be >= 0")
 

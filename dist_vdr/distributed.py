@@ -165,10 +165,14 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def main_then_share(is_main: bool, fn: Callable[[], T]) -> T:
+def main_then_share(is_main: bool, fn: Callable[[], T], timeout_s: int | None = None,
+                    waiting_for: str = "rank 0", log: Callable[[str], None] | None = None) -> T:
     """Run ``fn`` on rank 0 only and give its result to every rank; a ValueError there is raised everywhere.
 
-    Rank 0 decides (resume point, data validity), the others must not decide on their own.
+    Rank 0 decides (resume point, data validity), the others must not decide on their own. For
+    long work (minutes: a checkpoint conversion, a data pass) give ``timeout_s``: the others then
+    wait in a barrier with that bound of its own and a progress line a minute (:func:`wait_long`),
+    not inside the default group's timed broadcast.
     """
     result: tuple = (None, None)
     if is_main:
@@ -176,20 +180,62 @@ def main_then_share(is_main: bool, fn: Callable[[], T]) -> T:
             result = (fn(), None)
         except ValueError as exc:
             result = (None, str(exc))
+    if timeout_s is not None and _is_initialized():
+        wait_long(timeout_s, waiting_for, log)
     value, error = broadcast_object(result)
     if error:
         raise AllRanksError(error)
     return value
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous [start, end) of rank's shard of n items; the first n % W shards get one extra."""
+    size, extra = divmod(n, world_size)
+    start = rank * size + min(rank, extra)
+    return start, start + size + (rank < extra)
+
+
+def all_gather_objects(obj: Any, timeout_s: int | None = None, waiting_for: str = "the other ranks",
+                       log: Callable[[str], None] | None = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order.
+
+    ``timeout_s``: the ranks arrive after long work of their own (a data pass, a conversion) and
+    may arrive minutes apart: first meet in a barrier of a gloo group with this timeout -- not the
+    step-sized ``launch.collective_timeout_s`` of the default group -- saying every minute what is
+    awaited, then exchange the objects (everyone is there: no long wait inside a timed collective).
+    """
     if not _is_initialized():
         return [obj]
     import torch.distributed as dist
 
+    if timeout_s is not None:
+        wait_long(timeout_s, waiting_for, log)
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+_long_groups: dict[int, Any] = {}
+_PROGRESS_EVERY_S = 60.0
+
+
+def wait_long(timeout_s: int, waiting_for: str, log: Callable[[str], None] | None = None) -> None:
+    """All ranks meet, waiting up to ``timeout_s`` (its own gloo group), with a progress line a minute."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if timeout_s not in _long_groups:  # collective: every rank creates it at the same point
+        _long_groups[timeout_s] = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    work = dist.barrier(group=_long_groups[timeout_s], async_op=True)
+    start = last = time.monotonic()
+    while not work.is_completed():
+        time.sleep(0.05)
+        if log and time.monotonic() - last >= _PROGRESS_EVERY_S:
+            last = time.monotonic()
+            log(f"waiting for {waiting_for} ({last - start:.0f} s; bound launch.startup_timeout_s={timeout_s})")
+    work.wait()
 
 
 def any_rank(flag: bool) -> bool:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint, distributed, engines, preemption, resume_guard
@@ -21,6 +22,8 @@ from .data.loading import EvalData, load_eval, load_train
 from .evaluation import stock
 from .losses import build_loss
 from .model import build_model, check_dims, compile_blocks, embedding_dim
+from .phases import Phases
+from .phases import make_callback as make_first_step_callback
 from .run_lock import RunLock
 
 
@@ -70,7 +73,7 @@ def write_run_records(out: Path, cfg: Config, info: distributed.DistInfo, resume
         f.write(json.dumps(run) + "\n")
 
 
-def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int, has_eval: bool):
+def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int, has_eval: bool, row_hashes=None):
     from sentence_transformers import CrossEncoderTrainingArguments, SentenceTransformerTrainingArguments
 
     t = cfg.training
@@ -99,7 +102,7 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         save_total_limit=None,
         # A non-finite loss stops the run (preemption.StepHealth); the filter would log an average instead.
         logging_nan_inf_filter=False,
-        batch_sampler=_batch_sampler(t.batch_sampler, info.world_size),
+        batch_sampler=_batch_sampler(t.batch_sampler, info.world_size, row_hashes),
         dataloader_num_workers=t.dataloader_num_workers,
         # In-batch negatives want full batches, and DDP ranks must run the same number of steps.
         dataloader_drop_last=True,
@@ -123,12 +126,14 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         raise ValueError(f"training.trainer_args: {exc}") from exc
 
 
-def _batch_sampler(name: str, world_size: int):
-    """no_duplicates*: de-duplicated over the global batch (all ranks), by content hash."""
+def _batch_sampler(name: str, world_size: int, row_hashes=None):
+    """no_duplicates*: de-duplicated over the global batch (all ranks), by content hash (``row_hashes``:
+    computed by the startup pass, so the sampler does not hash every row again on every rank)."""
     if name.startswith("no_duplicates"):
         from .data.sampler import global_no_duplicates
 
-        return global_no_duplicates(world_size, precompute_hashes=name == "no_duplicates_hashed")
+        return global_no_duplicates(world_size, precompute_hashes=name == "no_duplicates_hashed",
+                                    row_hashes=row_hashes)
     return name
 
 
@@ -211,6 +216,8 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     """
     info = distributed.init(cfg.launch.device, cfg.launch.expected_world_size, cfg.launch.num_threads_per_process,
                             timeout_s=cfg.launch.collective_timeout_s)
+    phases = Phases()
+    phases.mark("imports + process group")
     if cfg.launch.handle_preemption:
         preemption.install()
     if not info.is_main:
@@ -226,19 +233,105 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
                          f"{engine}: with gradient caching the batch costs no extra memory, so raise "
                          f"training.global_batch_size instead and keep accumulation at 1")
 
-    # Data first: a bad row fails here, before anything is written. Rank 0 decodes every page once.
-    distributed.main_then_share(info.is_main, lambda: _validate_data(cfg))
+    # Data first: a bad row fails here, before anything is written. Every rank decodes its share once
+    # (or finds the record of an earlier pass over the same data).
+    data = _prepare_data(cfg, info, out)
+    phases.mark("data: load, validation, hashing")
     lock = RunLock(out, log=lambda msg: say(info, msg))
     distributed.main_then_share(info.is_main, lock.acquire)  # one writer per run folder
     try:
-        return _run_locked(cfg, info, out, per_device, engine, resume, no_resume, allow_config_change)
+        return _run_locked(cfg, info, out, per_device, engine, resume, no_resume, allow_config_change, data, phases)
     finally:
         if info.is_main:
             lock.release()
 
 
+@dataclass
+class PreparedData:
+    """The loaded data and what the startup passes established about it (dist_vdr.data.startup)."""
+
+    train: object  # datasets.Dataset with the recipe's training columns
+    eval: EvalData | None
+    passes: list = field(default_factory=list)  # StartupResult of the training rows (first), eval corpus
+
+    @property
+    def row_hashes(self):
+        return self.passes[0].hashes if self.passes else None
+
+    def write_records(self, out: Path | None) -> list[Path]:
+        """Records of the passes run now, or found only elsewhere, into ``out`` and the user cache."""
+        from .data import startup
+
+        written = []
+        for result in self.passes:
+            if result.reused_from is None or out is None or not Path(result.reused_from).is_relative_to(out):
+                written += startup.write_record(result, out)
+        return written
+
+
+def check_data(cfg: Config) -> PreparedData:
+    """`dist-vdr data check`: the training start's data pass ahead of time (1 process or under a
+    launcher), its record written to the user cache, where the training runs of this data find it."""
+    info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process,
+                            timeout_s=cfg.launch.collective_timeout_s)
+    data = _prepare_data(cfg, info, None)
+    if info.is_main:
+        for folder in data.write_records(None):
+            say(info, f"record written: {folder}")
+    return data
+
+
+def _prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None) -> PreparedData:
+    """Every rank loads the data (memory-mapped; cheap checks: columns, queries, ids); the pages are
+    decoded (validation) and the rows hashed (no-duplicates sampler) once, sharded over the ranks."""
+    from .data import startup
+    from .data.loading import image_columns
+
+    train_ds = load_train(_without_image_check(cfg.data))
+    if len(train_ds) < cfg.training.global_batch_size:
+        raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
+                         f"lower training.global_batch_size or add data")
+    eval_data: EvalData | None = load_eval(_without_image_check(cfg.data)) if cfg.evaluation.enabled else None
+    # The reranker's sampler sees the mined rows, not these: it hashes them itself.
+    hashed = cfg.training.batch_sampler == "no_duplicates_hashed" and cfg.task == "embedding"
+    log = lambda msg: say(info, msg)  # noqa: E731
+    kwargs = dict(info=info, output_dir=out, workers=cfg.launch.startup_workers,
+                  timeout_s=cfg.launch.startup_timeout_s, log=log)
+    data = PreparedData(train_ds, eval_data)
+    if cfg.data.validate_images or hashed:
+        where = f"training data {cfg.data.path}[{cfg.data.train_split}]"
+        data.passes.append(startup.prepare(train_ds, image_columns(train_ds, cfg.data.train_columns), where,
+                                           hashed=hashed, **kwargs))
+        _say_pass(info, data.passes[-1], "training rows", hashed)
+    if eval_data is not None and cfg.data.validate_images:
+        corpus_path = cfg.data.eval_path or cfg.data.path
+        if _built_corpus(corpus_path):
+            say(info, f"eval corpus {corpus_path}: a `pages build` corpus, validated when it was built")
+        else:
+            data.passes.append(startup.prepare(eval_data.corpus, ["image"], f"eval corpus {corpus_path}",
+                                               hashed=False, **kwargs))
+            _say_pass(info, data.passes[-1], "eval pages", False)
+    return data
+
+
+def _built_corpus(path: str) -> bool:
+    from .data import ingest
+
+    return (Path(path) / ingest.MARKER_FILE).is_file()
+
+
+def _say_pass(info: distributed.DistInfo, result, what: str, hashed: bool) -> None:
+    done = "validated and hashed" if hashed else "validated"
+    if result.reused_from:
+        say(info, f"startup: {result.rows} {what} {done} before (record {result.reused_from}): no page decoded")
+    else:
+        say(info, f"startup: {result.rows} {what} {done} on {info.world_size} rank(s) in {result.seconds:.1f} s "
+                  f"({result.decoded_pages} pages decoded)")
+
+
 def _run_locked(cfg: Config, info: distributed.DistInfo, out: Path, per_device: int, engine: str | None,
-                resume: str | None, no_resume: bool, allow_config_change: bool) -> dict:
+                resume: str | None, no_resume: bool, allow_config_change: bool, data: PreparedData,
+                phases: Phases) -> dict:
     config_text = to_yaml(cfg)
     resume_from = checkpoint.decide_resume(out, resume=resume, no_resume=no_resume, info=info,
                                            log=lambda msg: say(info, msg))
@@ -253,11 +346,8 @@ def _run_locked(cfg: Config, info: distributed.DistInfo, out: Path, per_device: 
             if finished is not None:
                 return finished
 
-    train_ds = load_train(_without_image_check(cfg.data))
-    if len(train_ds) < cfg.training.global_batch_size:
-        raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
-                         f"lower training.global_batch_size or add data")
-    eval_data: EvalData | None = load_eval(_without_image_check(cfg.data)) if cfg.evaluation.enabled else None
+    phases.mark("lock + resume decision")
+    train_ds, eval_data, row_hashes = data.train, data.eval, data.row_hashes
     candidates = None
     if cfg.task == "reranker" and cfg.data.pages_path:
         raise ValueError("data.pages_path (rows naming pages by id) is not supported for task: reranker yet; "
@@ -267,6 +357,7 @@ def _run_locked(cfg: Config, info: distributed.DistInfo, out: Path, per_device: 
 
         # Mining and first-stage retrieval with the retriever (collective, cached in the output folder).
         train_ds, candidates = reranker_training.prepare(cfg, info, out, train_ds, eval_data)
+        row_hashes = None  # the sampler sees the mined rows now
         model = _build_reranker(cfg, info)
         dim = 0
     else:
@@ -277,12 +368,14 @@ def _run_locked(cfg: Config, info: distributed.DistInfo, out: Path, per_device: 
     engines.adapt_model(model, engine)
     if cfg.model.compile:
         say(info, f"model.compile: {compile_blocks(model)} transformer blocks compiled (the first steps compile them)")
+    phases.mark("model build" if cfg.task == "embedding" else "mining + model build")
 
     load_universal = _prepare_resharded_resume(resume_from, cfg, info, per_device, engine)
     # Built (and so validated: trainer_args, scheduler name, ...) before the run's records are written.
-    args = build_training_args(cfg, info, per_device, has_eval=eval_data is not None)
+    args = build_training_args(cfg, info, per_device, has_eval=eval_data is not None, row_hashes=row_hashes)
     engines.configure_deepspeed(args, load_universal=load_universal)
-    if info.is_main:
+    if info.is_main:  # everything checked: the run's first writes
+        data.write_records(out)
         write_run_records(out, cfg, info, resume_from)
     distributed.barrier()
     say(info, f"resuming from {resume_from}" if resume_from else f"starting a new run in {out}")
@@ -309,7 +402,7 @@ def _run_locked(cfg: Config, info: distributed.DistInfo, out: Path, per_device: 
         loss=loss,
         evaluator=evaluator,
         callbacks=[checkpoint.make_marker_callback(info, config_text, cfg.training.save_total_limit),
-                   make_rank_logger(info), stopper]
+                   make_rank_logger(info), stopper, make_first_step_callback(phases, _first_step_report(info, out))]
         + ([engines.make_collective_logger(str(out), info.rank)] if cfg.launch.log_collectives else [])
         + ([StepStatsCallback(out / "step_stats.json", is_main=info.is_main)] if cfg.training.record_step_stats else []),
     )
@@ -318,6 +411,7 @@ def _run_locked(cfg: Config, info: distributed.DistInfo, out: Path, per_device: 
     _resolve_page_ids(trainer, cfg, train_ds, info)
 
     _check_engine(trainer, info)
+    phases.mark("trainer setup")
     results: dict = {}
     if evaluator is not None and cfg.evaluation.before_training:
         before = _load_metrics(out, "before")
@@ -325,6 +419,7 @@ def _run_locked(cfg: Config, info: distributed.DistInfo, out: Path, per_device: 
             say(info, "evaluating the untrained model")
             before = evaluate(trainer, info, out, "before", step=0)
         results["before"] = before
+        phases.mark("evaluation before training")
 
     _train(trainer, resume_from, out)
     if stopper.stopped_at is not None:
@@ -392,6 +487,15 @@ def _finished_run(cfg: Config, info: distributed.DistInfo, out: Path, resume_fro
     return results
 
 
+def _first_step_report(info: distributed.DistInfo, out: Path):
+    def report(phases: Phases) -> None:
+        say(info, phases.line())
+        if info.is_main:
+            phases.write(out / "startup_times.json")
+
+    return report
+
+
 def _build_reranker(cfg: Config, info: distributed.DistInfo):
     from .reranker.model import build_reranker
 
@@ -415,7 +519,9 @@ def _prepare_resharded_resume(resume_from: str | None, cfg: Config, info: distri
     if engine != "deepspeed":
         return False
     say(info, "converting the DeepSpeed checkpoint to a universal checkpoint (ds_to_universal)")
-    distributed.main_then_share(info.is_main, lambda: engines.make_universal(resume_from))
+    distributed.main_then_share(info.is_main, lambda: engines.make_universal(resume_from),
+                                timeout_s=cfg.launch.startup_timeout_s, waiting_for="rank 0's ds_to_universal",
+                                log=lambda msg: say(info, msg, all_ranks=True))
     return True
 
 
@@ -454,12 +560,6 @@ def _resolve_page_ids(trainer, cfg: Config, train_ds, info: distributed.DistInfo
     trainer.data_collator = page_refs.ResolvingCollator(
         trainer.data_collator, page_refs.load_table(cfg.data), columns,
         key_columns=[cfg.data.query_column, cfg.data.positive_column])
-
-
-def _validate_data(cfg: Config) -> None:
-    load_train(cfg.data, show_progress=True)
-    if cfg.evaluation.enabled:
-        load_eval(cfg.data, show_progress=True)
 
 
 def _without_image_check(data_cfg):

@@ -60,6 +60,16 @@ def test_corrupt_image_names_row_and_column(tmp_path):
     assert len(load_train(DataConfig(path=path, validate_images=False))) == 3
 
 
+def test_a_page_above_the_pixel_limit_is_refused(tmp_path):
+    buf = io.BytesIO()
+    Image.new("1", (11000, 11000), 1).save(buf, format="PNG")  # 121 MP, a few kB: refused before decoding
+    path = _write(tmp_path, {"query": ["a", "b"], "image": [_png("red"), {"bytes": buf.getvalue(), "path": None}],
+                             "negative_0": [_png("green"), _png("gray")]})
+    with pytest.raises(ValueError, match=r"row 1, column 'image': the page is 11000x11000 = 121 MP, above the "
+                                         r"89.5 MP page limit"):
+        load_train(DataConfig(path=path))
+
+
 def test_ir_eval(pages):
     data = load_eval(DataConfig(path=str(pages), max_eval_queries=5))
     assert len(data.queries) == 5 and len(data.corpus) == 32

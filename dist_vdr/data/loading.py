@@ -99,10 +99,15 @@ def undecoded(ds, columns: list[str]):
     return ds
 
 
-def _image_columns(ds, columns: list[str]) -> list[str]:
+def image_columns(ds, columns: list[str]) -> list[str]:
     import datasets
 
     return [c for c in columns if isinstance(ds.features.get(c), datasets.Image)]
+
+
+# The page-size limit of `dist-vdr pages build --max-image-pixels` (PIL's decompression-bomb
+# threshold; PIL itself only warns up to twice that, so a 121 MP page used to train).
+MAX_PAGE_PIXELS = 89_478_485
 
 
 def check_images(ds, columns: list[str], where: str, show_progress: bool = False) -> None:
@@ -110,7 +115,7 @@ def check_images(ds, columns: list[str], where: str, show_progress: bool = False
     from PIL import Image
     from tqdm.auto import tqdm
 
-    cols = _image_columns(ds, columns)
+    cols = image_columns(ds, columns)
     if not cols:
         return
     raw = undecoded(ds.select_columns(cols), cols)
@@ -122,7 +127,13 @@ def check_images(ds, columns: list[str], where: str, show_progress: bool = False
             try:
                 src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
                 with Image.open(src) as im:
+                    if im.width * im.height > MAX_PAGE_PIXELS:  # before decoding: a bomb is refused cheaply
+                        raise ValueError(f"{where} row {i}, column {c!r}: the page is {im.width}x{im.height} "
+                                         f"= {im.width * im.height / 1e6:.0f} MP, above the "
+                                         f"{MAX_PAGE_PIXELS / 1e6:.1f} MP page limit; downscale it or drop the row")
                     im.load()
+            except ValueError:
+                raise
             except Exception as exc:
                 raise ValueError(f"{where} row {i}, column {c!r}: image does not decode ({type(exc).__name__}: {exc}); "
                                  f"fix or drop the row") from exc

@@ -17,6 +17,15 @@ from functools import partial
 from typing import Iterator
 
 
+def _excluded_columns() -> set[str]:
+    from sentence_transformers.base.sampler import _EXCLUDE_DATASET_COLUMNS
+
+    return set(_EXCLUDE_DATASET_COLUMNS)
+
+
+_EXCLUDED = _excluded_columns()
+
+
 def _base():
     from sentence_transformers.base.sampler import DefaultBatchSampler
 
@@ -25,7 +34,7 @@ def _base():
 
 class GlobalNoDuplicatesBatchSampler(_base()):
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
-                 seed: int = 0, *, world_size: int = 1, precompute_hashes: bool = True) -> None:
+                 seed: int = 0, *, world_size: int = 1, precompute_hashes: bool = True, row_hashes=None) -> None:
         from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last,
@@ -37,6 +46,13 @@ class GlobalNoDuplicatesBatchSampler(_base()):
         self.global_sampler = NoDuplicatesBatchSampler(
             dataset, batch_size=batch_size * world_size, drop_last=True, valid_label_columns=valid_label_columns,
             generator=generator, seed=seed, precompute_hashes=precompute_hashes)
+        # Hashes of every row from dist-vdr's startup pass (data/startup.py: the same per-value digest,
+        # computed once, sharded over the ranks): set as the stock sampler's own precomputed ones
+        # (its private ``_row_hashes``, sentence-transformers 6.2), so it does not hash again.
+        columns = self.global_sampler.dataset.column_names
+        if precompute_hashes and row_hashes is not None and row_hashes.shape == (len(dataset), len(columns)) \
+                and not set(columns) & _EXCLUDED:
+            self.global_sampler._row_hashes = row_hashes
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -54,6 +70,7 @@ class GlobalNoDuplicatesBatchSampler(_base()):
         return len(self.global_sampler) * self.world_size
 
 
-def global_no_duplicates(world_size: int, precompute_hashes: bool = True):
+def global_no_duplicates(world_size: int, precompute_hashes: bool = True, row_hashes=None):
     """A batch-sampler factory for SentenceTransformerTrainingArguments(batch_sampler=...)."""
-    return partial(GlobalNoDuplicatesBatchSampler, world_size=world_size, precompute_hashes=precompute_hashes)
+    return partial(GlobalNoDuplicatesBatchSampler, world_size=world_size, precompute_hashes=precompute_hashes,
+                   row_hashes=row_hashes)

@@ -30,13 +30,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-
-
-def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous [start, end) of rank's shard; the first n % W shards get one extra row."""
-    size, extra = divmod(n, world_size)
-    start = rank * size + min(rank, extra)
-    return start, start + size + (rank < extra)
+from ..distributed import shard_range  # noqa: F401  (the evaluators import it from here)
 
 
 MAX_BLOCK_BATCHES = 8
@@ -194,7 +188,7 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
 
     block = block_size(len(corpus), batch_size)
     start, end = corpus_shard_range(len(corpus), rank, world_size, block)
-    shard = corpus.select(range(start, end))  # a small corpus may leave a rank none
+    shard = corpus.select(range(start, end) if end > start else [])  # a small corpus may leave a rank none
     n = len(shard)
     areas, pages_digest = _scan_pages(shard, image_column, digest=bool(cache_dir))
     cache = _ShardCache(cache_dir, rank, world_size, start, end,
