@@ -94,7 +94,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluation.sharded import ShardedRetrievalEvaluator
     from .model import build_model, embedding_dim
 
-    _resolve_paths(args, model="model folder", data="dataset or page corpus folder", reranker="reranker folder")
+    from .sources import resolve_args
+
+    resolve_args(args, model="model folder", data="dataset or page corpus folder", reranker="reranker folder")
     info = distributed.init(args.device, 0, args.threads)
     data_cfg = DataConfig(path=args.data, eval_format=args.eval_format, eval_name=args.eval_name,
                           eval_queries_file=args.queries, eval_qrels_file=args.qrels,
@@ -118,19 +120,6 @@ def _eval(args: argparse.Namespace) -> int:
                   f"Recall@10 {m.get('recall@10', float('nan')):.4f}", flush=True)
         print(f"outputs in {args.output}" if args.output else json.dumps(flat), flush=True)
     return 0
-
-
-def _resolve_paths(args: argparse.Namespace, files: tuple[str, ...] = ("queries", "qrels"), **folders: str) -> None:
-    """Flags naming models/data follow the recipe's rule (dist_vdr.sources): a local-looking path
-    must exist, ``hf://`` marks a hub id; query/qrels files must exist."""
-    from . import sources
-
-    for name, what in folders.items():
-        if getattr(args, name, None):
-            setattr(args, name, sources.resolve(getattr(args, name), f"--{name.replace('_', '-')}", what))
-    for name in files:
-        if getattr(args, name, None):
-            setattr(args, name, sources.resolve_file(getattr(args, name), f"--{name}"))
 
 
 def _eval_rerank(args: argparse.Namespace, info, data, retriever) -> int:
@@ -244,6 +233,18 @@ def _bench_search(args: argparse.Namespace) -> int:
 
     results = eval_speed.run_search_bench(args.num_pages, args.num_queries, args.dim, backend=args.backend)
     print(eval_speed.format_search(results, args.num_pages, args.num_queries, args.dim))
+    return 0
+
+
+def _bench_startup(args: argparse.Namespace) -> int:
+    from .bench import startup
+
+    report = startup.run(args.work_dir, rows=[int(n) for n in args.rows.split(",") if n],
+                         image_rows=args.image_rows, world_size=args.world_size, num_pages=args.num_pages,
+                         launch_config=args.launch)
+    print(startup.format_report(report), flush=True)
+    if args.json:
+        print(json.dumps({**report, "summary": startup.summarise(report)}, indent=2))
     return 0
 
 
@@ -400,6 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     bt.add_argument("--timeout-s", type=float, default=None, help="per-setting time limit")
     bt.set_defaults(fn=_bench)
+
+    bu = sub.add_parser("bench-startup", help="time to the first step by phase: rows, ranks, first start vs resume")
+    bu.add_argument("--work-dir", required=True, help="scratch folder (model, generated pages and rows, runs)")
+    bu.add_argument("--rows", default="1000,100000", help="row counts of the rows naming pages by id")
+    bu.add_argument("--image-rows", type=int, default=1000, help="rows holding their pages (0: none)")
+    bu.add_argument("--num-pages", type=int, default=64, help="distinct generated pages")
+    bu.add_argument("--world-size", type=int, default=2)
+    bu.add_argument("--launch", default="launch/cpu.yaml", help="accelerate config for the multi-rank runs")
+    bu.add_argument("--json", action="store_true")
+    bu.set_defaults(fn=_bench_startup)
 
     bk = sub.add_parser("bench-checkpoint", help="checkpoint file hashing (the completion marker) next to writing")
     bk.add_argument("--work-dir", required=True, help="scratch folder on the file system the runs write to")

@@ -23,12 +23,22 @@ def _make_pdfs(args: argparse.Namespace) -> int:
 
 
 def _pages(args: argparse.Namespace) -> int:
-    from .data.ingest import PagesBuildConfig, build_pages, format_summary
+    import sys
+
+    from .data.ingest import BuildInterrupted, PagesBuildConfig, build_pages, format_summary
 
     cfg = PagesBuildConfig(input_dir=args.input, out_dir=args.out, dpi=args.dpi, max_pixels=args.max_pixels,
                            max_image_pixels=args.max_image_pixels, text=args.text, image_format=args.image_format,
-                           files_per_shard=args.files_per_shard, num_workers=args.num_workers)
-    summary = build_pages(cfg, overwrite=args.overwrite, show_progress=not args.quiet)
+                           files_per_shard=args.files_per_shard, pages_per_shard=args.pages_per_shard,
+                           max_pages_per_document=args.max_pages_per_document,
+                           follow_symlinks=args.follow_symlinks, num_workers=args.num_workers)
+    try:
+        summary = build_pages(cfg, overwrite=args.overwrite, show_progress=not args.quiet)
+    except BuildInterrupted as exc:  # not an error: the build stopped where it was asked to, resumably
+        print(exc, file=sys.stderr, flush=True)
+        # Exit now: the rest of main (leaving a process group that a page build never joins)
+        # imports torch, ~2 s that a user who pressed Ctrl-C should not wait for.
+        raise SystemExit(exc.exit_code) from None
     print(format_summary(summary, args.out), flush=True)
     return 0
 
@@ -45,6 +55,9 @@ def _mine(args: argparse.Namespace) -> int:
                          "--qrels (a page corpus and judged queries)")
     if corpus_mode and not (args.queries and args.qrels):
         raise ValueError("--corpus needs --queries and --qrels (e.g. train_queries.jsonl, train_qrels.trec)")
+    from .sources import resolve_args
+
+    resolve_args(args, model="model folder", data="dataset folder", corpus="page corpus folder")
     info = distributed.init(args.device, 0, args.threads)
     id_columns = dict(item.split("=", 1) for item in args.document_id_column)
     cfg = MiningConfig(num_negatives=args.num_negatives, num_random_negatives=args.num_random_negatives,
@@ -116,9 +129,16 @@ def add_parsers(sub) -> None:
                    help="refuse image files larger than this as decompression bombs")
     b.add_argument("--text", action="store_true", help="also store the PDF text layer (column text)")
     b.add_argument("--image-format", default="png", choices=["png", "jpeg"], help="encoding of rendered PDF pages")
-    b.add_argument("--files-per-shard", type=int, default=32)
+    b.add_argument("--files-per-shard", type=int, default=32, help="at most this many files (or parts) per shard")
+    b.add_argument("--pages-per-shard", type=int, default=64,
+                   help="at most this many pages per shard (bounds a worker's memory; long PDFs span several shards)")
+    b.add_argument("--max-pages-per-document", type=int, default=10_000,
+                   help="skip (and list in skipped.jsonl) the pages of a document past this one")
+    b.add_argument("--follow-symlinks", action="store_true",
+                   help="also follow symlinks that point outside --input (those not followed are listed)")
     b.add_argument("--num-workers", type=int, default=0, help="rendering processes (0: one per core)")
-    b.add_argument("--overwrite", action="store_true", help="delete the output folder first and rebuild")
+    b.add_argument("--overwrite", action="store_true",
+                   help="delete the output folder first and rebuild (only a `pages build` output)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(fn=_pages)
 

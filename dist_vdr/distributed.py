@@ -37,6 +37,10 @@ def launched_world_size() -> int:
 
 
 def _is_initialized() -> bool:
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # never imported: no group (and no 1.5 s torch import)
+        return False
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()

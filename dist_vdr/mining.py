@@ -119,14 +119,17 @@ def random_negatives(positives: np.ndarray, chosen: np.ndarray, num_pages: int, 
 
 def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: str, page_columns: list[str],
          batch_size: int = 16, num_workers: int = -1, backend: str = "auto", cache_dir: str | None = None,
-         show_progress: bool = True) -> MinedNegatives:
+         show_progress: bool = True, wait_timeout_s: int = 21600) -> MinedNegatives:
     """Mine for the rows of a training dataset, its own pages as the corpus (collective); every rank
-    returns the same result."""
+    returns the same result. ``wait_timeout_s``: how long the other ranks wait for rank 0's hashing
+    (launch.startup_timeout_s; not inside the step-sized collective timeout)."""
     info = distributed.current()
     if positive_column not in page_columns:
         page_columns = [positive_column, *page_columns]
-    # Rank 0 hashes the pages once; the table is small (indices and hashes).
-    cells, hashes = distributed.main_then_share(info.is_main, lambda: hash_pages(ds, page_columns))
+    # Rank 0 hashes the pages once (reads every page: minutes at 100k rows); the table is small.
+    cells, hashes = distributed.main_then_share(info.is_main, lambda: hash_pages(ds, page_columns),
+                                                timeout_s=wait_timeout_s, waiting_for="rank 0 hashing the pages",
+                                                log=lambda msg: print(f"[dist-vdr rank {info.rank}] {msg}", flush=True))
     # Checked before the (long) encoding: a wrong document-id column fails here.
     documents = page_documents(ds, page_columns, cells, cfg.document_id_columns) if cfg.document_id_columns else None
     pages = pages_dataset(ds, page_columns, cells)

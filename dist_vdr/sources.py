@@ -33,8 +33,8 @@ def resolve(value: str, key: str, what: str = "folder") -> str:
     if os.path.exists(expanded):
         return expanded
     if looks_local(value):
-        raise ValueError(f"{key}={value!r}: no such {what} (relative to {os.getcwd()}); fix the path, or write "
-                         f"{HUB_PREFIX}{value} if it is a Hugging Face Hub id")
+        hub = "" if value.startswith((".", "/", "~")) else f", or write {HUB_PREFIX}{value} if it is a Hugging Face Hub id"
+        raise ValueError(f"{key}={value!r}: no such {what} (relative to {os.getcwd()}); fix the path{hub}")
     return value
 
 
@@ -44,3 +44,13 @@ def resolve_file(value: str, key: str) -> str:
     if not os.path.isfile(expanded):
         raise ValueError(f"{key}={value!r}: no such file (relative to {os.getcwd()})")
     return expanded
+
+
+def resolve_args(args, files: tuple[str, ...] = ("queries", "qrels"), **folders: str) -> None:
+    """Command-line flags naming models/data (``--model`` ...) by the same rule; query/qrels files must exist."""
+    for name, what in folders.items():
+        if getattr(args, name, None):
+            setattr(args, name, resolve(getattr(args, name), f"--{name.replace('_', '-')}", what))
+    for name in files:
+        if getattr(args, name, None):
+            setattr(args, name, resolve_file(getattr(args, name), f"--{name}"))

@@ -163,7 +163,7 @@ def test_local_looking_paths_must_exist_hub_ids_pass(tmp_path, monkeypatch):
                           ("model.name_or_path=~/no-such-model-here", "model.name_or_path"),
                           ("data.path=a/b/c", "data.path")]:
         others = ["model.name_or_path=artifacts/tiny-model", "data.path=artifacts/pages"]
-        with pytest.raises(ValueError, match=rf"{key}='[^']+': no such .* write hf://"):
+        with pytest.raises(ValueError, match=rf"{key}='[^']+': no such .*fix the path"):
             _load_config(None, [*others, override])
     # Hub ids: org/name whose org is not a local folder, or explicit hf:// (even when a folder shadows it).
     hub = _load_config(None, ["model.name_or_path=Qwen/Qwen3-VL-Embedding-2B", "data.path=hf://artifacts/pages"])

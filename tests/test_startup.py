@@ -164,3 +164,48 @@ def test_a_pass_longer_than_the_collective_timeout_still_trains(tiny_model, tmp_
     seconds = float(log.split("training rows validated on 2 rank(s) in ")[1].split(" s")[0])
     assert seconds > 10, f"the pass took {seconds} s: not longer than the timeout, the test proves nothing"
     assert "training finished at step 2" in log
+
+
+def test_data_check_writes_the_record_training_finds(tiny_model, pages, tmp_path):
+    from conftest import run_cli
+
+    env = launch_env(DIST_VDR_CACHE=str(tmp_path / "cache"))
+    proc = run_cli(["data", "check", "--config", "configs/tiny.yaml", str(pages), f"model.name_or_path={tiny_model}",
+                    "launch.device=cpu", "data.max_train_samples=32"], env=env)
+    assert proc.returncode == 0, log_tail(proc.stdout + proc.stderr)
+    assert "startup: 32 training rows validated and hashed on 1 rank(s)" in proc.stdout
+    records = sorted((tmp_path / "cache" / "startup").glob("*/startup_record.json"))
+    assert len(records) == 2  # training rows (with hashes) and eval pages
+    # The training start finds it: same data, same key (no page decoded).
+    from dist_vdr.config import load_config
+    from dist_vdr.data.loading import load_train
+
+    cfg = load_config("configs/tiny.yaml", [f"data.path={pages}", f"model.name_or_path={tiny_model}",
+                                            "data.max_train_samples=32", "data.validate_images=false"])
+    os.environ["DIST_VDR_CACHE"] = str(tmp_path / "cache")
+    try:
+        result = startup.prepare(load_train(cfg.data), ["image", "negative_0"], "rows", hashed=True, info=DistInfo())
+    finally:
+        del os.environ["DIST_VDR_CACHE"]
+    assert result.reused_from is not None and result.decoded_pages == 0
+
+
+def test_bench_startup_report_states_the_ratios():
+    from dist_vdr.bench import startup as bench
+
+    def times(total, data):
+        return {"total_s": total, "phases_s": {bench.DATA_PHASE: data, "model build": 1.0}}
+
+    report = {"world_size": 2, "results": [
+        {"kind": "ids", "rows": 1000, "world_size": 2, "workers": 1, "first": times(20, 2), "resume": times(10, 0.5)},
+        {"kind": "ids", "rows": 100000, "world_size": 2, "workers": 1, "first": times(25, 6), "resume": times(11, 1)},
+        {"kind": "images", "rows": 1000, "world_size": 1, "workers": 1, "first": times(60, 40), "resume": times(9, 0)},
+        {"kind": "images", "rows": 1000, "world_size": 2, "workers": 1, "first": times(40, 21), "resume": times(9, 0)},
+    ]}
+    summary = bench.summarise(report)
+    assert summary["resume_most_vs_fewest_rows"] == pytest.approx(1.1)
+    assert summary["pass_w_vs_1_rank"] == pytest.approx(21 / 40)
+    assert summary["per_page_s"] == pytest.approx(0.02)
+    text = bench.format_report(report)
+    assert "resume, most rows vs fewest: 1.10x" in text and "0.53x (goal <= 0.6)" in text
+    assert "multilingual recipe (94,225 rows): before 62.8 min on rank 0" in text

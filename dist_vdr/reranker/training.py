@@ -47,7 +47,7 @@ def prepare(cfg: Config, info: distributed.DistInfo, out: Path, train_ds, eval_d
             result = mining.mine(retriever, train_ds, cfg.mining, query_column=data.query_column,
                                  positive_column=data.positive_column, page_columns=list(data.negative_columns),
                                  batch_size=e.batch_size, num_workers=e.num_workers, backend=e.search_backend,
-                                 cache_dir=str(out / "mining_cache"))
+                                 cache_dir=str(out / "mining_cache"), wait_timeout_s=cfg.launch.startup_timeout_s)
             if info.is_main:
                 mining.write_mined(train_ds, result, mined_dir, query_column=data.query_column,
                                    positive_column=data.positive_column, fingerprint=fp)
