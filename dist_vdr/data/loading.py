@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DataConfig
+from .arrow import column_values
 
 
 @dataclass
@@ -170,7 +171,7 @@ def load_train(cfg: DataConfig, show_progress: bool = False, extra_columns: list
     ds = ds.select_columns(columns)
     if len(ds) == 0:
         raise ValueError(f"{where} is empty")
-    _check_queries(ds[cfg.query_column], where)
+    _check_queries(column_values(ds, cfg.query_column), where)
     page_columns = [cfg.positive_column, *cfg.negative_columns]
     ids = page_refs.id_columns(ds, page_columns)
     if ids and table is None:
@@ -259,7 +260,7 @@ def _load_eval_triplets(cfg: DataConfig, show_progress: bool) -> EvalData:
     _require_columns(ds, [cfg.query_column, *page_cols], where)
     if cfg.max_eval_queries is not None:
         ds = ds.select(range(min(cfg.max_eval_queries, len(ds))))
-    _check_queries(ds[cfg.query_column], where)
+    _check_queries(column_values(ds, cfg.query_column), where)
     if cfg.validate_images:
         check_images(ds, page_cols, where, show_progress)
     raw = undecoded(ds, page_cols)

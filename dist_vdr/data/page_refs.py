@@ -21,6 +21,8 @@ import os
 import warnings
 from pathlib import Path
 
+from .arrow import column_values
+
 TRACE_ENV = "DIST_VDR_TRACE_ROWS"
 TRACE_KEY = "dist_vdr_rows"
 
@@ -99,7 +101,7 @@ def expand_negative_ids(ds, list_column: str, names: list[str], table: PageTable
 
 def check_ids(ds, columns: list[str], table: PageTable, where: str) -> None:
     for column in columns:
-        missing = [p for p in ds[column] if p not in table]
+        missing = [p for p in column_values(ds, column) if p not in table]
         if missing:
             raise ValueError(f"{where}, column {column!r}: {len(missing)} page ids are not in data.pages_path, "
                              f"e.g. {missing[:3]}; rebuild the rows against this corpus (dist-vdr mine-negatives)")
