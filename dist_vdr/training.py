@@ -237,6 +237,7 @@ def run_training(cfg: Config, *, resume: str | None = None, no_resume: bool = Fa
     # (or finds the record of an earlier pass over the same data).
     data = _prepare_data(cfg, info, out)
     phases.mark("data: load, validation, hashing")
+    phases.notes["startup_pass_s"] = sum(r.seconds for r in data.passes if r.reused_from is None)
     lock = RunLock(out, log=lambda msg: say(info, msg))
     distributed.main_then_share(info.is_main, lock.acquire)  # one writer per run folder
     try:
