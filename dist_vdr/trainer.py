@@ -36,7 +36,7 @@ class _DistVdrTrainerMixin:
         return loss
 
     def _run_epoch(self, *args, **kwargs):
-        # transformers 5.x (checked 5.17-5.24) checks max_steps only after a step: resumed from the
+        # transformers 5.24 (checked; private _run_epoch) checks max_steps only after a step: resumed from the
         # checkpoint of the last step, it would train one step past the recipe.
         if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
             self.control.should_training_stop = True

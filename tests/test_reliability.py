@@ -181,6 +181,18 @@ def test_a_longer_schedule_needs_the_flag_and_a_finished_run_is_not_retrained(fi
     assert (out / "final.previous").is_dir()
 
 
+def test_killed_after_the_last_checkpoint_writes_final_without_an_extra_step(finished, tiny_model, pages, tmp_path):
+    """Killed between the last checkpoint and final/: the rerun resumes at the last step and writes the
+    model; transformers would train one step past max_steps there (guarded in trainer._run_epoch)."""
+    out = _copy(finished, tmp_path / "run")
+    shutil.rmtree(out / "final")
+    log = _train(tiny_model, pages, out)
+    assert "checkpoint-4" in log.split("resuming from")[1].splitlines()[0]
+    assert "step 5" not in log and "training finished at step 4" in log
+    assert json.loads((out / "final" / "dist_vdr_complete.json").read_text())["step"] == 4
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
 def test_sigterm_saves_the_step_and_stops(tiny_model, pages, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "dist_vdr.cli", *_args(tiny_model, pages, out, "training.max_steps=400",
