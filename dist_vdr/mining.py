@@ -25,6 +25,7 @@ import torch
 
 from . import distributed
 from .config import MiningConfig
+from .data.arrow import column_values
 from .data.loading import content_hash, undecoded
 
 MARKER_FILE = "dist_vdr_mined.json"
@@ -304,7 +305,7 @@ def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[st
     negative_0..n-1 = page ids, negative_ranks, retriever_scores; number of queries dropped)."""
     import datasets
 
-    page_ids = [str(p) for p in corpus["page_id"]]
+    page_ids = [str(p) for p in column_values(corpus, "page_id")]
     index = {p: i for i, p in enumerate(page_ids)}
     qids, texts, positives, relevant = training_pairs(queries, qrels, index)
     documents = None

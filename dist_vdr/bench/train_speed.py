@@ -166,7 +166,7 @@ def run_train_bench(work_dir: str, *, model: str = "tiny", config: str | None = 
         raise ValueError(f"--model {model!r} is a folder: give the recipe to run it with (--config)")
     if config is None and not Path(recipe).is_file():  # run from outside the repository
         recipe = str(Path(__file__).resolve().parents[2] / recipe)
-    cfg = load_config(recipe)
+    cfg = load_config(recipe, check_paths=False)  # its model and data paths are replaced by the bench's
     batch = global_batch_size or cfg.training.global_batch_size
     total_steps = warmup_steps + steps
 

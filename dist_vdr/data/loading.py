@@ -70,7 +70,7 @@ def read_corpus_qrels(qrels_file: str, corpus, corpus_path: str) -> dict[str, di
     `pages build` mapped to the page kept."""
     from . import judgements
 
-    return judgements.resolve_page_ids(judgements.read_qrels(qrels_file), set(map(str, corpus["page_id"])),
+    return judgements.resolve_page_ids(judgements.read_qrels(qrels_file), set(map(str, column_values(corpus, "page_id"))),
                                        judgements.read_aliases(corpus_path))
 
 
@@ -236,7 +236,7 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
     if cfg.max_eval_queries is not None:
         judged = judged[: cfg.max_eval_queries]
     corpus = corpus.select_columns(["page_id", "image"])
-    page_ids = [str(p) for p in corpus["page_id"]]
+    page_ids = [str(p) for p in column_values(corpus, "page_id")]
     if len(set(page_ids)) != len(page_ids):
         raise ValueError(f"eval corpus {corpus_path}[{cfg.eval_corpus_split}] has duplicate page ids")
     if not isinstance(corpus.features["page_id"], datasets.Value) or corpus.features["page_id"].dtype != "string":

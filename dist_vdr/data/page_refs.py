@@ -44,7 +44,7 @@ class PageTable:
                 raise ValueError(f"{where} has no column {column!r}; it has {pages.column_names} "
                                  f"(set data.pages_id_column)")
         self.pages = pages.select_columns(["image"])
-        ids = pages[id_column]
+        ids = column_values(pages, id_column)
         self.index = {str(pid): i for i, pid in enumerate(ids)}
         if len(self.index) != len(ids):
             raise ValueError(f"{where} has repeated {id_column} values: page ids must be unique")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import distributed
+from ..data.arrow import column_values
 from ..data.judgements import judged_queries
 from ..data.loading import EvalData
 from .encode import encode_corpus_shard, encode_queries, shard_range
@@ -57,7 +58,7 @@ class ShardedRetrievalEvaluator(_base()):
         self.backend, self.cache_dir, self.show_progress, self.run_tag = backend, cache_dir, show_progress, run_tag
         # Only queries with a relevant page count; they alone go into the metrics and the outputs.
         self.query_ids = judged_queries(list(data.queries), data.qrels, "evaluation data")
-        self.page_ids = [str(p) for p in data.corpus["page_id"]]
+        self.page_ids = [str(p) for p in column_values(data.corpus, "page_id")]
         self.tie_key = trec_tie_key(self.page_ids)
         self.primary_metric = f"dim{self.dims[0]}_cosine_ndcg@10" if 10 in self.ks else \
             f"dim{self.dims[0]}_cosine_ndcg@{self.ks[-1]}"

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed
+from ..data.arrow import column_values
 from ..data.loading import EvalData
 from ..evaluation.encode import _autocast, shard_range
 from ..evaluation.metrics import METRICS, retrieval_metrics
@@ -78,7 +79,7 @@ class RerankEvaluator(_base()):
         self.ks = sorted({int(k) for k in ks})
         self.batch_size, self.prompt, self.show_progress, self.run_tag = batch_size, prompt, show_progress, run_tag
         self.query_ids = [q for q in data.queries if q in candidates]
-        self.row_of = {str(p): i for i, p in enumerate(data.corpus["page_id"])}
+        self.row_of = {str(p): i for i, p in enumerate(column_values(data.corpus, "page_id"))}
         self.primary_metric = "rerank_ndcg@10" if 10 in self.ks else f"rerank_ndcg@{self.ks[-1]}"
         retrieval = {q: [p for p, _ in candidates[q]] for q in self.query_ids}
         self.retrieval_metrics = retrieval_metrics(retrieval, data.qrels, self.ks)
