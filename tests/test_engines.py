@@ -102,8 +102,17 @@ def test_engine_trains_like_ddp(engine, ddp_run, tmp_path_factory, tiny_model, p
     got = SentenceTransformer(str(out / "final"), device="cpu").state_dict()
     ref = SentenceTransformer(str(ddp_run / "final"), device="cpu").state_dict()
     assert got.keys() == ref.keys()
-    worst = max((got[k].float() - ref[k].float()).abs().max().item() for k in ref)
-    assert worst < 2e-5, worst
+    import torch
+
+    diff = torch.cat([(got[k].float() - ref[k].float()).abs().flatten() for k in ref])
+    # Same training, other reduction order: nearly every weight agrees to rounding (mean 6.7e-9
+    # measured), but Adam moves a weight by ~lr whatever its gradient's size, so where a gradient is
+    # rounding-small its sign -- and a step of up to 2 x lr -- can differ (2 of 294,880 weights beyond
+    # 1e-5 measured, max 3.5e-5). A wrong save (initial weights, a shard, another step) moves most
+    # weights by about lr x steps (3e-3).
+    assert diff.mean().item() < 1e-6, diff.mean().item()
+    assert (diff > 1e-5).float().mean().item() < 1e-4, (diff > 1e-5).sum().item()
+    assert diff.max().item() < 2 * 5e-4 * STEPS, diff.max().item()  # tiny_overrides: lr 5e-4
 
     # The sharded evaluator ran under the engine (after training: sharded parameters) and agrees.
     mine, theirs = (json.loads((d / "metrics.json").read_text()) for d in (out, ddp_run))
