@@ -270,8 +270,9 @@ def test_eval_files_that_do_not_match_fail_or_warn_while_loading(tmp_path):
     assert list(data.queries) == ["q1", "q2"] and set(data.qrels) == {"q1", "q2"}
     with pytest.raises(ValueError, match="4 query ids match no query id of the qrels"):
         load_eval(cfg("none.trec"))
-    # The command fails on the files, not on the (missing) model it would load next.
-    done = run_cli(["eval", "--model", str(tmp_path / "no-model"), "--data", str(corpus), "--device", "cpu",
+    # The command fails on the files, not on the model it would load next (an empty folder: no model).
+    (tmp_path / "not-a-model").mkdir()
+    done = run_cli(["eval", "--model", str(tmp_path / "not-a-model"), "--data", str(corpus), "--device", "cpu",
                     "--queries", str(tmp_path / "q.jsonl"), "--qrels", str(tmp_path / "none.trec")])
     assert done.returncode == 2
     assert "error:" in done.stderr and "give queries and qrels the same query ids" in done.stderr

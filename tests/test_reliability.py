@@ -216,8 +216,10 @@ def test_sigterm_saves_the_step_and_stops(tiny_model, pages, tmp_path):
 
 
 def _launcher_args(model, pages, out, *more) -> list[str]:
+    # 400 steps: the first run must still be training when the second launch (tens of seconds to
+    # start on a loaded machine) reaches the lock; it is killed long before its end.
     return ["bash", "launch/train.sh", "launch/cpu.yaml", "--config", RECIPE,
-            *tiny_overrides(model, pages, out, "training.max_steps=16", "evaluation.enabled=false",
+            *tiny_overrides(model, pages, out, "training.max_steps=400", "evaluation.enabled=false",
                             "training.global_batch_size=8", *more)]
 
 
@@ -248,12 +250,18 @@ def test_one_writer_per_folder_and_ranks_die_with_their_launcher(tiny_model, pag
         assert not alive, f"ranks outlived their launcher: {alive}"
     finally:
         kill_tree(first) if first.poll() is None else None
-    # (c) The dead run's lock is stale (its process ended): the rerun takes it over and finishes the run.
-    third = subprocess.run(args, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=400)
+    # (c) The dead run's lock is stale (its process ended): the rerun takes it over and resumes (two
+    # more steps than its newest checkpoint, so that it ends soon: the schedule change is allowed).
+    from dist_vdr.checkpoint import checkpoint_step, latest_complete
+
+    last = checkpoint_step(latest_complete(out))
+    third = subprocess.run([*args, f"training.max_steps={last + 2}", "--allow-config-change"], cwd=REPO,
+                           env=launch_env(), capture_output=True, text=True, timeout=400)
     log = third.stdout + third.stderr
     assert third.returncode == 0, log_tail(log)
-    assert "took over the lock of" in log and "has ended" in log and "resuming from" in log
-    assert sorted(logged_losses(out)) == list(range(1, 17)) and not (out / ".dist_vdr.lock").exists()
+    assert "took over the lock of" in log and "has ended" in log
+    assert f"checkpoint-{last}" in log.split("resuming from")[1].splitlines()[0]
+    assert sorted(logged_losses(out)) == list(range(1, last + 3)) and not (out / ".dist_vdr.lock").exists()
 
 
 @pytest.fixture
