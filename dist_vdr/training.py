@@ -369,7 +369,7 @@ def _run_locked(cfg: Config, info: distributed.DistInfo, out: Path, per_device: 
     engines.adapt_model(model, engine)
     if cfg.model.compile:
         say(info, f"model.compile: {compile_blocks(model)} transformer blocks compiled (the first steps compile them)")
-    phases.mark("model build" if cfg.task == "embedding" else "mining + model build")
+    phases.mark("model build" if cfg.task == "embedding" else "negatives (mined or cached) + model build")
 
     load_universal = _prepare_resharded_resume(resume_from, cfg, info, per_device, engine)
     # Built (and so validated: trainer_args, scheduler name, ...) before the run's records are written.

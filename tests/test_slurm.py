@@ -31,8 +31,11 @@ def test_generated_job_script(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     res = SlurmResources(nodes=4, gpus_per_node=8, cpus_per_task=12, mem_gb=400, time_min=240, partition="gpu",
                          account="proj", qos="high", constraint="h100", signal_delay_s=180, extra={"exclusive": True})
+    for folder in ("model", "pages"):  # submit refuses a recipe whose local paths do not exist
+        (tmp_path / folder).mkdir()
+    overrides = ["training.max_steps=3", f"model.name_or_path={tmp_path / 'model'}", f"data.path={tmp_path / 'pages'}"]
     with mocked_slurm():
-        job = submit(RECIPE, ["training.max_steps=3"], res, log_dir=str(tmp_path / "logs"))
+        job = submit(RECIPE, overrides, res, log_dir=str(tmp_path / "logs"))
         script = Path(job.paths.submission_file).read_text()
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --cpus-per-task=12", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
