@@ -119,8 +119,9 @@ class RunLock:
         tmp.write_text(json.dumps(self.record))
         os.replace(tmp, self.path)
         time.sleep(0.2)  # two launches taking over the same stale lock: the last rename wins, the other sees it
-        if self._read()[0].get("pid") != self.record["pid"] or self._read()[0].get("host") != self.record["host"]:
-            raise ValueError(f"{self.path.parent} was just taken by another run ({describe(self._read()[0])}); "
+        now = self._read()[0]
+        if now.get("pid") != self.record["pid"] or now.get("host") != self.record["host"]:
+            raise ValueError(f"{self.path.parent} was just taken by another run ({describe(now)}); "
                              f"choose another training.output_dir")
         self.log(f"took over the lock of {self.path.parent} from {describe(holder)}: {why}")
 

@@ -472,7 +472,7 @@ def _finished_run(cfg: Config, info: distributed.DistInfo, out: Path, resume_fro
     without training another step or writing another model. None when the run is not finished."""
     step = checkpoint.checkpoint_step(resume_from)
     final = out / "final"
-    if distributed.main_then_share(info.is_main, lambda: _final_step(final)) != step or checkpoint.verify(final):
+    if not _final_holds(final, step, info):
         return None
     say(info, f"this run finished at step {step}: {final} holds its model (a new training.output_dir starts "
               f"another run)")
@@ -576,7 +576,7 @@ def _save_final(trainer, info: distributed.DistInfo, out: Path, fusion: dict | N
     holding this step and leaves it; a final of another step is kept as ``final.previous``."""
     tmp, final = out / "final.tmp", out / "final"
     step = trainer.state.global_step
-    if distributed.main_then_share(info.is_main, lambda: _final_step(final)) == step and not checkpoint.verify(final):
+    if _final_holds(final, step, info):
         say(info, f"{final} already holds the model of step {step}")
         return
     if info.is_main:
@@ -604,11 +604,13 @@ def _save_final(trainer, info: distributed.DistInfo, out: Path, fusion: dict | N
     distributed.barrier()
 
 
-def _final_step(final: Path) -> int | None:
-    """Step recorded in the marker of ``final/`` (its files are verified by the caller), None without one."""
-    if not checkpoint.is_complete(final):
-        return None
-    return json.loads((final / checkpoint.MARKER_FILE).read_text()).get("step")
+def _final_holds(final: Path, step: int, info: distributed.DistInfo) -> bool:
+    """Whether ``final/`` is marked with ``step`` and its files verify (collective)."""
+    def marked_step() -> int | None:
+        return json.loads((final / checkpoint.MARKER_FILE).read_text()).get("step") if checkpoint.is_complete(final) \
+            else None
+
+    return distributed.main_then_share(info.is_main, marked_step) == step and not checkpoint.verify(final, info)
 
 
 def _last_logged_loss(trainer) -> float | None:

@@ -70,8 +70,8 @@ def read_corpus_qrels(qrels_file: str, corpus, corpus_path: str) -> dict[str, di
     `pages build` mapped to the page kept."""
     from . import judgements
 
-    return judgements.resolve_page_ids(judgements.read_qrels(qrels_file), set(map(str, column_values(corpus, "page_id"))),
-                                       judgements.read_aliases(corpus_path))
+    known = set(map(str, column_values(corpus, "page_id")))
+    return judgements.resolve_page_ids(judgements.read_qrels(qrels_file), known, judgements.read_aliases(corpus_path))
 
 
 def _require_columns(ds, columns: list[str], where: str) -> None:
@@ -111,9 +111,32 @@ def image_columns(ds, columns: list[str]) -> list[str]:
 MAX_PAGE_PIXELS = 89_478_485
 
 
+def decode_page(value, where: str, feature=None):
+    """(page, None), or (None, the problem in one line naming ``where``) for a stored page value.
+
+    The header is read first, so a page above :data:`MAX_PAGE_PIXELS` is refused before it is
+    decoded. Without ``feature`` the page is only checked (returned as None); with it, it is
+    decoded by that ``datasets.Image`` feature -- the same object the trainer's sampler would hash.
+    """
+    from PIL import Image
+
+    if value is None:
+        return None, f"{where}: no image"
+    try:
+        with Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as im:
+            if im.width * im.height > MAX_PAGE_PIXELS:
+                return None, (f"{where}: the page is {im.width}x{im.height} = {im.width * im.height / 1e6:.0f} MP, "
+                              f"above the {MAX_PAGE_PIXELS / 1e6:.1f} MP page limit; downscale it or drop the row")
+            if feature is None:
+                im.load()
+                return None, None
+        return feature.decode_example(value), None
+    except Exception as exc:  # any decoder failure is the row's problem, said with its row
+        return None, f"{where}: image does not decode ({type(exc).__name__}: {exc}); fix or drop the row"
+
+
 def check_images(ds, columns: list[str], where: str, show_progress: bool = False) -> None:
     """Decode every page of ``columns`` once; ValueError names the first row that fails."""
-    from PIL import Image
     from tqdm.auto import tqdm
 
     cols = image_columns(ds, columns)
@@ -122,22 +145,9 @@ def check_images(ds, columns: list[str], where: str, show_progress: bool = False
     raw = undecoded(ds.select_columns(cols), cols)
     for i, row in enumerate(tqdm(raw, desc=f"checking pages of {where}", disable=not show_progress)):
         for c in cols:
-            value = row[c]
-            if value is None:
-                raise ValueError(f"{where} row {i}, column {c!r}: no image")
-            try:
-                src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-                with Image.open(src) as im:
-                    if im.width * im.height > MAX_PAGE_PIXELS:  # before decoding: a bomb is refused cheaply
-                        raise ValueError(f"{where} row {i}, column {c!r}: the page is {im.width}x{im.height} "
-                                         f"= {im.width * im.height / 1e6:.0f} MP, above the "
-                                         f"{MAX_PAGE_PIXELS / 1e6:.1f} MP page limit; downscale it or drop the row")
-                    im.load()
-            except ValueError:
-                raise
-            except Exception as exc:
-                raise ValueError(f"{where} row {i}, column {c!r}: image does not decode ({type(exc).__name__}: {exc}); "
-                                 f"fix or drop the row") from exc
+            _, problem = decode_page(row[c], f"{where} row {i}, column {c!r}")
+            if problem:
+                raise ValueError(problem)
 
 
 def load_train(cfg: DataConfig, show_progress: bool = False, extra_columns: list[str] = ()):

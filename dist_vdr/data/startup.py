@@ -96,7 +96,7 @@ def scan_rows(ds, image_columns: list[str], lo: int, hi: int, where: str, hashed
 
     A problem is (row, column, message), the message as :func:`loading.check_images` words it.
     """
-    from .loading import undecoded
+    from .loading import decode_page, undecoded
 
     columns = list(ds.column_names)
     features = {c: ds.features[c] for c in image_columns}
@@ -111,7 +111,7 @@ def scan_rows(ds, image_columns: list[str], lo: int, hi: int, where: str, hashed
             for j, column in enumerate(columns):
                 value = values[j][k]
                 if column in features:
-                    image, problem = _decode(features[column], value, f"{where} row {lo + i}, column {column!r}")
+                    image, problem = decode_page(value, f"{where} row {lo + i}, column {column!r}", features[column])
                     if problem:
                         return hashes, (lo + i, column, problem), decoded
                     decoded += 1
@@ -120,24 +120,6 @@ def scan_rows(ds, image_columns: list[str], lo: int, hi: int, where: str, hashed
                     hashes[i, j] = _value_hash(value)
             i += 1
     return hashes, None, decoded
-
-
-def _decode(feature, value, where: str):
-    """(decoded page, None), or (None, the problem as :func:`loading.check_images` words it)."""
-    from .loading import MAX_PAGE_PIXELS
-
-    if value is None:
-        return None, f"{where}: no image"
-    try:
-        image = feature.decode_example(value)
-        if image.width * image.height > MAX_PAGE_PIXELS:
-            return None, (f"{where}: the page is {image.width}x{image.height} = "
-                          f"{image.width * image.height / 1e6:.0f} MP, above the {MAX_PAGE_PIXELS / 1e6:.1f} MP page "
-                          f"limit; downscale it or drop the row")
-        image.load()
-    except Exception as exc:  # any decoder failure is the row's problem, said with its row
-        return None, f"{where}: image does not decode ({type(exc).__name__}: {exc}); fix or drop the row"
-    return image, None
 
 
 def _scan_chunk(args):
