@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+from . import log
+
 T = TypeVar("T")
 
 
@@ -90,6 +92,7 @@ def init(device: str = "auto", expected_world_size: int = 0, num_threads: int = 
         local_rank=state.local_process_index,
         device="cpu" if use_cpu else str(state.device),
     )
+    log.set_rank(info.rank, info.world_size)
     announced = launched_world_size()
     if info.world_size != announced:
         raise ValueError(
