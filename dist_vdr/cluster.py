@@ -28,23 +28,33 @@ class SlurmResources:
     """What to ask SLURM for. One task per GPU; CPU jobs (gpus_per_node=0) use tasks_per_node ranks per node."""
 
     nodes: int = 1
+    """Nodes of the job."""
     gpus_per_node: int = 0
+    """GPUs per node, one task (rank) each; 0 for CPU jobs."""
     tasks_per_node: int | None = None
-    """Default: gpus_per_node, or 1 for CPU jobs."""
+    """Ranks per node (none: gpus_per_node, or 1 for CPU jobs)."""
     cpus_per_task: int | None = None
+    """CPU cores per task (none: the cluster's default)."""
     mem_gb: float | None = None
+    """Memory per node in GB (none: the cluster's default)."""
     time_min: int = 60
+    """Time limit in minutes."""
     partition: str | None = None
+    """SLURM partition (none: the cluster's default)."""
     account: str | None = None
+    """SLURM account to charge."""
     qos: str | None = None
+    """SLURM quality of service."""
     constraint: str | None = None
+    """SLURM node feature constraint (e.g. a GPU type)."""
     signal_delay_s: int = 90
     """Seconds between the USR2 warning and the end: enough for one step plus a checkpoint."""
     job_name: str = "dist-vdr"
+    """SLURM job name."""
     cluster: str = "slurm"
     """slurm, local (this machine, requeue emulated) or debug (in-process)."""
     extra: dict = field(default_factory=dict)
-    """More sbatch options (submitit's slurm_additional_parameters)."""
+    """More sbatch options, KEY: VALUE (submitit's slurm_additional_parameters)."""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:

@@ -10,6 +10,7 @@ size) or the model (embedding dimension) or the data (columns) live in :meth:`Co
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -451,51 +452,113 @@ class Config:
         return list(self.evaluation.dims or self.loss.matryoshka_dims or [embedding_dim])
 
 
-def _schema():
+def _schema(schema: type | None = None):
+    """The typed defaults of ``schema`` (default: :class:`Config`). A section declared without a
+    default (a command's ``slurm: SlurmResources``) gets its class's field defaults: an instance
+    would have run ``__post_init__``, which derives values (tasks_per_node from gpus_per_node) or
+    needs values not given yet (a page build's input folder)."""
+    import dataclasses
+    import typing
+
     from omegaconf import OmegaConf
 
-    return OmegaConf.structured(Config)
+    schema = schema or Config
+    node = OmegaConf.structured(schema)
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if no_default and dataclasses.is_dataclass(hints[f.name]):
+            node[f.name] = OmegaConf.structured(hints[f.name])
+    return node
+
+
+REQUIRED = "???"
+"""The default of a key a command cannot run without (OmegaConf's MISSING): loading fails, naming
+the key and its option, unless the config file, an option or an override sets it."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                check_paths: bool = True) -> Config:
+                check_paths: bool = True, schema: type | None = None, *, flags: Mapping[str, Any] | None = None,
+                aliases: Mapping[str, str] | None = None) -> Any:
     """Load a recipe: defaults < YAML file < ``key=value`` overrides. Raises ValueError on any problem,
     naming the layer (file or override) it comes from. ``check_paths``: refuse local-looking model and
-    data paths that do not exist (:mod:`dist_vdr.sources`), before anything is loaded or written."""
-    from omegaconf import DictConfig, OmegaConf
+    data paths that do not exist (:mod:`dist_vdr.sources`), before anything is loaded or written.
+
+    ``schema``: the dataclass to load (default :class:`Config`, a training recipe; the commands' own
+    in :mod:`dist_vdr.commands`). A command reads the sections it shares with a recipe from a recipe
+    file and ignores the recipe's other sections; its ``resolve_sources()`` checks its paths.
+    ``flags``: command-line option values by key, a layer between the file and the overrides;
+    ``aliases``: the option of each key, named in messages."""
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    merged = _schema()
+    schema = schema or Config
+    flags, aliases = dict(flags or {}), dict(aliases or {})
+    merged = _schema(schema)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        try:
-            layer = OmegaConf.load(path)
-        except Exception as exc:  # yaml.YAMLError and friends
-            raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(layer, DictConfig):
-            raise ValueError(f"config file {path} must be a mapping of sections (model:, data:, training: ...), "
-                             f"not a {type(layer).__name__.replace('Config', '').lower() or 'value'}")
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as exc:
-            raise ValueError(_explain(exc, f" in {path}")) from exc
+        merged = _merge(merged, _file_layer(Path(path), schema), f" in {path}", schema, aliases)
+    for key, value in flags.items():  # one layer per option: an error names the option
+        merged = _merge(merged, _nested(key, value), f" in the option {aliases.get(key, key)}", schema, aliases)
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ValueError(f"overrides must look like section.key=value, got {bad}")
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
-        raise ValueError(_explain(exc, f" in the override {_override_of(exc, overrides)}")) from exc
+        raise ValueError(_explain(exc, f" in the override {_override_of(exc, overrides)}", schema, aliases)) from exc
     try:
         cfg = OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError) as exc:
-        raise ValueError(_blame(exc, path, overrides)) from exc
-    _check_with_libraries(cfg)
-    if check_paths:
-        _resolve_sources(cfg)
+        given = {key: f"the option {aliases.get(key, key)}" for key in flags}
+        raise ValueError(_blame(exc, path, overrides, schema, aliases, given)) from exc
+    if schema is Config:  # only a training recipe needs the libraries' value sets (and their imports)
+        _check_with_libraries(cfg)
+        if check_paths:
+            _resolve_sources(cfg)
+    elif check_paths and hasattr(cfg, "resolve_sources"):
+        cfg.resolve_sources()
     return cfg
+
+
+def _file_layer(path: Path, schema: type):
+    from omegaconf import DictConfig, OmegaConf
+
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(layer, DictConfig):
+        raise ValueError(f"config file {path} must be a mapping of sections (model:, data:, training: ...), "
+                         f"not a {type(layer).__name__.replace('Config', '').lower() or 'value'}")
+    if schema is not Config:  # a recipe given to a command: the sections the command has no use for
+        import dataclasses
+
+        unused = {f.name for f in dataclasses.fields(Config)} - {f.name for f in dataclasses.fields(schema)}
+        for name in unused & set(layer.keys()):
+            layer.pop(name)
+    return layer
+
+
+def _nested(key: str, value: Any):
+    """``a.b=value`` as a one-key config (typed: no YAML parsing of the value, as a dotlist would)."""
+    from omegaconf import OmegaConf
+
+    tree: Any = value
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    return OmegaConf.create(tree)
+
+
+def _merge(merged, layer, where: str, schema: type, aliases: Mapping[str, str]):
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(merged, layer)
+    except OmegaConfBaseException as exc:
+        raise ValueError(_explain(exc, where, schema, aliases)) from exc
 
 
 def _override_of(exc, overrides) -> str:
@@ -503,15 +566,21 @@ def _override_of(exc, overrides) -> str:
     return next((o for o in overrides if o.split("=", 1)[0] == key), f"{key}=...")
 
 
-def _blame(exc, path, overrides) -> str:
-    """A value check failed: say whether the override or the file set the value."""
-    msg = _explain(exc, "") if not isinstance(exc, ValueError) else str(exc)
+def _blame(exc, path, overrides, schema: type | None = None, aliases: Mapping[str, str] | None = None,
+           given: Mapping[str, str] | None = None) -> str:
+    """A value check failed: say whether the override, an option (``given``: key -> which) or the file
+    set the value."""
+    msg = _explain(exc, "", schema, aliases) if not isinstance(exc, ValueError) else str(exc)
     m = re.match(r"(?:bad value for config key ')?([a-z_]+\.[a-z_]+)", msg)
     key = m.group(1) if m else None
-    given = [o for o in overrides if key and o.split("=", 1)[0] == key]
-    if given:
-        return f"{msg} (from the override {given[-1]})"
-    return f"{msg} (in {path})" if path else msg
+    from_override = [o for o in overrides if key and o.split("=", 1)[0] == key]
+    if from_override:
+        return f"{msg} (from the override {from_override[-1]})"
+    if key and given and key in given:
+        return f"{msg} (from {given[key]})"
+    if key is None and given:  # a message naming no key: the value may as well come from an option
+        return msg
+    return f"{msg} (in {path})" if path and "is not set:" not in msg else msg
 
 
 def _check_with_libraries(cfg: Config) -> None:
@@ -540,14 +609,17 @@ def _resolve_sources(cfg: Config) -> None:
         cfg.reranker.retriever = sources.resolve(cfg.reranker.retriever, "reranker.retriever", "retriever folder")
 
 
-def _explain(exc, where: str) -> str:
+def _explain(exc, where: str, schema: type | None = None, aliases: Mapping[str, str] | None = None) -> str:
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
+    if type(exc).__name__ == "MissingMandatoryValue":
+        option = (aliases or {}).get(key)
+        return f"{key} is not set: give {option + ' or ' if option else ''}{key}=..."
     if type(exc).__name__ == "ConfigKeyError":
         from omegaconf import OmegaConf
 
         section = key.rsplit(".", 1)[0] if key and "." in key else None
-        node = OmegaConf.select(_schema(), section) if section else _schema()
+        node = OmegaConf.select(_schema(schema), section) if section else _schema(schema)
         known = f"; known keys{' of ' + section if section else ''}: {sorted(node.keys())}" if node is not None else ""
         return f"unknown config key {key!r}{where}{known}"
     return f"bad value for config key {key!r}{where}: {msg}"

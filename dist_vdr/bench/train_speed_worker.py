@@ -40,12 +40,14 @@ def _common_overrides(job: dict) -> list[str]:
 
 
 def train_ours(job: dict) -> None:
-    from ..cli import main
+    """dist-vdr's training entry point as `dist-vdr train` calls it, on the recipe with the setting's overrides."""
+    from .. import distributed
+    from ..config import load_config
+    from ..training import run_training
 
-    setting = job["setting"]
-    code = main(["train", "--config", job["recipe"], *_common_overrides(job), *setting["overrides"]])
-    if code:
-        raise SystemExit(code)
+    cfg = load_config(job["recipe"], [*_common_overrides(job), *job["setting"]["overrides"]])
+    run_training(cfg)  # launch.handle_preemption=false: no signal handling to install first
+    distributed.shutdown()  # leave the process group as the command does (see shutdown's note)
 
 
 def train_stock(job: dict) -> None:

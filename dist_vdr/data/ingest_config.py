@@ -13,7 +13,9 @@ class PagesBuildConfig:
     """Settings of one corpus build; a resumed build must use the same ones."""
 
     input_dir: str
+    """Folder of PDFs and page images (searched recursively)."""
     out_dir: str
+    """Output dataset folder (resumed when it holds an unfinished build)."""
     dpi: float = 144.0
     """PDF render resolution (pixels per inch)."""
     max_pixels: int = 4_000_000

@@ -46,6 +46,26 @@ def saved_fusion(name_or_path: str) -> dict | None:
     path = Path(name_or_path) / FUSION_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
+
+def fusion_weight(reranker_path: str, given_weight: float | None, retriever: str) -> tuple[float, list[str]]:
+    """The weight of the retrieval score in the ranking of ``reranker_path`` over ``retriever``'s
+    candidates, and the notes to show about it: ``given_weight`` when set, else the weight a residual
+    reranker was trained with (its ``FUSION_FILE``; 0 for a plain reranker)."""
+    notes = []
+    weight = given_weight
+    if weight is None:  # a residual reranker ranks by its score + its training weight x retrieval score
+        fusion = saved_fusion(reranker_path) or {}
+        weight = fusion.get("retrieval_score_weight", 0.0)
+        if weight:
+            notes.append(f"ranking by reranker score + {weight:g} x retrieval score (the reranker's {FUSION_FILE}; "
+                         f"--retrieval-score-weight overrides)")
+            if fusion.get("retriever") not in (retriever, None):
+                notes.append(f"note: this reranker was trained on the scores of {fusion['retriever']}, "
+                             f"not of {retriever}")
+    if weight < 0:
+        raise ValueError("--retrieval-score-weight must be >= 0")
+    return weight, notes
+
 # Renders the instruction (a system message, e.g. from ``reranker.prompt``; a default otherwise), then
 # the document, then the query, then opens the assistant turn: the next token is the answer "1" or
 # "0" that LogitScore reads. Document first: in a causal model the page's tokens are then computed

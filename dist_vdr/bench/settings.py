@@ -1,0 +1,174 @@
+"""The settings of the `dist-vdr bench*` commands, one section each (``bench``, ``bench_loss``, ...):
+loaded like a recipe (YAML file < options < ``key=value``), their options generated from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import REQUIRED, EvaluationConfig
+
+
+@dataclass(kw_only=True)
+class TrainBench:
+    """`dist-vdr bench`: training throughput of dist-vdr's settings next to stock sentence-transformers."""
+
+    work_dir: str = REQUIRED
+    """Scratch folder (model, generated pages, one run per setting)."""
+    model: str = "tiny"
+    """tiny, qwen3-vl-2b (random weights, built offline) or a model folder."""
+    recipe: str | None = None
+    """Recipe of the dist-vdr settings (none: configs/tiny.yaml for tiny, configs/qwen3-vl-embedding-2b-vdr.yaml
+    for qwen3-vl-2b)."""
+    steps: int = 3
+    """Measured optimizer steps per setting."""
+    warmup_steps: int = 1
+    """Optimizer steps per setting before the measured ones."""
+    global_batch_size: int | None = None
+    """Triplets per step (none: the recipe's)."""
+    stock: list[str] = field(default_factory=lambda: ["mb1", "mb8", "mb16", "tok6000"])
+    """Stock settings: mbN = mini_batch_size N, tokN = mini_batch_num_tokens N (empty: none)."""
+    ours: list[str] = field(default_factory=list)
+    """dist-vdr settings, each NAME[:key=value,...]: the recipe with overrides (empty: the recipe as is)."""
+    pages: str = "mixed"
+    """mixed: real page shapes at 150 dpi; anchor: 1416x1648 as the stock anchors."""
+    device: str = "auto"
+    """auto, cuda or cpu."""
+    timeout_s: float | None = None
+    """Per-setting time limit in seconds (none: no limit)."""
+
+
+@dataclass(kw_only=True)
+class TrainBenchCommand:
+    bench: TrainBench = field(default_factory=TrainBench)
+
+
+@dataclass(kw_only=True)
+class LossBench:
+    """`dist-vdr bench-loss`: collectives, bytes and s/step of the stock gather vs the global-batch loss."""
+
+    model: str = "artifacts/tiny-model"
+    """Model folder."""
+    world_size: int = 2
+    """Processes (ranks)."""
+    global_batch: int = 64
+    """Rows per step over all ranks."""
+    mini_batch_size: int = 1
+    """Rows per gradient-caching forward/backward."""
+    dims: list[int] = field(default_factory=list)
+    """Matryoshka dims (empty: 7 dims scaled to the 64-d tiny model)."""
+    steps: int = 3
+    """Measured steps."""
+    json: bool = False
+    """Also print the raw figures as JSON."""
+
+
+@dataclass(kw_only=True)
+class LossBenchCommand:
+    bench_loss: LossBench = field(default_factory=LossBench)
+
+
+@dataclass(kw_only=True)
+class EvalBench:
+    """`dist-vdr bench-eval`: 7-dim sweep, stock per-dim evaluators vs the sharded evaluator, 1 and W ranks
+    (pages per forward and preprocessing workers: evaluation.batch_size, evaluation.num_workers)."""
+
+    model: str = "artifacts/tiny-model"
+    """Model folder."""
+    data: str = REQUIRED
+    """Dataset folder with eval_queries/eval_corpus/eval_qrels."""
+    dims: list[int] = field(default_factory=lambda: [64, 48, 32, 16, 8, 4, 2])
+    """The Matryoshka dims swept."""
+    world_size: int = 2
+    """Ranks of the sharded run."""
+
+
+@dataclass(kw_only=True)
+class EvalBenchCommand:
+    bench_eval: EvalBench = field(default_factory=EvalBench)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+@dataclass(kw_only=True)
+class CorpusBench:
+    """`dist-vdr bench-corpus`: pages build and corpus mining, 1 process vs W, rows compared."""
+
+    work_dir: str = REQUIRED
+    """Scratch folder (generated PDFs, corpora, mined rows)."""
+    model: str = "artifacts/tiny-model"
+    """Embedding model folder for the mining figures."""
+    num_documents: int = 2300
+    """Generated PDFs (~4.5 pages each)."""
+    num_scans: int = 200
+    """Generated page scans (images)."""
+    render_documents: int = 400
+    """PDFs rendered at dpi for the build figures."""
+    dpi: float = 144.0
+    """Render resolution of the build figures."""
+    world_size: int = 2
+    """Processes of the parallel runs."""
+    json: bool = False
+    """Also print the raw figures as JSON."""
+
+
+@dataclass(kw_only=True)
+class CorpusBenchCommand:
+    bench_corpus: CorpusBench = field(default_factory=CorpusBench)
+
+
+@dataclass(kw_only=True)
+class StartupBench:
+    """`dist-vdr bench-startup`: time to the first step by phase: rows, ranks, first start vs resume."""
+
+    work_dir: str = REQUIRED
+    """Scratch folder (model, generated pages and rows, runs)."""
+    rows: list[int] = field(default_factory=lambda: [1000, 100000])
+    """Row counts of the rows naming pages by id."""
+    image_rows: int = 1000
+    """Rows holding their pages (0: none)."""
+    num_pages: int = 64
+    """Distinct generated pages."""
+    world_size: int = 2
+    """Ranks of the multi-rank runs."""
+    launch: str = "launch/cpu.yaml"
+    """accelerate config for the multi-rank runs."""
+    json: bool = False
+    """Also print the raw figures as JSON."""
+
+
+@dataclass(kw_only=True)
+class StartupBenchCommand:
+    bench_startup: StartupBench = field(default_factory=StartupBench)
+
+
+@dataclass(kw_only=True)
+class CheckpointBench:
+    """`dist-vdr bench-checkpoint`: checkpoint file hashing (the completion marker) next to writing."""
+
+    work_dir: str = REQUIRED
+    """Scratch folder on the file system the runs write to."""
+    size_gb: float = 4.26
+    """Gigabytes written and hashed (4.26: Qwen3-VL-2B in bf16)."""
+
+
+@dataclass(kw_only=True)
+class CheckpointBenchCommand:
+    bench_checkpoint: CheckpointBench = field(default_factory=CheckpointBench)
+
+
+@dataclass(kw_only=True)
+class SearchBench:
+    """`dist-vdr bench-search`: exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS."""
+
+    num_pages: int = 1_000_000
+    """Corpus vectors."""
+    num_queries: int = 10_000
+    """Query vectors."""
+    dim: int = 64
+    """Vector dimension."""
+    backend: str = "faiss"
+    """faiss or torch: the search compared with the exact top-100."""
+
+
+@dataclass(kw_only=True)
+class SearchBenchCommand:
+    bench_search: SearchBench = field(default_factory=SearchBench)
