@@ -1,6 +1,7 @@
 # dist-vdr: the two commands of the README.
 #   make demo   set up .venv, build the tiny model and pages, train on 2 CPU processes, evaluate
 #   make test   set up .venv (if needed) and run the test suite
+#   make lint   ruff over the package, tests and launch scripts (config: pyproject.toml)
 #   make demo-reranker   after demo: the tiny reranker (warm-started, mined negatives), retrieval vs reranked
 #   make demo-pdfs       a folder of generated PDFs -> page corpus -> mined negatives -> training (README)
 PYTHON ?= python3
@@ -16,7 +17,7 @@ DEMO_RERANKER_RUN ?= runs/tiny-reranker
 DEMO_PDFS_RUN ?= runs/tiny-pdfs
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-reranker demo-pdfs test venv clean-demo system-deps bench-wheels
+.PHONY: demo demo-reranker demo-pdfs test lint venv clean-demo system-deps bench-wheels
 
 venv: $(STAMP)
 
@@ -80,6 +81,9 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check dist_vdr tests launch slurm
 
 # Wheels for a GPU machine without internet (WHEELS=wheels launch/bench_gpu.sh OUT): what dist-vdr
 # needs beyond the image's torch, transformers and accelerate, at this venv's versions, for its

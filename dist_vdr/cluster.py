@@ -90,20 +90,9 @@ def engine_env(launch_config: str | None) -> dict[str, str]:
     kind = str(spec.get("distributed_type", "NO")).upper()
     if kind in ("NO", "MULTI_GPU", "MULTI_CPU"):
         return {}
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+    from . import compat
 
-    args = launch_command_parser().parse_args(["--config_file", str(launch_config), "-m", "dist_vdr.cli"])
-    args, defaults, mp_from_config = _validate_launch_command(args)
-    if kind == "DEEPSPEED":
-        # As accelerate's launch_command does before its DeepSpeed launcher.
-        fields = list(defaults.deepspeed_config.keys()) if defaults else []
-        if mp_from_config:
-            fields.append("mixed_precision")
-        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
-        env = prepare_deepspeed_cmd_env(args)[1]
-    else:
-        env = prepare_multi_gpu_env(args)
+    env = compat.launch_env(str(launch_config), deepspeed=kind == "DEEPSPEED")  # accelerate's own helpers
     keep = ("ACCELERATE_", "FSDP_", "DEEPSPEED_")
     return {k: str(v) for k, v in env.items() if k.startswith(keep)}
 
@@ -120,7 +109,7 @@ class TrainJob:
         self.use_gpus = use_gpus
 
     def __call__(self):
-        from . import preemption
+        from . import compat, preemption
 
         preemption.install()  # first: before gloo/torch threads exist (replaces submitit's USR2 handler)
         import submitit
@@ -146,7 +135,7 @@ class TrainJob:
         if results.get("preempted"):
             if job_env.global_rank == 0:
                 print(f"[dist-vdr] requeueing job {job_env.job_id}", flush=True)
-                job_env._requeue(countdown=1)  # slurm: scontrol requeue; local executor: exit code 144
+                compat.requeue(job_env, countdown=1)  # slurm: scontrol requeue; local executor: exit code 144
                 sys.exit(-1)
             time.sleep(120)  # the requeue stops this task; exiting first could fail the job instead
             sys.exit(-1)

@@ -9,10 +9,11 @@ is created by accelerate's ``PartialState`` (which the HF Trainer then reuses th
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
-from . import log
+from . import compat, log
 
 T = TypeVar("T")
 
@@ -81,9 +82,7 @@ def init(device: str = "auto", expected_world_size: int = 0, num_threads: int = 
         if engine == "fsdp" and "LOCAL_RANK" in os.environ:
             # accelerate upgrades only a GPU-type state to FSDP; a gloo group on CPU is typed NO.
             # fully_shard itself runs on CPU with gloo, so present the group as multi-device.
-            from accelerate.utils import DistributedType
-
-            state.distributed_type = DistributedType.MULTI_GPU
+            compat.present_as_multi_device(state)
     else:
         state = PartialState(cpu=use_cpu, **kwargs)
     info = DistInfo(
@@ -308,7 +307,7 @@ def sum_to_owner(grads, rank: int, world_size: int):
 
 _COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "reduce_scatter_tensor",
                 "scatter", "gather", "all_to_all", "all_to_all_single", "broadcast", "reduce", "barrier",
-                "all_gather_object", "broadcast_object_list", "_all_gather_base", "_reduce_scatter_base",
+                "all_gather_object", "broadcast_object_list", *compat.TORCH_PRIVATE_COLLECTIVES,
                 # torch >= 2.13 single-tensor forms (FSDP2 uses these)
                 "all_gather_single", "reduce_scatter_single", "all_reduce_coalesced", "all_gather_coalesced",
                 "gather_single", "gather_into_tensor", "scatter_object_list", "gather_object")
@@ -382,7 +381,7 @@ def register_counting_comm_hook(ddp_model) -> None:
 
 
 def spawn_gloo(fn, world_size: int, args: tuple, workdir: str, threads_per_rank: int = 1) -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a gloo group.
+    """Run ``fn(rank, *args)`` in ``world_size`` fresh processes joined by a gloo group.
 
     For benchmarks and tools that need a process group without a launcher (a file rendezvous in
     ``workdir``). Raises if any process fails.
@@ -403,7 +402,7 @@ def _gloo_entry(rank: int, world_size: int, init_file: str, fn, args: tuple, thr
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        fn(rank, world_size, *args)
+        fn(rank, *args)
     finally:
         dist.barrier()
         dist.destroy_process_group()

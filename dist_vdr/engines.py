@@ -25,13 +25,14 @@ all-gather per step).
 from __future__ import annotations
 
 import contextlib
-import logging
+import json
 import os
 import subprocess
-import sys
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from . import compat, distributed, log
+
+logger = log.get(__name__)
 
 _INSTALLED = False
 
@@ -47,20 +48,19 @@ def _is_fsdp2(model: Any) -> bool:
 def install_replay_context() -> None:
     """Make sentence-transformers' GradCache replay engine-aware (idempotent).
 
-    The cached losses call ``gradcache._ddp_replay_context(model, synchronize)`` around every
-    mini-batch replay, ``synchronize`` being true for the last one. DDP keeps the stock behaviour;
-    an FSDP2 module gets ``set_requires_gradient_sync(synchronize)``.
+    The cached losses call sentence-transformers' private replay context (compat:
+    st.gradcache_replay_context) as ``(model, synchronize)`` around every mini-batch replay,
+    ``synchronize`` being true for the last one. DDP keeps the stock behaviour; an FSDP2 module gets
+    ``set_requires_gradient_sync(synchronize)``.
     """
     global _INSTALLED
     if _INSTALLED:
         return
-    from sentence_transformers.base.losses import gradcache
+    compat.replace_gradcache_replay_context(_fsdp2_aware_replay_context)
+    _INSTALLED = True
 
-    stock = getattr(gradcache, "_ddp_replay_context", None)
-    if stock is None:  # a sentence-transformers refactor moved the seam: fail loudly, not silently slow
-        raise RuntimeError("sentence_transformers.base.losses.gradcache._ddp_replay_context is gone; "
-                           "dist_vdr.engines needs updating for this sentence-transformers version")
 
+def _fsdp2_aware_replay_context(stock):
     @contextlib.contextmanager
     def replay_context(model, synchronize: bool):
         if not _is_fsdp2(model):
@@ -73,14 +73,14 @@ def install_replay_context() -> None:
         finally:
             model.set_requires_gradient_sync(True)
 
-    gradcache._ddp_replay_context = replay_context
-    _INSTALLED = True
+    return replay_context
 
 
 def coalesced_deepspeed_backward(wrapper) -> None:
     """Replace accelerate's ``DeepSpeedEngineWrapper.backward`` by one that coalesces the replays.
 
-    Same contract as accelerate's (boundary flag, backward, step at the boundary); the backward runs
+    Same contract as accelerate's (compat: accelerate.deepspeed_engine_wrapper: boundary flag,
+    backward, step at the boundary); the backward runs
     inside ``engine.coalesce_grad_reduction()``, so the cached loss's N replays cost one reduction.
     """
     engine = wrapper.engine
@@ -101,8 +101,7 @@ def coalesced_deepspeed_backward(wrapper) -> None:
 def prepare_trainer(trainer, *, keep_parameters_gathered: bool = False) -> None:
     """Called once the trainer has wrapped the model (first training step): set up the engine hooks."""
     install_replay_context()
-    accelerator = trainer.accelerator
-    wrapper = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    wrapper = compat.deepspeed_engine_wrapper(trainer.accelerator)
     if wrapper is not None:
         coalesced_deepspeed_backward(wrapper)
     model = trainer.model_wrapped
@@ -131,7 +130,8 @@ def release_parameters(trainer) -> None:
 def adapt_model(model, engine: str | None) -> None:
     """Model tweaks an engine needs before the trainer wraps it.
 
-    FSDP2 (accelerate 1.15) puts the "final norm" of the model in its own unit, found by class name
+    FSDP2 (accelerate, compat: accelerate.fsdp_auto_wrap) puts the "final norm" of the model in its own unit,
+    found by class name
     among the children of ``model.<base_model_prefix>`` (the model itself when unset). For a
     SentenceTransformer that is the parameterless ``Normalize`` module, which fully_shard cannot
     wrap ("object layout differs"). Pointing the prefix at the backbone module makes the search
@@ -139,16 +139,13 @@ def adapt_model(model, engine: str | None) -> None:
     """
     if engine != "fsdp":
         return
-    if not getattr(model, "base_model_prefix", ""):
-        model.base_model_prefix = "0"
-    # The transformer-based wrap policy reads the layer classes from ``model._no_split_modules``,
+    compat.point_fsdp_final_norm_search(model, "0")
+    # The transformer-based wrap policy reads the layer classes from the model's ``_no_split_modules``,
     # which a SentenceTransformer reports empty: the whole model would be ONE FSDP unit (a full
     # all-gather at every forward, DDP-like peak memory). Name the backbone's layer classes
     # (decoder layers, vision blocks) instead, unless the launch config names its own.
     backbone = getattr(model[0], "model", None)
-    layers = getattr(backbone, "_no_split_modules", None)
-    if layers and not os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):
-        os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(sorted(layers))
+    compat.set_fsdp_wrap_classes(compat.no_split_modules(backbone) or [])
 
 
 @contextlib.contextmanager
@@ -217,7 +214,7 @@ def _read_tag(path: str) -> str:
 
 
 def deepspeed_tag(checkpoint_dir: str) -> str:
-    latest = os.path.join(checkpoint_dir, "latest")
+    latest = os.path.join(checkpoint_dir, compat.DS_LATEST)
     if not os.path.isfile(latest):
         raise ValueError(f"{checkpoint_dir} holds no DeepSpeed checkpoint ('latest' missing): it was written "
                          f"by another engine; resume it with the launch config that wrote it")
@@ -227,17 +224,16 @@ def deepspeed_tag(checkpoint_dir: str) -> str:
 def make_universal(checkpoint_dir: str) -> str:
     """Convert a DeepSpeed checkpoint to the universal format (any number of ranks); idempotent.
 
-    Runs DeepSpeed's own converter (``ds_to_universal``) into ``<tag>_universal`` beside the
-    original and writes ``latest_universal``; the original shards stay untouched.
+    Runs DeepSpeed's own converter (``ds_to_universal``, compat: deepspeed.universal_checkpoint) into
+    ``<tag>_universal`` beside the original and writes ``latest_universal``; the original shards stay
+    untouched.
     """
     tag = deepspeed_tag(checkpoint_dir)
-    marker = os.path.join(checkpoint_dir, "latest_universal")
+    marker = os.path.join(checkpoint_dir, compat.DS_LATEST_UNIVERSAL)
     if os.path.isfile(marker):
         return _read_tag(marker)
     out = os.path.join(checkpoint_dir, f"{tag}_universal")
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-           os.path.join(checkpoint_dir, tag), "--output_folder", out, "--inject_missing_state",
-           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    cmd = compat.ds_to_universal_command(os.path.join(checkpoint_dir, tag), out)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.isfile(marker):
         raise ValueError(f"ds_to_universal failed for {checkpoint_dir} (exit {proc.returncode}):\n"
@@ -247,11 +243,7 @@ def make_universal(checkpoint_dir: str) -> str:
 
 def make_collective_logger(output_dir: str, rank: int):
     """TrainerCallback: per training step, the collectives this rank issued (calls by name, bytes)."""
-    import json
-
     from transformers import TrainerCallback
-
-    from . import distributed
 
     path = os.path.join(output_dir, "collectives", f"rank{rank}.jsonl")
 

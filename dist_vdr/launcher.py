@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from . import compat
+
 USER_ERROR = 2
 
 
@@ -19,7 +21,7 @@ class _NoUserErrorReport(logging.Filter):
     """Drop torch elastic's "failed (exitcode: 2) ..." line: the rank already said what went wrong."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return f"failed (exitcode: {USER_ERROR})" not in record.getMessage()
+        return compat.torch_elastic_failure_text(USER_ERROR) not in record.getMessage()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_NoUserErrorReport())
+    logging.getLogger(compat.TORCH_ELASTIC_LOGGER).addFilter(_NoUserErrorReport())
     try:
         launch_command(args)
     except ChildFailedError as exc:

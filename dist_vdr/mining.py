@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, log
 from .config import MiningConfig
 from .data.arrow import column_values
 from .data.loading import content_hash, undecoded
+
+logger = log.get(__name__)
 
 MARKER_FILE = "dist_vdr_mined.json"
 # Column of mined rows: the retriever's cosine score of the positive, then of each negative.
@@ -80,7 +82,7 @@ def select_negatives(scores: np.ndarray, idx: np.ndarray, positives: np.ndarray,
     cap = cfg.max_uses_per_page
     for i in range(q):
         found, rank = 0, 0
-        for s, j in zip(scores[i], idx[i]):
+        for s, j in zip(scores[i], idx[i], strict=True):
             if j < 0 or rank >= cfg.max_rank or found == cfg.num_negatives:
                 break
             if j == positives[i] or (documents is not None and documents[j] >= 0
@@ -130,7 +132,7 @@ def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: st
     # Rank 0 hashes the pages once (reads every page: minutes at 100k rows); the table is small.
     cells, hashes = distributed.main_then_share(info.is_main, lambda: hash_pages(ds, page_columns),
                                                 timeout_s=wait_timeout_s, waiting_for="rank 0 hashing the pages",
-                                                log=lambda msg: print(f"[dist-vdr rank {info.rank}] {msg}", flush=True))
+                                                log=lambda msg: logger.info(msg, extra=log.ALL_RANKS))
     # Checked before the (long) encoding: a wrong document-id column fails here.
     documents = page_documents(ds, page_columns, cells, cfg.document_id_columns) if cfg.document_id_columns else None
     pages = pages_dataset(ds, page_columns, cells)

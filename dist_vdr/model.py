@@ -9,13 +9,13 @@ mean pooling sentence-transformers would pick for it.
 from __future__ import annotations
 
 import importlib.util
-import logging
 from pathlib import Path
 from typing import Any
 
+from . import log
 from .config import ModelConfig
 
-logger = logging.getLogger(__name__)
+logger = log.get(__name__)
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -86,8 +86,9 @@ def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu
         model = SentenceTransformer(path, device=device, **common)
     else:
         pooling = "lasttoken" if cfg.pooling == "auto" else cfg.pooling
+        config_kwargs = {"trust_remote_code": cfg.trust_remote_code} if cfg.trust_remote_code else None
         transformer = Transformer(path, model_kwargs=load_kwargs, processor_kwargs=dict(cfg.processor_kwargs) or None,
-                                  config_kwargs={"trust_remote_code": cfg.trust_remote_code} if cfg.trust_remote_code else None)
+                                  config_kwargs=config_kwargs)
         dim = transformer.get_embedding_dimension()
         model = SentenceTransformer(modules=[transformer, Pooling(dim, pooling), Normalize()], device=device)
         logger.info("%s has no modules.json: using %s pooling + Normalize", path, pooling)

@@ -18,10 +18,14 @@ and go on training a NaN model).
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
-from . import distributed
+from . import distributed, log
+
+logger = log.get(__name__)
 
 _flag = threading.Event()
 _received: list[str] = []
@@ -60,9 +64,6 @@ def install(signals: tuple[str, ...] = STOP_SIGNALS) -> None:
 
 
 def _wait_for(signums: set[int]) -> None:
-    import os
-    import sys
-
     while True:
         signum = signal.sigwait(signums)
         name = signal.Signals(signum).name
@@ -70,13 +71,13 @@ def _wait_for(signums: set[int]) -> None:
         # A second SIGTERM/SIGINT means "now" (a run that cannot reach a step boundary). Not after a
         # USR2: SLURM sends SIGTERM at the time limit while the requested checkpoint may still be written.
         if user_stop and any(s != "SIGUSR2" for s in _received):
-            print(f"[dist-vdr] received {name} again: exiting without waiting for the step boundary", flush=True)
+            logger.info(f"received {name} again: exiting without waiting for the step boundary", extra=log.ALL_RANKS)
             sys.stderr.flush()
             os._exit(128 + signum)
         _received.append(name)
         _flag.set()
         again = f" (send {name} again to exit at once)" if user_stop else ""
-        print(f"[dist-vdr] received {name}: saving a checkpoint at the next step boundary{again}", flush=True)
+        logger.info(f"received {name}: saving a checkpoint at the next step boundary{again}", extra=log.ALL_RANKS)
 
 
 def first_signal() -> str | None:

@@ -14,6 +14,7 @@ no heartbeat for :data:`STALE_S` seconds (a holder on another host that died wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -127,19 +128,15 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            try:
+            with contextlib.suppress(OSError):
                 os.utime(self.path)
-            except OSError:
-                pass
 
     def release(self) -> None:
         self._stop.set()
         holder, _ = self._read()
         if holder.get("pid") == self.record["pid"] and holder.get("host") == self.record["host"]:
-            try:
+            with contextlib.suppress(OSError):
                 self.path.unlink()
-            except OSError:
-                pass
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -33,7 +33,8 @@ def resolve(value: str, key: str, what: str = "folder") -> str:
     if os.path.exists(expanded):
         return expanded
     if looks_local(value):
-        hub = "" if value.startswith((".", "/", "~")) else f", or write {HUB_PREFIX}{value} if it is a Hugging Face Hub id"
+        hub = ("" if value.startswith((".", "/", "~"))
+               else f", or write {HUB_PREFIX}{value} if it is a Hugging Face Hub id")
         raise ValueError(f"{key}={value!r}: no such {what} (relative to {os.getcwd()}); fix the path{hub}")
     return value
 

@@ -22,11 +22,12 @@ at the end of training (rank 0).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity), matched on the device name.
 PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "H800": 989.4e12, "A100": 312e12, "A800": 312e12,
@@ -134,65 +135,59 @@ class TokenCounter:
             h.remove()
 
 
-@functools.lru_cache(maxsize=1)
-def _make_callback_cls():
-    from transformers import TrainerCallback
+class StepStatsCallback(TrainerCallback):
+    """Times each optimizer step; writes ``path`` (JSON) at the end of training on rank 0."""
 
-    class StepStatsCallback(TrainerCallback):
-        """Times each optimizer step; writes ``path`` (JSON) at the end of training on rank 0."""
+    def __init__(self, path: str | os.PathLike, *, is_main: bool = True) -> None:
+        self.path = Path(path)
+        self.is_main = is_main
+        self.steps: list[dict] = []
+        self.counter: TokenCounter | None = None
+        self._t0 = 0.0
+        self._last_end: float | None = None
 
-        def __init__(self, path: str | os.PathLike, *, is_main: bool = True) -> None:
-            self.path = Path(path)
-            self.is_main = is_main
-            self.steps: list[dict] = []
-            self.counter: TokenCounter | None = None
-            self._t0 = 0.0
-            self._last_end: float | None = None
+    def _sync(self):
+        import torch
 
-        def _sync(self):
-            import torch
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
 
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        import torch
 
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            import torch
+        hf = find_hf_model(model) if model is not None else None
+        if hf is not None and self.counter is None:
+            self.counter = TokenCounter(hf)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
 
-            hf = find_hf_model(model) if model is not None else None
-            if hf is not None and self.counter is None:
-                self.counter = TokenCounter(hf)
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.reset_peak_memory_stats()
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        if self.counter is not None:
+            self.counter.reset()
+        self._t0 = time.perf_counter()
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._sync()
-            if self.counter is not None:
-                self.counter.reset()
-            self._t0 = time.perf_counter()
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        now = time.perf_counter()
+        # A step's time is from the previous step's end: the batch fetch (DataLoader, collation)
+        # happens before on_step_begin and counts, so a GPU waiting for pages shows here.
+        seconds = now - (self._last_end if self._last_end is not None else self._t0)
+        self._last_end = now
+        c = self.counter
+        self.steps.append({"step": state.global_step, "seconds": seconds, "compute_seconds": now - self._t0,
+                           "text_tokens": c.text_tokens if c else None, "patches": c.patches if c else None,
+                           "sequences": c.sequences if c else None, "flops": c.flops if c else None})
 
-        def on_step_end(self, args, state, control, **kwargs):
-            self._sync()
-            now = time.perf_counter()
-            # A step's time is from the previous step's end: the batch fetch (DataLoader, collation)
-            # happens before on_step_begin and counts, so a GPU waiting for pages shows here.
-            seconds = now - (self._last_end if self._last_end is not None else self._t0)
-            self._last_end = now
-            c = self.counter
-            self.steps.append({"step": state.global_step, "seconds": seconds, "compute_seconds": now - self._t0,
-                               "text_tokens": c.text_tokens if c else None, "patches": c.patches if c else None,
-                               "sequences": c.sequences if c else None, "flops": c.flops if c else None})
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.counter is not None:
-                self.counter.remove()
-            if not self.is_main:
-                return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({**device_facts(), "steps": self.steps}, indent=1))
-            os.replace(tmp, self.path)
-
-    return StepStatsCallback
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.counter is not None:
+            self.counter.remove()
+        if not self.is_main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**device_facts(), "steps": self.steps}, indent=1))
+        os.replace(tmp, self.path)
 
 
 def device_facts() -> dict:
@@ -207,7 +202,3 @@ def device_facts() -> dict:
                 "peak_memory_kind": "cuda max_memory_allocated", "peak_bf16_flops": peak_flops(name)}
     return {"device": "cpu", "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_memory_kind": "max RSS", "peak_bf16_flops": None}
-
-
-def StepStatsCallback(path: str | os.PathLike, *, is_main: bool = True):
-    return _make_callback_cls()(path, is_main=is_main)

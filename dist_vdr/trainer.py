@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import os
 
-from . import engines
+import torch
+from sentence_transformers import CrossEncoderTrainer, SentenceTransformerTrainer
+
+from . import compat, engines
 from .data import page_refs
 
 
@@ -36,22 +39,20 @@ class _DistVdrTrainerMixin:
         return loss
 
     def _run_epoch(self, *args, **kwargs):
-        # transformers 5.24 (checked; private _run_epoch) checks max_steps only after a step: resumed from the
-        # checkpoint of the last step, it would train one step past the recipe.
+        # transformers' private _run_epoch (compat: transformers.trainer_run_epoch) checks max_steps only
+        # after a step: resumed from the checkpoint of the last step, it would train one step past the recipe.
         if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
             self.control.should_training_stop = True
             return None
-        return super()._run_epoch(*args, **kwargs)
+        return compat.run_epoch(super()._run_epoch, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        # transformers 5 passes the wrapped model on the FSDP path; sentence-transformers' override
+        # transformers passes the wrapped model on the FSDP path; sentence-transformers' override
         # takes one argument (TypeError). FSDP checkpoints hold sharded weights (distcp), which only
         # the transformers loader reads, with resharding to the current number of ranks.
         if self.is_fsdp_enabled:
-            from transformers import Trainer as HFTrainer
-
-            return HFTrainer._load_from_checkpoint(self, resume_from_checkpoint, model)
-        return super()._load_from_checkpoint(resume_from_checkpoint)
+            return compat.hf_load_from_checkpoint(self, resume_from_checkpoint, model)
+        return compat.st_load_from_checkpoint(super()._load_from_checkpoint, resume_from_checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # sentence-transformers' _save ignores ``state_dict``; under ZeRO-3/FSDP2 the module's own
@@ -59,15 +60,14 @@ class _DistVdrTrainerMixin:
         if not self.args.should_save:
             return None
         if not state_dict:
-            return super()._save(output_dir, state_dict)
+            return compat.st_trainer_save(super()._save, output_dir, state_dict)
+        compat.saving_gathered_state_dict()
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         with engines.saving_state_dict(self.model, state_dict):
             # No model card: writing it runs an encode on this rank alone, and a forward of a
             # sharded model is a collective (the other ranks would never join: hang).
             self.model.save_pretrained(output_dir, create_model_card=False)
-        import torch
-
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         return None
 
@@ -90,16 +90,9 @@ class _DistVdrTrainerMixin:
         return output
 
 
-def _trainers():
-    from sentence_transformers import CrossEncoderTrainer, SentenceTransformerTrainer
-
-    class Trainer(_DistVdrTrainerMixin, SentenceTransformerTrainer):
-        """SentenceTransformerTrainer + dist-vdr's engine hooks, all-rank evaluators and sharded saves."""
-
-    class RerankerTrainer(_DistVdrTrainerMixin, CrossEncoderTrainer):
-        """CrossEncoderTrainer + the same additions."""
-
-    return Trainer, RerankerTrainer
+class Trainer(_DistVdrTrainerMixin, SentenceTransformerTrainer):
+    """SentenceTransformerTrainer + dist-vdr's engine hooks, all-rank evaluators and sharded saves."""
 
 
-Trainer, RerankerTrainer = _trainers()
+class RerankerTrainer(_DistVdrTrainerMixin, CrossEncoderTrainer):
+    """CrossEncoderTrainer + the same additions."""

@@ -65,7 +65,7 @@ class LocalSlurm:
         self.ctld_port, self.node_port = ctld_port, node_port
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, timeout: float = 60) -> "LocalSlurm":
+    def start(self, timeout: float = 60) -> LocalSlurm:
         host = socket.gethostname().split(".")[0]
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import (
     REPO,
     kill_after_first_checkpoint,
@@ -76,7 +77,7 @@ def test_corpus_mining_two_ranks_equals_one(tiny_model, pdf_corpus, mined, tmp_p
     # What was asked for: never a relevant page or a page of the positive's document, each mined page once.
     qrels = read_qrels(src / "train_qrels.trec")
     pages = datasets.load_from_disk(str(corpus))
-    doc = dict(zip(pages["page_id"], pages["document_id"]))
+    doc = dict(zip(pages["page_id"], pages["document_id"], strict=True))
     mined_pages = []
     for i, qid in enumerate(rows["query_id"]):
         assert qrels[qid][rows["image"][i]] == 2  # the page the query was written for
@@ -208,7 +209,8 @@ def test_vdr_layout_negative_ids_train_like_images(tiny_model, pages, tmp_path):
     common = ["evaluation.enabled=false", "training.max_steps=3", "data.negative_columns=[negative_0,negative_1]",
               "launch.num_threads_per_process=2"]
     by_id = run_cli(["train", *["--config", "configs/tiny.yaml"], *tiny_overrides(tiny_model, vdr, tmp_path / "a"),
-                     *common, f"data.pages_path={vdr}", "data.pages_id_column=id", "data.negative_ids_column=negatives"])
+                     *common, f"data.pages_path={vdr}", "data.pages_id_column=id",
+                     "data.negative_ids_column=negatives"])
     assert by_id.returncode == 0, log_tail(by_id.stdout + by_id.stderr)
     stored = run_cli(["train", *["--config", "configs/tiny.yaml"],
                       *tiny_overrides(tiny_model, images, tmp_path / "b"), *common])

@@ -52,7 +52,7 @@ def _assert_same_curve(got: dict, ref: dict, steps, rel: float | None = None) ->
     one), or ``rel`` for every value when given (ZeRO-3's universal resume, see below)."""
     steps = list(steps)
     for step in steps:
-        for name, a, b in zip(("loss", "grad_norm"), got[step], ref[step]):
+        for name, a, b in zip(("loss", "grad_norm"), got[step], ref[step], strict=True):
             if rel is None:
                 assert_same_step(name, step, a, b, first_step=steps[0])
             else:
@@ -163,7 +163,7 @@ def test_one_gradient_reduction_per_step(engine, tmp_path_factory, tiny_model, p
     _train(engine, out, 2, extensions_dir, tiny_model, pages, *more)
     ref_steps, steps = _per_step(ref_out), _per_step(out)
     assert len(steps) == STEPS and len(ref_steps) == STEPS
-    for a, b in zip(steps, ref_steps):
+    for a, b in zip(steps, ref_steps, strict=True):
         reductions = {k: v for k, v in a["calls"].items() if k in REDUCTIONS}
         assert reductions, a  # the gradients were reduced through torch.distributed (the counter sees it)
         assert reductions == {k: v for k, v in b["calls"].items() if k in REDUCTIONS}, (a, b)

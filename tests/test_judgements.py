@@ -214,7 +214,8 @@ def test_judged_queries_none_matching_is_one_line_error_with_the_fix():
         judged_queries(["q1", "q2"], {"Q1": {"p": 1}, "Q2": {"p": 1}}, "eval files")
     message = str(info.value)
     assert "\n" not in message and message.startswith("eval files: none of the 2 queries has a relevant page")
-    assert "'q1', 'q2'" in message and "'Q1', 'Q2'" in message and "give queries and qrels the same query ids" in message
+    assert "'q1', 'q2'" in message and "'Q1', 'Q2'" in message
+    assert "give queries and qrels the same query ids" in message
     with pytest.raises(ValueError, match="none of the 1 queries has a page graded > 0"):
         judged_queries(["q1"], {"q1": {"p": 0}}, "eval files")
 
@@ -252,7 +253,6 @@ def test_eval_files_that_do_not_match_fail_or_warn_while_loading(tmp_path):
     """Before any model is loaded: no judged query is an error naming the ids; some unjudged queries a
     warning, and only judged queries are evaluated."""
     from conftest import run_cli
-
     from dist_vdr.config import DataConfig
     from dist_vdr.data.loading import load_eval
 

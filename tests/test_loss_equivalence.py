@@ -55,7 +55,8 @@ def _compare(tiny_model, case: Case, got: dict, world: int) -> tuple[float, floa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [c for c in CASES_W2 if not c.implementation.startswith("broken")], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES_W2 if not c.implementation.startswith("broken")],
+                         ids=lambda c: c.name)
 def test_two_ranks_equal_single_process(tiny_model, results_w2, case):
     loss_diff, grad_diff = _compare(tiny_model, case, results_w2[case.name], 2)
     assert loss_diff <= TOL and grad_diff <= TOL, (loss_diff, grad_diff)

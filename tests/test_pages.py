@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, kill_tree, launch_env, log_tail, run_cli
 from PIL import Image
 
+from conftest import REPO, kill_tree, launch_env, log_tail, run_cli
 from dist_vdr.data.ingest import PagesBuildConfig, build_pages, check_complete, find_inputs, format_summary
 
 # One page with a text layer, written by hand: PIL writes image-only PDFs.
@@ -104,7 +104,7 @@ def _rows(out: Path) -> list[tuple]:
     import datasets
 
     ds = datasets.load_from_disk(str(out))
-    return list(zip(ds["page_id"], ds["content_hash"], ds["width"], ds["height"]))
+    return list(zip(ds["page_id"], ds["content_hash"], ds["width"], ds["height"], strict=True))
 
 
 def test_build_renders_pages_and_reports_bad_inputs(documents, tmp_path):

@@ -16,8 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (assert_same_step, kill_after_first_checkpoint, launch_env, log_tail, logged_losses, run_cli,
-                      run_launcher)
+
+from conftest import (
+    assert_same_step,
+    kill_after_first_checkpoint,
+    launch_env,
+    log_tail,
+    logged_losses,
+    run_cli,
+    run_launcher,
+)
 
 pytestmark = pytest.mark.slow
 RECIPE = "configs/tiny-reranker.yaml"
@@ -177,7 +185,7 @@ def test_dense_head_trains_under_zero3_like_ddp(tiny_reranker, tiny_model, pages
     from sentence_transformers import CrossEncoder
 
     rows = datasets.load_from_disk(str(pages))["train"].select(range(4))
-    pairs = list(zip(rows["query"], rows["image"]))
+    pairs = list(zip(rows["query"], rows["image"], strict=True))
     ddp, zero3 = (CrossEncoder(str(outs[k] / "final"), device="cpu") for k in ("cpu", "cpu_zero3"))
     assert type(zero3[-1]).__name__ == "Dense"
     # The head trained (moved from its initial value) and ZeRO-3 saved the gathered weights.

@@ -47,7 +47,7 @@ def test_tiny_reranker_reads_query_and_page_and_scores_one_logit(tiny_reranker, 
     assert (model[1].true_token_id, model[1].false_token_id) == (tok.convert_tokens_to_ids("1"),
                                                                   tok.convert_tokens_to_ids("0"))
     queries, positives, _, _ = _rows(pages, 2)
-    feats = model.preprocess(list(zip(queries, positives)))
+    feats = model.preprocess(list(zip(queries, positives, strict=True)))
     text = tok.decode(feats["input_ids"][0])
     assert f"Query: {queries[0]}" in text and "Document: <|vision_start|><|image_pad|>" in text
     assert text.index("Document: ") < text.index("Query: ")  # page first: computed as an embedding model does
@@ -58,7 +58,7 @@ def test_tiny_reranker_reads_query_and_page_and_scores_one_logit(tiny_reranker, 
 
 def test_dense_head_starts_as_the_logit_score(tiny_reranker, pages):
     queries, positives, negatives, _ = _rows(pages)
-    pairs = list(zip(queries, positives)) + list(zip(queries, negatives))
+    pairs = list(zip(queries, positives, strict=True)) + list(zip(queries, negatives, strict=True))
     logit = _reranker(tiny_reranker, head="logit_score").predict(pairs, activation_fn=torch.nn.Identity())
     dense_model = _reranker(tiny_reranker, head="dense")
     assert type(dense_model[-1]).__name__ == "Dense" and dense_model.num_labels == 1
@@ -109,7 +109,8 @@ def test_listwise_loss_is_a_softmax_over_positive_and_hard_negatives(tiny_rerank
         results.append((loss.item(), _grads(model)))
         model.zero_grad()
     with torch.no_grad():
-        scores = torch.stack([torch.from_numpy(model.predict(list(zip(q, c)), activation_fn=torch.nn.Identity()))
+        scores = torch.stack([torch.from_numpy(model.predict(list(zip(q, c, strict=True)),
+                                                             activation_fn=torch.nn.Identity()))
                               for c in (p, n0, n1)], dim=1)
     expected = torch.nn.functional.cross_entropy(scores, torch.zeros(4, dtype=torch.long)).item()
     assert math.isclose(results[0][0], expected, rel_tol=1e-5)
@@ -171,7 +172,8 @@ def test_listwise_loss_with_retrieval_scores_learns_the_residual(tiny_reranker, 
     prior = torch.tensor([[0.9, 0.1, -0.2], [0.3, 0.5, 0.0], [0.2, 0.2, 0.2], [-0.1, 0.4, 0.8]])
     cfg = LossConfig(name="listwise", mini_batch_size=3)
     with torch.no_grad():
-        scores = torch.stack([torch.from_numpy(model.predict(list(zip(q, c)), activation_fn=torch.nn.Identity()))
+        scores = torch.stack([torch.from_numpy(model.predict(list(zip(q, c, strict=True)),
+                                                             activation_fn=torch.nn.Identity()))
                               for c in (p, n0, n1)], dim=1)
     target = torch.zeros(4, dtype=torch.long)
     loss = build_reranker_loss(model, cfg, retrieval_score_weight=20.0)([q, p, n0, n1], list(prior))
@@ -278,7 +280,7 @@ def test_deeper_tiny_reranker_starts_as_its_warm_start(tiny_model, pages, tmp_pa
                                                 init_from=tiny_model)), device="cpu")
     assert len(deep[0].model.model.language_model.layers) == 4
     q, p, _, _ = _rows(pages, 2)
-    feats = shallow.preprocess(list(zip(q, p)))
+    feats = shallow.preprocess(list(zip(q, p, strict=True)))
     hidden = [m[0].model.model(**{k: v for k, v in feats.items() if k not in ("modality", "num_images_per_sample")}
                                ).last_hidden_state for m in (shallow, deep)]
     assert torch.allclose(hidden[0], hidden[1], atol=1e-5)

@@ -130,7 +130,7 @@ def _submit(slurm: LocalSlurm, out: Path, extra: list[str], *overrides: str, rec
     proc = run_cli(["submit", "--config", recipe, "--nodes", "2", "--time", "10", "--signal-delay-s", "60", *extra,
                     *overrides], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("submitted job"))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("submitted job"))
     assert "logs:" in proc.stdout
     return line.split()[2]
 
@@ -149,7 +149,8 @@ def _first_checkpoint(slurm: LocalSlurm, job: str, out: Path) -> list[int]:
     def ready():
         state = slurm.job_field(job, "JobState")
         if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED"):
-            raise AssertionError(f"job {job} ended ({state}) before a checkpoint:\n" + _job_logs(out, job, "err")[-3000:])
+            raise AssertionError(f"job {job} ended ({state}) before a checkpoint:\n"
+                                 + _job_logs(out, job, "err")[-3000:])
         return _complete_checkpoints(out)
 
     return _wait(ready, 300, "a first complete checkpoint")
@@ -183,7 +184,7 @@ def test_preempted_job_requeues_and_continues_the_loss_curve(slurm, tiny_model, 
     out = tmp_path / "slurm-run"
     job = _submit(slurm, out, [], *tiny_overrides(tiny_model, pages, out, *COMMON))
     stopped, _ = _preempt_and_finish_on_the_reference_curve(slurm, job, out, ref_out, STEPS)
-    starts = [json.loads(l) for l in (out / "run_info.jsonl").read_text().splitlines()]
+    starts = [json.loads(line) for line in (out / "run_info.jsonl").read_text().splitlines()]
     assert [s["resumed_from"] for s in starts] == [None, str(out / f"checkpoint-{stopped}")]
 
 

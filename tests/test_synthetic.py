@@ -61,7 +61,7 @@ def test_hard_negative_differs_in_exactly_one_attribute():
     rng = random.Random(0)
     for attrs in all_attributes():
         neg = perturb(attrs, rng)
-        assert sum(x != y for x, y in zip(attrs, neg)) == 1
+        assert sum(x != y for x, y in zip(attrs, neg, strict=True)) == 1
 
 
 def test_query_names_all_attributes():

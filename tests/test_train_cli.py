@@ -23,7 +23,7 @@ RECIPE = "configs/tiny.yaml"
 def test_killed_run_resumes_to_the_same_final_loss(tiny_model, pages, tmp_path):
     steps = 10
     base = ["--config", RECIPE]
-    common = ["training.max_steps=%d" % steps, "evaluation.enabled=false"]
+    common = [f"training.max_steps={steps}", "evaluation.enabled=false"]
 
     ref_out = tmp_path / "uninterrupted"
     ref = run_launcher("launch/cpu.yaml", base + tiny_overrides(tiny_model, pages, ref_out, *common))
@@ -82,7 +82,8 @@ def test_bad_input_exits_nonzero_and_keeps_existing_outputs(tiny_model, pages, t
     for extra, message in cases:
         proc = run_cli(["train", "--config", RECIPE, *tiny_overrides(tiny_model, pages, out), *extra])
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
-        assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr[-1500:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr[-1500:]
+        assert message in proc.stderr, proc.stderr[-1500:]
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
 
 

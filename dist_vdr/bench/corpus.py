@@ -82,7 +82,8 @@ def run_corpus_bench(work: str, *, model: str, num_documents: int, num_scans: in
                    "-m", "dist_vdr.cli", *args]
         results[f"mine {name}"] = _run(cmd, threads)
         rows[name] = datasets.load_from_disk(str(out)).to_dict()
-    results["queries"] = sum(1 for _ in open(src / "train_queries.jsonl"))
+    with open(src / "train_queries.jsonl") as f:
+        results["queries"] = sum(1 for _ in f)
     results["mined_rows"] = len(rows["1 rank x 1 thread"]["query"])
     results["ranks_equal_1_rank_same_threads"] = rows[f"{world_size} ranks x 1 thread"] == rows["1 rank x 1 thread"]
     results["ranks_equal_1_rank_more_threads"] = rows[f"{world_size} ranks x 1 thread"] == \

@@ -28,7 +28,7 @@ def _load(model_dir: str, data_path: str):
     return SentenceTransformer(model_dir, device="cpu"), load_eval(DataConfig(path=data_path, validate_images=False))
 
 
-def _sharded_worker(rank: int, world: int, model_dir: str, data_path: str, dims, batch_size: int, workers: int,
+def _sharded_worker(rank: int, model_dir: str, data_path: str, dims, batch_size: int, workers: int,
                     out_path: str) -> None:
     import torch.distributed as dist
 
@@ -97,7 +97,8 @@ def format_eval(results: dict, world_size: int) -> str:
         f"{pages} pages, {results['queries']} queries, dims {results['dims']}, {cores} cores",
         f"stock: {len(results['dims'])} InformationRetrievalEvaluators        {s:7.2f} s  "
         f"(of which page decoding {results['stock']['decode_s']:.2f} s)",
-        f"dist-vdr sharded, 1 rank x {cores} threads           {one['total_s']:7.2f} s  {s / one['total_s']:5.1f}x faster",
+        f"dist-vdr sharded, 1 rank x {cores} threads           {one['total_s']:7.2f} s  "
+        f"{s / one['total_s']:5.1f}x faster",
         f"dist-vdr sharded, {world_size} ranks x {max(1, cores // world_size)} thread(s)        "
         f"{many['total_s']:7.2f} s  {s / many['total_s']:5.1f}x faster",
         f"corpus encoding: 1 rank x {cores} threads {one['encode_s']:.2f} s ({pages / one['encode_s']:.0f} pages/s); "
@@ -114,7 +115,8 @@ _SEARCH_CHILD = r"""
 import json, resource, sys, time
 import numpy as np
 import torch
-mode, n, q, dim, k, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+mode = sys.argv[1]
+n, q, dim, k, seed = (int(a) for a in sys.argv[2:7])
 g = torch.Generator().manual_seed(seed)
 corpus = torch.randn(n, dim, generator=g)
 corpus /= corpus.norm(dim=1, keepdim=True)
@@ -160,7 +162,8 @@ def format_search(results: dict, num_pages: int, num_queries: int, dim: int) -> 
     lines = [f"{num_pages:,} pages x {num_queries:,} queries, {dim}-d, exact top-100"]
     for name, r in results.items():
         extra = f"   NDCG@10 {r['ndcg@10']:.4f}" if "ndcg@10" in r else ""
-        lines.append(f"{name:26s} {r['s']:7.2f} s ({r['s'] / base['s']:.2f}x)   peak RSS {r['peak_rss_gib']:.2f} GiB{extra}")
+        lines.append(f"{name:26s} {r['s']:7.2f} s ({r['s'] / base['s']:.2f}x)   "
+                     f"peak RSS {r['peak_rss_gib']:.2f} GiB{extra}")
     return "\n".join(lines)
 
 

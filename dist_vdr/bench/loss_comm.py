@@ -86,7 +86,7 @@ def run(model_dir: str, *, world_size: int = 2, global_batch: int = 64, mini_bat
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/result.json"
         distributed.spawn_gloo(_worker, world_size,
-                               (model_dir, global_batch, mini_batch_size, tuple(dims), steps, out), tmp)
+                               (world_size, model_dir, global_batch, mini_batch_size, tuple(dims), steps, out), tmp)
         with open(out) as f:
             return json.load(f)
 

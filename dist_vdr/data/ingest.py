@@ -266,8 +266,7 @@ def build_pages(cfg: PagesBuildConfig, *, overwrite: bool = False, show_progress
         stop.immediate = True  # merging has no safe points: a signal now stops it at once
         try:
             stop.check()
-            summary = finalize(cfg, inputs, [{"file": f, "reason": r} for f, r in recorder.bad.items()],
-                               show_progress=show_progress)
+            summary = finalize(cfg, inputs, [{"file": f, "reason": r} for f, r in recorder.bad.items()])
             seconds = time.perf_counter() - started
             summary.update(seconds=round(seconds, 2), pages_rendered_now=recorder.new_pages,
                            pages_per_s=round(recorder.new_pages / seconds, 2) if seconds > 0 else None)
@@ -280,7 +279,7 @@ def build_pages(cfg: PagesBuildConfig, *, overwrite: bool = False, show_progress
     return summary
 
 
-def finalize(cfg: PagesBuildConfig, inputs: Inputs, bad: list[dict], show_progress: bool = True) -> dict:
+def finalize(cfg: PagesBuildConfig, inputs: Inputs, bad: list[dict]) -> dict:
     """Merge the shards in (document, page) order, drop repeated pages, save the corpus."""
     import datasets
 

@@ -139,7 +139,7 @@ def _run_isolated(workers: _Workers, fn, cfg: PagesBuildConfig, tasks: list, on_
         _remove_leftovers(Path(cfg.out_dir))  # notes of an earlier pool must not name suspects
         finished: set[int] = set()
 
-        def take(i, result) -> None:
+        def take(i, result, finished=finished) -> None:  # this round's set (called within the round)
             finished.add(i)
             on_result(result)
 

@@ -36,7 +36,7 @@ class EvalData:
 
     def corpus_dict(self) -> dict[str, object]:
         """page id -> decoded PIL image, all in memory (what the stock evaluator wants)."""
-        return dict(zip(self.corpus["page_id"], self.corpus["image"]))
+        return dict(zip(self.corpus["page_id"], self.corpus["image"], strict=True))
 
 
 def _load_split(path: str, name: str | None, split: str):
@@ -239,7 +239,7 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
     for row in qrels:
         rel.setdefault(str(row["query_id"]), {})[str(row["page_id"])] = int(row["score"])
     qids = [str(q) for q in queries["query_id"]]
-    texts = dict(zip(qids, queries["query"]))
+    texts = dict(zip(qids, queries["query"], strict=True))
     where = (f"eval queries {cfg.eval_queries_file or f'{corpus_path}[{cfg.eval_queries_split}]'} / qrels "
              f"{cfg.eval_qrels_file or f'{corpus_path}[{cfg.eval_qrels_split}]'}")
     judged = judgements.judged_queries(qids, rel, where)

@@ -123,7 +123,7 @@ class ResolvingCollator:
         keys = ["|".join(str(f[c]) for c in self.key_columns) for f in features] if self.trace else None
         rows = [dict(f) for f in features]
         for column in self.columns:
-            for row, image in zip(rows, self.table.images([r[column] for r in rows])):
+            for row, image in zip(rows, self.table.images([r[column] for r in rows]), strict=True):
                 row[column] = image
         batch = self.inner(rows)
         if keys is not None:

@@ -13,30 +13,17 @@ rows in the same order as one process with a W-times larger batch (the tests com
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
+
+from sentence_transformers.base.sampler import DefaultBatchSampler, NoDuplicatesBatchSampler
+
+from .. import compat
 
 
-def _excluded_columns() -> set[str]:
-    from sentence_transformers.base.sampler import _EXCLUDE_DATASET_COLUMNS
-
-    return set(_EXCLUDE_DATASET_COLUMNS)
-
-
-_EXCLUDED = _excluded_columns()
-
-
-def _base():
-    from sentence_transformers.base.sampler import DefaultBatchSampler
-
-    return DefaultBatchSampler
-
-
-class GlobalNoDuplicatesBatchSampler(_base()):
+class GlobalNoDuplicatesBatchSampler(DefaultBatchSampler):
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
                  seed: int = 0, *, world_size: int = 1, precompute_hashes: bool = True, row_hashes=None) -> None:
-        from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
-
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last,
                          valid_label_columns=valid_label_columns, generator=generator, seed=seed)
         if world_size < 1:
@@ -48,11 +35,11 @@ class GlobalNoDuplicatesBatchSampler(_base()):
             generator=generator, seed=seed, precompute_hashes=precompute_hashes)
         # Hashes of every row from dist-vdr's startup pass (data/startup.py: the same per-value digest,
         # computed once, sharded over the ranks): set as the stock sampler's own precomputed ones
-        # (its private ``_row_hashes``, sentence-transformers 6.2), so it does not hash again.
+        # (compat: st.sampler_row_hashes), so it does not hash again.
         columns = self.global_sampler.dataset.column_names
         if precompute_hashes and row_hashes is not None and row_hashes.shape == (len(dataset), len(columns)) \
-                and not set(columns) & _EXCLUDED:
-            self.global_sampler._row_hashes = row_hashes
+                and not set(columns) & compat.sampler_excluded_columns():
+            compat.set_sampler_row_hashes(self.global_sampler, row_hashes)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

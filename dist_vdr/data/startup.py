@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import distributed
+from .. import compat, distributed
 
 STARTUP_VERSION = 1  # bump when what the pass checks or how it hashes changes
 RECORD_FILE = "startup_record.json"
@@ -60,7 +60,7 @@ def fingerprint(ds) -> str:
     """What identifies a dataset's content: ``datasets``' fingerprint (deterministic over transforms
     such as select), its length and columns, and its Arrow files' sizes and modification times (a
     folder rewritten in place gets a new key even when its state file was copied along)."""
-    parts: list = [getattr(ds, "_fingerprint", None), len(ds), list(ds.column_names)]
+    parts: list = [compat.dataset_fingerprint(ds), len(ds), list(ds.column_names)]
     for entry in getattr(ds, "cache_files", None) or []:
         try:
             stat = os.stat(entry["filename"])
@@ -82,15 +82,6 @@ def record_key(ds, image_columns: list[str], hashed: bool, extra: dict | None = 
 # The pass over one slice of rows (a worker process, or the rank itself)
 # ----------------------------------------------------------------------------------------------
 
-def _value_hash(value) -> int:
-    # The per-value digest of sentence-transformers' NoDuplicatesBatchSampler(precompute_hashes=True)
-    # (base/sampler.py, checked against 6.2.0): the sampler then finds the same duplicates as when it
-    # hashes the rows itself.
-    from sentence_transformers.base.sampler import _sample_value_str, _xxhash_int64
-
-    return _xxhash_int64(_sample_value_str(value))
-
-
 def scan_rows(ds, image_columns: list[str], lo: int, hi: int, where: str, hashed: bool):
     """Rows [lo, hi) of ``ds``: (hashes [hi-lo, columns] int64 or None, first problem or None, pages decoded).
 
@@ -101,6 +92,10 @@ def scan_rows(ds, image_columns: list[str], lo: int, hi: int, where: str, hashed
     columns = list(ds.column_names)
     features = {c: ds.features[c] for c in image_columns}
     hashes = np.zeros((hi - lo, len(columns)), dtype=np.int64) if hashed else None
+    # The per-value digest of sentence-transformers' NoDuplicatesBatchSampler(precompute_hashes=True)
+    # (compat: st.sampler_value_hash): the sampler then finds the same duplicates as when it hashes
+    # the rows itself.
+    value_hash = compat.sampler_value_hash() if hashed else None
     decoded = 0
     # Whole Arrow columns per batch: iterating rows formats each one (seconds per 100,000 rows).
     part = undecoded(ds.select(range(lo, hi)), image_columns).with_format("arrow")
@@ -117,7 +112,7 @@ def scan_rows(ds, image_columns: list[str], lo: int, hi: int, where: str, hashed
                     decoded += 1
                     value = image
                 if hashed:
-                    hashes[i, j] = _value_hash(value)
+                    hashes[i, j] = value_hash(value)
             i += 1
     return hashes, None, decoded
 
@@ -221,7 +216,7 @@ def prepare(ds, image_columns: list[str], where: str, *, hashed: bool, info: dis
     whatever the number of ranks) on every rank.
     """
     if hashed:
-        _value_hash("")  # imports sentence-transformers (seconds) before the pass is timed
+        compat.sampler_value_hash()  # imports sentence-transformers (seconds) before the pass is timed
     start = time.perf_counter()
     columns = list(ds.column_names)
     key = record_key(ds, image_columns, hashed, key_extra)

@@ -153,8 +153,8 @@ def _draw_chart(d: ImageDraw.ImageDraw, chart: str, n: int, box: tuple[int, int,
     elif chart == "line chart":
         xs = [x0 + (x1 - x0) * (i + 0.5) / n for i in range(n)]
         ys = [y1 - (y1 - y0) * rng.uniform(0.1, 0.9) for _ in range(n)]
-        d.line(list(zip(xs, ys)), fill=(31, 119, 180), width=2)
-        for x, y in zip(xs, ys):
+        d.line(list(zip(xs, ys, strict=True)), fill=(31, 119, 180), width=2)
+        for x, y in zip(xs, ys, strict=True):
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(214, 39, 40))
         d.line([x0, y1, x1, y1], fill=ink, width=1)
         d.line([x0, y0, x0, y1], fill=ink, width=1)
@@ -199,6 +199,27 @@ def _marker(spec: SyntheticPagesSpec) -> dict:
     return {**asdict(spec), "format": FORMAT}
 
 
+def _eval_rows(spec: SyntheticPagesSpec, combos: list, show_progress: bool) -> tuple[list, list, list]:
+    """(queries, corpus pages, qrels) of the eval splits: one relevant page per query, plus distractors."""
+    from tqdm.auto import tqdm
+
+    rng = random.Random(f"{spec.seed}/eval")
+    eval_combos = rng.sample(combos, spec.num_eval_queries)
+    queries, pages, qrels = [], [], []
+    for i, attrs in enumerate(tqdm(eval_combos, desc="eval pages", disable=not show_progress)):
+        queries.append({"query_id": f"q{i}", "query": describe(attrs, rng)})
+        pages.append({"page_id": f"p{i}", "image": _png(render_page(attrs, rng))})
+        qrels.append({"query_id": f"q{i}", "page_id": f"p{i}", "score": 1})
+    for j in range(spec.num_eval_distractors):
+        attrs = perturb(eval_combos[j % len(eval_combos)], rng)
+        if attrs in eval_combos:  # would be a second relevant page for some query: keep the corpus unambiguous
+            attrs = perturb(attrs, rng)
+            if attrs in eval_combos:
+                continue
+        pages.append({"page_id": f"d{j}", "image": _png(render_page(attrs, rng))})
+    return queries, pages, qrels
+
+
 def generate_pages(out_dir: str | os.PathLike, spec: SyntheticPagesSpec | None = None, *, overwrite: bool = False,
                    show_progress: bool = True) -> Path:
     """Generate the dataset into ``out_dir`` (atomic: temporary folder, then rename). Returns the folder.
@@ -226,24 +247,11 @@ def generate_pages(out_dir: str | os.PathLike, spec: SyntheticPagesSpec | None =
     text = datasets.Value("string")
     train_features = datasets.Features({"query": text, "image": image, **{c: image for c in neg_cols},
                                         "document_id": text, **{f"{c}_document_id": text for c in neg_cols}})
-    rows = [_train_row(spec, i, combos) for i in tqdm(range(spec.num_train), desc="train pages", disable=not show_progress)]
+    rows = [_train_row(spec, i, combos)
+            for i in tqdm(range(spec.num_train), desc="train pages", disable=not show_progress)]
     train = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in train_features}, features=train_features)
 
-    rng = random.Random(f"{spec.seed}/eval")
-    eval_combos = rng.sample(combos, spec.num_eval_queries)
-    queries, pages, qrels = [], [], []
-    for i, attrs in enumerate(tqdm(eval_combos, desc="eval pages", disable=not show_progress)):
-        queries.append({"query_id": f"q{i}", "query": describe(attrs, rng)})
-        pages.append({"page_id": f"p{i}", "image": _png(render_page(attrs, rng))})
-        qrels.append({"query_id": f"q{i}", "page_id": f"p{i}", "score": 1})
-    for j in range(spec.num_eval_distractors):
-        attrs = perturb(eval_combos[j % len(eval_combos)], rng)
-        if attrs in eval_combos:  # would be a second relevant page for some query: keep the corpus unambiguous
-            attrs = perturb(attrs, rng)
-            if attrs in eval_combos:
-                continue
-        pages.append({"page_id": f"d{j}", "image": _png(render_page(attrs, rng))})
-
+    queries, pages, qrels = _eval_rows(spec, combos, show_progress)
     ds = datasets.DatasetDict({
         "train": train,
         "eval_queries": datasets.Dataset.from_list(queries),

@@ -56,11 +56,24 @@ def generate_pdf_folder(out_dir: str | Path, spec: SyntheticPdfSpec | None = Non
         if not overwrite:
             raise ValueError(f"{out} exists with other content; pass --overwrite to replace it")
         shutil.rmtree(out)
-    docs = out / "documents"
+    pages = _render_pages(spec, out / "documents")
+    train_q, train_rel, eval_q, eval_rel = _queries(spec, pages)
+    if not train_q or not eval_q:
+        raise ValueError("too few documents for both training and evaluation queries; raise num_documents")
+    write_queries_jsonl(out / "train_queries.jsonl", train_q)
+    write_qrels_trec(out / "train_qrels.trec", train_rel)
+    write_queries_jsonl(out / "eval_queries.jsonl", eval_q)
+    write_qrels_trec(out / "eval_qrels.trec", eval_rel)
+    (out / MARKER_FILE).write_text(marker)  # last: a killed run leaves no marker and is redone
+    return out
+
+
+def _render_pages(spec: SyntheticPdfSpec, docs: Path) -> list[tuple[str, Attributes, bool]]:
+    """Write the PDFs and scans under ``docs``; returns (page id, attributes, held out) per page."""
     (docs / "reports").mkdir(parents=True)
     (docs / "scans").mkdir()
     combos = all_attributes()
-    pages: list[tuple[str, Attributes, bool]] = []  # (page id, attributes, held out)
+    pages: list[tuple[str, Attributes, bool]] = []
     for d in range(spec.num_documents):
         rng = random.Random(f"{spec.seed}/doc/{d}")
         held_out = rng.random() < spec.eval_fraction
@@ -76,7 +89,12 @@ def generate_pdf_folder(out_dir: str | Path, spec: SyntheticPdfSpec | None = Non
         rel = f"scans/scan-{s:05d}.{'png' if s % 2 == 0 else 'jpg'}"
         render_page(attrs, rng).save(docs / rel, dpi=(spec.ppi, spec.ppi))
         pages.append((f"{rel}#1", attrs, held_out))
+    return pages
 
+
+def _queries(spec: SyntheticPdfSpec, pages: list[tuple[str, Attributes, bool]]):
+    """(train queries, train qrels, eval queries, eval qrels): one training query per page that is
+    not held out, one eval query per distinct content among the held-out pages."""
     by_attrs: dict[Attributes, list[str]] = {}
     for pid, attrs, _ in pages:
         by_attrs.setdefault(attrs, []).append(pid)
@@ -90,17 +108,10 @@ def generate_pdf_folder(out_dir: str | Path, spec: SyntheticPdfSpec | None = Non
             # renderings of the same content, which mining must not take as negatives.
             train_rel[qid] = {**dict.fromkeys(by_attrs[attrs], 1), pid: 2}
     seen: set[Attributes] = set()
-    for pid, attrs, held_out in pages:
+    for _pid, attrs, held_out in pages:
         if held_out and attrs not in seen:
             seen.add(attrs)
             qid = f"eval-{len(eval_q):06d}"
             eval_q[qid] = describe(attrs, rng)
             eval_rel[qid] = dict.fromkeys(by_attrs[attrs], 1)  # every rendering of that content
-    if not train_q or not eval_q:
-        raise ValueError("too few documents for both training and evaluation queries; raise num_documents")
-    write_queries_jsonl(out / "train_queries.jsonl", train_q)
-    write_qrels_trec(out / "train_qrels.trec", train_rel)
-    write_queries_jsonl(out / "eval_queries.jsonl", eval_q)
-    write_qrels_trec(out / "eval_qrels.trec", eval_rel)
-    (out / MARKER_FILE).write_text(marker)  # last: a killed run leaves no marker and is redone
-    return out
+    return train_q, train_rel, eval_q, eval_rel

@@ -32,7 +32,6 @@ import torch
 from .. import distributed
 from ..distributed import shard_range  # noqa: F401  (the evaluators import it from here)
 
-
 MAX_BLOCK_BATCHES = 8
 
 
@@ -168,7 +167,8 @@ def document_prompt(model) -> str | None:
     return None
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; none on CPU (float32 there)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -219,11 +219,11 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
         try:
             # no_grad, not inference_mode: FSDP2 writes its gathered parameters into storages that
             # outlive the forward, which inference tensors may not.
-            with torch.no_grad(), _autocast(device):
+            with torch.no_grad(), autocast(device):
                 for positions, feats in tqdm(loader, desc=f"encoding pages (rank {rank})", disable=not show_progress):
                     emb = model(batch_to_device(feats, device))["sentence_embedding"].float()
                     emb = torch.nn.functional.normalize(emb, p=2, dim=-1).cpu()
-                    for p, e in zip(positions, emb):
+                    for p, e in zip(positions, emb, strict=True):
                         done[p] = e
                     if cache:
                         cache.save(positions, emb)
@@ -273,7 +273,7 @@ class _ShardCache:
         done: dict[int, torch.Tensor] = {}
         for f in sorted(self.dir.glob("batch-*.pt")):
             positions, emb = torch.load(f, weights_only=True)
-            for p, e in zip(positions.tolist(), emb):
+            for p, e in zip(positions.tolist(), emb, strict=True):
                 done[p] = e
             self.count += 1
         return done

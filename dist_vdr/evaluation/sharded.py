@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 
 from .. import distributed
 from ..data.arrow import column_values
@@ -35,13 +36,7 @@ from .metrics import METRICS, retrieval_metrics
 from .search import RESCORE_SLACK, has_faiss, merge_topk, rescore, shard_topk
 
 
-def _base():
-    from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
-
-    return BaseEvaluator
-
-
-class ShardedRetrievalEvaluator(_base()):
+class ShardedRetrievalEvaluator(BaseEvaluator):
     all_ranks = True
 
     def __init__(self, data: EvalData, dims: list[int], *, ks=(1, 3, 5, 10, 100), batch_size: int = 16,
@@ -81,8 +76,9 @@ class ShardedRetrievalEvaluator(_base()):
             raise ValueError(f"evaluation dims {too_big} exceed the model's embedding dimension {full_dim}")
         flat: dict[str, float] = {}
         for dim in self.dims:
-            scores, idx = self._search(queries, shard, offset, dim, info.world_size)
-            ranked = {qid: [self.page_ids[j] for j in row if j >= 0] for qid, row in zip(self.query_ids, idx)}
+            scores, idx = self._search(queries, shard, offset, dim)
+            ranked = {qid: [self.page_ids[j] for j in row if j >= 0]
+                      for qid, row in zip(self.query_ids, idx, strict=False)}
             metrics = retrieval_metrics(ranked, self.data.qrels, self.ks)
             self.last_rankings[dim], self.last_metrics[dim] = (scores, idx), metrics
             flat.update({f"dim{dim}_cosine_{name}": value for name, value in metrics.items()})
@@ -94,9 +90,8 @@ class ShardedRetrievalEvaluator(_base()):
         return encode_queries_sharded(model, [self.data.queries[q] for q in self.query_ids], info,
                                       batch_size=self.query_batch_size)
 
-    def _search(self, queries: torch.Tensor, shard: torch.Tensor, offset: int, dim: int, world_size: int):
+    def _search(self, queries: torch.Tensor, shard: torch.Tensor, offset: int, dim: int):
         return global_topk(queries, shard, offset, self.top_k, self.tie_key, dim=dim, backend=self.backend)
-
 
     # ------------------------------------------------------------------ outputs
     def write_outputs(self, output_path: str, steps: int = -1) -> None:
@@ -105,17 +100,18 @@ class ShardedRetrievalEvaluator(_base()):
         out.mkdir(parents=True, exist_ok=True)
         payload = {"steps": steps, "num_queries": len(self.query_ids), "num_pages": len(self.page_ids),
                    "metrics": {str(d): m for d, m in self.last_metrics.items()}}
-        _atomic_write(out / "retrieval_metrics.json", json.dumps(payload, indent=2))
+        atomic_write(out / "retrieval_metrics.json", json.dumps(payload, indent=2))
         write_csv(out / "retrieval_metrics.csv", self.last_metrics, [f"{m}@{k}" for m in METRICS for k in self.ks])
         for dim, (scores, idx) in self.last_rankings.items():
-            ranked = {qid: [(self.page_ids[j], sc) for sc, j in zip(s_row, i_row) if j >= 0]
-                      for qid, s_row, i_row in zip(self.query_ids, scores, idx)}
+            ranked = {qid: [(self.page_ids[j], sc) for sc, j in zip(s_row, i_row, strict=True) if j >= 0]
+                      for qid, s_row, i_row in zip(self.query_ids, scores, idx, strict=False)}
             write_trec_run(out / f"run.dim{dim}.trec", ranked, f"{self.run_tag}-dim{dim}")
         write_trec_qrels(out / "qrels.trec", self.query_ids, self.data.qrels)
         plot_ndcg_vs_dim({"this run": {d: m for d, m in self.last_metrics.items()}}, out / "ndcg_vs_dim.png")
 
 
-def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, *, batch_size: int = 32) -> torch.Tensor:
+def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, *,
+                           batch_size: int = 32) -> torch.Tensor:
     """Every rank encodes its share of ``texts``; all ranks get all embeddings [len(texts), D].
 
     Queries are sorted by length (as sentence-transformers does) and cut into batches once, for
@@ -179,7 +175,7 @@ def trec_tie_key(ids: list[str]) -> np.ndarray:
     return len(ids) - 1 - sorted_position(ids)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -216,7 +212,7 @@ def write_trec_run(path: str | Path, ranked: dict[str, list[tuple[str, float]]],
     """
     lines = [f"{qid} Q0 {pid} {rank} {score_text(score)} {tag}\n"
              for qid, pages in ranked.items() for rank, (pid, score) in enumerate(pages, start=1)]
-    _atomic_write(Path(path), "".join(lines))
+    atomic_write(Path(path), "".join(lines))
 
 
 def score_text(score: float) -> str:
@@ -228,8 +224,8 @@ def score_text(score: float) -> str:
 
 
 def write_trec_qrels(path: str | Path, query_ids: list[str], qrels: dict[str, dict[str, int]]) -> None:
-    _atomic_write(Path(path), "".join(f"{q} 0 {p} {g}\n" for q in query_ids
-                                      for p, g in sorted(qrels.get(q, {}).items())))
+    atomic_write(Path(path), "".join(f"{q} 0 {p} {g}\n" for q in query_ids
+                                     for p, g in sorted(qrels.get(q, {}).items())))
 
 
 def write_csv(path: str | Path, per_dim: dict, names: list[str], key_name: str = "dim") -> None:

@@ -27,18 +27,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 from torch import Tensor
 
 from .. import distributed
 
 
-def _base_class():
-    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
-
-    return CachedMultipleNegativesRankingLoss
-
-
-class GlobalBatchCachedMNRL(_base_class()):
+class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
     """MatryoshkaLoss(CachedMultipleNegativesRankingLoss) semantics with cross-rank negatives.
 
     Args:
@@ -58,7 +53,7 @@ class GlobalBatchCachedMNRL(_base_class()):
         if len(weights) != len(dims):
             raise ValueError("matryoshka_weights must have one weight per matryoshka dim")
         # Largest first, like MatryoshkaLoss (the order of the summed terms then matches it too).
-        self.dims_weights = sorted(zip(dims, weights), key=lambda dw: dw[0], reverse=True) or [(None, 1.0)]
+        self.dims_weights = sorted(zip(dims, weights, strict=True), key=lambda dw: dw[0], reverse=True) or [(None, 1.0)]
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.rank, self.world_size = rank, world_size

@@ -24,19 +24,12 @@ cross-device exchange (with ``num_in_batch_negatives=0``).
 from __future__ import annotations
 
 import torch
+from sentence_transformers.cross_encoder.losses import CachedMultipleNegativesRankingLoss
 
 from ..config import LossConfig
 
 
-def _base():
-    from sentence_transformers.cross_encoder.losses import (
-        CachedMultipleNegativesRankingLoss,
-    )
-
-    return CachedMultipleNegativesRankingLoss
-
-
-class ListwiseLoss(_base()):
+class ListwiseLoss(CachedMultipleNegativesRankingLoss):
     """The cached listwise loss; with ``retrieval_score_weight`` > 0, over the reranker's scores plus
     that weight x the retriever's scores of the same pairs (the rows' ``scores`` label column:
     positive first, then each hard negative), so the reranker learns a residual on top of retrieval."""

@@ -21,24 +21,19 @@ import json
 from pathlib import Path
 
 import torch
+from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 
 from .. import distributed
 from ..data.arrow import column_values
 from ..data.loading import EvalData
-from ..evaluation.encode import _autocast, shard_range
+from ..evaluation.encode import autocast, shard_range
 from ..evaluation.metrics import METRICS, retrieval_metrics
 from ..evaluation.sharded import (
-    _atomic_write,
+    atomic_write,
     write_csv,
     write_trec_qrels,
     write_trec_run,
 )
-
-
-def _base():
-    from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
-
-    return BaseEvaluator
 
 
 def retrieve(retriever, data: EvalData, *, top_k: int, batch_size: int = 16, num_workers: int = -1,
@@ -51,8 +46,8 @@ def retrieve(retriever, data: EvalData, *, top_k: int, batch_size: int = 16, num
                                       backend=backend, show_progress=True)
     first(retriever)
     scores, idx = first.last_rankings[dim]
-    return {qid: [(first.page_ids[j], float(s)) for s, j in zip(s_row, i_row) if j >= 0]
-            for qid, s_row, i_row in zip(first.query_ids, scores, idx)}
+    return {qid: [(first.page_ids[j], float(s)) for s, j in zip(s_row, i_row, strict=True) if j >= 0]
+            for qid, s_row, i_row in zip(first.query_ids, scores, idx, strict=True)}
 
 
 def summarise(raw: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -66,7 +61,7 @@ def summarise(raw: dict[str, float]) -> dict[str, dict[str, float]]:
     return out
 
 
-class RerankEvaluator(_base()):
+class RerankEvaluator(BaseEvaluator):
     all_ranks = True
     summarise = staticmethod(summarise)  # what the run records: metrics per stage
 
@@ -111,7 +106,7 @@ class RerankEvaluator(_base()):
     def _rerank(self, scores, weight: float) -> dict[str, list[tuple[str, float]]]:
         """Each query's top ``depth`` ordered by reranker score + weight x retrieval score (ties: retrieval order)."""
         out = {}
-        for qid, row in zip(self.query_ids, scores):
+        for qid, row in zip(self.query_ids, scores, strict=True):
             head = self.candidates[qid][: self.depth]
             final = [float(row[i]) + weight * head[i][1] for i in range(len(head))]
             order = sorted(range(len(head)), key=lambda i: (-final[i], i))
@@ -139,11 +134,11 @@ class RerankEvaluator(_base()):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), _autocast(device):
+            with torch.no_grad(), autocast(device):
                 for qi, positions, pairs in tqdm(batches, desc=f"reranking (rank {info.rank})",
                                                  disable=not (self.show_progress and info.is_main)):
                     images = self.data.corpus[[self.row_of[p] for _, p in pairs]]["image"]
-                    feats = model.preprocess([(q, im.convert("RGB")) for (q, _), im in zip(pairs, images)],
+                    feats = model.preprocess([(q, im.convert("RGB")) for (q, _), im in zip(pairs, images, strict=True)],
                                              prompt=self.prompt)
                     out = model(batch_to_device(feats, device))["scores"].float().view(-1).cpu()
                     scores[qi, positions] = out
@@ -166,7 +161,7 @@ class RerankEvaluator(_base()):
             rows["rerankonly"] = self.last_alone_metrics
         payload = {"steps": steps, "num_queries": len(self.query_ids), "rerank_depth": self.depth,
                    "retrieval_score_weight": self.retrieval_score_weight, "metrics": rows}
-        _atomic_write(out / "rerank_metrics.json", json.dumps(payload, indent=2))
+        atomic_write(out / "rerank_metrics.json", json.dumps(payload, indent=2))
         write_csv(out / "rerank_metrics.csv", rows, [f"{m}@{k}" for m in METRICS for k in self.ks], key_name="stage")
         write_trec_run(out / "run.retrieval.trec", {q: self.candidates[q] for q in self.query_ids},
                        f"{self.run_tag}-retrieval")

@@ -18,16 +18,16 @@ tokens; the recipe's ``reranker.chat_template`` can install it (``builtin``) or 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import log
 from ..config import ModelConfig, RerankerConfig
 
 if TYPE_CHECKING:
     import torch
 
-logger = logging.getLogger(__name__)
+logger = log.get(__name__)
 
 # Beside a residual reranker (trained with ``reranker.retrieval_score_weight`` > 0): its scores are
 # corrections to one retriever's cosine scores, meaningful only added to them with that weight.
@@ -81,7 +81,8 @@ _PAIR_PART = (
 )
 RERANK_CHAT_TEMPLATE = (
     "<|im_start|>system\n"
-    "{% set ns = namespace(instruction='Judge whether the Document is relevant to the Query. Answer 1 for yes, 0 for no.') %}"
+    "{% set ns = namespace(instruction='Judge whether the Document is relevant to the Query. "
+    "Answer 1 for yes, 0 for no.') %}"
     "{% for message in messages %}{% if message['role'] == 'system' %}"
     "{% set ns.instruction = message['content'] if message['content'] is string else message['content'][0]['text'] %}"
     "{% endif %}{% endfor %}{{ ns.instruction }}<|im_end|>\n<|im_start|>user\n"
