@@ -130,14 +130,21 @@ def field_of(schema: type, key: str) -> tuple[type, str]:
 
 
 def default_of(schema: type, key: str) -> Any:
-    """The default of ``key`` as the command sees it: its section's default in ``schema`` (a section
-    with no default: its class's field default)."""
+    """The default of ``key`` as the command sees it: from its section's default in ``schema``, or (a
+    section declared without one) its class's field default; REQUIRED for a field without default."""
+    from .config import REQUIRED
+
+    section, _, rest = key.partition(".")
+    value = _section_default(schema, section) if rest else None
+    if value is not None:
+        for part in rest.split("."):
+            value = getattr(value, part)
+        return value
     owner, name = field_of(schema, key)
-    section_default = _section_default(schema, key.rsplit(".", 1)[0]) if "." in key else None
-    if section_default is not None:
-        return getattr(section_default, name)
     f = next(f for f in dataclasses.fields(owner) if f.name == name)
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return REQUIRED if f.default is dataclasses.MISSING else f.default
 
 
 def _section_default(schema: type, section: str) -> Any:

@@ -194,6 +194,15 @@ FORMS = [
       "bench.global_batch_size": 4}),
     (["bench", "--model", "qwen3-vl-2b", "--device", "cuda", "--work-dir", "w", "--stock", "", "--config", "r.yaml"],
      {"bench.stock": [], "bench.recipe": "r.yaml", "bench.device": "cuda"}),
+    (["bench", "--model", "qwen3-vl-2b", "--device", "auto", "--work-dir", "w", "--steps", "2", "--warmup-steps", "1",
+      "--stock", "mb1,mb8,tok6000", "--ours", "tok6000:loss.mini_batch_size=64,loss.mini_batch_num_tokens=6000",
+      "--ours", "c:model.compile=true", "--timeout-s", "240"],  # launch/bench_gpu.sh
+     {"bench.stock": ["mb1", "mb8", "tok6000"], "bench.steps": 2,
+      "bench.ours": ["tok6000:loss.mini_batch_size=64,loss.mini_batch_num_tokens=6000", "c:model.compile=true"]}),
+    (["mine-negatives", "--model", "m", "--corpus", "c", "--queries", "q.jsonl", "--qrels", "q.trec", "--out", "o",
+      "--num-negatives", "1", "--max-rank", "100", "--max-uses-per-page", "3", "--exclude-same-document", "--device",
+      "cpu"],  # Makefile demo-pdfs
+     {"mining.num_negatives": 1, "mining.max_rank": 100, "mining.max_uses_per_page": 3, "launch.device": "cpu"}),
     (["bench-loss", "--dims", "8,4", "--world-size", "4", "--json"],
      {"bench_loss.dims": [8, 4], "bench_loss.world_size": 4, "bench_loss.json": True}),
     (["bench-eval", "--data", "d", "--batch-size", "4", "--num-workers", "0"],
