@@ -47,15 +47,14 @@ def _train(args: argparse.Namespace) -> int:
     _quiet_library_noise()
     from .training import headline, run_training
 
-    results = run_training(cfg, resume=args.resume, no_resume=args.no_resume,
-                           allow_config_change=args.allow_config_change)
+    result = run_training(cfg, resume=args.resume, no_resume=args.no_resume,
+                          allow_config_change=args.allow_config_change)
     from . import distributed
 
-    info = distributed.current()
-    if info.is_main:
-        if results.get("final_loss") is not None:
-            print(f"last logged loss {results['final_loss']:.6g} at step {results.get('global_step')}", flush=True)
-        line = headline(results, results.get("dims", []), cfg.evaluation.main_metric)
+    if distributed.current().is_main:
+        if result.final_loss is not None:
+            print(f"last logged loss {result.final_loss:.6g} at step {result.global_step}", flush=True)
+        line = headline(result, cfg.evaluation.main_metric) if result.finished else None
         if line:
             print(line, flush=True)
     return 0

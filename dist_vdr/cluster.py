@@ -127,19 +127,19 @@ class TrainJob:
             overrides.append("launch.device=cpu")
         print(f"[dist-vdr] job {job_env.job_id} task {job_env.global_rank}/{job_env.num_tasks} on "
               f"{job_env.hostname}, master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", flush=True)
-        results = run_training(load_config(self.config_path, overrides))
-        if results.get("preempted") and results.get("signal") != "SIGUSR2":
+        result = run_training(load_config(self.config_path, overrides))
+        if result.preempted and result.signal != "SIGUSR2":
             # scancel / SIGTERM: the step is saved; the user stopped the job, so no requeue.
-            print(f"[dist-vdr] job {job_env.job_id} stopped by {results['signal']}: not requeued", flush=True)
-            return results if job_env.global_rank == 0 else None
-        if results.get("preempted"):
+            print(f"[dist-vdr] job {job_env.job_id} stopped by {result.signal}: not requeued", flush=True)
+            return result if job_env.global_rank == 0 else None
+        if result.preempted:
             if job_env.global_rank == 0:
                 print(f"[dist-vdr] requeueing job {job_env.job_id}", flush=True)
                 compat.requeue(job_env, countdown=1)  # slurm: scontrol requeue; local executor: exit code 144
                 sys.exit(-1)
             time.sleep(120)  # the requeue stops this task; exiting first could fail the job instead
             sys.exit(-1)
-        return results if job_env.global_rank == 0 else None
+        return result if job_env.global_rank == 0 else None
 
     def checkpoint(self, *args, **kwargs):
         """Only reached if USR2 arrives before training installed its own handler: rerun as is."""

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from . import tasks
+
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _LOSSES = ("cmnrl", "mnrl")
 _RERANKER_LOSSES = ("bce", "listwise")
-_TASKS = ("embedding", "reranker")
 _SAMPLERS = ("no_duplicates_hashed", "no_duplicates", "batch_sampler")
 _DEVICES = ("auto", "cpu", "cuda")
 _EVAL_FORMATS = ("ir", "triplets")
@@ -401,7 +402,8 @@ class MiningConfig:
 @dataclass(kw_only=True)
 class Config:
     task: str = "embedding"
-    """embedding: a SentenceTransformer (bi-encoder); reranker: a multimodal CrossEncoder."""
+    """embedding: a SentenceTransformer (bi-encoder); reranker: a multimodal CrossEncoder (the names
+    of dist_vdr.tasks.REGISTRY)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -412,22 +414,8 @@ class Config:
     mining: MiningConfig = field(default_factory=MiningConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("", "task", self.task, _TASKS)
-        if self.loss.name == "auto":
-            self.loss.name = "bce" if self.task == "reranker" else "cmnrl"
-        if self.training.batch_sampler == "auto":
-            in_batch = self.task == "embedding" or self.loss.num_in_batch_negatives > 0
-            self.training.batch_sampler = "no_duplicates_hashed" if in_batch else "batch_sampler"
-        allowed = _RERANKER_LOSSES if self.task == "reranker" else _LOSSES
-        if self.loss.name not in allowed:
-            raise ValueError(f"loss.name={self.loss.name!r} is not a {self.task} loss; use one of {list(allowed)}")
-        if self.task == "reranker" and self.loss.matryoshka_dims:
-            raise ValueError("loss.matryoshka_dims applies to embedding models; remove it for task=reranker")
-        if self.task == "reranker" and self.reranker.retrieval_score_weight > 0:
-            if self.loss.name != "listwise" or self.loss.num_in_batch_negatives or not self.mining.enabled:
-                raise ValueError("reranker.retrieval_score_weight > 0 trains on the retriever's scores of each row's "
-                                 "pages, which mining records: use loss.name=listwise, "
-                                 "loss.num_in_batch_negatives=0 and mining.enabled=true (or set the weight to 0)")
+        # The task resolves its "auto" values and refuses what its kind cannot train (dist_vdr.tasks).
+        tasks.get(self.task).configure(self)
 
     def resolve_batch(self, world_size: int) -> int:
         """Per-device batch for this world size; ValueError when the global batch does not split."""
@@ -605,8 +593,10 @@ def _resolve_sources(cfg: Config) -> None:
     for key in ("eval_queries_file", "eval_qrels_file"):
         if getattr(d, key) and cfg.evaluation.enabled:
             setattr(d, key, sources.resolve_file(getattr(d, key), f"data.{key}"))
-    if cfg.task == "reranker":
-        cfg.reranker.retriever = sources.resolve(cfg.reranker.retriever, "reranker.retriever", "retriever folder")
+    for key, label in tasks.get(cfg.task).local_paths(cfg):  # the task's own paths
+        section, _, name = key.partition(".")
+        node = getattr(cfg, section)
+        setattr(node, name, sources.resolve(getattr(node, name), key, label))
 
 
 def _explain(exc, where: str, schema: type | None = None, aliases: Mapping[str, str] | None = None) -> str:

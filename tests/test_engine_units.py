@@ -10,7 +10,7 @@ import pytest
 
 from dist_vdr import checkpoint, engines
 from dist_vdr.distributed import DistInfo
-from dist_vdr.training import _check_engine
+from dist_vdr.run.setup import check_engine as _check_engine
 
 
 def _trainer(deepspeed: bool, fsdp: bool):

@@ -79,7 +79,7 @@ def _grads(model):
 def test_cached_bce_equals_stock_bce_on_the_expanded_pairs(tiny_reranker, pages):
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
-    from dist_vdr.losses.reranker import build_reranker_loss
+    from dist_vdr.reranker.loss import build_reranker_loss
 
     model = _reranker(tiny_reranker)
     q, p, n0, n1 = _rows(pages)
@@ -98,7 +98,7 @@ def test_cached_bce_equals_stock_bce_on_the_expanded_pairs(tiny_reranker, pages)
 
 
 def test_listwise_loss_is_a_softmax_over_positive_and_hard_negatives(tiny_reranker, pages):
-    from dist_vdr.losses.reranker import build_reranker_loss
+    from dist_vdr.reranker.loss import build_reranker_loss
 
     model = _reranker(tiny_reranker)
     q, p, n0, n1 = _rows(pages)
@@ -165,7 +165,7 @@ def test_page_table_deduplicates_by_content(pages):
 def test_listwise_loss_with_retrieval_scores_learns_the_residual(tiny_reranker, pages):
     """With retrieval_score_weight w the softmax is over reranker score + w x retriever score per pair;
     the retriever's scores are constants (no gradient), shifted logits change the loss and gradients."""
-    from dist_vdr.losses.reranker import build_reranker_loss
+    from dist_vdr.reranker.loss import build_reranker_loss
 
     model = _reranker(tiny_reranker)
     q, p, n0, n1 = _rows(pages)
@@ -241,12 +241,15 @@ def test_sharded_save_routes_head_weights_to_their_module(tiny_reranker, tmp_pat
 
 
 def test_rerank_summary_and_headline():
+    from dist_vdr import tasks
     from dist_vdr.reranker.evaluation import summarise
-    from dist_vdr.reranker.training import headline
+    from dist_vdr.results import Metrics, RunResult
 
     raw = {"eval_retrieval_ndcg@10": 0.5, "eval_rerank_ndcg@10": 0.7, "eval_runtime": 1.0, "rerank_mrr@10": 0.6}
     assert summarise(raw) == {"retrieval": {"ndcg@10": 0.5}, "rerank": {"ndcg@10": 0.7, "mrr@10": 0.6}}
-    line = headline({"before": {"rerank": {"ndcg@10": 0.4}}, "after": summarise(raw)})
+    result = RunResult(task="reranker", global_step=4, before=Metrics.of(0, {"rerank": {"ndcg@10": 0.4}}),
+                       after=Metrics.of(4, summarise(raw)))
+    line = tasks.get("reranker").headline(result, "ndcg@10")
     assert line == "NDCG@10 retrieval=0.5000 reranked: before training=0.4000 after=0.7000"
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ..config import DataConfig
 from .arrow import column_values
+from .splits import load_pages as load_pages
+from .splits import load_split as _load_split
 
 
 @dataclass
@@ -37,32 +39,6 @@ class EvalData:
     def corpus_dict(self) -> dict[str, object]:
         """page id -> decoded PIL image, all in memory (what the stock evaluator wants)."""
         return dict(zip(self.corpus["page_id"], self.corpus["image"], strict=True))
-
-
-def _load_split(path: str, name: str | None, split: str):
-    import datasets
-
-    if Path(path).is_dir():
-        try:
-            ds = datasets.load_from_disk(path)
-        except FileNotFoundError as exc:
-            raise ValueError(f"{path} is a folder but not a dataset written by save_to_disk: {exc}") from exc
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"dataset {path} has no split {split!r}; it has {sorted(ds)}")
-            return ds[split]
-        return ds
-    if path.startswith((".", "/", "~")):
-        raise ValueError(f"data.path={path!r} does not exist; generate pages with `dist-vdr make-synthetic-pages {path}`")
-    return datasets.load_dataset(path, name, split=split)
-
-
-def load_pages(path: str, name: str | None = None, split: str = "train"):
-    """A page corpus (e.g. a `dist-vdr pages build` folder); an unfinished build is refused with the fix."""
-    from . import ingest
-
-    ingest.check_complete(path)
-    return _load_split(path, name, split)
 
 
 def read_corpus_qrels(qrels_file: str, corpus, corpus_path: str) -> dict[str, dict[str, int]]:

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from .arrow import column_values
+from .splits import load_pages
 
 TRACE_ENV = "DIST_VDR_TRACE_ROWS"
 TRACE_KEY = "dist_vdr_rows"
@@ -65,8 +66,6 @@ def load_table(cfg) -> PageTable:
 
 @functools.lru_cache(maxsize=2)
 def _table(path: str, name: str | None, split: str, id_column: str) -> PageTable:
-    from .loading import load_pages
-
     return PageTable(load_pages(path, name, split), id_column, where=f"data.pages_path {path}")
 
 

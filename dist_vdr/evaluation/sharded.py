@@ -31,13 +31,17 @@ from .. import distributed
 from ..data.arrow import column_values
 from ..data.judgements import judged_queries
 from ..data.loading import EvalData
+from . import stock
 from .encode import encode_corpus_shard, encode_queries, shard_range
 from .metrics import METRICS, retrieval_metrics
 from .search import RESCORE_SLACK, has_faiss, merge_topk, rescore, shard_topk
 
 
 class ShardedRetrievalEvaluator(BaseEvaluator):
+    """dist_vdr.evaluation.protocol.RunEvaluator: every rank, its corpus shard."""
+
     all_ranks = True
+    summarise = staticmethod(stock.summarise)  # the same flat keys as the stock evaluators
 
     def __init__(self, data: EvalData, dims: list[int], *, ks=(1, 3, 5, 10, 100), batch_size: int = 16,
                  query_batch_size: int = 32, num_workers: int = -1, backend: str = "auto",

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import re
 
+from sentence_transformers.base.evaluation.sequential import SequentialEvaluator
+from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+from sentence_transformers.util import cos_sim
+
 from ..data.loading import EvalData
 
 
 def build_evaluator(data: EvalData, dims: list[int], *, batch_size: int = 16, ks: list[int] = (1, 3, 5, 10, 100),
-                    show_progress_bar: bool = False):
-    from sentence_transformers.base.evaluation.sequential import SequentialEvaluator
-    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
-
+                    show_progress_bar: bool = False) -> StockRetrievalEvaluator:
     ks = sorted(set(ks))
     evaluators = [
         InformationRetrievalEvaluator(
@@ -38,12 +39,10 @@ def build_evaluator(data: EvalData, dims: list[int], *, batch_size: int = 16, ks
         for d in dims
     ]
     # The first (largest) dim drives best-model selection.
-    return SequentialEvaluator(evaluators, main_score_function=lambda scores: scores[0])
+    return StockRetrievalEvaluator(evaluators, main_score_function=lambda scores: scores[0])
 
 
 def _cosine(a, b):
-    from sentence_transformers.util import cos_sim
-
     return cos_sim(a, b)
 
 
@@ -58,3 +57,11 @@ def summarise(metrics: dict[str, float]) -> dict[int, dict[str, float]]:
         if m:
             out.setdefault(int(m.group(1)), {})[m.group(2)] = float(value)
     return out
+
+
+class StockRetrievalEvaluator(SequentialEvaluator):
+    """sentence-transformers' evaluators, one per dim, as the Trainer drives them (rank 0)
+    (:class:`dist_vdr.evaluation.protocol.RunEvaluator`)."""
+
+    all_ranks = False
+    summarise = staticmethod(summarise)

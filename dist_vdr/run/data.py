@@ -1,0 +1,59 @@
+"""Loading a run's data and the startup passes over it, before anything is written.
+
+Every rank loads the data (memory-mapped; cheap checks: columns, queries, ids); the pages are
+decoded (validation) and, when the task's sampler wants them, the rows hashed, once, sharded over
+the ranks (:mod:`dist_vdr.data.startup`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .. import distributed, log
+from ..config import Config, DataConfig
+from ..data import ingest, startup
+from ..data.loading import EvalData, image_columns, load_eval, load_train
+from ..data.prepared import PreparedData
+
+logger = log.get(__name__)
+
+
+def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, hash_rows: bool) -> PreparedData:
+    """The training rows and eval data, validated (and hashed when ``hash_rows``). Collective."""
+    train_ds = load_train(without_image_check(cfg.data))
+    if len(train_ds) < cfg.training.global_batch_size:
+        raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
+                         f"lower training.global_batch_size or add data")
+    eval_data: EvalData | None = load_eval(without_image_check(cfg.data)) if cfg.evaluation.enabled else None
+    kwargs = dict(info=info, output_dir=out, workers=cfg.launch.startup_workers,
+                  timeout_s=cfg.launch.startup_timeout_s, log=logger.info)
+    data = PreparedData(train_ds, eval_data)
+    if cfg.data.validate_images or hash_rows:
+        where = f"training data {cfg.data.path}[{cfg.data.train_split}]"
+        data.passes.append(startup.prepare(train_ds, image_columns(train_ds, cfg.data.train_columns), where,
+                                           hashed=hash_rows, **kwargs))
+        _report_pass(info, data.passes[-1], "training rows", hash_rows)
+    if eval_data is not None and cfg.data.validate_images:
+        corpus_path = cfg.data.eval_path or cfg.data.path
+        if (Path(corpus_path) / ingest.MARKER_FILE).is_file():
+            logger.info(f"eval corpus {corpus_path}: a `pages build` corpus, validated when it was built")
+        else:
+            data.passes.append(startup.prepare(eval_data.corpus, ["image"], f"eval corpus {corpus_path}",
+                                               hashed=False, **kwargs))
+            _report_pass(info, data.passes[-1], "eval pages", False)
+    return data
+
+
+def without_image_check(data_cfg: DataConfig) -> DataConfig:
+    """The loaders' serial image check is off: the startup pass does it, sharded."""
+    return dataclasses.replace(data_cfg, validate_images=False)
+
+
+def _report_pass(info: distributed.DistInfo, result: startup.StartupResult, what: str, hashed: bool) -> None:
+    done = "validated and hashed" if hashed else "validated"
+    if result.reused_from:
+        logger.info(f"startup: {result.rows} {what} {done} before (record {result.reused_from}): no page decoded")
+    else:
+        logger.info(f"startup: {result.rows} {what} {done} on {info.world_size} rank(s) in {result.seconds:.1f} s "
+                    f"({result.decoded_pages} pages decoded)")

@@ -1,0 +1,83 @@
+"""task: embedding -- a SentenceTransformer (bi-encoder) trained with in-batch and hard negatives.
+
+The loss is the recipe's contrastive loss (cached MNRL with cross-device negatives, wrapped in
+MatryoshkaLoss when dims are given); evaluation is retrieval at every Matryoshka dimension.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sentence_transformers import SentenceTransformerTrainingArguments
+
+from ..config import Config
+from ..evaluation import stock
+from ..evaluation.sharded import ShardedRetrievalEvaluator, plot_ndcg_vs_dim
+from ..losses import build_loss
+from ..model import build_model, check_dims, embedding_dim
+from ..results import RunResult
+from ..st_trainers import Trainer
+from .base import RunContext, Task, TaskInputs
+
+_LOSSES = ("cmnrl", "mnrl")
+
+
+class EmbeddingTask(Task):
+    trainer_class = Trainer
+
+    def configure(self, cfg: Config) -> None:
+        if cfg.loss.name == "auto":
+            cfg.loss.name = "cmnrl"
+        if cfg.training.batch_sampler == "auto":
+            # A repeated page in the global batch would be a false in-batch negative.
+            cfg.training.batch_sampler = "no_duplicates_hashed"
+        if cfg.loss.name not in _LOSSES:
+            raise ValueError(f"loss.name={cfg.loss.name!r} is not a {self.name} loss; use one of {list(_LOSSES)}")
+
+    def hashes_training_rows(self, cfg: Config) -> bool:
+        return cfg.training.batch_sampler == "no_duplicates_hashed"
+
+    def build_model(self, ctx: RunContext):
+        return build_model(ctx.cfg.model, precision=ctx.cfg.training.precision, device=ctx.info.device)
+
+    def eval_dims(self, cfg: Config, model) -> list[int]:
+        dim = embedding_dim(model)
+        check_dims(cfg.loss.matryoshka_dims, dim, "loss.matryoshka_dims")
+        dims = cfg.eval_dims(dim)
+        check_dims(dims, dim, "evaluation.dims")
+        return dims
+
+    def training_arguments(self, cfg: Config) -> tuple[type, dict]:
+        return SentenceTransformerTrainingArguments, {}
+
+    def build_loss(self, ctx: RunContext, model):
+        return build_loss(model, ctx.cfg.loss, rank=ctx.info.rank, world_size=ctx.info.world_size)
+
+    def build_evaluator(self, ctx: RunContext, eval_data, dims: list[int], inputs: TaskInputs):
+        e = ctx.cfg.evaluation
+        if e.implementation == "stock":
+            return stock.build_evaluator(eval_data, dims, batch_size=e.batch_size, ks=e.ks,
+                                         show_progress_bar=ctx.info.is_main)
+        return ShardedRetrievalEvaluator(eval_data, dims, ks=e.ks, batch_size=e.batch_size,
+                                         num_workers=e.num_workers, backend=e.search_backend, show_progress=True)
+
+    def write_summary(self, out: Path, result: RunResult) -> None:
+        """metrics.json with the dims, and the NDCG-vs-dimension plot (before / after training)."""
+        summary = {"dims": result.dims,
+                   **{which: m.rows if m else {} for which, m in (("before", result.before), ("after", result.after))}}
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        curves = {label: {int(d): values for d, values in m.rows.items()}
+                  for label, m in (("before training", result.before), ("after training", result.after)) if m}
+        plot_ndcg_vs_dim(curves, out / "ndcg_vs_dim.png")
+
+    def headline(self, result: RunResult, metric: str) -> str | None:
+        if result.after is None:
+            return None
+        d = max(result.dims)
+
+        def fmt(metrics) -> str:
+            value = metrics.get(d, metric) if metrics else None
+            return "n/a" if value is None else f"{value:.4f}"
+
+        return f"{metric.upper()} before={fmt(result.before)} after={fmt(result.after)}"

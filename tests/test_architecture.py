@@ -1,0 +1,190 @@
+"""The package's structure, checked from its source (docs/architecture.md draws the same layers).
+
+- the import graph of dist_vdr (every import statement, module level or inside a function; only
+  ``if TYPE_CHECKING:`` blocks left out) has no cycle, and no module imports from a higher layer;
+- no function is longer than 60 lines unless a comment on the line above its ``def`` says why;
+- the training run has no branch on the task: the task (dist_vdr.tasks) decides.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = REPO / "dist_vdr"
+MAX_FUNCTION_LINES = 60
+
+# Lowest first. A module may import from its own layer (without cycles) and from layers below.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("foundation", ("dist_vdr", "dist_vdr.log", "dist_vdr.compat", "dist_vdr.storage", "dist_vdr.sources",
+                    "dist_vdr.lifecycle", "dist_vdr.phases", "dist_vdr.distributed", "dist_vdr.results",
+                    "dist_vdr.tasks")),
+    ("config", ("dist_vdr.config",)),
+    ("building blocks", ("dist_vdr.data", "dist_vdr.model", "dist_vdr.losses", "dist_vdr.evaluation",
+                         "dist_vdr.checkpoint", "dist_vdr.preemption", "dist_vdr.resume_guard", "dist_vdr.run_lock",
+                         "dist_vdr.engines", "dist_vdr.step_stats", "dist_vdr.mining", "dist_vdr.st_trainers")),
+    # tiny builds the test models of every task.
+    ("tasks", ("dist_vdr.tasks.*", "dist_vdr.reranker", "dist_vdr.tiny")),
+    ("run", ("dist_vdr.run", "dist_vdr.training")),
+    ("entry points", ("dist_vdr.cli*", "dist_vdr.commands", "dist_vdr.cluster", "dist_vdr.launcher",
+                      "dist_vdr.bench")),
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def layer_of(module: str) -> int:
+    """The layer of ``module``: patterns match the module or a package above it (``x`` matches ``x`` and
+    ``x.y``; ``x*`` is a glob); the longest matching pattern wins (``dist_vdr.tasks.*`` beats ``dist_vdr.tasks``)."""
+    best, best_len = None, -1
+    for i, (_, patterns) in enumerate(LAYERS):
+        for pattern in patterns:
+            if pattern == "dist_vdr":  # the package's __init__ only
+                hit = module == pattern
+            else:
+                hit = fnmatch.fnmatchcase(module, pattern) or module.startswith(pattern + ".")
+            if hit and len(pattern) > best_len:
+                best, best_len = i, len(pattern)
+    if best is None:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS (and to docs/architecture.md)")
+    return best
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under ``if TYPE_CHECKING:`` (annotations only, never imported at run time)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
+    is_package = path.name == "__init__.py"
+    package = module if is_package else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "dist_vdr")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.split(".")[0] == "dist_vdr":
+                target = node.module
+            else:
+                continue
+            for alias in node.names:  # `from . import x` imports the submodule x when there is one
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in known else target)
+    return {m for m in found if m in known and m != module}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {m: imports_of(m, p, known) for m, p in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_import_graph_has_no_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_module_imports_from_a_higher_layer():
+    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+              for m, targets in import_graph().items() for t in sorted(targets) if layer_of(t) > layer_of(m)]
+    assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def test_the_checks_can_fail():
+    """The broken variants: a cycle and an upward import are found."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    assert layer_of("dist_vdr.cli") > layer_of("dist_vdr.training") > layer_of("dist_vdr.tasks.embedding") \
+        > layer_of("dist_vdr.model") > layer_of("dist_vdr.config") > layer_of("dist_vdr.tasks")
+    known = {"dist_vdr.config", "dist_vdr.cli", "dist_vdr.tasks", "dist_vdr.tasks.base"}
+    tree = "from . import cli\nfrom .tasks import base\nif TYPE_CHECKING:\n    from . import tasks\n"
+    probe = REPO / "tests" / "_probe_module.py"
+    try:
+        probe.write_text(tree)
+        assert imports_of("dist_vdr.config", probe, known) == {"dist_vdr.cli", "dist_vdr.tasks.base"}
+    finally:
+        probe.unlink()
+
+
+def _long_functions() -> list[str]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            length = node.end_lineno - node.lineno + 1
+            reason = lines[start - 2].strip() if start >= 2 else ""
+            if length > MAX_FUNCTION_LINES and not reason.startswith("# long:"):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_over_60_lines_without_a_reason():
+    long = _long_functions()
+    assert not long, ("functions over 60 lines (split them, or put '# long: <why>' on the line above the def):\n"
+                      + "\n".join(long))
+
+
+@pytest.mark.parametrize("path", ["dist_vdr/training.py", *sorted(
+    str(p.relative_to(REPO)) for p in (PACKAGE / "run").glob("*.py"))])
+def test_the_run_has_no_task_branch(path):
+    source = (REPO / path).read_text()
+    tree = ast.parse(source)
+    branches = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Compare)
+                and any(("task" in ast.unparse(side)) or (isinstance(side, ast.Constant) and side.value in
+                                                          ("embedding", "reranker"))
+                        for side in [n.left, *n.comparators])]
+    assert not branches, f"{path} branches on the task: {branches}; ask the task (dist_vdr.tasks) instead"
