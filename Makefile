@@ -1,6 +1,7 @@
 # dist-vdr: the two commands of the README.
 #   make demo   set up .venv, build the tiny model and pages, train on 2 CPU processes, evaluate
 #   make test   set up .venv (if needed) and run the test suite
+#   make test-fast   the unit tests only (seconds to a couple of minutes)
 #   make lint   ruff over the package, tests and launch scripts (config: pyproject.toml)
 #   make demo-reranker   after demo: the tiny reranker (warm-started, mined negatives), retrieval vs reranked
 #   make demo-pdfs       a folder of generated PDFs -> page corpus -> mined negatives -> training (README)
@@ -17,7 +18,7 @@ DEMO_RERANKER_RUN ?= runs/tiny-reranker
 DEMO_PDFS_RUN ?= runs/tiny-pdfs
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-reranker demo-pdfs test lint venv clean-demo system-deps bench-wheels
+.PHONY: demo demo-reranker demo-pdfs test test-fast lint venv clean-demo system-deps bench-wheels
 
 venv: $(STAMP)
 
@@ -81,6 +82,10 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tests alone (no process group, no launcher, no training run): the loop while editing.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check dist_vdr tests launch slurm

@@ -173,8 +173,9 @@ def submit(config_path: str, overrides: list[str], resources: SlurmResources, *,
     threads = resources.cpus_per_task or 1
     setup = [f"export {v}={threads}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")]
     if resources.cluster == "slurm":
-        params.update(slurm_setup=setup, slurm_signal_delay_s=resources.signal_delay_s, slurm_partition=resources.partition,
-                      slurm_account=resources.account, slurm_qos=resources.qos, slurm_constraint=resources.constraint,
+        params.update(slurm_setup=setup, slurm_signal_delay_s=resources.signal_delay_s,
+                      slurm_partition=resources.partition, slurm_account=resources.account,
+                      slurm_qos=resources.qos, slurm_constraint=resources.constraint,
                       slurm_additional_parameters=dict(resources.extra))
         params = {k: v for k, v in params.items() if v is not None}
     elif resources.cluster == "local":

@@ -76,45 +76,45 @@ class ModelConfig:
 class DataConfig:
     path: str = "./artifacts/pages"
     """A folder written by save_to_disk (e.g. `dist-vdr make-synthetic-pages`) or a hub dataset id."""
-    train_name: Optional[str] = None
+    train_name: str | None = None
     """Hub dataset configuration of the training data (e.g. `train`); unused for local folders."""
     train_split: str = "train"
     query_column: str = "query"
     positive_column: str = "image"
     negative_columns: list[str] = field(default_factory=lambda: ["negative_0"])
     """Hard-negative page columns used in training (may be empty)."""
-    max_train_samples: Optional[int] = None
+    max_train_samples: int | None = None
     """Use only the first N training rows (None: all)."""
-    pages_path: Optional[str] = None
+    pages_path: str | None = None
     """Page corpus (`dist-vdr pages build` folder, dataset folder or hub id) that training page columns
     holding page ids (strings) name: pages are decoded batch by batch from it, memory-mapped, instead of
     being stored in every row (e.g. rows written by `dist-vdr mine-negatives --corpus`)."""
     pages_id_column: str = "page_id"
     """Column of pages_path holding the page ids (`id` in the published VDR layout)."""
-    negative_ids_column: Optional[str] = None
+    negative_ids_column: str | None = None
     """A column listing negative page ids per row (`negatives` in the published VDR layout):
     negative_columns are made from its first entries; rows with too few usable ids are dropped."""
     eval_format: str = "ir"
     """ir: splits of queries / corpus / qrels; triplets: an eval split of query + positive + negatives,
     whose pages (positives and negatives, de-duplicated) form the corpus (the published VDR layout)."""
-    eval_name: Optional[str] = None
+    eval_name: str | None = None
     """Hub dataset configuration of the eval data (e.g. `eval`)."""
     eval_split: str = "eval"
     """Split for eval_format=triplets."""
     eval_negative_columns: list[str] = field(default_factory=list)
     """For eval_format=triplets: page columns added to the corpus besides the positive."""
-    eval_path: Optional[str] = None
+    eval_path: str | None = None
     """Where the eval data lives (null: data.path): a dataset with the eval splits, or for eval_format=ir
     with eval_queries_file/eval_qrels_file a page corpus such as a `dist-vdr pages build` folder."""
-    eval_queries_file: Optional[str] = None
+    eval_queries_file: str | None = None
     """For eval_format=ir: queries as JSONL/CSV/TSV (query_id, query) instead of the eval_queries split."""
-    eval_qrels_file: Optional[str] = None
+    eval_qrels_file: str | None = None
     """For eval_format=ir: judgements as TREC qrels, JSONL, CSV or TSV naming page ids of the corpus
     (duplicates dropped by `pages build` are mapped to the page kept) instead of the eval_qrels split."""
     eval_queries_split: str = "eval_queries"
     eval_corpus_split: str = "eval_corpus"
     eval_qrels_split: str = "eval_qrels"
-    max_eval_queries: Optional[int] = None
+    max_eval_queries: int | None = None
     validate_images: bool = True
     """Open every page image once before training so a corrupt file fails early, with its row."""
 
@@ -135,17 +135,18 @@ class DataConfig:
 @dataclass(kw_only=True)
 class LossConfig:
     name: str = "auto"
-    """auto: cmnrl for task=embedding, bce for task=reranker. Embedding: cmnrl (CachedMultipleNegativesRankingLoss, gradient caching) or mnrl (plain
-    MultipleNegativesRankingLoss). Reranker: bce (BinaryCrossEntropyLoss over the positive and the
-    hard-negative pairs) or listwise (softmax cross-entropy over each query's positive and hard
-    negatives: the cross-encoder MultipleNegativesRankingLoss). Both reranker losses use gradient caching."""
+    """auto: cmnrl for task=embedding, bce for task=reranker. Embedding: cmnrl
+    (CachedMultipleNegativesRankingLoss, gradient caching) or mnrl (plain MultipleNegativesRankingLoss).
+    Reranker: bce (BinaryCrossEntropyLoss over the positive and the hard-negative pairs) or listwise
+    (softmax cross-entropy over each query's positive and hard negatives: the cross-encoder
+    MultipleNegativesRankingLoss). Both reranker losses use gradient caching."""
     mini_batch_size: int = 1
     """Rows per gradient-caching forward/backward (cmnrl); (query, page) pairs per forward (reranker)."""
-    mini_batch_num_tokens: Optional[int] = None
+    mini_batch_num_tokens: int | None = None
     """Token budget per embedding mini-batch (cmnrl): rows are packed greedily up to this many tokens."""
     matryoshka_dims: list[int] = field(default_factory=list)
     """Matryoshka dimensions (empty: no MatryoshkaLoss). Each must be <= the embedding dimension."""
-    matryoshka_weights: Optional[list[float]] = None
+    matryoshka_weights: list[float] | None = None
     scale: float = 20.0
     """Inverse temperature of the cosine-similarity logits."""
     cross_device_negatives: bool = True
@@ -153,7 +154,7 @@ class LossConfig:
     implementation: str = "auto"
     """auto: the communication-efficient global-batch loss when world size > 1 (cmnrl), else stock;
     global_batch: always it; stock: sentence-transformers' own gather (collectives grow with dims x chunks)."""
-    pos_weight: Optional[float] = None
+    pos_weight: float | None = None
     """Reranker bce: weight of the positive pairs (e.g. the number of negatives per query to balance them)."""
     num_in_batch_negatives: int = 0
     """Reranker listwise: extra negatives per query drawn at random from the other rows of the rank's
@@ -186,7 +187,7 @@ class TrainingConfig:
     global_batch_size: int = 32
     """Rows per optimizer step over all ranks and accumulation steps: the contrastive batch is
     per_device_batch_size x world size (cross-device negatives)."""
-    per_device_batch_size: Optional[int] = None
+    per_device_batch_size: int | None = None
     """Derived from global_batch_size / (world size x gradient_accumulation_steps) when null;
     when set it must agree."""
     gradient_accumulation_steps: int = 1
@@ -201,11 +202,11 @@ class TrainingConfig:
     """fp32, bf16 or fp16 (mixed precision)."""
     seed: int = 42
     logging_steps: float = 1
-    eval_steps: Optional[float] = None
+    eval_steps: float | None = None
     """Evaluate every N steps (< 1: that fraction of the total steps); null: only before/after."""
     save_steps: float = 0.1
     """Checkpoint every N steps (< 1: that fraction of the total steps)."""
-    save_total_limit: Optional[int] = 2
+    save_total_limit: int | None = 2
     batch_sampler: str = "auto"
     """auto: no_duplicates_hashed for embedding models (a repeated page in the global batch would be a
     false in-batch negative) and for listwise rerankers with in-batch negatives; batch_sampler (plain
@@ -221,18 +222,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check_choice("training", "precision", self.precision, _PRECISIONS)
         _check_choice("training", "batch_sampler", self.batch_sampler, ("auto",) + _SAMPLERS)
-        if self.global_batch_size < 1:
-            raise ValueError(f"training.global_batch_size must be >= 1, got {self.global_batch_size}")
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError("training.gradient_accumulation_steps must be >= 1")
-        if self.max_steps <= 0 and not self.num_epochs > 0:
-            raise ValueError("set training.num_epochs > 0 or training.max_steps > 0")
-        if not self.learning_rate > 0:
-            raise ValueError(f"training.learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"training.warmup_ratio must be in [0, 1) (a fraction of the steps), got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            raise ValueError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
+        self._check_numbers()
         for key in ("logging_steps", "save_steps", "eval_steps"):
             _check_steps(key, getattr(self, key))
         if self.save_total_limit is not None and self.save_total_limit < 1:
@@ -246,13 +236,28 @@ class TrainingConfig:
         if clash:
             raise ValueError(f"training.trainer_args sets {sorted(clash)}: use the training.* keys of the same meaning")
 
+    def _check_numbers(self) -> None:
+        if self.global_batch_size < 1:
+            raise ValueError(f"training.global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("training.gradient_accumulation_steps must be >= 1")
+        if self.max_steps <= 0 and not self.num_epochs > 0:
+            raise ValueError("set training.num_epochs > 0 or training.max_steps > 0")
+        if not self.learning_rate > 0:
+            raise ValueError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"training.warmup_ratio must be in [0, 1) (a fraction of the steps), "
+                             f"got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
+
 
 @dataclass(kw_only=True)
 class EvaluationConfig:
     enabled: bool = True
     before_training: bool = True
     """Evaluate the untrained model first (stored, so a resumed run does not redo it)."""
-    dims: Optional[list[int]] = None
+    dims: list[int] | None = None
     """Embedding dims to evaluate (null: the Matryoshka dims, or the full dimension)."""
     batch_size: int = 16
     """Pages per forward pass."""
@@ -333,9 +338,9 @@ class RerankerConfig:
     1-output Dense initialised from the LM head rows (W[true] - W[false])."""
     true_token: str = "1"
     false_token: str = "0"
-    chat_template: Optional[str] = None
+    chat_template: str | None = None
     """null: the model's own; builtin: dist-vdr's query/document template (Qwen-VL tokens); or a .jinja file."""
-    prompt: Optional[str] = None
+    prompt: str | None = None
     """Instruction given to the reranker with every pair (rendered as the system message)."""
     retriever: str = "./artifacts/tiny-model"
     """Embedding model (folder or hub id) that retrieves the candidates to rerank and mines negatives."""
@@ -370,7 +375,7 @@ class MiningConfig:
     """Skip this many of the best-ranked non-positive pages (likely unlabelled positives)."""
     max_rank: int = 30
     """Pick negatives only among the retriever's top max_rank pages; rows with too few are dropped."""
-    margin: Optional[float] = None
+    margin: float | None = None
     """Keep a candidate only when its cosine score < the positive's score - margin (false-negative guard)."""
     num_random_negatives: int = 0
     """Also this many pages drawn at random (per-row seeded, never the positive or its document),
@@ -378,7 +383,7 @@ class MiningConfig:
     (measured on the tiny reranker: the loss stays at ln(1 + negatives))."""
     seed: int = 0
     """Seed of the random negatives."""
-    max_uses_per_page: Optional[int] = None
+    max_uses_per_page: int | None = None
     """Use a page as a negative for at most this many queries (rows in data order). Retrievers have
     hubs, pages near many queries; without a cap a few of them become most of the negatives and a
     reranker learns to recognise those pages instead of reading the query."""

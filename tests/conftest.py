@@ -141,3 +141,20 @@ def tiny_reranker(tmp_path_factory) -> Path:
 def extensions_dir(tmp_path_factory) -> Path:
     # DeepSpeed JIT-compiles a CPU op once per session; a private folder cannot hold a stale lock.
     return tmp_path_factory.mktemp("torch_extensions")
+
+
+# The integration tests: real processes (launchers, process groups, page builders, SLURM daemons)
+# and training runs. Every other test is a unit test: one process, no process group, seconds each
+# (`make test-fast` runs those alone: `pytest -m "not integration"`). A test marked slow is an
+# integration test wherever it lives.
+INTEGRATION_MODULES = frozenset({
+    "test_bench_train", "test_corpus", "test_demo_numbers", "test_engines", "test_loss_equivalence",
+    "test_pages", "test_preemption", "test_reliability", "test_reranker", "test_slurm", "test_startup",
+    "test_train_cli",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") or item.module.__name__ in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,10 @@ def test_the_run_has_no_task_branch(path):
                                                           ("embedding", "reranker"))
                         for side in [n.left, *n.comparators])]
     assert not branches, f"{path} branches on the task: {branches}; ask the task (dist_vdr.tasks) instead"
+
+
+def test_ruff_is_clean_under_the_committed_config():
+    """`make lint`: the rules of pyproject.toml's [tool.ruff], zero findings."""
+    ruff = subprocess.run([sys.executable, "-m", "ruff", "check", "dist_vdr", "tests", "launch", "slurm"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert ruff.returncode == 0, ruff.stdout[-4000:] + ruff.stderr[-2000:]

@@ -13,11 +13,11 @@ import json
 from sentence_transformers import CrossEncoderTrainingArguments
 
 from ..config import Config
-from .loss import build_reranker_loss
 from ..results import RunResult
-from ..tasks.base import RunContext, Task, TaskInputs
 from ..st_trainers import RerankerTrainer
+from ..tasks.base import RunContext, Task, TaskInputs
 from .evaluation import RerankEvaluator
+from .loss import build_reranker_loss
 from .model import FUSION_FILE, build_reranker, fusion_record
 from .prepare import prepare
 
