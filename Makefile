@@ -4,7 +4,7 @@
 #   make test-fast   the unit tests only (seconds to a couple of minutes)
 #   make lint   ruff over the package, tests and launch scripts (config: pyproject.toml)
 #   make demo-reranker   after demo: the tiny reranker (warm-started, mined negatives), retrieval vs reranked
-#   make demo-pdfs       a folder of generated PDFs -> page corpus -> mined negatives -> training (README)
+#   make demo-pdfs       a folder of generated PDFs -> page corpus -> mined negatives -> training (docs/data.md)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -47,7 +47,7 @@ demo-reranker: demo
 		model.name_or_path=$(DEMO_DIR)/tiny-reranker reranker.retriever=$(DEMO_RUN)/final \
 		data.path=$(DEMO_DIR)/pages training.output_dir=$(DEMO_RERANKER_RUN)
 
-# The README walkthrough "Your documents" on generated PDFs: page corpus, negatives mined over the
+# The walkthrough of docs/data.md ("Your documents") on generated PDFs: page corpus, negatives mined over the
 # whole corpus on 2 ranks, training on rows naming pages by id, eval from query/qrels files.
 demo-pdfs: $(STAMP)
 	$(BIN)/dist-vdr make-tiny-model $(DEMO_DIR)/tiny-model

@@ -97,7 +97,7 @@ def init(device: str = "auto", expected_world_size: int = 0, num_threads: int = 
         raise ValueError(
             f"the launcher started {announced} processes but they did not join one process group "
             f"(this process sees world size {info.world_size}); on CPU launch with launch/cpu.yaml "
-            f"(see README), not `accelerate launch --cpu`"
+            f"(see docs/usage.md), not `accelerate launch --cpu`"
         )
     if expected_world_size and info.world_size != expected_world_size:
         raise ValueError(

@@ -1,6 +1,6 @@
 """Where a model or dataset comes from: a local path, or the Hugging Face Hub.
 
-The rule (README, "Paths and hub ids"): a value is a **local path** when it exists, starts with
+The rule (docs/usage.md, "Paths and hub ids"): a value is a **local path** when it exists, starts with
 ``.``, ``/`` or ``~``, has more than one ``/``, or its first component exists in the current
 folder (``artifacts/pagez`` when ``artifacts/`` exists). A local path that does not exist is
 refused at load time -- without the rule a typo became a hub id: a traceback after a minute of

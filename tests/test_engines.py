@@ -126,7 +126,7 @@ def test_engine_resumes_on_another_number_of_ranks(engine, tmp_path_factory, tin
     ref_out, _ = _engine_run(engine, tmp_path_factory, tiny_model, pages, extensions_dir)
     ref = _history(ref_out)
     base = tmp_path_factory.mktemp(f"{engine}-resume")
-    # Known gap (README, "Engines"): DeepSpeed 0.19.8's universal-checkpoint loader for ZeRO-3
+    # Known gap (docs/engines.md): DeepSpeed 0.19.8's universal-checkpoint loader for ZeRO-3
     # restores the weights exactly (the first resumed step matches to 1e-7) but not the optimizer
     # state: later steps drift (2% in grad norm after 3 steps here). ZeRO-2 and FSDP2 resume on
     # another rank count exactly; ZeRO-3 on the same rank count too. Loose bound: still on the curve.

@@ -1,7 +1,7 @@
 """Nothing lost, nothing silently wrong: real runs, real damaged files, real kills, real contention.
 
 Each test reproduces an ordinary mistake that used to lose work or train garbage with exit code 0
-(README, "What happens when..."): a damaged checkpoint, a kill between saving and marking, a
+(docs/usage.md, "What happens when..."): a damaged checkpoint, a kill between saving and marking, a
 changed recipe, a NaN loss, two launches into one folder, a killed launcher, SIGTERM.
 """
 
