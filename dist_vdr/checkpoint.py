@@ -1,7 +1,7 @@
 """Marker-validated, verifiable checkpoints and the choice of where to resume.
 
 The HF Trainer writes ``checkpoint-N`` folders file by file (every rank adds its RNG state, sharded
-engines add their shards). A folder counts as a checkpoint only once :class:`CheckpointMarker`
+engines add their shards). A folder counts as a checkpoint only once :func:`mark_saved`
 has written ``dist_vdr_complete.json`` into it, after a barrier that guarantees all ranks finished
 writing. The marker lists every file of the checkpoint with its size and xxh3-128 hash (the ranks
 hash a share of the files each, so a large checkpoint costs its size / world size in reads per
@@ -273,20 +273,12 @@ def rotate(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
     return doomed
 
 
-def make_marker_callback(info: distributed.DistInfo, config_text: str, save_total_limit: int | None):
-    """A TrainerCallback that records the recipe, validates each checkpoint once every rank has
-    written its part, then rotates old ones away."""
-    from transformers import TrainerCallback
-
-    class CheckpointMarker(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            distributed.barrier()  # every rank's files (RNG state, shards) are on disk
-            if info.is_main:
-                (folder / CONFIG_FILE).write_text(config_text)
-            mark_complete(folder, info, {"step": state.global_step})
-            if info.is_main:
-                rotate(args.output_dir, save_total_limit)
-            return control
-
-    return CheckpointMarker()
+def mark_saved(folder: Path, info: distributed.DistInfo, config_text: str, save_total_limit: int | None) -> None:
+    """After the Trainer saved ``folder`` (collective): record the recipe, mark the checkpoint once every
+    rank has written its part, then rotate old ones away."""
+    distributed.barrier()  # every rank's files (RNG state, shards) are on disk
+    if info.is_main:
+        (folder / CONFIG_FILE).write_text(config_text)
+    mark_complete(folder, info, {"step": checkpoint_step(folder)})
+    if info.is_main:
+        rotate(folder.parent, save_total_limit)

@@ -239,29 +239,3 @@ def make_universal(checkpoint_dir: str) -> str:
         raise ValueError(f"ds_to_universal failed for {checkpoint_dir} (exit {proc.returncode}):\n"
                          f"{(proc.stdout + proc.stderr)[-3000:]}")
     return _read_tag(marker)
-
-
-def make_collective_logger(output_dir: str, rank: int):
-    """TrainerCallback: per training step, the collectives this rank issued (calls by name, bytes)."""
-    from transformers import TrainerCallback
-
-    path = os.path.join(output_dir, "collectives", f"rank{rank}.jsonl")
-
-    class CollectiveLogger(TrainerCallback):
-        counter = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.counter = distributed.count_collectives()
-            self.count = self.counter.__enter__()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.counter is None:
-                return
-            self.counter.__exit__(None, None, None)
-            self.counter = None
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "a") as f:
-                f.write(json.dumps({"step": state.global_step, "calls": self.count.calls,
-                                    "bytes": self.count.bytes}) + "\n")
-
-    return CollectiveLogger()

@@ -51,23 +51,3 @@ class Phases:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"total_s": self.total, "phases_s": self.times, **self.notes}, indent=2))
         os.replace(tmp, path)
-
-
-def make_callback(phases: Phases, on_first_step):
-    """TrainerCallback: marks the train() setup (resume load, data loader) and the first step."""
-    from transformers import TrainerCallback
-
-    class FirstStepTimer(TrainerCallback):
-        done = False
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if not self.done and "trainer.train setup (resume load, first batch)" not in phases.times:
-                phases.mark("trainer.train setup (resume load, first batch)")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if not self.done:
-                self.done = True
-                phases.mark("first step")
-                on_first_step(phases)
-
-    return FirstStepTimer()

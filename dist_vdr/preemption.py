@@ -111,28 +111,16 @@ class StepHealth:
         return bad
 
 
-def make_callback(health: StepHealth | None = None):
-    """TrainerCallback: at each step end, agree (all ranks, one all-reduce) whether to checkpoint and
-    stop, and whether a loss went non-finite."""
-    from transformers import TrainerCallback
-
-    class PreemptionCallback(TrainerCallback):
-        def __init__(self) -> None:
-            self.stopped_at: int | None = None
-
-        def on_step_end(self, args, state, control, **kwargs):
-            bad = health.take() if health is not None else None
-            stop, non_finite = distributed.any_ranks([_flag.is_set(), bad is not None])
-            if non_finite:
-                where = f"loss {bad} on this rank" if bad is not None else "on another rank"
-                raise NonFiniteLoss(
-                    f"the loss is not finite at step {state.global_step} ({where}): training stopped before "
-                    f"saving this step, so the newest checkpoint in {args.output_dir} is the last good one; "
-                    f"lower training.learning_rate, check the model weights and data, then rerun to resume")
-            if stop and state.global_step < state.max_steps:
-                control.should_save = True
-                control.should_training_stop = True
-                self.stopped_at = state.global_step
-            return control
-
-    return PreemptionCallback()
+def agree_at_step_end(health: StepHealth | None, step: int, output_dir: str) -> bool:
+    """Every rank at each step end, one all-reduce: whether a stop signal reached any rank (checkpoint
+    and stop). A non-finite loss on any rank raises :class:`NonFiniteLoss` on all of them, before the
+    step is saved."""
+    bad = health.take() if health is not None else None
+    stop, non_finite = distributed.any_ranks([_flag.is_set(), bad is not None])
+    if non_finite:
+        where = f"loss {bad} on this rank" if bad is not None else "on another rank"
+        raise NonFiniteLoss(
+            f"the loss is not finite at step {step} ({where}): training stopped before "
+            f"saving this step, so the newest checkpoint in {output_dir} is the last good one; "
+            f"lower training.learning_rate, check the model weights and data, then rerun to resume")
+    return stop

@@ -19,10 +19,9 @@ from .config import Config, to_yaml
 from .data.prepared import PreparedData
 from .model import compile_blocks
 from .phases import Phases
-from .phases import make_callback as make_first_step_callback
 from .results import RunResult
+from .run import callbacks, final, records, setup
 from .run import evaluate as run_eval
-from .run import final, records, setup
 from .run.data import prepare_data
 from .run_lock import RunLock
 from .step_stats import StepStatsCallback
@@ -156,15 +155,15 @@ class _Run:
 
     def _callbacks(self, health: preemption.StepHealth, config_text: str) -> list:
         ctx, cfg = self.ctx, self.ctx.cfg
-        self.stopper = preemption.make_callback(health)
-        callbacks = [checkpoint.make_marker_callback(ctx.info, config_text, cfg.training.save_total_limit),
-                     setup.RankLogger(ctx.info), self.stopper,
-                     make_first_step_callback(self.phases, records.first_step_report(ctx.info, ctx.out))]
+        self.stopper = callbacks.PreemptionCallback(health)
+        hooks = [callbacks.CheckpointMarker(ctx.info, config_text, cfg.training.save_total_limit),
+                 callbacks.RankLogger(ctx.info), self.stopper,
+                 callbacks.FirstStepTimer(self.phases, records.first_step_report(ctx.info, ctx.out))]
         if cfg.launch.log_collectives:
-            callbacks.append(engines.make_collective_logger(str(ctx.out), ctx.info.rank))
+            hooks.append(callbacks.CollectiveLogger(str(ctx.out), ctx.info.rank))
         if cfg.training.record_step_stats:
-            callbacks.append(StepStatsCallback(ctx.out / "step_stats.json", is_main=ctx.info.is_main))
-        return callbacks
+            hooks.append(StepStatsCallback(ctx.out / "step_stats.json", is_main=ctx.info.is_main))
+        return hooks
 
     def _train_and_evaluate(self, trainer, health, dims: list[int], resume_from: str | None) -> RunResult:
         ctx, cfg = self.ctx, self.ctx.cfg

@@ -57,6 +57,8 @@ def test_every_seam_names_its_range_the_tested_version_and_its_user():
         # The tested version is the one constraints.txt installs; setup.cfg allows nothing newer.
         assert pins[seam.library] == seam.tested, seam.key
         assert f"<{seam.high}" in requirements[seam.library], (seam.key, requirements[seam.library])
+        if not seam.tolerant:  # nor anything older than the range: pip refuses what the run would refuse
+            assert f">={seam.low}," in requirements[seam.library], (seam.key, requirements[seam.library])
 
 
 def test_every_seam_user_exists():

@@ -37,8 +37,9 @@ def test_callback_saves_and_stops_at_the_step_boundary():
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from dist_vdr import preemption
+    from dist_vdr.run.callbacks import PreemptionCallback
 
-    cb = preemption.make_callback()
+    cb = PreemptionCallback()
     state, control = TrainerState(), TrainerControl()
     state.global_step, state.max_steps = 5, 10
     args = TrainingArguments(output_dir="/tmp/unused", report_to="none", use_cpu=True)
@@ -51,7 +52,7 @@ def test_callback_saves_and_stops_at_the_step_boundary():
         assert control.should_save and control.should_training_stop and cb.stopped_at == 5
         last = TrainerControl()
         state.global_step = 10  # the last step: finish normally, no early stop
-        cb2 = preemption.make_callback()
+        cb2 = PreemptionCallback()
         cb2.on_step_end(args, state, last)
         assert not last.should_training_stop and cb2.stopped_at is None
     finally:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from .. import checkpoint, distributed, engines, log
 from ..config import Config
 from ..data import page_refs
@@ -73,26 +71,6 @@ def batch_sampler(name: str, world_size: int, row_hashes=None):
         return global_no_duplicates(world_size, precompute_hashes=name == "no_duplicates_hashed",
                                     row_hashes=row_hashes)
     return name
-
-
-class RankLogger(TrainerCallback):
-    """Every rank says when it starts and ends, so the log proves all of them trained."""
-
-    def __init__(self, info: distributed.DistInfo) -> None:
-        self.info = info
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        per_device = args.per_device_train_batch_size
-        logger.info(f"training: {state.max_steps} steps, per-device batch {per_device}, global batch "
-                    f"{per_device * self.info.world_size * args.gradient_accumulation_steps}, "
-                    f"starting at step {state.global_step}", extra=log.ALL_RANKS)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 1 or state.global_step % max(1, state.max_steps // 4) == 0:
-            logger.info(f"step {state.global_step}/{state.max_steps} done", extra=log.ALL_RANKS)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        logger.info(f"training finished at step {state.global_step}", extra=log.ALL_RANKS)
 
 
 def check_engine(trainer, info: distributed.DistInfo) -> None:
