@@ -232,8 +232,8 @@ def _submit(args: argparse.Namespace) -> int:
           f"cluster {resources.cluster})", flush=True)
     print(f"logs: {job.paths.folder} (one .out/.err per rank: {job.job_id}_<rank>_log.out)", flush=True)
     if s.wait:
-        results = job.results()  # one entry per task; rank 0 carries the metrics
-        print(f"job {job.job_id} finished: {results[0]}", flush=True)
+        result = job.results()[0]  # one entry per task; rank 0 carries the RunResult
+        print(f"job {job.job_id} finished: {dataclasses.asdict(result) if result else result}", flush=True)
     return 0
 
 

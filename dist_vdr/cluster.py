@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import log
+
+logger = log.get(__name__)
 
 @dataclass(kw_only=True)
 class SlurmResources:
@@ -125,16 +128,16 @@ class TrainJob:
         overrides = [*self.overrides, f"launch.expected_world_size={job_env.num_tasks}"]
         if not self.use_gpus:
             overrides.append("launch.device=cpu")
-        print(f"[dist-vdr] job {job_env.job_id} task {job_env.global_rank}/{job_env.num_tasks} on "
-              f"{job_env.hostname}, master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", flush=True)
+        logger.info(f"job {job_env.job_id} task {job_env.global_rank}/{job_env.num_tasks} on {job_env.hostname}, "
+                    f"master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", extra=log.ALL_RANKS)
         result = run_training(load_config(self.config_path, overrides))
         if result.preempted and result.signal != "SIGUSR2":
             # scancel / SIGTERM: the step is saved; the user stopped the job, so no requeue.
-            print(f"[dist-vdr] job {job_env.job_id} stopped by {result.signal}: not requeued", flush=True)
+            logger.info(f"job {job_env.job_id} stopped by {result.signal}: not requeued", extra=log.ALL_RANKS)
             return result if job_env.global_rank == 0 else None
         if result.preempted:
             if job_env.global_rank == 0:
-                print(f"[dist-vdr] requeueing job {job_env.job_id}", flush=True)
+                logger.info(f"requeueing job {job_env.job_id}")
                 compat.requeue(job_env, countdown=1)  # slurm: scontrol requeue; local executor: exit code 144
                 sys.exit(-1)
             time.sleep(120)  # the requeue stops this task; exiting first could fail the job instead
