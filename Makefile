@@ -3,6 +3,7 @@
 #   make test   set up .venv (if needed) and run the test suite
 #   make test-fast   the unit tests only (seconds to a couple of minutes)
 #   make lint   ruff over the package, tests and launch scripts (config: pyproject.toml)
+#   make demo-lora       the demo with a LoRA adapter (configs/tiny-lora.yaml)
 #   make demo-reranker   after demo: the tiny reranker (warm-started, mined negatives), retrieval vs reranked
 #   make demo-pdfs       a folder of generated PDFs -> page corpus -> mined negatives -> training (docs/data.md)
 PYTHON ?= python3
@@ -15,10 +16,11 @@ STAMP := $(VENV)/.dist-vdr-installed
 DEMO_DIR ?= artifacts
 DEMO_RUN ?= runs/tiny
 DEMO_RERANKER_RUN ?= runs/tiny-reranker
+DEMO_LORA_RUN ?= runs/tiny-lora
 DEMO_PDFS_RUN ?= runs/tiny-pdfs
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-reranker demo-pdfs test test-fast lint venv clean-demo system-deps bench-wheels
+.PHONY: demo demo-lora demo-reranker demo-pdfs test test-fast lint venv clean-demo system-deps bench-wheels
 
 venv: $(STAMP)
 
@@ -38,6 +40,13 @@ demo: $(STAMP)
 	$(BIN)/dist-vdr make-synthetic-pages $(DEMO_DIR)/pages --num-train 4000
 	PYTHON=$(BIN)/python launch/train.sh launch/cpu.yaml --config configs/tiny.yaml \
 		model.name_or_path=$(DEMO_DIR)/tiny-model data.path=$(DEMO_DIR)/pages training.output_dir=$(DEMO_RUN)
+
+# The demo with a LoRA adapter (docs/adapters.md): the base frozen, only the adapter trained and saved.
+demo-lora: $(STAMP)
+	$(BIN)/dist-vdr make-tiny-model $(DEMO_DIR)/tiny-model
+	$(BIN)/dist-vdr make-synthetic-pages $(DEMO_DIR)/pages --num-train 4000
+	PYTHON=$(BIN)/python launch/train.sh launch/cpu.yaml --config configs/tiny-lora.yaml \
+		model.name_or_path=$(DEMO_DIR)/tiny-model data.path=$(DEMO_DIR)/pages training.output_dir=$(DEMO_LORA_RUN)
 
 # The tiny reranker on top of the demo: starts from the demo's trained embedding backbone, mines
 # negatives with it, trains on 2 CPU processes and reports NDCG@10 of retrieval vs reranked.
@@ -94,7 +103,7 @@ lint: $(STAMP)
 # needs beyond the image's torch, transformers and accelerate, at this venv's versions, for its
 # Python (3.12 on the lent GPU machines).
 BENCH_WHEELS := sentence-transformers datasets pyarrow dill multiprocess xxhash fsspec omegaconf \
-	antlr4-python3-runtime tqdm pandas python-dateutil pytz tzdata faiss-cpu pypdfium2
+	antlr4-python3-runtime tqdm pandas python-dateutil pytz tzdata faiss-cpu pypdfium2 peft
 BENCH_PYTHON ?= 3.12
 bench-wheels: $(STAMP)
 	rm -rf wheels
@@ -103,4 +112,4 @@ bench-wheels: $(STAMP)
 		grep -iE "^($$(echo $(BENCH_WHEELS) | tr ' ' '|'))==")
 
 clean-demo:
-	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(DEMO_RERANKER_RUN) $(DEMO_PDFS_RUN)
+	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(DEMO_RERANKER_RUN) $(DEMO_PDFS_RUN) $(DEMO_LORA_RUN)

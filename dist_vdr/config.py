@@ -42,6 +42,41 @@ def _check_choice(section: str, key: str, value: Any, choices: tuple) -> None:
 
 
 @dataclass(kw_only=True)
+class AdapterConfig:
+    """model.adapter: train a LoRA adapter (PEFT) instead of every weight: the base model stays frozen,
+    only the adapter is in the optimizer, checkpoints and ``final/`` (docs/adapters.md)."""
+
+    type: str | None = None
+    """null: full finetuning; lora: a LoRA adapter (PEFT's LoraConfig)."""
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA alpha (the update is scaled by alpha / rank)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (0: none; with > 0 the loss depends on the random stream)."""
+    target_modules: list[str] | None = None
+    """Module names (suffixes) that get an adapter. null: the language model's attention and MLP
+    projections (q/k/v/o_proj, gate/up/down_proj), plus the vision blocks with ``vision: true``."""
+    vision: bool = False
+    """With the default targets: also adapt the vision tower's blocks (attention qkv/proj, MLP)."""
+    init_from: str | None = None
+    """Continue training an existing adapter (a folder written by a LoRA run: final/ or a checkpoint)."""
+    merge_on_save: bool = False
+    """Also write the base model with the adapter merged in, as a plain model, to ``final/merged``."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.adapter", "type", self.type, (None, "lora"))
+        if self.rank < 1:
+            raise ValueError(f"model.adapter.rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"model.adapter.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.adapter.dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("model.adapter.target_modules is empty: name modules, or null for the defaults")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     name_or_path: str = "./artifacts/tiny-model"
     """Local folder or hub id of a sentence-transformers model or a raw vision-language model (a value
@@ -64,6 +99,8 @@ class ModelConfig:
     dynamic shapes: the norms, rotary embeddings and activations fuse into few kernels; compiled once
     per block type, not per page size. The first steps pay the compilation. A throughput lever for
     GPUs (`dist-vdr bench --ours compile:model.compile=true`)."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """A LoRA adapter instead of full finetuning (type: lora)."""
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -564,7 +601,7 @@ def _blame(exc, path, overrides, schema: type | None = None, aliases: Mapping[st
     """A value check failed: say whether the override, an option (``given``: key -> which) or the file
     set the value."""
     msg = _explain(exc, "", schema, aliases) if not isinstance(exc, ValueError) else str(exc)
-    m = re.match(r"(?:bad value for config key ')?([a-z_]+\.[a-z_]+)", msg)
+    m = re.match(r"(?:bad value for config key ')?([a-z_]+(?:\.[a-z_]+)+)", msg)
     key = m.group(1) if m else None
     from_override = [o for o in overrides if key and o.split("=", 1)[0] == key]
     if from_override:
@@ -589,6 +626,9 @@ def _resolve_sources(cfg: Config) -> None:
     from . import sources
 
     cfg.model.name_or_path = sources.resolve(cfg.model.name_or_path, "model.name_or_path", "model folder")
+    if cfg.model.adapter.init_from:
+        cfg.model.adapter.init_from = sources.resolve(cfg.model.adapter.init_from, "model.adapter.init_from",
+                                                      "adapter folder")
     d = cfg.data
     d.path = sources.resolve(d.path, "data.path", "dataset folder")
     if d.pages_path:

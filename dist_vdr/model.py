@@ -8,12 +8,13 @@ mean pooling sentence-transformers would pick for it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Any
 
-from . import log
-from .config import ModelConfig
+from . import adapters, log
+from .config import AdapterConfig, ModelConfig
 
 logger = log.get(__name__)
 
@@ -72,8 +73,31 @@ def check_model_path(path: str, make: str = "make-tiny-model", key: str = "model
     return path
 
 
-def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu"):
-    """Load the model on ``device``. Raises ValueError for a path that is neither a folder nor a hub id."""
+def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu", seed: int = 0):
+    """Load the model on ``device``, with the recipe's adapter (model.adapter) on it. A folder written by
+    a LoRA run is loaded as its base model with that adapter. Raises ValueError for a path that is
+    neither a folder nor a hub id. ``seed``: the adapter's initialisation (training.seed)."""
+    if adapters.is_adapter_folder(cfg.name_or_path):
+        if cfg.adapter.type:
+            raise ValueError(f"model.name_or_path={cfg.name_or_path!r} is a LoRA adapter: to train it further, "
+                             f"give its base model as model.name_or_path and this folder as model.adapter.init_from")
+        base, section = adapters.base_of(cfg.name_or_path)
+        model = build_model(dataclasses.replace(cfg, name_or_path=base, adapter=AdapterConfig()), precision=precision,
+                            device=device)
+        adapters.attach(model, dataclasses.replace(section, init_from=cfg.name_or_path), base)
+        return model
+    model = _build_base(cfg, precision=precision, device=device)
+    if cfg.adapter.type:
+        trainable = adapters.attach(model, cfg.adapter, base=cfg.name_or_path, seed=seed)
+        total = sum(p.numel() for p in model.parameters())
+        logger.info(f"model.adapter: LoRA r={cfg.adapter.rank}, {trainable} trainable parameters of {total} "
+                    f"({100 * trainable / total:.2f} %); the base is frozen")
+        if cfg.gradient_checkpointing:  # frozen inputs would give the checkpointed blocks no gradient path
+            model[0].model.enable_input_require_grads()
+    return model
+
+
+def _build_base(cfg: ModelConfig, *, precision: str, device: str):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 

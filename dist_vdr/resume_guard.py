@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from .config import Config, to_yaml
+
 LAUNCH_KEYS = ("launch.", "training.output_dir", "training.per_device_batch_size")
 REPORTING_KEYS = (
     "evaluation.", "training.logging_steps", "training.save_steps", "training.save_total_limit",
@@ -55,13 +57,21 @@ def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
 def differences(recorded_yaml: str, current_yaml: str) -> dict[str, tuple[object, object]]:
     """key -> (recorded, current) for every compared key whose value changed."""
     old, new = _flatten(yaml.safe_load(recorded_yaml) or {}), _flatten(yaml.safe_load(current_yaml) or {})
+    defaults = _defaults()
     diff = {}
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if a == b or _matches(key, LAUNCH_KEYS) or (key in PATH_KEYS and _same_path(a, b)):
             continue
+        if key not in old and key in defaults and b == defaults[key]:
+            continue  # a key added by a newer dist-vdr, at its default: the recorded run had that behaviour
         diff[key] = (a, b)
     return diff
+
+
+def _defaults() -> dict[str, object]:
+    """Every key of a recipe at its default value (flattened as the recorded recipes are)."""
+    return _flatten(yaml.safe_load(to_yaml(Config())))
 
 
 def check(recorded_yaml: str | None, current_yaml: str, checkpoint: str, allow_change: bool) -> list[str]:

@@ -16,7 +16,7 @@ import os
 import torch
 from sentence_transformers import CrossEncoderTrainer, SentenceTransformerTrainer
 
-from . import compat, engines
+from . import adapters, compat, engines
 from .data import page_refs
 
 
@@ -50,6 +50,8 @@ class _DistVdrTrainerMixin:
         # transformers passes the wrapped model on the FSDP path; sentence-transformers' override
         # takes one argument (TypeError). FSDP checkpoints hold sharded weights (distcp), which only
         # the transformers loader reads, with resharding to the current number of ranks.
+        if adapters.is_adapted(self.model):  # a LoRA run's checkpoint holds the adapter alone
+            return adapters.load_weights(self.model, resume_from_checkpoint, key="resume checkpoint")
         if self.is_fsdp_enabled:
             return compat.hf_load_from_checkpoint(self, resume_from_checkpoint, model)
         return compat.st_load_from_checkpoint(super()._load_from_checkpoint, resume_from_checkpoint)
@@ -58,6 +60,11 @@ class _DistVdrTrainerMixin:
         # sentence-transformers' _save ignores ``state_dict``; under ZeRO-3/FSDP2 the module's own
         # parameters are shards, so the gathered full state dict must be what gets written.
         if not self.args.should_save:
+            return None
+        if adapters.is_adapted(self.model):  # the adapter alone: the frozen base is the base model's files
+            output_dir = output_dir or self.args.output_dir
+            adapters.save(self.model, output_dir, state_dict)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
             return None
         if not state_dict:
             return compat.st_trainer_save(super()._save, output_dir, state_dict)

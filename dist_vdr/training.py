@@ -53,6 +53,10 @@ def run_training(cfg: Config, task: Task | None = None, *, resume: str | None = 
         raise ValueError(f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps} under "
                          f"{ctx.engine}: with gradient caching the batch costs no extra memory, so raise "
                          f"training.global_batch_size instead and keep accumulation at 1")
+    if ctx.engine and cfg.model.adapter.type:
+        raise ValueError(f"model.adapter under {ctx.engine} is not supported yet: launch the LoRA run with DDP "
+                         f"(launch/ddp.yaml on GPUs, launch/cpu.yaml on CPU), which keeps only the adapter's "
+                         f"gradients and optimizer state anyway")
 
     # Data first: a bad row fails here, before anything is written. Every rank decodes its share once
     # (or finds the record of an earlier pass over the same data).
@@ -179,7 +183,8 @@ class _Run:
         result.final_loss = final.logged_losses(trainer.state.log_history)
         if self.stopper.stopped_at is not None:
             return self._stopped(result)
-        final.save_final(trainer, ctx.info, ctx.out, self.task.final_files(cfg))
+        final.save_final(trainer, ctx.info, ctx.out, self.task.final_files(cfg),
+                         merge_adapter=cfg.model.adapter.merge_on_save)
         if trainer.evaluator is not None:
             result.after = run_eval.stored(ctx.out, "after", step=result.global_step)
             if result.after is None:

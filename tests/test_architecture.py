@@ -27,7 +27,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "dist_vdr.lifecycle", "dist_vdr.phases", "dist_vdr.distributed", "dist_vdr.results",
                     "dist_vdr.tasks")),
     ("config", ("dist_vdr.config",)),
-    ("building blocks", ("dist_vdr.data", "dist_vdr.model", "dist_vdr.losses", "dist_vdr.evaluation",
+    ("building blocks", ("dist_vdr.data", "dist_vdr.adapters", "dist_vdr.model", "dist_vdr.losses",
+                         "dist_vdr.evaluation",
                          "dist_vdr.checkpoint", "dist_vdr.preemption", "dist_vdr.resume_guard", "dist_vdr.run_lock",
                          "dist_vdr.engines", "dist_vdr.step_stats", "dist_vdr.mining", "dist_vdr.st_trainers")),
     # tiny builds the test models of every task.

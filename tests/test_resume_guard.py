@@ -101,3 +101,18 @@ def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
         os.utime(lock.path, (0, 0))
         time.sleep(0.3)
         assert time.time() - lock.path.stat().st_mtime < 5
+
+
+def test_keys_added_by_a_newer_version_at_their_default_are_no_change():
+    """A checkpoint recorded before model.adapter existed resumes; turning the adapter on is a change."""
+    import yaml
+
+    recorded = yaml.safe_load(_yaml())
+    del recorded["model"]["adapter"]  # the recipe as an older dist-vdr recorded it
+    old = yaml.safe_dump(recorded)
+    assert resume_guard.check(old, _yaml(), "ckpt", allow_change=False) == []
+    with pytest.raises(ValueError, match=r"model.adapter.type: None -> 'lora'"):
+        resume_guard.check(old, _yaml("model.adapter.type=lora"), "ckpt", allow_change=False)
+    with pytest.raises(ValueError, match=r"model.adapter.rank: 16 -> 4"):
+        resume_guard.check(_yaml("model.adapter.type=lora"), _yaml("model.adapter.type=lora", "model.adapter.rank=4"),
+                           "ckpt", allow_change=False)

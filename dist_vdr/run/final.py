@@ -11,13 +11,15 @@ import os
 import shutil
 from pathlib import Path
 
-from .. import checkpoint, distributed, log
+from .. import adapters, checkpoint, distributed, log
 
 logger = log.get(__name__)
 
 
-def save_final(trainer, info: distributed.DistInfo, out: Path, extra_files: dict[str, str]) -> None:
-    """Write the model (collective under ZeRO-3/FSDP2) plus the task's ``extra_files`` (name -> text)."""
+def save_final(trainer, info: distributed.DistInfo, out: Path, extra_files: dict[str, str],
+               merge_adapter: bool = False) -> None:
+    """Write the model (collective under ZeRO-3/FSDP2) plus the task's ``extra_files`` (name -> text);
+    a LoRA run writes its adapter, and with ``merge_adapter`` also the merged plain model (``merged/``)."""
     tmp, final = out / "final.tmp", out / "final"
     step = trainer.state.global_step
     if final_holds(final, step, info):
@@ -37,6 +39,8 @@ def save_final(trainer, info: distributed.DistInfo, out: Path, extra_files: dict
     if info.is_main:
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
+        if merge_adapter and adapters.is_adapted(trainer.model):
+            adapters.merged_copy(trainer.model).save_pretrained(str(tmp / adapters.MERGED), create_model_card=False)
     checkpoint.mark_complete(tmp, info, {"step": step})
     if info.is_main:
         if final.exists():

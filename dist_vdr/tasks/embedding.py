@@ -39,7 +39,8 @@ class EmbeddingTask(Task):
         return cfg.training.batch_sampler == "no_duplicates_hashed"
 
     def build_model(self, ctx: RunContext):
-        return build_model(ctx.cfg.model, precision=ctx.cfg.training.precision, device=ctx.info.device)
+        return build_model(ctx.cfg.model, precision=ctx.cfg.training.precision, device=ctx.info.device,
+                           seed=ctx.cfg.training.seed)
 
     def eval_dims(self, cfg: Config, model) -> list[int]:
         dim = embedding_dim(model)
