@@ -88,7 +88,9 @@ def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu
         return model
     model = _build_base(cfg, precision=precision, device=device)
     if cfg.adapter.type:
-        trainable = adapters.attach(model, cfg.adapter, base=cfg.name_or_path, seed=seed)
+        # A local base is recorded by its absolute path: the adapter folder then loads from any directory.
+        base = str(Path(cfg.name_or_path).resolve()) if Path(cfg.name_or_path).is_dir() else cfg.name_or_path
+        trainable = adapters.attach(model, cfg.adapter, base=base, seed=seed)
         total = sum(p.numel() for p in model.parameters())
         logger.info(f"model.adapter: LoRA r={cfg.adapter.rank}, {trainable} trainable parameters of {total} "
                     f"({100 * trainable / total:.2f} %); the base is frozen")

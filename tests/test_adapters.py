@@ -108,3 +108,13 @@ def test_the_adapter_starts_from_the_seed_alone(tiny_model):
     torch.manual_seed(1)
     build_model(ModelConfig(name_or_path=str(tiny_model), adapter=LORA), seed=7)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global stream: as the same build leaves it
+
+
+def test_an_adapter_of_a_relative_base_loads_from_another_directory(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_model.parent)
+    model = _model(tiny_model.name)  # the base named relative to the working directory
+    adapters.save(model, tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)
+    assert adapters.base_of(tmp_path / "adapter")[0] == str(tiny_model.resolve())
+    loaded = build_model(ModelConfig(name_or_path=str(tmp_path / "adapter")))
+    assert torch.allclose(_embed(loaded), _embed(model), atol=1e-6)
