@@ -171,7 +171,7 @@ class _Run:
 
     def _train_and_evaluate(self, trainer, health, dims: list[int], resume_from: str | None) -> RunResult:
         ctx, cfg = self.ctx, self.ctx.cfg
-        result = RunResult(task=self.task.name, global_step=0, dims=dims)
+        result = RunResult(task=self.task.name or self.ctx.cfg.task, global_step=0, dims=dims)
         if trainer.evaluator is not None and cfg.evaluation.before_training:
             result.before = run_eval.stored(ctx.out, "before")
             if result.before is None:
@@ -218,7 +218,7 @@ class _Run:
                     f"starts another run)")
         state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
         after = run_eval.stored(self.ctx.out, "after", step=step)
-        return RunResult(task=self.task.name, global_step=step,
+        return RunResult(task=self.task.name or self.ctx.cfg.task, global_step=step,
                          final_loss=final.logged_losses(state.get("log_history", [])),
                          before=run_eval.stored(self.ctx.out, "before"), after=after,
                          dims=after.dims if after else [])
