@@ -34,6 +34,7 @@ import warnings
 
 from .cli_options import Command, Opt, add_options, load_command
 from .commands import EvalCommand, SubmitCommand
+from .config import DEVICES, DTYPES
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -97,8 +98,6 @@ def _make_pages(args: argparse.Namespace) -> int:
     return 0
 
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_DEVICES = ("auto", "cpu", "cuda")
 
 EVAL = Command(EvalCommand, (
     Opt("--model", "model.name_or_path", help="Embedding model folder or hub id (the retriever)."),
@@ -122,8 +121,8 @@ EVAL = Command(EvalCommand, (
     Opt("--eval-split", "data.eval_split", help="Split of the eval rows (eval_format=triplets)."),
     Opt("--negative-columns", "data.eval_negative_columns"),
     Opt("--max-queries", "data.max_eval_queries"),
-    Opt("--dtype", "model.dtype", choices=_DTYPES),
-    Opt("--device", "launch.device", choices=_DEVICES),
+    Opt("--dtype", "model.dtype", choices=DTYPES),
+    Opt("--device", "launch.device", choices=DEVICES),
     Opt("--threads", "launch.num_threads_per_process"),
 ))
 

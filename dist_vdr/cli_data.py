@@ -16,6 +16,7 @@ import argparse
 
 from .cli_options import Command, Opt, add_options, given_options, load_command
 from .commands import IngestCommand, MineCommand
+from .config import DEVICES, DTYPES
 
 BUILD = Command(IngestCommand, (
     Opt("--input", "ingest.input_dir"),
@@ -61,8 +62,8 @@ MINE = Command(MineCommand, (
     Opt("--batch-size", "evaluation.batch_size"),
     Opt("--num-workers", "evaluation.num_workers"),
     Opt("--cache", "mine.cache"),
-    Opt("--dtype", "model.dtype", choices=("auto", "float32", "bfloat16", "float16")),
-    Opt("--device", "launch.device", choices=("auto", "cpu", "cuda")),
+    Opt("--dtype", "model.dtype", choices=DTYPES),
+    Opt("--device", "launch.device", choices=DEVICES),
     Opt("--threads", "launch.num_threads_per_process"),
 ))
 

@@ -21,7 +21,10 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 _LOSSES = ("cmnrl", "mnrl")
 _RERANKER_LOSSES = ("bce", "listwise")
 _SAMPLERS = ("no_duplicates_hashed", "no_duplicates", "batch_sampler")
-_DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")
+"""launch.device (and the --device option of the commands)."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""model.dtype (and the --dtype option of the commands)."""
 _EVAL_FORMATS = ("ir", "triplets")
 _METRICS = ("ndcg", "mrr", "map", "recall", "precision", "accuracy")  # evaluation.metrics.METRICS
 
@@ -105,7 +108,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name_or_path:
             raise ValueError("model.name_or_path is empty: give a local folder or a hub id")
-        _check_choice("model", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice("model", "dtype", self.dtype, DTYPES)
         _check_choice("model", "pooling", self.pooling, ("auto", "lasttoken", "mean", "cls"))
 
 
@@ -353,7 +356,7 @@ class LaunchConfig:
     <output_dir>/collectives/rank<r>.jsonl: a communication audit (tests use it)."""
 
     def __post_init__(self) -> None:
-        _check_choice("launch", "device", self.device, _DEVICES)
+        _check_choice("launch", "device", self.device, DEVICES)
         if self.collective_timeout_s < 10:
             raise ValueError("launch.collective_timeout_s must be >= 10")
         if self.startup_timeout_s < self.collective_timeout_s:

@@ -110,9 +110,13 @@ class Task:
 
     def write_summary(self, out: Path, result: RunResult) -> None:
         """``metrics.json``: before and after, by row name."""
-        summary = {which: m.rows if m else {} for which, m in (("before", result.before), ("after", result.after))}
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        (out / "metrics.json").write_text(json.dumps(before_after(result), indent=2))
 
     def headline(self, result: RunResult, metric: str) -> str | None:
         """The one line a finished run prints (None: nothing to say, e.g. evaluation off)."""
         return None
+
+
+def before_after(result: RunResult) -> dict[str, dict]:
+    """The run's metrics rows before and after training ({} for an evaluation not run)."""
+    return {which: m.rows if m else {} for which, m in (("before", result.before), ("after", result.after))}

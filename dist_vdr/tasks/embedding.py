@@ -18,7 +18,7 @@ from ..losses import build_loss
 from ..model import build_model, check_dims, embedding_dim
 from ..results import RunResult
 from ..st_trainers import Trainer
-from .base import RunContext, Task, TaskInputs
+from .base import RunContext, Task, TaskInputs, before_after
 
 _LOSSES = ("cmnrl", "mnrl")
 
@@ -65,8 +65,7 @@ class EmbeddingTask(Task):
 
     def write_summary(self, out: Path, result: RunResult) -> None:
         """metrics.json with the dims, and the NDCG-vs-dimension plot (before / after training)."""
-        summary = {"dims": result.dims,
-                   **{which: m.rows if m else {} for which, m in (("before", result.before), ("after", result.after))}}
+        summary = {"dims": result.dims, **before_after(result)}
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
         curves = {label: {int(d): values for d, values in m.rows.items()}
                   for label, m in (("before training", result.before), ("after training", result.after)) if m}
