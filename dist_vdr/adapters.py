@@ -10,7 +10,8 @@ command given such a folder).
 
 Why not sentence-transformers' ``add_adapter``: it goes through transformers' PEFT integration,
 which needs peft >= 0.22 with transformers 5.24, and no such release exists (0.21.2 is the newest);
-PEFT's own injection API works with 0.21.
+PEFT's own injection API works with 0.21. The saved folders are PEFT's format, which
+sentence-transformers' ``load_adapter`` reads onto the base model.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 RECORD = "dist_vdr_adapter.json"
 """The base model and the recipe's adapter section, next to the adapter files."""
+_ADAPTER_NAME = "default"  # PEFT's name of the one adapter inject_adapter_in_model puts in
 MERGED = "merged"
 """``final/merged``: the base with the adapter merged in, a plain model (model.adapter.merge_on_save)."""
 
@@ -107,15 +109,27 @@ def save(model, folder: str | Path, state_dict: dict | None = None) -> None:
     (folder / RECORD).write_text(json.dumps(model._dist_vdr_adapter, indent=2))
 
 
-def load_weights(model, folder: str | Path, key: str = "adapter") -> None:
-    """The adapter weights of ``folder`` into ``model``'s adapter (same targets and rank)."""
+def read_weights(folder: str | Path, key: str = "adapter") -> dict[str, torch.Tensor]:
+    """The adapter weights saved in ``folder`` (PEFT's keys: see :func:`file_key`)."""
     path = Path(folder) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise ValueError(f"{key}={str(folder)!r} holds no {ADAPTER_WEIGHTS}: give the final/ folder or a "
                          f"checkpoint of a LoRA run")
+    return load_file(str(path))
+
+
+def file_key(name: str) -> str:
+    """The key in an adapter file of the model's parameter ``name`` (``0.model.<path>.lora_A.default.weight``
+    -> ``<path>.lora_A.weight``: relative to the backbone, without PEFT's adapter name, as PEFT saves)."""
+    return name.removeprefix("0.model.").replace(f".{_ADAPTER_NAME}.", ".")
+
+
+def load_weights(model, folder: str | Path, key: str = "adapter") -> None:
+    """The adapter weights of ``folder`` into ``model``'s adapter (same targets and rank)."""
+    weights = read_weights(folder, key)
     fix = "use the same model.adapter rank and targets as the run that wrote it"
     try:
-        result = set_peft_model_state_dict(backbone(model), load_file(str(path)))
+        result = set_peft_model_state_dict(backbone(model), weights)
     except RuntimeError as exc:  # torch: shapes differ (another rank)
         raise ValueError(f"{key}={str(folder)!r} does not fit this model's adapter "
                          f"({str(exc).splitlines()[1].strip()}): {fix}") from exc
@@ -127,7 +141,11 @@ def load_weights(model, folder: str | Path, key: str = "adapter") -> None:
 
 def merged_copy(model):
     """A copy of ``model`` with the adapter merged into the base weights and removed: a plain model."""
-    merged = copy.deepcopy(model)
+    return merge_into_base(copy.deepcopy(model))
+
+
+def merge_into_base(merged):
+    """``merged`` itself, its adapter merged into the base weights and removed: a plain model."""
     inner = backbone(merged)
     for name, module in list(inner.named_modules()):
         if isinstance(module, LoraLayer):

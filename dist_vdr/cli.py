@@ -5,6 +5,7 @@ Subcommands:
   data check            validate and hash a recipe's training data ahead of training
   make-tiny-model DIR   build the offline tiny Qwen3-VL embedding model (--reranker: the tiny reranker)
   make-synthetic-pages DIR   generate a VDR-shaped page dataset
+  merge-adapter ADAPTER OUT  merge a LoRA run's adapter into its base model (a plain model folder)
   make-synthetic-pdfs DIR    generate a folder of PDFs and scans with queries and qrels
   pages build               render a folder of PDFs/images into a page corpus dataset (parallel, resumable)
   eval / mine-negatives      sharded retrieval evaluation / hard-negative mining (accelerate launch)
@@ -84,6 +85,18 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     else:
         path = build_tiny_model(args.dir, spec, overwrite=args.overwrite)
     print(f"tiny {'reranker' if args.reranker else 'embedding model'} in {path}")
+    return 0
+
+
+def _merge_adapter(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .model import merge_adapter_folder
+
+    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
+        raise ValueError(f"{args.out} exists and is not empty: choose another folder or pass --overwrite")
+    out = merge_adapter_folder(args.adapter, args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    print(f"merged model in {out}")
     return 0
 
 
@@ -291,6 +304,16 @@ def _add_makers(sub) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(fn=_make_tiny_model)
+
+    g = sub.add_parser("merge-adapter", help="merge a LoRA run's adapter into its base model: a plain "
+                                             "SentenceTransformer folder")
+    g.add_argument("adapter", metavar="ADAPTER_DIR", help="final/ or a checkpoint of a LoRA run")
+    g.add_argument("out", metavar="OUT_DIR")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights' dtype of the merged model (auto: float32)")
+    g.add_argument("--trust-remote-code", action="store_true", help="the base model needs its own code")
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(fn=_merge_adapter)
 
     s = sub.add_parser("make-synthetic-pages", help="generate a VDR-shaped page dataset")
     s.add_argument("dir")

@@ -20,6 +20,7 @@ This module imports no library at import time (``import dist_vdr.config`` / ``di
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -99,6 +100,13 @@ SEAMS: tuple[Seam, ...] = (
          what="transformers.Trainer._save(output_dir, state_dict), called by save_model",
          used_by="st_trainers._DistVdrTrainerMixin._save",
          why="under ZeRO-3/FSDP2 save_model passes the gathered full state dict to _save"),
+    Seam("transformers.trainer_engine_checkpoint_calls", **_TF,
+         what="the module globals transformers.trainer.deepspeed_load_checkpoint(engine, path, load_module_strict) "
+              "and save_fsdp_model(fsdp_plugin, accelerator, model, output_dir, ...), called by "
+              "Trainer._prepare_for_training and Trainer._save_optimizer_and_scheduler",
+         used_by="adapter_engines.install_loaders",
+         why="transformers leaves the frozen base out of engine checkpoints for PeftModel instances only; "
+             "dist-vdr's adapters live inside a SentenceTransformer"),
     Seam("transformers.no_split_modules", **_TF,
          what="PreTrainedModel._no_split_modules",
          used_by="engines.adapt_model",
@@ -128,6 +136,10 @@ SEAMS: tuple[Seam, ...] = (
               "tag files)",
          used_by="engines.make_universal, engines.deepspeed_tag",
          why="resuming a DeepSpeed checkpoint on another number of ranks"),
+    Seam("deepspeed.zero3_consolidated_state_dict", **_DS,
+         what="DeepSpeedEngine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters)",
+         used_by="adapter_engines.gather_adapter",
+         why="gathers a ZeRO-3 model's trainable parameters alone (accelerate's get_state_dict gathers all)"),
     Seam("submitit.requeue", **_SUBMITIT,
          what="submitit.JobEnvironment._requeue(countdown)",
          used_by="cluster.TrainJob",
@@ -290,6 +302,24 @@ def saving_gathered_state_dict() -> None:
     require("transformers.trainer_save_hook")
 
 
+_ENGINE_CALLS_WRAPPED = False
+
+
+def wrap_trainer_engine_checkpointing(deepspeed_load: Callable, fsdp_save_model: Callable) -> None:
+    """Route transformers' Trainer calls of ``deepspeed_load_checkpoint`` and ``save_fsdp_model`` through
+    ``deepspeed_load(stock, *args, **kwargs)`` and ``fsdp_save_model(stock, *args, **kwargs)`` (once)."""
+    global _ENGINE_CALLS_WRAPPED
+    if _ENGINE_CALLS_WRAPPED:
+        return
+    require("transformers.trainer_engine_checkpoint_calls")
+    import transformers.trainer as hf_trainer
+
+    for name, wrapper in (("deepspeed_load_checkpoint", deepspeed_load), ("save_fsdp_model", fsdp_save_model)):
+        stock = getattr(hf_trainer, name)
+        setattr(hf_trainer, name, functools.partial(wrapper, stock))
+    _ENGINE_CALLS_WRAPPED = True
+
+
 def no_split_modules(module) -> list[str] | None:
     """The layer classes a transformers model says must not be split (FSDP's wrap units), if any."""
     require("transformers.no_split_modules")
@@ -323,6 +353,12 @@ def present_as_multi_device(state) -> None:
     from accelerate.utils import DistributedType
 
     state.distributed_type = DistributedType.MULTI_GPU
+
+
+def zero3_gathered_state_dict(engine, *, exclude_frozen: bool) -> dict:
+    """A ZeRO-3 engine's full weights (collective; complete on rank 0), without the frozen ones if asked."""
+    require("deepspeed.zero3_consolidated_state_dict")
+    return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=exclude_frozen)
 
 
 def deepspeed_engine_wrapper(accelerator):

@@ -99,6 +99,19 @@ def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu
     return model
 
 
+def merge_adapter_folder(folder: str | Path, out: str | Path, *, dtype: str = "auto",
+                         trust_remote_code: bool = False) -> Path:
+    """Write to ``out`` the base model of the adapter ``folder`` with the adapter merged in: a plain
+    SentenceTransformer (``dist-vdr merge-adapter``; ``final/merged`` of model.adapter.merge_on_save)."""
+    if not adapters.is_adapter_folder(folder):
+        raise ValueError(f"{str(folder)!r} is not the folder of a LoRA run (no {adapters.RECORD}): give its final/ "
+                         f"or one of its checkpoints")
+    cfg = ModelConfig(name_or_path=str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+    model = adapters.merge_into_base(build_model(cfg))
+    model.save_pretrained(str(out), create_model_card=False)
+    return Path(out)
+
+
 def _build_base(cfg: ModelConfig, *, precision: str, device: str):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer

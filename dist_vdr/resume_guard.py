@@ -6,8 +6,9 @@ resume the current recipe is compared with it key by key, in three classes:
 - launch keys (``launch.*``, ``training.output_dir``, ``training.per_device_batch_size``) describe
   where and on how many ranks the run goes on, not what it trains: never compared (resuming on
   another number of ranks is a feature);
-- reporting keys (evaluation, logging and checkpoint cadence, eval data, compile/checkpointing
-  levers that leave the arithmetic as it is) do not change the weights: accepted, and listed;
+- reporting keys (evaluation, logging and checkpoint cadence, eval data, compile/checkpointing and
+  gradient-caching mini-batch levers that leave the arithmetic as it is) do not change the weights:
+  accepted, and listed;
 - the schedule length (``training.max_steps``, ``training.num_epochs``) changes the learning rate
   of the remaining steps: accepted only with ``--allow-config-change``;
 - everything else (model, training data, loss, batch, optimiser, precision, seed, sampler, ...)
@@ -29,6 +30,10 @@ REPORTING_KEYS = (
     "training.eval_steps", "training.record_step_stats", "training.dataloader_num_workers",
     "data.max_eval_queries", "data.eval_", "data.validate_images", "model.compile", "model.gradient_checkpointing",
     "reranker.rerank_depth",
+    # Memory levers of gradient caching, which computes the same loss and gradients at any mini-batch
+    # size (tests/test_loss_equivalence): lowering them is how a resumed run fits a smaller GPU.
+    "loss.mini_batch_size", "loss.mini_batch_num_tokens",
+    "model.adapter.merge_on_save",  # what final/ holds besides the adapter, not what trains
 )
 SCHEDULE_KEYS = ("training.max_steps", "training.num_epochs")
 PATH_KEYS = ("model.name_or_path", "data.path", "data.pages_path", "reranker.retriever")

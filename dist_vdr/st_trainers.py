@@ -16,7 +16,7 @@ import os
 import torch
 from sentence_transformers import CrossEncoderTrainer, SentenceTransformerTrainer
 
-from . import adapters, compat, engines
+from . import adapter_engines, adapters, compat, engines
 from .data import page_refs
 
 
@@ -24,6 +24,10 @@ class _DistVdrTrainerMixin:
     keep_parameters_gathered: bool = False
     step_health = None  # preemption.StepHealth: told every micro-step's loss, checked at the step end
     _engine_ready: bool = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        adapter_engines.install_loaders()  # before train(): a resume loads the engine state first
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self._engine_ready:  # the engine exists only once train() has prepared the model
@@ -51,10 +55,30 @@ class _DistVdrTrainerMixin:
         # takes one argument (TypeError). FSDP checkpoints hold sharded weights (distcp), which only
         # the transformers loader reads, with resharding to the current number of ranks.
         if adapters.is_adapted(self.model):  # a LoRA run's checkpoint holds the adapter alone
-            return adapters.load_weights(self.model, resume_from_checkpoint, key="resume checkpoint")
+            return adapter_engines.load_adapter(self.model, resume_from_checkpoint, key="resume checkpoint")
         if self.is_fsdp_enabled:
             return compat.hf_load_from_checkpoint(self, resume_from_checkpoint, model)
         return compat.st_load_from_checkpoint(super()._load_from_checkpoint, resume_from_checkpoint)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # An adapter under DeepSpeed/FSDP2: gather the adapter alone (collective), never the frozen base
+        # (transformers would gather all of it under ZeRO-3, and write nothing under FSDP2's sharded state).
+        if adapters.is_adapted(self.model) and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            state_dict = adapter_engines.gather_adapter(self)
+            return self._save(output_dir, state_dict=state_dict)
+        return super().save_model(output_dir, _internal_call)
+
+    def save_final_model(self, output_dir: str) -> None:
+        """The trained model, complete, into ``output_dir`` (collective: every rank calls it)."""
+        if adapters.is_adapted(self.model) or not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            return self.save_model(output_dir)
+        # Gather the full weights (collective), rank 0 writes a plain SentenceTransformer folder.
+        state_dict = self.accelerator.get_state_dict(self.model_wrapped)
+        return self._save(output_dir, state_dict=state_dict)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        with adapter_engines.checkpoint_without_base(self):
+            return super()._save_optimizer_and_scheduler(output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # sentence-transformers' _save ignores ``state_dict``; under ZeRO-3/FSDP2 the module's own

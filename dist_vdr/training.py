@@ -8,6 +8,7 @@ through one run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import transformers
 from . import checkpoint, distributed, engines, log, preemption, resume_guard, tasks
 from .config import Config, to_yaml
 from .data.prepared import PreparedData
-from .model import compile_blocks
+from .model import compile_blocks, resolve_dtype
 from .phases import Phases
 from .results import RunResult
 from .run import callbacks, final, records, setup
@@ -53,10 +54,6 @@ def run_training(cfg: Config, task: Task | None = None, *, resume: str | None = 
         raise ValueError(f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps} under "
                          f"{ctx.engine}: with gradient caching the batch costs no extra memory, so raise "
                          f"training.global_batch_size instead and keep accumulation at 1")
-    if ctx.engine and cfg.model.adapter.type:
-        raise ValueError(f"model.adapter under {ctx.engine} is not supported yet: launch the LoRA run with DDP "
-                         f"(launch/ddp.yaml on GPUs, launch/cpu.yaml on CPU), which keeps only the adapter's "
-                         f"gradients and optimizer state anyway")
 
     # Data first: a bad row fails here, before anything is written. Every rank decodes its share once
     # (or finds the record of an earlier pass over the same data).
@@ -183,8 +180,7 @@ class _Run:
         result.final_loss = final.logged_losses(trainer.state.log_history)
         if self.stopper.stopped_at is not None:
             return self._stopped(result)
-        final.save_final(trainer, ctx.info, ctx.out, self.task.final_files(cfg),
-                         merge_adapter=cfg.model.adapter.merge_on_save)
+        final.save_final(trainer, ctx.info, ctx.out, self.task.final_files(cfg), merge_with=self._merge_with())
         if trainer.evaluator is not None:
             result.after = run_eval.stored(ctx.out, "after", step=result.global_step)
             if result.after is None:
@@ -193,6 +189,15 @@ class _Run:
             if ctx.info.is_main:
                 self.task.write_summary(ctx.out, result)
         return result
+
+    def _merge_with(self):
+        """The model section to rebuild the base for ``final/merged`` (model.adapter.merge_on_save), with the
+        weights' dtype of this run (auto resolves to float32 on the CPU where the merge runs)."""
+        cfg, ctx = self.ctx.cfg, self.ctx
+        if not (cfg.model.adapter.type and cfg.model.adapter.merge_on_save):
+            return None
+        dtype = resolve_dtype(cfg.model.dtype, cfg.training.precision, on_cuda=ctx.info.device.startswith("cuda"))
+        return dataclasses.replace(cfg.model, dtype=dtype)
 
     def _stopped(self, result: RunResult) -> RunResult:
         """A stop signal: the step is saved; which rank saw which signal differs, and a USR2 anywhere

@@ -96,6 +96,25 @@ def assert_same_step(key: str, step: int, got: float, ref: float, first_step: in
     assert got == pytest.approx(ref, rel=rel), f"step {step} {key}: {got} vs reference {ref} (bound {rel:g})"
 
 
+def assert_merged_is_base_plus_update(base: Path, final: Path, scale: float) -> None:
+    """``final/merged`` of a LoRA run = the base model's files + (B @ A) * scale of ``final``'s adapter on
+    the adapted weights, every other weight bit-identical (the base stayed frozen)."""
+    import torch
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    base_w = load_file(str(base / "model.safetensors"))
+    merged = load_file(str(final / "merged" / "model.safetensors"))
+    assert set(base_w) == set(merged)
+    adapted = {k for k in base_w
+               if any(k.startswith(a.removesuffix(".lora_A.weight")) for a in adapter if "lora_A" in a)}
+    assert adapted and all(torch.equal(base_w[k], merged[k]) for k in base_w if k not in adapted)
+    for key in adapted:
+        stem = key.removesuffix(".weight")
+        delta = (adapter[f"{stem}.lora_B.weight"] @ adapter[f"{stem}.lora_A.weight"]) * scale
+        assert torch.allclose(merged[key], base_w[key] + delta, atol=1e-6), key
+
+
 def logged_losses(out: Path, key: str = "loss") -> dict[int, float]:
     """step -> logged training loss (or ``key``), from the newest complete checkpoint's trainer state."""
     from dist_vdr.checkpoint import latest_complete

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
 from PIL import Image
+from sentence_transformers import SentenceTransformer
 
 from dist_vdr import adapters
 from dist_vdr.config import AdapterConfig, ModelConfig, load_config
@@ -61,6 +64,27 @@ def test_a_saved_adapter_loads_back_onto_its_base(tiny_model, tmp_path):
                               atol=1e-4)
     continued = _model(tiny_model, dataclasses.replace(LORA, init_from=str(tmp_path / "adapter")))
     assert torch.allclose(_embed(continued), _embed(model), atol=1e-6)
+    # sentence-transformers' own loader reads the folder (PEFT's format) onto the base: the same model
+    stock = SentenceTransformer(str(tiny_model), device="cpu")
+    stock.load_adapter(str(tmp_path / "adapter"))
+    assert torch.allclose(_embed(stock), _embed(model), atol=1e-6)
+
+
+def test_merge_adapter_writes_the_merged_model(tiny_model, tmp_path):
+    model = _model(tiny_model)
+    _perturb(model, seed=2)
+    adapters.save(model, tmp_path / "adapter")
+    proc = subprocess.run([sys.executable, "-m", "dist_vdr.cli", "merge-adapter", str(tmp_path / "adapter"),
+                           str(tmp_path / "merged")], capture_output=True, text=True)
+    assert proc.returncode == 0 and "merged model in" in proc.stdout, proc.stderr[-2000:]
+    plain = SentenceTransformer(str(tmp_path / "merged"), device="cpu")
+    assert torch.allclose(_embed(plain), _embed(model), atol=1e-5)
+    again = subprocess.run([sys.executable, "-m", "dist_vdr.cli", "merge-adapter", str(tmp_path / "adapter"),
+                            str(tmp_path / "merged")], capture_output=True, text=True)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    wrong = subprocess.run([sys.executable, "-m", "dist_vdr.cli", "merge-adapter", str(tiny_model),
+                            str(tmp_path / "m2")], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "is not the folder of a LoRA run" in wrong.stderr
 
 
 def test_the_merged_model_is_a_plain_model_with_the_same_embeddings(tiny_model, tmp_path):

@@ -21,7 +21,7 @@ from conftest import REPO
 from dist_vdr.cli import _options_first, _submit_settings, build_parser
 from dist_vdr.cli_options import load_command
 
-# Options that are not settings of a config dataclass (the train/data-check/make-* commands).
+# Options that are not settings of a config dataclass (the train/data-check/make-*/merge-adapter commands).
 UNMAPPED = {
     "train": {"--config", "--resume", "--no-resume", "--allow-config-change"},
     "data check": {"--config"},
@@ -29,6 +29,7 @@ UNMAPPED = {
     "make-synthetic-pages": {"--num-train", "--num-negatives", "--num-eval-queries", "--num-eval-distractors",
                              "--seed", "--overwrite"},
     "make-synthetic-pdfs": {"--num-documents", "--max-pages-per-document", "--num-scans", "--seed", "--overwrite"},
+    "merge-adapter": {"--dtype", "--trust-remote-code", "--overwrite"},
 }
 
 # The options each command cannot run without, with a value (paths need not exist: check_paths=False).

@@ -6,10 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from conftest import assert_same_step, kill_after_first_checkpoint, logged_losses, run_cli, run_launcher, tiny_overrides
+from conftest import (
+    assert_merged_is_base_plus_update,
+    assert_same_step,
+    kill_after_first_checkpoint,
+    logged_losses,
+    run_cli,
+    run_launcher,
+    tiny_overrides,
+)
 from dist_vdr import adapters
 
 pytestmark = pytest.mark.slow
@@ -56,16 +63,7 @@ def test_lora_on_two_ranks_trains_like_one_process_and_saves_the_adapter_alone(t
     assert lora_size <= 0.05 * full_size
 
     # The base stayed bit-identical: merged = the base files + the adapter's update, nothing else moved.
-    base = load_file(str(tiny_model / "model.safetensors"))
-    merged = load_file(str(tmp_path / "two" / "final" / adapters.MERGED / "model.safetensors"))
-    assert set(base) == set(merged)
-    adapted = {k for k in base if any(k.startswith(a.removesuffix(".lora_A.weight")) for a in w2 if "lora_A" in a)}
-    assert adapted and all(torch.equal(base[k], merged[k]) for k in base if k not in adapted)
-    scale = 8.0 / 4  # configs/tiny-lora.yaml: alpha / rank
-    for key in adapted:
-        stem = key.removesuffix(".weight")
-        delta = (w2[f"{stem}.lora_B.weight"] @ w2[f"{stem}.lora_A.weight"]) * scale
-        assert torch.allclose(merged[key], base[key] + delta, atol=1e-6), key
+    assert_merged_is_base_plus_update(tiny_model, tmp_path / "two" / "final", scale=8.0 / 4)
 
 
 def test_a_killed_lora_run_resumes_onto_the_same_losses(tiny_model, pages, tmp_path):
@@ -83,10 +81,3 @@ def test_a_killed_lora_run_resumes_onto_the_same_losses(tiny_model, pages, tmp_p
         assert_same_step("loss", step, b[step], a[step])
     record = json.loads((out / "final" / adapters.RECORD).read_text())
     assert record["base_model"] == str(tiny_model) and record["adapter"]["rank"] == 4
-
-
-def test_lora_under_a_sharded_engine_is_refused_with_the_fix(tiny_model, pages, tmp_path):
-    proc = run_launcher("launch/fsdp2.yaml", _args(tiny_model, pages, tmp_path / "fsdp"))
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "model.adapter under fsdp is not supported yet: launch the LoRA run with DDP" in proc.stderr
-    assert not (tmp_path / "fsdp").exists() or not list((tmp_path / "fsdp").glob("checkpoint-*"))

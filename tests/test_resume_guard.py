@@ -46,6 +46,10 @@ def test_launch_and_reporting_changes_are_accepted():
     notes = resume_guard.check(_yaml(), _yaml("training.logging_steps=10", "evaluation.enabled=false",
                                               "data.max_eval_queries=8"), "ckpt", allow_change=False)
     assert len(notes) == 1 and "reporting only" in notes[0] and "training.logging_steps: 1.0 -> 10.0" in notes[0]
+    # gradient caching's mini-batch (a memory lever: same loss at any size) and the merged copy of an adapter
+    notes = resume_guard.check(_yaml(), _yaml("loss.mini_batch_size=4", "model.adapter.merge_on_save=true"),
+                               "ckpt", allow_change=False)
+    assert len(notes) == 1 and "loss.mini_batch_size: 1 -> 4" in notes[0], notes
 
 
 def test_one_folder_spelled_two_ways_is_the_same(tmp_path, monkeypatch):

@@ -9,17 +9,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from .. import adapters, checkpoint, distributed, log
+from ..config import ModelConfig
 
 logger = log.get(__name__)
 
+# The launcher's process-group and engine settings: not for the merge subprocess
+_DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_", "MASTER_",
+                    "TORCHELASTIC_", "ACCELERATE_", "FSDP_")
+
 
 def save_final(trainer, info: distributed.DistInfo, out: Path, extra_files: dict[str, str],
-               merge_adapter: bool = False) -> None:
+               merge_with: ModelConfig | None = None) -> None:
     """Write the model (collective under ZeRO-3/FSDP2) plus the task's ``extra_files`` (name -> text);
-    a LoRA run writes its adapter, and with ``merge_adapter`` also the merged plain model (``merged/``)."""
+    a LoRA run writes its adapter, and given ``merge_with`` (the recipe's model section) also the merged
+    plain model (``merged/``)."""
     tmp, final = out / "final.tmp", out / "final"
     step = trainer.state.global_step
     if final_holds(final, step, info):
@@ -28,19 +36,13 @@ def save_final(trainer, info: distributed.DistInfo, out: Path, extra_files: dict
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        # Gather the full weights (collective), rank 0 writes a plain SentenceTransformer folder.
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-        if info.is_main:
-            trainer._save(str(tmp), state_dict=state_dict)
-    else:
-        trainer.save_model(str(tmp))
+    trainer.save_final_model(str(tmp))
     distributed.barrier()
     if info.is_main:
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
-        if merge_adapter and adapters.is_adapted(trainer.model):
-            adapters.merged_copy(trainer.model).save_pretrained(str(tmp / adapters.MERGED), create_model_card=False)
+        if merge_with is not None:
+            _write_merged(tmp, merge_with)
     checkpoint.mark_complete(tmp, info, {"step": step})
     if info.is_main:
         if final.exists():
@@ -49,6 +51,21 @@ def save_final(trainer, info: distributed.DistInfo, out: Path, extra_files: dict
             os.replace(final, previous)
         os.replace(tmp, final)
     distributed.barrier()
+
+
+def _write_merged(folder: Path, model_cfg: ModelConfig) -> None:
+    """``folder/merged``: the base model with the adapter just written to ``folder`` merged in, built from
+    the files (what a user gets) by ``dist-vdr merge-adapter`` in a process of its own: in this one the
+    trained module holds shards (ZeRO-3/FSDP2) and a model loaded here would be partitioned by DeepSpeed's
+    ZeRO-3 context, a collective the other ranks never join."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_DISTRIBUTED_ENV)}
+    cmd = [sys.executable, "-m", "dist_vdr.cli", "merge-adapter", str(folder), str(folder / adapters.MERGED),
+           "--dtype", model_cfg.dtype, *(["--trust-remote-code"] if model_cfg.trust_remote_code else [])]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:  # the adapter is saved: the run is not lost for want of its merged copy
+        logger.error(f"final/merged was not written (merge-adapter exit {proc.returncode}: "
+                     f"{(proc.stdout + proc.stderr).strip()[-1500:]}); the adapter in final/ is complete: merge it "
+                     f"later with `dist-vdr merge-adapter <output_dir>/final <output_dir>/final/merged`")
 
 
 def final_holds(final: Path, step: int, info: distributed.DistInfo) -> bool:
