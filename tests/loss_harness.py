@@ -16,7 +16,7 @@ import torch
 @dataclass
 class Case:
     name: str
-    implementation: str = "global_batch"  # global_batch | stock | broken_no_return | broken_scale
+    implementation: str = "global_batch"  # global_batch | stock | broken_no_return | broken_scale | broken_local_ids
     dims: tuple = (64, 32, 16)
     num_negatives: int = 1
     mini_batch_size: int = 1
@@ -41,6 +41,17 @@ def make_rows(n: int, num_negatives: int, seed: int):
     return rows
 
 
+def make_id_labels(n: int, num_negatives: int):
+    """Ids that make false negatives across ranks (``Case.extra["ids"]``): rows i and i + n/2 share their
+    positive's id; row i's negatives carry ids n<i>, and row i lists n<i+1> among its positive ids."""
+    from dist_vdr.losses.false_negatives import id_labels
+
+    half = max(n // 2, 1)
+    rows = [{"pos": f"doc{i % half}", **{f"neg{k}": f"n{i}" for k in range(num_negatives)},
+             "more": [f"n{(i + 1) % n}"]} for i in range(n)]
+    return id_labels(rows, ["pos", *(f"neg{k}" for k in range(num_negatives))], "more")
+
+
 def load_model(model_dir: str):
     from sentence_transformers import SentenceTransformer
 
@@ -59,6 +70,10 @@ def build_case_loss(model, case: Case, rank: int, world: int, distributed_run: b
 
     from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
 
+    masked = bool(case.extra.get("ids"))
+    if not distributed_run and masked:  # reference: the same loss on one process with the global batch
+        return GlobalBatchCachedMNRL(model, matryoshka_dims=case.dims, mini_batch_size=case.mini_batch_size,
+                                     mini_batch_num_tokens=case.mini_batch_num_tokens, mask_same_ids=True)
     if not distributed_run:  # the single-process reference: stock sentence-transformers
         if case.reference == "plain":
             inner = MultipleNegativesRankingLoss(model)
@@ -72,9 +87,9 @@ def build_case_loss(model, case: Case, rank: int, world: int, distributed_run: b
                                                    gather_across_devices=True)
         return MatryoshkaLoss(model, inner, list(case.dims)) if case.dims else inner
     cls = {"global_batch": GlobalBatchCachedMNRL, "broken_no_return": NoReturnLoss,
-           "broken_scale": WrongScaleLoss}[case.implementation]
+           "broken_scale": WrongScaleLoss, "broken_local_ids": LocalIdsLoss}[case.implementation]
     return cls(model, matryoshka_dims=case.dims, rank=rank, world_size=world, mini_batch_size=case.mini_batch_size,
-               mini_batch_num_tokens=case.mini_batch_num_tokens)
+               mini_batch_num_tokens=case.mini_batch_num_tokens, mask_same_ids=masked)
 
 
 def _broken_classes():
@@ -92,10 +107,28 @@ def _broken_classes():
         def _owner_gradients(self, grad):
             return super()._owner_gradients(grad) * self.world_size
 
-    return NoReturnLoss, WrongScaleLoss
+    class LocalIdsLoss(GlobalBatchCachedMNRL):
+        """Deliberately broken: every rank's candidates carry this rank's ids (as if the ids were not
+        gathered), so false negatives held by other ranks stay in the softmax."""
+
+        def calculate_loss(self, reps, labels=None, *, with_backward=False):
+            from dist_vdr.losses import false_negatives
+
+            stock = false_negatives.candidate_order
+
+            def local_only(ids):
+                return stock(ids[self.rank:self.rank + 1].expand_as(ids))
+
+            false_negatives.candidate_order = local_only
+            try:
+                return super().calculate_loss(reps, labels, with_backward=with_backward)
+            finally:
+                false_negatives.candidate_order = stock
+
+    return NoReturnLoss, WrongScaleLoss, LocalIdsLoss
 
 
-NoReturnLoss, WrongScaleLoss = _broken_classes()
+NoReturnLoss, WrongScaleLoss, LocalIdsLoss = _broken_classes()
 
 
 def override_model(loss, ddp) -> None:
@@ -111,7 +144,7 @@ def features(model, rows, columns: int):
     return [model.preprocess([row[c] for row in rows]) for c in range(columns)]
 
 
-def run_step(model, loss_fn, micro_batches: list[list], case: Case, ddp=None):
+def run_step(model, loss_fn, micro_batches: list[list], case: Case, ddp=None, labels: list | None = None):
     """Forward/backward over the micro-batches (gradient accumulation), return (mean loss, grads)."""
     columns = 2 + case.num_negatives
     model.zero_grad(set_to_none=True)
@@ -121,7 +154,7 @@ def run_step(model, loss_fn, micro_batches: list[list], case: Case, ddp=None):
         last = i == len(micro_batches) - 1
         ctx = ddp.no_sync() if (ddp is not None and not last) else _null()
         with ctx:
-            loss = loss_fn(feats, None) / len(micro_batches)
+            loss = loss_fn(feats, labels[i] if labels else None) / len(micro_batches)
             loss.backward()
         total += float(loss.detach())
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -141,10 +174,16 @@ def global_micro_batches(case: Case, world: int, seed: int = 0):
     return [make_rows(n, case.num_negatives, seed + k) for k in range(case.grad_accum)]
 
 
+def global_labels(case: Case, world: int) -> list | None:
+    if not case.extra.get("ids"):
+        return None
+    return [make_id_labels(case.per_rank_batch * world, case.num_negatives) for _ in range(case.grad_accum)]
+
+
 def reference(model_dir: str, case: Case, world: int):
     model = load_model(model_dir)
     loss_fn = build_case_loss(model, case, 0, 1, distributed_run=False)
-    return run_step(model, loss_fn, global_micro_batches(case, world), case)
+    return run_step(model, loss_fn, global_micro_batches(case, world), case, labels=global_labels(case, world))
 
 
 def worker(rank: int, world: int, init_file: str, model_dir: str, cases: list, out_path: str) -> None:
@@ -163,10 +202,12 @@ def worker(rank: int, world: int, init_file: str, model_dir: str, cases: list, o
             distributed.register_counting_comm_hook(ddp)
             loss_fn = build_case_loss(model, case, rank, world, distributed_run=True)
             override_model(loss_fn, ddp)  # as the trainer does: the replay runs through DDP (no_sync handling)
-            mine = [rows[rank * case.per_rank_batch:(rank + 1) * case.per_rank_batch]
-                    for rows in global_micro_batches(case, world)]
+            part = slice(rank * case.per_rank_batch, (rank + 1) * case.per_rank_batch)
+            mine = [rows[part] for rows in global_micro_batches(case, world)]
+            labels = global_labels(case, world)
             with distributed.count_collectives() as count:
-                loss, grads = run_step(model, loss_fn, mine, case, ddp=ddp)
+                loss, grads = run_step(model, loss_fn, mine, case, ddp=ddp,
+                                       labels=[lab[part] for lab in labels] if labels else None)
             # The logged loss is the mean over ranks (as the HF trainer's logging gathers it).
             t = torch.tensor([loss])
             dist.all_reduce(t)

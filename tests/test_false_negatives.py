@@ -1,0 +1,111 @@
+"""False-negative masking by id in the global-batch loss, one process (no process group).
+
+The multi-rank equivalence (W in {2, 4} ranks = one process with the global batch, the collective
+count unchanged, a broken variant caught) is in test_loss_equivalence; here: the ids survive the
+gather's packing bit for bit, the mask means what it says, and the loss on one process equals an
+explicit computation (softmax over the unmasked candidates), gradients included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_vdr.losses import false_negatives as fn
+from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
+
+
+def test_ids_hash_to_nonzero_64_bit_values():
+    assert fn.id_hash(None) == fn.id_hash("") == 0
+    assert fn.id_hash("doc/1") == fn.id_hash("doc/1") != fn.id_hash("doc/2")
+    assert fn.id_hash(7) == fn.id_hash("7") and -(1 << 63) <= fn.id_hash("x") < (1 << 63)
+    labels = fn.id_labels([{"p": "a", "n": "b", "more": ["c", "d"]}, {"p": "b", "n": None, "more": []}],
+                          ["p", "n"], "more")
+    assert labels.shape == (2, 4) and labels.dtype == torch.int64
+    assert labels[1].tolist() == [fn.id_hash("b"), 0, 0, 0] and labels[0, 0] == labels[1, 0] * 0 + fn.id_hash("a")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ids_ride_in_the_embeddings_bit_for_bit(dtype):
+    stacked = torch.randn(3, 5, 8).to(dtype)
+    ids = torch.randint(-(1 << 62), 1 << 62, (5, 2), dtype=torch.int64)
+    ids[0, 0] = 0x7FF8000000000001  # a NaN bit pattern in every float width
+    ids[1, 1] = -1
+    packed = fn.pack_ids(stacked, ids)
+    gathered = torch.stack([packed, packed.clone()])  # what the all-gather returns: the same bytes
+    emb, back = fn.unpack_ids(gathered, dtype)
+    assert torch.equal(emb[0], stacked) and back.shape == (2, 3, 5)
+    assert torch.equal(back[1, 1:].T, ids) and torch.equal(back[0, 0], ids[:, 0])
+
+
+def test_the_mask_hides_the_queries_ids_but_never_their_own_positive():
+    candidates = torch.tensor([5, 6, 5, 0, 7])  # ids in candidate order
+    query_ids = torch.tensor([[5, 0], [6, 7], [0, 0]])  # query 2 has no id
+    mask = fn.mask(query_ids, candidates, targets=torch.tensor([0, 1, 2]))
+    assert mask.tolist() == [[False, False, True, False, False],
+                             [False, False, False, False, True],
+                             [False, False, False, False, False]]
+
+
+def _reps(batch: int, columns: int, dim: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, dim, generator=gen, requires_grad=True)] for _ in range(columns)]
+
+
+def _explicit(reps, labels, dims, scale=20.0):
+    """Sum over dims of the mean cross-entropy of each query over its unmasked candidates."""
+    q, *cols = [torch.cat(c) for c in reps]
+    batch = q.shape[0]
+    cand = torch.cat(cols)  # positives, then first negatives, ...
+    cand_ids = labels[:, :len(cols)].T.reshape(-1)
+    own = torch.arange(batch)
+    total = 0
+    for dim in dims:
+        qd, cd = F.normalize(q[:, :dim], dim=-1), F.normalize(cand[:, :dim], dim=-1)
+        scores = qd @ cd.T * scale
+        sets = torch.cat([labels[:, :1], labels[:, len(cols):]], dim=1)
+        hide = ((cand_ids[None, :, None] == sets[:, None, :]) & (sets[:, None, :] != 0)).any(-1)
+        hide[own, own] = False
+        total = total + F.cross_entropy(scores.masked_fill(hide, float("-inf")), own)
+    return total
+
+
+def _labels(batch: int):
+    # rows 0 and 2 share their positive's id; row 1's negative carries row 3's positive id; row 3 lists
+    # row 0's negative among its positives
+    rows = [{"p": "d0", "n": "x0", "more": []}, {"p": "d1", "n": "d3", "more": []},
+            {"p": "d0", "n": "x2", "more": []}, {"p": "d3", "n": "x3", "more": ["x0"]}]
+    return fn.id_labels(rows[:batch], ["p", "n"], "more")
+
+
+def test_one_process_equals_the_explicit_masked_softmax(tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    dims = (16, 8)
+    loss = GlobalBatchCachedMNRL(model, matryoshka_dims=dims, mini_batch_size=2, mask_same_ids=True)
+    plain = GlobalBatchCachedMNRL(model, matryoshka_dims=dims, mini_batch_size=2)
+    labels = _labels(4)
+    reps = _reps(4, 3, 16)
+    got = loss.calculate_loss(reps, labels, with_backward=True)  # as in training: gradients into reps
+    grads = [c[0].grad.clone() for c in reps]
+    want = _explicit(reps, labels, dims)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    ref = torch.autograd.grad(want, [c[0] for c in reps])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, ref, strict=True))
+    unmasked = plain.calculate_loss(reps, None)
+    assert abs(unmasked.item() - got.item()) > 1e-3  # the example does hold false negatives
+
+    # Ids that collide nowhere change nothing.
+    distinct = fn.id_labels([{"p": f"d{i}", "n": f"n{i}"} for i in range(4)], ["p", "n"], None)
+    assert loss.calculate_loss(reps, distinct).item() == pytest.approx(unmasked.item(), rel=1e-6)
+
+
+def test_a_batch_without_ids_is_one_line_error(tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    loss = GlobalBatchCachedMNRL(model, mask_same_ids=True)
+    with pytest.raises(ValueError, match="the batch carries no candidate ids"):
+        loss.calculate_loss(_reps(4, 3, 16), None)
