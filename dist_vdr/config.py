@@ -173,6 +173,30 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class FalseNegativesConfig:
+    """loss.false_negatives: candidates of the global batch that answer the query too, left out of its
+    softmax (docs/false-negatives.md). Needs the global-batch loss (loss.name cmnrl)."""
+
+    id_column: str | None = None
+    """Mask by id: the training rows' column with the id of the positive page's document (or of the page),
+    e.g. document_id. Each negative column N carries its page's id in column ``N_<id_column>`` (the layout
+    of make-synthetic-pages: negative_0_document_id). A candidate anywhere in the global batch whose id is
+    one of the query's positive ids is left out of that query's softmax (never the query's own positive)."""
+    positive_ids_column: str | None = None
+    """Mask by id: a column listing further ids relevant to each row's query (e.g. every page its qrels
+    name); candidates carrying any of them are masked too."""
+
+    def __post_init__(self) -> None:
+        if self.positive_ids_column is not None and self.id_column is None:
+            raise ValueError("loss.false_negatives.positive_ids_column needs loss.false_negatives.id_column (the "
+                             "candidates' ids it is compared with)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.id_column is not None
+
+
+@dataclass(kw_only=True)
 class LossConfig:
     name: str = "auto"
     """auto: cmnrl for task=embedding, bce for task=reranker. Embedding: cmnrl
@@ -199,6 +223,8 @@ class LossConfig:
     num_in_batch_negatives: int = 0
     """Reranker listwise: extra negatives per query drawn at random from the other rows of the rank's
     batch (sentence-transformers' sampling; with > 0 the loss depends on how rows are split over ranks)."""
+    false_negatives: FalseNegativesConfig = field(default_factory=FalseNegativesConfig)
+    """Embedding cmnrl: mask the false negatives of the global batch (by id)."""
 
     def __post_init__(self) -> None:
         _check_choice("loss", "name", self.name, ("auto",) + _LOSSES + _RERANKER_LOSSES)
@@ -209,6 +235,9 @@ class LossConfig:
         _check_choice("loss", "implementation", self.implementation, ("auto", "global_batch", "stock"))
         if self.implementation == "global_batch" and self.name not in ("cmnrl", "auto"):
             raise ValueError("loss.implementation=global_batch needs loss.name=cmnrl")
+        if self.false_negatives.enabled and (self.name not in ("cmnrl", "auto") or self.implementation == "stock"):
+            raise ValueError("loss.false_negatives needs the global-batch loss: loss.name=cmnrl with "
+                             "loss.implementation auto or global_batch")
         if self.mini_batch_size < 1:
             raise ValueError(f"loss.mini_batch_size must be >= 1, got {self.mini_batch_size}")
         if self.mini_batch_num_tokens is not None and self.mini_batch_num_tokens < 1:

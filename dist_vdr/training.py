@@ -57,7 +57,8 @@ def run_training(cfg: Config, task: Task | None = None, *, resume: str | None = 
 
     # Data first: a bad row fails here, before anything is written. Every rank decodes its share once
     # (or finds the record of an earlier pass over the same data).
-    data = prepare_data(cfg, info, ctx.out, hash_rows=task.hashes_training_rows(cfg))
+    data = prepare_data(cfg, info, ctx.out, hash_rows=task.hashes_training_rows(cfg),
+                        extra_columns=task.extra_columns(cfg))
     phases.mark("data: load, validation, hashing")
     phases.notes["startup_pass_s"] = sum(r.seconds for r in data.passes if r.reused_from is None)
     lock = RunLock(ctx.out, log=logger.info)
@@ -75,7 +76,9 @@ def check_data(cfg: Config) -> PreparedData:
     launcher), its record written to the user cache, where the training runs of this data find it."""
     info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process,
                             timeout_s=cfg.launch.collective_timeout_s)
-    data = prepare_data(cfg, info, None, hash_rows=tasks.get(cfg.task).hashes_training_rows(cfg))
+    task = tasks.get(cfg.task)
+    data = prepare_data(cfg, info, None, hash_rows=task.hashes_training_rows(cfg),
+                        extra_columns=task.extra_columns(cfg))
     if info.is_main:
         for folder in data.write_records(None):
             logger.info(f"record written: {folder}")
@@ -150,6 +153,7 @@ class _Run:
         trainer.keep_parameters_gathered = cfg.launch.keep_parameters_gathered
         trainer.step_health = health
         setup.resolve_page_ids(trainer, cfg, inputs.train)
+        trainer.data_collator = self.task.wrap_collator(ctx, trainer.data_collator)
         setup.check_engine(trainer, info)
         self.phases.mark("trainer setup")
         return trainer, health

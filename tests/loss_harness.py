@@ -44,7 +44,7 @@ def make_rows(n: int, num_negatives: int, seed: int):
 def make_id_labels(n: int, num_negatives: int):
     """Ids that make false negatives across ranks (``Case.extra["ids"]``): rows i and i + n/2 share their
     positive's id; row i's negatives carry ids n<i>, and row i lists n<i+1> among its positive ids."""
-    from dist_vdr.losses.false_negatives import id_labels
+    from dist_vdr.data.id_labels import id_labels
 
     half = max(n // 2, 1)
     rows = [{"pos": f"doc{i % half}", **{f"neg{k}": f"n{i}" for k in range(num_negatives)},

@@ -12,18 +12,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dist_vdr.data import id_labels as row_ids
 from dist_vdr.losses import false_negatives as fn
 from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
 
 
 def test_ids_hash_to_nonzero_64_bit_values():
-    assert fn.id_hash(None) == fn.id_hash("") == 0
-    assert fn.id_hash("doc/1") == fn.id_hash("doc/1") != fn.id_hash("doc/2")
-    assert fn.id_hash(7) == fn.id_hash("7") and -(1 << 63) <= fn.id_hash("x") < (1 << 63)
-    labels = fn.id_labels([{"p": "a", "n": "b", "more": ["c", "d"]}, {"p": "b", "n": None, "more": []}],
+    assert row_ids.id_hash(None) == row_ids.id_hash("") == 0
+    assert row_ids.id_hash("doc/1") == row_ids.id_hash("doc/1") != row_ids.id_hash("doc/2")
+    assert row_ids.id_hash(7) == row_ids.id_hash("7") and -(1 << 63) <= row_ids.id_hash("x") < (1 << 63)
+    labels = row_ids.id_labels([{"p": "a", "n": "b", "more": ["c", "d"]}, {"p": "b", "n": None, "more": []}],
                           ["p", "n"], "more")
     assert labels.shape == (2, 4) and labels.dtype == torch.int64
-    assert labels[1].tolist() == [fn.id_hash("b"), 0, 0, 0] and labels[0, 0] == labels[1, 0] * 0 + fn.id_hash("a")
+    assert labels[1].tolist() == [row_ids.id_hash("b"), 0, 0, 0] and labels[0, 0] == row_ids.id_hash("a")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -76,7 +77,7 @@ def _labels(batch: int):
     # row 0's negative among its positives
     rows = [{"p": "d0", "n": "x0", "more": []}, {"p": "d1", "n": "d3", "more": []},
             {"p": "d0", "n": "x2", "more": []}, {"p": "d3", "n": "x3", "more": ["x0"]}]
-    return fn.id_labels(rows[:batch], ["p", "n"], "more")
+    return row_ids.id_labels(rows[:batch], ["p", "n"], "more")
 
 
 def test_one_process_equals_the_explicit_masked_softmax(tiny_model):
@@ -98,7 +99,7 @@ def test_one_process_equals_the_explicit_masked_softmax(tiny_model):
     assert abs(unmasked.item() - got.item()) > 1e-3  # the example does hold false negatives
 
     # Ids that collide nowhere change nothing.
-    distinct = fn.id_labels([{"p": f"d{i}", "n": f"n{i}"} for i in range(4)], ["p", "n"], None)
+    distinct = row_ids.id_labels([{"p": f"d{i}", "n": f"n{i}"} for i in range(4)], ["p", "n"], None)
     assert loss.calculate_loss(reps, distinct).item() == pytest.approx(unmasked.item(), rel=1e-6)
 
 
@@ -109,3 +110,48 @@ def test_a_batch_without_ids_is_one_line_error(tiny_model):
     loss = GlobalBatchCachedMNRL(model, mask_same_ids=True)
     with pytest.raises(ValueError, match="the batch carries no candidate ids"):
         loss.calculate_loss(_reps(4, 3, 16), None)
+
+
+def _recipe(pages, *more):
+    from dist_vdr.config import load_config
+
+    return load_config("configs/tiny.yaml", [f"data.path={pages}", "data.negative_columns=[negative_0,negative_1]",
+                                             *more], check_paths=False)
+
+
+def test_the_collator_moves_the_ids_into_the_labels(pages):
+    from dist_vdr.data.loading import load_train
+    from dist_vdr.tasks.embedding import EmbeddingTask
+
+    cfg = _recipe(pages, "loss.false_negatives.id_column=document_id")
+    task = EmbeddingTask()
+    columns = task.extra_columns(cfg)
+    assert columns == ["document_id", "negative_0_document_id", "negative_1_document_id"]
+    ds = load_train(cfg.data, extra_columns=columns)
+    seen = []
+    collator = task.wrap_collator(type("Ctx", (), {"cfg": cfg})(), lambda rows: seen.extend(rows) or {})
+    batch = collator([ds[i] for i in range(4)])
+    assert set(seen[0]) == {"query", "image", "negative_0", "negative_1"}  # the ids never reach the model
+    assert batch["label"].tolist() == [[row_ids.id_hash(ds[i][c]) for c in columns] for i in range(4)]
+    assert set(columns) <= set(collator.valid_label_columns)
+    assert task.wrap_collator(type("Ctx", (), {"cfg": _recipe(pages)})(), len) is len  # off: untouched
+
+
+def test_masking_does_not_change_which_rows_are_batched(pages):
+    """The id columns are the sampler's label columns: its duplicate check, and so every batch, is the
+    same as without them (masking changes the loss only)."""
+    from dist_vdr.data.loading import load_train
+    from dist_vdr.data.sampler import global_no_duplicates
+    from dist_vdr.tasks.embedding import EmbeddingTask
+
+    cfg = _recipe(pages, "loss.false_negatives.id_column=document_id")
+    task = EmbeddingTask()
+    with_ids = load_train(cfg.data, extra_columns=task.extra_columns(cfg))
+    plain = load_train(cfg.data)
+    labels = task.wrap_collator(type("Ctx", (), {"cfg": cfg})(), None).valid_label_columns
+    make = global_no_duplicates(world_size=2)
+    a = list(make(with_ids, batch_size=8, drop_last=True, valid_label_columns=labels, seed=3,
+                  generator=torch.Generator()))
+    b = list(make(plain, batch_size=8, drop_last=True, valid_label_columns=["label"], seed=3,
+                  generator=torch.Generator()))
+    assert a == b and len(a) > 10

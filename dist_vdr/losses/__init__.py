@@ -27,13 +27,14 @@ def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1):
         MultipleNegativesRankingLoss,
     )
 
-    if uses_global_batch_loss(cfg, world_size) or cfg.implementation == "global_batch":
+    if uses_global_batch_loss(cfg, world_size) or cfg.implementation == "global_batch" or cfg.false_negatives.enabled:
         from .global_batch import GlobalBatchCachedMNRL
 
         return GlobalBatchCachedMNRL(
             model, matryoshka_dims=cfg.matryoshka_dims, matryoshka_weights=cfg.matryoshka_weights,
             rank=rank, world_size=world_size if cfg.cross_device_negatives else 1, scale=cfg.scale,
-            mini_batch_size=cfg.mini_batch_size, mini_batch_num_tokens=cfg.mini_batch_num_tokens)
+            mini_batch_size=cfg.mini_batch_size, mini_batch_num_tokens=cfg.mini_batch_num_tokens,
+            mask_same_ids=cfg.false_negatives.enabled)
 
     gather = cfg.cross_device_negatives and world_size > 1
     if cfg.name == "cmnrl":

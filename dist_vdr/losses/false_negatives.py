@@ -12,35 +12,15 @@ are bit-packed into the embeddings' one all-gather instead (:func:`pack_ids` app
 reinterpreted as ``8 / itemsize`` values of the embedding dtype, to its embedding; a gather copies
 bytes, so the ids come back exact). The queries' own id sets never leave their rank.
 
-The collator puts the ids in the batch's ``label`` tensor, ``[B, (C-1) + K]`` int64: the id of each
-candidate column of the row (positive, negatives), then up to K further positive ids (0-padded).
+The collator (:mod:`dist_vdr.data.id_labels`) puts the ids in the batch's ``label`` tensor,
+``[B, (C-1) + K]`` int64: the id of each candidate column of the row (positive, negatives), then up
+to K further positive ids (0-padded).
 """
 
 from __future__ import annotations
 
 import torch
-import xxhash
 from torch import Tensor
-
-
-def id_hash(value) -> int:
-    """A nonzero signed 64-bit hash of an id's string (``None`` or "": 0, no id)."""
-    if value is None or value == "":
-        return 0
-    h = xxhash.xxh64_intdigest(str(value).encode("utf-8"))
-    h = h - (1 << 64) if h >= (1 << 63) else h
-    return h or 1
-
-
-def id_labels(rows: list[dict], candidate_columns: list[str], positive_ids_column: str | None) -> Tensor:
-    """The ``label`` tensor of a batch (see the module docstring) from its rows' id columns."""
-    extra = [list(row.get(positive_ids_column) or []) if positive_ids_column else [] for row in rows]
-    width = max((len(e) for e in extra), default=0)
-    labels = torch.zeros((len(rows), len(candidate_columns) + width), dtype=torch.int64)
-    for i, row in enumerate(rows):
-        values = [row[c] for c in candidate_columns] + extra[i]
-        labels[i, :len(values)] = torch.tensor([id_hash(v) for v in values], dtype=torch.int64)
-    return labels
 
 
 def _slots(dtype: torch.dtype) -> int:

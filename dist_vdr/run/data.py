@@ -19,9 +19,11 @@ from ..data.prepared import PreparedData
 logger = log.get(__name__)
 
 
-def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, hash_rows: bool) -> PreparedData:
-    """The training rows and eval data, validated (and hashed when ``hash_rows``). Collective."""
-    train_ds = load_train(without_image_check(cfg.data))
+def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, hash_rows: bool,
+                 extra_columns: list[str] = ()) -> PreparedData:
+    """The training rows and eval data, validated (and hashed when ``hash_rows``). Collective.
+    ``extra_columns``: columns the task reads besides the query and page columns (kept, not hashed)."""
+    train_ds = load_train(without_image_check(cfg.data), extra_columns=list(extra_columns))
     if len(train_ds) < cfg.training.global_batch_size:
         raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
                          f"lower training.global_batch_size or add data")
@@ -31,7 +33,10 @@ def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, h
     data = PreparedData(train_ds, eval_data)
     if cfg.data.validate_images or hash_rows:
         where = f"training data {cfg.data.path}[{cfg.data.train_split}]"
-        data.passes.append(startup.prepare(train_ds, image_columns(train_ds, cfg.data.train_columns), where,
+        # The sampler's duplicate check covers the query and page columns only (the extra ones are its
+        # label columns): hash exactly those.
+        scanned = train_ds.select_columns(cfg.data.train_columns) if extra_columns else train_ds
+        data.passes.append(startup.prepare(scanned, image_columns(train_ds, cfg.data.train_columns), where,
                                            hashed=hash_rows, **kwargs))
         _report_pass(info, data.passes[-1], "training rows", hash_rows)
     if eval_data is not None and cfg.data.validate_images:

@@ -105,7 +105,8 @@ def describe_loss(loss) -> str:
     dims = [d for d, _ in getattr(loss, "dims_weights", []) if d is not None]
     if getattr(loss, "retrieval_score_weight", 0):
         return f"{type(loss).__name__}(reranker score + {loss.retrieval_score_weight:g} x retrieval score)"
-    return f"{type(loss).__name__}(dims={dims})" if dims else type(loss).__name__
+    masked = ", false negatives masked by id" if getattr(loss, "mask_same_ids", False) else ""
+    return f"{type(loss).__name__}(dims={dims}{masked})" if dims or masked else type(loss).__name__
 
 
 def prepare_resharded_resume(resume_from: str | None, cfg: Config, info: distributed.DistInfo, per_device: int,

@@ -78,6 +78,15 @@ class Task:
         """Whether the startup pass hashes the training rows for the no-duplicates sampler."""
         return False
 
+    def extra_columns(self, cfg: Config) -> list[str]:
+        """Columns of the training rows the task reads besides the query and page columns (kept by the
+        loading, left out of the no-duplicates hashes)."""
+        return []
+
+    def wrap_collator(self, ctx: RunContext, collator):
+        """The trainer's data collator, or a wrapper around it (e.g. turning extra columns into labels)."""
+        return collator
+
     def prepare(self, ctx: RunContext, data: PreparedData) -> TaskInputs:
         """The rows to train on (collective; may load other models, must free them)."""
         return TaskInputs(train=data.train, row_hashes=data.row_hashes)

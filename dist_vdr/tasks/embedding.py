@@ -12,6 +12,7 @@ from pathlib import Path
 from sentence_transformers import SentenceTransformerTrainingArguments
 
 from ..config import Config
+from ..data import id_labels
 from ..evaluation import stock
 from ..evaluation.sharded import ShardedRetrievalEvaluator, plot_ndcg_vs_dim
 from ..losses import build_loss
@@ -34,6 +35,18 @@ class EmbeddingTask(Task):
             cfg.training.batch_sampler = "no_duplicates_hashed"
         if cfg.loss.name not in _LOSSES:
             raise ValueError(f"loss.name={cfg.loss.name!r} is not a {self.name} loss; use one of {list(_LOSSES)}")
+        if cfg.loss.false_negatives.enabled and cfg.loss.name != "cmnrl":
+            raise ValueError("loss.false_negatives needs the global-batch loss: loss.name=cmnrl")
+
+    def extra_columns(self, cfg: Config) -> list[str]:
+        candidates, positive_ids = id_labels.id_columns(cfg)
+        return [*candidates, *([positive_ids] if positive_ids else [])]
+
+    def wrap_collator(self, ctx: RunContext, collator):
+        candidates, positive_ids = id_labels.id_columns(ctx.cfg)
+        if not candidates:
+            return collator
+        return id_labels.IdLabelsCollator(collator, candidates, positive_ids)
 
     def hashes_training_rows(self, cfg: Config) -> bool:
         return cfg.training.batch_sampler == "no_duplicates_hashed"
