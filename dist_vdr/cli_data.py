@@ -55,6 +55,7 @@ MINE = Command(MineCommand, (
     Opt("--rank-start", "mining.rank_start"),
     Opt("--max-rank", "mining.max_rank"),
     Opt("--margin", "mining.margin"),
+    Opt("--max-score-ratio", "mining.max_score_ratio"),
     Opt("--document-id-column", "mining.document_id_columns", metavar="PAGECOL=IDCOL", append=True,
         help="With data.path: never pick a page of the positive's document, by the column holding the page's "
              "document id (repeat per page column)."),

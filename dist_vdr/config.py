@@ -446,6 +446,9 @@ class MiningConfig:
     """Pick negatives only among the retriever's top max_rank pages; rows with too few are dropped."""
     margin: float | None = None
     """Keep a candidate only when its cosine score < the positive's score - margin (false-negative guard)."""
+    max_score_ratio: float | None = None
+    """Positive-aware threshold (NV-Retriever's TopK-PercPos; they use 0.95): keep a candidate only when its
+    score < this fraction of the positive's score (a positive scoring <= 0: only candidates below it)."""
     num_random_negatives: int = 0
     """Also this many pages drawn at random (per-row seeded, never the positive or its document),
     written after the mined ones. Easy negatives: a reranker trained only on hard ones can stall
@@ -468,6 +471,8 @@ class MiningConfig:
             raise ValueError("mining.num_random_negatives must be >= 0")
         if self.max_uses_per_page is not None and self.max_uses_per_page < 1:
             raise ValueError("mining.max_uses_per_page must be >= 1 or null")
+        if self.max_score_ratio is not None and not 0 < self.max_score_ratio <= 1:
+            raise ValueError(f"mining.max_score_ratio must be in (0, 1] or null (e.g. 0.95), got {self.max_score_ratio}")
         if self.rank_start < 0 or self.max_rank < self.rank_start + self.num_negatives:
             raise ValueError(f"mining.max_rank={self.max_rank} leaves no room for {self.num_negatives} negatives after "
                              f"rank_start={self.rank_start}; raise max_rank")

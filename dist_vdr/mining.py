@@ -5,9 +5,11 @@ corpus, every rank encodes its own shard (optionally cached on disk, so an inter
 continues), queries are encoded sharded and all-gathered, and each rank's exact top-k lists are
 merged deterministically (score, then content hash). Then, per query, negatives are the best-ranked
 pages that are not its positive (same content hash), from ``rank_start`` on, within the top
-``max_rank``, and, with a ``margin``, scoring below the positive's score minus the margin (pages
+``max_rank``, and, with a ``margin``, scoring below the positive's score minus the margin, and with
+``max_score_ratio``, below that fraction of the positive's score (NV-Retriever's TopK-PercPos; pages
 that score as high as the positive are often unlabelled positives). Rows without enough such
-pages are dropped and counted. The result depends only on the embeddings, not on the number of
+pages are dropped and counted. Every mined row records why each negative was kept: its rank, the
+retriever's scores and its margin below the positive (:func:`audit_columns`). The result depends only on the embeddings, not on the number of
 ranks (tested: 2 ranks write the same dataset as 1).
 """
 
@@ -33,6 +35,8 @@ logger = log.get(__name__)
 MARKER_FILE = "dist_vdr_mined.json"
 # Column of mined rows: the retriever's cosine score of the positive, then of each negative.
 RETRIEVER_SCORES = "retriever_scores"
+# Column of mined rows: the positive's score minus each negative's (the margin the negative was kept at).
+NEGATIVE_MARGINS = "negative_margins"
 
 
 @dataclass
@@ -65,31 +69,52 @@ def hash_pages(ds, page_columns: list[str]) -> tuple[np.ndarray, list[str]]:
     return cells, list(index)
 
 
+def score_limit(positive_score: float, cfg: MiningConfig) -> float:
+    """Candidates must score below this to be negatives (margin and max_score_ratio; inf without them)."""
+    limit = np.inf
+    if cfg.margin is not None:
+        limit = positive_score - cfg.margin
+    if cfg.max_score_ratio is not None:
+        limit = min(limit, cfg.max_score_ratio * positive_score if positive_score > 0 else positive_score)
+    return limit
+
+
 def select_negatives(scores: np.ndarray, idx: np.ndarray, positives: np.ndarray, positive_scores: np.ndarray,
                      cfg: MiningConfig, documents: np.ndarray | None = None,
-                     relevant: list[set[int]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     relevant: list[set[int]] | None = None,
+                     stats: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per query, the first ``num_negatives`` eligible pages of its ranking (see the module docstring).
 
     ``documents``: document code of every page (-1: unknown); pages of the positive's document are
     skipped like the positive itself (they take no rank), and so are the pages of ``relevant[i]``
     (every page judged relevant to the query). Returns (negatives [Q, n], their ranks
-    [Q, n], ok [Q]); rows with ok False are to be dropped.
+    [Q, n], ok [Q]); rows with ok False are to be dropped. ``stats`` (if given) counts the candidates
+    passed over as too close to the positive (``too_close``: margin or max_score_ratio) and as of its
+    document or judged relevant (``relevant``).
     """
     q = len(idx)
     negatives = np.full((q, cfg.num_negatives), -1, dtype=np.int64)
     ranks = np.full((q, cfg.num_negatives), -1, dtype=np.int64)
     uses: dict[int, int] = {}
     cap = cfg.max_uses_per_page
+    counts = stats if stats is not None else {}
+    counts.setdefault("too_close", 0)
+    counts.setdefault("relevant", 0)
     for i in range(q):
         found, rank = 0, 0
+        limit = score_limit(positive_scores[i], cfg)
         for s, j in zip(scores[i], idx[i], strict=True):
             if j < 0 or rank >= cfg.max_rank or found == cfg.num_negatives:
                 break
-            if j == positives[i] or (documents is not None and documents[j] >= 0
-                                     and documents[j] == documents[positives[i]]) or (relevant and j in relevant[i]):
+            if j == positives[i]:
                 continue
-            if (rank >= cfg.rank_start and (cfg.margin is None or s < positive_scores[i] - cfg.margin)
-                    and (cap is None or uses.get(int(j), 0) < cap)):
+            if (documents is not None and documents[j] >= 0 and documents[j] == documents[positives[i]]) \
+                    or (relevant and j in relevant[i]):
+                counts["relevant"] += 1
+                continue
+            if rank >= cfg.rank_start and not s < limit:
+                counts["too_close"] += 1
+            elif rank >= cfg.rank_start and (cap is None or uses.get(int(j), 0) < cap):
                 negatives[i, found], ranks[i, found] = j, rank
                 uses[int(j)] = uses.get(int(j), 0) + 1
                 found += 1
@@ -172,7 +197,11 @@ def mine_pages(model, queries: list[str], pages, page_keys: list[str], positives
     scores, idx = global_topk(encoded, shard, offset, k, sorted_position(page_keys),
                               backend=backend)
     positive_scores = _pair_scores(encoded, shard, offset, positives[:, None])[:, 0]
-    negatives, ranks, ok = select_negatives(scores, idx, positives, positive_scores, cfg, documents, relevant)
+    stats: dict = {}
+    negatives, ranks, ok = select_negatives(scores, idx, positives, positive_scores, cfg, documents, relevant, stats)
+    logger.info(f"mining: {stats['too_close']} candidates passed over as too close to their positive (margin "
+                f"{cfg.margin}, max_score_ratio {cfg.max_score_ratio}), {stats['relevant']} as of its document or "
+                f"judged relevant; {int((~ok).sum())} of {len(ok)} rows without enough negatives")
     if cfg.num_random_negatives:
         extra = random_negatives(positives, negatives, len(page_keys), cfg.num_random_negatives, cfg.seed, documents,
                                  relevant)
@@ -260,8 +289,7 @@ def write_mined(ds, mined: MinedNegatives, out: str | Path, *, query_column: str
         for j in range(mined.negatives.shape[1]):
             negative = mined.pages.select(mined.negatives[:, j].tolist()).rename_column("image", f"negative_{j}")
             columns.append(negative.flatten_indices(cache_file_name=str(scratch / f"negative_{j}.arrow")))
-        ranks = datasets.Dataset.from_dict({"negative_ranks": mined.ranks.tolist(),
-                                            RETRIEVER_SCORES: mined.scores.astype(np.float32).tolist()})
+        ranks = datasets.Dataset.from_dict(audit_columns(mined.ranks, mined.scores))
         result = datasets.concatenate_datasets([*columns, ranks], axis=1)
         return save_atomic(result, out, {**fingerprint, "rows": len(result), "dropped": mined.num_dropped})
     finally:
@@ -323,9 +351,18 @@ def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[st
                "image": [page_ids[positives[i]] for i in kept]}
     for j in range(negatives.shape[1]):
         columns[f"negative_{j}"] = [page_ids[negatives[i, j]] for i in kept]
-    columns["negative_ranks"] = ranks[kept].tolist()
-    columns[RETRIEVER_SCORES] = scores[kept].astype(np.float32).tolist()
+    columns.update(audit_columns(ranks[kept], scores[kept]))
     return datasets.Dataset.from_dict(columns), int((~ok).sum())
+
+
+def audit_columns(ranks: np.ndarray, scores: np.ndarray) -> dict[str, list]:
+    """Why each negative of a mined row was kept, for auditing false-negative risk: its retrieval rank
+    (``negative_ranks``, -1 for a random one), the retriever's scores of the positive then of each
+    negative (``retriever_scores``) and each negative's margin below the positive (``negative_margins``:
+    positive score - its score; near 0 or negative = as close to the query as the positive)."""
+    scores = scores.astype(np.float32)
+    return {"negative_ranks": ranks.tolist(), RETRIEVER_SCORES: scores.tolist(),
+            NEGATIVE_MARGINS: (scores[:, :1] - scores[:, 1:]).tolist()}
 
 
 def read_marker(path: str | Path, marker_file: str = MARKER_FILE) -> dict | None:
@@ -336,4 +373,4 @@ def read_marker(path: str | Path, marker_file: str = MARKER_FILE) -> dict | None
 def fingerprint(retriever: str, data_path: str, split: str, max_rows: int | None, cfg: MiningConfig) -> dict:
     """What a mined dataset was made from: reused only when all of it matches."""
     return {"retriever": str(retriever), "data": str(data_path), "split": split, "max_rows": max_rows,
-            "mining": dataclasses.asdict(cfg), "format": 2}  # 2: with the retriever's scores
+            "mining": dataclasses.asdict(cfg), "format": 3}  # 2: with the retriever's scores; 3: and margins

@@ -121,7 +121,7 @@ def test_listwise_loss_is_a_softmax_over_positive_and_hard_negatives(tiny_rerank
 
 
 def test_negative_selection_skips_the_positive_the_first_ranks_and_the_margin():
-    from dist_vdr.mining import select_negatives
+    from dist_vdr.mining import score_limit, select_negatives
 
     idx = np.array([[5, 1, 2, 3, 4, -1], [0, 1, 2, 3, 4, 6], [9, 8, -1, -1, -1, -1]])
     scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, -np.inf], [0.9, 0.85, 0.8, 0.7, 0.6, 0.5],
@@ -137,12 +137,31 @@ def test_negative_selection_skips_the_positive_the_first_ranks_and_the_margin():
                                    MiningConfig(num_negatives=2, rank_start=0, max_rank=5, margin=0.15))
     assert negs[0].tolist() == [3, 4]  # 5 (0.9) and 2 (0.7 > 0.8 - 0.15) are too close to the positive
     assert negs[1].tolist() == [3, 4] and ok.tolist() == [True, True, False]
+    # Positive-aware (TopK-PercPos): below 0.85 x the positive's score; the skipped ones are counted
+    stats: dict = {}
+    negs, _, _ = select_negatives(scores, idx, positives, pos_scores,
+                                  MiningConfig(num_negatives=2, rank_start=0, max_rank=5, max_score_ratio=0.85),
+                                  stats=stats)
+    assert negs[0].tolist() == [3, 4]  # 0.9 and 0.7 >= 0.85 x 0.8 = 0.68
+    assert negs[1].tolist() == [3, 4]  # 0.85, 0.8 >= 0.765
+    assert stats["too_close"] == 2 + 2 + 0 and stats["relevant"] == 0
+    assert score_limit(-0.2, MiningConfig(max_score_ratio=0.9)) == -0.2  # a negative positive score: below it
+    assert score_limit(0.5, MiningConfig(margin=0.05, max_score_ratio=0.95)) == pytest.approx(0.45)
     documents = np.full(10, -1)
     documents[[1, 2, 0, 3]] = [7, 7, 8, 8]  # page 2 shares the document of row 0's positive (1); 3 that of row 1's (0)
     negs, ranks, _ = select_negatives(scores, idx, positives, pos_scores,
                                       MiningConfig(num_negatives=2, rank_start=0, max_rank=5), documents)
     assert negs[0].tolist() == [5, 3] and ranks[0].tolist() == [0, 1]  # 2 skipped without taking a rank
     assert negs[1].tolist() == [1, 2]
+
+
+def test_mined_rows_record_why_each_negative_was_kept():
+    from dist_vdr.mining import NEGATIVE_MARGINS, RETRIEVER_SCORES, audit_columns
+
+    cols = audit_columns(np.array([[0, 3], [1, -1]]), np.array([[0.8, 0.7, 0.5], [0.6, 0.65, 0.1]]))
+    assert cols["negative_ranks"] == [[0, 3], [1, -1]]
+    assert np.allclose(cols[RETRIEVER_SCORES], [[0.8, 0.7, 0.5], [0.6, 0.65, 0.1]])
+    assert np.allclose(cols[NEGATIVE_MARGINS], [[0.1, 0.3], [-0.05, 0.5]])  # row 1's first: above its positive
 
 
 def test_page_table_deduplicates_by_content(pages):
