@@ -472,7 +472,8 @@ class MiningConfig:
         if self.max_uses_per_page is not None and self.max_uses_per_page < 1:
             raise ValueError("mining.max_uses_per_page must be >= 1 or null")
         if self.max_score_ratio is not None and not 0 < self.max_score_ratio <= 1:
-            raise ValueError(f"mining.max_score_ratio must be in (0, 1] or null (e.g. 0.95), got {self.max_score_ratio}")
+            raise ValueError(f"mining.max_score_ratio must be in (0, 1] or null (e.g. 0.95), "
+                             f"got {self.max_score_ratio}")
         if self.rank_start < 0 or self.max_rank < self.rank_start + self.num_negatives:
             raise ValueError(f"mining.max_rank={self.max_rank} leaves no room for {self.num_negatives} negatives after "
                              f"rank_start={self.rank_start}; raise max_rank")

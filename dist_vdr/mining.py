@@ -9,8 +9,8 @@ pages that are not its positive (same content hash), from ``rank_start`` on, wit
 ``max_score_ratio``, below that fraction of the positive's score (NV-Retriever's TopK-PercPos; pages
 that score as high as the positive are often unlabelled positives). Rows without enough such
 pages are dropped and counted. Every mined row records why each negative was kept: its rank, the
-retriever's scores and its margin below the positive (:func:`audit_columns`). The result depends only on the embeddings, not on the number of
-ranks (tested: 2 ranks write the same dataset as 1).
+retriever's scores and its margin below the positive (:func:`audit_columns`). The result depends
+only on the embeddings, not on the number of ranks (tested: 2 ranks write the same dataset as 1).
 """
 
 from __future__ import annotations
