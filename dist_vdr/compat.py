@@ -79,6 +79,11 @@ SEAMS: tuple[Seam, ...] = (
          what="NoDuplicatesBatchSampler._row_hashes and sentence_transformers.base.sampler._EXCLUDE_DATASET_COLUMNS",
          used_by="data.sampler.GlobalNoDuplicatesBatchSampler",
          why="the startup pass's hashes are handed to the sampler as its own precomputed ones"),
+    Seam("st.create_minibatch", **_ST,
+         what="sentence_transformers.base.losses.gradcache._create_minibatch(features, begin, end)",
+         used_by="losses.global_batch.GlobalBatchCachedMNRL.embed_minibatch",
+         why="the guide of loss.false_negatives embeds exactly the student's mini-batches, sliced as the cached "
+             "loss slices padded, flattened and VLM features (pixel_values per image grid)"),
     Seam("st.trainer_save", **_ST,
          what="SentenceTransformerTrainer._save / CrossEncoderTrainer._save(output_dir, state_dict)",
          used_by="st_trainers._DistVdrTrainerMixin._save",
@@ -265,6 +270,14 @@ def set_sampler_row_hashes(sampler, row_hashes) -> None:
     """Give NoDuplicatesBatchSampler its precomputed row hashes ([rows, columns] int64)."""
     require("st.sampler_row_hashes")
     sampler._row_hashes = row_hashes
+
+
+def st_minibatch(features: dict, begin: int, end: int) -> dict:
+    """Rows [begin, end) of a column's features, as sentence-transformers' cached losses slice them."""
+    require("st.create_minibatch")
+    from sentence_transformers.base.losses.gradcache import _create_minibatch
+
+    return _create_minibatch(features, begin, end)
 
 
 def st_trainer_save(stock: Callable, output_dir: str | None, state_dict) -> None:

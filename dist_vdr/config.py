@@ -185,15 +185,26 @@ class FalseNegativesConfig:
     positive_ids_column: str | None = None
     """Mask by id: a column listing further ids relevant to each row's query (e.g. every page its qrels
     name); candidates carrying any of them are masked too."""
+    guide: str | None = None
+    """Mask by a guide: a frozen SentenceTransformer (folder or hub id) sharing the model's inputs (same
+    processor), e.g. the base model. It embeds every row in step 1 of gradient caching; a candidate it
+    scores above the query's positive less ``margin`` is masked (GIST's rule, over the global batch)."""
+    margin: float = 0.0
+    """Guide masking: candidates scoring above the positive's guide score - margin are masked."""
+    margin_strategy: str = "absolute"
+    """absolute: ``> positive - margin``; relative: ``> positive - |positive| x margin`` (0.05: 95 %)."""
 
     def __post_init__(self) -> None:
         if self.positive_ids_column is not None and self.id_column is None:
             raise ValueError("loss.false_negatives.positive_ids_column needs loss.false_negatives.id_column (the "
                              "candidates' ids it is compared with)")
+        _check_choice("loss.false_negatives", "margin_strategy", self.margin_strategy, ("absolute", "relative"))
+        if self.margin < 0:
+            raise ValueError(f"loss.false_negatives.margin must be >= 0, got {self.margin}")
 
     @property
     def enabled(self) -> bool:
-        return self.id_column is not None
+        return self.id_column is not None or self.guide is not None
 
 
 @dataclass(kw_only=True)
@@ -676,10 +687,13 @@ def _resolve_sources(cfg: Config) -> None:
     for key in ("eval_queries_file", "eval_qrels_file"):
         if getattr(d, key) and cfg.evaluation.enabled:
             setattr(d, key, sources.resolve_file(getattr(d, key), f"data.{key}"))
-    for key, label in tasks.get(cfg.task).local_paths(cfg):  # the task's own paths
-        section, _, name = key.partition(".")
-        node = getattr(cfg, section)
-        setattr(node, name, sources.resolve(getattr(node, name), key, label))
+    for key, label in tasks.get(cfg.task).local_paths(cfg):  # the task's own paths (dotted keys, any depth)
+        *sections, name = key.split(".")
+        node = cfg
+        for section in sections:
+            node = getattr(node, section)
+        if getattr(node, name) is not None:  # unset: nothing to check
+            setattr(node, name, sources.resolve(getattr(node, name), key, label))
 
 
 def _explain(exc, where: str, schema: type | None = None, aliases: Mapping[str, str] | None = None) -> str:

@@ -16,7 +16,7 @@ import torch
 @dataclass
 class Case:
     name: str
-    implementation: str = "global_batch"  # global_batch | stock | broken_no_return | broken_scale | broken_local_ids
+    implementation: str = "global_batch"  # global_batch | stock | broken_* (deliberately wrong variants)
     dims: tuple = (64, 32, 16)
     num_negatives: int = 1
     mini_batch_size: int = 1
@@ -52,6 +52,17 @@ def make_id_labels(n: int, num_negatives: int):
     return id_labels(rows, ["pos", *(f"neg{k}" for k in range(num_negatives))], "more")
 
 
+def load_guide(model_dir: str):
+    """A guide for loss.false_negatives (``Case.extra["guide"]``): the model with perturbed weights, the
+    same on every rank."""
+    guide = load_model(model_dir)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in guide.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return guide
+
+
 def load_model(model_dir: str):
     from sentence_transformers import SentenceTransformer
 
@@ -61,7 +72,7 @@ def load_model(model_dir: str):
     return model
 
 
-def build_case_loss(model, case: Case, rank: int, world: int, distributed_run: bool):
+def build_case_loss(model, case: Case, rank: int, world: int, distributed_run: bool, model_dir: str = ""):
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
         MatryoshkaLoss,
@@ -71,9 +82,11 @@ def build_case_loss(model, case: Case, rank: int, world: int, distributed_run: b
     from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
 
     masked = bool(case.extra.get("ids"))
-    if not distributed_run and masked:  # reference: the same loss on one process with the global batch
+    guide = dict(guide=load_guide(model_dir), guide_margin=case.extra.get("margin", 0.0),
+                 guide_margin_strategy=case.extra.get("strategy", "absolute")) if case.extra.get("guide") else {}
+    if not distributed_run and (masked or guide):  # reference: the same loss on one process, the global batch
         return GlobalBatchCachedMNRL(model, matryoshka_dims=case.dims, mini_batch_size=case.mini_batch_size,
-                                     mini_batch_num_tokens=case.mini_batch_num_tokens, mask_same_ids=True)
+                                     mini_batch_num_tokens=case.mini_batch_num_tokens, mask_same_ids=masked, **guide)
     if not distributed_run:  # the single-process reference: stock sentence-transformers
         if case.reference == "plain":
             inner = MultipleNegativesRankingLoss(model)
@@ -86,10 +99,10 @@ def build_case_loss(model, case: Case, rank: int, world: int, distributed_run: b
                                                    mini_batch_num_tokens=case.mini_batch_num_tokens,
                                                    gather_across_devices=True)
         return MatryoshkaLoss(model, inner, list(case.dims)) if case.dims else inner
-    cls = {"global_batch": GlobalBatchCachedMNRL, "broken_no_return": NoReturnLoss,
-           "broken_scale": WrongScaleLoss, "broken_local_ids": LocalIdsLoss}[case.implementation]
+    cls = {"global_batch": GlobalBatchCachedMNRL, "broken_no_return": NoReturnLoss, "broken_scale": WrongScaleLoss,
+           "broken_local_ids": LocalIdsLoss, "broken_local_guide": LocalGuideLoss}[case.implementation]
     return cls(model, matryoshka_dims=case.dims, rank=rank, world_size=world, mini_batch_size=case.mini_batch_size,
-               mini_batch_num_tokens=case.mini_batch_num_tokens, mask_same_ids=masked)
+               mini_batch_num_tokens=case.mini_batch_num_tokens, mask_same_ids=masked, **guide)
 
 
 def _broken_classes():
@@ -125,16 +138,31 @@ def _broken_classes():
             finally:
                 false_negatives.candidate_order = stock
 
-    return NoReturnLoss, WrongScaleLoss, LocalIdsLoss
+    class LocalGuideLoss(GlobalBatchCachedMNRL):
+        """Deliberately broken: the guide's candidate embeddings of every rank are this rank's (as if they
+        were not gathered)."""
+
+        def _gather(self, stacked, labels, num_columns, batch_size):
+            gathered, masking = super()._gather(stacked, labels, num_columns, batch_size)
+            queries, candidates = masking.guide
+            blocks = candidates.view(num_columns - 1, self.world_size, batch_size, -1)
+            local = blocks[:, self.rank:self.rank + 1].expand_as(blocks).reshape(candidates.shape)
+            masking.guide = (queries, local)
+            return gathered, masking
+
+    return NoReturnLoss, WrongScaleLoss, LocalIdsLoss, LocalGuideLoss
 
 
-NoReturnLoss, WrongScaleLoss, LocalIdsLoss = _broken_classes()
+NoReturnLoss, WrongScaleLoss, LocalIdsLoss, LocalGuideLoss = _broken_classes()
 
 
 def override_model(loss, ddp) -> None:
-    """Swap the DDP wrapper into the loss and any nested loss, like SentenceTransformerTrainer does."""
+    """Swap the DDP wrapper into the loss and any nested loss, like SentenceTransformerTrainer does (only a
+    ``model`` that is a SentenceTransformer: a guide's inner transformers ``model`` stays)."""
+    from sentence_transformers import SentenceTransformer
+
     for name, child in list(loss.named_children()):
-        if name == "model":
+        if name == "model" and isinstance(child, SentenceTransformer):
             setattr(loss, name, ddp)
         elif isinstance(child, torch.nn.Module):
             override_model(child, ddp)
@@ -182,7 +210,7 @@ def global_labels(case: Case, world: int) -> list | None:
 
 def reference(model_dir: str, case: Case, world: int):
     model = load_model(model_dir)
-    loss_fn = build_case_loss(model, case, 0, 1, distributed_run=False)
+    loss_fn = build_case_loss(model, case, 0, 1, distributed_run=False, model_dir=model_dir)
     return run_step(model, loss_fn, global_micro_batches(case, world), case, labels=global_labels(case, world))
 
 
@@ -200,7 +228,7 @@ def worker(rank: int, world: int, init_file: str, model_dir: str, cases: list, o
             model = load_model(model_dir)
             ddp = DistributedDataParallel(model, find_unused_parameters=False)
             distributed.register_counting_comm_hook(ddp)
-            loss_fn = build_case_loss(model, case, rank, world, distributed_run=True)
+            loss_fn = build_case_loss(model, case, rank, world, distributed_run=True, model_dir=model_dir)
             override_model(loss_fn, ddp)  # as the trainer does: the replay runs through DDP (no_sync handling)
             part = slice(rank * case.per_rank_batch, (rank + 1) * case.per_rank_batch)
             mine = [rows[part] for rows in global_micro_batches(case, world)]

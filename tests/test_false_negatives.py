@@ -155,3 +155,47 @@ def test_masking_does_not_change_which_rows_are_batched(pages):
     b = list(make(plain, batch_size=8, drop_last=True, valid_label_columns=["label"], seed=3,
                   generator=torch.Generator()))
     assert a == b and len(a) > 10
+
+
+def _student_and_guide(tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    torch.manual_seed(0)
+    student = SentenceTransformer(str(tiny_model), device="cpu", model_kwargs={"attn_implementation": "sdpa"})
+    guide = SentenceTransformer(str(tiny_model), device="cpu", model_kwargs={"attn_implementation": "sdpa"})
+    with torch.no_grad():  # a guide that ranks differently from the student
+        gen = torch.Generator().manual_seed(1)
+        for p in guide.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return student, guide
+
+
+def _step(model, loss, rows, labels=None):
+    model.zero_grad(set_to_none=True)
+    features = [model.preprocess([row[c] for row in rows]) for c in range(len(rows[0]))]
+    value = loss(features, labels)
+    value.backward()
+    return value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("strategy,margin", [("absolute", 0.0), ("absolute", 0.01), ("relative", 0.05)])
+def test_masking_by_guide_equals_sentence_transformers_cached_gist(tiny_model, strategy, margin):
+    """One process: the guide rule of loss.false_negatives is CachedGISTEmbedLoss's where the two coincide
+    (query-candidate scores only: contrast_anchors/contrast_positives off; temperature = 1 / scale)."""
+    from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss
+
+    from loss_harness import make_rows, max_rel_diff
+
+    student, guide = _student_and_guide(tiny_model)
+    rows = make_rows(6, 1, seed=5)
+    ours = GlobalBatchCachedMNRL(student, mini_batch_size=2, guide=guide, guide_margin=margin,
+                                 guide_margin_strategy=strategy)
+    theirs = CachedGISTEmbedLoss(student, guide, temperature=1 / 20, mini_batch_size=2, margin=margin,
+                                 margin_strategy=strategy, contrast_anchors=False, contrast_positives=False)
+    a_loss, a_grads = _step(student, ours, rows)
+    assert ours.last_masked > 0  # the guide did mask candidates here
+    b_loss, b_grads = _step(student, theirs, rows)
+    assert a_loss == pytest.approx(b_loss, rel=1e-5)
+    assert max_rel_diff(a_grads, b_grads) <= 1e-5  # per tensor, norm-relative (as the multi-rank tests)
+    plain_loss, _ = _step(student, GlobalBatchCachedMNRL(student, mini_batch_size=2), rows)
+    assert abs(plain_loss - a_loss) > 1e-3

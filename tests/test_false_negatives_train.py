@@ -1,10 +1,12 @@
-"""Masking false negatives by id through the real launcher: 2 ranks equal 1 process, and it masks.
+"""Masking false negatives (by id and by a guide) through the real launcher: 2 ranks equal 1 process,
+and it masks.
 
 The generated pages give rows of the same three attributes one document_id, and a global batch of
 16 of them regularly holds two rows of one document (each the other's negative) or a negative of
 another row's document. With loss.false_negatives.id_column=document_id those candidates leave the
-softmax: at step 1 (same weights, same batch: masking does not change the batches) the masked loss is
-below the unmasked one, and 2 ranks give the losses of 1 process holding the global batch.
+softmax, and so do those the guide (the base model) scores within 0.1 of the positive: at step 1 (same
+weights, same batch: masking does not change the batches) the masked loss is below the unmasked one,
+and 2 ranks give the losses of 1 process holding the global batch.
 """
 
 from __future__ import annotations
@@ -18,18 +20,23 @@ STEPS = 4
 MASK = "loss.false_negatives.id_column=document_id"
 
 
+def _guide(model) -> list[str]:  # the base model as the guide, GIST's absolute margin
+    return [f"loss.false_negatives.guide={model}", "loss.false_negatives.margin=0.1"]
+
+
 def _args(model, pages, out, *more):
     return ["--config", "configs/tiny.yaml",
             *tiny_overrides(model, pages, out, f"training.max_steps={STEPS}", "evaluation.enabled=false",
                             "data.negative_columns=[negative_0,negative_1]", *more)]
 
 
-def test_masking_by_id_on_two_ranks_equals_one_process_and_lowers_the_loss(tiny_model, pages, tmp_path):
-    two = run_launcher("launch/cpu.yaml", _args(tiny_model, pages, tmp_path / "two", MASK))
+def test_masking_on_two_ranks_equals_one_process_and_lowers_the_loss(tiny_model, pages, tmp_path):
+    two = run_launcher("launch/cpu.yaml", _args(tiny_model, pages, tmp_path / "two", MASK, *_guide(tiny_model)))
     assert two.returncode == 0, log_tail(two.stdout + two.stderr)
-    assert "false negatives masked by id" in two.stdout + two.stderr
+    assert "false negatives masked by id and guide" in two.stdout + two.stderr
     assert "Hashing dataset values" not in two.stdout + two.stderr  # the startup pass's hashes still serve
-    one = run_cli(["train", *_args(tiny_model, pages, tmp_path / "one", MASK, "launch.device=cpu")])
+    one = run_cli(["train", *_args(tiny_model, pages, tmp_path / "one", MASK, *_guide(tiny_model),
+                                   "launch.device=cpu")])
     assert one.returncode == 0, log_tail(one.stdout + one.stderr)
     for key in ("loss", "grad_norm"):
         a, b = logged_losses(tmp_path / "one", key), logged_losses(tmp_path / "two", key)

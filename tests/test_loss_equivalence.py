@@ -4,7 +4,7 @@ For each case, after one optimizer step's forward/backward the mean loss over ra
 parameter gradient (after DDP's all-reduce) match the single-process stock sentence-transformers
 loss on the same samples in the same global order (fp32, relative difference <= 1e-5). Two
 deliberately broken variants (gradients not returned to their owners; gradients off by W; false
-negatives masked with this rank's ids only) must fail the same comparison, so the test can fail.
+negatives masked with this rank's ids or guide embeddings only) must fail the same comparison, so the test can fail.
 Collective counts: constant in mini-batches and dims, and unchanged by masking false negatives.
 """
 
@@ -32,19 +32,24 @@ CASES_W2 = [
     Case("mask_ids_token_budget_grad_accum2", num_negatives=2, mini_batch_size=4, mini_batch_num_tokens=90,
          grad_accum=2, extra={"ids": True}),
     Case("broken_local_ids", implementation="broken_local_ids", extra={"ids": True}),
+    # ... and by a guide (GIST's rule over the global batch), with ids too; its embeddings ride in the same gather
+    Case("mask_guide_and_ids_2neg", num_negatives=2, extra={"ids": True, "guide": True}),
+    Case("mask_guide_relative_mb2", mini_batch_size=2, extra={"guide": True, "strategy": "relative", "margin": 0.05}),
+    Case("broken_local_guide", implementation="broken_local_guide", extra={"guide": True}),
 ]
 CASES_W4 = [
     Case("w4_mb1_3dims"),
     Case("w4_token_budget_2neg", num_negatives=2, mini_batch_size=4, mini_batch_num_tokens=90),
     Case("w4_grad_accum2_vs_plain", grad_accum=2, reference="plain"),
     Case("w4_mask_ids_3dims", extra={"ids": True}),
+    Case("w4_mask_guide", extra={"guide": True}),
 ]
 # Collective counts: 8 rows per rank, 1 vs 8 mini-batches, 1 vs 7 dims, ours vs stock.
 COUNT_CASES = [
     Case(f"count_{impl}_mb{mb}_dims{len(dims)}", implementation=impl, per_rank_batch=8, mini_batch_size=mb, dims=dims)
     for impl in ("global_batch", "stock") for mb in (8, 1) for dims in ((64,), DIMS7)
-] + [Case("count_global_batch_mb1_dims7_mask_ids", per_rank_batch=8, mini_batch_size=1, dims=DIMS7,
-          extra={"ids": True})]  # masking by id adds no collective
+] + [Case("count_global_batch_mb1_dims7_mask_ids_guide", per_rank_batch=8, mini_batch_size=1, dims=DIMS7,
+          extra={"ids": True, "guide": True})]  # masking false negatives adds no collective
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +83,7 @@ def test_four_ranks_equal_single_process(tiny_model, results_w4, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["broken_no_return", "broken_scale", "broken_local_ids"])
+@pytest.mark.parametrize("name", ["broken_no_return", "broken_scale", "broken_local_ids", "broken_local_guide"])
 def test_broken_variants_are_caught(tiny_model, results_w2, name):
     case = next(c for c in CASES_W2 if c.name == name)
     _, grad_diff = _compare(tiny_model, case, results_w2[name], 2)

@@ -20,7 +20,8 @@ def uses_global_batch_loss(cfg: LossConfig, world_size: int) -> bool:
     return cfg.implementation in ("auto", "global_batch")
 
 
-def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1):
+def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, guide=None):
+    """The recipe's loss (``guide``: the loaded model of loss.false_negatives.guide, if any)."""
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
         MatryoshkaLoss,
@@ -34,7 +35,8 @@ def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1):
             model, matryoshka_dims=cfg.matryoshka_dims, matryoshka_weights=cfg.matryoshka_weights,
             rank=rank, world_size=world_size if cfg.cross_device_negatives else 1, scale=cfg.scale,
             mini_batch_size=cfg.mini_batch_size, mini_batch_num_tokens=cfg.mini_batch_num_tokens,
-            mask_same_ids=cfg.false_negatives.enabled)
+            mask_same_ids=cfg.false_negatives.id_column is not None, guide=guide,
+            guide_margin=cfg.false_negatives.margin, guide_margin_strategy=cfg.false_negatives.margin_strategy)
 
     gather = cfg.cross_device_negatives and world_size > 1
     if cfg.name == "cmnrl":

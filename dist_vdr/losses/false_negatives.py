@@ -20,29 +20,59 @@ to K further positive ids (0-padded).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
-def _slots(dtype: torch.dtype) -> int:
-    size = torch.empty((), dtype=dtype).element_size()
-    if 8 % size:
-        raise ValueError(f"cannot pack 64-bit ids into {dtype} embeddings")
-    return 8 // size
+def pack(stacked: Tensor, extras: list[Tensor]) -> tuple[Tensor, list[tuple[torch.dtype, int]]]:
+    """``stacked`` [C, B, D] embeddings with ``extras`` ([C, B, k] tensors of any dtype: ids, the guide's
+    embeddings) appended as raw bytes reinterpreted in ``stacked``'s dtype: [C, B, D + s], and the
+    layout :func:`unpack` needs. A gather copies bytes, so the extras come back exact."""
+    raw = torch.cat([e.to(stacked.device).contiguous().view(torch.uint8) for e in extras], dim=-1)
+    raw = F.pad(raw, (0, (-raw.shape[-1]) % stacked.element_size()))
+    return torch.cat([stacked.detach(), raw.view(stacked.dtype)], dim=-1), [(e.dtype, e.shape[-1]) for e in extras]
+
+
+def unpack(gathered: Tensor, dim: int, layout: list[tuple[torch.dtype, int]]) -> tuple[Tensor, list[Tensor]]:
+    """[W, C, B, D + s] -> (embeddings [W, C, B, D] (a view), the extras [W, C, B, k] in their dtypes)."""
+    raw = gathered[..., dim:].contiguous().view(torch.uint8)
+    out, offset = [], 0
+    for dtype, width in layout:
+        size = width * torch.empty((), dtype=dtype).element_size()
+        out.append(raw[..., offset:offset + size].contiguous().view(dtype))
+        offset += size
+    return gathered[..., :dim], out
+
+
+def column_ids(candidate_ids: Tensor) -> Tensor:
+    """[B, C-1] candidate ids -> [C, B, 1] per column (the query column carries its positive's id: any
+    value would do, it is never read)."""
+    return torch.cat([candidate_ids[:, :1], candidate_ids], dim=1).T.contiguous().unsqueeze(-1)
 
 
 def pack_ids(stacked: Tensor, candidate_ids: Tensor) -> Tensor:
-    """``stacked`` [C, B, D] embeddings + ``candidate_ids`` [B, C-1] -> [C, B, D + slots]. The query
-    column carries its positive's id (any value would do: it is never read)."""
-    ids = torch.cat([candidate_ids[:, :1], candidate_ids], dim=1).T.contiguous()  # [C, B]
-    bits = ids.to(stacked.device).unsqueeze(-1).view(stacked.dtype)  # [C, B, slots], the same bytes
-    return torch.cat([stacked.detach(), bits], dim=-1)
+    """``stacked`` [C, B, D] + ``candidate_ids`` [B, C-1] -> [C, B, D + slots]."""
+    return pack(stacked, [column_ids(candidate_ids)])[0]
 
 
 def unpack_ids(gathered: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """[W, C, B, D + slots] -> (embeddings [W, C, B, D] (a view), ids [W, C, B] int64)."""
-    slots = _slots(dtype)
-    ids = gathered[..., -slots:].contiguous().view(torch.int64).squeeze(-1)
-    return gathered[..., :-slots], ids
+    slots = 8 // torch.empty((), dtype=dtype).element_size()
+    emb, (ids,) = unpack(gathered, gathered.shape[-1] - slots, [(torch.int64, 1)])
+    return emb, ids.squeeze(-1)
+
+
+def guide_mask(query: Tensor, candidates: Tensor, targets: Tensor, margin: float, strategy: str) -> Tensor:
+    """[b, N] True where the guide scores candidate j above query i's positive less the margin (GIST:
+    absolute ``> pos - margin``, relative ``> pos - |pos| * margin``), never at the positive itself.
+    ``query`` [b, Dg], ``candidates`` [N, Dg]: the guide's embeddings (cosine similarity)."""
+    sims = F.normalize(query.float(), dim=-1) @ F.normalize(candidates.float(), dim=-1).T
+    rows = torch.arange(len(targets), device=sims.device)
+    positive = sims[rows, targets].unsqueeze(1)
+    threshold = positive - margin if strategy == "absolute" else positive - positive.abs() * margin
+    out = sims > threshold
+    out[rows, targets] = False
+    return out
 
 
 def candidate_order(ids: Tensor) -> Tensor:
@@ -64,3 +94,32 @@ def mask(query_ids: Tensor, candidates: Tensor, targets: Tensor) -> Tensor:
 def query_id_sets(labels: Tensor, num_columns: int) -> Tensor:
     """[B, K] the ids of each local query's positives: its positive column's id, then the listed ones."""
     return torch.cat([labels[:, :1], labels[:, num_columns - 1:]], dim=1)
+
+
+class Masking:
+    """The false negatives of one step's global batch, chunk by chunk of this rank's queries.
+
+    ``ids``: (candidate ids [N] in candidate order, this rank's query id sets [B, K]) or None;
+    ``guide``: (the guide's embeddings of this rank's queries [B, Dg], of the candidates [N, Dg]) or None.
+    A chunk's mask is the same at every Matryoshka dim: computed once, reused.
+    """
+
+    def __init__(self, ids: tuple[Tensor, Tensor] | None, guide: tuple[Tensor, Tensor] | None,
+                 margin: float = 0.0, strategy: str = "absolute") -> None:
+        self.ids, self.guide, self.margin, self.strategy = ids, guide, margin, strategy
+        self._chunks: dict[int, Tensor] = {}
+        self.masked = 0
+
+    def chunk(self, begin: int, end: int, targets: Tensor) -> Tensor:
+        if begin not in self._chunks:
+            hidden = None
+            if self.ids is not None:
+                candidate_ids, query_ids = self.ids
+                hidden = mask(query_ids[begin:end].to(targets.device), candidate_ids.to(targets.device), targets)
+            if self.guide is not None:
+                queries, candidates = self.guide
+                by_guide = guide_mask(queries[begin:end], candidates, targets, self.margin, self.strategy)
+                hidden = by_guide if hidden is None else hidden | by_guide
+            self._chunks[begin] = hidden
+            self.masked += int(hidden.sum())
+        return self._chunks[begin]

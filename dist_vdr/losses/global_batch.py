@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 from torch import Tensor
 
-from .. import distributed
+from .. import compat, distributed
 from . import false_negatives
 
 
@@ -44,11 +44,16 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         scale, mini_batch_size, mini_batch_num_tokens: as in CachedMultipleNegativesRankingLoss.
         mask_same_ids: leave out of each query's softmax the candidates carrying one of its positive
             ids (:mod:`.false_negatives`; the batch's ``label`` tensor holds the ids).
+        guide / guide_margin / guide_margin_strategy: a frozen model sharing the student's inputs (e.g. the
+            base model); candidates it scores above the query's positive less the margin are left out of
+            the softmax (GIST's rule, over the global batch).
     """
 
+    # long: the documented arguments of the stock loss plus the false-negative options, checked here
     def __init__(self, model, *, matryoshka_dims: Sequence[int] = (), matryoshka_weights: Sequence[float] | None = None,
                  rank: int = 0, world_size: int = 1, scale: float = 20.0, mini_batch_size: int = 1,
-                 mini_batch_num_tokens: int | None = None, mask_same_ids: bool = False) -> None:
+                 mini_batch_num_tokens: int | None = None, mask_same_ids: bool = False, guide=None,
+                 guide_margin: float = 0.0, guide_margin_strategy: str = "absolute") -> None:
         super().__init__(model, scale=scale, mini_batch_size=mini_batch_size,
                          mini_batch_num_tokens=mini_batch_num_tokens, gather_across_devices=False)
         dims = list(matryoshka_dims)
@@ -61,6 +66,12 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.rank, self.world_size = rank, world_size
         self.mask_same_ids = mask_same_ids
+        if guide is not None:
+            guide.eval()
+            guide.requires_grad_(False)
+        self.guide, self.guide_margin, self.guide_margin_strategy = guide, guide_margin, guide_margin_strategy
+        self._guide_columns: list[list[Tensor]] | None = None
+        self.last_masked = 0  # false negatives masked at the last step (this rank's queries, per dim)
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
@@ -68,26 +79,72 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         num_columns, batch_size = len(local), local[0].shape[0]
         if num_columns < 2:
             raise ValueError(f"Expected at least 2 inputs (query, positive), got {num_columns}")
-        stacked = torch.stack(local)
-        ids = None
-        if self.mask_same_ids:  # the candidates' ids ride in the same gather (no collective of their own)
-            labels = self._id_labels(labels, num_columns, batch_size)
-            packed = distributed.all_gather_stacked(false_negatives.pack_ids(stacked, labels[:, :num_columns - 1]),
-                                                  self.world_size)
-            gathered, ids = false_negatives.unpack_ids(packed, stacked.dtype)
-            gathered = gathered.contiguous()  # a leaf of its own for the gradients (the packed copy is freed)
-            ids = (false_negatives.candidate_order(ids), false_negatives.query_id_sets(labels, num_columns))
-        else:
-            gathered = distributed.all_gather_stacked(stacked, self.world_size)  # [W, C, B, D]
+        gathered, masking = self._gather(torch.stack(local), labels, num_columns, batch_size)  # [W, C, B, D]
         gathered.requires_grad_(with_backward)
 
         total = torch.zeros((), device=gathered.device)
         for dim, weight in self.dims_weights:
-            total = total + weight * self._ranking_loss(gathered, dim, batch_size, with_backward, weight, ids)
+            total = total + weight * self._ranking_loss(gathered, dim, batch_size, with_backward, weight, masking)
+        self.last_masked = masking.masked if masking is not None else 0
         if with_backward:
             grads = self._owner_gradients(gathered.grad)  # [C, B, D]: everyone's contributions to my rows
             torch.autograd.backward(local, list(grads.unbind(0)))
         return total.detach() if with_backward else total
+
+    def _gather(self, stacked: Tensor, labels: Tensor | None, num_columns: int,
+                batch_size: int) -> tuple[Tensor, false_negatives.Masking | None]:
+        """All-gather the embeddings -- ONE collective; the candidates' ids and the guide's embeddings,
+        when false negatives are masked, ride in it as bytes (:func:`false_negatives.pack`)."""
+        extras = []
+        if self.mask_same_ids:
+            labels = self._id_labels(labels, num_columns, batch_size)
+            extras.append(false_negatives.column_ids(labels[:, :num_columns - 1]))
+        if self.guide is not None:
+            extras.append(self._guide_stack(num_columns, batch_size))
+        if not extras:
+            return distributed.all_gather_stacked(stacked, self.world_size), None
+        packed, layout = false_negatives.pack(stacked, extras)
+        gathered, unpacked = false_negatives.unpack(distributed.all_gather_stacked(packed, self.world_size),
+                                                    stacked.shape[-1], layout)
+        ids = guide = None
+        if self.mask_same_ids:
+            ids = (false_negatives.candidate_order(unpacked.pop(0).squeeze(-1)),
+                   false_negatives.query_id_sets(labels, num_columns))
+        if self.guide is not None:
+            guide_all = unpacked.pop(0)  # [W, C, B, Dg]
+            world, _, _, width = guide_all.shape
+            candidates = guide_all[:, 1:].transpose(0, 1).reshape(world * batch_size * (num_columns - 1), width)
+            guide = (guide_all[self.rank, 0], candidates)
+        masking = false_negatives.Masking(ids, guide, self.guide_margin, self.guide_margin_strategy)
+        return gathered.contiguous(), masking  # a leaf of its own for the gradients (the packed copy is freed)
+
+    def _guide_stack(self, num_columns: int, batch_size: int) -> Tensor:
+        columns = self._guide_columns or []
+        if len(columns) != num_columns:
+            raise RuntimeError("the guide's embeddings are missing: the loss was called without forward_cached")
+        stacked = torch.stack([torch.cat(column) for column in columns])
+        if stacked.shape[1] != batch_size:
+            raise RuntimeError(f"the guide embedded {stacked.shape[1]} rows, the model {batch_size}")
+        return stacked
+
+    # -- the guide's embeddings, taken in step (1) of gradient caching, mini-batch by mini-batch -------
+    def forward_cached(self, sentence_features, labels: Tensor | None = None) -> Tensor:
+        self._guide_columns = [] if self.guide is not None else None
+        return super().forward_cached(sentence_features, labels)
+
+    def embed_minibatch_iter(self, sentence_feature, with_grad, copy_random_state, random_states=None, ranges=None):
+        if self._guide_columns is not None and not with_grad:
+            self._guide_columns.append([])  # a new column begins
+        yield from super().embed_minibatch_iter(sentence_feature, with_grad, copy_random_state,
+                                                random_states=random_states, ranges=ranges)
+
+    def embed_minibatch(self, sentence_feature, begin, end, with_grad, copy_random_state, random_state=None):
+        out = super().embed_minibatch(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
+        if self._guide_columns is not None and not with_grad:  # step (1) only: the replay needs no guide
+            with torch.no_grad():
+                features = compat.st_minibatch(sentence_feature, begin, end)
+                self._guide_columns[-1].append(self.guide(features)["sentence_embedding"].detach())
+        return out
 
     @staticmethod
     def _id_labels(labels: Tensor | None, num_columns: int, batch_size: int) -> Tensor:
@@ -103,7 +160,7 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         return distributed.sum_to_owner(grad, self.rank, self.world_size)
 
     def _ranking_loss(self, gathered: Tensor, dim: int | None, batch_size: int, with_backward: bool,
-                      weight: float, ids: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                      weight: float, masking: false_negatives.Masking | None = None) -> Tensor:
         """InfoNCE of this rank's queries vs all gathered candidates at ``dim``; backward into ``gathered``."""
         world, num_columns = gathered.shape[0], gathered.shape[1]
         # Candidates ordered as the parent (and a single process with the global batch) orders them:
@@ -121,10 +178,8 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
             end = min(begin + self.mini_batch_size, batch_size)
             scores = F.normalize(queries[begin:end], p=2, dim=-1) @ candidates_n.T * self.scale
             targets = torch.arange(offset + begin, offset + end, device=scores.device)
-            if ids is not None:  # false negatives out of the softmax (their gradient is then zero too)
-                candidate_ids, query_ids = ids
-                hidden = false_negatives.mask(query_ids[begin:end].to(scores.device), candidate_ids, targets)
-                scores = scores.masked_fill(hidden, float("-inf"))
+            if masking is not None:  # false negatives out of the softmax (their gradient is then zero too)
+                scores = scores.masked_fill(masking.chunk(begin, end, targets), float("-inf"))
             chunk = F.cross_entropy(scores, targets, reduction="sum") / batch_size
             if with_backward:
                 # Keep the graph of the shared candidates until the last chunk; each chunk's

@@ -105,7 +105,9 @@ def describe_loss(loss) -> str:
     dims = [d for d, _ in getattr(loss, "dims_weights", []) if d is not None]
     if getattr(loss, "retrieval_score_weight", 0):
         return f"{type(loss).__name__}(reranker score + {loss.retrieval_score_weight:g} x retrieval score)"
-    masked = ", false negatives masked by id" if getattr(loss, "mask_same_ids", False) else ""
+    by = [w for w, on in (("id", getattr(loss, "mask_same_ids", False)),
+                          ("guide", getattr(loss, "guide", None) is not None)) if on]
+    masked = f", false negatives masked by {' and '.join(by)}" if by else ""
     return f"{type(loss).__name__}(dims={dims}{masked})" if dims or masked else type(loss).__name__
 
 

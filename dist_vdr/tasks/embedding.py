@@ -38,6 +38,9 @@ class EmbeddingTask(Task):
         if cfg.loss.false_negatives.enabled and cfg.loss.name != "cmnrl":
             raise ValueError("loss.false_negatives needs the global-batch loss: loss.name=cmnrl")
 
+    def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
+        return [("loss.false_negatives.guide", "guide model folder")]
+
     def extra_columns(self, cfg: Config) -> list[str]:
         candidates, positive_ids = id_labels.id_columns(cfg)
         return [*candidates, *([positive_ids] if positive_ids else [])]
@@ -66,7 +69,8 @@ class EmbeddingTask(Task):
         return SentenceTransformerTrainingArguments, {}
 
     def build_loss(self, ctx: RunContext, model):
-        return build_loss(model, ctx.cfg.loss, rank=ctx.info.rank, world_size=ctx.info.world_size)
+        guide = load_guide(ctx, model) if ctx.cfg.loss.false_negatives.guide else None
+        return build_loss(model, ctx.cfg.loss, rank=ctx.info.rank, world_size=ctx.info.world_size, guide=guide)
 
     def build_evaluator(self, ctx: RunContext, eval_data, dims: list[int], inputs: TaskInputs):
         e = ctx.cfg.evaluation
@@ -94,3 +98,24 @@ class EmbeddingTask(Task):
             return "n/a" if value is None else f"{value:.4f}"
 
         return f"{metric.upper()} before={fmt(result.before)} after={fmt(result.after)}"
+
+
+def load_guide(ctx: RunContext, model):
+    """The frozen guide of loss.false_negatives on this rank's device, loaded as the recipe loads its model
+    (dtype, attention), without the adapter. It embeds the model's own features: its processor must be the
+    same (tokenizer vocabulary and image preprocessing)."""
+    import dataclasses
+
+    from ..config import AdapterConfig
+
+    cfg = ctx.cfg
+    path = cfg.loss.false_negatives.guide
+    guide_cfg = dataclasses.replace(cfg.model, name_or_path=path, adapter=AdapterConfig(), gradient_checkpointing=False,
+                                    compile=False)
+    guide = build_model(guide_cfg, precision=cfg.training.precision, device=ctx.info.device)
+    mine, theirs = model[0].processor if hasattr(model[0], "processor") else None, getattr(guide[0], "processor", None)
+    if type(mine) is not type(theirs) or model.tokenizer.get_vocab() != guide.tokenizer.get_vocab():
+        raise ValueError(f"loss.false_negatives.guide={path!r} does not share the model's processor (tokenizer and "
+                         f"image preprocessing): it embeds the model's own inputs; use a model of the same family, "
+                         f"e.g. the base model {cfg.model.name_or_path!r}")
+    return guide
