@@ -208,6 +208,39 @@ class FalseNegativesConfig:
 
 
 @dataclass(kw_only=True)
+class DistillationConfig:
+    """loss.distillation: learn from a teacher's scores of each row's own candidates, beside the contrastive
+    loss (docs/false-negatives.md#distillation). Needs the global-batch loss (loss.name cmnrl)."""
+
+    scores_column: str | None = None
+    """The rows' list column of teacher scores: the positive's, then one per negative column, e.g.
+    teacher_scores (`dist-vdr mine-negatives --teacher` writes it). null: no distillation."""
+    kind: str = "kl"
+    """kl: KL divergence between the teacher's and the model's softmax over the row's candidates
+    (sentence-transformers' DistillKLDivLoss); margin_mse: MSE of the positive-negative score margins
+    (MarginMSELoss)."""
+    weight: float = 1.0
+    """The term's weight beside the contrastive loss (at every Matryoshka dim, with the dims' weights)."""
+    temperature: float = 1.0
+    """kl: the model's scores (cosine) are divided by it; the term is scaled by its square."""
+    teacher_temperature: float | None = None
+    """kl: the teacher's scores are divided by it (null: ``temperature``); match it to their spread."""
+
+    def __post_init__(self) -> None:
+        _check_choice("loss.distillation", "kind", self.kind, ("kl", "margin_mse"))
+        if self.weight < 0:
+            raise ValueError(f"loss.distillation.weight must be >= 0, got {self.weight}")
+        for key in ("temperature", "teacher_temperature"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"loss.distillation.{key} must be > 0, got {value}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.scores_column is not None
+
+
+@dataclass(kw_only=True)
 class LossConfig:
     name: str = "auto"
     """auto: cmnrl for task=embedding, bce for task=reranker. Embedding: cmnrl
@@ -235,7 +268,9 @@ class LossConfig:
     """Reranker listwise: extra negatives per query drawn at random from the other rows of the rank's
     batch (sentence-transformers' sampling; with > 0 the loss depends on how rows are split over ranks)."""
     false_negatives: FalseNegativesConfig = field(default_factory=FalseNegativesConfig)
-    """Embedding cmnrl: mask the false negatives of the global batch (by id)."""
+    """Embedding cmnrl: mask the false negatives of the global batch (by id, by a guide)."""
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    """Embedding cmnrl: add a term learning from teacher scores of each row's candidates."""
 
     def __post_init__(self) -> None:
         _check_choice("loss", "name", self.name, ("auto",) + _LOSSES + _RERANKER_LOSSES)
@@ -246,13 +281,17 @@ class LossConfig:
         _check_choice("loss", "implementation", self.implementation, ("auto", "global_batch", "stock"))
         if self.implementation == "global_batch" and self.name not in ("cmnrl", "auto"):
             raise ValueError("loss.implementation=global_batch needs loss.name=cmnrl")
-        if self.false_negatives.enabled and (self.name not in ("cmnrl", "auto") or self.implementation == "stock"):
-            raise ValueError("loss.false_negatives needs the global-batch loss: loss.name=cmnrl with "
-                             "loss.implementation auto or global_batch")
+        for key in ("false_negatives", "distillation"):
+            if getattr(self, key).enabled and (self.name not in ("cmnrl", "auto") or self.implementation == "stock"):
+                raise ValueError(f"loss.{key} needs the global-batch loss: loss.name=cmnrl with "
+                                 f"loss.implementation auto or global_batch")
         if self.mini_batch_size < 1:
             raise ValueError(f"loss.mini_batch_size must be >= 1, got {self.mini_batch_size}")
         if self.mini_batch_num_tokens is not None and self.mini_batch_num_tokens < 1:
             raise ValueError("loss.mini_batch_num_tokens must be >= 1 or null")
+        self._check_matryoshka()
+
+    def _check_matryoshka(self) -> None:
         if any(d < 1 for d in self.matryoshka_dims):
             raise ValueError(f"loss.matryoshka_dims must be positive, got {self.matryoshka_dims}")
         if len(set(self.matryoshka_dims)) != len(self.matryoshka_dims):

@@ -79,11 +79,15 @@ def build_case_loss(model, case: Case, rank: int, world: int, distributed_run: b
         MultipleNegativesRankingLoss,
     )
 
+    from dist_vdr.config import DistillationConfig
     from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
 
     masked = bool(case.extra.get("ids"))
     guide = dict(guide=load_guide(model_dir), guide_margin=case.extra.get("margin", 0.0),
                  guide_margin_strategy=case.extra.get("strategy", "absolute")) if case.extra.get("guide") else {}
+    if case.extra.get("teacher"):
+        guide["distillation"] = DistillationConfig(scores_column="teacher", kind=case.extra["teacher"], weight=0.5,
+                                                   temperature=case.extra.get("temperature", 1.0))
     if not distributed_run and (masked or guide):  # reference: the same loss on one process, the global batch
         return GlobalBatchCachedMNRL(model, matryoshka_dims=case.dims, mini_batch_size=case.mini_batch_size,
                                      mini_batch_num_tokens=case.mini_batch_num_tokens, mask_same_ids=masked, **guide)
@@ -202,10 +206,29 @@ def global_micro_batches(case: Case, world: int, seed: int = 0):
     return [make_rows(n, case.num_negatives, seed + k) for k in range(case.grad_accum)]
 
 
+def teacher_scores(n: int, num_negatives: int, seed: int) -> torch.Tensor:
+    """Deterministic teacher scores [n, 1 + num_negatives] (``Case.extra["teacher"]``), cosine-like."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    return torch.rand(n, 1 + num_negatives, generator=gen) * 0.8 + 0.1
+
+
 def global_labels(case: Case, world: int) -> list | None:
-    if not case.extra.get("ids"):
+    if not case.extra.get("ids") and not case.extra.get("teacher"):
         return None
-    return [make_id_labels(case.per_rank_batch * world, case.num_negatives) for _ in range(case.grad_accum)]
+    n = case.per_rank_batch * world
+    out = []
+    for k in range(case.grad_accum):
+        labels = {}
+        if case.extra.get("ids"):
+            labels["ids"] = make_id_labels(n, case.num_negatives)
+        if case.extra.get("teacher"):
+            labels["teacher"] = teacher_scores(n, case.num_negatives, k)
+        out.append(labels)
+    return out
+
+
+def _rows(labels: dict, part: slice) -> dict:
+    return {key: value[part] for key, value in labels.items()}
 
 
 def reference(model_dir: str, case: Case, world: int):
@@ -235,7 +258,7 @@ def worker(rank: int, world: int, init_file: str, model_dir: str, cases: list, o
             labels = global_labels(case, world)
             with distributed.count_collectives() as count:
                 loss, grads = run_step(model, loss_fn, mine, case, ddp=ddp,
-                                       labels=[lab[part] for lab in labels] if labels else None)
+                                       labels=[_rows(lab, part) for lab in labels] if labels else None)
             # The logged loss is the mean over ranks (as the HF trainer's logging gathers it).
             t = torch.tensor([loss])
             dist.all_reduce(t)

@@ -132,7 +132,7 @@ def test_the_collator_moves_the_ids_into_the_labels(pages):
     collator = task.wrap_collator(type("Ctx", (), {"cfg": cfg})(), lambda rows: seen.extend(rows) or {})
     batch = collator([ds[i] for i in range(4)])
     assert set(seen[0]) == {"query", "image", "negative_0", "negative_1"}  # the ids never reach the model
-    assert batch["label"].tolist() == [[row_ids.id_hash(ds[i][c]) for c in columns] for i in range(4)]
+    assert batch["label"]["ids"].tolist() == [[row_ids.id_hash(ds[i][c]) for c in columns] for i in range(4)]
     assert set(columns) <= set(collator.valid_label_columns)
     assert task.wrap_collator(type("Ctx", (), {"cfg": _recipe(pages)})(), len) is len  # off: untouched
 
@@ -199,3 +199,29 @@ def test_masking_by_guide_equals_sentence_transformers_cached_gist(tiny_model, s
     assert max_rel_diff(a_grads, b_grads) <= 1e-5  # per tensor, norm-relative (as the multi-rank tests)
     plain_loss, _ = _step(student, GlobalBatchCachedMNRL(student, mini_batch_size=2), rows)
     assert abs(plain_loss - a_loss) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["kl", "margin_mse"])
+def test_distillation_equals_sentence_transformers_losses(tiny_model, kind):
+    """The distillation term on the same embeddings and teacher scores: DistillKLDivLoss / MarginMSELoss
+    with cosine scores (value and gradients into the embeddings)."""
+    from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss, MarginMSELoss
+    from sentence_transformers.util import pairwise_cos_sim
+
+    from dist_vdr.config import DistillationConfig
+
+    student, _ = _student_and_guide(tiny_model)
+    cfg = DistillationConfig(scores_column="t", kind=kind, weight=1.0, temperature=0.5 if kind == "kl" else 1.0)
+    ours = GlobalBatchCachedMNRL(student, distillation=cfg)
+    theirs = (DistillKLDivLoss(student, similarity_fct=pairwise_cos_sim, temperature=0.5) if kind == "kl"
+              else MarginMSELoss(student, similarity_fct=pairwise_cos_sim))
+    reps = _reps(5, 4, 16, seed=3)
+    teacher = torch.rand(5, 3, generator=torch.Generator().manual_seed(7))
+    a = ours._distillation(reps, teacher, with_backward=True)
+    a_grads = [c[0].grad.clone() for c in reps]
+    b = theirs.compute_loss_from_embeddings([c[0] for c in reps], teacher)
+    b_grads = torch.autograd.grad(b, [c[0] for c in reps])
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    assert all(torch.allclose(x, y, atol=1e-7, rtol=1e-5) for x, y in zip(a_grads, b_grads, strict=True))
+    with pytest.raises(ValueError, match="no teacher scores of shape"):
+        ours._distillation(reps, teacher[:, :2], with_backward=False)

@@ -36,6 +36,9 @@ CASES_W2 = [
     Case("mask_guide_and_ids_2neg", num_negatives=2, extra={"ids": True, "guide": True}),
     Case("mask_guide_relative_mb2", mini_batch_size=2, extra={"guide": True, "strategy": "relative", "margin": 0.05}),
     Case("broken_local_guide", implementation="broken_local_guide", extra={"guide": True}),
+    # loss.distillation: teacher scores of each row's own candidates, beside the contrastive loss
+    Case("distill_kl_2neg_ids", num_negatives=2, extra={"teacher": "kl", "temperature": 0.5, "ids": True}),
+    Case("distill_margin_mse_mb2_grad_accum2", mini_batch_size=2, grad_accum=2, extra={"teacher": "margin_mse"}),
 ]
 CASES_W4 = [
     Case("w4_mb1_3dims"),
@@ -43,13 +46,14 @@ CASES_W4 = [
     Case("w4_grad_accum2_vs_plain", grad_accum=2, reference="plain"),
     Case("w4_mask_ids_3dims", extra={"ids": True}),
     Case("w4_mask_guide", extra={"guide": True}),
+    Case("w4_distill_kl_2neg", num_negatives=2, extra={"teacher": "kl"}),
 ]
 # Collective counts: 8 rows per rank, 1 vs 8 mini-batches, 1 vs 7 dims, ours vs stock.
 COUNT_CASES = [
     Case(f"count_{impl}_mb{mb}_dims{len(dims)}", implementation=impl, per_rank_batch=8, mini_batch_size=mb, dims=dims)
     for impl in ("global_batch", "stock") for mb in (8, 1) for dims in ((64,), DIMS7)
-] + [Case("count_global_batch_mb1_dims7_mask_ids_guide", per_rank_batch=8, mini_batch_size=1, dims=DIMS7,
-          extra={"ids": True, "guide": True})]  # masking false negatives adds no collective
+] + [Case("count_global_batch_mb1_dims7_mask_ids_guide_distill", per_rank_batch=8, mini_batch_size=1, dims=DIMS7,
+          extra={"ids": True, "guide": True, "teacher": "kl"})]  # masking and distillation add no collective
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, gu
         MultipleNegativesRankingLoss,
     )
 
-    if uses_global_batch_loss(cfg, world_size) or cfg.implementation == "global_batch" or cfg.false_negatives.enabled:
+    if uses_global_batch_loss(cfg, world_size) or cfg.implementation == "global_batch" \
+            or cfg.false_negatives.enabled or cfg.distillation.enabled:
         from .global_batch import GlobalBatchCachedMNRL
 
         return GlobalBatchCachedMNRL(
@@ -36,7 +37,8 @@ def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, gu
             rank=rank, world_size=world_size if cfg.cross_device_negatives else 1, scale=cfg.scale,
             mini_batch_size=cfg.mini_batch_size, mini_batch_num_tokens=cfg.mini_batch_num_tokens,
             mask_same_ids=cfg.false_negatives.id_column is not None, guide=guide,
-            guide_margin=cfg.false_negatives.margin, guide_margin_strategy=cfg.false_negatives.margin_strategy)
+            guide_margin=cfg.false_negatives.margin, guide_margin_strategy=cfg.false_negatives.margin_strategy,
+            distillation=cfg.distillation)
 
     gather = cfg.cross_device_negatives and world_size > 1
     if cfg.name == "cmnrl":

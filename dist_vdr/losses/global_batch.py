@@ -31,7 +31,7 @@ from sentence_transformers.sentence_transformer.losses import CachedMultipleNega
 from torch import Tensor
 
 from .. import compat, distributed
-from . import false_negatives
+from . import distillation, false_negatives
 
 
 class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
@@ -47,13 +47,17 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         guide / guide_margin / guide_margin_strategy: a frozen model sharing the student's inputs (e.g. the
             base model); candidates it scores above the query's positive less the margin are left out of
             the softmax (GIST's rule, over the global batch).
+        distillation: a :class:`~dist_vdr.config.DistillationConfig` (enabled): a term learning from the
+            teacher scores of each row's candidates (:mod:`.distillation`), added at every dim.
+
+    ``labels``: None, the candidate ids (a tensor), or a dict with ``ids`` and ``teacher`` (scores).
     """
 
     # long: the documented arguments of the stock loss plus the false-negative options, checked here
     def __init__(self, model, *, matryoshka_dims: Sequence[int] = (), matryoshka_weights: Sequence[float] | None = None,
                  rank: int = 0, world_size: int = 1, scale: float = 20.0, mini_batch_size: int = 1,
                  mini_batch_num_tokens: int | None = None, mask_same_ids: bool = False, guide=None,
-                 guide_margin: float = 0.0, guide_margin_strategy: str = "absolute") -> None:
+                 guide_margin: float = 0.0, guide_margin_strategy: str = "absolute", distillation=None) -> None:
         super().__init__(model, scale=scale, mini_batch_size=mini_batch_size,
                          mini_batch_num_tokens=mini_batch_num_tokens, gather_across_devices=False)
         dims = list(matryoshka_dims)
@@ -72,6 +76,7 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         self.guide, self.guide_margin, self.guide_margin_strategy = guide, guide_margin, guide_margin_strategy
         self._guide_columns: list[list[Tensor]] | None = None
         self.last_masked = 0  # false negatives masked at the last step (this rank's queries, per dim)
+        self.distillation = distillation if distillation is not None and distillation.enabled else None
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
@@ -79,13 +84,16 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         num_columns, batch_size = len(local), local[0].shape[0]
         if num_columns < 2:
             raise ValueError(f"Expected at least 2 inputs (query, positive), got {num_columns}")
-        gathered, masking = self._gather(torch.stack(local), labels, num_columns, batch_size)  # [W, C, B, D]
+        ids, teacher = (labels.get("ids"), labels.get("teacher")) if isinstance(labels, dict) else (labels, None)
+        gathered, masking = self._gather(torch.stack(local), ids, num_columns, batch_size)  # [W, C, B, D]
         gathered.requires_grad_(with_backward)
 
         total = torch.zeros((), device=gathered.device)
         for dim, weight in self.dims_weights:
             total = total + weight * self._ranking_loss(gathered, dim, batch_size, with_backward, weight, masking)
         self.last_masked = masking.masked if masking is not None else 0
+        if self.distillation is not None:  # the rows' own candidates: local, no communication
+            total = total + self._distillation(reps, teacher, with_backward)
         if with_backward:
             grads = self._owner_gradients(gathered.grad)  # [C, B, D]: everyone's contributions to my rows
             torch.autograd.backward(local, list(grads.unbind(0)))
@@ -155,6 +163,21 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
                              f"int64 [{batch_size}, >= {num_columns - 1}]): train through dist-vdr, whose "
                              f"collator adds them from the id columns")
         return labels
+
+    def _distillation(self, reps: list[list[Tensor]], teacher: Tensor | None, with_backward: bool) -> Tensor:
+        """weight x the distillation term at every dim (with the dims' weights), back-propagated into ``reps``."""
+        d = self.distillation
+        columns = [torch.cat(column) for column in reps]  # a graph of its own (the contrastive one is spent)
+        teacher = distillation.check_teacher(teacher, columns[0].shape[0], len(columns) - 1)
+        total = torch.zeros((), device=columns[0].device)
+        for dim, weight in self.dims_weights:
+            scores = distillation.student_scores(columns, dim)
+            total = total + d.weight * weight * distillation.term(scores, teacher.to(scores.device), d.kind,
+                                                                   d.temperature, d.teacher_temperature)
+        if with_backward:
+            total.backward()
+            total = total.detach()
+        return total
 
     def _owner_gradients(self, grad: Tensor) -> Tensor:
         return distributed.sum_to_owner(grad, self.rank, self.world_size)

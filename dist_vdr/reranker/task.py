@@ -40,8 +40,9 @@ class RerankerTask(Task):
             raise ValueError(f"loss.name={cfg.loss.name!r} is not a {self.name} loss; use one of {list(_LOSSES)}")
         if cfg.loss.matryoshka_dims:
             raise ValueError("loss.matryoshka_dims applies to embedding models; remove it for task=reranker")
-        if cfg.loss.false_negatives.enabled:
-            raise ValueError("loss.false_negatives applies to embedding models; remove it for task=reranker")
+        for key in ("false_negatives", "distillation"):
+            if getattr(cfg.loss, key).enabled:
+                raise ValueError(f"loss.{key} applies to embedding models; remove it for task=reranker")
         if cfg.model.adapter.type:
             raise ValueError("model.adapter is not supported for task=reranker yet; remove it (full finetuning)")
         if cfg.reranker.retrieval_score_weight > 0 and (

@@ -108,6 +108,9 @@ def describe_loss(loss) -> str:
     by = [w for w, on in (("id", getattr(loss, "mask_same_ids", False)),
                           ("guide", getattr(loss, "guide", None) is not None)) if on]
     masked = f", false negatives masked by {' and '.join(by)}" if by else ""
+    distilled = getattr(loss, "distillation", None)
+    if distilled is not None:
+        masked += f", + {distilled.weight:g} x {distilled.kind} distillation from {distilled.scores_column}"
     return f"{type(loss).__name__}(dims={dims}{masked})" if dims or masked else type(loss).__name__
 
 

@@ -35,21 +35,20 @@ class EmbeddingTask(Task):
             cfg.training.batch_sampler = "no_duplicates_hashed"
         if cfg.loss.name not in _LOSSES:
             raise ValueError(f"loss.name={cfg.loss.name!r} is not a {self.name} loss; use one of {list(_LOSSES)}")
-        if cfg.loss.false_negatives.enabled and cfg.loss.name != "cmnrl":
-            raise ValueError("loss.false_negatives needs the global-batch loss: loss.name=cmnrl")
+        for key in ("false_negatives", "distillation"):
+            if getattr(cfg.loss, key).enabled and cfg.loss.name != "cmnrl":
+                raise ValueError(f"loss.{key} needs the global-batch loss: loss.name=cmnrl")
 
     def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
         return [("loss.false_negatives.guide", "guide model folder")]
 
     def extra_columns(self, cfg: Config) -> list[str]:
-        candidates, positive_ids = id_labels.id_columns(cfg)
-        return [*candidates, *([positive_ids] if positive_ids else [])]
+        return id_labels.label_columns(cfg)
 
     def wrap_collator(self, ctx: RunContext, collator):
-        candidates, positive_ids = id_labels.id_columns(ctx.cfg)
-        if not candidates:
+        if not id_labels.label_columns(ctx.cfg):
             return collator
-        return id_labels.IdLabelsCollator(collator, candidates, positive_ids)
+        return id_labels.RowLabelsCollator.of(ctx.cfg, collator)
 
     def hashes_training_rows(self, cfg: Config) -> bool:
         return cfg.training.batch_sampler == "no_duplicates_hashed"

@@ -1,0 +1,43 @@
+"""Distillation from teacher scores of each row's own candidates, beside the global-batch contrastive loss.
+
+Rows carry a teacher's scores of their positive and of each hard negative (``dist-vdr mine-negatives
+--teacher`` writes them). The term compares the model's cosine scores of the same candidates with
+them: ``kl`` -- KL(teacher softmax || model softmax) over the row's candidates, scaled by the
+temperature squared (sentence-transformers' DistillKLDivLoss, batch mean); ``margin_mse`` -- the MSE of
+the positive-minus-negative score margins (MarginMSELoss). It only reads a row's own candidates, so
+it needs no communication: each rank computes it on its rows and the engines' gradient averaging
+makes it the global batch's mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def student_scores(columns: list[Tensor], dim: int | None) -> Tensor:
+    """[B, C-1] cosine scores of each row's query with its own candidates (truncated to ``dim``)."""
+    cut = (lambda t: t) if dim is None else (lambda t: t[:, :dim])
+    query = F.normalize(cut(columns[0]), dim=-1)
+    return torch.stack([(query * F.normalize(cut(c), dim=-1)).sum(-1) for c in columns[1:]], dim=1)
+
+
+def term(scores: Tensor, teacher: Tensor, kind: str, temperature: float, teacher_temperature: float | None) -> Tensor:
+    """The distillation loss of a batch: ``scores`` (the model's) and ``teacher`` [B, C-1]."""
+    teacher = teacher.detach().to(scores.dtype)
+    if kind == "kl":
+        log_probs = torch.log_softmax(scores / temperature, dim=1)
+        target = torch.softmax(teacher / (teacher_temperature or temperature), dim=1)
+        return F.kl_div(log_probs, target, reduction="batchmean") * temperature ** 2
+    margins = scores[:, :1] - scores[:, 1:]
+    return F.mse_loss(margins, teacher[:, :1] - teacher[:, 1:])
+
+
+def check_teacher(teacher: Tensor | None, batch_size: int, num_candidates: int) -> Tensor:
+    if teacher is None or tuple(teacher.shape) != (batch_size, num_candidates):
+        got = None if teacher is None else tuple(teacher.shape)
+        raise ValueError(f"loss.distillation: the batch carries no teacher scores of shape [{batch_size}, "
+                         f"{num_candidates}] (got {got}): each row needs one score for its positive and one per "
+                         f"negative column in loss.distillation.scores_column")
+    return teacher
