@@ -63,6 +63,7 @@ MINE = Command(MineCommand, (
     Opt("--batch-size", "evaluation.batch_size"),
     Opt("--num-workers", "evaluation.num_workers"),
     Opt("--cache", "mine.cache"),
+    Opt("--teacher", "mine.teacher"),
     Opt("--dtype", "model.dtype", choices=DTYPES),
     Opt("--device", "launch.device", choices=DEVICES),
     Opt("--threads", "launch.num_threads_per_process"),
@@ -119,13 +120,28 @@ def _mine(args: argparse.Namespace) -> int:
     encode = {"batch_size": e.batch_size, "num_workers": e.num_workers, "backend": e.search_backend,
               "cache_dir": cfg.mine.cache}
     inputs = _corpus_inputs(cfg) if cfg.corpus_mode else _split_inputs(cfg)
-    model = build_model(cfg.model, device=info.device, precision="bf16" if cfg.model.dtype == "bfloat16" else "fp32")
+    precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
+    model = build_model(cfg.model, device=info.device, precision=precision)
+    encode["teacher"] = _teacher(cfg, info.device, precision) if cfg.mine.teacher else None
     if cfg.corpus_mode:
         _mine_corpus(cfg, info, model, *inputs, encode)
     else:
         _mine_split(cfg, info, model, inputs, encode)
     distributed.barrier()
     return 0
+
+
+def _teacher(cfg: MineCommand, device: str, precision: str):
+    """The embedding model of --teacher, loaded as --model is (dtype, attention)."""
+    import dataclasses
+
+    from .model import build_model, check_model_path, is_cross_encoder
+
+    path = check_model_path(cfg.mine.teacher, key="mine.teacher")
+    if is_cross_encoder(path):
+        raise ValueError(f"--teacher {path}: a reranker (CrossEncoder) as teacher is not supported yet; give an "
+                         f"embedding model (e.g. one trained longer than the student)")
+    return build_model(dataclasses.replace(cfg.model, name_or_path=path), device=device, precision=precision)
 
 
 def _corpus_inputs(cfg: MineCommand) -> tuple:
@@ -157,7 +173,8 @@ def _mine_corpus(cfg: MineCommand, info, model, corpus, queries, qrels, encode: 
     rows, dropped = mining.mine_corpus(model, corpus, queries, qrels, cfg.mining,
                                        exclude_same_document=m.exclude_same_document, **encode)
     if info.is_main:
-        fp = {"retriever": cfg.model.name_or_path, "corpus": str(Path(m.corpus).resolve()), "queries": m.queries,
+        fp = {"retriever": cfg.model.name_or_path, "teacher": m.teacher, "corpus": str(Path(m.corpus).resolve()),
+              "queries": m.queries,
               "qrels": m.qrels, "exclude_same_document": m.exclude_same_document,
               "mining": cfg.mining.__dict__, "rows": len(rows), "dropped": dropped}
         mining.save_atomic(rows, m.out, fp)
@@ -173,7 +190,8 @@ def _mine_split(cfg: MineCommand, info, model, ds, encode: dict) -> None:
     result = mining.mine(model, ds, cfg.mining, query_column=d.query_column, positive_column=d.positive_column,
                          page_columns=list(cfg.mine.page_columns), **encode)
     if info.is_main:
-        fp = mining.fingerprint(cfg.model.name_or_path, d.path, d.train_split, None, cfg.mining)
+        fp = {**mining.fingerprint(cfg.model.name_or_path, d.path, d.train_split, None, cfg.mining),
+              "teacher": cfg.mine.teacher}
         mining.write_mined(ds, result, out, query_column=d.query_column, positive_column=d.positive_column,
                            fingerprint=fp)
         print(f"{len(result.kept_rows)} rows with {result.negatives.shape[1]} negatives each in {out} "

@@ -90,6 +90,9 @@ class MineOptions:
     training split to mine for usually has no negatives yet)."""
     cache: str | None = None
     """Per-shard embedding cache folder (resumable)."""
+    teacher: str | None = None
+    """An embedding model (folder or hub id) whose cosine scores of each row's positive and negatives are
+    written as the column teacher_scores, for loss.distillation (e.g. a model trained longer)."""
 
 
 @dataclass(kw_only=True)

@@ -37,6 +37,8 @@ MARKER_FILE = "dist_vdr_mined.json"
 RETRIEVER_SCORES = "retriever_scores"
 # Column of mined rows: the positive's score minus each negative's (the margin the negative was kept at).
 NEGATIVE_MARGINS = "negative_margins"
+# Column of mined rows (with a teacher): its cosine score of the positive, then of each negative.
+TEACHER_SCORES = "teacher_scores"
 
 
 @dataclass
@@ -52,6 +54,8 @@ class MinedNegatives:
     pages: object
     """datasets.Dataset[image]: the de-duplicated page table."""
     num_dropped: int
+    teacher_scores: np.ndarray | None = None
+    """[len(kept_rows), 1 + num_negatives] a teacher's scores of the same pages (``--teacher``), or None."""
 
 
 def hash_pages(ds, page_columns: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -145,9 +149,25 @@ def random_negatives(positives: np.ndarray, chosen: np.ndarray, num_pages: int, 
     return out
 
 
+def teacher_scores(teacher, queries: list[str], pages, cells: np.ndarray, *, batch_size: int = 16,
+                   num_workers: int = -1, show_progress: bool = True) -> np.ndarray:
+    """[Q, k] cosine scores of a teacher embedding model for query i and page ``cells[i, j]`` of ``pages``
+    (collective: queries and pages encoded sharded over the ranks, as mining encodes them)."""
+    from .evaluation.encode import encode_corpus_shard
+    from .evaluation.sharded import encode_queries_sharded
+
+    info = distributed.current()
+    encoded = encode_queries_sharded(teacher, queries, info, batch_size=batch_size)
+    offset, shard = encode_corpus_shard(teacher, pages, rank=info.rank, world_size=info.world_size,
+                                        batch_size=batch_size, num_workers=num_workers, cache_dir=None,
+                                        show_progress=show_progress and info.is_main)
+    return _pair_scores(encoded, shard, offset, cells)
+
+
+# long: the split's pages hashed and tabled, mined, and scored by the teacher, each step collective
 def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: str, page_columns: list[str],
          batch_size: int = 16, num_workers: int = -1, backend: str = "auto", cache_dir: str | None = None,
-         show_progress: bool = True, wait_timeout_s: int = 21600) -> MinedNegatives:
+         show_progress: bool = True, wait_timeout_s: int = 21600, teacher=None) -> MinedNegatives:
     """Mine for the rows of a training dataset, its own pages as the corpus (collective); every rank
     returns the same result. ``wait_timeout_s``: how long the other ranks wait for rank 0's hashing
     (launch.startup_timeout_s; not inside the step-sized collective timeout)."""
@@ -166,8 +186,13 @@ def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: st
                                               documents=documents, batch_size=batch_size, num_workers=num_workers,
                                               backend=backend, cache_dir=cache_dir, show_progress=show_progress)
     kept = np.flatnonzero(ok)
+    taught = None
+    if teacher is not None:
+        cells = np.concatenate([positives[kept, None], negatives[kept]], axis=1)
+        taught = teacher_scores(teacher, [ds[query_column][i] for i in kept], pages, cells, batch_size=batch_size,
+                                num_workers=num_workers, show_progress=show_progress)
     return MinedNegatives(kept_rows=kept, negatives=negatives[kept], ranks=ranks[kept], scores=scores[kept],
-                          pages=pages, num_dropped=int((~ok).sum()))
+                          pages=pages, num_dropped=int((~ok).sum()), teacher_scores=taught)
 
 
 def mine_pages(model, queries: list[str], pages, page_keys: list[str], positives: np.ndarray, cfg: MiningConfig, *,
@@ -289,7 +314,10 @@ def write_mined(ds, mined: MinedNegatives, out: str | Path, *, query_column: str
         for j in range(mined.negatives.shape[1]):
             negative = mined.pages.select(mined.negatives[:, j].tolist()).rename_column("image", f"negative_{j}")
             columns.append(negative.flatten_indices(cache_file_name=str(scratch / f"negative_{j}.arrow")))
-        ranks = datasets.Dataset.from_dict(audit_columns(mined.ranks, mined.scores))
+        audit = audit_columns(mined.ranks, mined.scores)
+        if mined.teacher_scores is not None:
+            audit[TEACHER_SCORES] = mined.teacher_scores.astype(np.float32).tolist()
+        ranks = datasets.Dataset.from_dict(audit)
         result = datasets.concatenate_datasets([*columns, ranks], axis=1)
         return save_atomic(result, out, {**fingerprint, "rows": len(result), "dropped": mined.num_dropped})
     finally:
@@ -329,7 +357,7 @@ def training_pairs(queries: dict[str, str], qrels: dict[str, dict[str, int]], in
 
 
 def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[str, int]], cfg: MiningConfig, *,
-                exclude_same_document: bool = False, **encode_kwargs):
+                exclude_same_document: bool = False, teacher=None, **encode_kwargs):
     """Negatives from a page corpus (``page_id``, ``image``, ``document_id``) for judged queries,
     collective. Returns (datasets.Dataset of query_id, query, image = positive page id,
     negative_0..n-1 = page ids, negative_ranks, retriever_scores; number of queries dropped)."""
@@ -352,6 +380,12 @@ def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[st
     for j in range(negatives.shape[1]):
         columns[f"negative_{j}"] = [page_ids[negatives[i, j]] for i in kept]
     columns.update(audit_columns(ranks[kept], scores[kept]))
+    if teacher is not None:
+        cells = np.concatenate([positives[kept, None], negatives[kept]], axis=1)
+        taught = teacher_scores(teacher, [texts[i] for i in kept], corpus.select_columns(["image"]), cells,
+                                batch_size=encode_kwargs.get("batch_size", 16),
+                                num_workers=encode_kwargs.get("num_workers", -1))
+        columns[TEACHER_SCORES] = taught.astype(np.float32).tolist()
     return datasets.Dataset.from_dict(columns), int((~ok).sum())
 
 

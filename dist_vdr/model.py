@@ -61,6 +61,14 @@ def has_modules_json(name_or_path: str) -> bool:
     return is_sentence_transformer_model(name_or_path)
 
 
+def is_cross_encoder(name_or_path: str) -> bool:
+    """A local sentence-transformers folder saved as a CrossEncoder (reranker); False for anything else."""
+    import json
+
+    config = Path(name_or_path) / "config_sentence_transformers.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "CrossEncoder"
+
+
 def check_model_path(path: str, make: str = "make-tiny-model", key: str = "model.name_or_path") -> str:
     """``path`` when it is a folder or looks like a hub id (org/name); ValueError with the fix otherwise."""
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1

@@ -49,3 +49,27 @@ def test_masking_on_two_ranks_equals_one_process_and_lowers_the_loss(tiny_model,
     masked, unmasked = logged_losses(tmp_path / "two")[1], logged_losses(tmp_path / "plain")[1]
     print(f"step-1 loss: masked {masked:.6f} vs unmasked {unmasked:.6f}")
     assert masked < unmasked - 1e-3
+
+
+def test_mine_negatives_writes_teacher_scores_that_distillation_trains_on(tiny_model, pages, tmp_path):
+    """--teacher scores each mined row's positive and negatives; with the retriever itself as the teacher
+    they are its own scores. The rows then train with loss.distillation (and masking by nothing else)."""
+    import datasets
+    import numpy as np
+
+    out = tmp_path / "mined"
+    mined = run_cli(["mine-negatives", "--model", str(tiny_model), "--data", str(pages), "--out", str(out),
+                     "--num-negatives", "2", "--teacher", str(tiny_model), "--device", "cpu"])
+    assert mined.returncode == 0, log_tail(mined.stdout + mined.stderr)
+    rows = datasets.load_from_disk(str(out))
+    teacher, retriever = np.array(rows["teacher_scores"]), np.array(rows["retriever_scores"])
+    assert teacher.shape == (len(rows), 3) and np.allclose(teacher, retriever, atol=1e-5)
+    assert np.allclose(np.array(rows["negative_margins"]), retriever[:, :1] - retriever[:, 1:], atol=1e-6)
+
+    train = run_cli(["train", "--config", "configs/tiny.yaml",
+                     *tiny_overrides(tiny_model, out, tmp_path / "run", "training.max_steps=2",
+                                     "evaluation.enabled=false", "data.negative_columns=[negative_0,negative_1]",
+                                     "launch.device=cpu", "loss.distillation.scores_column=teacher_scores",
+                                     "loss.distillation.kind=kl")])
+    assert train.returncode == 0, log_tail(train.stdout + train.stderr)
+    assert "1 x kl distillation from teacher_scores" in train.stdout + train.stderr
