@@ -18,6 +18,7 @@ for set in $SETS; do  # other seeds: other renderings of other queries (the eval
     [ -d "$WORK/heldout-$set" ] || "$BIN/dist-vdr" make-synthetic-pages "$WORK/heldout-$set" --num-train 64 \
         --num-eval-queries 128 --seed "$set"
 done
+mkdir -p "$WORK/runs" "$WORK/eval"
 RESULTS="$WORK/results.tsv"
 : > "$RESULTS"
 for seed in $SEEDS; do

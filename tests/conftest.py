@@ -115,6 +115,26 @@ def assert_merged_is_base_plus_update(base: Path, final: Path, scale: float) -> 
         assert torch.allclose(merged[key], base_w[key] + delta, atol=1e-6), key
 
 
+ENGINES = ["cpu_zero2", "cpu_zero3", "cpu_fsdp2"]
+"""The sharded engines' CPU launch configs (launch/<name>.yaml)."""
+REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
+              "_reduce_scatter_base", "all_reduce_coalesced")
+"""Collectives that reduce gradients (the collective log's names)."""
+
+
+def train_engine(launch: str, recipe: str, out: Path, nproc: int, extensions_dir: Path, model: Path, data: Path,
+                 *more: str, steps: int = 6) -> str:
+    """A tiny training run through launch/<launch>.yaml on ``nproc`` ranks, checkpoints every 2 steps
+    (all kept); returns its log, failing the test on a non-zero exit."""
+    env = launch_env(NUM_PROCESSES=str(nproc), TORCH_EXTENSIONS_DIR=str(extensions_dir))
+    args = ["--config", recipe, *tiny_overrides(model, data, out, f"training.max_steps={steps}",
+                                                 "training.save_steps=2", "training.save_total_limit=10", *more)]
+    proc = run_launcher(f"launch/{launch}.yaml", args, env=env, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log_tail(log)
+    return log
+
+
 def logged_losses(out: Path, key: str = "loss") -> dict[int, float]:
     """step -> logged training loss (or ``key``), from the newest complete checkpoint's trainer state."""
     from dist_vdr.checkpoint import latest_complete

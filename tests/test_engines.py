@@ -18,25 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_step, launch_env, log_tail, run_launcher, tiny_overrides
+from conftest import ENGINES, REDUCTIONS, assert_same_step, train_engine
 
 pytestmark = pytest.mark.slow
 
 RECIPE = "configs/tiny.yaml"
-ENGINES = ["cpu_zero2", "cpu_zero3", "cpu_fsdp2"]
 STEPS = 6
-REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
-              "_reduce_scatter_base", "all_reduce_coalesced")
 
 
 def _train(launch: str, out: Path, nproc: int, extensions_dir: Path, tiny_model, pages, *more: str) -> str:
-    env = launch_env(NUM_PROCESSES=str(nproc), TORCH_EXTENSIONS_DIR=str(extensions_dir))
-    args = ["--config", RECIPE, *tiny_overrides(tiny_model, pages, out, f"training.max_steps={STEPS}",
-                                                 "training.save_steps=2", "training.save_total_limit=10", *more)]
-    proc = run_launcher(f"launch/{launch}.yaml", args, env=env, timeout=400)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log_tail(log)
-    return log
+    return train_engine(launch, RECIPE, out, nproc, extensions_dir, tiny_model, pages, *more, steps=STEPS)
 
 
 def _history(out: Path) -> dict[int, tuple[float, float]]:
