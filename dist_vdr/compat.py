@@ -108,8 +108,9 @@ SEAMS: tuple[Seam, ...] = (
     Seam("transformers.trainer_engine_checkpoint_calls", **_TF,
          what="the module globals transformers.trainer.deepspeed_load_checkpoint(engine, path, load_module_strict) "
               "and save_fsdp_model(fsdp_plugin, accelerator, model, output_dir, ...), called by "
-              "Trainer._prepare_for_training and Trainer._save_optimizer_and_scheduler",
-         used_by="adapter_engines.install_loaders",
+              "Trainer._prepare_for_training and Trainer._save_optimizer_and_scheduler(output_dir) (which dist-vdr "
+              "wraps to leave the frozen base out of DeepSpeed's save_checkpoint)",
+         used_by="adapter_engines.install_loaders, st_trainers._DistVdrTrainerMixin._save_optimizer_and_scheduler",
          why="transformers leaves the frozen base out of engine checkpoints for PeftModel instances only; "
              "dist-vdr's adapters live inside a SentenceTransformer"),
     Seam("transformers.no_split_modules", **_TF,

@@ -77,6 +77,7 @@ class _DistVdrTrainerMixin:
         return self._save(output_dir, state_dict=state_dict)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        compat.require("transformers.trainer_engine_checkpoint_calls")  # a private Trainer step, wrapped
         with adapter_engines.checkpoint_without_base(self):
             return super()._save_optimizer_and_scheduler(output_dir)
 
