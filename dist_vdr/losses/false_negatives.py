@@ -108,7 +108,7 @@ class Masking:
                  margin: float = 0.0, strategy: str = "absolute") -> None:
         self.ids, self.guide, self.margin, self.strategy = ids, guide, margin, strategy
         self._chunks: dict[int, Tensor] = {}
-        self.masked = 0
+        self.masked: Tensor | int = 0  # candidates masked over the chunks (a tensor: no device sync per chunk)
 
     def chunk(self, begin: int, end: int, targets: Tensor) -> Tensor:
         if begin not in self._chunks:
@@ -121,5 +121,5 @@ class Masking:
                 by_guide = guide_mask(queries[begin:end], candidates, targets, self.margin, self.strategy)
                 hidden = by_guide if hidden is None else hidden | by_guide
             self._chunks[begin] = hidden
-            self.masked += int(hidden.sum())
+            self.masked = self.masked + hidden.sum()
         return self._chunks[begin]

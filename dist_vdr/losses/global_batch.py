@@ -75,7 +75,8 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
             guide.requires_grad_(False)
         self.guide, self.guide_margin, self.guide_margin_strategy = guide, guide_margin, guide_margin_strategy
         self._guide_columns: list[list[Tensor]] | None = None
-        self.last_masked = 0  # false negatives masked at the last step (this rank's queries, per dim)
+        # False negatives masked at the last step (this rank's queries; a tensor, read it with int()).
+        self.last_masked = 0
         self.distillation = distillation if distillation is not None and distillation.enabled else None
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
