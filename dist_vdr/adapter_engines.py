@@ -26,29 +26,22 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, compat
-
-
-def _is_fsdp2(module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
+from . import adapters, compat, engines
 
 
 def gather_adapter(trainer) -> dict[str, torch.Tensor]:
-    """The adapter's full weights, keyed as in the model's state dict (collective: every rank calls it;
-    rank 0's result is complete). The frozen base is neither gathered nor copied."""
+    """The adapter's full weights under DeepSpeed or FSDP2, keyed as in the model's state dict (collective:
+    every rank calls it; rank 0's result is complete). The frozen base is neither gathered nor copied."""
     wrapped = trainer.model_wrapped
     if trainer.is_fsdp_enabled:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                       ignore_frozen_params=True))
-    if trainer.is_deepspeed_enabled:
-        if wrapped.zero_optimization_partition_weights():  # ZeRO-3: the parameters are partitions
-            return compat.zero3_gathered_state_dict(wrapped, exclude_frozen=True)
-        return wrapped.module_state_dict(exclude_frozen_parameters=True)
-    return {k: v for k, v in trainer.model.state_dict().items() if "lora_" in k}
+    assert trainer.is_deepspeed_enabled, "gather_adapter is for the sharded engines (DDP saves the module)"
+    if wrapped.zero_optimization_partition_weights():  # ZeRO-3: the parameters are partitions
+        return compat.zero3_gathered_state_dict(wrapped, exclude_frozen=True)
+    return wrapped.module_state_dict(exclude_frozen_parameters=True)
 
 
 @contextlib.contextmanager
@@ -89,7 +82,7 @@ def _fsdp_save_model(stock, fsdp_plugin, accelerator, model, output_dir, *args, 
 
 def load_adapter(model, folder: str | Path, key: str) -> None:
     """The adapter of ``folder`` into ``model``, whose parameters may be FSDP2 shards."""
-    if not _is_fsdp2(model):
+    if not engines.is_fsdp2(model):
         return adapters.load_weights(model, folder, key=key)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

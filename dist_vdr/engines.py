@@ -37,7 +37,8 @@ logger = log.get(__name__)
 _INSTALLED = False
 
 
-def _is_fsdp2(model: Any) -> bool:
+def is_fsdp2(model: Any) -> bool:
+    """Whether ``model`` is (or has been turned into) an FSDP2 ``fully_shard`` module."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
@@ -63,7 +64,7 @@ def install_replay_context() -> None:
 def _fsdp2_aware_replay_context(stock):
     @contextlib.contextmanager
     def replay_context(model, synchronize: bool):
-        if not _is_fsdp2(model):
+        if not is_fsdp2(model):
             with stock(model, synchronize):
                 yield
             return
@@ -105,10 +106,10 @@ def prepare_trainer(trainer, *, keep_parameters_gathered: bool = False) -> None:
     if wrapper is not None:
         coalesced_deepspeed_backward(wrapper)
     model = trainer.model_wrapped
-    if not _is_fsdp2(model):
+    if not is_fsdp2(model):
         return
     if trainer.is_world_process_zero():
-        units = sum(1 for m in model.modules() if _is_fsdp2(m))
+        units = sum(1 for m in model.modules() if is_fsdp2(m))
         logger.warning("FSDP2: %d sharded units%s", units,
                        ", parameters kept gathered during each step" if keep_parameters_gathered else "")
     if keep_parameters_gathered:
@@ -121,9 +122,9 @@ def prepare_trainer(trainer, *, keep_parameters_gathered: bool = False) -> None:
 def release_parameters(trainer) -> None:
     """Reshard FSDP2 parameters kept gathered during a step (before the optimizer touches the shards)."""
     model = trainer.model_wrapped
-    if _is_fsdp2(model):
+    if is_fsdp2(model):
         for module in model.modules():
-            if _is_fsdp2(module):
+            if is_fsdp2(module):
                 module.reshard()
 
 

@@ -182,14 +182,15 @@ def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: st
     documents = page_documents(ds, page_columns, cells, cfg.document_id_columns) if cfg.document_id_columns else None
     pages = pages_dataset(ds, page_columns, cells)
     positives = cells[:, page_columns.index(positive_column)]
-    negatives, ranks, ok, scores = mine_pages(model, list(ds[query_column]), pages, hashes, positives, cfg,
+    queries = column_values(ds, query_column)
+    negatives, ranks, ok, scores = mine_pages(model, queries, pages, hashes, positives, cfg,
                                               documents=documents, batch_size=batch_size, num_workers=num_workers,
                                               backend=backend, cache_dir=cache_dir, show_progress=show_progress)
     kept = np.flatnonzero(ok)
     taught = None
     if teacher is not None:
         cells = np.concatenate([positives[kept, None], negatives[kept]], axis=1)
-        taught = teacher_scores(teacher, [ds[query_column][i] for i in kept], pages, cells, batch_size=batch_size,
+        taught = teacher_scores(teacher, [queries[i] for i in kept], pages, cells, batch_size=batch_size,
                                 num_workers=num_workers, show_progress=show_progress)
     return MinedNegatives(kept_rows=kept, negatives=negatives[kept], ranks=ranks[kept], scores=scores[kept],
                           pages=pages, num_dropped=int((~ok).sum()), teacher_scores=taught)

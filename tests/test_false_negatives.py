@@ -33,9 +33,10 @@ def test_ids_ride_in_the_embeddings_bit_for_bit(dtype):
     ids = torch.randint(-(1 << 62), 1 << 62, (5, 2), dtype=torch.int64)
     ids[0, 0] = 0x7FF8000000000001  # a NaN bit pattern in every float width
     ids[1, 1] = -1
-    packed = fn.pack_ids(stacked, ids)
+    packed, layout = fn.pack(stacked, [fn.column_ids(ids)])
     gathered = torch.stack([packed, packed.clone()])  # what the all-gather returns: the same bytes
-    emb, back = fn.unpack_ids(gathered, dtype)
+    emb, (back,) = fn.unpack(gathered, stacked.shape[-1], layout)
+    back = back.squeeze(-1)
     assert torch.equal(emb[0], stacked) and back.shape == (2, 3, 5)
     assert torch.equal(back[1, 1:].T, ids) and torch.equal(back[0, 0], ids[:, 0])
 

@@ -39,7 +39,6 @@ def id_labels(rows: list[dict], candidate_columns: list[str], positive_ids_colum
     return labels
 
 
-
 def id_columns(cfg: Config) -> tuple[list[str], str | None]:
     """(the candidate columns' id columns: positive first, then one per negative column; the positive-ids
     list column or None) of a recipe with masking by id; ([], None) without."""

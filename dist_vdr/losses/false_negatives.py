@@ -8,7 +8,7 @@ positive, which stays the target.
 
 Ids travel as 64-bit hashes of their strings (0: no id, never matches). The candidates' ids must be
 known on every rank, and fetching them with a collective of their own would add one per step: they
-are bit-packed into the embeddings' one all-gather instead (:func:`pack_ids` appends each row's id,
+are bit-packed into the embeddings' one all-gather instead (:func:`pack` appends each row's id,
 reinterpreted as ``8 / itemsize`` values of the embedding dtype, to its embedding; a gather copies
 bytes, so the ids come back exact). The queries' own id sets never leave their rank.
 
@@ -50,18 +50,6 @@ def column_ids(candidate_ids: Tensor) -> Tensor:
     return torch.cat([candidate_ids[:, :1], candidate_ids], dim=1).T.contiguous().unsqueeze(-1)
 
 
-def pack_ids(stacked: Tensor, candidate_ids: Tensor) -> Tensor:
-    """``stacked`` [C, B, D] + ``candidate_ids`` [B, C-1] -> [C, B, D + slots]."""
-    return pack(stacked, [column_ids(candidate_ids)])[0]
-
-
-def unpack_ids(gathered: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """[W, C, B, D + slots] -> (embeddings [W, C, B, D] (a view), ids [W, C, B] int64)."""
-    slots = 8 // torch.empty((), dtype=dtype).element_size()
-    emb, (ids,) = unpack(gathered, gathered.shape[-1] - slots, [(torch.int64, 1)])
-    return emb, ids.squeeze(-1)
-
-
 def guide_mask(query: Tensor, candidates: Tensor, targets: Tensor, margin: float, strategy: str) -> Tensor:
     """[b, N] True where the guide scores candidate j above query i's positive less the margin (GIST:
     absolute ``> pos - margin``, relative ``> pos - |pos| * margin``), never at the positive itself.
@@ -75,11 +63,11 @@ def guide_mask(query: Tensor, candidates: Tensor, targets: Tensor, margin: float
     return out
 
 
-def candidate_order(ids: Tensor) -> Tensor:
-    """[W, C, B] ids -> [W·B·(C-1)] in the loss's candidate order (all positives of ranks 0..W-1, then
-    all first negatives, ...)."""
-    world, columns, batch = ids.shape
-    return ids[:, 1:].transpose(0, 1).reshape(world * batch * (columns - 1))
+def candidate_order(values: Tensor) -> Tensor:
+    """[W, C, B, ...] per-row values (ids, guide embeddings) -> [W·B·(C-1), ...] in the loss's candidate
+    order (all positives of ranks 0..W-1, then all first negatives, ...)."""
+    world, columns, batch, *rest = values.shape
+    return values[:, 1:].transpose(0, 1).reshape(world * batch * (columns - 1), *rest)
 
 
 def mask(query_ids: Tensor, candidates: Tensor, targets: Tensor) -> Tensor:

@@ -121,9 +121,7 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
                    false_negatives.query_id_sets(labels, num_columns))
         if self.guide is not None:
             guide_all = unpacked.pop(0)  # [W, C, B, Dg]
-            world, _, _, width = guide_all.shape
-            candidates = guide_all[:, 1:].transpose(0, 1).reshape(world * batch_size * (num_columns - 1), width)
-            guide = (guide_all[self.rank, 0], candidates)
+            guide = (guide_all[self.rank, 0], false_negatives.candidate_order(guide_all))
         masking = false_negatives.Masking(ids, guide, self.guide_margin, self.guide_margin_strategy)
         return gathered.contiguous(), masking  # a leaf of its own for the gradients (the packed copy is freed)
 
