@@ -5,6 +5,7 @@
 #   make lint   ruff over the package, tests and launch scripts (config: pyproject.toml)
 #   make demo-lora       the demo with a LoRA adapter (configs/tiny-lora.yaml)
 #   make demo-reranker   after demo: the tiny reranker (warm-started, mined negatives), retrieval vs reranked
+#   make demo-distill    after demo: a student distilled from the demo's model (configs/tiny-distill.yaml)
 #   make demo-pdfs       a folder of generated PDFs -> page corpus -> mined negatives -> training (docs/data.md)
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,10 +18,11 @@ DEMO_DIR ?= artifacts
 DEMO_RUN ?= runs/tiny
 DEMO_RERANKER_RUN ?= runs/tiny-reranker
 DEMO_LORA_RUN ?= runs/tiny-lora
+DEMO_DISTILL_RUN ?= runs/tiny-distill
 DEMO_PDFS_RUN ?= runs/tiny-pdfs
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-lora demo-reranker demo-pdfs test test-fast lint venv clean-demo system-deps bench-wheels
+.PHONY: demo demo-lora demo-reranker demo-distill demo-pdfs test test-fast lint venv clean-demo system-deps bench-wheels
 
 venv: $(STAMP)
 
@@ -55,6 +57,16 @@ demo-reranker: demo
 	PYTHON=$(BIN)/python launch/train.sh launch/cpu.yaml --config configs/tiny-reranker.yaml \
 		model.name_or_path=$(DEMO_DIR)/tiny-reranker reranker.retriever=$(DEMO_RUN)/final \
 		data.path=$(DEMO_DIR)/pages training.output_dir=$(DEMO_RERANKER_RUN)
+
+# Distillation on top of the demo (configs/tiny-distill.yaml): the demo's model is the teacher, its
+# scores of the training rows' own pages are added (score-rows, 2 ranks), a 1-epoch student learns from them.
+demo-distill: demo
+	$(BIN)/python -m accelerate.commands.launch --config_file launch/cpu.yaml \
+		--num_processes 2 -m dist_vdr.cli score-rows --config configs/tiny-distill.yaml \
+		--teacher $(DEMO_RUN)/final --data $(DEMO_DIR)/pages --out $(DEMO_DIR)/pages-distill --device cpu
+	PYTHON=$(BIN)/python launch/train.sh launch/cpu.yaml --config configs/tiny-distill.yaml \
+		model.name_or_path=$(DEMO_DIR)/tiny-model data.path=$(DEMO_DIR)/pages-distill \
+		data.eval_path=$(DEMO_DIR)/pages training.output_dir=$(DEMO_DISTILL_RUN)
 
 # The walkthrough of docs/data.md ("Your documents") on generated PDFs: page corpus, negatives mined over the
 # whole corpus on 2 ranks, training on rows naming pages by id, eval from query/qrels files.
@@ -112,4 +124,4 @@ bench-wheels: $(STAMP)
 		grep -iE "^($$(echo $(BENCH_WHEELS) | tr ' ' '|'))==")
 
 clean-demo:
-	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(DEMO_RERANKER_RUN) $(DEMO_PDFS_RUN) $(DEMO_LORA_RUN)
+	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(DEMO_RERANKER_RUN) $(DEMO_PDFS_RUN) $(DEMO_LORA_RUN) $(DEMO_DISTILL_RUN)

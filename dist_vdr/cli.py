@@ -9,11 +9,12 @@ Subcommands:
   make-synthetic-pdfs DIR    generate a folder of PDFs and scans with queries and qrels
   pages build               render a folder of PDFs/images into a page corpus dataset (parallel, resumable)
   eval / mine-negatives      sharded retrieval evaluation / hard-negative mining (accelerate launch)
+  score-rows                a teacher's scores of training rows' own pages, for distillation (sharded)
   submit                training as a SLURM job (submitit, preemption-safe requeue)
   bench                 training throughput vs stock sentence-transformers (GPU or CPU)
   bench-loss / bench-eval / bench-search / bench-corpus / bench-startup / bench-checkpoint   figures
 
-eval, mine-negatives, pages build, submit and bench* take their settings like a recipe: a YAML file
+eval, mine-negatives, score-rows, pages build, submit and bench* take their settings like a recipe: a YAML file
 (--config; --command-config for submit and bench, whose --config is the recipe they train), their
 options, and key=value overrides, in that order (dist_vdr.commands holds the settings and their
 defaults; each option's help names its key). eval and mine-negatives read the model/data/evaluation

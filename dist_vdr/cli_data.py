@@ -5,9 +5,11 @@
   mine-negatives                hard negatives with an embedding model, sharded over ranks, either
                                 for a training split's own pages (--data) or over a page corpus
                                 for judged queries (--corpus --queries --qrels)
+  score-rows                    a teacher's scores (embedding model or reranker) of each training row's
+                                own positive and negatives, for loss.distillation, sharded over ranks
 
-`pages build` and `mine-negatives` take their settings as a recipe does (dist_vdr.commands:
-IngestCommand, MineCommand): --config FILE, the options below, key=value overrides.
+`pages build`, `mine-negatives` and `score-rows` take their settings as a recipe does (dist_vdr.commands:
+IngestCommand, MineCommand, ScoreRowsCommand): --config FILE, the options below, key=value overrides.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from .cli_options import Command, Opt, add_options, given_options, load_command
-from .commands import IngestCommand, MineCommand
+from .commands import IngestCommand, MineCommand, ScoreRowsCommand
 from .config import DEVICES, DTYPES
 
 BUILD = Command(IngestCommand, (
@@ -64,6 +66,24 @@ MINE = Command(MineCommand, (
     Opt("--num-workers", "evaluation.num_workers"),
     Opt("--cache", "mine.cache"),
     Opt("--teacher", "mine.teacher"),
+    Opt("--teacher-type", "mine.teacher_type"),
+    Opt("--dtype", "model.dtype", choices=DTYPES),
+    Opt("--device", "launch.device", choices=DEVICES),
+    Opt("--threads", "launch.num_threads_per_process"),
+))
+
+SCORE = Command(ScoreRowsCommand, (
+    Opt("--teacher", "model.name_or_path", help="The teacher: an embedding model or a reranker (folder or hub id)."),
+    Opt("--teacher-type", "score.teacher_type"),
+    Opt("--data", "data.path", help="Training rows with query, positive and negative page columns (images)."),
+    Opt("--out", "score.out"),
+    Opt("--name", "data.train_name"),
+    Opt("--split", "data.train_split", help="Split of the training data."),
+    Opt("--query-column", "data.query_column", help="Column of the query text."),
+    Opt("--positive-column", "data.positive_column", help="Column of the positive page."),
+    Opt("--negative-columns", "data.negative_columns", nargs="*"),
+    Opt("--batch-size", "evaluation.batch_size"),
+    Opt("--num-workers", "evaluation.num_workers"),
     Opt("--dtype", "model.dtype", choices=DTYPES),
     Opt("--device", "launch.device", choices=DEVICES),
     Opt("--threads", "launch.num_threads_per_process"),
@@ -112,9 +132,13 @@ def _load_mine(args: argparse.Namespace) -> MineCommand:
 def _mine(args: argparse.Namespace) -> int:
     """Hard negatives (run it under accelerate launch for several ranks)."""
     from . import distributed
+    from .mining import check_out
     from .model import build_model
 
     cfg = _load_mine(args)
+    m = cfg.mine
+    check_out(m.out, {"--data": None if cfg.corpus_mode else cfg.data.path, "--corpus": m.corpus,
+                      "--model": cfg.model.name_or_path, "--teacher": m.teacher})
     info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process)
     e = cfg.evaluation
     encode = {"batch_size": e.batch_size, "num_workers": e.num_workers, "backend": e.search_backend,
@@ -132,16 +156,77 @@ def _mine(args: argparse.Namespace) -> int:
 
 
 def _teacher(cfg: MineCommand, device: str, precision: str):
-    """The embedding model of --teacher, loaded as --model is (dtype, attention)."""
+    """The teacher of --teacher as ``(queries, pages, cells) -> scores`` (collective, see mining.mine)."""
     import dataclasses
 
-    from .model import build_model, check_model_path, is_cross_encoder
+    from .model import check_model_path
 
     path = check_model_path(cfg.mine.teacher, key="mine.teacher")
+    return _load_teacher(dataclasses.replace(cfg.model, name_or_path=path), cfg.mine.teacher_type, cfg,
+                         device, precision, flag="--teacher")
+
+
+def _load_teacher(model_cfg, teacher_type: str, cfg, device: str, precision: str, flag: str):
+    """An embedding model's cosine scores or a reranker's scores (as ``cfg.reranker`` loads and prompts
+    it), as a collective ``(queries, pages, cells) -> [Q, k]``; loaded with ``model_cfg``'s dtype/attention."""
+    import functools
+
+    from . import mining
+    from .model import build_model, is_cross_encoder
+
+    e, path = cfg.evaluation, model_cfg.name_or_path
+    if teacher_type == "reranker" or (teacher_type == "auto" and is_cross_encoder(path)):
+        from .reranker.model import build_reranker
+        from .reranker.scoring import row_scores
+
+        reranker = build_reranker(model_cfg, cfg.reranker, device=device, precision=precision)
+        return functools.partial(row_scores, reranker, batch_size=e.batch_size, prompt=cfg.reranker.prompt)
     if is_cross_encoder(path):
-        raise ValueError(f"--teacher {path}: a reranker (CrossEncoder) as teacher is not supported yet; give an "
-                         f"embedding model (e.g. one trained longer than the student)")
-    return build_model(dataclasses.replace(cfg.model, name_or_path=path), device=device, precision=precision)
+        raise ValueError(f"{flag} {path} is a reranker (CrossEncoder) but the teacher type is embedding: use "
+                         f"--teacher-type reranker (or auto)")
+    teacher = build_model(model_cfg, device=device, precision=precision)
+    return functools.partial(mining.teacher_scores, teacher, batch_size=e.batch_size, num_workers=e.num_workers)
+
+
+def _teacher_record(cfg: MineCommand) -> dict:
+    """What the mined rows' marker says of their teacher scores."""
+    m = cfg.mine
+    if not m.teacher:
+        return {"teacher": None}
+    return {"teacher": m.teacher, "teacher_type": m.teacher_type, "teacher_prompt": cfg.reranker.prompt}
+
+
+def _score_rows(args: argparse.Namespace) -> int:
+    """Teacher scores of the rows' own pages (run it under accelerate launch for several ranks)."""
+    import dataclasses
+
+    from . import distributed, mining
+    from .data.loading import load_train
+    from .data.splits import load_split
+
+    cfg = load_command(args, SCORE, check_paths=False)
+    cfg.resolve_sources()
+    mining.check_out(cfg.score.out, {"--data": cfg.data.path, "--teacher": cfg.model.name_or_path})
+    info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process)
+    d = cfg.data
+    # Every column of the rows is kept (document ids for masking, ...); the pages are decoded by the scoring.
+    columns = load_split(d.path, d.train_name, d.train_split).column_names
+    ds = load_train(dataclasses.replace(d, validate_images=False), extra_columns=columns)
+    precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
+    teacher = _load_teacher(cfg.model, cfg.score.teacher_type, cfg, info.device, precision, flag="--teacher")
+    scores = mining.score_rows(ds, d.query_column, [d.positive_column, *d.negative_columns], teacher,
+                               wait_timeout_s=cfg.launch.startup_timeout_s)
+    if info.is_main:
+        marker = {"teacher": cfg.model.name_or_path, "teacher_type": cfg.score.teacher_type,
+                  "teacher_prompt": cfg.reranker.prompt, "data": d.path, "split": d.train_split,
+                  "columns": [d.positive_column, *d.negative_columns], "format": 1}
+        mining.save_atomic(ds.add_column(mining.TEACHER_SCORES, scores.astype("float32").tolist()), cfg.score.out,
+                           marker)
+        print(f"{len(ds)} rows with {mining.TEACHER_SCORES} of {scores.shape[1]} pages each in {cfg.score.out}: "
+              f"train with data.path={cfg.score.out} loss.distillation.scores_column={mining.TEACHER_SCORES}",
+              flush=True)
+    distributed.barrier()
+    return 0
 
 
 def _corpus_inputs(cfg: MineCommand) -> tuple:
@@ -173,7 +258,7 @@ def _mine_corpus(cfg: MineCommand, info, model, corpus, queries, qrels, encode: 
     rows, dropped = mining.mine_corpus(model, corpus, queries, qrels, cfg.mining,
                                        exclude_same_document=m.exclude_same_document, **encode)
     if info.is_main:
-        fp = {"retriever": cfg.model.name_or_path, "teacher": m.teacher, "corpus": str(Path(m.corpus).resolve()),
+        fp = {"retriever": cfg.model.name_or_path, **_teacher_record(cfg), "corpus": str(Path(m.corpus).resolve()),
               "queries": m.queries,
               "qrels": m.qrels, "exclude_same_document": m.exclude_same_document,
               "mining": cfg.mining.__dict__, "rows": len(rows), "dropped": dropped}
@@ -191,7 +276,7 @@ def _mine_split(cfg: MineCommand, info, model, ds, encode: dict) -> None:
                          page_columns=list(cfg.mine.page_columns), **encode)
     if info.is_main:
         fp = {**mining.fingerprint(cfg.model.name_or_path, d.path, d.train_split, None, cfg.mining),
-              "teacher": cfg.mine.teacher}
+              **_teacher_record(cfg)}
         mining.write_mined(ds, result, out, query_column=d.query_column, positive_column=d.positive_column,
                            fingerprint=fp)
         print(f"{len(result.kept_rows)} rows with {result.negatives.shape[1]} negatives each in {out} "
@@ -218,3 +303,8 @@ def add_parsers(sub) -> None:
     mn = sub.add_parser("mine-negatives", help="mine hard negatives with an embedding model (sharded over ranks)")
     add_options(mn, MINE)
     mn.set_defaults(fn=_mine)
+
+    sc = sub.add_parser("score-rows", help="a teacher's scores of training rows' own pages, for distillation "
+                                           "(sharded over ranks)")
+    add_options(sc, SCORE)
+    sc.set_defaults(fn=_score_rows)

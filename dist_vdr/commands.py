@@ -15,7 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .cluster import SlurmResources
-from .config import REQUIRED, DataConfig, EvaluationConfig, LaunchConfig, MiningConfig, ModelConfig, RerankerConfig
+from .config import (
+    REQUIRED,
+    DataConfig,
+    EvaluationConfig,
+    LaunchConfig,
+    MiningConfig,
+    ModelConfig,
+    RerankerConfig,
+    _check_choice,
+)
 from .data.ingest_config import PagesBuildConfig
 
 
@@ -91,8 +100,49 @@ class MineOptions:
     cache: str | None = None
     """Per-shard embedding cache folder (resumable)."""
     teacher: str | None = None
-    """An embedding model (folder or hub id) whose cosine scores of each row's positive and negatives are
-    written as the column teacher_scores, for loss.distillation (e.g. a model trained longer)."""
+    """A model (folder or hub id) whose scores of each row's positive and negatives are written as the
+    column teacher_scores, for loss.distillation: an embedding model's cosine scores (e.g. one trained
+    longer) or a reranker's scores (loaded as the reranker: section says, e.g. its prompt)."""
+    teacher_type: str = "auto"
+    """auto | embedding | reranker. auto: a local sentence-transformers CrossEncoder folder (a dist-vdr
+    reranker's final/) is a reranker, anything else an embedding model; a reranker given by hub id
+    (e.g. Qwen/Qwen3-VL-Reranker-2B) needs reranker."""
+
+    def __post_init__(self) -> None:
+        _check_choice("mine", "teacher_type", self.teacher_type, ("auto", "embedding", "reranker"))
+
+
+@dataclass(kw_only=True)
+class ScoreOptions:
+    """`dist-vdr score-rows`' own settings."""
+
+    out: str = REQUIRED
+    """Output dataset folder: the rows of data.path with every column, plus teacher_scores."""
+    teacher_type: str = "auto"
+    """auto | embedding | reranker: what model.name_or_path (the teacher) is (as mine.teacher_type)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("score", "teacher_type", self.teacher_type, ("auto", "embedding", "reranker"))
+
+
+@dataclass(kw_only=True)
+class ScoreRowsCommand:
+    """`dist-vdr score-rows`: a teacher's scores of each training row's positive and negative columns
+    (data.positive_column, data.negative_columns), for loss.distillation, without mining anew."""
+
+    score: ScoreOptions = field(default_factory=ScoreOptions)
+    model: ModelConfig = field(default_factory=_required_model)
+    """The teacher: an embedding model or a reranker (score.teacher_type)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(path=REQUIRED))
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def resolve_sources(self) -> None:
+        from . import sources
+
+        self.model.name_or_path = sources.resolve(self.model.name_or_path, "model.name_or_path", "teacher folder")
+        self.data.path = sources.resolve(self.data.path, "data.path", "dataset folder")
 
 
 @dataclass(kw_only=True)
@@ -104,6 +154,8 @@ class MineCommand:
     data: DataConfig = field(default_factory=DataConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    """How a reranker teacher (mine.teacher) is loaded and prompted (head, tokens, chat_template, prompt)."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property

@@ -37,7 +37,8 @@ MARKER_FILE = "dist_vdr_mined.json"
 RETRIEVER_SCORES = "retriever_scores"
 # Column of mined rows: the positive's score minus each negative's (the margin the negative was kept at).
 NEGATIVE_MARGINS = "negative_margins"
-# Column of mined rows (with a teacher): its cosine score of the positive, then of each negative.
+# Column of mined rows (with a teacher): its score of the positive, then of each negative (cosine for an
+# embedding teacher, the reranker's score for a reranker).
 TEACHER_SCORES = "teacher_scores"
 
 
@@ -164,13 +165,25 @@ def teacher_scores(teacher, queries: list[str], pages, cells: np.ndarray, *, bat
     return _pair_scores(encoded, shard, offset, cells)
 
 
+def score_rows(ds, query_column: str, page_columns: list[str], teacher, *, wait_timeout_s: int = 21600) -> np.ndarray:
+    """[rows, len(page_columns)] a teacher's scores of each row's query with its own pages (collective;
+    ``teacher`` as in :func:`mine`). Pages shared by rows are tabled once (rank 0 hashes them)."""
+    info = distributed.current()
+    cells, _ = distributed.main_then_share(info.is_main, lambda: hash_pages(ds, page_columns),
+                                           timeout_s=wait_timeout_s, waiting_for="rank 0 hashing the pages",
+                                           log=lambda msg: logger.info(msg, extra=log.ALL_RANKS))
+    return teacher(column_values(ds, query_column), pages_dataset(ds, page_columns, cells), cells)
+
+
 # long: the split's pages hashed and tabled, mined, and scored by the teacher, each step collective
 def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: str, page_columns: list[str],
          batch_size: int = 16, num_workers: int = -1, backend: str = "auto", cache_dir: str | None = None,
          show_progress: bool = True, wait_timeout_s: int = 21600, teacher=None) -> MinedNegatives:
     """Mine for the rows of a training dataset, its own pages as the corpus (collective); every rank
     returns the same result. ``wait_timeout_s``: how long the other ranks wait for rank 0's hashing
-    (launch.startup_timeout_s; not inside the step-sized collective timeout)."""
+    (launch.startup_timeout_s; not inside the step-sized collective timeout). ``teacher``: None, or a
+    collective ``(queries, pages, cells) -> [Q, k] scores`` (:func:`teacher_scores` bound to an embedding
+    model, or a reranker's ``reranker.scoring.row_scores``) of each kept row's positive and negatives."""
     info = distributed.current()
     if positive_column not in page_columns:
         page_columns = [positive_column, *page_columns]
@@ -190,8 +203,7 @@ def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: st
     taught = None
     if teacher is not None:
         cells = np.concatenate([positives[kept, None], negatives[kept]], axis=1)
-        taught = teacher_scores(teacher, [queries[i] for i in kept], pages, cells, batch_size=batch_size,
-                                num_workers=num_workers, show_progress=show_progress)
+        taught = teacher([queries[i] for i in kept], pages, cells)
     return MinedNegatives(kept_rows=kept, negatives=negatives[kept], ranks=ranks[kept], scores=scores[kept],
                           pages=pages, num_dropped=int((~ok).sum()), teacher_scores=taught)
 
@@ -325,8 +337,26 @@ def write_mined(ds, mined: MinedNegatives, out: str | Path, *, query_column: str
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def check_out(out: str | Path, inputs: dict[str, str | None], marker_file: str = MARKER_FILE) -> None:
+    """ValueError with the fix unless ``out`` may be replaced by :func:`save_atomic`: apart from every
+    local input folder (``inputs``: flag -> path; the write would delete it, or read its own output)
+    and, when it exists, an earlier output of these commands (its marker file) or an empty folder."""
+    target = Path(out).resolve()
+    for flag, path in inputs.items():
+        if not path or not Path(path).exists():
+            continue  # a hub id: nothing local to delete
+        src = Path(path).resolve()
+        if target == src or src in target.parents or target in src.parents:
+            raise ValueError(f"--out {out} overlaps {flag} {path} (resolved: {target} and {src}): writing there would "
+                             f"delete or alter the input; choose an --out outside it")
+    if target.exists() and not (target / marker_file).is_file() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an output of mine-negatives/score-rows (no {marker_file}): "
+                         f"it would be replaced; choose a new --out, or delete it first if it is yours to lose")
+
+
 def save_atomic(ds, out: str | Path, marker: dict, marker_file: str = MARKER_FILE) -> Path:
-    """``ds`` written beside ``out``, marked, then renamed into place (a killed write leaves no half dataset)."""
+    """``ds`` written beside ``out``, marked, then renamed into place (a killed write leaves no half dataset).
+    Callers check ``out`` with :func:`check_out` before their work."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -383,9 +413,7 @@ def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[st
     columns.update(audit_columns(ranks[kept], scores[kept]))
     if teacher is not None:
         cells = np.concatenate([positives[kept, None], negatives[kept]], axis=1)
-        taught = teacher_scores(teacher, [texts[i] for i in kept], corpus.select_columns(["image"]), cells,
-                                batch_size=encode_kwargs.get("batch_size", 16),
-                                num_workers=encode_kwargs.get("num_workers", -1))
+        taught = teacher([texts[i] for i in kept], corpus.select_columns(["image"]), cells)
         columns[TEACHER_SCORES] = taught.astype(np.float32).tolist()
     return datasets.Dataset.from_dict(columns), int((~ok).sum())
 

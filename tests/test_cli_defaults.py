@@ -36,6 +36,7 @@ UNMAPPED = {
 REQUIRED = {
     "eval": {"--model": "m", "--data": "d"},
     "mine-negatives": {"--model": "m", "--out": "o"},  # and --data or --corpus: see test_mine_takes_one_source
+    "score-rows": {"--teacher": "m", "--data": "d", "--out": "o"},
     "pages build": {"--input": "<in>", "--out": "<out>"},
     "submit": {"--config": "recipe.yaml"},
     "bench": {"--work-dir": "w"},
@@ -61,7 +62,7 @@ CONFIGURED = sorted(name for name, p in SUBCOMMANDS.items() if p.get_default("co
 
 
 def test_the_settings_commands_are_configured():
-    assert set(CONFIGURED) == {"eval", "mine-negatives", "pages build", "submit", "bench", "bench-loss",
+    assert set(CONFIGURED) == {"eval", "mine-negatives", "score-rows", "pages build", "submit", "bench", "bench-loss",
                                "bench-eval", "bench-corpus", "bench-startup", "bench-checkpoint", "bench-search"}
     assert set(SUBCOMMANDS) == set(CONFIGURED) | set(UNMAPPED)
 

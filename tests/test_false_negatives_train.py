@@ -73,3 +73,72 @@ def test_mine_negatives_writes_teacher_scores_that_distillation_trains_on(tiny_m
                                      "loss.distillation.kind=kl")])
     assert train.returncode == 0, log_tail(train.stdout + train.stderr)
     assert "1 x kl distillation from teacher_scores" in train.stdout + train.stderr
+
+
+def test_reranker_teacher_scores_on_two_ranks_equal_the_reranker(tiny_model, tiny_reranker, pages, tmp_path):
+    """--teacher with a reranker (a dist-vdr CrossEncoder folder, found as such by --teacher-type auto):
+    mined on 2 ranks (the rows' pairs split between them), teacher_scores are the reranker's own scores
+    of each row's (query, positive) and (query, negative) pairs, each scored alone in this process."""
+    import subprocess
+    import sys
+
+    import datasets
+    import numpy as np
+    import torch
+
+    from conftest import REPO, launch_env
+    from dist_vdr.config import ModelConfig, RerankerConfig
+    from dist_vdr.reranker.model import build_reranker
+    from dist_vdr.reranker.scoring import forward_scores
+
+    out, env = tmp_path / "mined", launch_env()
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu.yaml",
+                          "--num_processes", "2", "--main_process_port", env["MASTER_PORT"], "-m", "dist_vdr.cli",
+                          "mine-negatives", "--model", str(tiny_model), "--data", str(pages), "--out", str(out),
+                          "--num-negatives", "2", "--teacher", str(tiny_reranker), "--device", "cpu",
+                          "--batch-size", "2", "reranker.prompt=Does the page answer the query?"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, log_tail(two.stdout + two.stderr)
+    rows = datasets.load_from_disk(str(out))
+    taught = np.array(rows["teacher_scores"])
+    assert taught.shape == (len(rows), 3) and len(rows) > 100
+    reranker = build_reranker(ModelConfig(name_or_path=str(tiny_reranker), dtype="float32", attn_implementation="sdpa"),
+                              RerankerConfig(), device="cpu")
+    reranker.eval()
+    picked = range(0, len(rows), 17)  # every 17th row: both ranks' shares
+    with torch.no_grad():
+        ref = np.array([[float(forward_scores(reranker, [(rows[i]["query"], rows[i][c])],
+                                              "Does the page answer the query?")[0])
+                         for c in ("image", "negative_0", "negative_1")] for i in picked])
+    np.testing.assert_allclose(taught[list(picked)], ref, rtol=1e-4, atol=1e-5)
+    assert np.ptp(ref) > 1e-3  # the scores differ between pairs: a wrong pairing would not pass
+
+
+def test_score_rows_adds_a_teachers_scores_to_the_rows_as_they_are(tiny_model, tiny_reranker, pages, tmp_path):
+    """score-rows keeps every row and column and adds teacher_scores: the teacher's cosine scores of
+    the row's query with its positive and each negative column (no mining). A reranker folder given
+    as an embedding teacher is refused with the fix."""
+    import datasets
+    import numpy as np
+
+    from dist_vdr.config import ModelConfig
+    from dist_vdr.model import build_model
+
+    out = tmp_path / "scored"
+    scored = run_cli(["score-rows", "--teacher", str(tiny_model), "--data", str(pages), "--out", str(out),
+                      "--negative-columns", "negative_0", "negative_1", "--device", "cpu"])
+    assert scored.returncode == 0, log_tail(scored.stdout + scored.stderr)
+    rows, source = datasets.load_from_disk(str(out)), datasets.load_from_disk(str(pages))["train"]
+    assert rows.column_names == [*source.column_names, "teacher_scores"] and len(rows) == len(source)
+    assert rows["document_id"] == source["document_id"]
+    model = build_model(ModelConfig(name_or_path=str(tiny_model), dtype="float32", attn_implementation="sdpa"))
+    picked = list(range(0, len(rows), 31))
+    queries = model.encode_query([rows[i]["query"] for i in picked], normalize_embeddings=True)
+    ref = np.stack([np.sum(queries * model.encode_document([rows[i][c] for i in picked], normalize_embeddings=True),
+                           axis=1) for c in ("image", "negative_0", "negative_1")], axis=1)
+    np.testing.assert_allclose(np.array(rows["teacher_scores"])[picked], ref, atol=1e-4)
+
+    refused = run_cli(["score-rows", "--teacher", str(tiny_reranker), "--teacher-type", "embedding", "--data",
+                       str(pages), "--out", str(tmp_path / "no"), "--device", "cpu"])
+    assert refused.returncode == 2 and "use --teacher-type reranker" in refused.stderr
+    assert not (tmp_path / "no").exists()

@@ -164,6 +164,27 @@ def test_mined_rows_record_why_each_negative_was_kept():
     assert np.allclose(cols[NEGATIVE_MARGINS], [[0.1, 0.3], [-0.05, 0.5]])  # row 1's first: above its positive
 
 
+def test_mining_outputs_never_replace_an_input_or_a_folder_of_the_user(tmp_path):
+    """mine-negatives / score-rows replace --out whole: refused when it is, holds or lies inside an input,
+    or is a folder that is not one of their outputs; an earlier output (its marker) or a new path is fine."""
+    from dist_vdr.mining import MARKER_FILE, check_out
+
+    data, mine = tmp_path / "data", tmp_path / "mined"
+    (data / "train").mkdir(parents=True)
+    for out in (data, data / "train" / "x", tmp_path):
+        with pytest.raises(ValueError, match="overlaps --data"):
+            check_out(out, {"--data": str(data), "--teacher": "org/hub-model"})
+    (tmp_path / "yours").mkdir()
+    (tmp_path / "yours" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not an output of mine-negatives/score-rows"):
+        check_out(tmp_path / "yours", {"--data": str(data)})
+    mine.mkdir()
+    (mine / MARKER_FILE).write_text("{}")
+    for out in (mine, tmp_path / "new", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        check_out(out, {"--data": str(data), "--teacher": "org/hub-model"})
+
+
 def test_page_table_deduplicates_by_content(pages):
     import datasets
 

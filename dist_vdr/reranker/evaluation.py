@@ -34,6 +34,7 @@ from ..evaluation.sharded import (
     write_trec_qrels,
     write_trec_run,
 )
+from .scoring import forward_scores
 
 
 def retrieve(retriever, data: EvalData, *, top_k: int, batch_size: int = 16, num_workers: int = -1,
@@ -124,30 +125,26 @@ class RerankEvaluator(BaseEvaluator):
         return out
 
     def _score(self, model, query_ids: list[str], info: distributed.DistInfo) -> torch.Tensor:
-        from sentence_transformers.util import batch_to_device
         from tqdm.auto import tqdm
 
         scores = torch.full((len(query_ids), self.depth), float("nan"))
         batches = self._batches(query_ids)
         num_batches = max(distributed.all_gather_objects(len(batches))) if info.world_size > 1 else len(batches)
-        device = model.device
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(model.device):
                 for qi, positions, pairs in tqdm(batches, desc=f"reranking (rank {info.rank})",
                                                  disable=not (self.show_progress and info.is_main)):
                     images = self.data.corpus[[self.row_of[p] for _, p in pairs]]["image"]
-                    feats = model.preprocess([(q, im.convert("RGB")) for (q, _), im in zip(pairs, images, strict=True)],
-                                             prompt=self.prompt)
-                    out = model(batch_to_device(feats, device))["scores"].float().view(-1).cpu()
-                    scores[qi, positions] = out
+                    pages = [(q, im) for (q, _), im in zip(pairs, images, strict=True)]
+                    scores[qi, positions] = forward_scores(model, pages, self.prompt)
                 if num_batches > len(batches):  # lockstep padding under sharded engines: same modules run
                     from PIL import Image
 
-                    blank = model.preprocess([("?", Image.new("RGB", (64, 64), "white"))], prompt=self.prompt)
+                    blank = [("?", Image.new("RGB", (64, 64), "white"))]
                     for _ in range(num_batches - len(batches)):
-                        model(batch_to_device(blank, device))
+                        forward_scores(model, blank, self.prompt)
         finally:
             model.train(was_training)
         return scores
