@@ -182,9 +182,14 @@ class FalseNegativesConfig:
     e.g. document_id. Each negative column N carries its page's id in column ``N_<id_column>`` (the layout
     of make-synthetic-pages: negative_0_document_id). A candidate anywhere in the global batch whose id is
     one of the query's positive ids is left out of that query's softmax (never the query's own positive)."""
+    id_source: str = "rows"
+    """rows: the ids are row columns (``id_column``, ``N_<id_column>``). pages: for rows that name their
+    pages by id (data.pages_path), each page's id is looked up in the page corpus's column ``id_column``
+    (document_id, as `pages build` writes it; data.pages_id_column, page_id: the page's own id)."""
     positive_ids_column: str | None = None
-    """Mask by id: a column listing further ids relevant to each row's query (e.g. every page its qrels
-    name); candidates carrying any of them are masked too."""
+    """Mask by id: a column listing further ids relevant to each row's query, of the id_column's kind
+    (e.g. relevant_page_ids, which `mine-negatives --corpus` writes: every page the qrels judge relevant);
+    candidates carrying any of them are masked too."""
     guide: str | None = None
     """Mask by a guide: a frozen SentenceTransformer (folder or hub id) sharing the model's inputs (same
     processor), e.g. the base model. It embeds every row in step 1 of gradient caching; a candidate it
@@ -199,6 +204,7 @@ class FalseNegativesConfig:
             raise ValueError("loss.false_negatives.positive_ids_column needs loss.false_negatives.id_column (the "
                              "candidates' ids it is compared with)")
         _check_choice("loss.false_negatives", "margin_strategy", self.margin_strategy, ("absolute", "relative"))
+        _check_choice("loss.false_negatives", "id_source", self.id_source, ("rows", "pages"))
         if self.margin < 0:
             raise ValueError(f"loss.false_negatives.margin must be >= 0, got {self.margin}")
 

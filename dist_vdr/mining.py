@@ -40,6 +40,8 @@ NEGATIVE_MARGINS = "negative_margins"
 # Column of mined rows (with a teacher): its score of the positive, then of each negative (cosine for an
 # embedding teacher, the reranker's score for a reranker).
 TEACHER_SCORES = "teacher_scores"
+# Column of rows mined over a corpus: the ids of every page judged relevant to the row's query.
+RELEVANT_PAGE_IDS = "relevant_page_ids"
 
 
 @dataclass
@@ -391,7 +393,7 @@ def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[st
                 exclude_same_document: bool = False, teacher=None, **encode_kwargs):
     """Negatives from a page corpus (``page_id``, ``image``, ``document_id``) for judged queries,
     collective. Returns (datasets.Dataset of query_id, query, image = positive page id,
-    negative_0..n-1 = page ids, negative_ranks, retriever_scores; number of queries dropped)."""
+    negative_0..n-1 = page ids, the audit columns, relevant_page_ids; number of queries dropped)."""
     import datasets
 
     page_ids = [str(p) for p in column_values(corpus, "page_id")]
@@ -411,6 +413,8 @@ def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[st
     for j in range(negatives.shape[1]):
         columns[f"negative_{j}"] = [page_ids[negatives[i, j]] for i in kept]
     columns.update(audit_columns(ranks[kept], scores[kept]))
+    # Every page the qrels judge relevant to the query, for masking by page id (loss.false_negatives).
+    columns[RELEVANT_PAGE_IDS] = [sorted(page_ids[j] for j in relevant[i] | {int(positives[i])}) for i in kept]
     if teacher is not None:
         cells = np.concatenate([positives[kept, None], negatives[kept]], axis=1)
         taught = teacher([texts[i] for i in kept], corpus.select_columns(["image"]), cells)

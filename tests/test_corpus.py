@@ -168,6 +168,29 @@ def test_rows_naming_pages_train_and_resume_without_repeats(tiny_model, pdf_corp
         assert a[step] == pytest.approx(b[step], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_rows_naming_pages_mask_pages_of_the_same_document_through_the_corpus(tiny_model, pdf_corpus, mined,
+                                                                              tmp_path):
+    """Rows mined over the corpus name pages by id and carry no document ids: with
+    loss.false_negatives.id_source=pages each page's document_id comes from the corpus, and at step 1
+    (same weights, same batch) the loss without the other pages of the query's document is lower.
+    The mined rows also list every page the qrels judge relevant (relevant_page_ids)."""
+    import datasets
+
+    src, corpus = pdf_corpus
+    rows = datasets.load_from_disk(str(mined))
+    assert all(row["image"] in row["relevant_page_ids"] for row in rows)
+    losses = {}
+    for name, more in (("plain", ()), ("masked", ("loss.false_negatives.id_column=document_id",
+                                                  "loss.false_negatives.id_source=pages"))):
+        out = tmp_path / name
+        run = run_launcher("launch/cpu.yaml", _train_args(tiny_model, src, corpus, mined, out, "training.max_steps=2",
+                                                          "evaluation.enabled=false", *more))
+        assert run.returncode == 0, log_tail(run.stdout + run.stderr)
+        losses[name] = logged_losses(out)[1]
+    assert losses["masked"] < losses["plain"] - 1e-3, losses
+
+
 def _vdr_layout(pages: Path, tmp_path: Path) -> tuple[Path, Path]:
     """The training split of ``pages`` twice: as the published VDR layout (id, query, image, negatives
     = ids of other rows) and with those negatives as images (negative_0, negative_1)."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dist_vdr.config import load_config
 from dist_vdr.data import id_labels as row_ids
 from dist_vdr.losses import false_negatives as fn
 from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
@@ -114,8 +115,6 @@ def test_a_batch_without_ids_is_one_line_error(tiny_model):
 
 
 def _recipe(pages, *more):
-    from dist_vdr.config import load_config
-
     return load_config("configs/tiny.yaml", [f"data.path={pages}", "data.negative_columns=[negative_0,negative_1]",
                                              *more], check_paths=False)
 
@@ -136,6 +135,66 @@ def test_the_collator_moves_the_ids_into_the_labels(pages):
     assert batch["label"]["ids"].tolist() == [[row_ids.id_hash(ds[i][c]) for c in columns] for i in range(4)]
     assert set(columns) <= set(collator.valid_label_columns)
     assert task.wrap_collator(type("Ctx", (), {"cfg": _recipe(pages)})(), len) is len  # off: untouched
+
+
+def _rows_naming_pages(pages, tmp_path):
+    """A page corpus (page_id, image, document_id) from the generated rows' positives, and rows naming
+    their positive and one negative by page id (+ relevant_page_ids), like `mine-negatives --corpus`."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(pages))["train"].select(range(24))
+    ids = [f"p{i:03d}" for i in range(len(ds))]
+    corpus = ds.select_columns(["image", "document_id"]).add_column("page_id", ids)
+    corpus.save_to_disk(str(tmp_path / "corpus"))
+    other = [(i + 5) % len(ds) for i in range(len(ds))]
+    rows = datasets.Dataset.from_dict({
+        "query": ds["query"], "image": ids, "negative_0": [ids[j] for j in other],
+        "relevant_page_ids": [[ids[i], ids[(i + 1) % len(ds)]] for i in range(len(ds))],
+        # what rows carrying the ids themselves would hold (id_source=rows)
+        "document_id": ds["document_id"], "negative_0_document_id": [ds["document_id"][j] for j in other]})
+    rows.save_to_disk(str(tmp_path / "rows"))
+    return tmp_path / "corpus", tmp_path / "rows"
+
+
+def test_ids_looked_up_in_the_page_corpus_equal_id_columns_in_the_rows(pages, tmp_path):
+    """id_source=pages: rows naming pages by id get each page's document_id from the corpus -- the labels
+    equal those of the same rows carrying the id columns; the page columns stay model inputs (not label
+    columns: the batches are unchanged); id_column=page_id masks by the page itself, and with
+    relevant_page_ids every page the qrels judge relevant. Image columns are refused with the fix."""
+    from dist_vdr.data.loading import load_train
+    from dist_vdr.tasks.embedding import EmbeddingTask
+
+    corpus, rows = _rows_naming_pages(pages, tmp_path)
+    task = EmbeddingTask()
+
+    def labels(*more):
+        cfg = load_config("configs/tiny.yaml", [f"data.path={rows}", f"data.pages_path={corpus}", *more],
+                          check_paths=False)
+        task.configure(cfg)
+        ds = load_train(cfg.data, extra_columns=task.extra_columns(cfg))
+        seen = []
+        collator = task.wrap_collator(type("Ctx", (), {"cfg": cfg})(), lambda r: seen.extend(r) or {})
+        return collator([ds[i] for i in range(8)])["label"]["ids"], seen, collator
+
+    by_pages, seen, collator = labels("loss.false_negatives.id_column=document_id",
+                                      "loss.false_negatives.id_source=pages")
+    by_rows, _, _ = labels("loss.false_negatives.id_column=document_id")
+    assert torch.equal(by_pages, by_rows) and (by_pages != 0).all()
+    assert set(seen[0]) == {"query", "image", "negative_0"}  # page ids, resolved to images by the next collator
+    assert not {"image", "negative_0"} & set(collator.valid_label_columns)
+    by_page, _, collator = labels("loss.false_negatives.id_column=page_id", "loss.false_negatives.id_source=pages",
+                                  "loss.false_negatives.positive_ids_column=relevant_page_ids")
+    assert by_page[0].tolist() == [row_ids.id_hash(v) for v in ("p000", "p005", "p000", "p001")]
+    assert collator.valid_label_columns[-1] == "relevant_page_ids"
+
+    with pytest.raises(ValueError, match="set data.pages_path"):
+        task.configure(load_config("configs/tiny.yaml", ["loss.false_negatives.id_column=document_id",
+                                                         "loss.false_negatives.id_source=pages"], check_paths=False))
+    cfg = _recipe(pages, "loss.false_negatives.id_column=document_id", "loss.false_negatives.id_source=pages",
+                  f"data.pages_path={corpus}")
+    ds = load_train(cfg.data, extra_columns=task.extra_columns(cfg))
+    with pytest.raises(ValueError, match="holds images, not page ids"):
+        task.wrap_collator(type("Ctx", (), {"cfg": cfg})(), len)([ds[0]])
 
 
 def test_masking_does_not_change_which_rows_are_batched(pages):

@@ -69,6 +69,17 @@ def _table(path: str, name: str | None, split: str, id_column: str) -> PageTable
     return PageTable(load_pages(path, name, split), id_column, where=f"data.pages_path {path}")
 
 
+def page_values(cfg, column: str) -> dict[str, object]:
+    """page id -> the value of ``column`` (e.g. document_id) for every page of ``cfg.pages_path`` (a DataConfig)."""
+    pages = load_pages(cfg.pages_path, cfg.train_name, cfg.train_split)
+    if column not in pages.column_names:
+        raise ValueError(f"data.pages_path {cfg.pages_path} has no column {column!r} (it has {pages.column_names}): "
+                         f"set loss.false_negatives.id_column to one of them, e.g. document_id, or "
+                         f"{cfg.pages_id_column} for the page itself")
+    ids = column_values(pages, cfg.pages_id_column)
+    return dict(zip((str(p) for p in ids), column_values(pages, column), strict=True))
+
+
 def expand_negative_ids(ds, list_column: str, names: list[str], table: PageTable, where: str):
     """``negative_k`` id columns from the first entries of a list-of-ids column (the VDR layout).
 

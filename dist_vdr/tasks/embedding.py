@@ -38,6 +38,10 @@ class EmbeddingTask(Task):
         for key in ("false_negatives", "distillation"):
             if getattr(cfg.loss, key).enabled and cfg.loss.name != "cmnrl":
                 raise ValueError(f"loss.{key} needs the global-batch loss: loss.name=cmnrl")
+        fn = cfg.loss.false_negatives
+        if fn.id_column is not None and fn.id_source == "pages" and not cfg.data.pages_path:
+            raise ValueError("loss.false_negatives.id_source=pages looks the ids up in the page corpus of rows that "
+                             "name pages by id: set data.pages_path (or id_source=rows for id columns in the rows)")
 
     def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
         return [("loss.false_negatives.guide", "guide model folder")]
@@ -46,7 +50,7 @@ class EmbeddingTask(Task):
         return id_labels.label_columns(cfg)
 
     def wrap_collator(self, ctx: RunContext, collator):
-        if not id_labels.label_columns(ctx.cfg):
+        if not id_labels.reads_labels(ctx.cfg):
             return collator
         return id_labels.RowLabelsCollator.of(ctx.cfg, collator)
 
