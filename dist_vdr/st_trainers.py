@@ -42,6 +42,16 @@ class _DistVdrTrainerMixin:
             engines.release_parameters(self)
         return loss
 
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        # Masking false negatives: how many candidates left each query's softmax (rank 0's queries, mean
+        # since the last log; no collective for it).
+        take = getattr(getattr(self, "loss", None), "take_masked_per_query", None)
+        if take is not None and "loss" in logs:
+            value = take()
+            if value is not None:
+                logs["masked_per_query"] = round(value, 4)
+        super().log(logs, *args, **kwargs)
+
     def _run_epoch(self, *args, **kwargs):
         # transformers' private _run_epoch (compat: transformers.trainer_run_epoch) checks max_steps only
         # after a step: resumed from the checkpoint of the last step, it would train one step past the recipe.

@@ -49,6 +49,10 @@ def test_masking_on_two_ranks_equals_one_process_and_lowers_the_loss(tiny_model,
     masked, unmasked = logged_losses(tmp_path / "two")[1], logged_losses(tmp_path / "plain")[1]
     print(f"step-1 loss: masked {masked:.6f} vs unmasked {unmasked:.6f}")
     assert masked < unmasked - 1e-3
+    # How many candidates left each query's softmax, logged at every logging step (rank 0's queries).
+    counts = logged_losses(tmp_path / "two", "masked_per_query")
+    assert sorted(counts) == list(range(1, STEPS + 1)) and max(counts.values()) > 0, counts
+    assert not logged_losses(tmp_path / "plain", "masked_per_query")
 
 
 def test_mine_negatives_writes_teacher_scores_that_distillation_trains_on(tiny_model, pages, tmp_path):

@@ -77,7 +77,18 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         self._guide_columns: list[list[Tensor]] | None = None
         # False negatives masked at the last step (this rank's queries; a tensor, read it with int()).
         self.last_masked = 0
+        self._masked_since: Tensor | int = 0  # masked candidates and queries since take_masked_per_query()
+        self._queries_since = 0
         self.distillation = distillation if distillation is not None and distillation.enabled else None
+
+    def take_masked_per_query(self) -> float | None:
+        """Mean candidates masked per query of this rank since the last call (None: no masking ran); the
+        trainer logs it. One device sync, at a logging step."""
+        if not self._queries_since:
+            return None
+        value = float(self._masked_since) / self._queries_since
+        self._masked_since, self._queries_since = 0, 0
+        return value
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
@@ -93,6 +104,9 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         for dim, weight in self.dims_weights:
             total = total + weight * self._ranking_loss(gathered, dim, batch_size, with_backward, weight, masking)
         self.last_masked = masking.masked if masking is not None else 0
+        if masking is not None:
+            self._masked_since = self._masked_since + masking.masked
+            self._queries_since += batch_size
         if self.distillation is not None:  # the rows' own candidates: local, no communication
             total = total + self._distillation(reps, teacher, with_backward)
         if with_backward:
