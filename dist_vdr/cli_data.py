@@ -211,6 +211,9 @@ def _score_rows(args: argparse.Namespace) -> int:
     d = cfg.data
     # Every column of the rows is kept (document ids for masking, ...); the pages are decoded by the scoring.
     columns = load_split(d.path, d.train_name, d.train_split).column_names
+    if d.pages_path:
+        raise ValueError("score-rows reads rows holding page images; for rows that name pages by id "
+                         "(data.pages_path), score them while mining: mine-negatives --corpus ... --teacher T")
     ds = load_train(dataclasses.replace(d, validate_images=False), extra_columns=columns)
     precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
     teacher = _load_teacher(cfg.model, cfg.score.teacher_type, cfg, info.device, precision, flag="--teacher")
@@ -220,6 +223,8 @@ def _score_rows(args: argparse.Namespace) -> int:
         marker = {"teacher": cfg.model.name_or_path, "teacher_type": cfg.score.teacher_type,
                   "teacher_prompt": cfg.reranker.prompt, "data": d.path, "split": d.train_split,
                   "columns": [d.positive_column, *d.negative_columns], "format": 1}
+        if mining.TEACHER_SCORES in ds.column_names:  # rows scored before: this teacher's scores replace them
+            ds = ds.remove_columns([mining.TEACHER_SCORES])
         mining.save_atomic(ds.add_column(mining.TEACHER_SCORES, scores.astype("float32").tolist()), cfg.score.out,
                            marker)
         print(f"{len(ds)} rows with {mining.TEACHER_SCORES} of {scores.shape[1]} pages each in {cfg.score.out}: "
