@@ -20,6 +20,7 @@ This module imports no library at import time (``import dist_vdr.config`` / ``di
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -113,6 +114,11 @@ SEAMS: tuple[Seam, ...] = (
          used_by="adapter_engines.install_loaders, st_trainers._DistVdrTrainerMixin._save_optimizer_and_scheduler",
          why="transformers leaves the frozen base out of engine checkpoints for PeftModel instances only; "
              "dist-vdr's adapters live inside a SentenceTransformer"),
+    Seam("transformers.zero3_init_switch", **_TF,
+         what="the module global transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref (read by "
+              "is_deepspeed_zero3_enabled, which makes from_pretrained partition the weights under zero.Init)",
+         used_by="tasks.embedding.load_guide",
+         why="a frozen guide model loaded during a ZeRO-3 run must stay whole: it is no part of the engine"),
     Seam("transformers.no_split_modules", **_TF,
          what="PreTrainedModel._no_split_modules",
          used_by="engines.adapt_model",
@@ -367,6 +373,20 @@ def present_as_multi_device(state) -> None:
     from accelerate.utils import DistributedType
 
     state.distributed_type = DistributedType.MULTI_GPU
+
+
+@contextlib.contextmanager
+def zero3_init_off():
+    """Models loaded inside are whole (transformers' ZeRO-3 switch off, restored after)."""
+    require("transformers.zero3_init_switch")
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def zero3_gathered_state_dict(engine, *, exclude_frozen: bool) -> dict:

@@ -146,3 +146,43 @@ def test_score_rows_adds_a_teachers_scores_to_the_rows_as_they_are(tiny_model, t
                        str(pages), "--out", str(tmp_path / "no"), "--device", "cpu"])
     assert refused.returncode == 2 and "use --teacher-type reranker" in refused.stderr
     assert not (tmp_path / "no").exists()
+
+
+@pytest.fixture(scope="module")
+def scored_pages(tiny_model, pages, tmp_path_factory):
+    """The test pages with the base model's scores of each row's pages (teacher_scores)."""
+    out = tmp_path_factory.mktemp("scored") / "rows"
+    scored = run_cli(["score-rows", "--teacher", str(tiny_model), "--data", str(pages), "--out", str(out),
+                      "--negative-columns", "negative_0", "negative_1", "--device", "cpu"])
+    assert scored.returncode == 0, log_tail(scored.stdout + scored.stderr)
+    return out
+
+
+SIGNAL = [MASK, "loss.distillation.scores_column=teacher_scores", "loss.distillation.temperature=0.05"]
+
+
+@pytest.fixture(scope="module")
+def ddp_signal_run(tiny_model, scored_pages, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    run = run_launcher("launch/cpu.yaml", _args(tiny_model, scored_pages, out, *SIGNAL, *_guide(tiny_model)))
+    assert run.returncode == 0, log_tail(run.stdout + run.stderr)
+    return out
+
+
+@pytest.mark.parametrize("engine", ["cpu_zero3", "cpu_fsdp2"])
+def test_masking_and_distillation_under_sharded_engines_equal_ddp(engine, tiny_model, scored_pages, ddp_signal_run,
+                                                                  extensions_dir, tmp_path):
+    """Masking by id and by guide plus distillation under ZeRO-3 and FSDP2 (the model's parameters
+    partitioned; the guide stays a whole frozen copy): each step's loss and gradient norm equal DDP's."""
+    from conftest import train_engine
+
+    out = tmp_path / engine
+    log = train_engine(engine, "configs/tiny.yaml", out, 2, extensions_dir, tiny_model, scored_pages,
+                       "evaluation.enabled=false", "data.negative_columns=[negative_0,negative_1]", *SIGNAL,
+                       *_guide(tiny_model), steps=STEPS)
+    assert "false negatives masked by id and guide" in log
+    for key in ("loss", "grad_norm"):
+        got, ref = logged_losses(out, key), logged_losses(ddp_signal_run, key)
+        assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+        for step in got:
+            assert_same_step(key, step, got[step], ref[step])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sentence_transformers import SentenceTransformerTrainingArguments
 
+from .. import compat
 from ..config import Config
 from ..data import id_labels
 from ..evaluation import stock
@@ -115,7 +116,9 @@ def load_guide(ctx: RunContext, model):
     path = cfg.loss.false_negatives.guide
     guide_cfg = dataclasses.replace(cfg.model, name_or_path=path, adapter=AdapterConfig(), gradient_checkpointing=False,
                                     compile=False)
-    guide = build_model(guide_cfg, precision=cfg.training.precision, device=ctx.info.device)
+    # Under ZeRO-3 from_pretrained would partition it (zero.Init): it is no part of the engine, keep it whole.
+    with compat.zero3_init_off():
+        guide = build_model(guide_cfg, precision=cfg.training.precision, device=ctx.info.device)
     mine, theirs = model[0].processor if hasattr(model[0], "processor") else None, getattr(guide[0], "processor", None)
     if type(mine) is not type(theirs) or model.tokenizer.get_vocab() != guide.tokenizer.get_vocab():
         raise ValueError(f"loss.false_negatives.guide={path!r} does not share the model's processor (tokenizer and "
