@@ -37,6 +37,14 @@ BUILD = Command(IngestCommand, (
     Opt("--quiet", "build.quiet"),
 ))
 
+# The training rows' split and columns (mine-negatives --data, score-rows).
+_ROW_COLUMNS = (
+    Opt("--name", "data.train_name"),
+    Opt("--split", "data.train_split", help="Split of the training data."),
+    Opt("--query-column", "data.query_column", help="Column of the query text."),
+    Opt("--positive-column", "data.positive_column", help="Column of the positive page."),
+)
+
 MINE = Command(MineCommand, (
     Opt("--model", "model.name_or_path", help="Embedding model folder or hub id (the retriever)."),
     Opt("--data", "data.path", help="Training split with query + positive page columns (images) to mine for "
@@ -46,10 +54,7 @@ MINE = Command(MineCommand, (
     Opt("--qrels", "mine.qrels"),
     Opt("--exclude-same-document", "mine.exclude_same_document"),
     Opt("--out", "mine.out"),
-    Opt("--name", "data.train_name"),
-    Opt("--split", "data.train_split", help="Split of the training data."),
-    Opt("--query-column", "data.query_column", help="Column of the query text."),
-    Opt("--positive-column", "data.positive_column", help="Column of the positive page."),
+    *_ROW_COLUMNS,
     Opt("--page-columns", "mine.page_columns", nargs="*"),
     Opt("--num-negatives", "mining.num_negatives"),
     Opt("--num-random-negatives", "mining.num_random_negatives"),
@@ -77,10 +82,7 @@ SCORE = Command(ScoreRowsCommand, (
     Opt("--teacher-type", "score.teacher_type"),
     Opt("--data", "data.path", help="Training rows with query, positive and negative page columns (images)."),
     Opt("--out", "score.out"),
-    Opt("--name", "data.train_name"),
-    Opt("--split", "data.train_split", help="Split of the training data."),
-    Opt("--query-column", "data.query_column", help="Column of the query text."),
-    Opt("--positive-column", "data.positive_column", help="Column of the positive page."),
+    *_ROW_COLUMNS,
     Opt("--negative-columns", "data.negative_columns", nargs="*"),
     Opt("--batch-size", "evaluation.batch_size"),
     Opt("--num-workers", "evaluation.num_workers"),
