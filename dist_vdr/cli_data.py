@@ -208,14 +208,14 @@ def _score_rows(args: argparse.Namespace) -> int:
 
     cfg = load_command(args, SCORE, check_paths=False)
     cfg.resolve_sources()
-    mining.check_out(cfg.score.out, {"--data": cfg.data.path, "--teacher": cfg.model.name_or_path})
-    info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process)
     d = cfg.data
-    # Every column of the rows is kept (document ids for masking, ...); the pages are decoded by the scoring.
-    columns = load_split(d.path, d.train_name, d.train_split).column_names
     if d.pages_path:
         raise ValueError("score-rows reads rows holding page images; for rows that name pages by id "
                          "(data.pages_path), score them while mining: mine-negatives --corpus ... --teacher T")
+    mining.check_out(cfg.score.out, {"--data": d.path, "--teacher": cfg.model.name_or_path})
+    info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process)
+    # Every column of the rows is kept (document ids for masking, ...); the pages are decoded by the scoring.
+    columns = load_split(d.path, d.train_name, d.train_split).column_names
     ds = load_train(dataclasses.replace(d, validate_images=False), extra_columns=columns)
     precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
     teacher = _load_teacher(cfg.model, cfg.score.teacher_type, cfg, info.device, precision, flag="--teacher")
