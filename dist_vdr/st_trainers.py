@@ -16,8 +16,12 @@ import os
 import torch
 from sentence_transformers import CrossEncoderTrainer, SentenceTransformerTrainer
 
-from . import adapter_engines, adapters, compat, engines
+from . import adapter_engines, adapters, compat, engines, log
 from .data import page_refs
+
+logger = log.get(__name__)
+# Masking that leaves out more than this fraction of a query's negatives is warned about (once).
+MASKED_TOO_MANY = 0.5
 
 
 class _DistVdrTrainerMixin:
@@ -42,14 +46,21 @@ class _DistVdrTrainerMixin:
             engines.release_parameters(self)
         return loss
 
+    _warned_masking = False
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         # Masking false negatives: how many candidates left each query's softmax (rank 0's queries, mean
         # since the last log; no collective for it).
-        take = getattr(getattr(self, "loss", None), "take_masked_per_query", None)
-        if take is not None and "loss" in logs:
-            value = take()
-            if value is not None:
-                logs["masked_per_query"] = round(value, 4)
+        take = getattr(getattr(self, "loss", None), "take_masked_stats", None)
+        stats = take() if take is not None and "loss" in logs else None
+        if stats is not None:
+            logs["masked_per_query"] = round(stats[0], 4)
+            if stats[1] > MASKED_TOO_MANY and not self._warned_masking and self.args.process_index == 0:
+                self._warned_masking = True
+                logger.warning(f"loss.false_negatives masks {stats[1]:.0%} of each query's negatives: little is left "
+                               f"to learn from. A guide that cannot tell the pages apart (e.g. an untrained "
+                               f"model) masks almost everything: lower loss.false_negatives.margin, use "
+                               f"margin_strategy=relative, or a trained guide")
         super().log(logs, *args, **kwargs)
 
     def _run_epoch(self, *args, **kwargs):

@@ -77,18 +77,20 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         self._guide_columns: list[list[Tensor]] | None = None
         # False negatives masked at the last step (this rank's queries; a tensor, read it with int()).
         self.last_masked = 0
-        self._masked_since: Tensor | int = 0  # masked candidates and queries since take_masked_per_query()
-        self._queries_since = 0
+        # Masked candidates, queries and their negatives since take_masked_stats() (logged by the trainer).
+        self._masked_since: Tensor | int = 0
+        self._queries_since = self._negatives_since = 0
         self.distillation = distillation if distillation is not None and distillation.enabled else None
 
-    def take_masked_per_query(self) -> float | None:
-        """Mean candidates masked per query of this rank since the last call (None: no masking ran); the
-        trainer logs it. One device sync, at a logging step."""
+    def take_masked_stats(self) -> tuple[float, float] | None:
+        """(mean candidates masked per query, the fraction of its negatives they are) over this rank's
+        queries since the last call; None when no masking ran. One device sync, at a logging step."""
         if not self._queries_since:
             return None
-        value = float(self._masked_since) / self._queries_since
-        self._masked_since, self._queries_since = 0, 0
-        return value
+        masked = float(self._masked_since)
+        stats = masked / self._queries_since, masked / max(self._negatives_since, 1)
+        self._masked_since, self._queries_since, self._negatives_since = 0, 0, 0
+        return stats
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
@@ -107,6 +109,7 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         if masking is not None:
             self._masked_since = self._masked_since + masking.masked
             self._queries_since += batch_size
+            self._negatives_since += batch_size * (gathered.shape[0] * batch_size * (num_columns - 1) - 1)
         if self.distillation is not None:  # the rows' own candidates: local, no communication
             total = total + self._distillation(reps, teacher, with_backward)
         if with_backward:
