@@ -15,6 +15,7 @@ IngestCommand, MineCommand, ScoreRowsCommand): --config FILE, the options below,
 from __future__ import annotations
 
 import argparse
+import os
 
 from .cli_options import Command, Opt, add_options, given_options, load_command
 from .commands import IngestCommand, MineCommand, ScoreRowsCommand
@@ -139,6 +140,7 @@ def _mine(args: argparse.Namespace) -> int:
 
     cfg = _load_mine(args)
     m = cfg.mine
+    m.out = os.path.expanduser(m.out)
     check_out(m.out, {"--data": None if cfg.corpus_mode else cfg.data.path, "--corpus": m.corpus,
                       "--model": cfg.model.name_or_path, "--teacher": m.teacher})
     info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process)
@@ -165,12 +167,13 @@ def _teacher(cfg: MineCommand, device: str, precision: str):
 
     path = check_model_path(cfg.mine.teacher, key="mine.teacher")
     return _load_teacher(dataclasses.replace(cfg.model, name_or_path=path), cfg.mine.teacher_type, cfg,
-                         device, precision, flag="--teacher")
+                         device, precision, flag="--teacher")[0]
 
 
 def _load_teacher(model_cfg, teacher_type: str, cfg, device: str, precision: str, flag: str):
-    """An embedding model's cosine scores or a reranker's scores (as ``cfg.reranker`` loads and prompts
-    it), as a collective ``(queries, pages, cells) -> [Q, k]``; loaded with ``model_cfg``'s dtype/attention."""
+    """(an embedding model's cosine scores or a reranker's scores -- as ``cfg.reranker`` loads and prompts
+    it -- as a collective ``(queries, pages, cells) -> [Q, k]``, "embedding" or "reranker"); loaded with
+    ``model_cfg``'s dtype and attention."""
     import functools
 
     from . import mining
@@ -181,13 +184,20 @@ def _load_teacher(model_cfg, teacher_type: str, cfg, device: str, precision: str
         from .reranker.model import build_reranker
         from .reranker.scoring import row_scores
 
-        reranker = build_reranker(model_cfg, cfg.reranker, device=device, precision=precision)
-        return functools.partial(row_scores, reranker, batch_size=e.batch_size, prompt=cfg.reranker.prompt)
+        try:
+            reranker = build_reranker(model_cfg, cfg.reranker, device=device, precision=precision)
+        except (ValueError, OSError, KeyError) as exc:  # transformers' own messages run to pages
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{flag} {path} does not load as a reranker ({first}); give a reranker (a dist-vdr "
+                             f"reranker's final/, or e.g. Qwen/Qwen3-VL-Reranker-2B) or --teacher-type "
+                             f"embedding") from None
+        return functools.partial(row_scores, reranker, batch_size=e.batch_size, prompt=cfg.reranker.prompt), "reranker"
     if is_cross_encoder(path):
         raise ValueError(f"{flag} {path} is a reranker (CrossEncoder) but the teacher type is embedding: use "
                          f"--teacher-type reranker (or auto)")
     teacher = build_model(model_cfg, device=device, precision=precision)
-    return functools.partial(mining.teacher_scores, teacher, batch_size=e.batch_size, num_workers=e.num_workers)
+    scores = functools.partial(mining.teacher_scores, teacher, batch_size=e.batch_size, num_workers=e.num_workers)
+    return scores, "embedding"
 
 
 def _teacher_record(cfg: MineCommand) -> dict:
@@ -195,7 +205,10 @@ def _teacher_record(cfg: MineCommand) -> dict:
     m = cfg.mine
     if not m.teacher:
         return {"teacher": None}
-    return {"teacher": m.teacher, "teacher_type": m.teacher_type, "teacher_prompt": cfg.reranker.prompt}
+    negatives = cfg.mining.num_negatives + cfg.mining.num_random_negatives
+    positive = "image" if cfg.corpus_mode else cfg.data.positive_column
+    return {"teacher": m.teacher, "teacher_type": m.teacher_type, "teacher_prompt": cfg.reranker.prompt,
+            "columns": [positive, *(f"negative_{j}" for j in range(negatives))]}
 
 
 def _score_rows(args: argparse.Namespace) -> int:
@@ -209,6 +222,10 @@ def _score_rows(args: argparse.Namespace) -> int:
     cfg = load_command(args, SCORE, check_paths=False)
     cfg.resolve_sources()
     d = cfg.data
+    cfg.score.out = os.path.expanduser(cfg.score.out)
+    if not d.negative_columns:
+        raise ValueError("score-rows needs the rows' negative columns (--negative-columns negative_0 ...): "
+                         "distillation compares the positive's score with the negatives'")
     if d.pages_path:
         raise ValueError("score-rows reads rows holding page images; for rows that name pages by id "
                          "(data.pages_path), score them while mining: mine-negatives --corpus ... --teacher T")
@@ -218,20 +235,22 @@ def _score_rows(args: argparse.Namespace) -> int:
     columns = load_split(d.path, d.train_name, d.train_split).column_names
     ds = load_train(dataclasses.replace(d, validate_images=False), extra_columns=columns)
     precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
-    teacher = _load_teacher(cfg.model, cfg.score.teacher_type, cfg, info.device, precision, flag="--teacher")
+    teacher, kind = _load_teacher(cfg.model, cfg.score.teacher_type, cfg, info.device, precision, flag="--teacher")
     scores = mining.score_rows(ds, d.query_column, [d.positive_column, *d.negative_columns], teacher,
                                wait_timeout_s=cfg.launch.startup_timeout_s)
     if info.is_main:
-        marker = {"teacher": cfg.model.name_or_path, "teacher_type": cfg.score.teacher_type,
+        marker = {"teacher": cfg.model.name_or_path, "teacher_type": kind,
                   "teacher_prompt": cfg.reranker.prompt, "data": d.path, "split": d.train_split,
                   "columns": [d.positive_column, *d.negative_columns], "format": 1}
         if mining.TEACHER_SCORES in ds.column_names:  # rows scored before: this teacher's scores replace them
             ds = ds.remove_columns([mining.TEACHER_SCORES])
         mining.save_atomic(ds.add_column(mining.TEACHER_SCORES, scores.astype("float32").tolist()), cfg.score.out,
                            marker)
-        print(f"{len(ds)} rows with {mining.TEACHER_SCORES} of {scores.shape[1]} pages each in {cfg.score.out}: "
-              f"train with data.path={cfg.score.out} loss.distillation.scores_column={mining.TEACHER_SCORES}",
-              flush=True)
+        cut = f" (the first {d.max_train_samples}: data.max_train_samples)" if d.max_train_samples else ""
+        print(f"{len(ds)} rows{cut} with {mining.TEACHER_SCORES} of {scores.shape[1]} pages each in "
+              f"{cfg.score.out} (the training split only: evaluate from {d.path}): train with "
+              f"data.path={cfg.score.out} data.eval_path={d.path} "
+              f"loss.distillation.scores_column={mining.TEACHER_SCORES}", flush=True)
     distributed.barrier()
     return 0
 

@@ -166,6 +166,10 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"data.{key} must be >= 1 or null, got {value}")
+        repeated = sorted({c for c in self.train_columns if self.train_columns.count(c) > 1})
+        if repeated:
+            raise ValueError(f"data: column(s) {repeated} named twice among query_column, positive_column and "
+                             f"negative_columns ({self.train_columns}): name each column once")
 
     @property
     def train_columns(self) -> list[str]:

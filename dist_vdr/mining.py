@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,8 @@ def hash_pages(ds, page_columns: list[str]) -> tuple[np.ndarray, list[str]]:
     cells = np.empty((len(raw), len(page_columns)), dtype=np.int64)
     for row, values in enumerate(raw):
         for c, column in enumerate(page_columns):
+            if values[column] is None:
+                raise ValueError(f"row {row} has no page in column {column!r}: fill or drop such rows first")
             cells[row, c] = index.setdefault(content_hash(values[column]), len(index))
     return cells, list(index)
 
@@ -320,9 +323,9 @@ def write_mined(ds, mined: MinedNegatives, out: str | Path, *, query_column: str
 
     # Joining columns flattens the row selections into Arrow files, by default beside the source data
     # (a copy of the pages in the user's data folder): they go to a scratch folder beside ``out`` instead.
-    scratch = Path(out).with_name(Path(out).name + ".parts")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    # A new hidden folder of its own: never a folder of the user's (a fixed name such as <out>.parts could be).
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.parts-", dir=Path(out).parent))
     try:
         base = ds.select_columns([query_column, positive_column]).select(mined.kept_rows.tolist())
         columns = [base.flatten_indices(cache_file_name=str(scratch / "rows.arrow"))]
@@ -343,6 +346,9 @@ def check_out(out: str | Path, inputs: dict[str, str | None], marker_file: str =
     """ValueError with the fix unless ``out`` may be replaced by :func:`save_atomic`: apart from every
     local input folder (``inputs``: flag -> path; the write would delete it, or read its own output)
     and, when it exists, an earlier output of these commands (its marker file) or an empty folder."""
+    if Path(out).is_symlink():
+        raise ValueError(f"--out {out} is a symbolic link: give the folder it points to ({Path(out).resolve()}) "
+                         f"or a new path")
     target = Path(out).resolve()
     for flag, path in inputs.items():
         if not path or not Path(path).exists():
@@ -360,13 +366,20 @@ def save_atomic(ds, out: str | Path, marker: dict, marker_file: str = MARKER_FIL
     """``ds`` written beside ``out``, marked, then renamed into place (a killed write leaves no half dataset).
     Callers check ``out`` with :func:`check_out` before their work."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
-    (tmp / marker_file).write_text(json.dumps(marker, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A new hidden folder beside ``out`` (same file system: the rename is atomic), never a user's folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the renamed folder
+    try:
+        ds.save_to_disk(str(tmp))
+        (tmp / marker_file).write_text(json.dumps(marker, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -173,6 +173,8 @@ def test_ids_looked_up_in_the_page_corpus_equal_id_columns_in_the_rows(pages, tm
     equal those of the same rows carrying the id columns; the page columns stay model inputs (not label
     columns: the batches are unchanged); id_column=page_id masks by the page itself, and with
     relevant_page_ids every page the qrels judge relevant. Image columns are refused with the fix."""
+    import datasets
+
     from dist_vdr.data.loading import load_train
     from dist_vdr.tasks.embedding import EmbeddingTask
 
@@ -198,6 +200,11 @@ def test_ids_looked_up_in_the_page_corpus_equal_id_columns_in_the_rows(pages, tm
                                   "loss.false_negatives.positive_ids_column=relevant_page_ids")
     assert by_page[0].tolist() == [row_ids.id_hash(v) for v in ("p000", "p005", "p000", "p001")]
     assert collator.valid_label_columns[-1] == "relevant_page_ids"
+    # By document, the listed relevant pages count by their documents too.
+    by_doc, _, _ = labels("loss.false_negatives.id_column=document_id", "loss.false_negatives.id_source=pages",
+                          "loss.false_negatives.positive_ids_column=relevant_page_ids")
+    docs = datasets.load_from_disk(str(corpus))["document_id"]
+    assert by_doc[0, 2:].tolist() == [row_ids.id_hash(docs[0]), row_ids.id_hash(docs[1])]
 
     with pytest.raises(ValueError, match="set data.pages_path"):
         task.configure(load_config("configs/tiny.yaml", ["loss.false_negatives.id_column=document_id",
@@ -207,6 +214,30 @@ def test_ids_looked_up_in_the_page_corpus_equal_id_columns_in_the_rows(pages, tm
     ds = load_train(cfg.data, extra_columns=task.extra_columns(cfg))
     with pytest.raises(ValueError, match="holds images, not page ids"):
         task.wrap_collator(type("Ctx", (), {"cfg": cfg})(), len)([ds[0]])
+
+
+def test_distillation_refuses_rows_without_negatives_or_scored_for_other_columns(pages, tmp_path):
+    """The teacher scores hold one value per page column, in the order they were scored: a recipe that
+    trains on other columns, or on none, is refused at load time with the fix."""
+    import json
+
+    import datasets
+
+    from dist_vdr.mining import MARKER_FILE
+    from dist_vdr.tasks.embedding import EmbeddingTask
+
+    rows = tmp_path / "scored"
+    datasets.load_from_disk(str(pages))["train"].save_to_disk(str(rows))
+    (rows / MARKER_FILE).write_text(json.dumps({"columns": ["image", "negative_0", "negative_1"]}))
+    distil = "loss.distillation.scores_column=teacher_scores"
+    task = EmbeddingTask()
+    task.configure(_recipe(rows, distil))  # the scored columns: accepted
+    with pytest.raises(ValueError, match="are of the columns"):
+        task.configure(_recipe(rows, distil, "data.negative_columns=[negative_1,negative_0]"))
+    with pytest.raises(ValueError, match="set data.negative_columns"):
+        task.configure(_recipe(rows, distil, "data.negative_columns=[]"))
+    with pytest.raises(ValueError, match="named twice"):
+        _recipe(rows, "data.negative_columns=[negative_0,negative_0]")
 
 
 def test_masking_does_not_change_which_rows_are_batched(pages):

@@ -145,6 +145,14 @@ def test_score_rows_adds_a_teachers_scores_to_the_rows_as_they_are(tiny_model, t
     refused = run_cli(["score-rows", "--teacher", str(tiny_reranker), "--teacher-type", "embedding", "--data",
                        str(pages), "--out", str(tmp_path / "no"), "--device", "cpu"])
     assert refused.returncode == 2 and "use --teacher-type reranker" in refused.stderr
+    not_a_reranker = run_cli(["score-rows", "--teacher", str(tiny_model), "--teacher-type", "reranker", "--data",
+                              str(pages), "--out", str(tmp_path / "no"), "--device", "cpu"])
+    assert not_a_reranker.returncode == 2, log_tail(not_a_reranker.stderr)
+    error = [line for line in not_a_reranker.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "does not load as a reranker" in error[0] and len(error[0]) < 600
+    no_negatives = run_cli(["score-rows", "--teacher", str(tiny_model), "--data", str(pages), "--out",
+                            str(tmp_path / "no"), "--negative-columns", "--device", "cpu"])
+    assert no_negatives.returncode == 2 and "needs the rows' negative columns" in no_negatives.stderr
     assert not (tmp_path / "no").exists()
 
 

@@ -109,6 +109,11 @@ def test_user_errors_say_the_fix():
     ds = _mixture()
     with pytest.raises(ValueError, match="fewer rows than one optimizer step"):
         _sampler(ds, 64, 2)
+    with pytest.raises(ValueError, match="positive sum"):
+        _sampler(ds, 8, 2, weights=[0, 0, 0])
+    same = datasets.Dataset.from_dict({"query": ["q"] * sum(SIZES), "image": ["p"] * sum(SIZES)})
+    with pytest.raises(ValueError, match="no full batch of 16 rows without repeated values"):
+        list(_sampler(same, 8, 2))
     with pytest.raises(ValueError, match="use one of"):
         schedule([1, 2], [1, 1], "proportionate", 0)
     with pytest.raises(ValueError, match="positive sum"):

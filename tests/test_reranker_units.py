@@ -183,6 +183,45 @@ def test_mining_outputs_never_replace_an_input_or_a_folder_of_the_user(tmp_path)
     for out in (mine, tmp_path / "new", tmp_path / "empty"):
         (tmp_path / "empty").mkdir(exist_ok=True)
         check_out(out, {"--data": str(data), "--teacher": "org/hub-model"})
+    (tmp_path / "link").symlink_to(mine)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        check_out(tmp_path / "link", {"--data": str(data)})
+
+
+def test_an_output_is_written_through_a_folder_of_its_own(tmp_path):
+    """save_atomic / write_mined never use a fixed sibling name: a user's <out>.tmp or <out>.parts (an
+    input, even) stays untouched, and the written folder has the umask's permissions, not mkdtemp's 0700."""
+    import datasets
+
+    from dist_vdr.mining import MARKER_FILE, save_atomic
+
+    for sibling in ("rows.tmp", "rows.parts"):
+        (tmp_path / sibling).mkdir()
+        (tmp_path / sibling / "data.arrow").write_text("the user's")
+    out = save_atomic(datasets.Dataset.from_dict({"a": [1, 2]}), tmp_path / "rows", {"k": 1})
+    assert datasets.load_from_disk(str(out))["a"] == [1, 2] and (out / MARKER_FILE).is_file()
+    for sibling in ("rows.tmp", "rows.parts"):
+        assert (tmp_path / sibling / "data.arrow").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows", "rows.parts", "rows.tmp"]  # no leftovers
+    assert out.stat().st_mode & 0o055 == 0o055 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_row_without_a_page_is_one_line_error():
+    import datasets
+
+    from dist_vdr.mining import hash_pages
+
+    ds = datasets.Dataset.from_dict({"image": [b"a", b"b"], "negative_0": [b"c", None]})
+    with pytest.raises(ValueError, match="row 1 has no page in column 'negative_0'"):
+        hash_pages(ds, ["image", "negative_0"])
 
 
 def test_page_table_deduplicates_by_content(pages):

@@ -31,8 +31,11 @@ def id_hash(value) -> int:
 def id_labels(rows: list[dict], candidate_columns: list[str], positive_ids_column: str | None,
               lookup: dict | None = None) -> Tensor:
     """The ``label`` tensor of a batch (see the module docstring) from its rows' id columns; with
-    ``lookup`` the candidate columns hold page ids, mapped to their ids by it."""
+    ``lookup`` the candidate columns hold page ids, mapped to their ids by it, and so are the listed
+    positive ids that are page ids (e.g. relevant_page_ids -> those pages' documents)."""
     extra = [list(row.get(positive_ids_column) or []) if positive_ids_column else [] for row in rows]
+    if lookup is not None:
+        extra = [[lookup.get(v, v) for v in e] for e in extra]
     width = max((len(e) for e in extra), default=0)
     labels = torch.zeros((len(rows), len(candidate_columns) + width), dtype=torch.int64)
     for i, row in enumerate(rows):

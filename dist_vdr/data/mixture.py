@@ -75,6 +75,7 @@ class MixtureBatchSampler(DefaultBatchSampler):
                 part, batch_size=batch_size * world_size, drop_last=True, valid_label_columns=valid_label_columns,
                 generator=torch.Generator(), seed=seed + _DATASET_SEED_STRIDE * (k + 1),
                 precompute_hashes=precompute_hashes))
+        schedule([1] * len(sizes), self.weights, strategy, seed)  # strategy and weights checked now, not at step 1
         short = [k for k, n in enumerate(self.steps_per_dataset()) if n < 1]
         if short:
             raise ValueError(f"mixture dataset(s) {short} hold fewer rows than one optimizer step "
@@ -110,7 +111,11 @@ class MixtureBatchSampler(DefaultBatchSampler):
         streams = [self._global_batches(k) for k in range(len(self.samplers))]
         for k in plan:
             for _ in range(self.accumulation):
-                global_batch = next(streams[k])
+                global_batch = next(streams[k], None)
+                if global_batch is None:
+                    raise ValueError(f"mixture dataset {k}: no full batch of {self.batch_size * self.world_size} "
+                                     f"rows without repeated values (too many duplicate queries or pages); "
+                                     f"de-duplicate it or lower the global batch")
                 for r in range(self.world_size):
                     yield global_batch[r * self.batch_size:(r + 1) * self.batch_size]
 

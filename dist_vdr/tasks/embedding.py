@@ -39,6 +39,8 @@ class EmbeddingTask(Task):
         for key in ("false_negatives", "distillation"):
             if getattr(cfg.loss, key).enabled and cfg.loss.name != "cmnrl":
                 raise ValueError(f"loss.{key} needs the global-batch loss: loss.name=cmnrl")
+        if cfg.loss.distillation.enabled:
+            check_scored_columns(cfg)
         fn = cfg.loss.false_negatives
         if fn.id_column is not None and fn.id_source == "pages" and not cfg.data.pages_path:
             raise ValueError("loss.false_negatives.id_source=pages looks the ids up in the page corpus of rows that "
@@ -102,6 +104,26 @@ class EmbeddingTask(Task):
             return "n/a" if value is None else f"{value:.4f}"
 
         return f"{metric.upper()} before={fmt(result.before)} after={fmt(result.after)}"
+
+
+def check_scored_columns(cfg: Config) -> None:
+    """ValueError unless the rows' teacher scores are of the pages the recipe trains on, in its order:
+    the scores hold one value per page column, so a different order would pair them silently wrong.
+    (Rows written by score-rows or mine-negatives --teacher record their columns.)"""
+    import json
+
+    from ..mining import MARKER_FILE
+
+    d = cfg.data
+    if not d.negative_columns:
+        raise ValueError("loss.distillation compares the teacher's and the model's scores of each row's positive "
+                         "and hard negatives: set data.negative_columns (rows without negatives teach nothing)")
+    marker = Path(d.path) / MARKER_FILE
+    scored = json.loads(marker.read_text()).get("columns") if marker.is_file() else None
+    if scored is not None and scored != [d.positive_column, *d.negative_columns]:
+        raise ValueError(f"loss.distillation: the teacher scores of {d.path} are of the columns {scored}, the recipe "
+                         f"trains on {[d.positive_column, *d.negative_columns]}: set data.positive_column and "
+                         f"data.negative_columns to match, or score the rows again with these columns")
 
 
 def load_guide(ctx: RunContext, model):
