@@ -216,6 +216,7 @@ def _score_rows(args: argparse.Namespace) -> int:
     import dataclasses
 
     from . import distributed, mining
+    from .data import page_refs
     from .data.loading import load_train
     from .data.splits import load_split
 
@@ -226,13 +227,14 @@ def _score_rows(args: argparse.Namespace) -> int:
     if not d.negative_columns:
         raise ValueError("score-rows needs the rows' negative columns (--negative-columns negative_0 ...): "
                          "distillation compares the positive's score with the negatives'")
-    if d.pages_path:
+    split = load_split(d.path, d.train_name, d.train_split)
+    if d.pages_path or page_refs.id_columns(split, [c for c in d.train_columns[1:] if c in split.column_names]):
         raise ValueError("score-rows reads rows holding page images; for rows that name pages by id "
                          "(data.pages_path), score them while mining: mine-negatives --corpus ... --teacher T")
     mining.check_out(cfg.score.out, {"--data": d.path, "--teacher": cfg.model.name_or_path})
     info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process)
     # Every column of the rows is kept (document ids for masking, ...); the pages are decoded by the scoring.
-    columns = load_split(d.path, d.train_name, d.train_split).column_names
+    columns = split.column_names
     ds = load_train(dataclasses.replace(d, validate_images=False), extra_columns=columns)
     precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
     teacher, kind = _load_teacher(cfg.model, cfg.score.teacher_type, cfg, info.device, precision, flag="--teacher")

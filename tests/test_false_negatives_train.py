@@ -153,6 +153,11 @@ def test_score_rows_adds_a_teachers_scores_to_the_rows_as_they_are(tiny_model, t
     no_negatives = run_cli(["score-rows", "--teacher", str(tiny_model), "--data", str(pages), "--out",
                             str(tmp_path / "no"), "--negative-columns", "--device", "cpu"])
     assert no_negatives.returncode == 2 and "needs the rows' negative columns" in no_negatives.stderr
+    datasets.Dataset.from_dict({"query": ["a", "b"], "image": ["p1", "p2"], "negative_0": ["p2", "p1"]}).save_to_disk(
+        str(tmp_path / "by-id"))
+    by_id = run_cli(["score-rows", "--teacher", str(tiny_model), "--data", str(tmp_path / "by-id"), "--out",
+                     str(tmp_path / "no"), "--device", "cpu"])
+    assert by_id.returncode == 2 and "mine-negatives --corpus ... --teacher" in by_id.stderr
     assert not (tmp_path / "no").exists()
 
 
