@@ -48,15 +48,21 @@ class EvalOptions:
 
 
 @dataclass(kw_only=True)
-class EvalCommand:
-    """`dist-vdr eval`: sharded retrieval evaluation (and reranking) of a model on a page corpus."""
+class _ModelOverData:
+    """The recipe sections of a command that runs a model (or a reranker) over a dataset."""
 
-    eval: EvalOptions = field(default_factory=EvalOptions)
     model: ModelConfig = field(default_factory=_required_model)
     data: DataConfig = field(default_factory=lambda: DataConfig(path=REQUIRED))
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+@dataclass(kw_only=True)
+class EvalCommand(_ModelOverData):
+    """`dist-vdr eval`: sharded retrieval evaluation (and reranking) of a model on a page corpus."""
+
+    eval: EvalOptions = field(default_factory=EvalOptions)
 
     def resolve_sources(self) -> None:
         from . import sources
@@ -126,17 +132,12 @@ class ScoreOptions:
 
 
 @dataclass(kw_only=True)
-class ScoreRowsCommand:
+class ScoreRowsCommand(_ModelOverData):
     """`dist-vdr score-rows`: a teacher's scores of each training row's positive and negative columns
-    (data.positive_column, data.negative_columns), for loss.distillation, without mining anew."""
+    (data.positive_column, data.negative_columns), for loss.distillation, without mining anew. The
+    model section is the teacher: an embedding model or a reranker (score.teacher_type)."""
 
     score: ScoreOptions = field(default_factory=ScoreOptions)
-    model: ModelConfig = field(default_factory=_required_model)
-    """The teacher: an embedding model or a reranker (score.teacher_type)."""
-    data: DataConfig = field(default_factory=lambda: DataConfig(path=REQUIRED))
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    reranker: RerankerConfig = field(default_factory=RerankerConfig)
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def resolve_sources(self) -> None:
         from . import sources

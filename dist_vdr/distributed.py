@@ -201,6 +201,11 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + size + (rank < extra)
 
 
+def shard_sizes(n: int, world_size: int) -> list[int]:
+    """Every rank's shard size of n items (:func:`shard_range`), in rank order."""
+    return [end - start for start, end in (shard_range(n, r, world_size) for r in range(world_size))]
+
+
 def all_gather_objects(obj: Any, timeout_s: int | None = None, waiting_for: str = "the other ranks",
                        log: Callable[[str], None] | None = None) -> list[Any]:
     """Every rank's ``obj``, in rank order.

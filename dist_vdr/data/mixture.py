@@ -34,12 +34,19 @@ STRATEGIES = ("weighted", "exhaust", "round_robin")
 _DATASET_SEED_STRIDE = 1_000_003
 
 
-def schedule(steps: list[int], weights: list[float], strategy: str, seed: int) -> list[int]:
-    """Which dataset each optimizer step of an epoch draws from, given each dataset's number of steps."""
+def check_mixture(num_datasets: int, weights: list[float], strategy: str) -> None:
+    """ValueError with the fix unless ``strategy`` and ``weights`` describe a mixture of the datasets."""
     if strategy not in STRATEGIES:
         raise ValueError(f"data mixture strategy {strategy!r}: use one of {list(STRATEGIES)}")
-    if len(steps) != len(weights) or not steps:
+    if len(weights) != num_datasets or not num_datasets:
         raise ValueError("a mixture needs one weight per dataset")
+    if strategy == "weighted" and (any(w < 0 for w in weights) or not sum(weights) > 0):
+        raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
+
+
+def schedule(steps: list[int], weights: list[float], strategy: str, seed: int) -> list[int]:
+    """Which dataset each optimizer step of an epoch draws from, given each dataset's number of steps."""
+    check_mixture(len(steps), weights, strategy)
     rng = random.Random(seed)
     if strategy == "round_robin":
         return [k for _ in range(min(steps)) for k in range(len(steps))]
@@ -47,8 +54,6 @@ def schedule(steps: list[int], weights: list[float], strategy: str, seed: int) -
         order = [k for k, n in enumerate(steps) for _ in range(n)]
         rng.shuffle(order)
         return order
-    if any(w < 0 for w in weights) or not sum(weights) > 0:
-        raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
     return rng.choices(range(len(steps)), weights=weights, k=sum(steps))
 
 
@@ -75,7 +80,7 @@ class MixtureBatchSampler(DefaultBatchSampler):
                 part, batch_size=batch_size * world_size, drop_last=True, valid_label_columns=valid_label_columns,
                 generator=torch.Generator(), seed=seed + _DATASET_SEED_STRIDE * (k + 1),
                 precompute_hashes=precompute_hashes))
-        schedule([1] * len(sizes), self.weights, strategy, seed)  # strategy and weights checked now, not at step 1
+        check_mixture(len(sizes), self.weights, strategy)  # now, not at the first step
         short = [k for k, n in enumerate(self.steps_per_dataset()) if n < 1]
         if short:
             raise ValueError(f"mixture dataset(s) {short} hold fewer rows than one optimizer step "

@@ -18,6 +18,7 @@ as ``cast`` would write a full copy of the pages there as ``cache-*.arrow``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..distributed import shard_range  # noqa: F401  (the evaluators import it from here)
+from ..distributed import shard_range, shard_sizes  # noqa: F401  (the evaluators import them from here)
 
 MAX_BLOCK_BATCHES = 8
 
@@ -174,6 +175,20 @@ def autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+@contextlib.contextmanager
+def inference(model):
+    """``model`` in eval mode without gradients (bf16 autocast on CUDA), its train mode restored after.
+    no_grad, not inference_mode: FSDP2 writes its gathered parameters into storages that outlive the
+    forward, which inference tensors may not."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(model.device):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_column: str = "image",
                         batch_size: int = 16, num_workers: int = 0, cache_dir: str | None = None,
                         cache_key: str = "", show_progress: bool = False) -> tuple[int, torch.Tensor]:
@@ -214,23 +229,16 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
             multiprocessing_context="fork" if workers else None,
         )
         device = model.device
-        was_training = model.training
-        model.eval()
-        try:
-            # no_grad, not inference_mode: FSDP2 writes its gathered parameters into storages that
-            # outlive the forward, which inference tensors may not.
-            with torch.no_grad(), autocast(device):
-                for positions, feats in tqdm(loader, desc=f"encoding pages (rank {rank})", disable=not show_progress):
-                    emb = model(batch_to_device(feats, device))["sentence_embedding"].float()
-                    emb = torch.nn.functional.normalize(emb, p=2, dim=-1).cpu()
-                    for p, e in zip(positions, emb, strict=True):
-                        done[p] = e
-                    if cache:
-                        cache.save(positions, emb)
-                for _ in range(num_batches - my_batches):  # lockstep padding, result discarded
-                    model(batch_to_device(_blank_page_features(model), device))
-        finally:
-            model.train(was_training)
+        with inference(model):
+            for positions, feats in tqdm(loader, desc=f"encoding pages (rank {rank})", disable=not show_progress):
+                emb = model(batch_to_device(feats, device))["sentence_embedding"].float()
+                emb = torch.nn.functional.normalize(emb, p=2, dim=-1).cpu()
+                for p, e in zip(positions, emb, strict=True):
+                    done[p] = e
+                if cache:
+                    cache.save(positions, emb)
+            for _ in range(num_batches - my_batches):  # lockstep padding, result discarded
+                model(batch_to_device(_blank_page_features(model), device))
     if n == 0:
         return start, torch.empty(0, 0)
     return start, torch.stack([done[i] for i in range(n)])

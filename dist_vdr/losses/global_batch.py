@@ -75,8 +75,6 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
             guide.requires_grad_(False)
         self.guide, self.guide_margin, self.guide_margin_strategy = guide, guide_margin, guide_margin_strategy
         self._guide_columns: list[list[Tensor]] | None = None
-        # False negatives masked at the last step (this rank's queries; a tensor, read it with int()).
-        self.last_masked = 0
         # Masked candidates, queries and their negatives since take_masked_stats() (logged by the trainer).
         self._masked_since: Tensor | int = 0
         self._queries_since = self._negatives_since = 0
@@ -105,7 +103,6 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         total = torch.zeros((), device=gathered.device)
         for dim, weight in self.dims_weights:
             total = total + weight * self._ranking_loss(gathered, dim, batch_size, with_backward, weight, masking)
-        self.last_masked = masking.masked if masking is not None else 0
         if masking is not None:
             self._masked_since = self._masked_since + masking.masked
             self._queries_since += batch_size

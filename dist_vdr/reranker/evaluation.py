@@ -26,7 +26,7 @@ from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 from .. import distributed
 from ..data.arrow import column_values
 from ..data.loading import EvalData
-from ..evaluation.encode import autocast, shard_range
+from ..evaluation.encode import inference, shard_range, shard_sizes
 from ..evaluation.metrics import METRICS, retrieval_metrics
 from ..evaluation.sharded import (
     atomic_write,
@@ -87,7 +87,7 @@ class RerankEvaluator(BaseEvaluator):
         info = distributed.current()
         n = len(self.query_ids)
         start, end = shard_range(n, info.rank, info.world_size)
-        sizes = [e - s for s, e in (shard_range(n, r, info.world_size) for r in range(info.world_size))]
+        sizes = shard_sizes(n, info.world_size)
         local = self._score(model, self.query_ids[start:end], info)
         scores = distributed.all_gather_rows(local, sizes).numpy()  # [n, depth], nan past a query's list
         reranked = self._rerank(scores, self.retrieval_score_weight)
@@ -130,23 +130,18 @@ class RerankEvaluator(BaseEvaluator):
         scores = torch.full((len(query_ids), self.depth), float("nan"))
         batches = self._batches(query_ids)
         num_batches = max(distributed.all_gather_objects(len(batches))) if info.world_size > 1 else len(batches)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), autocast(model.device):
-                for qi, positions, pairs in tqdm(batches, desc=f"reranking (rank {info.rank})",
-                                                 disable=not (self.show_progress and info.is_main)):
-                    images = self.data.corpus[[self.row_of[p] for _, p in pairs]]["image"]
-                    pages = [(q, im) for (q, _), im in zip(pairs, images, strict=True)]
-                    scores[qi, positions] = forward_scores(model, pages, self.prompt)
-                if num_batches > len(batches):  # lockstep padding under sharded engines: same modules run
-                    from PIL import Image
+        with inference(model):
+            for qi, positions, pairs in tqdm(batches, desc=f"reranking (rank {info.rank})",
+                                             disable=not (self.show_progress and info.is_main)):
+                images = self.data.corpus[[self.row_of[p] for _, p in pairs]]["image"]
+                pages = [(q, im) for (q, _), im in zip(pairs, images, strict=True)]
+                scores[qi, positions] = forward_scores(model, pages, self.prompt)
+            if num_batches > len(batches):  # lockstep padding under sharded engines: same modules run
+                from PIL import Image
 
-                    blank = [("?", Image.new("RGB", (64, 64), "white"))]
-                    for _ in range(num_batches - len(batches)):
-                        forward_scores(model, blank, self.prompt)
-        finally:
-            model.train(was_training)
+                blank = [("?", Image.new("RGB", (64, 64), "white"))]
+                for _ in range(num_batches - len(batches)):
+                    forward_scores(model, blank, self.prompt)
         return scores
 
     def write_outputs(self, output_path: str, steps: int = -1) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..evaluation.encode import autocast, shard_range
+from ..evaluation.encode import inference, shard_range, shard_sizes
 
 
 def forward_scores(model, pairs: list[tuple[str, object]], prompt: str | None) -> torch.Tensor:
@@ -34,17 +34,10 @@ def row_scores(model, queries: list[str], pages, cells: np.ndarray, *, batch_siz
     n, k = cells.shape
     start, end = shard_range(n, info.rank, info.world_size)
     local = torch.full((end - start, k), float("nan"))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast(model.device):
-            for i in tqdm(range(start, end), desc=f"teacher scores (rank {info.rank})",
-                          disable=not (show_progress and info.is_main)):
-                for b in range(0, k, batch_size):
-                    images = pages[[int(c) for c in cells[i, b:b + batch_size]]]["image"]
-                    local[i - start, b:b + batch_size] = forward_scores(
-                        model, [(queries[i], im) for im in images], prompt)
-    finally:
-        model.train(was_training)
-    sizes = [e - s for s, e in (shard_range(n, r, info.world_size) for r in range(info.world_size))]
-    return distributed.all_gather_rows(local, sizes).numpy()
+    with inference(model):
+        for i in tqdm(range(start, end), desc=f"teacher scores (rank {info.rank})",
+                      disable=not (show_progress and info.is_main)):
+            for b in range(0, k, batch_size):
+                images = pages[[int(c) for c in cells[i, b:b + batch_size]]]["image"]
+                local[i - start, b:b + batch_size] = forward_scores(model, [(queries[i], im) for im in images], prompt)
+    return distributed.all_gather_rows(local, shard_sizes(n, info.world_size)).numpy()
