@@ -106,7 +106,7 @@ def _make_pages(args: argparse.Namespace) -> int:
 
     spec = SyntheticPagesSpec(num_train=args.num_train, num_negatives=args.num_negatives,
                               num_eval_queries=args.num_eval_queries, num_eval_distractors=args.num_eval_distractors,
-                              seed=args.seed)
+                              seed=args.seed, style=args.style)
     path = generate_pages(args.dir, spec, overwrite=args.overwrite)
     print(f"pages in {path}")
     return 0
@@ -323,6 +323,9 @@ def _add_makers(sub) -> None:
     s.add_argument("--num-eval-queries", type=int, default=128)
     s.add_argument("--num-eval-distractors", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--style", choices=("charts", "forms"), default="charts",
+                   help="Page kind: charts (a header and a chart) or forms (a side band and symbols: another "
+                        "vocabulary, for a tiny mixture of datasets).")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_make_pages)
 

@@ -26,6 +26,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 """model.dtype (and the --dtype option of the commands)."""
 _EVAL_FORMATS = ("ir", "triplets")
+REQUIRED = "???"
+"""The default of a key a command cannot run without (OmegaConf's MISSING): loading fails, naming
+the key and its option, unless the config file, an option or an override sets it."""
 _METRICS = ("ndcg", "mrr", "map", "recall", "precision", "accuracy")  # evaluation.metrics.METRICS
 
 
@@ -113,6 +116,69 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
+class DatasetEntry:
+    """One dataset of a mixture (``data.datasets``). A key left null takes the ``data`` section's value:
+    the entry is that section with its own training rows (same keys, same meaning), and its options."""
+
+    name: str = REQUIRED
+    """Names the dataset in the logs (``loss/<name>``), run_info.jsonl and the eval metrics."""
+    path: str | None = None
+    train_name: str | None = None
+    train_split: str | None = None
+    query_column: str | None = None
+    positive_column: str | None = None
+    negative_columns: list[str] | None = None
+    """As many as data.negative_columns (the rows of all datasets meet in one table, under data's column
+    names); null: data.negative_columns."""
+    max_rows: int | None = None
+    """Use only the first N rows of this dataset (null: all)."""
+    pages_path: str | None = None
+    pages_id_column: str | None = None
+    negative_ids_column: str | None = None
+    weight: float | None = None
+    """Share of the optimizer steps drawn from this dataset (data.mixture=weighted; null: its number of
+    rows, i.e. proportional to size)."""
+    cross_device_negatives: bool | None = None
+    """Null: loss.cross_device_negatives. False: each query scores the pages of its own rank only."""
+    in_batch_negatives: bool = True
+    """False: each query scores its own positive and hard negatives only (no other row's pages)."""
+    mini_batch_size: int | None = None
+    """Gradient-caching rows per forward for this dataset's steps (null: loss.mini_batch_size): large pages
+    want fewer rows per forward than small ones."""
+    mini_batch_num_tokens: int | None = None
+    """Token budget per mini-batch for this dataset's steps (null: loss.mini_batch_num_tokens)."""
+    eval_path: str | None = None
+    """This dataset's own eval set (with eval_format and the other eval keys, null: data's): every eval set
+    is evaluated, and the macro average over them is the main metric."""
+    eval_name: str | None = None
+    eval_format: str | None = None
+    eval_split: str | None = None
+    eval_negative_columns: list[str] | None = None
+    eval_queries_file: str | None = None
+    eval_qrels_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(f"data.datasets: name {self.name!r} must be letters, digits, _ . - (it names files "
+                             f"and log keys)")
+        for key in ("max_rows", "mini_batch_size", "mini_batch_num_tokens"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"data.datasets[{self.name}].{key} must be >= 1 or null, got {value}")
+        if self.weight is not None and self.weight < 0:
+            raise ValueError(f"data.datasets[{self.name}].weight must be >= 0 or null, got {self.weight}")
+        if self.eval_format is not None:
+            _check_choice(f"data.datasets[{self.name}]", "eval_format", self.eval_format, _EVAL_FORMATS)
+
+    @property
+    def has_eval(self) -> bool:
+        return any(v is not None for v in (self.eval_path, self.eval_name, self.eval_queries_file))
+
+
+_MIXTURES = ("weighted", "exhaust", "round_robin")  # data.mixture.STRATEGIES
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     path: str = "./artifacts/pages"
     """A folder written by save_to_disk (e.g. `dist-vdr make-synthetic-pages`) or a hub dataset id."""
@@ -157,6 +223,13 @@ class DataConfig:
     max_eval_queries: int | None = None
     validate_images: bool = True
     """Open every page image once before training so a corrupt file fails early, with its row."""
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    """A mixture: several datasets, each optimizer step drawn from ONE of them on every rank (its global
+    batch, its negatives). Empty: the training rows of this section alone. README: Mixtures of datasets."""
+    mixture: str = "weighted"
+    """How the steps pick their dataset: weighted (at random by data.datasets[].weight, a dataset that runs
+    out starts again), exhaust (every batch of every dataset once, in shuffled order), round_robin (in
+    turn, until the smallest runs out)."""
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -170,6 +243,20 @@ class DataConfig:
         if repeated:
             raise ValueError(f"data: column(s) {repeated} named twice among query_column, positive_column and "
                              f"negative_columns ({self.train_columns}): name each column once")
+        _check_choice("data", "mixture", self.mixture, _MIXTURES)
+        self._check_datasets()
+
+    def _check_datasets(self) -> None:
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.datasets: names {names} repeat; give each dataset a name of its own")
+        for entry in self.datasets:
+            count = len(entry.negative_columns) if entry.negative_columns is not None else None
+            if count is not None and count != len(self.negative_columns):
+                raise ValueError(f"data.datasets[{entry.name}]: {count} negative_columns, data.negative_columns has "
+                                 f"{len(self.negative_columns)}; every dataset trains with as many negatives per row")
+        if self.datasets and self.mixture == "weighted" and all(d.weight == 0 for d in self.datasets):
+            raise ValueError("data.datasets: every weight is 0; give one dataset a positive weight")
 
     @property
     def train_columns(self) -> list[str]:
@@ -600,11 +687,6 @@ def _schema(schema: type | None = None):
     return node
 
 
-REQUIRED = "???"
-"""The default of a key a command cannot run without (OmegaConf's MISSING): loading fails, naming
-the key and its option, unless the config file, an option or an override sets it."""
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 check_paths: bool = True, schema: type | None = None, *, flags: Mapping[str, Any] | None = None,
                 aliases: Mapping[str, str] | None = None) -> Any:
@@ -634,6 +716,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
         raise ValueError(_explain(exc, f" in the override {_override_of(exc, overrides)}", schema, aliases)) from exc
+    except TypeError as exc:  # a.b.1.c=... into a list ("Cannot merge incompatible container types")
+        raise ValueError(f"overrides {list(overrides)}: a list entry (e.g. of data.datasets) cannot be set by its "
+                         f"index; edit the YAML, or give the whole list: data.datasets='[{{name: a, path: ...}}]'") \
+            from exc
     try:
         cfg = OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError) as exc:
@@ -727,15 +813,8 @@ def _resolve_sources(cfg: Config) -> None:
     if cfg.model.adapter.init_from:
         cfg.model.adapter.init_from = sources.resolve(cfg.model.adapter.init_from, "model.adapter.init_from",
                                                       "adapter folder")
-    d = cfg.data
-    d.path = sources.resolve(d.path, "data.path", "dataset folder")
-    if d.pages_path:
-        d.pages_path = sources.resolve(d.pages_path, "data.pages_path", "page corpus folder")
-    if d.eval_path and cfg.evaluation.enabled:
-        d.eval_path = sources.resolve(d.eval_path, "data.eval_path", "eval data folder")
-    for key in ("eval_queries_file", "eval_qrels_file"):
-        if getattr(d, key) and cfg.evaluation.enabled:
-            setattr(d, key, sources.resolve_file(getattr(d, key), f"data.{key}"))
+    for prefix, section in [("data", cfg.data), *((f"data.datasets[{k}]", e) for k, e in enumerate(cfg.data.datasets))]:
+        _resolve_data_paths(prefix, section, cfg.evaluation.enabled)
     for key, label in tasks.get(cfg.task).local_paths(cfg):  # the task's own paths (dotted keys, any depth)
         *sections, name = key.split(".")
         node = cfg
@@ -745,12 +824,30 @@ def _resolve_sources(cfg: Config) -> None:
             setattr(node, name, sources.resolve(getattr(node, name), key, label))
 
 
+def _resolve_data_paths(prefix: str, section, evaluating: bool) -> None:
+    """The paths of a data section or a mixture's entry (``prefix``: its key), the eval ones when evaluating."""
+    from . import sources
+
+    for key, label in (("path", "dataset folder"), ("pages_path", "page corpus folder"),
+                       ("eval_path", "eval data folder")):
+        if getattr(section, key) and (key != "eval_path" or evaluating):
+            setattr(section, key, sources.resolve(getattr(section, key), f"{prefix}.{key}", label))
+    for key in ("eval_queries_file", "eval_qrels_file"):
+        if getattr(section, key) and evaluating:
+            setattr(section, key, sources.resolve_file(getattr(section, key), f"{prefix}.{key}"))
+
+
 def _explain(exc, where: str, schema: type | None = None, aliases: Mapping[str, str] | None = None) -> str:
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
     if type(exc).__name__ == "MissingMandatoryValue":
         option = (aliases or {}).get(key)
         return f"{key} is not set: give {option + ' or ' if option else ''}{key}=..."
+    if type(exc).__name__ == "ConfigKeyError" and getattr(exc, "object_type", None) is DatasetEntry:
+        import dataclasses
+
+        return (f"unknown key {key!r} of a data.datasets entry{where}; known keys: "
+                f"{sorted(f.name for f in dataclasses.fields(DatasetEntry))}")
     if type(exc).__name__ == "ConfigKeyError":
         from omegaconf import OmegaConf
 

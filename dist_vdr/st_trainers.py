@@ -16,7 +16,7 @@ import os
 import torch
 from sentence_transformers import CrossEncoderTrainer, SentenceTransformerTrainer
 
-from . import adapter_engines, adapters, compat, engines, log
+from . import adapter_engines, adapters, compat, distributed, engines, log
 from .data import page_refs
 
 logger = log.get(__name__)
@@ -61,7 +61,23 @@ class _DistVdrTrainerMixin:
                                f"to learn from. A guide that cannot tell the pages apart (e.g. an untrained "
                                f"model) masks almost everything: lower loss.false_negatives.margin, use "
                                f"margin_strategy=relative, or a trained guide")
+        if "loss" in logs:
+            self._log_dataset_losses(logs)
         super().log(logs, *args, **kwargs)
+
+    dataset_names: list[str] = []  # a mixture's datasets (data.datasets), named in the logs
+
+    def _log_dataset_losses(self, logs: dict) -> None:
+        """``loss/<dataset>``: each mixture dataset's mean step loss over all ranks since the last log.
+        Every rank logs at the same steps, so the one all-gather here is issued by all."""
+        take = getattr(getattr(self, "loss", None), "take_dataset_losses", None)
+        sums = take() if take is not None and self.dataset_names else None
+        if sums is None:
+            return
+        total = distributed.all_gather_same(sums).sum(0)
+        for name, (loss, steps) in zip(self.dataset_names, total.tolist(), strict=True):
+            if steps:
+                logs[f"loss/{name}"] = round(loss / steps, 6)
 
     def _run_epoch(self, *args, **kwargs):
         # transformers' private _run_epoch (compat: transformers.trainer_run_epoch) checks max_steps only

@@ -17,6 +17,7 @@ import transformers
 
 from . import checkpoint, distributed, engines, log, preemption, resume_guard, tasks
 from .config import Config, to_yaml
+from .data import mixture_rows
 from .data.prepared import PreparedData
 from .model import compile_blocks, resolve_dtype
 from .phases import Phases
@@ -135,7 +136,8 @@ class _Run:
         # Built (and so validated: trainer_args, scheduler name, ...) before the run's records are written.
         args_class, task_kwargs = self.task.training_arguments(cfg)
         args = setup.build_training_args(cfg, info, self.per_device, args_class=args_class, task_kwargs=task_kwargs,
-                                         has_eval=data.eval is not None, row_hashes=inputs.row_hashes)
+                                         has_eval=data.eval is not None, row_hashes=inputs.row_hashes,
+                                         mixture=data.mixture)
         engines.configure_deepspeed(args, load_universal=load_universal)
         if info.is_main:  # everything checked: the run's first writes
             data.write_records(ctx.out)
@@ -152,7 +154,10 @@ class _Run:
                                           evaluator=evaluator, callbacks=self._callbacks(health, config_text))
         trainer.keep_parameters_gathered = cfg.launch.keep_parameters_gathered
         trainer.step_health = health
-        setup.resolve_page_ids(trainer, cfg, inputs.train)
+        trainer.dataset_names = data.mixture.names if data.mixture is not None else []
+        if data.mixture is not None:
+            trainer.data_collator = mixture_rows.DatasetLabelCollator(trainer.data_collator)
+        setup.resolve_page_ids(trainer, cfg, inputs.train, data.mixture)
         trainer.data_collator = self.task.wrap_collator(ctx, trainer.data_collator)
         setup.check_engine(trainer, info)
         self.phases.mark("trainer setup")

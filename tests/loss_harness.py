@@ -104,7 +104,13 @@ def build_case_loss(model, case: Case, rank: int, world: int, distributed_run: b
                                                    gather_across_devices=True)
         return MatryoshkaLoss(model, inner, list(case.dims)) if case.dims else inner
     cls = {"global_batch": GlobalBatchCachedMNRL, "broken_no_return": NoReturnLoss, "broken_scale": WrongScaleLoss,
-           "broken_local_ids": LocalIdsLoss, "broken_local_guide": LocalGuideLoss}[case.implementation]
+           "broken_local_ids": LocalIdsLoss, "broken_local_guide": LocalGuideLoss,
+           "broken_options_ignored": GlobalBatchCachedMNRL}[case.implementation]
+    if "dataset" in case.extra and case.implementation != "broken_options_ignored":
+        from dist_vdr.losses.global_batch import DatasetOptions
+
+        # A mixture of one dataset, index 0, with the case's options (data.datasets[]).
+        guide["datasets"] = [DatasetOptions(index=0, **case.extra["dataset"])]
     return cls(model, matryoshka_dims=case.dims, rank=rank, world_size=world, mini_batch_size=case.mini_batch_size,
                mini_batch_num_tokens=case.mini_batch_num_tokens, mask_same_ids=masked, **guide)
 
@@ -213,12 +219,12 @@ def teacher_scores(n: int, num_negatives: int, seed: int) -> torch.Tensor:
 
 
 def global_labels(case: Case, world: int) -> list | None:
-    if not case.extra.get("ids") and not case.extra.get("teacher"):
+    if not case.extra.get("ids") and not case.extra.get("teacher") and "dataset" not in case.extra:
         return None
     n = case.per_rank_batch * world
     out = []
     for k in range(case.grad_accum):
-        labels = {}
+        labels = {"dataset": torch.zeros(n, dtype=torch.int64)} if "dataset" in case.extra else {}
         if case.extra.get("ids"):
             labels["ids"] = make_id_labels(n, case.num_negatives)
         if case.extra.get("teacher"):
@@ -234,7 +240,21 @@ def _rows(labels: dict, part: slice) -> dict:
 def reference(model_dir: str, case: Case, world: int):
     model = load_model(model_dir)
     loss_fn = build_case_loss(model, case, 0, 1, distributed_run=False, model_dir=model_dir)
+    if "dataset" in case.extra:  # per-dataset options: the stock loss over the blocks the options keep apart
+        return run_step(model, loss_fn, _option_blocks(case, world), case)
     return run_step(model, loss_fn, global_micro_batches(case, world), case, labels=global_labels(case, world))
+
+
+def _option_blocks(case: Case, world: int) -> list[list]:
+    """One process's equivalent of a dataset's options, as gradient accumulation over blocks of the global
+    batch (the mean of the blocks' losses and gradients): cross_device_negatives off -- each rank's rows,
+    a contrastive batch of their own; in_batch_negatives off -- each row alone (its own pages only)."""
+    assert case.grad_accum == 1
+    rows = global_micro_batches(case, world)[0]
+    if case.extra["dataset"].get("in_batch_negatives") is False:
+        return [[row] for row in rows]
+    b = case.per_rank_batch
+    return [rows[r * b:(r + 1) * b] for r in range(world)]
 
 
 def worker(rank: int, world: int, init_file: str, model_dir: str, cases: list, out_path: str) -> None:

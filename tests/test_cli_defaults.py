@@ -27,7 +27,7 @@ UNMAPPED = {
     "data check": {"--config"},
     "make-tiny-model": {"--reranker", "--init-from", "--hidden-size", "--num-layers", "--seed", "--overwrite"},
     "make-synthetic-pages": {"--num-train", "--num-negatives", "--num-eval-queries", "--num-eval-distractors",
-                             "--seed", "--overwrite"},
+                             "--seed", "--overwrite", "--style"},
     "make-synthetic-pdfs": {"--num-documents", "--max-pages-per-document", "--num-scans", "--seed", "--overwrite"},
     "merge-adapter": {"--dtype", "--trust-remote-code", "--overwrite"},
 }

@@ -39,6 +39,12 @@ CASES_W2 = [
     # loss.distillation: teacher scores of each row's own candidates, beside the contrastive loss
     Case("distill_kl_2neg_ids", num_negatives=2, extra={"teacher": "kl", "temperature": 0.5, "ids": True}),
     Case("distill_margin_mse_mb2_grad_accum2", mini_batch_size=2, grad_accum=2, extra={"teacher": "margin_mse"}),
+    # a mixture dataset's own options (data.datasets[]): reference = the stock loss over the blocks they keep apart
+    Case("mixture_local_negatives_mb2", num_negatives=2, per_rank_batch=3,
+         extra={"dataset": {"cross_device_negatives": False, "mini_batch_size": 2}}),
+    Case("mixture_no_in_batch_negatives", num_negatives=2, extra={"dataset": {"in_batch_negatives": False}}),
+    Case("broken_options_ignored", implementation="broken_options_ignored",
+         extra={"dataset": {"cross_device_negatives": False}}),
 ]
 CASES_W4 = [
     Case("w4_mb1_3dims"),
@@ -47,6 +53,7 @@ CASES_W4 = [
     Case("w4_mask_ids_3dims", extra={"ids": True}),
     Case("w4_mask_guide", extra={"guide": True}),
     Case("w4_distill_kl_2neg", num_negatives=2, extra={"teacher": "kl"}),
+    Case("w4_mixture_local_negatives", extra={"dataset": {"cross_device_negatives": False}}),
 ]
 # Collective counts: 8 rows per rank, 1 vs 8 mini-batches, 1 vs 7 dims, ours vs stock.
 COUNT_CASES = [
@@ -87,7 +94,8 @@ def test_four_ranks_equal_single_process(tiny_model, results_w4, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["broken_no_return", "broken_scale", "broken_local_ids", "broken_local_guide"])
+@pytest.mark.parametrize("name", ["broken_no_return", "broken_scale", "broken_local_ids", "broken_local_guide",
+                                  "broken_options_ignored"])
 def test_broken_variants_are_caught(tiny_model, results_w2, name):
     case = next(c for c in CASES_W2 if c.name == name)
     _, grad_diff = _compare(tiny_model, case, results_w2[name], 2)

@@ -113,7 +113,8 @@ class RowLabelsCollator:
         if self.from_pages:
             self._check_page_ids(rows)
         batch = self.inner([{k: v for k, v in row.items() if k not in self.columns} for row in features])
-        labels = {}
+        inner_labels = batch.get("label")  # e.g. a mixture's dataset index
+        labels = dict(inner_labels) if isinstance(inner_labels, dict) else {}
         if self.candidate_columns:
             labels["ids"] = id_labels(rows, self.candidate_columns, self.positive_ids_column,
                                       self.lookup if self.from_pages else None)

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler, NoDuplicatesBatchSampler
+
+from . import sampler as sampler_hashes
 
 STRATEGIES = ("weighted", "exhaust", "round_robin")
 # Distinct seed streams for the datasets' samplers (the stock sampler seeds with seed + epoch).
@@ -63,7 +66,8 @@ class MixtureBatchSampler(DefaultBatchSampler):
 
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
                  seed: int = 0, *, sizes: list[int], weights: list[float] | None = None, strategy: str = "weighted",
-                 world_size: int = 1, accumulation: int = 1, precompute_hashes: bool = True) -> None:
+                 world_size: int = 1, accumulation: int = 1, precompute_hashes: bool = True,
+                 row_hashes=None) -> None:
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last,
                          valid_label_columns=valid_label_columns, generator=generator, seed=seed)
         if sum(sizes) != len(dataset) or any(n < 1 for n in sizes):
@@ -80,6 +84,8 @@ class MixtureBatchSampler(DefaultBatchSampler):
                 part, batch_size=batch_size * world_size, drop_last=True, valid_label_columns=valid_label_columns,
                 generator=torch.Generator(), seed=seed + _DATASET_SEED_STRIDE * (k + 1),
                 precompute_hashes=precompute_hashes))
+            if precompute_hashes and row_hashes is not None:
+                sampler_hashes.use(self.samplers[-1], row_hashes[offset:offset + n])
         check_mixture(len(sizes), self.weights, strategy)  # now, not at the first step
         short = [k for k, n in enumerate(self.steps_per_dataset()) if n < 1]
         if short:
@@ -126,3 +132,10 @@ class MixtureBatchSampler(DefaultBatchSampler):
 
     def __len__(self) -> int:
         return len(self._plan()) * self.accumulation * self.world_size
+
+
+def mixture_sampler(sizes: list[int], weights: list[float], strategy: str, world_size: int, accumulation: int,
+                    precompute_hashes: bool = True, row_hashes=None):
+    """A batch-sampler factory for SentenceTransformerTrainingArguments(batch_sampler=...)."""
+    return partial(MixtureBatchSampler, sizes=sizes, weights=weights, strategy=strategy, world_size=world_size,
+                   accumulation=accumulation, precompute_hashes=precompute_hashes, row_hashes=row_hashes)

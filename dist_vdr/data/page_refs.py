@@ -64,7 +64,7 @@ def load_table(cfg) -> PageTable:
     return _table(cfg.pages_path, cfg.train_name, cfg.train_split, cfg.pages_id_column)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)  # a mixture has a corpus per dataset
 def _table(path: str, name: str | None, split: str, id_column: str) -> PageTable:
     return PageTable(load_pages(path, name, split), id_column, where=f"data.pages_path {path}")
 
@@ -118,10 +118,14 @@ def check_ids(ds, columns: list[str], table: PageTable, where: str) -> None:
 
 
 class ResolvingCollator:
-    """Replace page ids by their images, then collate as the wrapped (stock) collator does."""
+    """Replace page ids by their images, then collate as the wrapped (stock) collator does.
 
-    def __init__(self, inner, table: PageTable, columns: list[str], key_columns: list[str]) -> None:
+    ``table``: the corpus, or one per dataset of a mixture (each row's ``dataset_column`` picks it)."""
+
+    def __init__(self, inner, table: PageTable | list[PageTable], columns: list[str], key_columns: list[str],
+                 dataset_column: str | None = None) -> None:
         self.inner, self.table, self.columns, self.key_columns = inner, table, columns, key_columns
+        self.dataset_column = dataset_column
         self.trace = bool(os.environ.get(TRACE_ENV))
 
     def __getattr__(self, name):  # the trainer reads the stock collator's attributes (tokenize_fn, ...)
@@ -132,13 +136,23 @@ class ResolvingCollator:
     def __call__(self, features: list[dict]) -> dict:
         keys = ["|".join(str(f[c]) for c in self.key_columns) for f in features] if self.trace else None
         rows = [dict(f) for f in features]
-        for column in self.columns:
-            for row, image in zip(rows, self.table.images([r[column] for r in rows]), strict=True):
-                row[column] = image
+        for table, group in self._by_table(rows):
+            for column in self.columns:
+                for row, image in zip(group, table.images([r[column] for r in group]), strict=True):
+                    row[column] = image
         batch = self.inner(rows)
-        if keys is not None:
+        if keys is not None and TRACE_KEY not in batch:  # a mixture's collator names its rows itself
             batch[TRACE_KEY] = keys
         return batch
+
+
+    def _by_table(self, rows: list[dict]) -> list[tuple[PageTable, list[dict]]]:
+        if not isinstance(self.table, list):
+            return [(self.table, rows)]
+        groups: dict[int, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(int(row[self.dataset_column]), []).append(row)
+        return [(self.table[k], group) for k, group in groups.items()]
 
 
 def record_trace(inputs: dict, rank: int, step: int) -> None:

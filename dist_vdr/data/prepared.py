@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from . import startup
 from .loading import EvalData
+from .mixture_rows import MixtureRows
 
 
 @dataclass
@@ -16,11 +19,19 @@ class PreparedData:
     train: object  # datasets.Dataset with the recipe's training columns
     eval: EvalData | None
     passes: list[startup.StartupResult] = field(default_factory=list)
-    """The pass over the training rows (first), then the one over the eval corpus, when run."""
+    """The passes over the training rows (first; one per dataset of a mixture), then the one over the
+    eval corpus, when run."""
+    mixture: MixtureRows | None = None
+    """The datasets of ``train`` (data.datasets), None for the rows of one dataset."""
+    train_passes: int = 0
+    """How many of ``passes`` are over the training rows."""
 
     @property
     def row_hashes(self):
-        return self.passes[0].hashes if self.passes else None
+        hashes = [p.hashes for p in self.passes[:self.train_passes]]
+        if not hashes or any(h is None for h in hashes):
+            return None
+        return hashes[0] if len(hashes) == 1 else np.concatenate(hashes)
 
     def write_records(self, out: Path | None) -> list[Path]:
         """Records of the passes run now, or found only elsewhere, into ``out`` and the user cache."""

@@ -36,10 +36,8 @@ class GlobalNoDuplicatesBatchSampler(DefaultBatchSampler):
         # Hashes of every row from dist-vdr's startup pass (data/startup.py: the same per-value digest,
         # computed once, sharded over the ranks): set as the stock sampler's own precomputed ones
         # (compat: st.sampler_row_hashes), so it does not hash again.
-        columns = self.global_sampler.dataset.column_names
-        if precompute_hashes and row_hashes is not None and row_hashes.shape == (len(dataset), len(columns)) \
-                and not set(columns) & compat.sampler_excluded_columns():
-            compat.set_sampler_row_hashes(self.global_sampler, row_hashes)
+        if precompute_hashes and row_hashes is not None:
+            use(self.global_sampler, row_hashes)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -55,6 +53,14 @@ class GlobalNoDuplicatesBatchSampler(DefaultBatchSampler):
 
     def __len__(self) -> int:
         return len(self.global_sampler) * self.world_size
+
+
+def use(sampler: NoDuplicatesBatchSampler, row_hashes) -> None:
+    """Give ``sampler`` the startup pass's hashes of its rows when they are of its columns (else it hashes)."""
+    columns = sampler.dataset.column_names
+    excluded = set(columns) & compat.sampler_excluded_columns()
+    if row_hashes.shape == (len(sampler.dataset), len(columns)) and not excluded:
+        compat.set_sampler_row_hashes(sampler, row_hashes)
 
 
 def global_no_duplicates(world_size: int, precompute_hashes: bool = True, row_hashes=None):

@@ -37,6 +37,10 @@ COLOURS = {
     "pink": (240, 120, 190),
 }
 CHARTS = {"bar chart": "bars", "pie chart": "slices", "line chart": "points", "table": "rows"}
+# The `forms` style (a second page kind with a vocabulary of its own, for mixtures): a coloured side band
+# and a row of 2-5 symbols instead of a header and a chart.
+SYMBOLS = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds"}
+STYLES = ("charts", "forms")
 COUNTS = (2, 3, 4, 5)
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 _TEMPLATES = (
@@ -44,6 +48,11 @@ _TEMPLATES = (
     "{chart} with {n} {parts} under a {colour} header",
     "find the page with a {colour} header showing a {chart} of {n} {parts}",
     "which page has a {n}-{part} {chart} and a {colour} header",
+)
+_FORM_TEMPLATES = (
+    "a form with a {colour} side band and {n} {parts}",
+    "{n} {parts} on a form with a {colour} band",
+    "find the form showing {n} {parts} next to a {colour} band",
 )
 # (width, height) shapes of real pages at ~20 px per inch: A4/Letter portrait, landscape, 16:9 slides.
 _PAGE_SHAPES = ((165, 233), (170, 220), (233, 165), (256, 144), (150, 212))
@@ -66,9 +75,14 @@ class SyntheticPagesSpec:
     """Extra held-out pages relevant to no query (made of repeated attribute combinations would be
     ambiguous, so they are hard negatives of eval queries: one attribute differs)."""
     seed: int = 0
+    style: str = "charts"
+    """charts: a coloured header and a chart; forms: a coloured side band and a row of symbols (another
+    vocabulary: two styles make a tiny mixture of datasets)."""
 
     def __post_init__(self) -> None:
-        combos = len(all_attributes())
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {list(STYLES)}, got {self.style!r}")
+        combos = len(all_attributes(self.style))
         if self.num_train < 1:
             raise ValueError(f"num_train must be >= 1, got {self.num_train}")
         if not 0 <= self.num_negatives <= 4:
@@ -79,15 +93,17 @@ class SyntheticPagesSpec:
             raise ValueError("num_eval_distractors must be >= 0")
 
 
-def all_attributes() -> list[Attributes]:
-    return list(itertools.product(COLOURS, CHARTS, COUNTS))
+def all_attributes(style: str = "charts") -> list[Attributes]:
+    return list(itertools.product(COLOURS, SYMBOLS if style == "forms" else CHARTS, COUNTS))
 
 
 def describe(attrs: Attributes, rng: random.Random) -> str:
     """One natural-language query for a page with these attributes."""
     colour, chart, n = attrs
-    parts = CHARTS[chart]
     number = str(n) if rng.random() < 0.5 else _NUMBER_WORDS[n]
+    if chart in SYMBOLS:
+        return rng.choice(_FORM_TEMPLATES).format(colour=colour, n=number, parts=SYMBOLS[chart])
+    parts = CHARTS[chart]
     return rng.choice(_TEMPLATES).format(colour=colour, chart=chart, n=number, parts=parts, part=parts[:-1])
 
 
@@ -98,7 +114,8 @@ def perturb(attrs: Attributes, rng: random.Random) -> Attributes:
     if which == 0:
         colour = rng.choice([c for c in COLOURS if c != colour])
     elif which == 1:
-        chart = rng.choice([c for c in CHARTS if c != chart])
+        kinds = SYMBOLS if chart in SYMBOLS else CHARTS
+        chart = rng.choice([c for c in kinds if c != chart])
     else:
         n = rng.choice([c for c in COUNTS if c != n])
     return colour, chart, n
@@ -107,6 +124,8 @@ def perturb(attrs: Attributes, rng: random.Random) -> Attributes:
 def render_page(attrs: Attributes, rng: random.Random) -> Image.Image:
     """Draw one page. Layout, sizes, filler and part sizes vary with ``rng``; the attributes do not."""
     colour, chart, n = attrs
+    if chart in SYMBOLS:
+        return _render_form(attrs, rng)
     w, h = rng.choice(_PAGE_SHAPES)
     scale = rng.uniform(0.9, 1.2)
     w, h = int(w * scale), int(h * scale)
@@ -127,6 +146,33 @@ def render_page(attrs: Attributes, rng: random.Random) -> Image.Image:
     while y < h - 8:
         d.rectangle([8, y, 8 + int((w - 16) * rng.uniform(0.3, 1.0)), y + 3], fill=(120, 120, 120))
         y += 9
+    return img
+
+
+def _render_form(attrs: Attributes, rng: random.Random) -> Image.Image:
+    """A `forms` page: a coloured band down the left side, filler lines, and ``n`` symbols in a row."""
+    colour, symbol, n = attrs
+    w, h = rng.choice(_PAGE_SHAPES)
+    img = Image.new("RGB", (w, h), tuple(rng.randint(230, 245) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    band = int(w * rng.uniform(0.10, 0.16))
+    d.rectangle([0, 0, band, h], fill=COLOURS[colour])
+    for y in range(8, int(h * 0.35), 9):
+        d.rectangle([band + 8, y, band + 8 + int((w - band - 16) * rng.uniform(0.3, 1.0)), y + 3], fill=(90, 90, 90))
+    size = min((w - band - 16) // (n + 1), int(h * 0.2))
+    top = int(h * rng.uniform(0.45, 0.6))
+    for k in range(n):
+        x = band + 8 + k * (size + size // max(n, 1))
+        box = [x, top, x + size, top + size]
+        if symbol == "circle":
+            d.ellipse(box, fill=(40, 40, 40))
+        elif symbol == "square":
+            d.rectangle(box, fill=(40, 40, 40))
+        elif symbol == "triangle":
+            d.polygon([(x, top + size), (x + size // 2, top), (x + size, top + size)], fill=(40, 40, 40))
+        else:
+            d.polygon([(x + size // 2, top), (x + size, top + size // 2), (x + size // 2, top + size),
+                       (x, top + size // 2)], fill=(40, 40, 40))
     return img
 
 
@@ -196,7 +242,10 @@ FORMAT = 2  # 2: training rows carry document ids
 
 
 def _marker(spec: SyntheticPagesSpec) -> dict:
-    return {**asdict(spec), "format": FORMAT}
+    marker = {**asdict(spec), "format": FORMAT}
+    if spec.style == "charts":  # the folders written before styles existed keep their marker
+        marker.pop("style")
+    return marker
 
 
 def _eval_rows(spec: SyntheticPagesSpec, combos: list, show_progress: bool) -> tuple[list, list, list]:
@@ -238,10 +287,11 @@ def generate_pages(out_dir: str | os.PathLike, spec: SyntheticPagesSpec | None =
         if previous == _marker(spec):
             return out
         # Our own pages from an older layout (no document ids): regenerate them in place.
-        if not (previous and {k: v for k, v in previous.items() if k != "format"} == asdict(spec)):
+        if not (previous and {k: v for k, v in previous.items() if k != "format"} ==
+                {k: v for k, v in _marker(spec).items() if k != "format"}):
             raise ValueError(f"{out} exists and holds something else; choose another folder or pass --overwrite")
 
-    combos = all_attributes()
+    combos = all_attributes(spec.style)
     image = datasets.Image()
     neg_cols = [f"negative_{k}" for k in range(spec.num_negatives)]
     text = datasets.Value("string")

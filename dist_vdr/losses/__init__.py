@@ -20,8 +20,9 @@ def uses_global_batch_loss(cfg: LossConfig, world_size: int) -> bool:
     return cfg.implementation in ("auto", "global_batch")
 
 
-def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, guide=None):
-    """The recipe's loss (``guide``: the loaded model of loss.false_negatives.guide, if any)."""
+def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, guide=None, datasets=()):
+    """The recipe's loss (``guide``: the loaded model of loss.false_negatives.guide, if any; ``datasets``: a
+    mixture's per-dataset options, :class:`~dist_vdr.losses.global_batch.DatasetOptions`)."""
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
         MatryoshkaLoss,
@@ -29,7 +30,8 @@ def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, gu
     )
 
     if uses_global_batch_loss(cfg, world_size) or cfg.implementation == "global_batch" \
-            or cfg.false_negatives.enabled or cfg.distillation.enabled:
+            or cfg.false_negatives.enabled or cfg.distillation.enabled \
+            or (datasets and cfg.name == "cmnrl" and cfg.implementation != "stock"):
         from .global_batch import GlobalBatchCachedMNRL
 
         return GlobalBatchCachedMNRL(
@@ -38,7 +40,7 @@ def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, gu
             mini_batch_size=cfg.mini_batch_size, mini_batch_num_tokens=cfg.mini_batch_num_tokens,
             mask_same_ids=cfg.false_negatives.id_column is not None, guide=guide,
             guide_margin=cfg.false_negatives.margin, guide_margin_strategy=cfg.false_negatives.margin_strategy,
-            distillation=cfg.distillation)
+            distillation=cfg.distillation, datasets=datasets)
 
     gather = cfg.cross_device_negatives and world_size > 1
     if cfg.name == "cmnrl":

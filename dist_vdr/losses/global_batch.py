@@ -24,6 +24,7 @@ and dims.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,17 @@ from torch import Tensor
 
 from .. import compat, distributed
 from . import distillation, false_negatives
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """A mixture dataset's loss options (data.datasets[]); None: the loss's own value."""
+
+    index: int | None = None
+    cross_device_negatives: bool = True
+    in_batch_negatives: bool = True
+    mini_batch_size: int | None = None
+    mini_batch_num_tokens: int | None = None
 
 
 class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
@@ -57,7 +69,8 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
     def __init__(self, model, *, matryoshka_dims: Sequence[int] = (), matryoshka_weights: Sequence[float] | None = None,
                  rank: int = 0, world_size: int = 1, scale: float = 20.0, mini_batch_size: int = 1,
                  mini_batch_num_tokens: int | None = None, mask_same_ids: bool = False, guide=None,
-                 guide_margin: float = 0.0, guide_margin_strategy: str = "absolute", distillation=None) -> None:
+                 guide_margin: float = 0.0, guide_margin_strategy: str = "absolute", distillation=None,
+                 datasets: Sequence[DatasetOptions] = ()) -> None:
         super().__init__(model, scale=scale, mini_batch_size=mini_batch_size,
                          mini_batch_num_tokens=mini_batch_num_tokens, gather_across_devices=False)
         dims = list(matryoshka_dims)
@@ -79,6 +92,11 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         self._masked_since: Tensor | int = 0
         self._queries_since = self._negatives_since = 0
         self.distillation = distillation if distillation is not None and distillation.enabled else None
+        # A mixture: each step's dataset (label["dataset"]) picks its options; its losses are summed per dataset.
+        self.datasets = list(datasets)
+        self._defaults = DatasetOptions(mini_batch_size=mini_batch_size, mini_batch_num_tokens=mini_batch_num_tokens)
+        self._step = self._defaults
+        self._dataset_losses = torch.zeros((len(self.datasets), 2), dtype=torch.float64)
 
     def take_masked_stats(self) -> tuple[float, float] | None:
         """(mean candidates masked per query, the fraction of its negatives they are) over this rank's
@@ -90,6 +108,21 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         self._masked_since, self._queries_since, self._negatives_since = 0, 0, 0
         return stats
 
+    def take_dataset_losses(self) -> Tensor | None:
+        """[datasets, 2]: this rank's (sum of step losses, steps) per dataset since the last call; None
+        without a mixture."""
+        if not self.datasets:
+            return None
+        taken, self._dataset_losses = self._dataset_losses, torch.zeros_like(self._dataset_losses)
+        return taken
+
+    def _place(self) -> tuple[int, int]:
+        """(rank, world size) of this step's contrastive batch: the global batch, or this rank's own rows
+        when the step's dataset keeps its negatives local (every rank holds the same dataset at a step)."""
+        if self._step.cross_device_negatives and self._step.in_batch_negatives:
+            return self.rank, self.world_size
+        return 0, 1
+
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
         local = [torch.cat(column) for column in reps]  # [B, D] per column, graph to the mini-batch leaves
@@ -97,12 +130,14 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         if num_columns < 2:
             raise ValueError(f"Expected at least 2 inputs (query, positive), got {num_columns}")
         ids, teacher = (labels.get("ids"), labels.get("teacher")) if isinstance(labels, dict) else (labels, None)
-        gathered, masking = self._gather(torch.stack(local), ids, num_columns, batch_size)  # [W, C, B, D]
+        rank, world = self._place()
+        gathered, masking = self._gather(torch.stack(local), ids, num_columns, batch_size, rank, world)  # [W, C, B, D]
         gathered.requires_grad_(with_backward)
 
         total = torch.zeros((), device=gathered.device)
         for dim, weight in self.dims_weights:
-            total = total + weight * self._ranking_loss(gathered, dim, batch_size, with_backward, weight, masking)
+            total = total + weight * self._ranking_loss(gathered, dim, batch_size, with_backward, weight, masking,
+                                                        rank)
         if masking is not None:
             self._masked_since = self._masked_since + masking.masked
             self._queries_since += batch_size
@@ -110,12 +145,14 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         if self.distillation is not None:  # the rows' own candidates: local, no communication
             total = total + self._distillation(reps, teacher, with_backward)
         if with_backward:
-            grads = self._owner_gradients(gathered.grad)  # [C, B, D]: everyone's contributions to my rows
+            grads = self._owner_gradients(gathered.grad, rank, world)  # [C, B, D]: everyone's contributions to my rows
             torch.autograd.backward(local, list(grads.unbind(0)))
+        if self._step.index is not None:
+            self._dataset_losses[self._step.index] += torch.tensor([float(total.detach()), 1.0], dtype=torch.float64)
         return total.detach() if with_backward else total
 
-    def _gather(self, stacked: Tensor, labels: Tensor | None, num_columns: int,
-                batch_size: int) -> tuple[Tensor, false_negatives.Masking | None]:
+    def _gather(self, stacked: Tensor, labels: Tensor | None, num_columns: int, batch_size: int, rank: int,
+                world: int) -> tuple[Tensor, false_negatives.Masking | None]:
         """All-gather the embeddings -- ONE collective; the candidates' ids and the guide's embeddings,
         when false negatives are masked, ride in it as bytes (:func:`false_negatives.pack`)."""
         extras = []
@@ -125,9 +162,9 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         if self.guide is not None:
             extras.append(self._guide_stack(num_columns, batch_size))
         if not extras:
-            return distributed.all_gather_stacked(stacked, self.world_size), None
+            return distributed.all_gather_stacked(stacked, world), None
         packed, layout = false_negatives.pack(stacked, extras)
-        gathered, unpacked = false_negatives.unpack(distributed.all_gather_stacked(packed, self.world_size),
+        gathered, unpacked = false_negatives.unpack(distributed.all_gather_stacked(packed, world),
                                                     stacked.shape[-1], layout)
         ids = guide = None
         if self.mask_same_ids:
@@ -135,7 +172,7 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
                    false_negatives.query_id_sets(labels, num_columns))
         if self.guide is not None:
             guide_all = unpacked.pop(0)  # [W, C, B, Dg]
-            guide = (guide_all[self.rank, 0], false_negatives.candidate_order(guide_all))
+            guide = (guide_all[rank, 0], false_negatives.candidate_order(guide_all))
         masking = false_negatives.Masking(ids, guide, self.guide_margin, self.guide_margin_strategy)
         return gathered.contiguous(), masking  # a leaf of its own for the gradients (the packed copy is freed)
 
@@ -151,7 +188,17 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
     # -- the guide's embeddings, taken in step (1) of gradient caching, mini-batch by mini-batch -------
     def forward_cached(self, sentence_features, labels: Tensor | None = None) -> Tensor:
         self._guide_columns = [] if self.guide is not None else None
+        self._select_dataset(labels)
         return super().forward_cached(sentence_features, labels)
+
+    def _select_dataset(self, labels) -> None:
+        """This step's options: those of its dataset (a mixture), else the loss's own."""
+        index = labels.get("dataset") if isinstance(labels, dict) and self.datasets else None
+        self._step = self.datasets[int(index[0])] if index is not None else self._defaults
+        if index is not None and bool((index != index[0]).any()):
+            raise RuntimeError("a mixture's batch holds rows of several datasets: the sampler keeps one per step")
+        self.mini_batch_size = self._step.mini_batch_size or self._defaults.mini_batch_size
+        self.mini_batch_num_tokens = self._step.mini_batch_num_tokens or self._defaults.mini_batch_num_tokens
 
     def embed_minibatch_iter(self, sentence_feature, with_grad, copy_random_state, random_states=None, ranges=None):
         if self._guide_columns is not None and not with_grad:
@@ -192,23 +239,27 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
             total = total.detach()
         return total
 
-    def _owner_gradients(self, grad: Tensor) -> Tensor:
-        return distributed.sum_to_owner(grad, self.rank, self.world_size)
+    def _owner_gradients(self, grad: Tensor, rank: int, world: int) -> Tensor:
+        return distributed.sum_to_owner(grad, rank, world)
 
+    # long: the chunked InfoNCE with its three masks (false negatives, no in-batch negatives), one loop
     def _ranking_loss(self, gathered: Tensor, dim: int | None, batch_size: int, with_backward: bool,
-                      weight: float, masking: false_negatives.Masking | None = None) -> Tensor:
+                      weight: float, masking: false_negatives.Masking | None = None, rank: int = 0) -> Tensor:
         """InfoNCE of this rank's queries vs all gathered candidates at ``dim``; backward into ``gathered``."""
         world, num_columns = gathered.shape[0], gathered.shape[1]
         # Candidates ordered as the parent (and a single process with the global batch) orders them:
         # all positives of ranks 0..W-1, then all first negatives, ... -> [W*B*(C-1), d]
         columns = gathered[:, 1:] if dim is None else gathered[:, 1:, :, :dim]
         candidates = columns.transpose(0, 1).reshape(world * batch_size * (num_columns - 1), -1)
-        queries = gathered[self.rank, 0] if dim is None else gathered[self.rank, 0, :, :dim]
+        queries = gathered[rank, 0] if dim is None else gathered[rank, 0, :, :dim]
         if dim is not None:  # Matryoshka: truncate, then re-normalise (as MatryoshkaLoss's shrink)
             candidates = F.normalize(candidates, p=2, dim=-1)
             queries = F.normalize(queries, p=2, dim=-1)
         candidates_n = F.normalize(candidates, p=2, dim=-1)
-        offset = self.rank * batch_size
+        offset = rank * batch_size
+        # No in-batch negatives: a query's softmax holds its own row's pages only (candidate j is row j mod W*B).
+        other_rows = None if self._step.in_batch_negatives else \
+            torch.arange(candidates.shape[0], device=gathered.device) % (world * batch_size)
         loss = torch.zeros((), device=gathered.device)
         for begin in range(0, batch_size, self.mini_batch_size):
             end = min(begin + self.mini_batch_size, batch_size)
@@ -216,6 +267,8 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
             targets = torch.arange(offset + begin, offset + end, device=scores.device)
             if masking is not None:  # false negatives out of the softmax (their gradient is then zero too)
                 scores = scores.masked_fill(masking.chunk(begin, end, targets), float("-inf"))
+            if other_rows is not None:
+                scores = scores.masked_fill(other_rows[None, :] != targets[:, None], float("-inf"))
             chunk = F.cross_entropy(scores, targets, reduction="sum") / batch_size
             if with_backward:
                 # Keep the graph of the shared candidates until the last chunk; each chunk's

@@ -40,6 +40,9 @@ class RerankerTask(Task):
             raise ValueError(f"loss.name={cfg.loss.name!r} is not a {self.name} loss; use one of {list(_LOSSES)}")
         if cfg.loss.matryoshka_dims:
             raise ValueError("loss.matryoshka_dims applies to embedding models; remove it for task=reranker")
+        if cfg.data.datasets:
+            raise ValueError("data.datasets (a mixture) trains task=embedding for now; a reranker trains on one "
+                             "dataset: merge the rows into one, or train one reranker per dataset")
         for key in ("false_negatives", "distillation"):
             if getattr(cfg.loss, key).enabled:
                 raise ValueError(f"loss.{key} applies to embedding models; remove it for task=reranker")

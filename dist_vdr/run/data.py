@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import distributed, log
 from ..config import Config, DataConfig
-from ..data import ingest, startup
+from ..data import ingest, mixture_rows, startup
 from ..data.loading import EvalData, image_columns, load_eval, load_train
 from ..data.prepared import PreparedData
 
@@ -23,22 +23,29 @@ def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, h
                  extra_columns: list[str] = ()) -> PreparedData:
     """The training rows and eval data, validated (and hashed when ``hash_rows``). Collective.
     ``extra_columns``: columns the task reads besides the query and page columns (kept, not hashed)."""
-    train_ds = load_train(without_image_check(cfg.data), extra_columns=list(extra_columns))
+    data_cfg = without_image_check(cfg.data)
+    mixture = mixture_rows.load_mixture(data_cfg, list(extra_columns)) if cfg.data.datasets else None
+    train_ds = mixture.train if mixture else load_train(data_cfg, extra_columns=list(extra_columns))
     if len(train_ds) < cfg.training.global_batch_size:
         raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
                          f"lower training.global_batch_size or add data")
-    eval_data: EvalData | None = load_eval(without_image_check(cfg.data)) if cfg.evaluation.enabled else None
+    eval_data: EvalData | None = load_eval(data_cfg) if cfg.evaluation.enabled else None
     kwargs = dict(info=info, output_dir=out, workers=cfg.launch.startup_workers,
                   timeout_s=cfg.launch.startup_timeout_s, log=logger.info)
-    data = PreparedData(train_ds, eval_data)
+    data = PreparedData(train_ds, eval_data, mixture=mixture)
     if cfg.data.validate_images or hash_rows:
-        where = f"training data {cfg.data.path}[{cfg.data.train_split}]"
-        # The sampler's duplicate check covers the query and page columns only (the extra ones are its
-        # label columns): hash exactly those.
-        scanned = train_ds.select_columns(cfg.data.train_columns) if extra_columns else train_ds
-        data.passes.append(startup.prepare(scanned, image_columns(train_ds, cfg.data.train_columns), where,
-                                           hashed=hash_rows, **kwargs))
-        _report_pass(info, data.passes[-1], "training rows", hash_rows)
+        # One pass per dataset of a mixture (its own record: a dataset shared by two mixtures is scanned once).
+        parts = zip(mixture.parts, mixture.configs, mixture.names, strict=True) if mixture else \
+            [(train_ds, cfg.data, None)]
+        for part, section, name in parts:
+            where = f"training data {name + ' = ' if name else ''}{section.path}[{section.train_split}]"
+            # The sampler's duplicate check covers the query and page columns only (the extra ones are its
+            # label columns): hash exactly those.
+            scanned = part.select_columns(section.train_columns) if extra_columns else part
+            data.passes.append(startup.prepare(scanned, image_columns(part, section.train_columns), where,
+                                               hashed=hash_rows, **kwargs))
+            _report_pass(info, data.passes[-1], f"training rows{' of ' + name if name else ''}", hash_rows)
+        data.train_passes = len(data.passes)
     if eval_data is not None and cfg.data.validate_images:
         corpus_path = cfg.data.eval_path or cfg.data.path
         if (Path(corpus_path) / ingest.MARKER_FILE).is_file():

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .. import checkpoint, distributed, engines, log
 from ..config import Config
-from ..data import page_refs
+from ..data import mixture_rows, page_refs
+from ..data.mixture import mixture_sampler
 from ..data.sampler import global_no_duplicates
 from ..storage import no_space_message
 
@@ -14,7 +15,7 @@ logger = log.get(__name__)
 
 
 def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int, *, args_class, task_kwargs: dict,
-                        has_eval: bool, row_hashes=None):
+                        has_eval: bool, row_hashes=None, mixture=None):
     """The task's TrainingArguments class with the recipe's values (``task_kwargs``: the task's own)."""
     t = cfg.training
     eval_every = t.eval_steps if (has_eval and t.eval_steps) else None
@@ -42,7 +43,7 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         save_total_limit=None,
         # A non-finite loss stops the run (preemption.StepHealth); the filter would log an average instead.
         logging_nan_inf_filter=False,
-        batch_sampler=batch_sampler(t.batch_sampler, info.world_size, row_hashes),
+        batch_sampler=batch_sampler(cfg, info.world_size, row_hashes, mixture),
         dataloader_num_workers=t.dataloader_num_workers,
         # In-batch negatives want full batches, and DDP ranks must run the same number of steps.
         dataloader_drop_last=True,
@@ -64,12 +65,21 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         raise ValueError(f"training.trainer_args: {exc}") from exc
 
 
-def batch_sampler(name: str, world_size: int, row_hashes=None):
+def batch_sampler(cfg: Config, world_size: int, row_hashes=None, mixture=None):
     """no_duplicates*: de-duplicated over the global batch (all ranks), by content hash (``row_hashes``:
-    computed by the startup pass, so the sampler does not hash every row again on every rank)."""
+    computed by the startup pass, so the sampler does not hash every row again on every rank). A mixture
+    (``mixture``: its MixtureRows) draws every optimizer step from one dataset (data/mixture.py)."""
+    name = cfg.training.batch_sampler
+    hashed = name == "no_duplicates_hashed"
+    if mixture is not None:
+        if not name.startswith("no_duplicates"):
+            raise ValueError(f"data.datasets needs training.batch_sampler no_duplicates_hashed or no_duplicates "
+                             f"(the mixture builds de-duplicated global batches), not {name!r}")
+        return mixture_sampler(mixture.sizes, mixture_rows.weights(cfg.data, mixture.sizes), cfg.data.mixture,
+                               world_size, cfg.training.gradient_accumulation_steps, precompute_hashes=hashed,
+                               row_hashes=row_hashes)
     if name.startswith("no_duplicates"):
-        return global_no_duplicates(world_size, precompute_hashes=name == "no_duplicates_hashed",
-                                    row_hashes=row_hashes)
+        return global_no_duplicates(world_size, precompute_hashes=hashed, row_hashes=row_hashes)
     return name
 
 
@@ -87,15 +97,22 @@ def check_engine(trainer, info: distributed.DistInfo) -> None:
                          f"launch/ddp.yaml) here")
 
 
-def resolve_page_ids(trainer, cfg: Config, train_ds) -> None:
-    """Rows naming pages by id (data.pages_path): the collator decodes each batch's pages from the corpus."""
+def resolve_page_ids(trainer, cfg: Config, train_ds, mixture=None) -> None:
+    """Rows naming pages by id (data.pages_path): the collator decodes each batch's pages from the corpus
+    (of a mixture: each dataset's own)."""
     columns = page_refs.id_columns(train_ds, [cfg.data.positive_column, *cfg.data.negative_columns])
     if not columns:
         return
-    logger.info(f"pages of {columns} resolved batch by batch from {cfg.data.pages_path}")
+    if mixture is not None:
+        logger.info(f"pages of {columns} resolved batch by batch from "
+                    f"{', '.join(f'{n}: {c.pages_path}' for n, c in zip(mixture.names, mixture.configs, strict=True))}")
+        table = [page_refs.load_table(c) for c in mixture.configs]
+    else:
+        logger.info(f"pages of {columns} resolved batch by batch from {cfg.data.pages_path}")
+        table = page_refs.load_table(cfg.data)
     trainer.data_collator = page_refs.ResolvingCollator(
-        trainer.data_collator, page_refs.load_table(cfg.data), columns,
-        key_columns=[cfg.data.query_column, cfg.data.positive_column])
+        trainer.data_collator, table, columns, key_columns=[cfg.data.query_column, cfg.data.positive_column],
+        dataset_column=mixture_rows.DATASET_COLUMN if mixture is not None else None)
 
 
 def describe_loss(loss) -> str:

@@ -41,7 +41,11 @@ class EmbeddingTask(Task):
                 raise ValueError(f"loss.{key} needs the global-batch loss: loss.name=cmnrl")
         if cfg.loss.distillation.enabled:
             check_scored_columns(cfg)
+        check_mixture_options(cfg)
         fn = cfg.loss.false_negatives
+        if fn.id_column is not None and fn.id_source == "pages" and cfg.data.datasets:
+            raise ValueError("loss.false_negatives.id_source=pages is not available with data.datasets yet (the ids "
+                             "are looked up in one page corpus): use id columns in the rows (id_source=rows)")
         if fn.id_column is not None and fn.id_source == "pages" and not cfg.data.pages_path:
             raise ValueError("loss.false_negatives.id_source=pages looks the ids up in the page corpus of rows that "
                              "name pages by id: set data.pages_path (or id_source=rows for id columns in the rows)")
@@ -76,7 +80,8 @@ class EmbeddingTask(Task):
 
     def build_loss(self, ctx: RunContext, model):
         guide = load_guide(ctx, model) if ctx.cfg.loss.false_negatives.guide else None
-        return build_loss(model, ctx.cfg.loss, rank=ctx.info.rank, world_size=ctx.info.world_size, guide=guide)
+        return build_loss(model, ctx.cfg.loss, rank=ctx.info.rank, world_size=ctx.info.world_size, guide=guide,
+                          datasets=dataset_options(ctx.cfg))
 
     def build_evaluator(self, ctx: RunContext, eval_data, dims: list[int], inputs: TaskInputs):
         e = ctx.cfg.evaluation
@@ -106,19 +111,45 @@ class EmbeddingTask(Task):
         return f"{metric.upper()} before={fmt(result.before)} after={fmt(result.after)}"
 
 
+def dataset_options(cfg: Config) -> list:
+    """The loss options of each dataset of a mixture (data.datasets), [] without one."""
+    from ..losses.global_batch import DatasetOptions
+
+    return [DatasetOptions(index=k, cross_device_negatives=cfg.loss.cross_device_negatives
+                           if e.cross_device_negatives is None else e.cross_device_negatives,
+                           in_batch_negatives=e.in_batch_negatives, mini_batch_size=e.mini_batch_size,
+                           mini_batch_num_tokens=e.mini_batch_num_tokens) for k, e in enumerate(cfg.data.datasets)]
+
+
+def check_mixture_options(cfg: Config) -> None:
+    """Per-dataset loss options need the global-batch loss (it reads each step's dataset)."""
+    asked = [e.name for e in cfg.data.datasets if e.cross_device_negatives is not None or not e.in_batch_negatives
+             or e.mini_batch_size or e.mini_batch_num_tokens]
+    if asked and (cfg.loss.name != "cmnrl" or cfg.loss.implementation == "stock"):
+        raise ValueError(f"data.datasets {asked} set loss options of their own (cross_device_negatives, "
+                         f"in_batch_negatives, mini_batch_size, mini_batch_num_tokens): they need loss.name=cmnrl "
+                         f"with loss.implementation auto or global_batch")
+
+
 def check_scored_columns(cfg: Config) -> None:
     """ValueError unless the rows' teacher scores are of the pages the recipe trains on, in its order:
     the scores hold one value per page column, so a different order would pair them silently wrong.
     (Rows written by score-rows or mine-negatives --teacher record their columns.)"""
-    import json
-
     from ..mining import MARKER_FILE
 
-    d = cfg.data
-    if not d.negative_columns:
+    if not cfg.data.negative_columns:
         raise ValueError("loss.distillation compares the teacher's and the model's scores of each row's positive "
                          "and hard negatives: set data.negative_columns (rows without negatives teach nothing)")
-    marker = Path(d.path) / MARKER_FILE
+    from ..data.mixture_rows import entry_config
+
+    for d in [entry_config(cfg.data, e) for e in cfg.data.datasets] or [cfg.data]:
+        _check_scored(d, MARKER_FILE)
+
+
+def _check_scored(d, marker_file: str) -> None:
+    import json
+
+    marker = Path(d.path) / marker_file
     scored = json.loads(marker.read_text()).get("columns") if marker.is_file() else None
     if scored is not None and scored != [d.positive_column, *d.negative_columns]:
         raise ValueError(f"loss.distillation: the teacher scores of {d.path} are of the columns {scored}, the recipe "
