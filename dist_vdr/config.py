@@ -147,6 +147,9 @@ class DatasetEntry:
     want fewer rows per forward than small ones."""
     mini_batch_num_tokens: int | None = None
     """Token budget per mini-batch for this dataset's steps (null: loss.mini_batch_num_tokens)."""
+    max_pixels: int | None = None
+    """Downscale this dataset's training pages above this many pixels (aspect kept) before the processor,
+    e.g. scans far larger than the others (null: as they are; the processor's own max_pixels still applies)."""
     eval_path: str | None = None
     """This dataset's own eval set (with eval_format and the other eval keys, null: data's): every eval set
     is evaluated, and the macro average over them is the main metric."""
@@ -161,7 +164,7 @@ class DatasetEntry:
         if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ValueError(f"data.datasets: name {self.name!r} must be letters, digits, _ . - (it names files "
                              f"and log keys)")
-        for key in ("max_rows", "mini_batch_size", "mini_batch_num_tokens"):
+        for key in ("max_rows", "mini_batch_size", "mini_batch_num_tokens", "max_pixels"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"data.datasets[{self.name}].{key} must be >= 1 or null, got {value}")
@@ -175,7 +178,7 @@ class DatasetEntry:
         return any(v is not None for v in (self.eval_path, self.eval_name, self.eval_queries_file))
 
 
-_MIXTURES = ("weighted", "exhaust", "round_robin")  # data.mixture.STRATEGIES
+_MIXTURES = ("weighted", "exhaust", "round_robin", "mixed")  # data.mixture.STRATEGIES + mixed
 
 
 @dataclass(kw_only=True)
@@ -229,7 +232,8 @@ class DataConfig:
     mixture: str = "weighted"
     """How the steps pick their dataset: weighted (at random by data.datasets[].weight, a dataset that runs
     out starts again), exhaust (every batch of every dataset once, in shuffled order), round_robin (in
-    turn, until the smallest runs out)."""
+    turn, until the smallest runs out); mixed: no per-step dataset, the rows of all datasets shuffled
+    together (the batches mix datasets: the baseline; per-dataset weights and loss options do not apply)."""
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -255,6 +259,12 @@ class DataConfig:
             if count is not None and count != len(self.negative_columns):
                 raise ValueError(f"data.datasets[{entry.name}]: {count} negative_columns, data.negative_columns has "
                                  f"{len(self.negative_columns)}; every dataset trains with as many negatives per row")
+        if self.mixture == "mixed":
+            own = [d.name for d in self.datasets if d.weight is not None or d.cross_device_negatives is not None
+                   or not d.in_batch_negatives or d.mini_batch_size or d.mini_batch_num_tokens]
+            if own:
+                raise ValueError(f"data.mixture=mixed shuffles all rows together, so data.datasets {own} cannot have "
+                                 f"a weight or loss options of their own: remove them, or use data.mixture=weighted")
         if self.datasets and self.mixture == "weighted" and all(d.weight == 0 for d in self.datasets):
             raise ValueError("data.datasets: every weight is 0; give one dataset a positive weight")
 
@@ -643,6 +653,9 @@ class Config:
     def __post_init__(self) -> None:
         # The task resolves its "auto" values and refuses what its kind cannot train (dist_vdr.tasks).
         tasks.get(self.task).configure(self)
+        if any(d.has_eval for d in self.data.datasets) and self.evaluation.implementation == "stock":
+            raise ValueError("data.datasets with eval sets of their own need evaluation.implementation=sharded "
+                             "(the stock evaluator evaluates one set, on rank 0)")
 
     def resolve_batch(self, world_size: int) -> int:
         """Per-device batch for this world size; ValueError when the global batch does not split."""

@@ -17,7 +17,7 @@ import transformers
 
 from . import checkpoint, distributed, engines, log, preemption, resume_guard, tasks
 from .config import Config, to_yaml
-from .data import mixture_rows
+from .data import mixture, mixture_rows
 from .data.prepared import PreparedData
 from .model import compile_blocks, resolve_dtype
 from .phases import Phases
@@ -136,16 +136,16 @@ class _Run:
         # Built (and so validated: trainer_args, scheduler name, ...) before the run's records are written.
         args_class, task_kwargs = self.task.training_arguments(cfg)
         args = setup.build_training_args(cfg, info, self.per_device, args_class=args_class, task_kwargs=task_kwargs,
-                                         has_eval=data.eval is not None, row_hashes=inputs.row_hashes,
+                                         has_eval=data.has_eval, row_hashes=inputs.row_hashes,
                                          mixture=data.mixture)
         engines.configure_deepspeed(args, load_universal=load_universal)
         if info.is_main:  # everything checked: the run's first writes
             data.write_records(ctx.out)
-            records.write_run_records(ctx.out, cfg, info, resume_from)
+            records.write_run_records(ctx.out, cfg, info, resume_from, datasets=self._mixture_plan(data))
         distributed.barrier()
         logger.info(f"resuming from {resume_from}" if resume_from else f"starting a new run in {ctx.out}")
         health = preemption.StepHealth()
-        evaluator = self.task.build_evaluator(ctx, data.eval, dims, inputs) if data.eval is not None else None
+        evaluator = self._evaluator(data, dims, inputs)
         loss = self.task.build_loss(ctx, model)
         logger.info(f"loss: {setup.describe_loss(loss)}; global batch {cfg.training.global_batch_size} "
                     f"= {info.world_size} rank(s) x {self.per_device} x {cfg.training.gradient_accumulation_steps} "
@@ -154,14 +154,38 @@ class _Run:
                                           evaluator=evaluator, callbacks=self._callbacks(health, config_text))
         trainer.keep_parameters_gathered = cfg.launch.keep_parameters_gathered
         trainer.step_health = health
-        trainer.dataset_names = data.mixture.names if data.mixture is not None else []
+        trainer.dataset_names = data.mixture.names if data.mixture is not None and cfg.data.mixture != "mixed" else []
         if data.mixture is not None:
-            trainer.data_collator = mixture_rows.DatasetLabelCollator(trainer.data_collator)
+            trainer.data_collator = mixture_rows.DatasetLabelCollator(
+                trainer.data_collator, [e.max_pixels for e in cfg.data.datasets],
+                [cfg.data.positive_column, *cfg.data.negative_columns])
         setup.resolve_page_ids(trainer, cfg, inputs.train, data.mixture)
         trainer.data_collator = self.task.wrap_collator(ctx, trainer.data_collator)
         setup.check_engine(trainer, info)
         self.phases.mark("trainer setup")
         return trainer, health
+
+    def _evaluator(self, data: PreparedData, dims: list[int], inputs: TaskInputs):
+        """The task's evaluator of the eval data; of several eval sets (a mixture's), one per set and their
+        macro average (:class:`~dist_vdr.evaluation.multi.MultiSetEvaluator`)."""
+        build = lambda eval_data: self.task.build_evaluator(self.ctx, eval_data, dims, inputs)  # noqa: E731
+        if data.eval_sets:
+            from .evaluation.multi import MultiSetEvaluator
+
+            return MultiSetEvaluator({name: build(sets) for name, sets in data.eval_sets.items()})
+        return build(data.eval) if data.eval is not None else None
+
+    def _mixture_plan(self, data: PreparedData) -> list[dict] | None:
+        m, cfg = data.mixture, self.ctx.cfg
+        if m is None:
+            return None
+        plan = mixture.plan_summary(m.names, m.sizes, mixture_rows.weights(cfg.data, m.sizes), cfg.data.mixture,
+                                    cfg.training.global_batch_size)
+        for entry in plan:
+            logger.info(f"dataset {entry['name']}: {entry['rows']} rows, weight {entry['weight']:g}, "
+                        f"~{entry['steps_per_epoch']:g} steps and {entry['epochs_per_epoch']:g} epochs of its rows "
+                        f"per epoch")
+        return plan
 
     def _callbacks(self, health: preemption.StepHealth, config_text: str) -> list:
         ctx, cfg = self.ctx, self.ctx.cfg

@@ -118,3 +118,215 @@ def test_user_errors_say_the_fix():
         schedule([1, 2], [1, 1], "proportionate", 0)
     with pytest.raises(ValueError, match="positive sum"):
         schedule([1, 2], [0, 0], "weighted", 0)
+
+
+# -- the recipe key, the loading, the collator, the loss's per-dataset bookkeeping ---------------------------
+
+def _cfg(*overrides):
+    from dist_vdr.config import load_config
+
+    return load_config(None, list(overrides), check_paths=False)
+
+
+def test_recipe_entries_inherit_data_keys_and_refuse_mistakes():
+    from dist_vdr.data.mixture_rows import entry_config
+
+    cfg = _cfg("data.query_column=q", "data.datasets=[{name: a, path: x, max_rows: 5}, "
+               "{name: b, positive_column: page, eval_path: e}]")
+    a, b = (entry_config(cfg.data, e) for e in cfg.data.datasets)
+    assert (a.path, a.query_column, a.max_train_samples, a.datasets) == ("x", "q", 5, [])
+    assert (b.path, b.positive_column, b.eval_path) == (cfg.data.path, "page", "e")
+    for overrides, words in (
+            (["data.datasets=[{name: a}, {name: a}]"], "repeat"),
+            (["data.datasets=[{name: a, negative_columns: [x, y]}]"], "as many negatives"),
+            (["data.datasets=[{name: a, weight: 0}]"], "every weight is 0"),
+            (["data.datasets=[{name: 'a b'}]"], "letters, digits"),
+            (["data.datasets=[{path: x}]"], "name is not set"),
+            (["data.datasets=[{name: a, wieght: 1}]"], "unknown key 'wieght' of a data.datasets entry"),
+            (["data.datasets.0.path=x"], "cannot be set by its index"),
+            (["data.mixture=random"], "data.mixture"),
+            (["task=reranker", "data.datasets=[{name: a}]"], "task=embedding for now"),
+            (["data.datasets=[{name: a, cross_device_negatives: false}]", "loss.implementation=stock"],
+             "need loss.name=cmnrl"),
+            (["data.datasets=[{name: a, weight: 2}]", "data.mixture=mixed"], "cannot have a weight"),
+            (["data.datasets=[{name: a, eval_path: e}]", "evaluation.implementation=stock"], "implementation=sharded")):
+        with pytest.raises(ValueError, match=words):
+            _cfg(*overrides)
+
+
+def _pages(n: int, shade: int) -> list:
+    from PIL import Image
+
+    return [Image.new("RGB", (4, 4), (shade, i, 0)) for i in range(n)]
+
+
+def _two_datasets(tmp_path):
+    image = datasets.Image()
+    one = datasets.Dataset.from_dict({"query": ["a", "b", "c"], "image": _pages(3, 0), "neg": _pages(3, 1)},
+                                     features=datasets.Features({"query": datasets.Value("string"), "image": image,
+                                                                 "neg": image}))
+    two = datasets.Dataset.from_dict({"text": ["d", "e"], "page": _pages(2, 2), "other": _pages(2, 3)},
+                                     features=datasets.Features({"text": datasets.Value("string"), "page": image,
+                                                                 "other": image}))
+    one.save_to_disk(str(tmp_path / "one"))
+    two.save_to_disk(str(tmp_path / "two"))
+    return _cfg("data.negative_columns=[neg]", "data.validate_images=false",
+                f"data.datasets=[{{name: one, path: {tmp_path / 'one'}}}, {{name: two, path: {tmp_path / 'two'}, "
+                f"query_column: text, positive_column: page, negative_columns: [other], weight: 3}}]")
+
+
+def test_datasets_load_into_one_table_under_data_column_names(tmp_path):
+    from dist_vdr.data.mixture_rows import DATASET_COLUMN, ROW_COLUMN, load_mixture, weights
+
+    cfg = _two_datasets(tmp_path)
+    rows = load_mixture(cfg.data)
+    assert (rows.names, rows.sizes, rows.offsets) == (["one", "two"], [3, 2], [0, 3])
+    assert rows.train.column_names == ["query", "image", "neg", DATASET_COLUMN, ROW_COLUMN]
+    assert rows.train["query"] == ["a", "b", "c", "d", "e"]
+    assert [im.getpixel((0, 0))[0] for im in rows.train["neg"]] == [1, 1, 1, 3, 3]  # two's "other" under "neg"
+    assert rows.train[DATASET_COLUMN] == [0, 0, 0, 1, 1] and rows.train[ROW_COLUMN] == [0, 1, 2, 0, 1]
+    assert weights(cfg.data, rows.sizes) == [3.0, 3.0]  # null: the rows; given: as given
+
+
+def test_datasets_with_different_kinds_of_page_column_are_refused(tmp_path):
+    import numpy as np
+
+    from dist_vdr.data.mixture_rows import load_mixture
+
+    cfg = _two_datasets(tmp_path)
+    ints = datasets.Dataset.from_dict({"text": ["d"], "page": [np.int64(4)], "other": _pages(1, 3)})
+    ints.save_to_disk(str(tmp_path / "ints"))
+    cfg.data.datasets[1].path = str(tmp_path / "ints")
+    with pytest.raises(ValueError, match="column 'image' of 'two' holds Value\\(int64\\), of 'one' Image"):
+        load_mixture(cfg.data)
+
+
+def test_the_collator_hands_the_dataset_to_the_loss_and_keeps_it_out_of_the_inputs(monkeypatch, tmp_path):
+    import torch
+
+    from dist_vdr.data import page_refs
+    from dist_vdr.data.mixture_rows import DATASET_COLUMN, ROW_COLUMN, DatasetLabelCollator
+
+    seen = []
+
+    class Inner:
+        valid_label_columns = ["label"]
+
+        def __call__(self, rows):
+            seen.extend(rows)
+            return {"label": {"ids": torch.ones(len(rows))}}
+
+    monkeypatch.setenv(page_refs.TRACE_ENV, str(tmp_path))
+    collator = DatasetLabelCollator(Inner())
+    batch = collator([{"query": "a", DATASET_COLUMN: 1, ROW_COLUMN: 7},
+                      {"query": "b", DATASET_COLUMN: 1, ROW_COLUMN: 2}])
+    assert seen == [{"query": "a"}, {"query": "b"}]
+    assert batch["label"]["dataset"].tolist() == [1, 1] and batch["label"]["ids"].tolist() == [1, 1]
+    assert batch[page_refs.TRACE_KEY] == ["1:7", "1:2"]
+    assert collator.valid_label_columns == ["label", DATASET_COLUMN, ROW_COLUMN]
+
+
+def test_the_loss_takes_each_steps_options_and_sums_its_losses_per_dataset(tiny_model):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from dist_vdr.losses.global_batch import DatasetOptions, GlobalBatchCachedMNRL
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    loss = GlobalBatchCachedMNRL(model, mini_batch_size=1, datasets=[
+        DatasetOptions(index=0), DatasetOptions(index=1, mini_batch_size=3, in_batch_negatives=False)])
+    texts = [["a page", "b page", "c page"], ["red", "blue", "green"], ["one", "two", "three"]]  # + a negative
+    for k in (0, 1, 1):
+        feats = [model.preprocess(column) for column in texts]
+        loss(feats, {"dataset": torch.full((3,), k)}).backward()
+        assert loss.mini_batch_size == (1 if k == 0 else 3)
+    sums = loss.take_dataset_losses()
+    # in_batch_negatives off: each query's softmax holds its positive and its one negative (log 2 at random)
+    assert sums[:, 1].tolist() == [1.0, 2.0] and 0 < float(sums[1, 0]) / 2 < float(sums[0, 0])
+    assert loss.take_dataset_losses()[:, 1].tolist() == [0.0, 0.0]  # taken: reset
+    with pytest.raises(RuntimeError, match="several datasets"):
+        loss([model.preprocess(column) for column in texts], {"dataset": torch.tensor([0, 1, 1])})
+
+
+def test_forms_style_pages_have_their_own_vocabulary(tmp_path):
+    from dist_vdr.data.synthetic import SyntheticPagesSpec, generate_pages
+
+    out = generate_pages(tmp_path / "forms", SyntheticPagesSpec(num_train=8, num_eval_queries=4, style="forms"),
+                         show_progress=False)
+    queries = datasets.load_from_disk(str(out))["train"]["query"]
+    assert all("form" in q or "band" in q for q in queries) and not any("chart" in q for q in queries)
+    with pytest.raises(ValueError, match="style"):
+        SyntheticPagesSpec(style="slides")
+
+
+def test_several_eval_sets_give_each_sets_metrics_and_their_macro_average(tmp_path):
+    from dist_vdr.evaluation import stock
+    from dist_vdr.evaluation.multi import MultiSetEvaluator
+
+    class Fake:
+        all_ranks = True
+        primary_metric = "dim8_cosine_ndcg@10"
+        summarise = staticmethod(stock.summarise)
+
+        def __init__(self, value):
+            self.value, self.paths = value, []
+
+        def __call__(self, model, output_path=None, epoch=-1, steps=-1):
+            self.paths.append(output_path)
+            return {"dim8_cosine_ndcg@10": self.value, "dim4_cosine_ndcg@10": self.value / 2}
+
+    a, b = Fake(0.5), Fake(0.9)
+    multi = MultiSetEvaluator({"charts": a, "forms": b})
+    raw = multi(None, output_path=str(tmp_path), steps=3)
+    assert raw["dim8_cosine_ndcg@10"] == pytest.approx(0.7) and raw["forms/dim4_cosine_ndcg@10"] == 0.45
+    assert a.paths == [str(tmp_path / "charts")] and b.paths == [str(tmp_path / "forms")]
+    rows = multi.summarise(raw)
+    assert rows["8"]["ndcg@10"] == pytest.approx(0.7) and rows["4"]["ndcg@10"] == pytest.approx(0.35)
+    assert rows["charts/8"]["ndcg@10"] == 0.5 and rows["forms/4"]["ndcg@10"] == 0.45
+    assert multi.primary_metric == "dim8_cosine_ndcg@10"
+
+    class RankZero(Fake):
+        all_ranks = False
+
+    with pytest.raises(ValueError, match="implementation=sharded"):
+        MultiSetEvaluator({"charts": a, "forms": RankZero(0.1)})
+
+
+def test_the_plan_says_each_datasets_steps_and_epochs_per_epoch():
+    from dist_vdr.data.mixture import plan_summary
+
+    weighted = plan_summary(["a", "b"], [320, 80], [1.0, 1.0], "weighted", 16)  # 20 + 5 steps, drawn 1:1
+    assert [(p["steps_per_epoch"], p["epochs_per_epoch"]) for p in weighted] == [(12.5, 0.625), (12.5, 2.5)]
+    exhaust = plan_summary(["a", "b"], [320, 80], [320.0, 80.0], "exhaust", 16)
+    assert [p["epochs_per_epoch"] for p in exhaust] == [1.0, 1.0]
+    robin = plan_summary(["a", "b"], [320, 80], [1.0, 1.0], "round_robin", 16)
+    assert [p["steps_per_epoch"] for p in robin] == [5.0, 5.0]
+
+
+def test_the_sampler_of_a_mixture_keeps_steps_within_a_dataset_unless_mixed():
+    from dist_vdr.data.mixture import MixtureBatchSampler
+    from dist_vdr.data.mixture_rows import MixtureRows
+    from dist_vdr.data.sampler import GlobalNoDuplicatesBatchSampler
+    from dist_vdr.run.setup import batch_sampler
+
+    rows = MixtureRows(train=None, names=["a", "b"], sizes=[96, 64], configs=[], parts=[])
+    weighted = batch_sampler(_cfg("data.datasets=[{name: a}, {name: b}]"), 2, None, rows)
+    mixed = batch_sampler(_cfg("data.datasets=[{name: a}, {name: b}]", "data.mixture=mixed"), 2, None, rows)
+    assert weighted.func is MixtureBatchSampler and weighted.keywords["sizes"] == [96, 64]
+    assert mixed.func is GlobalNoDuplicatesBatchSampler
+    with pytest.raises(ValueError, match="no_duplicates"):
+        batch_sampler(_cfg("data.datasets=[{name: a}, {name: b}]", "training.batch_sampler=batch_sampler"), 2, None,
+                      rows)
+
+
+def test_a_datasets_max_pixels_downscales_its_pages_only():
+    from PIL import Image
+
+    from dist_vdr.data.mixture_rows import DATASET_COLUMN, ROW_COLUMN, DatasetLabelCollator
+
+    seen = []
+    collator = DatasetLabelCollator(lambda rows: seen.extend(rows) or {}, [None, 100], ["image"])
+    big = Image.new("RGB", (40, 10))
+    collator([{"query": "a", "image": big, DATASET_COLUMN: 0, ROW_COLUMN: 0},
+              {"query": "b", "image": big, DATASET_COLUMN: 1, ROW_COLUMN: 0}])
+    assert seen[0]["image"].size == (40, 10) and seen[1]["image"].size == (20, 5)  # 100 px, aspect 4:1

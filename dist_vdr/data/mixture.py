@@ -60,6 +60,22 @@ def schedule(steps: list[int], weights: list[float], strategy: str, seed: int) -
     return rng.choices(range(len(steps)), weights=weights, k=sum(steps))
 
 
+def plan_summary(names: list[str], sizes: list[int], weights: list[float], strategy: str,
+                 step_rows: int) -> list[dict]:
+    """Per dataset, for run_info.jsonl: rows, weight, optimizer steps per epoch (expected, for weighted)
+    and epochs of its own rows per training epoch (> 1: upsampled; < 1: not all of its rows seen)."""
+    steps = [n // step_rows for n in sizes]
+    if strategy == "weighted":
+        planned = [sum(steps) * w / sum(weights) for w in weights]
+    elif strategy in ("exhaust", "mixed"):  # mixed: every row once, in batches of all datasets
+        planned = [float(n) for n in steps]
+    else:
+        planned = [float(min(steps))] * len(steps)
+    return [{"name": name, "rows": n, "weight": w, "steps_per_epoch": round(p, 2),
+             "epochs_per_epoch": round(p / k, 3) if k else 0.0}
+            for name, n, w, p, k in zip(names, sizes, weights, planned, steps, strict=True)]
+
+
 class MixtureBatchSampler(DefaultBatchSampler):
     """Per-rank batches of a concatenation of datasets (``sizes`` rows each, in order), every optimizer
     step from one dataset (see the module docstring). ``batch_size`` is per rank."""

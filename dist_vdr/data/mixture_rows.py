@@ -96,12 +96,13 @@ class DatasetLabelCollator:
     ``batch["label"]["dataset"]`` (an int64 tensor, one value per row), for the loss's per-dataset options;
     with ``DIST_VDR_TRACE_ROWS`` set, the rows as ``dataset:row`` into the trace (:mod:`.page_refs`)."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, max_pixels: list[int | None] = (), page_columns: list[str] = ()) -> None:
         import os
 
         from .page_refs import TRACE_ENV
 
         self.inner = inner
+        self.max_pixels, self.page_columns = list(max_pixels), list(page_columns)
         self.trace = bool(os.environ.get(TRACE_ENV))
 
     def __getattr__(self, name):  # the trainer reads the stock collator's attributes (tokenize_fn, ...)
@@ -120,9 +121,19 @@ class DatasetLabelCollator:
         from .page_refs import TRACE_KEY
 
         index = torch.tensor([int(f[DATASET_COLUMN]) for f in features], dtype=torch.int64)
-        batch = self.inner([{k: v for k, v in f.items() if k not in (DATASET_COLUMN, ROW_COLUMN)} for f in features])
+        rows = [{k: self._page(v, f[DATASET_COLUMN]) if k in self.page_columns else v
+                 for k, v in f.items() if k not in (DATASET_COLUMN, ROW_COLUMN)} for f in features]
+        batch = self.inner(rows)
         label = batch.get("label")
         batch["label"] = {**(label if isinstance(label, dict) else {}), "dataset": index}
         if self.trace:
             batch[TRACE_KEY] = [f"{int(f[DATASET_COLUMN])}:{int(f[ROW_COLUMN])}" for f in features]
         return batch
+
+    def _page(self, image, dataset: int):
+        """The page, downscaled to the dataset's max_pixels (aspect kept) when it is larger."""
+        cap = self.max_pixels[int(dataset)] if int(dataset) < len(self.max_pixels) else None
+        if cap is None or not hasattr(image, "resize") or image.width * image.height <= cap:
+            return image
+        scale = (cap / (image.width * image.height)) ** 0.5
+        return image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))

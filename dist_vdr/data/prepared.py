@@ -25,6 +25,12 @@ class PreparedData:
     """The datasets of ``train`` (data.datasets), None for the rows of one dataset."""
     train_passes: int = 0
     """How many of ``passes`` are over the training rows."""
+    eval_sets: dict[str, EvalData] = field(default_factory=dict)
+    """A mixture's eval sets by dataset name (data.datasets[] with eval keys; ``eval`` is then None)."""
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval is not None or bool(self.eval_sets)
 
     @property
     def row_hashes(self):

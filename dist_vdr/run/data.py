@@ -29,10 +29,11 @@ def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, h
     if len(train_ds) < cfg.training.global_batch_size:
         raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
                          f"lower training.global_batch_size or add data")
-    eval_data: EvalData | None = load_eval(data_cfg) if cfg.evaluation.enabled else None
+    eval_sets = _eval_sets(cfg, mixture) if cfg.evaluation.enabled else {}
+    eval_data: EvalData | None = load_eval(data_cfg) if cfg.evaluation.enabled and not eval_sets else None
     kwargs = dict(info=info, output_dir=out, workers=cfg.launch.startup_workers,
                   timeout_s=cfg.launch.startup_timeout_s, log=logger.info)
-    data = PreparedData(train_ds, eval_data, mixture=mixture)
+    data = PreparedData(train_ds, eval_data, mixture=mixture, eval_sets=eval_sets)
     if cfg.data.validate_images or hash_rows:
         # One pass per dataset of a mixture (its own record: a dataset shared by two mixtures is scanned once).
         parts = zip(mixture.parts, mixture.configs, mixture.names, strict=True) if mixture else \
@@ -46,15 +47,30 @@ def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, h
                                                hashed=hash_rows, **kwargs))
             _report_pass(info, data.passes[-1], f"training rows{' of ' + name if name else ''}", hash_rows)
         data.train_passes = len(data.passes)
-    if eval_data is not None and cfg.data.validate_images:
-        corpus_path = cfg.data.eval_path or cfg.data.path
-        if (Path(corpus_path) / ingest.MARKER_FILE).is_file():
-            logger.info(f"eval corpus {corpus_path}: a `pages build` corpus, validated when it was built")
-        else:
-            data.passes.append(startup.prepare(eval_data.corpus, ["image"], f"eval corpus {corpus_path}",
-                                               hashed=False, **kwargs))
-            _report_pass(info, data.passes[-1], "eval pages", False)
+    if cfg.data.validate_images:
+        sections = {name: c for name, c in zip(mixture.names, mixture.configs, strict=True)} if eval_sets else {}
+        for name, corpus in ({"": eval_data} if eval_data is not None else eval_sets).items():
+            section = sections.get(name, cfg.data)
+            _validate_eval_corpus(data, corpus, section.eval_path or section.path, info, kwargs)
     return data
+
+
+def _eval_sets(cfg: Config, mixture) -> dict[str, EvalData]:
+    """The eval sets of a mixture's datasets that name one ({} when none does: data's eval set is the eval)."""
+    if mixture is None:
+        return {}
+    return {name: load_eval(without_image_check(section))
+            for name, entry, section in zip(mixture.names, cfg.data.datasets, mixture.configs, strict=True)
+            if entry.has_eval}
+
+
+def _validate_eval_corpus(data: PreparedData, eval_data: EvalData, corpus_path: str, info, kwargs: dict) -> None:
+    if (Path(corpus_path) / ingest.MARKER_FILE).is_file():
+        logger.info(f"eval corpus {corpus_path}: a `pages build` corpus, validated when it was built")
+        return
+    data.passes.append(startup.prepare(eval_data.corpus, ["image"], f"eval corpus {corpus_path}",
+                                       hashed=False, **kwargs))
+    _report_pass(info, data.passes[-1], "eval pages", False)
 
 
 def without_image_check(data_cfg: DataConfig) -> DataConfig:

@@ -34,8 +34,10 @@ def git_revision() -> str:
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def write_run_records(out: Path, cfg: Config, info: distributed.DistInfo, resume_from: str | None) -> None:
-    """Resolved config + run info. An earlier, different config is kept under a timestamped name."""
+def write_run_records(out: Path, cfg: Config, info: distributed.DistInfo, resume_from: str | None,
+                      datasets: list[dict] | None = None) -> None:
+    """Resolved config + run info (``datasets``: a mixture's per-dataset plan). An earlier, different
+    config is kept under a timestamped name."""
     out.mkdir(parents=True, exist_ok=True)
     text = to_yaml(cfg)
     resolved = out / "resolved_config.yaml"
@@ -52,6 +54,8 @@ def write_run_records(out: Path, cfg: Config, info: distributed.DistInfo, resume
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "sentence_transformers": sentence_transformers.__version__, "accelerate": accelerate.__version__},
     }
+    if datasets:
+        run["datasets"] = datasets
     with open(out / "run_info.jsonl", "a") as f:  # one line per (re)start: the run's history
         f.write(json.dumps(run) + "\n")
 

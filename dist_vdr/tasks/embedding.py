@@ -95,7 +95,7 @@ class EmbeddingTask(Task):
         """metrics.json with the dims, and the NDCG-vs-dimension plot (before / after training)."""
         summary = {"dims": result.dims, **before_after(result)}
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-        curves = {label: {int(d): values for d, values in m.rows.items()}
+        curves = {label: {int(d): values for d, values in m.rows.items() if d.isdigit()}  # (macro) dims only
                   for label, m in (("before training", result.before), ("after training", result.after)) if m}
         plot_ndcg_vs_dim(curves, out / "ndcg_vs_dim.png")
 
@@ -108,13 +108,20 @@ class EmbeddingTask(Task):
             value = metrics.get(d, metric) if metrics else None
             return "n/a" if value is None else f"{value:.4f}"
 
-        return f"{metric.upper()} before={fmt(result.before)} after={fmt(result.after)}"
+        line = f"{metric.upper()} before={fmt(result.before)} after={fmt(result.after)}"
+        sets = [row.split("/")[0] for row in result.after.rows if row.endswith(f"/{d}")]
+        if sets:  # several eval sets (a mixture's): the figures are their macro average
+            each = ", ".join(f"{name} {result.after.get(f'{name}/{d}', metric):.4f}" for name in sets)
+            line += f" (macro average of {len(sets)} eval sets; after: {each})"
+        return line
 
 
 def dataset_options(cfg: Config) -> list:
     """The loss options of each dataset of a mixture (data.datasets), [] without one."""
     from ..losses.global_batch import DatasetOptions
 
+    if cfg.data.mixture == "mixed":  # the batches mix datasets: no per-step options
+        return []
     return [DatasetOptions(index=k, cross_device_negatives=cfg.loss.cross_device_negatives
                            if e.cross_device_negatives is None else e.cross_device_negatives,
                            in_batch_negatives=e.in_batch_negatives, mini_batch_size=e.mini_batch_size,
