@@ -57,6 +57,16 @@ class _ModelOverData:
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
+    def __post_init__(self) -> None:
+        one_dataset(self.data)
+
+
+def one_dataset(d: DataConfig) -> None:
+    """The commands run over one dataset: a recipe's mixture (data.datasets) is not theirs to guess from."""
+    if d.datasets:
+        raise ValueError(f"data.datasets: this command runs over one dataset, the recipe names {len(d.datasets)}; "
+                         f"give that dataset's own path (--data), once per dataset")
+
 
 @dataclass(kw_only=True)
 class EvalCommand(_ModelOverData):
@@ -175,6 +185,7 @@ class MineCommand:
             self.data.path = sources.resolve(self.data.path, "data.path", "dataset folder")
 
     def __post_init__(self) -> None:
+        one_dataset(self.data)
         m = self.mine
         if self.corpus_mode and not (m.queries and m.qrels):
             raise ValueError("mine.corpus (--corpus) needs mine.queries and mine.qrels (--queries and --qrels, e.g. "

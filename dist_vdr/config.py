@@ -151,8 +151,9 @@ class DatasetEntry:
     """Downscale this dataset's training pages above this many pixels (aspect kept) before the processor,
     e.g. scans far larger than the others (null: as they are; the processor's own max_pixels still applies)."""
     eval_path: str | None = None
-    """This dataset's own eval set (with eval_format and the other eval keys, null: data's): every eval set
-    is evaluated, and the macro average over them is the main metric."""
+    """This dataset's own eval set (with eval_format and the other eval keys, null: data's). An entry that
+    sets any eval key has an eval set of its own: then every such set is evaluated and their macro average
+    is the main metric (data's own eval set is not used); with none, data's eval set is the evaluation."""
     eval_name: str | None = None
     eval_format: str | None = None
     eval_split: str | None = None
@@ -175,7 +176,10 @@ class DatasetEntry:
 
     @property
     def has_eval(self) -> bool:
-        return any(v is not None for v in (self.eval_path, self.eval_name, self.eval_queries_file))
+        """Whether the entry names eval data of its own (any eval key set)."""
+        return any(getattr(self, k) is not None for k in ("eval_path", "eval_name", "eval_format", "eval_split",
+                                                         "eval_negative_columns", "eval_queries_file",
+                                                         "eval_qrels_file"))
 
 
 _MIXTURES = ("weighted", "exhaust", "round_robin", "mixed")  # data.mixture.STRATEGIES + mixed
@@ -265,6 +269,16 @@ class DataConfig:
             if own:
                 raise ValueError(f"data.mixture=mixed shuffles all rows together, so data.datasets {own} cannot have "
                                  f"a weight or loss options of their own: remove them, or use data.mixture=weighted")
+        local_only = [d.name for d in self.datasets if not d.in_batch_negatives
+                      and not (d.negative_columns if d.negative_columns is not None else self.negative_columns)]
+        if local_only:
+            raise ValueError(f"data.datasets {local_only}: in_batch_negatives=false leaves each query its own hard "
+                             f"negatives only, and these rows have none (negative_columns): the loss would be 0")
+        weighted = [d.name for d in self.datasets if d.weight is not None]
+        if weighted and self.mixture in ("exhaust", "round_robin"):
+            raise ValueError(f"data.datasets {weighted} have weights, which data.mixture={self.mixture} does not use "
+                             f"(it takes every dataset's batches as they come): use data.mixture=weighted or "
+                             f"remove the weights")
         if self.datasets and self.mixture == "weighted" and all(d.weight == 0 for d in self.datasets):
             raise ValueError("data.datasets: every weight is 0; give one dataset a positive weight")
 
@@ -826,8 +840,9 @@ def _resolve_sources(cfg: Config) -> None:
     if cfg.model.adapter.init_from:
         cfg.model.adapter.init_from = sources.resolve(cfg.model.adapter.init_from, "model.adapter.init_from",
                                                       "adapter folder")
-    for prefix, section in [("data", cfg.data), *((f"data.datasets[{k}]", e) for k, e in enumerate(cfg.data.datasets))]:
-        _resolve_data_paths(prefix, section, cfg.evaluation.enabled)
+    _resolve_data_paths("data", cfg.data, cfg.evaluation.enabled, _data_path_used(cfg))
+    for k, entry in enumerate(cfg.data.datasets):
+        _resolve_data_paths(f"data.datasets[{k}]", entry, cfg.evaluation.enabled)
     for key, label in tasks.get(cfg.task).local_paths(cfg):  # the task's own paths (dotted keys, any depth)
         *sections, name = key.split(".")
         node = cfg
@@ -837,13 +852,22 @@ def _resolve_sources(cfg: Config) -> None:
             setattr(node, name, sources.resolve(getattr(node, name), key, label))
 
 
-def _resolve_data_paths(prefix: str, section, evaluating: bool) -> None:
+def _data_path_used(cfg: Config) -> bool:
+    """Whether anything reads data.path: not when every dataset of a mixture has its own path and the
+    evaluation is off, or is the datasets' own, or names data.eval_path."""
+    d = cfg.data
+    if not d.datasets or any(e.path is None for e in d.datasets):
+        return True
+    return cfg.evaluation.enabled and not any(e.has_eval for e in d.datasets) and not d.eval_path
+
+
+def _resolve_data_paths(prefix: str, section, evaluating: bool, path_used: bool = True) -> None:
     """The paths of a data section or a mixture's entry (``prefix``: its key), the eval ones when evaluating."""
     from . import sources
 
     for key, label in (("path", "dataset folder"), ("pages_path", "page corpus folder"),
                        ("eval_path", "eval data folder")):
-        if getattr(section, key) and (key != "eval_path" or evaluating):
+        if getattr(section, key) and (key != "eval_path" or evaluating) and (key != "path" or path_used):
             setattr(section, key, sources.resolve(getattr(section, key), f"{prefix}.{key}", label))
     for key in ("eval_queries_file", "eval_qrels_file"):
         if getattr(section, key) and evaluating:

@@ -72,7 +72,7 @@ def test_weights_give_the_asked_proportions():
         used += sampler.last_schedule
     n = len(used)
     share = used.count(1) / n
-    assert n == 20 * sum(s // 16 for s in SIZES)
+    assert n == 20 * sum(s // 16 for s, w in zip(SIZES, weights, strict=True) if w)  # weight 0 adds no steps
     assert abs(share - 0.75) < 3 * (0.75 * 0.25 / n) ** 0.5, share
     assert used.count(2) == 0  # weight 0: never drawn
 
@@ -88,10 +88,12 @@ def test_a_dataset_upsampled_past_its_rows_starts_another_pass():
     """weighted with most weight on the smallest dataset: it is drawn more often than it has batches and
     continues with a fresh shuffle (upsampling), never an empty step."""
     ds = _mixture()
-    sampler = _sampler(ds, 8, 2, weights=[0.0, 1.0, 0.0])
+    sampler = _sampler(ds, 8, 2, weights=[1.0, 30.0, 0.0])
     steps = _steps(list(sampler), 2)
-    assert len(steps) == sum(n // 16 for n in SIZES) > SIZES[1] // 16
-    assert all(_dataset_of(step[0][0]) == 1 and len(step[0]) == 16 for step in steps)
+    assert len(steps) == (SIZES[0] + SIZES[1]) // 16
+    ones = [step for step in steps if _dataset_of(step[0][0]) == 1]
+    assert len(ones) > SIZES[1] // 16 and all(len(step[0]) == 16 for step in steps)
+    assert len({tuple(step[0]) for step in ones}) == len(ones)  # the second pass is a fresh shuffle
 
 
 def test_deterministic_per_epoch_so_a_resume_continues_with_the_same_rows():
@@ -149,7 +151,13 @@ def test_recipe_entries_inherit_data_keys_and_refuse_mistakes():
             (["data.datasets=[{name: a, cross_device_negatives: false}]", "loss.implementation=stock"],
              "need loss.name=cmnrl"),
             (["data.datasets=[{name: a, weight: 2}]", "data.mixture=mixed"], "cannot have a weight"),
-            (["data.datasets=[{name: a, eval_path: e}]", "evaluation.implementation=stock"], "implementation=sharded")):
+            (["data.datasets=[{name: a, eval_path: e}]", "evaluation.implementation=stock"], "implementation=sharded"),
+            (["data.negative_columns=[]", "data.datasets=[{name: a, in_batch_negatives: false}]"],
+             "the loss would be 0"),
+            (["data.datasets=[{name: a, weight: 2}]", "data.mixture=exhaust"], "does not use"),
+            (["data.datasets=[{name: a, negative_columns: [n1]}]", "loss.false_negatives.id_column=document_id"],
+             "wrong pages"),
+            (["data.datasets=[{name: a}]", "training.batch_sampler=batch_sampler"], "no_duplicates_hashed")):
         with pytest.raises(ValueError, match=words):
             _cfg(*overrides)
 
@@ -330,3 +338,49 @@ def test_a_datasets_max_pixels_downscales_its_pages_only():
     collator([{"query": "a", "image": big, DATASET_COLUMN: 0, ROW_COLUMN: 0},
               {"query": "b", "image": big, DATASET_COLUMN: 1, ROW_COLUMN: 0}])
     assert seen[0]["image"].size == (40, 10) and seen[1]["image"].size == (20, 5)  # 100 px, aspect 4:1
+
+
+def test_review_mends(tmp_path, tiny_model):
+    """Found by a hostile review: each once a crash, a late failure or a silent mistake."""
+    # loss.cross_device_negatives=false with a mixture: every rank builds its loss (was: rank 1 outside world 1),
+    # and a dataset asking for cross-device negatives gets them
+    from sentence_transformers import SentenceTransformer
+
+    from dist_vdr.commands import EvalCommand
+    from dist_vdr.config import load_config
+    from dist_vdr.losses import build_loss
+    from dist_vdr.run.data import prepare_data
+    from dist_vdr.tasks.embedding import dataset_options
+
+    cfg = _cfg("loss.cross_device_negatives=false",
+               "data.datasets=[{name: a}, {name: b, cross_device_negatives: true}]")
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    loss = build_loss(model, cfg.loss, rank=1, world_size=2, datasets=dataset_options(cfg))
+    assert (loss.rank, loss.world_size) == (1, 2)
+    assert [o.cross_device_negatives for o in loss.datasets] == [False, True]
+    # a dataset smaller than one step, named, before any model is loaded
+    two = _two_datasets(tmp_path)
+    two.data.datasets[1].max_rows = 1
+    two.training.global_batch_size = 2
+    with pytest.raises(ValueError, match=r"data.datasets\[two\]: 1 rows, fewer than one optimizer step"):
+        prepare_data(two, None, None, hash_rows=False)
+    # a weight-0 dataset is never drawn: it may be small
+    two.data.datasets[1].weight = 0.0
+    two.evaluation.enabled = False
+    assert prepare_data(two, _OneRank(), None, hash_rows=False).mixture.sizes == [3, 1]
+    # data.path is not needed when every dataset has its own path and eval set
+    paths = [f"data.datasets=[{{name: one, path: {tmp_path / 'one'}, eval_path: {tmp_path / 'one'}}}]",
+             "data.path=./no-such-folder"]
+    assert load_config(None, paths).data.datasets[0].path == str(tmp_path / "one")
+    # an entry's load error names the entry; the commands refuse a mixture
+    with pytest.raises(ValueError, match=r"data.datasets\[one\]: training data .* has no column"):
+        prepare_data(_cfg(f"data.datasets=[{{name: one, path: {tmp_path / 'one'}, query_column: nope}}]",
+                          "data.validate_images=false"), None, None, hash_rows=False)
+    with pytest.raises(ValueError, match="runs over one dataset"):
+        load_config(None, ["data.path=x", "model.name_or_path=m", "data.datasets=[{name: a}]"], check_paths=False,
+                    schema=EvalCommand)
+
+
+class _OneRank:
+    rank, world_size, is_main, device = 0, 1, True, "cpu"
+

@@ -57,7 +57,8 @@ def schedule(steps: list[int], weights: list[float], strategy: str, seed: int) -
         order = [k for k, n in enumerate(steps) for _ in range(n)]
         rng.shuffle(order)
         return order
-    return rng.choices(range(len(steps)), weights=weights, k=sum(steps))
+    # One pass over the data volume of the datasets drawn at all (a weight of 0 adds no steps).
+    return rng.choices(range(len(steps)), weights=weights, k=sum(n for n, w in zip(steps, weights, strict=True) if w))
 
 
 def plan_summary(names: list[str], sizes: list[int], weights: list[float], strategy: str,
@@ -66,7 +67,8 @@ def plan_summary(names: list[str], sizes: list[int], weights: list[float], strat
     and epochs of its own rows per training epoch (> 1: upsampled; < 1: not all of its rows seen)."""
     steps = [n // step_rows for n in sizes]
     if strategy == "weighted":
-        planned = [sum(steps) * w / sum(weights) for w in weights]
+        total = sum(n for n, w in zip(steps, weights, strict=True) if w)
+        planned = [total * w / sum(weights) for w in weights]
     elif strategy in ("exhaust", "mixed"):  # mixed: every row once, in batches of all datasets
         planned = [float(n) for n in steps]
     else:
@@ -103,12 +105,15 @@ class MixtureBatchSampler(DefaultBatchSampler):
             if precompute_hashes and row_hashes is not None:
                 sampler_hashes.use(self.samplers[-1], row_hashes[offset:offset + n])
         check_mixture(len(sizes), self.weights, strategy)  # now, not at the first step
-        short = [k for k, n in enumerate(self.steps_per_dataset()) if n < 1]
+        short = [k for k, n in enumerate(self.steps_per_dataset()) if n < 1 and self._drawn(k)]
         if short:
             raise ValueError(f"mixture dataset(s) {short} hold fewer rows than one optimizer step "
                              f"({batch_size * world_size * accumulation} rows: per-device batch x ranks x "
                              f"accumulation): lower the global batch or drop them")
         self.last_schedule: list[int] = []
+
+    def _drawn(self, k: int) -> bool:
+        return self.strategy != "weighted" or self.weights[k] > 0
 
     def steps_per_dataset(self) -> list[int]:
         """Full optimizer steps each dataset holds in one pass (its global batches // accumulation)."""

@@ -56,7 +56,10 @@ def load_mixture(data: DataConfig, extra_columns: list[str] = ()) -> MixtureRows
     parts, renamed, configs = [], [], []
     for k, entry in enumerate(data.datasets):
         section = entry_config(data, entry)
-        part = load_train(section, extra_columns=list(extra_columns))
+        try:
+            part = load_train(section, extra_columns=list(extra_columns))
+        except ValueError as exc:
+            raise ValueError(f"data.datasets[{entry.name}]: {exc}") from exc
         mapping = {a: b for a, b in zip(section.train_columns, data.train_columns, strict=True) if a != b}
         named = part.rename_columns(mapping) if mapping else part
         renamed.append(named.add_column(DATASET_COLUMN, [k] * len(named)).add_column(ROW_COLUMN, range(len(named))))
@@ -76,9 +79,12 @@ def _check_same_features(parts: list, names: list[str]) -> None:
                 continue
             if type(feature) is not type(first[column]) or getattr(feature, "dtype", None) != \
                     getattr(first[column], "dtype", None):
+                pages = "Image" in (type(feature).__name__, type(first[column]).__name__)
+                fix = ("page images in all, or page ids with a pages_path in all" if pages else
+                       "store the column with the same type in every dataset")
                 raise ValueError(f"data.datasets: column {column!r} of {name!r} holds {_kind(feature)}, of "
                                  f"{names[0]!r} {_kind(first[column])}; give every dataset the same kind of column "
-                                 f"(page images in all, or page ids with a pages_path in all)")
+                                 f"({fix})")
 
 
 def _kind(feature) -> str:

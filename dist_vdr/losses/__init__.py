@@ -34,9 +34,12 @@ def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, gu
             or (datasets and cfg.name == "cmnrl" and cfg.implementation != "stock"):
         from .global_batch import GlobalBatchCachedMNRL
 
+        # Negatives kept on their rank: a world of one (this rank its only member). A mixture's datasets say
+        # it per step (each DatasetOptions carries the resolved value), so the loss knows the real world.
+        local = not cfg.cross_device_negatives and not datasets
         return GlobalBatchCachedMNRL(
             model, matryoshka_dims=cfg.matryoshka_dims, matryoshka_weights=cfg.matryoshka_weights,
-            rank=rank, world_size=world_size if cfg.cross_device_negatives else 1, scale=cfg.scale,
+            rank=0 if local else rank, world_size=1 if local else world_size, scale=cfg.scale,
             mini_batch_size=cfg.mini_batch_size, mini_batch_num_tokens=cfg.mini_batch_num_tokens,
             mask_same_ids=cfg.false_negatives.id_column is not None, guide=guide,
             guide_margin=cfg.false_negatives.margin, guide_margin_strategy=cfg.false_negatives.margin_strategy,

@@ -26,6 +26,11 @@ def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, h
     data_cfg = without_image_check(cfg.data)
     mixture = mixture_rows.load_mixture(data_cfg, list(extra_columns)) if cfg.data.datasets else None
     train_ds = mixture.train if mixture else load_train(data_cfg, extra_columns=list(extra_columns))
+    for name, size in zip(mixture.names, mixture.sizes, strict=True) if mixture else ():
+        if size < cfg.training.global_batch_size and _drawn(cfg, name):
+            raise ValueError(f"data.datasets[{name}]: {size} rows, fewer than one optimizer step "
+                             f"(training.global_batch_size={cfg.training.global_batch_size}: a step's batch comes "
+                             f"from one dataset); lower the global batch, add rows or drop the dataset")
     if len(train_ds) < cfg.training.global_batch_size:
         raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
                          f"lower training.global_batch_size or add data")
@@ -55,13 +60,24 @@ def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, h
     return data
 
 
+def _drawn(cfg: Config, name: str) -> bool:
+    """Whether the mixture draws steps from the dataset (a weight of 0 under data.mixture=weighted: never)."""
+    entry = next(e for e in cfg.data.datasets if e.name == name)
+    return cfg.data.mixture != "mixed" and not (cfg.data.mixture == "weighted" and entry.weight == 0)
+
+
 def _eval_sets(cfg: Config, mixture) -> dict[str, EvalData]:
     """The eval sets of a mixture's datasets that name one ({} when none does: data's eval set is the eval)."""
     if mixture is None:
         return {}
-    return {name: load_eval(without_image_check(section))
+    sets = {name: load_eval(without_image_check(section))
             for name, entry, section in zip(mixture.names, cfg.data.datasets, mixture.configs, strict=True)
             if entry.has_eval}
+    if sets:
+        without = [name for name in mixture.names if name not in sets]
+        logger.info(f"eval sets: {', '.join(sets)} (their macro average is the main metric)"
+                    + (f"; {', '.join(without)} name(s) no eval data: not evaluated" if without else ""))
+    return sets
 
 
 def _validate_eval_corpus(data: PreparedData, eval_data: EvalData, corpus_path: str, info, kwargs: dict) -> None:

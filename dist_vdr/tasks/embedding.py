@@ -42,6 +42,9 @@ class EmbeddingTask(Task):
         if cfg.loss.distillation.enabled:
             check_scored_columns(cfg)
         check_mixture_options(cfg)
+        if cfg.data.datasets and not cfg.training.batch_sampler.startswith("no_duplicates"):
+            raise ValueError(f"data.datasets needs training.batch_sampler no_duplicates_hashed or no_duplicates (the "
+                             f"mixture builds de-duplicated global batches), not {cfg.training.batch_sampler!r}")
         fn = cfg.loss.false_negatives
         if fn.id_column is not None and fn.id_source == "pages" and cfg.data.datasets:
             raise ValueError("loss.false_negatives.id_source=pages is not available with data.datasets yet (the ids "
@@ -129,7 +132,15 @@ def dataset_options(cfg: Config) -> list:
 
 
 def check_mixture_options(cfg: Config) -> None:
-    """Per-dataset loss options need the global-batch loss (it reads each step's dataset)."""
+    """Per-dataset loss options need the global-batch loss (it reads each step's dataset); id columns of
+    the rows are named after data's page columns, so an entry must name its page columns as data does."""
+    d = cfg.data
+    renamed = [e.name for e in d.datasets if (e.positive_column or d.positive_column, e.negative_columns
+                                              or d.negative_columns) != (d.positive_column, d.negative_columns)]
+    if renamed and cfg.loss.false_negatives.id_column is not None:
+        raise ValueError(f"loss.false_negatives.id_column with data.datasets {renamed}, which name their page columns "
+                         f"otherwise than data: the id columns (<page column>_{cfg.loss.false_negatives.id_column}) "
+                         f"would pair with the wrong pages; give those datasets data's page column names")
     asked = [e.name for e in cfg.data.datasets if e.cross_device_negatives is not None or not e.in_batch_negatives
              or e.mini_batch_size or e.mini_batch_num_tokens]
     if asked and (cfg.loss.name != "cmnrl" or cfg.loss.implementation == "stock"):
