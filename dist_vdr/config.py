@@ -456,6 +456,10 @@ class TrainingConfig:
     record_step_stats: bool = False
     """Write ``<output_dir>/step_stats.json``: seconds, tokens, estimated FLOPs per optimizer step and
     peak memory (``dist-vdr bench`` reads it). The device is synchronised at each step boundary."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers, any of tensorboard, trackio, wandb, mlflow (empty or [none]: none). Rank 0 logs
+    the per-step loss, learning rate, gradient norm, step time and throughput, the evaluations (every
+    Matryoshka dim) and the resolved recipe; TensorBoard writes <output_dir>/tensorboard. README: Watching a run."""
     trainer_args: dict[str, Any] = field(default_factory=dict)
     """Any other SentenceTransformerTrainingArguments field, passed through (validated against it)."""
 
@@ -469,9 +473,13 @@ class TrainingConfig:
             raise ValueError(f"training.save_total_limit must be >= 1 or null (keep all), got {self.save_total_limit}")
         if self.dataloader_num_workers < 0:
             raise ValueError("training.dataloader_num_workers must be >= 0")
+        if self.report_to == ["none"]:
+            self.report_to = []
+        for name in self.report_to:
+            _check_choice("training", "report_to", name, ("tensorboard", "trackio", "wandb", "mlflow"))
         managed = {"output_dir", "per_device_train_batch_size", "learning_rate", "seed", "bf16", "fp16",
                    "max_steps", "num_train_epochs", "save_steps", "eval_steps", "batch_sampler", "use_cpu",
-                   "save_total_limit", "logging_nan_inf_filter"}
+                   "save_total_limit", "logging_nan_inf_filter", "report_to"}
         clash = managed & set(self.trainer_args)
         if clash:
             raise ValueError(f"training.trainer_args sets {sorted(clash)}: use the training.* keys of the same meaning")
@@ -831,6 +839,9 @@ def _check_with_libraries(cfg: Config) -> None:
     names = [t.value for t in SchedulerType]
     if cfg.training.lr_scheduler_type not in names:
         raise ValueError(f"training.lr_scheduler_type={cfg.training.lr_scheduler_type!r} is not one of {names}")
+    from .run.tracking import check_installed
+
+    check_installed(cfg.training.report_to)
 
 
 def _resolve_sources(cfg: Config) -> None:

@@ -12,6 +12,7 @@ Everything else is the stock trainer: ``Trainer`` for embedding models (Sentence
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from sentence_transformers import CrossEncoderTrainer, SentenceTransformerTrainer
@@ -33,7 +34,11 @@ class _DistVdrTrainerMixin:
         super().__init__(*args, **kwargs)
         adapter_engines.install_loaders()  # before train(): a resume loads the engine state first
 
+    _since_log: tuple[float, int] | None = None  # (time, global step) of the last training log
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._since_log is None:
+            self._since_log = (time.perf_counter(), self.state.global_step)
         if not self._engine_ready:  # the engine exists only once train() has prepared the model
             engines.prepare_trainer(self, keep_parameters_gathered=self.keep_parameters_gathered)
             self._engine_ready = True
@@ -63,7 +68,22 @@ class _DistVdrTrainerMixin:
                                f"margin_strategy=relative, or a trained guide")
         if "loss" in logs:
             self._log_dataset_losses(logs)
+            self._log_speed(logs)
         super().log(logs, *args, **kwargs)
+
+    def _log_speed(self, logs: dict) -> None:
+        """``step_seconds`` and ``samples_per_second`` (global batch rows) since the last log, wall clock on
+        rank 0's view (no device sync: a mean over the steps logged)."""
+        if self._since_log is None:
+            return
+        now, step = time.perf_counter(), self.state.global_step
+        then, before = self._since_log
+        self._since_log = (now, step)
+        if step > before and now > then:
+            seconds = (now - then) / (step - before)
+            rows = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+            logs["step_seconds"] = round(seconds, 4)
+            logs["samples_per_second"] = round(rows / seconds, 3)
 
     dataset_names: list[str] = []  # a mixture's datasets (data.datasets), named in the logs
 

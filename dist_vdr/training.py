@@ -22,7 +22,7 @@ from .data.prepared import PreparedData
 from .model import compile_blocks, resolve_dtype
 from .phases import Phases
 from .results import RunResult
-from .run import callbacks, final, records, setup
+from .run import callbacks, final, records, setup, tracking
 from .run import evaluate as run_eval
 from .run.data import prepare_data
 from .run_lock import RunLock
@@ -154,6 +154,7 @@ class _Run:
                                           evaluator=evaluator, callbacks=self._callbacks(health, config_text))
         trainer.keep_parameters_gathered = cfg.launch.keep_parameters_gathered
         trainer.step_health = health
+        tracking.configure(trainer, ctx.out, config_text)
         trainer.dataset_names = data.mixture.names if data.mixture is not None and cfg.data.mixture != "mixed" else []
         if data.mixture is not None:
             trainer.data_collator = mixture_rows.DatasetLabelCollator(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..results import Metrics
+from . import tracking
 
 
 def metrics_file(out: Path, which: str) -> Path:
@@ -22,6 +23,8 @@ def evaluate(trainer, info: distributed.DistInfo, out: Path, which: str, step: i
         raw = evaluator(trainer.model, output_path=str(out / f"eval_{which}") if info.is_main else None, steps=step)
     else:
         raw = trainer.evaluate()  # the trainer drives rank 0 + DDP encode serving
+    if which in ("before", "after"):  # the evaluations during training reach the trackers through the trainer
+        tracking.log_evaluation(trainer, which, raw)
     metrics = Metrics.of(step, evaluator.summarise(raw))
     if info.is_main:
         metrics.write(metrics_file(out, which))

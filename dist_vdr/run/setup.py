@@ -55,7 +55,7 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         use_cpu=info.device == "cpu" and distributed.requested_engine() is None,
         ddp_timeout=cfg.launch.collective_timeout_s,
         accelerator_config={"use_configured_state": True},
-        report_to="none",
+        report_to=list(t.report_to) or "none",
     )
     kwargs.update(task_kwargs)
     kwargs.update(t.trainer_args)

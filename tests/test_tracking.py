@@ -1,0 +1,64 @@
+"""training.report_to through the real launcher: TensorBoard event files written by rank 0 alone hold the
+per-step scalars of trainer_state.json, the evaluations before/after training and the resolved recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import launch_env, log_tail, run_launcher, tiny_overrides
+
+
+def _scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, dict[int, float]] = {}
+    texts: set[str] = set()
+    for events in sorted(folder.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            values.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+        texts |= set(acc.Tags()["tensors"])
+    return values, texts
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_logged_scalars_of_a_two_rank_run(tiny_model, pages, tmp_path):
+    out = tmp_path / "run"
+    args = ["--config", "configs/tiny.yaml", *tiny_overrides(tiny_model, pages, out),
+            "data.negative_columns=[negative_0,negative_1]", "training.max_steps=4",
+            "training.report_to=[tensorboard]", "data.max_eval_queries=8"]
+    result = run_launcher("launch/cpu.yaml", args, env=launch_env())
+    assert result.returncode == 0, log_tail(result.stdout + result.stderr)
+    folder = out / "tensorboard"
+    events = list(folder.glob("events.out.tfevents.*"))
+    # events.out.tfevents.<time>.<host>.<pid>.<n>: every file from one process (rank 0)
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1
+    assert [p for p in out.rglob("events.out.tfevents.*") if p.parent != folder] == []  # one writer, one place
+    values, texts = _scalars(folder)
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    for key in ("loss", "grad_norm", "learning_rate"):
+        tag = f"train/{key}"
+        logged = {h["step"]: h[key] for h in state["log_history"] if key in h}
+        assert logged and values[tag] == pytest.approx(logged, rel=1e-6), tag
+    assert set(values["train/step_seconds"]) == {1, 2, 3, 4} and min(values["train/samples_per_second"].values()) > 0
+    after = json.loads((out / "metrics_after.json").read_text())["metrics"]
+    assert values["train/after/dim64_cosine_ndcg@10"][4] == pytest.approx(after["64"]["ndcg@10"], rel=1e-6)
+    assert 0 in values["train/before/dim16_cosine_ndcg@10"]
+    assert any("resolved_config" in t for t in texts)
+
+
+def test_a_tracker_that_is_not_installed_is_refused_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    from dist_vdr.config import load_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install wandb"):
+        load_config(None, ["training.report_to=[wandb]"], check_paths=False)
+    with pytest.raises(ValueError, match="report_to"):
+        load_config(None, ["training.report_to=[neptune]"], check_paths=False)
+    assert load_config(None, ["training.report_to=[none]"], check_paths=False).training.report_to == []
