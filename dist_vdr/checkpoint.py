@@ -189,6 +189,23 @@ def mark_complete(folder: str | os.PathLike, info: distributed.DistInfo, record:
     distributed.barrier()  # nobody races ahead and reads an unmarked folder
 
 
+def add_file(folder: str | os.PathLike, name: str, text: str) -> None:
+    """Write (or replace) one small file in a marked folder and record it in the marker, which stays valid
+    for every other file (rank 0 alone; e.g. final/README.md, written once the evaluation is in)."""
+    folder = Path(folder)
+    marker = _read_marker(folder)
+    if marker is None:
+        raise RuntimeError(f"{folder} is not a marked folder")
+    tmp = folder / (name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, folder / name)
+    files = marker.get("files")
+    if isinstance(files, dict):
+        files[name] = {"size": (folder / name).stat().st_size, HASH_NAME: file_digest(folder / name)}
+        marker["files"] = dict(sorted(files.items()))
+    write_marker(folder, marker)
+
+
 def saved_world_size(path: str | os.PathLike) -> int | None:
     """Number of ranks that wrote a complete checkpoint (from its marker), None when unknown."""
     try:

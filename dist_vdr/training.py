@@ -22,7 +22,7 @@ from .data.prepared import PreparedData
 from .model import compile_blocks, resolve_dtype
 from .phases import Phases
 from .results import RunResult
-from .run import callbacks, final, records, setup, tracking
+from .run import callbacks, card, final, records, setup, tracking
 from .run import evaluate as run_eval
 from .run.data import prepare_data
 from .run_lock import RunLock
@@ -100,10 +100,13 @@ class _Run:
     per_device: int
     phases: Phases
     stopper: object = None  # preemption's callback: where a stop signal stopped the run
+    data_rows: dict = dataclasses.field(default_factory=dict)  # training rows per dataset (the model card)
 
     def execute(self, data: PreparedData, resume: str | None, no_resume: bool,
                 allow_config_change: bool) -> RunResult:
         ctx = self.ctx
+        m = data.mixture
+        self.data_rows = dict(zip(m.names, m.sizes, strict=True)) if m else {ctx.cfg.data.path: len(data.train)}
         config_text = to_yaml(ctx.cfg)
         resume_from = checkpoint.decide_resume(ctx.out, resume=resume, no_resume=no_resume, info=ctx.info,
                                                log=logger.info)
@@ -215,6 +218,7 @@ class _Run:
         if self.stopper.stopped_at is not None:
             return self._stopped(result)
         final.save_final(trainer, ctx.info, ctx.out, self.task.final_files(cfg), merge_with=self._merge_with())
+        self._write_card(result)  # a card at once, whatever becomes of the evaluation
         if trainer.evaluator is not None:
             result.after = run_eval.stored(ctx.out, "after", step=result.global_step)
             if result.after is None:
@@ -222,7 +226,17 @@ class _Run:
                 result.after = run_eval.evaluate(trainer, ctx.info, ctx.out, "after", step=result.global_step)
             if ctx.info.is_main:
                 self.task.write_summary(ctx.out, result)
+            self._write_card(result)
         return result
+
+    def _write_card(self, result: RunResult) -> None:
+        """``final/README.md`` from the records (rank 0; no model run: the same under every engine)."""
+        if not self.ctx.info.is_main:
+            return
+        cfg = self.ctx.cfg
+        text = card.build_card(cfg, result, usage=self.task.card_usage(cfg), model_class=self.task.card_model_class,
+                               run_info=card.last_run_info(self.ctx.out), data_rows=self.data_rows)
+        final.write_card(self.ctx.out, text)
 
     def _merge_with(self):
         """The model section to rebuild the base for ``final/merged`` (model.adapter.merge_on_save), with the
@@ -257,8 +271,11 @@ class _Run:
                     f"starts another run)")
         state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
         after = run_eval.stored(self.ctx.out, "after", step=step)
-        return RunResult(task=self.task.name or self.ctx.cfg.task, global_step=step,
-                         final_loss=final.logged_losses(state.get("log_history", [])),
-                         before=run_eval.stored(self.ctx.out, "before"), after=after,
-                         dims=after.dims if after else [])
+        result = RunResult(task=self.task.name or self.ctx.cfg.task, global_step=step,
+                           final_loss=final.logged_losses(state.get("log_history", [])),
+                           before=run_eval.stored(self.ctx.out, "before"), after=after,
+                           dims=after.dims if after else [])
+        if not (folder / card.CARD_FILE).is_file():  # a run stopped between its final model and its card
+            self._write_card(result)
+        return result
 

@@ -58,6 +58,19 @@ def _restart_from(src: Path, step: int, dst: Path) -> None:
 _runs: dict = {}
 
 
+def assert_card_matches_metrics(run: Path) -> None:
+    """final/README.md holds metrics_after.json's per-dim NDCG@10, and final/ still verifies."""
+    from dist_vdr import checkpoint, distributed
+
+    card = (run / "final" / "README.md").read_text()
+    after = json.loads((run / "metrics_after.json").read_text())["metrics"]
+    table = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in card.splitlines()
+             if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
+    assert table == {dim: f"{m['ndcg@10']:.4f}" for dim, m in after.items()}, card
+    assert "base_model:" in card and "SentenceTransformer(" in card
+    assert checkpoint.verify(run / "final", distributed.DistInfo(0, 1, 0, "cpu")) == []
+
+
 def _eval_overrides() -> list[str]:
     return ["data.max_eval_queries=8", "launch.log_collectives=true"]
 
@@ -110,6 +123,9 @@ def test_engine_trains_like_ddp(engine, ddp_run, tmp_path_factory, tiny_model, p
     for dim, metrics in theirs["after"].items():
         assert mine["after"][dim]["ndcg@10"] == pytest.approx(metrics["ndcg@10"], abs=1e-4)
     assert mine["before"] == theirs["before"]
+    # The model card, from the records (no encode): under the engine as under DDP.
+    for run in (out, ddp_run):
+        assert_card_matches_metrics(run)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -140,6 +140,11 @@ def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_mo
 
     row = datasets.load_from_disk(str(pages))["train"][0]
     assert final.predict([(row["query"], row["image"])]).shape == (1,)
+    # The model card names the kind and holds the ranking stages' figures of metrics_after.json.
+    card = (two_out / "final" / "README.md").read_text()
+    assert "CrossEncoder(" in card and "pipeline_tag: text-ranking" in card and "dist_vdr_fusion.json" in card
+    rerank = _metrics(two_out, "after")["rerank"]["ndcg@10"]
+    assert f"| rerank | {rerank:.4f} |" in card
 
 
 def test_killed_reranker_run_resumes_on_its_loss_curve(tiny_reranker, tiny_model, pages, tmp_path):

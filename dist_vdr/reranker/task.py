@@ -86,6 +86,15 @@ class RerankerTask(Task):
         fusion = fusion_record(cfg.reranker)
         return {FUSION_FILE: json.dumps(fusion, indent=2)} if fusion else {}
 
+    card_model_class = "CrossEncoder"
+
+    def card_usage(self, cfg: Config) -> str:
+        return ("```python\nfrom PIL import Image\nfrom sentence_transformers import CrossEncoder\n\n"
+                'model = CrossEncoder("path/to/final")  # this folder\n'
+                'scores = model.predict([("a page with a red header", Image.open("page.png"))])\n```'
+                + (f"\n\nThe run fused the reranker's score with the retriever's (`{FUSION_FILE}`)."
+                   if fusion_record(cfg.reranker) else ""))
+
     def headline(self, result: RunResult, metric: str) -> str | None:
         """Retrieval vs reranked, before and after training (and the reranker's score alone when fused)."""
         if result.after is None:

@@ -78,6 +78,15 @@ def final_holds(final: Path, step: int, info: distributed.DistInfo) -> bool:
     return distributed.main_then_share(info.is_main, marked_step) == step and not checkpoint.verify(final, info)
 
 
+def write_card(out: Path, text: str) -> None:
+    """``final/README.md`` (the model card) into the marked final folder (rank 0)."""
+    from .card import CARD_FILE
+
+    folder = out / "final"
+    if checkpoint.is_complete(folder):
+        checkpoint.add_file(folder, CARD_FILE, text)
+
+
 def logged_losses(log_history: list[dict]) -> float | None:
     """The last training loss the Trainer logged."""
     losses = [h["loss"] for h in log_history if "loss" in h]

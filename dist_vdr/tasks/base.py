@@ -125,6 +125,22 @@ class Task:
         """The one line a finished run prints (None: nothing to say, e.g. evaluation off)."""
         return None
 
+    card_model_class: ClassVar[str] = "SentenceTransformer"
+    """The model class named by the model card (``final/README.md``)."""
+
+    def card_usage(self, cfg: Config) -> str:
+        """The model card's usage snippet: how to load ``final/`` and use it."""
+        if cfg.model.adapter.type:
+            load = (f'model = SentenceTransformer("{cfg.model.name_or_path}")\n'
+                    f'model.load_adapter("path/to/final")  # this folder: a PEFT adapter')
+        else:
+            load = 'model = SentenceTransformer("path/to/final")  # this folder'
+        return ("```python\nfrom PIL import Image\nfrom sentence_transformers import SentenceTransformer\n\n" + load
+                + "\n"
+                'queries = model.encode_query(["a page with a red header and a bar chart"])\n'
+                'pages = model.encode_document([Image.open("page.png")])  # page images\n'
+                "print(model.similarity(queries, pages))\n```")
+
 
 def before_after(result: RunResult) -> dict[str, dict]:
     """The run's metrics rows before and after training ({} for an evaluation not run)."""

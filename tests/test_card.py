@@ -1,0 +1,52 @@
+"""The model card (final/README.md) from the records, and adding a file to a marked folder."""
+
+from __future__ import annotations
+
+from dist_vdr import checkpoint, distributed
+from dist_vdr.config import load_config
+from dist_vdr.results import Metrics, RunResult
+from dist_vdr.run.card import build_card
+from dist_vdr.tasks import get
+
+
+def _result(rows_after: dict, rows_before: dict | None = None, dims=(64, 32)) -> RunResult:
+    return RunResult(task="embedding", global_step=12, final_loss=1.25, dims=list(dims),
+                     before=Metrics.of(0, rows_before) if rows_before else None, after=Metrics.of(12, rows_after))
+
+
+def test_the_card_holds_the_recipe_the_data_and_every_evaluated_row():
+    cfg = load_config(None, ["loss.matryoshka_dims=[64,32]", "training.max_steps=12"], check_paths=False)
+    result = _result({64: {"ndcg@10": 0.5, "mrr@10": 0.25}, 32: {"ndcg@10": 0.375}}, {64: {"ndcg@10": 0.125}})
+    task = get("embedding")
+    text = build_card(cfg, result, usage=task.card_usage(cfg), model_class=task.card_model_class,
+                      run_info={"world_size": 4, "device": "cuda", "versions": {"torch": "2.14.1"}},
+                      data_rows={"./artifacts/pages": 4000})
+    assert text.startswith("---\nlibrary_name: sentence-transformers\n")
+    assert "trained on 4 rank(s), cuda" in text and "`./artifacts/pages`: 4,000 rows" in text
+    assert "| 64 | 0.5000 | 0.2500 | 0.1250 |" in text and "| 32 | 0.3750 | - | - |" in text
+    assert "| `global_batch_size` | 32 |" in text and "Final training loss: 1.2500" in text
+    assert 'SentenceTransformer("path/to/final")' in text and "- torch: 2.14.1" in text and "- matryoshka" in text
+
+
+def test_an_adapter_card_says_how_to_load_it_and_a_reranker_card_is_a_cross_encoders():
+    cfg = load_config(None, ["model.adapter.type=lora"], check_paths=False)
+    usage = get("embedding").card_usage(cfg)
+    assert 'load_adapter("path/to/final")' in usage and cfg.model.name_or_path in usage
+    rcfg = load_config(None, ["task=reranker"], check_paths=False)
+    reranker = get("reranker")
+    text = build_card(rcfg, _result({"retrieval": {"ndcg@10": 0.5}, "rerank": {"ndcg@10": 0.625}}, dims=()),
+                      usage=reranker.card_usage(rcfg), model_class=reranker.card_model_class, run_info=None,
+                      data_rows={"rows": 10})
+    assert "pipeline_tag: text-ranking" in text and "| rerank | 0.6250 |" in text and "CrossEncoder(" in text
+
+
+def test_a_file_added_to_a_marked_folder_keeps_it_verifiable(tmp_path):
+    info = distributed.DistInfo()
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    checkpoint.mark_complete(tmp_path, info, {"step": 3})
+    checkpoint.add_file(tmp_path, "README.md", "# card\n")
+    assert checkpoint.verify(tmp_path, info) == []
+    checkpoint.add_file(tmp_path, "README.md", "# card, with the evaluation\n")  # replaced: still verifies
+    assert checkpoint.verify(tmp_path, info) == []
+    (tmp_path / "README.md").write_text("edited")
+    assert checkpoint.verify(tmp_path, info) == ["README.md has 6 bytes, the marker says 28"]
