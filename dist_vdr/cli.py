@@ -60,6 +60,31 @@ def _train(args: argparse.Namespace) -> int:
         line = headline(result, cfg.evaluation.main_metric) if result.finished else None
         if line:
             print(line, flush=True)
+        _write_run_report(cfg.training.output_dir, cfg.evaluation.main_metric)
+    return 0
+
+
+def _write_run_report(out: str, metric: str) -> None:
+    """The run report at the end of `train` (a failure to draw it is said, the run is not failed for it)."""
+    from pathlib import Path
+
+    from .report import write_report
+
+    try:
+        png, md = write_report(out, metric)
+    except Exception as exc:  # noqa: BLE001 -- a report is no reason to fail a trained run
+        print(f"the run report was not written ({type(exc).__name__}: {exc}); try `dist-vdr report {out}`",
+              flush=True)
+        return
+    card = Path(out) / "final" / "README.md"
+    print(f"report: {md} ({png.name}){f'; model card: {card}' if card.is_file() else ''}", flush=True)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    png, md = write_report(args.run_dir, args.metric)
+    print(f"report: {md} ({png.name})")
     return 0
 
 
@@ -262,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="sharded retrieval evaluation of a model on a page corpus")
     add_options(e, EVAL)
     e.set_defaults(fn=_eval)
+    r = sub.add_parser("report", help="report.png and report.md of a training run (finished, in progress or killed)")
+    r.add_argument("run_dir", help="the run's training.output_dir")
+    r.add_argument("--metric", default="ndcg@10", help="the evaluation metric plotted and tabulated (ndcg@10)")
+    r.set_defaults(fn=_report)
 
     from . import cli_bench, cli_data
 

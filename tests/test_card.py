@@ -50,3 +50,30 @@ def test_a_file_added_to_a_marked_folder_keeps_it_verifiable(tmp_path):
     assert checkpoint.verify(tmp_path, info) == []
     (tmp_path / "README.md").write_text("edited")
     assert checkpoint.verify(tmp_path, info) == ["README.md has 6 bytes, the marker says 28"]
+
+
+def test_the_report_reads_the_series_and_the_evaluations_of_a_run_folder(tmp_path):
+    import json
+
+    from dist_vdr.report import eval_curves, series, write_report
+
+    log = [{"step": 1, "loss": 3.0, "learning_rate": 1e-3, "grad_norm": 2.0},
+           {"step": 2, "loss": 2.5, "learning_rate": 5e-4, "grad_norm": 1.5, "samples_per_second": 40.0},
+           {"step": 2, "eval_dim64_cosine_ndcg@10": 0.25, "eval_dim32_cosine_ndcg@10": 0.125,
+            "eval_charts/dim64_cosine_ndcg@10": 0.5, "eval_rerank_ndcg@10": 0.75, "eval_loss": 1.0}]
+    assert series(log, "loss") == ([1, 2], [3.0, 2.5]) and series(log, "samples_per_second") == ([2], [40.0])
+    assert eval_curves(log) == {"64": ([2], [0.25]), "32": ([2], [0.125]), "rerank": ([2], [0.75])}
+    with __import__("pytest").raises(ValueError, match="not a dist-vdr run folder"):
+        write_report(tmp_path)
+    # a run killed midway: a checkpoint, no final/, no evaluation after
+    (tmp_path / "resolved_config.yaml").write_text("task: embedding\nmodel: {name_or_path: m}\ndata: {path: d}\n")
+    (tmp_path / "run_info.jsonl").write_text(json.dumps({"world_size": 2, "device": "cpu"}) + "\n")
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+    checkpoint.mark_complete(ckpt, distributed.DistInfo(), {"step": 2})
+    Metrics.of(0, {64: {"ndcg@10": 0.125}}).write(tmp_path / "metrics_before.json")
+    png, md = write_report(tmp_path)
+    text = md.read_text()
+    assert png.is_file() and "in progress or stopped; newest checkpoint: checkpoint-2" in text
+    assert "| 64 | 0.1250 | - | - |" in text and "world size 2, device cpu" in text

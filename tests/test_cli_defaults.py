@@ -25,6 +25,7 @@ from dist_vdr.cli_options import load_command
 UNMAPPED = {
     "train": {"--config", "--resume", "--no-resume", "--allow-config-change"},
     "data check": {"--config"},
+    "report": {"--metric"},
     "make-tiny-model": {"--reranker", "--init-from", "--hidden-size", "--num-layers", "--seed", "--overwrite"},
     "make-synthetic-pages": {"--num-train", "--num-negatives", "--num-eval-queries", "--num-eval-distractors",
                              "--seed", "--overwrite", "--style"},

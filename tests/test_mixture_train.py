@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_after_first_checkpoint, launch_env, log_tail, logged_losses, run_launcher, tiny_overrides
+from conftest import (
+    kill_after_first_checkpoint,
+    launch_env,
+    log_tail,
+    logged_losses,
+    run_cli,
+    run_launcher,
+    tiny_overrides,
+)
 
 STEPS = 6
 
@@ -89,6 +97,8 @@ def test_a_killed_mixture_resumes_with_the_same_rows_on_two_ranks_and_on_one(tin
                                 env=launch_env(DIST_VDR_TRACE_ROWS=str(tmp_path / "trace-killed")))
     one_rank = tmp_path / "killed-then-1-rank"
     shutil.copytree(out, one_rank)
+    report = run_cli(["report", str(out)])  # a killed run's report: up to its newest checkpoint
+    assert report.returncode == 0 and "in progress or stopped" in (out / "report.md").read_text()
     for world, folder in ((2, out), (1, one_rank)):
         trace = tmp_path / f"trace-resumed-{world}"
         again = _train(world, _args(tiny_model, pages, forms, folder), trace)

@@ -145,6 +145,8 @@ def test_two_ranks_mine_train_and_rerank_like_one_process(tiny_reranker, tiny_mo
     assert "CrossEncoder(" in card and "pipeline_tag: text-ranking" in card and "dist_vdr_fusion.json" in card
     rerank = _metrics(two_out, "after")["rerank"]["ndcg@10"]
     assert f"| rerank | {rerank:.4f} |" in card
+    report = (two_out / "report.md").read_text()  # `train` ends with the run report: the ranking stages
+    assert re.search(rf"\| rerank \| \d\.\d{{4}} \| {rerank:.4f} \|", report) and (two_out / "report.png").is_file()
 
 
 def test_killed_reranker_run_resumes_on_its_loss_curve(tiny_reranker, tiny_model, pages, tmp_path):

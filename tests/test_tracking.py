@@ -29,7 +29,7 @@ def test_tensorboard_holds_the_logged_scalars_of_a_two_rank_run(tiny_model, page
     out = tmp_path / "run"
     args = ["--config", "configs/tiny.yaml", *tiny_overrides(tiny_model, pages, out),
             "data.negative_columns=[negative_0,negative_1]", "training.max_steps=4",
-            "training.report_to=[tensorboard]", "data.max_eval_queries=8"]
+            "training.report_to=[tensorboard]", "data.max_eval_queries=8", "training.eval_steps=2"]
     result = run_launcher("launch/cpu.yaml", args, env=launch_env())
     assert result.returncode == 0, log_tail(result.stdout + result.stderr)
     folder = out / "tensorboard"
@@ -48,6 +48,21 @@ def test_tensorboard_holds_the_logged_scalars_of_a_two_rank_run(tiny_model, page
     assert values["train/after/dim64_cosine_ndcg@10"][4] == pytest.approx(after["64"]["ndcg@10"], rel=1e-6)
     assert 0 in values["train/before/dim16_cosine_ndcg@10"]
     assert any("resolved_config" in t for t in texts)
+    assert set(values["eval/dim64_cosine_ndcg@10"]) == {2, 4}  # the evaluations during training
+    # `train` ends with the run report: the series of trainer_state, the before/after table
+    assert f"report: {out / 'report.md'} (report.png); model card: {out / 'final' / 'README.md'}" in result.stdout
+    from PIL import Image
+
+    assert Image.open(out / "report.png").size[0] > 1000
+    from dist_vdr.report import eval_curves, history
+
+    log, _ = history(out)
+    assert eval_curves(log)["64"][0] == [2, 4]
+    report = (out / "report.md").read_text()
+    assert "finished (final/ complete)" in report
+    before = json.loads((out / "metrics_before.json").read_text())["metrics"]
+    row = f"| 64 | {before['64']['ndcg@10']:.4f} | {after['64']['ndcg@10']:.4f} |"
+    assert row in report
 
 
 def test_a_tracker_that_is_not_installed_is_refused_with_the_install_command(monkeypatch):
