@@ -26,6 +26,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 """model.dtype (and the --dtype option of the commands)."""
 _EVAL_FORMATS = ("ir", "triplets")
+# training.report_to name -> the packages that provide it (any one of them)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",),
+            "mlflow": ("mlflow",)}
 REQUIRED = "???"
 """The default of a key a command cannot run without (OmegaConf's MISSING): loading fails, naming
 the key and its option, unless the config file, an option or an override sets it."""
@@ -476,7 +479,7 @@ class TrainingConfig:
         if self.report_to == ["none"]:
             self.report_to = []
         for name in self.report_to:
-            _check_choice("training", "report_to", name, ("tensorboard", "trackio", "wandb", "mlflow"))
+            _check_choice("training", "report_to", name, tuple(TRACKERS))
         managed = {"output_dir", "per_device_train_batch_size", "learning_rate", "seed", "bf16", "fp16",
                    "max_steps", "num_train_epochs", "save_steps", "eval_steps", "batch_sampler", "use_cpu",
                    "save_total_limit", "logging_nan_inf_filter", "report_to"}
@@ -839,9 +842,12 @@ def _check_with_libraries(cfg: Config) -> None:
     names = [t.value for t in SchedulerType]
     if cfg.training.lr_scheduler_type not in names:
         raise ValueError(f"training.lr_scheduler_type={cfg.training.lr_scheduler_type!r} is not one of {names}")
-    from .run.tracking import check_installed
+    import importlib.util
 
-    check_installed(cfg.training.report_to)
+    for name in cfg.training.report_to:
+        if not any(importlib.util.find_spec(p) for p in TRACKERS[name]):
+            raise ValueError(f"training.report_to={name}: the {TRACKERS[name][0]} package is not installed; "
+                             f"pip install {TRACKERS[name][0]} (or pip install 'dist-vdr[tracking]'), or remove it")
 
 
 def _resolve_sources(cfg: Config) -> None:

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                          "dist_vdr.engines", "dist_vdr.step_stats", "dist_vdr.mining", "dist_vdr.st_trainers")),
     # tiny builds the test models of every task.
     ("tasks", ("dist_vdr.tasks.*", "dist_vdr.reranker", "dist_vdr.tiny")),
-    ("run", ("dist_vdr.run", "dist_vdr.training")),
+    ("run", ("dist_vdr.run", "dist_vdr.training", "dist_vdr.report")),
     ("entry points", ("dist_vdr.cli*", "dist_vdr.commands", "dist_vdr.cluster", "dist_vdr.launcher",
                       "dist_vdr.bench")),
 ]

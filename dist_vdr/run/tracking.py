@@ -9,23 +9,11 @@ folder (``<output_dir>/tensorboard``; trackio's project is the run folder's name
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-# report_to name -> the packages that provide it (any one of them)
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",),
-            "mlflow": ("mlflow",)}
 TENSORBOARD_DIR = "tensorboard"
-
-
-def check_installed(report_to: list[str]) -> None:
-    """ValueError with the install command for a tracker whose package is missing (at load time)."""
-    for name in report_to:
-        if not any(importlib.util.find_spec(p) for p in TRACKERS[name]):
-            raise ValueError(f"training.report_to={name}: the {TRACKERS[name][0]} package is not installed; "
-                             f"pip install {TRACKERS[name][0]} (or pip install 'dist-vdr[tracking]'), or remove it")
 
 
 def configure(trainer, out: Path, config_text: str) -> None:
