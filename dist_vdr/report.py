@@ -94,6 +94,11 @@ def _plot(run: Path, log: list[dict], before: Metrics | None, after: Metrics | N
         ax.grid(True, alpha=0.3)
     ax = axes.flat[4]
     curves = eval_curves(log, metric)
+    title = f"{metric.upper()} during training"
+    if not curves and before is not None and after is not None:  # the two ends, joined
+        curves = {name: ([before.step, after.step], [before.get(name, metric), after.get(name, metric)])
+                  for name in after.rows if "/" not in name and before.get(name, metric) is not None}
+        title += " (before/after only;\ntraining.eval_steps adds points)"
     for name, (steps, values) in sorted(curves.items(), key=lambda kv: _order(kv[0])):
         ax.plot(steps, values, marker="o", label=name)
     if not curves:
@@ -101,7 +106,7 @@ def _plot(run: Path, log: list[dict], before: Metrics | None, after: Metrics | N
                 transform=ax.transAxes, color="gray")
     else:
         ax.legend(fontsize=8, title="dim / stage", title_fontsize=8)
-    ax.set_title(f"{metric.upper()} during training")
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(True, alpha=0.3)
     _plot_before_after(axes.flat[5], before, after, metric)
@@ -133,7 +138,9 @@ def _plot_before_after(ax, before: Metrics | None, after: Metrics | None, metric
     ax.set_title(f"{metric.upper()} before / after training")
     ax.set_xlabel("dim / stage")
     if rows:
-        ax.legend(fontsize=8)
+        top = max((m.get(name, metric) or 0.0) for m in (before, after) if m for name in rows)
+        ax.set_ylim(0, max(top, 1e-3) * 1.3)  # room for the legend above the bars
+        ax.legend(fontsize=8, ncol=2, loc="upper center")
     ax.grid(True, axis="y", alpha=0.3)
 
 
