@@ -107,3 +107,22 @@ def test_a_killed_mixture_resumes_with_the_same_rows_on_two_ranks_and_on_one(tin
         assert min(after) >= 3 and max(after) == STEPS  # resumed after the first checkpoint (save_steps=2)
         for step, rows in after.items():
             assert rows == expected[step], f"resumed on {world} rank(s): step {step} trained other rows"
+
+
+@pytest.mark.slow
+def test_each_dataset_is_evaluated_on_its_own_set_and_the_macro_average_is_the_main_metric(tiny_model, pages, forms,
+                                                                                          tmp_path):
+    out = tmp_path / "run"
+    mixture = (f"data.datasets=[{{name: charts, path: {pages}, eval_path: {pages}}}, "
+               f"{{name: forms, path: {forms}, eval_path: {forms}}}]")
+    args = ["--config", "configs/tiny.yaml", *tiny_overrides(tiny_model, pages, out), mixture,
+            "data.negative_columns=[negative_0,negative_1]", "training.max_steps=2", "data.max_eval_queries=8"]
+    result = _train(2, args, tmp_path / "trace")
+    assert "eval sets: charts, forms (their macro average is the main metric)" in result.stdout
+    after = json.loads((out / "metrics_after.json").read_text())["metrics"]
+    for dim in ("64", "32", "16"):
+        mean = (after[f"charts/{dim}"]["ndcg@10"] + after[f"forms/{dim}"]["ndcg@10"]) / 2
+        assert after[dim]["ndcg@10"] == pytest.approx(mean, abs=1e-12)
+    assert f"after={after['64']['ndcg@10']:.4f} (macro average of 2 eval sets" in result.stdout
+    for name in ("charts", "forms"):  # each set's own outputs, from the sharded evaluator
+        assert (out / "eval_after" / name / "run.dim64.trec").is_file()
