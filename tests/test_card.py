@@ -77,3 +77,24 @@ def test_the_report_reads_the_series_and_the_evaluations_of_a_run_folder(tmp_pat
     text = md.read_text()
     assert png.is_file() and "in progress or stopped; newest checkpoint: checkpoint-2" in text
     assert "| 64 | 0.1250 | - | - |" in text and "world size 2, device cpu" in text
+
+
+def test_results_in_mtebs_format_load_with_mtebs_own_loader(tmp_path):
+    import json
+
+    from dist_vdr.data.loading import set_name
+    from dist_vdr.evaluation.mteb_format import write_results
+
+    assert set_name("./data/vidore-v3-hr/") == "vidore-v3-hr" and set_name("org/name with space") == "name-with-space"
+    files = write_results(tmp_path, "dist-vdr", "pages", "test",
+                          {64: {"ndcg@10": 0.5, "recall@100": 0.9, "accuracy@1": 0.25}, 32: {"ndcg@10": 0.375}})
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == [
+        "mteb/dist-vdr_dim64/no_revision_available/pages.json", "mteb/dist-vdr_dim32/no_revision_available/pages.json"]
+    payload = json.loads(files[0].read_text())
+    assert payload["scores"]["test"][0] == {"ndcg_at_10": 0.5, "recall_at_100": 0.9, "hit_rate_at_1": 0.25,
+                                            "main_score": 0.5, "hf_subset": "default", "languages": ["und-Zyyy"]}
+    from mteb.results import TaskResult  # installed by the test extra (setup.cfg)
+
+    loaded = [TaskResult.from_disk(f, load_historic_data=False) for f in files]
+    assert [r.task_name for r in loaded] == ["pages", "pages"]
+    assert [r.get_score() for r in loaded] == [0.5, 0.375]

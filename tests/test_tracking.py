@@ -60,6 +60,9 @@ def test_tensorboard_holds_the_logged_scalars_of_a_two_rank_run(tiny_model, page
     assert eval_curves(log)["64"][0] == [2, 4]
     report = (out / "report.md").read_text()
     assert "finished (final/ complete)" in report
+    # the evaluation's figures in mteb's format too, one model variant per dim
+    assert sorted(p.parent.parent.name for p in (out / "eval_after" / "mteb").rglob("*.json")) == [
+        "dist-vdr_dim16", "dist-vdr_dim32", "dist-vdr_dim64"]
     before = json.loads((out / "metrics_before.json").read_text())["metrics"]
     row = f"| 64 | {before['64']['ndcg@10']:.4f} | {after['64']['ndcg@10']:.4f} |"
     assert row in report

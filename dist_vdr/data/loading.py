@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class EvalData:
     queries: dict[str, str]
     corpus: object  # datasets.Dataset[page_id, image]
     qrels: dict[str, dict[str, int]] = field(default_factory=dict)  # query id -> {page id: grade}
+    name: str = "eval"
+    """What the set is called in benchmark-format results (the eval data's hub configuration or folder)."""
 
     def relevant_sets(self) -> dict[str, set[str]]:
         return {q: {p for p, g in rel.items() if g > 0} for q, rel in self.qrels.items()}
@@ -181,9 +184,15 @@ def _page_id(value: dict) -> str:
 
 
 def load_eval(cfg: DataConfig, show_progress: bool = False) -> EvalData:
-    if cfg.eval_format == "ir":
-        return _load_eval_ir(cfg, show_progress)
-    return _load_eval_triplets(cfg, show_progress)
+    data = _load_eval_ir(cfg, show_progress) if cfg.eval_format == "ir" else _load_eval_triplets(cfg, show_progress)
+    data.name = set_name(cfg.eval_name or cfg.eval_path or cfg.path)
+    return data
+
+
+def set_name(path_or_name: str) -> str:
+    """An eval set's name from its hub configuration or path: the last part, letters, digits, - and _."""
+    base = Path(str(path_or_name).rstrip("/")).name or "eval"
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", base).strip("-") or "eval"
 
 
 def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:

@@ -31,7 +31,7 @@ from .. import distributed
 from ..data.arrow import column_values
 from ..data.judgements import judged_queries
 from ..data.loading import EvalData
-from . import stock
+from . import mteb_format, stock
 from .encode import encode_corpus_shard, encode_queries, shard_range
 from .metrics import METRICS, retrieval_metrics
 from .search import RESCORE_SLACK, has_faiss, merge_topk, rescore, shard_topk
@@ -68,7 +68,10 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
 
     # ------------------------------------------------------------------ running
     def __call__(self, model, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+        import time
+
         info = distributed.current()
+        start = time.perf_counter()
         queries = self._encode_queries(model, info)
         offset, shard = encode_corpus_shard(
             model, self.data.corpus, rank=info.rank, world_size=info.world_size, batch_size=self.batch_size,
@@ -86,6 +89,7 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
             metrics = retrieval_metrics(ranked, self.data.qrels, self.ks)
             self.last_rankings[dim], self.last_metrics[dim] = (scores, idx), metrics
             flat.update({f"dim{dim}_cosine_{name}": value for name, value in metrics.items()})
+        self.last_seconds = time.perf_counter() - start
         if output_path and info.is_main:
             self.write_outputs(output_path, steps)
         return flat
@@ -112,6 +116,9 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
             write_trec_run(out / f"run.dim{dim}.trec", ranked, f"{self.run_tag}-dim{dim}")
         write_trec_qrels(out / "qrels.trec", self.query_ids, self.data.qrels)
         plot_ndcg_vs_dim({"this run": {d: m for d, m in self.last_metrics.items()}}, out / "ndcg_vs_dim.png")
+        # The same figures in mteb's results format (a model variant per dim; mteb_format.py).
+        mteb_format.write_results(out, self.run_tag, getattr(self.data, "name", "eval"), "test", self.last_metrics,
+                                  evaluation_time=getattr(self, "last_seconds", None))
 
 
 def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, *,
