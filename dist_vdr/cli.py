@@ -155,7 +155,7 @@ EVAL = Command(EvalCommand, (
     Opt("--batch-size", "evaluation.batch_size"),
     Opt("--num-workers", "evaluation.num_workers"),
     Opt("--backend", "evaluation.search_backend", choices=("auto", "faiss", "torch")),
-    Opt("--eval-format", "data.eval_format", choices=("ir", "triplets")),
+    Opt("--eval-format", "data.eval_format", choices=("ir", "triplets", "beir")),
     Opt("--eval-name", "data.eval_name"),
     Opt("--eval-split", "data.eval_split", help="Split of the eval rows (eval_format=triplets)."),
     Opt("--negative-columns", "data.eval_negative_columns"),

@@ -25,7 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 """launch.device (and the --device option of the commands)."""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 """model.dtype (and the --dtype option of the commands)."""
-_EVAL_FORMATS = ("ir", "triplets")
+_EVAL_FORMATS = ("ir", "triplets", "beir")
 # training.report_to name -> the packages that provide it (any one of them)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",),
             "mlflow": ("mlflow",)}
@@ -212,7 +212,9 @@ class DataConfig:
     negative_columns are made from its first entries; rows with too few usable ids are dropped."""
     eval_format: str = "ir"
     """ir: splits of queries / corpus / qrels; triplets: an eval split of query + positive + negatives,
-    whose pages (positives and negatives, de-duplicated) form the corpus (the published VDR layout)."""
+    whose pages (positives and negatives, de-duplicated) form the corpus (the published VDR layout);
+    beir: the ViDoRe BEIR layout, a folder or hub id with corpus/, queries/, qrels/ tables (corpus-id +
+    image, query-id + query, query-id + corpus-id + score) of the split eval_split (test when left at eval)."""
     eval_name: str | None = None
     """Hub dataset configuration of the eval data (e.g. `eval`)."""
     eval_split: str = "eval"

@@ -184,7 +184,12 @@ def _page_id(value: dict) -> str:
 
 
 def load_eval(cfg: DataConfig, show_progress: bool = False) -> EvalData:
-    data = _load_eval_ir(cfg, show_progress) if cfg.eval_format == "ir" else _load_eval_triplets(cfg, show_progress)
+    if cfg.eval_format == "beir":
+        from .beir import load_beir
+
+        data = load_beir(cfg, show_progress)
+    else:
+        data = _load_eval_ir(cfg, show_progress) if cfg.eval_format == "ir" else _load_eval_triplets(cfg, show_progress)
     data.name = set_name(cfg.eval_name or cfg.eval_path or cfg.path)
     return data
 
@@ -215,6 +220,19 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
                                             "score": [g for rel in read.values() for g in rel.values()]})
     else:
         qrels = _load_split(corpus_path, cfg.eval_name, cfg.eval_qrels_split)
+    where = (f"eval queries {cfg.eval_queries_file or f'{corpus_path}[{cfg.eval_queries_split}]'} / qrels "
+             f"{cfg.eval_qrels_file or f'{corpus_path}[{cfg.eval_qrels_split}]'}")
+    return ir_eval_data(cfg, corpus, queries, qrels, corpus_path, where, show_progress)
+
+
+def ir_eval_data(cfg: DataConfig, corpus, queries, qrels, corpus_path: str, where: str,
+                 show_progress: bool = False) -> EvalData:
+    """EvalData from the three tables (page_id + image; query_id + query; query_id + page_id + score),
+    checked: queries not empty, ids unique and known, judged queries only."""
+    import datasets
+
+    from . import judgements
+
     _require_columns(queries, ["query_id", "query"], f"eval queries {corpus_path}[{cfg.eval_queries_split}]")
     _require_columns(qrels, ["query_id", "page_id", "score"], f"eval qrels {corpus_path}[{cfg.eval_qrels_split}]")
     _check_queries(queries["query"], f"eval queries {corpus_path}")
@@ -225,8 +243,6 @@ def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
         rel.setdefault(str(row["query_id"]), {})[str(row["page_id"])] = int(row["score"])
     qids = [str(q) for q in queries["query_id"]]
     texts = dict(zip(qids, queries["query"], strict=True))
-    where = (f"eval queries {cfg.eval_queries_file or f'{corpus_path}[{cfg.eval_queries_split}]'} / qrels "
-             f"{cfg.eval_qrels_file or f'{corpus_path}[{cfg.eval_qrels_split}]'}")
     judged = judgements.judged_queries(qids, rel, where)
     if cfg.max_eval_queries is not None:
         judged = judged[: cfg.max_eval_queries]
