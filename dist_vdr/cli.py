@@ -80,6 +80,22 @@ def _write_run_report(out: str, metric: str) -> None:
     print(f"report: {md} ({png.name}){f'; model card: {card}' if card.is_file() else ''}", flush=True)
 
 
+def _average(args: argparse.Namespace) -> int:
+    import subprocess
+    import sys
+
+    from .averaging import average
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    out = average(args.checkpoints, args.out, weights)
+    print(f"averaged {len(args.checkpoints)} checkpoints into {out}", flush=True)
+    if args.eval_data:  # in a process of its own: the eval command's own launch and device handling
+        cmd = [sys.executable, "-m", "dist_vdr.cli", "eval", "--model", str(out), "--data", args.eval_data,
+               "--output", str(out / "eval"), *(["--device", args.device] if args.device else [])]
+        return subprocess.run(cmd).returncode
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -291,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="the run's training.output_dir")
     r.add_argument("--metric", default="ndcg@10", help="the evaluation metric plotted and tabulated (ndcg@10)")
     r.set_defaults(fn=_report)
+    a = sub.add_parser("average", help="average the weights of several checkpoints (uniform or weighted) into a "
+                                       "model folder, and evaluate it if asked")
+    a.add_argument("checkpoints", nargs="+", help="checkpoint or final/ folders of the same model")
+    a.add_argument("--out", required=True, help="the new model folder")
+    a.add_argument("--weights", default=None, help="comma-separated, one per checkpoint (normalised; default: equal)")
+    a.add_argument("--eval-data", default=None, help="evaluate the result on this data (as `dist-vdr eval --data`)")
+    a.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="device of the evaluation")
+    a.set_defaults(fn=_average)
 
     from . import cli_bench, cli_data
 

@@ -26,6 +26,7 @@ UNMAPPED = {
     "train": {"--config", "--resume", "--no-resume", "--allow-config-change"},
     "data check": {"--config"},
     "report": {"--metric"},
+    "average": {"--out", "--weights", "--eval-data", "--device"},
     "make-tiny-model": {"--reranker", "--init-from", "--hidden-size", "--num-layers", "--seed", "--overwrite"},
     "make-synthetic-pages": {"--num-train", "--num-negatives", "--num-eval-queries", "--num-eval-distractors",
                              "--seed", "--overwrite", "--style"},

@@ -23,10 +23,9 @@ def split_of(cfg: DataConfig) -> str:
     return "test" if cfg.eval_split == "eval" else cfg.eval_split
 
 
-def load_beir(cfg: DataConfig, show_progress: bool = False):
-    """EvalData of a BEIR folder or hub id (see the module docstring)."""
-    from .loading import ir_eval_data
-
+def beir_tables(cfg: DataConfig):
+    """(corpus, queries, qrels, path, where) of a BEIR folder or hub id, under the names of the ``ir``
+    format (page_id + image; query_id + query; query_id + page_id + score)."""
     path, split = cfg.eval_path or cfg.path, split_of(cfg)
     corpus = _table(path, "corpus", split)
     corpus = _rename(corpus, {_first(corpus.column_names, _IDS["corpus"], path, "corpus"): "page_id"})
@@ -36,9 +35,8 @@ def load_beir(cfg: DataConfig, show_progress: bool = False):
     qrels = _table(path, "qrels", split)
     qrels = _rename(qrels, {_first(qrels.column_names, ("query-id", "query_id"), path, "qrels"): "query_id",
                             _first(qrels.column_names, ("corpus-id", "corpus_id", "doc_id"), path, "qrels"): "page_id"})
-    where = f"BEIR eval data {path} ({split})"
-    return ir_eval_data(cfg, corpus, queries.select_columns(["query_id", "query"]),
-                        qrels.select_columns(["query_id", "page_id", "score"]), path, where, show_progress)
+    return (corpus, queries.select_columns(["query_id", "query"]),
+            qrels.select_columns(["query_id", "page_id", "score"]), path, f"BEIR eval data {path} ({split})")
 
 
 def _first(columns: list[str], names: tuple[str, ...], path: str, part: str) -> str:

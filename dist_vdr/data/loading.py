@@ -185,9 +185,9 @@ def _page_id(value: dict) -> str:
 
 def load_eval(cfg: DataConfig, show_progress: bool = False) -> EvalData:
     if cfg.eval_format == "beir":
-        from .beir import load_beir
+        from .beir import beir_tables
 
-        data = load_beir(cfg, show_progress)
+        data = ir_eval_data(cfg, *beir_tables(cfg), show_progress=show_progress)
     else:
         data = _load_eval_ir(cfg, show_progress) if cfg.eval_format == "ir" else _load_eval_triplets(cfg, show_progress)
     data.name = set_name(cfg.eval_name or cfg.eval_path or cfg.path)

@@ -1,0 +1,92 @@
+"""`dist-vdr average CKPT... --out DIR`: the weighted mean of several checkpoints' weights (model soup /
+checkpoint averaging), written as a model folder that loads like any other.
+
+Every ``*.safetensors`` file present in all the folders is averaged tensor by tensor (a full model's
+``model.safetensors``, or a LoRA run's ``adapter_model.safetensors``), in float64 and cast back to each
+tensor's dtype; the other model files (config, tokenizer, processor, modules) are copied from the first
+folder, the training state (optimizer, scheduler, RNG, trainer state) is not. The result is marked like
+a checkpoint (file hashes). Folders must hold the same tensors (names, shapes, dtypes).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from . import checkpoint, distributed
+
+# Training state, not model: never copied into the averaged folder.
+_STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "dist_vdr_config.yaml",
+          checkpoint.MARKER_FILE, "README.md")
+_STATE_PREFIXES = ("rng_state", "global_step", "pytorch_model_fsdp", "optimizer_")
+
+
+def check_inputs(folders: list[Path], weights: list[float] | None) -> list[float]:
+    """The normalised weights; ValueError with the fix for inputs that cannot be averaged."""
+    if len(folders) < 2:
+        raise ValueError("average needs at least two checkpoint folders")
+    for folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder")
+        if not list(folder.glob("*.safetensors")):
+            sharded = any(p.name.startswith(("global_step", "pytorch_model_fsdp")) for p in folder.iterdir())
+            raise ValueError(f"{folder} holds no *.safetensors weights" + (
+                " (a ZeRO/FSDP checkpoint keeps sharded engine states: average the runs' final/ folders, which "
+                "hold the gathered model, or checkpoints of a DDP run)" if sharded else ""))
+    weights = weights or [1.0] * len(folders)
+    if len(weights) != len(folders) or any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"--weights: one weight >= 0 per folder with a positive sum, got {weights} for "
+                         f"{len(folders)} folders")
+    return [w / sum(weights) for w in weights]
+
+
+def average(folders: list[str | Path], out: str | Path, weights: list[float] | None = None) -> Path:
+    """Write the weighted mean of ``folders``' weights into ``out`` (new or empty); returns ``out``."""
+    from safetensors.torch import load_file, save_file
+
+    folders = [Path(f) for f in folders]
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty: choose a new folder")
+    if any(out.resolve() == f.resolve() for f in folders):
+        raise ValueError("--out must be a new folder, not one of the inputs")
+    shares = check_inputs(folders, weights)
+    names = sorted(set.intersection(*({p.relative_to(f).as_posix() for p in f.rglob("*.safetensors")}
+                                      for f in folders)))
+    if not names:
+        raise ValueError("the folders share no *.safetensors file name: are they checkpoints of the same model?")
+    tmp = out.with_name(out.name + ".averaging")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folders[0], tmp, ignore=lambda _, files: [n for n in files if _is_state(n)])
+    for name in names:
+        tensors = [load_file(str(f / name)) for f in folders]
+        _check_same(tensors, name, folders)
+        mean = {key: sum(share * t[key].double() for share, t in zip(shares, tensors, strict=True))
+                .to(tensors[0][key].dtype) for key in tensors[0]}
+        save_file({k: v.contiguous() for k, v in mean.items()}, str(tmp / name), metadata={"format": "pt"})
+        del tensors
+    checkpoint.mark_complete(tmp, distributed.DistInfo(), {"averaged": [str(f) for f in folders],
+                                                            "weights": shares})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+def _is_state(name: str) -> bool:
+    return name in _STATE or name.startswith(_STATE_PREFIXES) or name.endswith(".safetensors")
+
+
+def _check_same(tensors: list[dict], name: str, folders: list[Path]) -> None:
+    first = tensors[0]
+    for folder, other in zip(folders[1:], tensors[1:], strict=True):
+        if other.keys() != first.keys():
+            diff = sorted(set(other) ^ set(first))[:3]
+            raise ValueError(f"{folder / name} holds other tensors than {folders[0] / name} (e.g. {diff}): "
+                             f"checkpoints of different models cannot be averaged")
+        bad = [k for k in first if other[k].shape != first[k].shape or other[k].dtype != first[k].dtype]
+        if bad:
+            raise ValueError(f"{folder / name}: tensor {bad[0]} is {tuple(other[bad[0]].shape)} "
+                             f"{other[bad[0]].dtype}, in {folders[0]} {tuple(first[bad[0]].shape)} "
+                             f"{first[bad[0]].dtype}: checkpoints of different models cannot be averaged")

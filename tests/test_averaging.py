@@ -1,0 +1,81 @@
+"""`dist-vdr average`: the mean of identical checkpoints is the checkpoint, of different ones their exact mean;
+refusals say the fix; the CLI evaluates the result when asked."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import log_tail, run_cli
+
+
+def _perturbed(model, out, scale: float):
+    """A copy of the model folder with every floating weight moved by a seeded random amount."""
+    shutil.copytree(model, out)
+    weights = load_file(str(out / "model.safetensors"))
+    gen = torch.Generator().manual_seed(int(scale * 1000))
+    moved = {k: (v + scale * torch.randn(v.shape, generator=gen).to(v.dtype)) if v.is_floating_point() else v
+             for k, v in weights.items()}
+    save_file(moved, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_identical_checkpoints_average_to_themselves_and_different_ones_to_their_mean(tiny_model, tmp_path):
+    from dist_vdr import checkpoint, distributed
+    from dist_vdr.averaging import average
+
+    same = average([tiny_model, tiny_model], tmp_path / "same")
+    a, b = load_file(str(tiny_model / "model.safetensors")), load_file(str(same / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert checkpoint.verify(same, distributed.DistInfo()) == []
+    assert (same / "config.json").is_file() and not (same / "optimizer.pt").exists()
+
+    other = _perturbed(tiny_model, tmp_path / "other", 0.01)
+    mean = load_file(str(average([tiny_model, other], tmp_path / "mean") / "model.safetensors"))
+    o = load_file(str(other / "model.safetensors"))
+    for k in a:
+        assert torch.equal(mean[k], ((a[k].double() + o[k].double()) / 2).to(a[k].dtype)), k
+    weighted = load_file(str(average([tiny_model, other], tmp_path / "w", weights=[3, 1]) / "model.safetensors"))
+    k = next(k for k in a if a[k].is_floating_point() and a[k].numel() > 1)
+    assert torch.equal(weighted[k], (0.75 * a[k].double() + 0.25 * o[k].double()).to(a[k].dtype))
+
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(tmp_path / "mean"), device="cpu").encode(["a page"]).shape[0] == 1
+
+
+def test_inputs_that_cannot_be_averaged_are_refused(tiny_model, tmp_path):
+    from dist_vdr.averaging import average
+
+    with pytest.raises(ValueError, match="at least two"):
+        average([tiny_model], tmp_path / "x")
+    with pytest.raises(ValueError, match="one weight >= 0 per folder"):
+        average([tiny_model, tiny_model], tmp_path / "x", weights=[1.0])
+    sharded = tmp_path / "checkpoint-4"
+    (sharded / "global_step4").mkdir(parents=True)
+    with pytest.raises(ValueError, match="ZeRO/FSDP checkpoint"):
+        average([tiny_model, sharded], tmp_path / "x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        average([tiny_model, tiny_model], tmp_path / "busy")
+    small = tmp_path / "small"
+    small.mkdir()
+    save_file({"w": torch.zeros(2)}, str(small / "model.safetensors"))
+    with pytest.raises(ValueError, match="different models cannot be averaged"):
+        average([tiny_model, small], tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_the_command_averages_and_evaluates(tiny_model, pages, tmp_path):
+    other = _perturbed(tiny_model, tmp_path / "other", 0.001)
+    proc = run_cli(["average", str(tiny_model), str(other), "--out", str(tmp_path / "avg"), "--eval-data", str(pages),
+                    "--device", "cpu"])
+    assert proc.returncode == 0, log_tail(proc.stdout + proc.stderr)
+    assert "averaged 2 checkpoints" in proc.stdout and "NDCG@10" in proc.stdout
+    assert (tmp_path / "avg" / "eval" / "retrieval_metrics.json").is_file()
+    bad = run_cli(["average", str(tiny_model), "--out", str(tmp_path / "x")])
+    assert bad.returncode == 2 and "at least two" in bad.stderr
