@@ -275,8 +275,19 @@ def _candidates(out: Path, resume: str | None, no_resume: bool, log) -> list[str
     return [str(p) for _, p, ok in reversed(list_checkpoints(out)) if ok]
 
 
-def rotate(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond the newest ``keep`` ones; returns what was deleted.
+def best_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint whose marker records the highest ``metric`` (the earliest of equals), or None."""
+    scored = []
+    for step, path, ok in list_checkpoints(output_dir):
+        value = (_read_marker(path) or {}).get("metric") if ok else None
+        if isinstance(value, (int, float)):
+            scored.append((-float(value), step, path))
+    return min(scored)[2] if scored else None
+
+
+def rotate(output_dir: str | os.PathLike, keep: int | None, keep_best: bool = False) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond the newest ``keep`` ones (and, with ``keep_best``,
+    beside the best one: :func:`best_checkpoint`); returns what was deleted.
 
     Called only right after a new checkpoint was marked: a deleted checkpoint always has a newer
     complete one. Unmarked folders are never touched here (resume sets them aside).
@@ -284,18 +295,21 @@ def rotate(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
     if not keep:
         return []
     complete = [p for _, p, ok in list_checkpoints(output_dir) if ok]
-    doomed = complete[:-keep] if len(complete) > keep else []
+    best = best_checkpoint(output_dir) if keep_best else None
+    doomed = [p for p in (complete[:-keep] if len(complete) > keep else []) if p != best]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
 
 
-def mark_saved(folder: Path, info: distributed.DistInfo, config_text: str, save_total_limit: int | None) -> None:
+def mark_saved(folder: Path, info: distributed.DistInfo, config_text: str, save_total_limit: int | None,
+               metric: float | None = None, keep_best: bool = False) -> None:
     """After the Trainer saved ``folder`` (collective): record the recipe, mark the checkpoint once every
-    rank has written its part, then rotate old ones away."""
+    rank has written its part (with the main ``metric`` of its step's evaluation), then rotate old ones away."""
     distributed.barrier()  # every rank's files (RNG state, shards) are on disk
     if info.is_main:
         (folder / CONFIG_FILE).write_text(config_text)
-    mark_complete(folder, info, {"step": checkpoint_step(folder)})
+    record = {"step": checkpoint_step(folder), **({"metric": metric} if metric is not None else {})}
+    mark_complete(folder, info, record)
     if info.is_main:
-        rotate(folder.parent, save_total_limit)
+        rotate(folder.parent, save_total_limit, keep_best)

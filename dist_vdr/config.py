@@ -452,6 +452,12 @@ class TrainingConfig:
     save_steps: float = 0.1
     """Checkpoint every N steps (< 1: that fraction of the total steps)."""
     save_total_limit: int | None = 2
+    keep_best: bool = False
+    """Keep the checkpoint with the best main metric of the evaluations during training besides the newest
+    save_total_limit ones (needs eval_steps = save_steps: each checkpoint carries its evaluation)."""
+    final: str = "last"
+    """What final/ holds: last (the weights of the last step) or best (those of the kept best checkpoint;
+    needs keep_best; DDP runs; the card and the evaluation after training are of it)."""
     batch_sampler: str = "auto"
     """auto: no_duplicates_hashed for embedding models (a repeated page in the global batch would be a
     false in-batch negative) and for listwise rerankers with in-batch negatives; batch_sampler (plain
@@ -503,6 +509,14 @@ class TrainingConfig:
                              f"got {self.warmup_ratio}")
         if self.weight_decay < 0:
             raise ValueError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
+        _check_choice("training", "final", self.final, ("last", "best"))
+        if self.final == "best" and not self.keep_best:
+            raise ValueError("training.final=best takes the weights of the kept best checkpoint: set "
+                             "training.keep_best=true")
+        if self.keep_best and (self.eval_steps is None or self.eval_steps != self.save_steps):
+            raise ValueError(f"training.keep_best picks among checkpoints that carry an evaluation: set "
+                             f"training.eval_steps equal to training.save_steps ({self.save_steps}), got "
+                             f"{self.eval_steps}")
 
 
 @dataclass(kw_only=True)

@@ -51,6 +51,10 @@ def run_training(cfg: Config, task: Task | None = None, *, resume: str | None = 
     logger.info(f"joined: world size {info.world_size}, device {info.device}", extra=log.ALL_RANKS)
     per_device = cfg.resolve_batch(info.world_size)
     ctx = RunContext(cfg=cfg, info=info, out=Path(cfg.training.output_dir), engine=distributed.requested_engine())
+    if ctx.engine and cfg.training.final == "best":
+        raise ValueError(f"training.final=best under {ctx.engine}: not yet (its checkpoints keep sharded engine "
+                         f"states); keep training.keep_best=true with final=last and evaluate the kept best checkpoint "
+                         f"(it is named in the log), or train the run under DDP")
     if ctx.engine and cfg.training.gradient_accumulation_steps != 1:
         raise ValueError(f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps} under "
                          f"{ctx.engine}: with gradient caching the batch costs no extra memory, so raise "
@@ -154,7 +158,8 @@ class _Run:
                     f"= {info.world_size} rank(s) x {self.per_device} x {cfg.training.gradient_accumulation_steps} "
                     f"accumulation")
         trainer = self.task.trainer_class(model=model, args=args, train_dataset=inputs.train, loss=loss,
-                                          evaluator=evaluator, callbacks=self._callbacks(health, config_text))
+                                          evaluator=evaluator,
+                                          callbacks=self._callbacks(health, config_text, evaluator))
         trainer.keep_parameters_gathered = cfg.launch.keep_parameters_gathered
         trainer.step_health = health
         tracking.configure(trainer, ctx.out, config_text)
@@ -191,10 +196,12 @@ class _Run:
                         f"per epoch")
         return plan
 
-    def _callbacks(self, health: preemption.StepHealth, config_text: str) -> list:
+    def _callbacks(self, health: preemption.StepHealth, config_text: str, evaluator=None) -> list:
         ctx, cfg = self.ctx, self.ctx.cfg
         self.stopper = callbacks.PreemptionCallback(health)
-        hooks = [callbacks.CheckpointMarker(ctx.info, config_text, cfg.training.save_total_limit),
+        primary = getattr(evaluator, "primary_metric", None)
+        hooks = [callbacks.CheckpointMarker(ctx.info, config_text, cfg.training.save_total_limit,
+                                            f"eval_{primary}" if primary else None, cfg.training.keep_best),
                  callbacks.RankLogger(ctx.info), self.stopper,
                  callbacks.FirstStepTimer(self.phases, records.first_step_report(ctx.info, ctx.out))]
         if cfg.launch.log_collectives:
@@ -217,7 +224,9 @@ class _Run:
         result.final_loss = final.logged_losses(trainer.state.log_history)
         if self.stopper.stopped_at is not None:
             return self._stopped(result)
-        final.save_final(trainer, ctx.info, ctx.out, self.task.final_files(cfg), merge_with=self._merge_with())
+        best = self._load_best(trainer) if cfg.training.final == "best" else None
+        final.save_final(trainer, ctx.info, ctx.out, self.task.final_files(cfg), merge_with=self._merge_with(),
+                         record={"weights_of_step": checkpoint.checkpoint_step(best)} if best else None)
         self._write_card(result)  # a card at once, whatever becomes of the evaluation
         if trainer.evaluator is not None:
             result.after = run_eval.stored(ctx.out, "after", step=result.global_step)
@@ -228,6 +237,22 @@ class _Run:
                 self.task.write_summary(ctx.out, result)
             self._write_card(result)
         return result
+
+    def _load_best(self, trainer) -> Path | None:
+        """training.final=best: the kept best checkpoint's weights into the model (rank 0 picks it, every rank
+        loads it); None when the last step is the best or no checkpoint carries an evaluation."""
+        ctx = self.ctx
+        best = distributed.main_then_share(ctx.info.is_main, lambda: (
+            str(b) if (b := checkpoint.best_checkpoint(ctx.out)) else None))
+        if best is None:
+            logger.warning("training.final=best: no checkpoint carries an evaluation; final/ holds the last step")
+            return None
+        if checkpoint.checkpoint_step(best) == trainer.state.global_step:
+            logger.info(f"training.final=best: the last step ({Path(best).name}) is the best")
+            return None
+        logger.info(f"training.final=best: final/ takes the weights of {Path(best).name}")
+        trainer._load_from_checkpoint(best)  # dist-vdr's loader (st_trainers): adapters and plain models alike
+        return Path(best)
 
     def _write_card(self, result: RunResult) -> None:
         """``final/README.md`` from the records (rank 0; no model run: the same under every engine)."""

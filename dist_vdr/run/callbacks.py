@@ -60,12 +60,23 @@ class CheckpointMarker(TrainerCallback):
     """Each saved checkpoint: the recipe recorded, marked once every rank wrote its part, old ones
     rotated away (:func:`dist_vdr.checkpoint.mark_saved`)."""
 
-    def __init__(self, info: distributed.DistInfo, config_text: str, save_total_limit: int | None) -> None:
+    def __init__(self, info: distributed.DistInfo, config_text: str, save_total_limit: int | None,
+                 metric_key: str | None = None, keep_best: bool = False) -> None:
         self.info, self.config_text, self.save_total_limit = info, config_text, save_total_limit
+        # keep_best: the main metric of the evaluation at a step rides in that step's checkpoint marker (every
+        # rank holds the same gathered metrics; rank 0 writes the marker and rotates).
+        self.metric_key, self.keep_best = metric_key, keep_best
+        self.evaluated: tuple[int, float] | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.metric_key and metrics and self.metric_key in metrics:
+            self.evaluated = (state.global_step, float(metrics[self.metric_key]))
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        checkpoint.mark_saved(folder, self.info, self.config_text, self.save_total_limit)
+        metric = self.evaluated[1] if self.evaluated and self.evaluated[0] == state.global_step else None
+        checkpoint.mark_saved(folder, self.info, self.config_text, self.save_total_limit, metric, self.keep_best)
         return control
 
 

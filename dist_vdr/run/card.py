@@ -81,6 +81,8 @@ def _procedure(cfg: Config, result: RunResult, run_info: dict | None) -> list[st
              ("gradient_accumulation_steps", t.gradient_accumulation_steps), ("steps trained", result.global_step)]
     if cfg.data.datasets:
         hyper.append(("data.mixture", cfg.data.mixture))
+    if cfg.training.final == "best":
+        hyper.append(("final", "best: the weights of the checkpoint with the best evaluation during training"))
     return ["## Training procedure", "", "Loss:", "", *(f"- `{k}`: {v}" for k, v in settings), "",
             "Hyper-parameters:", "", "| | |", "|---|---|", *(f"| `{k}` | {v} |" for k, v in hyper), "",
             *([f"Final training loss: {result.final_loss:.4f}", ""] if result.final_loss is not None else [])]

@@ -24,7 +24,7 @@ _DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GRO
 
 
 def save_final(trainer, info: distributed.DistInfo, out: Path, extra_files: dict[str, str],
-               merge_with: ModelConfig | None = None) -> None:
+               merge_with: ModelConfig | None = None, record: dict | None = None) -> None:
     """Write the model (collective under ZeRO-3/FSDP2) plus the task's ``extra_files`` (name -> text);
     a LoRA run writes its adapter, and given ``merge_with`` (the recipe's model section) also the merged
     plain model (``merged/``)."""
@@ -43,7 +43,7 @@ def save_final(trainer, info: distributed.DistInfo, out: Path, extra_files: dict
             (tmp / name).write_text(text)
         if merge_with is not None:
             _write_merged(tmp, merge_with)
-    checkpoint.mark_complete(tmp, info, {"step": step})
+    checkpoint.mark_complete(tmp, info, {"step": step, **(record or {})})
     if info.is_main:
         if final.exists():
             previous = out / "final.previous"
