@@ -10,7 +10,9 @@ a checkpoint (file hashes). Folders must hold the same tensors (names, shapes, d
 
 from __future__ import annotations
 
+import math
 import shutil
+import tempfile
 from pathlib import Path
 
 from . import checkpoint, distributed
@@ -34,10 +36,23 @@ def check_inputs(folders: list[Path], weights: list[float] | None) -> list[float
                 " (a ZeRO/FSDP checkpoint keeps sharded engine states: average the runs' final/ folders, which "
                 "hold the gathered model, or checkpoints of a DDP run)" if sharded else ""))
     weights = weights or [1.0] * len(folders)
-    if len(weights) != len(folders) or any(w < 0 for w in weights) or not sum(weights) > 0:
-        raise ValueError(f"--weights: one weight >= 0 per folder with a positive sum, got {weights} for "
+    total = sum(weights) if all(math.isfinite(w) for w in weights) else math.nan
+    if len(weights) != len(folders) or any(w < 0 for w in weights) or not (math.isfinite(total) and total > 0):
+        raise ValueError(f"--weights: one finite weight >= 0 per folder with a positive sum, got {weights} for "
                          f"{len(folders)} folders")
-    return [w / sum(weights) for w in weights]
+    return [w / total for w in weights]
+
+
+def weight_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")}
+
+
+def _check_out(out: Path, folders: list[Path]) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder: choose a new folder")
+    for f in folders:
+        if out.resolve() == f.resolve() or out.resolve().is_relative_to(f.resolve()):
+            raise ValueError(f"--out {out} is inside the input {f}: inputs are only read; choose a folder apart")
 
 
 def average(folders: list[str | Path], out: str | Path, weights: list[float] | None = None) -> Path:
@@ -46,31 +61,34 @@ def average(folders: list[str | Path], out: str | Path, weights: list[float] | N
 
     folders = [Path(f) for f in folders]
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty: choose a new folder")
-    if any(out.resolve() == f.resolve() for f in folders):
-        raise ValueError("--out must be a new folder, not one of the inputs")
     shares = check_inputs(folders, weights)
-    names = sorted(set.intersection(*({p.relative_to(f).as_posix() for p in f.rglob("*.safetensors")}
-                                      for f in folders)))
-    if not names:
-        raise ValueError("the folders share no *.safetensors file name: are they checkpoints of the same model?")
-    tmp = out.with_name(out.name + ".averaging")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folders[0], tmp, ignore=lambda _, files: [n for n in files if _is_state(n)])
-    for name in names:
-        tensors = [load_file(str(f / name)) for f in folders]
-        _check_same(tensors, name, folders)
-        mean = {key: sum(share * t[key].double() for share, t in zip(shares, tensors, strict=True))
-                .to(tensors[0][key].dtype) for key in tensors[0]}
-        save_file({k: v.contiguous() for k, v in mean.items()}, str(tmp / name), metadata={"format": "pt"})
-        del tensors
-    checkpoint.mark_complete(tmp, distributed.DistInfo(), {"averaged": [str(f) for f in folders],
-                                                            "weights": shares})
+    _check_out(out, folders)
+    names = weight_files(folders[0])
+    for f in folders[1:]:
+        if weight_files(f) != names:
+            raise ValueError(f"{f} holds other weight files ({sorted(weight_files(f))}) than {folders[0]} "
+                             f"({sorted(names)}): checkpoints of different models (or kinds) cannot be averaged")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    # A hidden folder of its own beside --out (no fixed name: it could be a user's folder), renamed when done.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.averaging-", dir=out.parent))
+    try:
+        shutil.copytree(folders[0], tmp, ignore=lambda _, files: [n for n in files if _is_state(n)], dirs_exist_ok=True)
+        for name in sorted(names):
+            tensors = [load_file(str(f / name)) for f in folders]
+            _check_same(tensors, name, folders)
+            mean = {key: sum(share * t[key].double() for share, t in zip(shares, tensors, strict=True))
+                    .to(tensors[0][key].dtype) for key in tensors[0]}
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in mean.items()}, str(tmp / name), metadata={"format": "pt"})
+            del tensors
+        checkpoint.mark_complete(tmp, distributed.DistInfo(), {"averaged": [str(f) for f in folders],
+                                                                "weights": shares})
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

@@ -22,6 +22,7 @@ Only rank 0 looks at the file system to pick the resume point; the others receiv
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -280,7 +281,7 @@ def best_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     scored = []
     for step, path, ok in list_checkpoints(output_dir):
         value = (_read_marker(path) or {}).get("metric") if ok else None
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and math.isfinite(value):
             scored.append((-float(value), step, path))
     return min(scored)[2] if scored else None
 

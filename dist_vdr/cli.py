@@ -86,7 +86,11 @@ def _average(args: argparse.Namespace) -> int:
 
     from .averaging import average
 
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    except ValueError:
+        raise ValueError(f"--weights {args.weights!r}: give one number per checkpoint, comma-separated (e.g. 3,1)") \
+            from None
     out = average(args.checkpoints, args.out, weights)
     print(f"averaged {len(args.checkpoints)} checkpoints into {out}", flush=True)
     if args.eval_data:  # in a process of its own: the eval command's own launch and device handling
@@ -197,6 +201,7 @@ def _eval(args: argparse.Namespace) -> int:
         return _eval_rerank(cfg, info, data, model)
     e = cfg.evaluation
     evaluator = ShardedRetrievalEvaluator(data, e.dims or [embedding_dim(model)], ks=e.ks, batch_size=e.batch_size,
+                                          main_metric=e.main_metric,
                                           num_workers=e.num_workers, backend=e.search_backend,
                                           cache_dir=cfg.eval.cache)
     flat = evaluator(model, output_path=cfg.eval.output if info.is_main else None)

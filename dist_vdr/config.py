@@ -488,6 +488,9 @@ class TrainingConfig:
             self.report_to = []
         for name in self.report_to:
             _check_choice("training", "report_to", name, tuple(TRACKERS))
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"training.report_to={self.report_to} names a tracker twice (it would log everything "
+                             f"twice): name each once")
         managed = {"output_dir", "per_device_train_batch_size", "learning_rate", "seed", "bf16", "fp16",
                    "max_steps", "num_train_epochs", "save_steps", "eval_steps", "batch_sampler", "use_cpu",
                    "save_total_limit", "logging_nan_inf_filter", "report_to"}
@@ -694,6 +697,9 @@ class Config:
     def __post_init__(self) -> None:
         # The task resolves its "auto" values and refuses what its kind cannot train (dist_vdr.tasks).
         tasks.get(self.task).configure(self)
+        if self.training.keep_best and not self.evaluation.enabled:
+            raise ValueError("training.keep_best picks the checkpoint with the best evaluation during training: "
+                             "it needs evaluation.enabled=true")
         if any(d.has_eval for d in self.data.datasets) and self.evaluation.implementation == "stock":
             raise ValueError("data.datasets with eval sets of their own need evaluation.implementation=sharded "
                              "(the stock evaluator evaluates one set, on rank 0)")

@@ -30,7 +30,25 @@ def history(run: Path) -> tuple[list[dict], Path | None]:
     newest = checkpoint.latest_complete(run)
     if newest is None or not (newest / "trainer_state.json").is_file():
         return [], None
-    return json.loads((newest / "trainer_state.json").read_text()).get("log_history", []), newest
+    return _json(newest / "trainer_state.json").get("log_history", []), newest
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} does not read as JSON ({exc}): repair or remove it") from exc
+
+
+def run_infos(run: Path) -> list[dict]:
+    """The lines of run_info.jsonl that read (a run killed while appending leaves half a line)."""
+    path, infos = run / "run_info.jsonl", []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            infos.append(json.loads(line))
+        except ValueError:
+            continue
+    return infos
 
 
 def series(log: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -62,11 +80,21 @@ def write_report(run: str | os.PathLike, metric: str = "ndcg@10") -> tuple[Path,
     if not (run / "resolved_config.yaml").is_file():
         raise ValueError(f"{run} is not a dist-vdr run folder (no resolved_config.yaml): give a training.output_dir")
     log, newest = history(run)
-    before, after = (Metrics.read(run / f"metrics_{w}.json") for w in ("before", "after"))
+    before, after = (_metrics(run / f"metrics_{w}.json") for w in ("before", "after"))
+    known = {m for metrics in (before, after) if metrics for values in metrics.rows.values() for m in values}
+    if known and metric not in known:
+        raise ValueError(f"--metric {metric}: the run's evaluations hold {sorted(known)[:8]}...; pick one of them")
     png = _plot(run, log, before, after, metric)
     md = run / REPORT_MD
     _atomic(md, _markdown(run, log, newest, before, after, metric))
     return png, md
+
+
+def _metrics(path: Path) -> Metrics | None:
+    try:
+        return Metrics.read(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path} does not read as a metrics record ({exc}): repair or remove it") from exc
 
 
 def _atomic(path: Path, text: str) -> None:
@@ -146,8 +174,7 @@ def _plot_before_after(ax, before: Metrics | None, after: Metrics | None, metric
 
 def _markdown(run: Path, log: list[dict], newest: Path | None, before: Metrics | None, after: Metrics | None,
               metric: str) -> str:
-    infos = [json.loads(line) for line in (run / "run_info.jsonl").read_text().splitlines() if line.strip()] \
-        if (run / "run_info.jsonl").is_file() else []
+    infos = run_infos(run)
     info = infos[-1] if infos else {}
     steps, _ = series(log, "loss")
     runtime = [h["train_runtime"] for h in log if "train_runtime" in h]

@@ -105,6 +105,7 @@ class _Run:
     phases: Phases
     stopper: object = None  # preemption's callback: where a stop signal stopped the run
     data_rows: dict = dataclasses.field(default_factory=dict)  # training rows per dataset (the model card)
+    weights_of_step: int | None = None  # training.final=best: the step whose weights final/ holds
 
     def execute(self, data: PreparedData, resume: str | None, no_resume: bool,
                 allow_config_change: bool) -> RunResult:
@@ -199,9 +200,10 @@ class _Run:
     def _callbacks(self, health: preemption.StepHealth, config_text: str, evaluator=None) -> list:
         ctx, cfg = self.ctx, self.ctx.cfg
         self.stopper = callbacks.PreemptionCallback(health)
-        primary = getattr(evaluator, "primary_metric", None)
-        hooks = [callbacks.CheckpointMarker(ctx.info, config_text, cfg.training.save_total_limit,
-                                            f"eval_{primary}" if primary else None, cfg.training.keep_best),
+        primary = getattr(evaluator, "primary_metric", None)  # e.g. dim64_cosine_ndcg@10, rerank_ndcg@10
+        main = f"eval_{primary.rsplit('_', 1)[0]}_{cfg.evaluation.main_metric}" if primary else None
+        hooks = [callbacks.CheckpointMarker(ctx.info, config_text, cfg.training.save_total_limit, main,
+                                            cfg.training.keep_best),
                  callbacks.RankLogger(ctx.info), self.stopper,
                  callbacks.FirstStepTimer(self.phases, records.first_step_report(ctx.info, ctx.out))]
         if cfg.launch.log_collectives:
@@ -252,6 +254,7 @@ class _Run:
             return None
         logger.info(f"training.final=best: final/ takes the weights of {Path(best).name}")
         trainer._load_from_checkpoint(best)  # dist-vdr's loader (st_trainers): adapters and plain models alike
+        self.weights_of_step = checkpoint.checkpoint_step(best)
         return Path(best)
 
     def _write_card(self, result: RunResult) -> None:
@@ -260,7 +263,8 @@ class _Run:
             return
         cfg = self.ctx.cfg
         text = card.build_card(cfg, result, usage=self.task.card_usage(cfg), model_class=self.task.card_model_class,
-                               run_info=card.last_run_info(self.ctx.out), data_rows=self.data_rows)
+                               run_info=card.last_run_info(self.ctx.out), data_rows=self.data_rows,
+                               weights_of_step=self.weights_of_step)
         final.write_card(self.ctx.out, text)
 
     def _merge_with(self):

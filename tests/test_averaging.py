@@ -52,21 +52,38 @@ def test_inputs_that_cannot_be_averaged_are_refused(tiny_model, tmp_path):
 
     with pytest.raises(ValueError, match="at least two"):
         average([tiny_model], tmp_path / "x")
-    with pytest.raises(ValueError, match="one weight >= 0 per folder"):
-        average([tiny_model, tiny_model], tmp_path / "x", weights=[1.0])
+    for weights in ([1.0], [float("inf"), 1.0], [1e308, 1e308]):  # the last two: NaN / zero shares once
+        with pytest.raises(ValueError, match="one finite weight >= 0 per folder"):
+            average([tiny_model, tiny_model], tmp_path / "x", weights=weights)
+    with pytest.raises(ValueError, match="is inside the input"):
+        average([tiny_model, tiny_model], tiny_model / "avg")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        average([tiny_model, tiny_model], tmp_path / "afile")
     sharded = tmp_path / "checkpoint-4"
     (sharded / "global_step4").mkdir(parents=True)
     with pytest.raises(ValueError, match="ZeRO/FSDP checkpoint"):
         average([tiny_model, sharded], tmp_path / "x")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(ValueError, match="not an empty folder"):
         average([tiny_model, tiny_model], tmp_path / "busy")
     small = tmp_path / "small"
     small.mkdir()
     save_file({"w": torch.zeros(2)}, str(small / "model.safetensors"))
     with pytest.raises(ValueError, match="different models cannot be averaged"):
         average([tiny_model, small], tmp_path / "x")
+    assert not list(tmp_path.glob(".x.averaging-*")) and not (tmp_path / "x").exists()  # nothing left behind
+    extra = tmp_path / "extra"  # one more weight file (a Dense module) than the other: refused, not dropped
+    shutil.copytree(tiny_model, extra)
+    (extra / "3_Dense").mkdir()
+    save_file({"w": torch.zeros(2)}, str(extra / "3_Dense" / "model.safetensors"))
+    with pytest.raises(ValueError, match="other weight files"):
+        average([tiny_model, extra], tmp_path / "x")
+    # a user's folder named like a scratch folder is never touched
+    (tmp_path / "x.averaging").mkdir()
+    average([tiny_model, tiny_model], tmp_path / "x")
+    assert (tmp_path / "x.averaging").is_dir()
 
 
 @pytest.mark.slow
@@ -79,3 +96,5 @@ def test_the_command_averages_and_evaluates(tiny_model, pages, tmp_path):
     assert (tmp_path / "avg" / "eval" / "retrieval_metrics.json").is_file()
     bad = run_cli(["average", str(tiny_model), "--out", str(tmp_path / "x")])
     assert bad.returncode == 2 and "at least two" in bad.stderr
+    bad = run_cli(["average", str(tiny_model), str(tiny_model), "--weights", "1,,2", "--out", str(tmp_path / "x")])
+    assert bad.returncode == 2 and "--weights '1,,2': give one number per checkpoint" in bad.stderr

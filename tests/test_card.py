@@ -73,10 +73,17 @@ def test_the_report_reads_the_series_and_the_evaluations_of_a_run_folder(tmp_pat
     (ckpt / "trainer_state.json").write_text(json.dumps({"log_history": log}))
     checkpoint.mark_complete(ckpt, distributed.DistInfo(), {"step": 2})
     Metrics.of(0, {64: {"ndcg@10": 0.125}}).write(tmp_path / "metrics_before.json")
+    with open(tmp_path / "run_info.jsonl", "a") as f:
+        f.write('{"world_size": 4, "dev')  # a run killed while appending: half a line, skipped
     png, md = write_report(tmp_path)
     text = md.read_text()
     assert png.is_file() and "in progress or stopped; newest checkpoint: checkpoint-2" in text
     assert "| 64 | 0.1250 | - | - |" in text and "world size 2, device cpu" in text
+    with __import__("pytest").raises(ValueError, match="--metric NDCG@10: the run's evaluations hold"):
+        write_report(tmp_path, "NDCG@10")
+    (tmp_path / "metrics_after.json").write_text('{"step": 2, "metr')
+    with __import__("pytest").raises(ValueError, match="metrics_after.json does not read as a metrics record"):
+        write_report(tmp_path)
 
 
 def test_results_in_mtebs_format_load_with_mtebs_own_loader(tmp_path):
@@ -88,6 +95,9 @@ def test_results_in_mtebs_format_load_with_mtebs_own_loader(tmp_path):
     assert set_name("./data/vidore-v3-hr/") == "vidore-v3-hr" and set_name("org/name with space") == "name-with-space"
     files = write_results(tmp_path, "dist-vdr", "pages", "test",
                           {64: {"ndcg@10": 0.5, "recall@100": 0.9, "accuracy@1": 0.25}, 32: {"ndcg@10": 0.375}})
+    other = write_results(tmp_path / "m", "x", "pages", "test", {8: {"ndcg@5": 0.5, "mrr@5": 0.25}},
+                          main_metric="mrr@5")
+    assert json.loads(other[0].read_text())["scores"]["test"][0]["main_score"] == 0.25
     assert [f.relative_to(tmp_path).as_posix() for f in files] == [
         "mteb/dist-vdr_dim64/no_revision_available/pages.json", "mteb/dist-vdr_dim32/no_revision_available/pages.json"]
     payload = json.loads(files[0].read_text())

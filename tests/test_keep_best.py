@@ -65,3 +65,14 @@ def test_final_holds_the_weights_of_the_best_evaluated_checkpoint(tiny_model, pa
     a = load_file(str(out / "final" / "model.safetensors"))
     b = load_file(str(out / f"checkpoint-{best}" / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in b)
+
+
+def test_a_nan_evaluation_never_wins_and_keep_best_needs_the_evaluation(tmp_path):
+    from dist_vdr.config import load_config
+
+    _checkpoint(tmp_path, 2, float("nan"))
+    _checkpoint(tmp_path, 4, 0.5)
+    assert checkpoint.best_checkpoint(tmp_path).name == "checkpoint-4"
+    with pytest.raises(ValueError, match="evaluation.enabled=true"):
+        load_config(None, ["training.keep_best=true", "training.save_steps=2", "training.eval_steps=2",
+                           "evaluation.enabled=false"], check_paths=False)

@@ -80,3 +80,5 @@ def test_a_tracker_that_is_not_installed_is_refused_with_the_install_command(mon
     with pytest.raises(ValueError, match="report_to"):
         load_config(None, ["training.report_to=[neptune]"], check_paths=False)
     assert load_config(None, ["training.report_to=[none]"], check_paths=False).training.report_to == []
+    with pytest.raises(ValueError, match="names a tracker twice"):
+        load_config(None, ["training.report_to=[tensorboard,tensorboard]"], check_paths=False)

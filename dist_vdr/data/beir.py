@@ -27,14 +27,23 @@ def beir_tables(cfg: DataConfig):
     """(corpus, queries, qrels, path, where) of a BEIR folder or hub id, under the names of the ``ir``
     format (page_id + image; query_id + query; query_id + page_id + score)."""
     path, split = cfg.eval_path or cfg.path, split_of(cfg)
+    import datasets
+
     corpus = _table(path, "corpus", split)
     corpus = _rename(corpus, {_first(corpus.column_names, _IDS["corpus"], path, "corpus"): "page_id"})
+    _first(corpus.column_names, ("image",), path, "corpus")
+    if not isinstance(corpus.features["image"], datasets.Image):  # text BEIR: image paths as values
+        if Path(path).is_dir():  # relative to the folder, as the files are shipped
+            corpus = corpus.map(lambda r: {"image": str(Path(path) / r["image"])})
+        corpus = corpus.cast_column("image", datasets.Image())
     queries = _table(path, "queries", split)
     queries = _rename(queries, {_first(queries.column_names, _IDS["queries"], path, "queries"): "query_id",
                                 _first(queries.column_names, _TEXT, path, "queries"): "query"})
     qrels = _table(path, "qrels", split)
     qrels = _rename(qrels, {_first(qrels.column_names, ("query-id", "query_id"), path, "qrels"): "query_id",
                             _first(qrels.column_names, ("corpus-id", "corpus_id", "doc_id"), path, "qrels"): "page_id"})
+    if "score" not in qrels.column_names:  # judgements without grades: every listed page is relevant
+        qrels = qrels.add_column("score", [1] * len(qrels))
     return (corpus, queries.select_columns(["query_id", "query"]),
             qrels.select_columns(["query_id", "page_id", "score"]), path, f"BEIR eval data {path} ({split})")
 
@@ -60,11 +69,21 @@ def _table(path: str, part: str, split: str):
     folder = Path(path)
     if not folder.is_dir():  # a hub id: the tables are its configurations
         return datasets.load_dataset(path, part, split=split)
-    shards = sorted((folder / part).glob(f"{split}-*.parquet")) or sorted((folder / part).glob("*.parquet"))
+    shards = sorted((folder / part).glob(f"{split}-*.parquet"))
+    others = sorted({p.name.split("-")[0] for p in (folder / part).glob("*-*-of-*.parquet")})
+    if not shards and others:
+        raise ValueError(f"BEIR eval data {path}: the {part} table has no split {split!r}, only {others}: set "
+                         f"data.eval_split (--eval-split)")
+    shards = shards or sorted((folder / part).glob("*.parquet"))  # one unsplit table
     if shards:
         return datasets.Dataset.from_parquet([str(s) for s in shards], keep_in_memory=False)
     if part == "qrels" and (folder / "qrels" / f"{split}.tsv").is_file():
-        return datasets.Dataset.from_csv(str(folder / "qrels" / f"{split}.tsv"), sep="\t")
+        # Ids as written (strings): "000" must stay "000" to match the queries and the corpus.
+        import csv
+
+        with open(folder / "qrels" / f"{split}.tsv", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        return datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in (rows[0] if rows else {})})
     if (folder / f"{part}.jsonl").is_file():
         return datasets.Dataset.from_json(str(folder / f"{part}.jsonl"))
     raise ValueError(f"BEIR eval data {path}: no {part} table ({part}/{split}-*.parquet, {part}/*.parquet"

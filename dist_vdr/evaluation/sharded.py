@@ -45,7 +45,8 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
 
     def __init__(self, data: EvalData, dims: list[int], *, ks=(1, 3, 5, 10, 100), batch_size: int = 16,
                  query_batch_size: int = 32, num_workers: int = -1, backend: str = "auto",
-                 cache_dir: str | None = None, show_progress: bool = True, run_tag: str = "dist-vdr") -> None:
+                 cache_dir: str | None = None, show_progress: bool = True, run_tag: str = "dist-vdr",
+                 main_metric: str = "ndcg@10") -> None:
         super().__init__()
         if not dims:
             raise ValueError("the evaluator needs at least one embedding dim")
@@ -55,6 +56,7 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
         self.top_k = max(self.ks)
         self.batch_size, self.query_batch_size, self.num_workers = batch_size, query_batch_size, num_workers
         self.backend, self.cache_dir, self.show_progress, self.run_tag = backend, cache_dir, show_progress, run_tag
+        self.main_metric = main_metric  # the benchmark-format files' main_score
         # Only queries with a relevant page count; they alone go into the metrics and the outputs.
         self.query_ids = judged_queries(list(data.queries), data.qrels, "evaluation data")
         self.page_ids = [str(p) for p in column_values(data.corpus, "page_id")]
@@ -118,7 +120,7 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
         plot_ndcg_vs_dim({"this run": {d: m for d, m in self.last_metrics.items()}}, out / "ndcg_vs_dim.png")
         # The same figures in mteb's results format (a model variant per dim; mteb_format.py).
         mteb_format.write_results(out, self.run_tag, getattr(self.data, "name", "eval"), "test", self.last_metrics,
-                                  evaluation_time=getattr(self, "last_seconds", None))
+                                  evaluation_time=getattr(self, "last_seconds", None), main_metric=self.main_metric)
 
 
 def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, *,

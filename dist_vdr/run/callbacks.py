@@ -8,6 +8,7 @@ signal handling is installed before any heavy import).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -69,8 +70,9 @@ class CheckpointMarker(TrainerCallback):
         self.evaluated: tuple[int, float] | None = None
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.metric_key and metrics and self.metric_key in metrics:
-            self.evaluated = (state.global_step, float(metrics[self.metric_key]))
+        value = metrics.get(self.metric_key) if self.metric_key and metrics else None
+        if isinstance(value, (int, float)) and math.isfinite(value):  # a NaN never wins (nor reaches JSON)
+            self.evaluated = (state.global_step, float(value))
         return control
 
     def on_save(self, args, state, control, **kwargs):

@@ -22,7 +22,7 @@ _TABLE_METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
 
 
 def build_card(cfg: Config, result: RunResult, *, usage: str, model_class: str, run_info: dict | None,
-               data_rows: dict[str, int]) -> str:
+               data_rows: dict[str, int], weights_of_step: int | None = None) -> str:
     """The card's Markdown (YAML header for the hub, then the sections)."""
     base = cfg.model.name_or_path
     lines = ["---", f"library_name: {'sentence-transformers'}",
@@ -39,7 +39,7 @@ def build_card(cfg: Config, result: RunResult, *, usage: str, model_class: str, 
         lines.append(f"- evaluated on: `{cfg.data.eval_path or cfg.data.path}`" if not cfg.data.datasets else
                      "- evaluated on: each dataset's eval set (macro average in the dimension rows)")
     lines.append("")
-    lines += _procedure(cfg, result, run_info)
+    lines += _procedure(cfg, result, run_info, weights_of_step)
     lines += _evaluation(result)
     lines += ["## Usage", "", usage.strip(), ""]
     lines += _versions(run_info)
@@ -66,7 +66,7 @@ def _details(cfg: Config, model_class: str, result: RunResult) -> list[str]:
     return ["## Model details", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
 
 
-def _procedure(cfg: Config, result: RunResult, run_info: dict | None) -> list[str]:
+def _procedure(cfg: Config, result: RunResult, run_info: dict | None, weights_of_step: int | None) -> list[str]:
     t, loss = cfg.training, cfg.loss
     settings = [("loss", loss.name), ("mini_batch_size", loss.mini_batch_size), ("scale", loss.scale),
                 ("cross_device_negatives", loss.cross_device_negatives)]
@@ -81,8 +81,8 @@ def _procedure(cfg: Config, result: RunResult, run_info: dict | None) -> list[st
              ("gradient_accumulation_steps", t.gradient_accumulation_steps), ("steps trained", result.global_step)]
     if cfg.data.datasets:
         hyper.append(("data.mixture", cfg.data.mixture))
-    if cfg.training.final == "best":
-        hyper.append(("final", "best: the weights of the checkpoint with the best evaluation during training"))
+    if weights_of_step is not None:
+        hyper.append(("final", f"best: the weights of step {weights_of_step}, the best evaluation during training"))
     return ["## Training procedure", "", "Loss:", "", *(f"- `{k}`: {v}" for k, v in settings), "",
             "Hyper-parameters:", "", "| | |", "|---|---|", *(f"| `{k}` | {v} |" for k, v in hyper), "",
             *([f"Final training loss: {result.final_loss:.4f}", ""] if result.final_loss is not None else [])]
@@ -96,8 +96,8 @@ def _evaluation(result: RunResult) -> list[str]:
         return ["## Evaluation", "", "Not evaluated (evaluation off, or not yet run).", ""]
     metrics = [m for m in _TABLE_METRICS if any(m in values for values in after.rows.values())]
     header = ["row", *(f"{m} after" for m in metrics), *(["ndcg@10 before"] if result.before else [])]
-    lines = ["## Evaluation", "", f"Held-out retrieval at step {after.step} (`metrics_after.json`; rows: "
-             f"embedding dimensions, ranking stages or eval sets):", "",
+    lines = ["## Evaluation", "", f"Held-out retrieval after training, step {after.step} (`metrics_after.json`; "
+             f"rows: embedding dimensions, ranking stages or eval sets):", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in _ordered(after):
         cells = [_fmt(after.get(name, m)) for m in metrics]
@@ -129,8 +129,7 @@ def _versions(run_info: dict | None) -> list[str]:
 
 def last_run_info(out: Path) -> dict | None:
     """The newest line of ``run_info.jsonl`` (this (re)start's launch), or None."""
-    path = out / "run_info.jsonl"
-    if not path.is_file():
-        return None
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else None
+    from ..report import run_infos
+
+    infos = run_infos(out)
+    return infos[-1] if infos else None
