@@ -121,14 +121,14 @@ def _broken_classes():
     class NoReturnLoss(GlobalBatchCachedMNRL):
         """Deliberately broken: the gathered columns' gradients never reach their owners."""
 
-        def _owner_gradients(self, grad):
-            return grad[self.rank]
+        def _owner_gradients(self, grad, rank, world):
+            return grad[rank]
 
     class WrongScaleLoss(GlobalBatchCachedMNRL):
         """Deliberately broken: gradients scaled by W, as if DDP summed instead of averaging."""
 
-        def _owner_gradients(self, grad):
-            return super()._owner_gradients(grad) * self.world_size
+        def _owner_gradients(self, grad, rank, world):
+            return super()._owner_gradients(grad, rank, world) * world
 
     class LocalIdsLoss(GlobalBatchCachedMNRL):
         """Deliberately broken: every rank's candidates carry this rank's ids (as if the ids were not
@@ -152,11 +152,11 @@ def _broken_classes():
         """Deliberately broken: the guide's candidate embeddings of every rank are this rank's (as if they
         were not gathered)."""
 
-        def _gather(self, stacked, labels, num_columns, batch_size):
-            gathered, masking = super()._gather(stacked, labels, num_columns, batch_size)
+        def _gather(self, stacked, labels, num_columns, batch_size, rank, world):
+            gathered, masking = super()._gather(stacked, labels, num_columns, batch_size, rank, world)
             queries, candidates = masking.guide
-            blocks = candidates.view(num_columns - 1, self.world_size, batch_size, -1)
-            local = blocks[:, self.rank:self.rank + 1].expand_as(blocks).reshape(candidates.shape)
+            blocks = candidates.view(num_columns - 1, world, batch_size, -1)
+            local = blocks[:, rank:rank + 1].expand_as(blocks).reshape(candidates.shape)
             masking.guide = (queries, local)
             return gathered, masking
 

@@ -370,7 +370,7 @@ def test_review_mends(tmp_path, tiny_model):
     assert prepare_data(two, _OneRank(), None, hash_rows=False).mixture.sizes == [3, 1]
     # data.path is not needed when every dataset has its own path and eval set
     paths = [f"data.datasets=[{{name: one, path: {tmp_path / 'one'}, eval_path: {tmp_path / 'one'}}}]",
-             "data.path=./no-such-folder"]
+             "data.path=./no-such-folder", f"model.name_or_path={tiny_model}"]
     assert load_config(None, paths).data.datasets[0].path == str(tmp_path / "one")
     # an entry's load error names the entry; the commands refuse a mixture
     with pytest.raises(ValueError, match=r"data.datasets\[one\]: training data .* has no column"):
