@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .results import Metrics
+from .storage import atomic_write
 
 REPORT_PNG, REPORT_MD = "report.png", "report.md"
 _SERIES = (("loss", "training loss"), ("learning_rate", "learning rate"), ("grad_norm", "gradient norm"),
@@ -86,7 +87,7 @@ def write_report(run: str | os.PathLike, metric: str = "ndcg@10") -> tuple[Path,
         raise ValueError(f"--metric {metric}: the run's evaluations hold {sorted(known)[:8]}...; pick one of them")
     png = _plot(run, log, before, after, metric)
     md = run / REPORT_MD
-    _atomic(md, _markdown(run, log, newest, before, after, metric))
+    atomic_write(md, _markdown(run, log, newest, before, after, metric))
     return png, md
 
 
@@ -95,12 +96,6 @@ def _metrics(path: Path) -> Metrics | None:
         return Metrics.read(path)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{path} does not read as a metrics record ({exc}): repair or remove it") from exc
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # long: one figure, six panels, each a few lines

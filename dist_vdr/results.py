@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .storage import atomic_write
+
 
 @dataclass(frozen=True)
 class Metrics:
@@ -46,9 +48,7 @@ class Metrics:
 
     def write(self, path: Path) -> None:
         """Atomically: a reader never sees half a file."""
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_json(), indent=2))
 
     @classmethod
     def read(cls, path: Path, step: int | None = None) -> Metrics | None:

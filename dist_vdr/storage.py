@@ -1,4 +1,5 @@
-"""A full disk, said in one line: which folder, how much is free, what to do.
+"""Writing files: whole or not at all (:func:`atomic_write`), and a full disk said in one line: which
+folder, how much is free, what to do.
 
 Writers fail on a full disk in many ways: ``OSError(ENOSPC)`` from Python, but torch.save reports
 ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...`` and safetensors its own
@@ -32,3 +33,14 @@ def no_space_message(folder: str | os.PathLike, exc: BaseException) -> str | Non
     return (f"no space left on the device of {where} ({free / 2**30:.2f} GiB free; the write failed with: "
             f"{detail}): free some space (older runs, set-aside checkpoints) or choose another folder, then rerun "
             f"(finished checkpoints are kept)")
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary beside it, then renamed): a reader never
+    sees half a file."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -15,6 +15,8 @@ import os
 import re
 from pathlib import Path
 
+from ..storage import atomic_write
+
 MTEB_DIR = "mteb"
 _KEY = re.compile(r"^(?P<name>[a-z]+)@(?P<k>\d+)$")
 
@@ -44,8 +46,6 @@ def write_results(folder: str | os.PathLike, model_name: str, task: str, split: 
         payload = {"dataset_revision": "local", "task_name": task, "mteb_version": None,
                    "scores": {split: [scores(metrics, main_metric)]}, "evaluation_time": evaluation_time,
                    "kg_co2_emissions": None}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(payload, indent=2))
         written.append(path)
     return written

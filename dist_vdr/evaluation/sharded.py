@@ -31,6 +31,7 @@ from .. import distributed
 from ..data.arrow import column_values
 from ..data.judgements import judged_queries
 from ..data.loading import EvalData
+from ..storage import atomic_write
 from . import mteb_format, stock
 from .encode import encode_corpus_shard, encode_queries, shard_range
 from .metrics import METRICS, retrieval_metrics
@@ -186,12 +187,6 @@ def trec_tie_key(ids: list[str]) -> np.ndarray:
     bytes). The written runs then give trec_eval the evaluator's rankings even where scores are
     exactly equal. (sentence-transformers breaks such ties by ascending id.)"""
     return len(ids) - 1 - sorted_position(ids)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def plot_ndcg_vs_dim(curves: dict[str, dict[int, dict[str, float]]], path: str | Path, metric: str = "ndcg@10") -> None:

@@ -29,11 +29,11 @@ from ..data.loading import EvalData
 from ..evaluation.encode import inference, shard_range, shard_sizes
 from ..evaluation.metrics import METRICS, retrieval_metrics
 from ..evaluation.sharded import (
-    atomic_write,
     write_csv,
     write_trec_qrels,
     write_trec_run,
 )
+from ..storage import atomic_write
 from .scoring import forward_scores
 
 
