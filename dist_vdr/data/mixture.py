@@ -47,6 +47,14 @@ def check_mixture(num_datasets: int, weights: list[float], strategy: str) -> Non
         raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
 
 
+def drawn(strategy: str, weight: float | None) -> bool:
+    """Whether the mixture draws optimizer steps from a dataset of this weight (None: its rows): never under
+    weighted with weight 0, never under mixed (no per-step dataset), always under exhaust and round_robin."""
+    if strategy == "mixed":
+        return False
+    return strategy != "weighted" or weight is None or weight > 0
+
+
 def schedule(steps: list[int], weights: list[float], strategy: str, seed: int) -> list[int]:
     """Which dataset each optimizer step of an epoch draws from, given each dataset's number of steps."""
     check_mixture(len(steps), weights, strategy)
@@ -105,15 +113,12 @@ class MixtureBatchSampler(DefaultBatchSampler):
             if precompute_hashes and row_hashes is not None:
                 sampler_hashes.use(self.samplers[-1], row_hashes[offset:offset + n])
         check_mixture(len(sizes), self.weights, strategy)  # now, not at the first step
-        short = [k for k, n in enumerate(self.steps_per_dataset()) if n < 1 and self._drawn(k)]
+        short = [k for k, n in enumerate(self.steps_per_dataset()) if n < 1 and drawn(strategy, self.weights[k])]
         if short:
             raise ValueError(f"mixture dataset(s) {short} hold fewer rows than one optimizer step "
                              f"({batch_size * world_size * accumulation} rows: per-device batch x ranks x "
                              f"accumulation): lower the global batch or drop them")
         self.last_schedule: list[int] = []
-
-    def _drawn(self, k: int) -> bool:
-        return self.strategy != "weighted" or self.weights[k] > 0
 
     def steps_per_dataset(self) -> list[int]:
         """Full optimizer steps each dataset holds in one pass (its global batches // accumulation)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import distributed, log
 from ..config import Config, DataConfig
 from ..data import ingest, mixture_rows, startup
+from ..data import mixture as mixture_lib
 from ..data.loading import EvalData, image_columns, load_eval, load_train
 from ..data.prepared import PreparedData
 
@@ -27,7 +28,8 @@ def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, h
     mixture = mixture_rows.load_mixture(data_cfg, list(extra_columns)) if cfg.data.datasets else None
     train_ds = mixture.train if mixture else load_train(data_cfg, extra_columns=list(extra_columns))
     for name, size in zip(mixture.names, mixture.sizes, strict=True) if mixture else ():
-        if size < cfg.training.global_batch_size and _drawn(cfg, name):
+        entry = next(e for e in cfg.data.datasets if e.name == name)
+        if size < cfg.training.global_batch_size and mixture_lib.drawn(cfg.data.mixture, entry.weight):
             raise ValueError(f"data.datasets[{name}]: {size} rows, fewer than one optimizer step "
                              f"(training.global_batch_size={cfg.training.global_batch_size}: a step's batch comes "
                              f"from one dataset); lower the global batch, add rows or drop the dataset")
@@ -58,12 +60,6 @@ def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, h
             section = sections.get(name, cfg.data)
             _validate_eval_corpus(data, corpus, section.eval_path or section.path, info, kwargs)
     return data
-
-
-def _drawn(cfg: Config, name: str) -> bool:
-    """Whether the mixture draws steps from the dataset (a weight of 0 under data.mixture=weighted: never)."""
-    entry = next(e for e in cfg.data.datasets if e.name == name)
-    return cfg.data.mixture != "mixed" and not (cfg.data.mixture == "weighted" and entry.weight == 0)
 
 
 def _eval_sets(cfg: Config, mixture) -> dict[str, EvalData]:

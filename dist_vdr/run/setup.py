@@ -71,10 +71,7 @@ def batch_sampler(cfg: Config, world_size: int, row_hashes=None, mixture=None):
     (``mixture``: its MixtureRows) draws every optimizer step from one dataset (data/mixture.py)."""
     name = cfg.training.batch_sampler
     hashed = name == "no_duplicates_hashed"
-    if mixture is not None and cfg.data.mixture != "mixed":
-        if not name.startswith("no_duplicates"):
-            raise ValueError(f"data.datasets needs training.batch_sampler no_duplicates_hashed or no_duplicates "
-                             f"(the mixture builds de-duplicated global batches), not {name!r}")
+    if mixture is not None and cfg.data.mixture != "mixed":  # (the sampler name is checked at load: the task)
         return mixture_sampler(mixture.sizes, mixture_rows.weights(cfg.data, mixture.sizes), cfg.data.mixture,
                                world_size, cfg.training.gradient_accumulation_steps, precompute_hashes=hashed,
                                row_hashes=row_hashes)

@@ -3,8 +3,9 @@
 transformers' callbacks (TensorBoard, Trackio, W&B, MLflow) log from rank 0 only and take every
 ``Trainer.log`` call: the per-step loss, learning rate and gradient norm, dist-vdr's additions
 (``loss/<dataset>``, ``masked_per_query``, ``step_seconds``, ``samples_per_second``) and the evaluations
-(during training, and before/after it: :func:`log_evaluation`). Here they get a fixed place in the run
-folder (``<output_dir>/tensorboard``; trackio's project is the run folder's name) and the resolved recipe.
+(during training, and before/after it: :func:`log_evaluation`). Here TensorBoard gets a fixed place in
+the run folder (``<output_dir>/tensorboard``) and the resolved recipe; the other trackers keep their own
+settings (project names, offline modes: their environment variables).
 """
 
 from __future__ import annotations
