@@ -4,8 +4,11 @@ checkpoint averaging), written as a model folder that loads like any other.
 Every ``*.safetensors`` file present in all the folders is averaged tensor by tensor (a full model's
 ``model.safetensors``, or a LoRA run's ``adapter_model.safetensors``), in float64 and cast back to each
 tensor's dtype; the other model files (config, tokenizer, processor, modules) are copied from the first
-folder, the training state (optimizer, scheduler, RNG, trainer state) is not. The result is marked like
-a checkpoint (file hashes). Folders must hold the same tensors (names, shapes, dtypes).
+folder, the training state (optimizer, scheduler, RNG, trainer state, DeepSpeed's engine files) is not.
+The result is marked like a checkpoint (file hashes). Folders must hold the same tensors (names, shapes,
+dtypes). ZeRO-2/3 checkpoints hold the gathered model and average as they are; an FSDP2 checkpoint holds
+shards only and is consolidated first (:mod:`dist_vdr.consolidate`). A marked input that fails verification
+is refused.
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import checkpoint, distributed
+from . import checkpoint, consolidate, distributed
 
 # Training state, not model: never copied into the averaged folder.
 _STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "dist_vdr_config.yaml",
           checkpoint.MARKER_FILE, "README.md")
-_STATE_PREFIXES = ("rng_state", "global_step", "pytorch_model_fsdp", "optimizer_")
+_STATE_PREFIXES = ("rng_state", "global_step", "pytorch_model_fsdp", "optimizer_", "latest", "zero_to_")
 
 
 def check_inputs(folders: list[Path], weights: list[float] | None) -> list[float]:
@@ -30,11 +33,9 @@ def check_inputs(folders: list[Path], weights: list[float] | None) -> list[float
     for folder in folders:
         if not folder.is_dir():
             raise ValueError(f"{folder} is not a folder")
-        if not list(folder.glob("*.safetensors")):
-            sharded = any(p.name.startswith(("global_step", "pytorch_model_fsdp")) for p in folder.iterdir())
-            raise ValueError(f"{folder} holds no *.safetensors weights" + (
-                " (a ZeRO/FSDP checkpoint keeps sharded engine states: average the runs' final/ folders, which "
-                "hold the gathered model, or checkpoints of a DDP run)" if sharded else ""))
+        if not list(folder.glob("*.safetensors")) and not consolidate.is_sharded(folder):
+            raise ValueError(f"{folder} holds no *.safetensors weights (nor FSDP2 shards): give checkpoint or "
+                             f"final/ folders of a run")
     weights = weights or [1.0] * len(folders)
     total = sum(weights) if all(math.isfinite(w) for w in weights) else math.nan
     if len(weights) != len(folders) or any(w < 0 for w in weights) or not (math.isfinite(total) and total > 0):
@@ -56,31 +57,22 @@ def _check_out(out: Path, folders: list[Path]) -> None:
 
 
 def average(folders: list[str | Path], out: str | Path, weights: list[float] | None = None) -> Path:
-    """Write the weighted mean of ``folders``' weights into ``out`` (new or empty); returns ``out``."""
-    from safetensors.torch import load_file, save_file
-
+    """Write the weighted mean of ``folders``' weights into ``out`` (new or empty); returns ``out``. FSDP2
+    checkpoints (model shards only) are consolidated first, into a scratch folder beside ``out``."""
     folders = [Path(f) for f in folders]
     out = Path(out)
     shares = check_inputs(folders, weights)
     _check_out(out, folders)
-    names = weight_files(folders[0])
-    for f in folders[1:]:
-        if weight_files(f) != names:
-            raise ValueError(f"{f} holds other weight files ({sorted(weight_files(f))}) than {folders[0]} "
-                             f"({sorted(names)}): checkpoints of different models (or kinds) cannot be averaged")
+    for f in folders:  # a corrupted input would average into a model that looks fine
+        consolidate.check_intact(f)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden folder of its own beside --out (no fixed name: it could be a user's folder), renamed when done.
+    # Hidden folders of their own beside --out (no fixed names: they could be a user's folders).
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.consolidated-", dir=out.parent))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.averaging-", dir=out.parent))
     try:
-        shutil.copytree(folders[0], tmp, ignore=lambda _, files: [n for n in files if _is_state(n)], dirs_exist_ok=True)
-        for name in sorted(names):
-            tensors = [load_file(str(f / name)) for f in folders]
-            _check_same(tensors, name, folders)
-            mean = {key: sum(share * t[key].double() for share, t in zip(shares, tensors, strict=True))
-                    .to(tensors[0][key].dtype) for key in tensors[0]}
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in mean.items()}, str(tmp / name), metadata={"format": "pt"})
-            del tensors
+        sources = [consolidate.consolidate(f, scratch / str(i)) if consolidate.is_sharded(f) else f
+                   for i, f in enumerate(folders)]
+        _write_mean(sources, shares, tmp, labels=folders)
         checkpoint.mark_complete(tmp, distributed.DistInfo(), {"averaged": [str(f) for f in folders],
                                                                 "weights": shares})
         if out.exists():
@@ -89,7 +81,29 @@ def average(folders: list[str | Path], out: str | Path, weights: list[float] | N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def _write_mean(sources: list[Path], shares: list[float], tmp: Path, labels: list[Path]) -> None:
+    """The model files of ``sources[0]`` and the weighted mean of every weight file into ``tmp``."""
+    from safetensors.torch import load_file, save_file
+
+    names = weight_files(sources[0])
+    for src, label in zip(sources[1:], labels[1:], strict=True):
+        if weight_files(src) != names:
+            raise ValueError(f"{label} holds other weight files ({sorted(weight_files(src))}) than {labels[0]} "
+                             f"({sorted(names)}): checkpoints of different models (or kinds) cannot be averaged")
+    shutil.copytree(sources[0], tmp, ignore=lambda _, files: [n for n in files if _is_state(n)], dirs_exist_ok=True)
+    for name in sorted(names):
+        tensors = [load_file(str(f / name)) for f in sources]
+        _check_same(tensors, name, labels)
+        mean = {key: sum(share * t[key].double() for share, t in zip(shares, tensors, strict=True))
+                .to(tensors[0][key].dtype) for key in tensors[0]}
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in mean.items()}, str(tmp / name), metadata={"format": "pt"})
+        del tensors
 
 
 def _is_state(name: str) -> bool:

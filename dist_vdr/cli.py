@@ -100,6 +100,13 @@ def _average(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consolidate(args: argparse.Namespace) -> int:
+    from .consolidate import consolidate
+
+    print(f"consolidated {args.checkpoint} into {consolidate(args.checkpoint, args.out)}", flush=True)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -320,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--eval-data", default=None, help="evaluate the result on this data (as `dist-vdr eval --data`)")
     a.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="device of the evaluation")
     a.set_defaults(fn=_average)
+    c = sub.add_parser("consolidate",
+                       help="an FSDP2 checkpoint (model shards) as a model folder that loads like final/")
+    c.add_argument("checkpoint", help="a checkpoint-N folder of an FSDP2 run (run from the training's folder: its "
+                                      "recipe names the base model)")
+    c.add_argument("out", help="the new model folder")
+    c.set_defaults(fn=_consolidate)
 
     from . import cli_bench, cli_data
 

@@ -111,7 +111,8 @@ SEAMS: tuple[Seam, ...] = (
               "and save_fsdp_model(fsdp_plugin, accelerator, model, output_dir, ...), called by "
               "Trainer._prepare_for_training and Trainer._save_optimizer_and_scheduler(output_dir) (which dist-vdr "
               "wraps to leave the frozen base out of DeepSpeed's save_checkpoint)",
-         used_by="adapter_engines.install_loaders, st_trainers._DistVdrTrainerMixin._save_optimizer_and_scheduler",
+         used_by="adapter_engines.install_loaders, st_trainers._DistVdrTrainerMixin._save_optimizer_and_scheduler, "
+                 "st_trainers._DistVdrTrainerMixin.load_weights_of",
          why="transformers leaves the frozen base out of engine checkpoints for PeftModel instances only; "
              "dist-vdr's adapters live inside a SentenceTransformer"),
     Seam("transformers.zero3_init_switch", **_TF,
@@ -338,6 +339,16 @@ def wrap_trainer_engine_checkpointing(deepspeed_load: Callable, fsdp_save_model:
         stock = getattr(hf_trainer, name)
         setattr(hf_trainer, name, functools.partial(wrapper, stock))
     _ENGINE_CALLS_WRAPPED = True
+
+
+def deepspeed_load_engine_checkpoint(engine, checkpoint_path: str) -> None:
+    """transformers' ``deepspeed_load_checkpoint`` as the Trainer calls it on resume (the module global,
+    with dist-vdr's adapter-aware wrapper when installed): weights and optimizer state of a DeepSpeed
+    checkpoint written by the same number of ranks into ``engine``."""
+    require("transformers.trainer_engine_checkpoint_calls")
+    import transformers.trainer as hf_trainer
+
+    hf_trainer.deepspeed_load_checkpoint(engine, checkpoint_path, load_module_strict=True)
 
 
 def no_split_modules(module) -> list[str] | None:

@@ -457,7 +457,7 @@ class TrainingConfig:
     save_total_limit ones (needs eval_steps = save_steps: each checkpoint carries its evaluation)."""
     final: str = "last"
     """What final/ holds: last (the weights of the last step) or best (those of the kept best checkpoint;
-    needs keep_best; DDP runs; the card and the evaluation after training are of it)."""
+    needs keep_best; any engine; the card and the evaluation after training are of it)."""
     batch_sampler: str = "auto"
     """auto: no_duplicates_hashed for embedding models (a repeated page in the global batch would be a
     false in-batch negative) and for listwise rerankers with in-batch negatives; batch_sampler (plain

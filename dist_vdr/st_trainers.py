@@ -17,7 +17,7 @@ import time
 import torch
 from sentence_transformers import CrossEncoderTrainer, SentenceTransformerTrainer
 
-from . import adapter_engines, adapters, compat, distributed, engines, log
+from . import adapter_engines, adapters, checkpoint, compat, distributed, engines, log
 from .data import page_refs
 
 logger = log.get(__name__)
@@ -116,6 +116,28 @@ class _DistVdrTrainerMixin:
         if self.is_fsdp_enabled:
             return compat.hf_load_from_checkpoint(self, resume_from_checkpoint, model)
         return compat.st_load_from_checkpoint(super()._load_from_checkpoint, resume_from_checkpoint)
+
+    def load_weights_of(self, checkpoint_dir: str) -> None:
+        """A checkpoint of this run (written by as many ranks) into the live model, as a resume loads it
+        (collective under DeepSpeed and FSDP2: each rank its shards; training.final=best)."""
+        if self.is_deepspeed_enabled:
+            return compat.deepspeed_load_engine_checkpoint(self.model_wrapped, checkpoint_dir)
+        if self.is_fsdp_enabled:
+            return self._load_from_checkpoint(checkpoint_dir, self.model_wrapped)
+        return self._load_from_checkpoint(checkpoint_dir)
+
+    def cannot_load_weights_of(self, checkpoint_dir: str, world_size: int) -> str | None:
+        """Why :meth:`load_weights_of` cannot load ``checkpoint_dir`` (None: it can). DDP reads whole weights and
+        FSDP2's DCP reshards; DeepSpeed's optimizer partitions load on as many ranks only, and an engine set up
+        to resume from a universal checkpoint (another number of ranks) reads universal checkpoints only."""
+        if not self.is_deepspeed_enabled:
+            return None
+        written_by = checkpoint.saved_world_size(checkpoint_dir)
+        if written_by not in (None, world_size):
+            return f"written by {written_by} rank(s), this run has {world_size}"
+        if self.model_wrapped.load_universal_checkpoint():
+            return "this run resumed on another number of ranks: its DeepSpeed engine loads universal checkpoints only"
+        return None
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # An adapter under DeepSpeed/FSDP2: gather the adapter alone (collective), never the frozen base

@@ -51,10 +51,6 @@ def run_training(cfg: Config, task: Task | None = None, *, resume: str | None = 
     logger.info(f"joined: world size {info.world_size}, device {info.device}", extra=log.ALL_RANKS)
     per_device = cfg.resolve_batch(info.world_size)
     ctx = RunContext(cfg=cfg, info=info, out=Path(cfg.training.output_dir), engine=distributed.requested_engine())
-    if ctx.engine and cfg.training.final == "best":
-        raise ValueError(f"training.final=best under {ctx.engine}: not yet (its checkpoints keep sharded engine "
-                         f"states); keep training.keep_best=true with final=last and evaluate the kept best checkpoint "
-                         f"(it is named in the log), or train the run under DDP")
     if ctx.engine and cfg.training.gradient_accumulation_steps != 1:
         raise ValueError(f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps} under "
                          f"{ctx.engine}: with gradient caching the batch costs no extra memory, so raise "
@@ -252,8 +248,14 @@ class _Run:
         if checkpoint.checkpoint_step(best) == trainer.state.global_step:
             logger.info(f"training.final=best: the last step ({Path(best).name}) is the best")
             return None
+        why_not = trainer.cannot_load_weights_of(best, ctx.info.world_size)
+        if why_not:
+            logger.warning(f"training.final=best: {Path(best).name} does not load into this run's engine ({why_not}): "
+                           f"final/ holds the last step; {best} holds the best model (gathered at save): use that "
+                           f"folder")
+            return None
         logger.info(f"training.final=best: final/ takes the weights of {Path(best).name}")
-        trainer._load_from_checkpoint(best)  # dist-vdr's loader (st_trainers): adapters and plain models alike
+        trainer.load_weights_of(best)  # as a resume loads it: adapters, plain models and engine shards alike
         self.weights_of_step = checkpoint.checkpoint_step(best)
         return Path(best)
 

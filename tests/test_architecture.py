@@ -30,12 +30,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("building blocks", ("dist_vdr.data", "dist_vdr.adapters", "dist_vdr.adapter_engines", "dist_vdr.model",
                          "dist_vdr.losses",
                          "dist_vdr.evaluation",
-                         "dist_vdr.checkpoint", "dist_vdr.averaging",
+                         "dist_vdr.checkpoint",
                          "dist_vdr.preemption", "dist_vdr.resume_guard", "dist_vdr.run_lock",
                          "dist_vdr.engines", "dist_vdr.step_stats", "dist_vdr.mining", "dist_vdr.st_trainers")),
     # tiny builds the test models of every task.
     ("tasks", ("dist_vdr.tasks.*", "dist_vdr.reranker", "dist_vdr.tiny")),
-    ("run", ("dist_vdr.run", "dist_vdr.training", "dist_vdr.report")),
+    # consolidate builds a task's model; averaging consolidates.
+    ("run", ("dist_vdr.run", "dist_vdr.training", "dist_vdr.report", "dist_vdr.consolidate", "dist_vdr.averaging")),
     ("entry points", ("dist_vdr.cli*", "dist_vdr.commands", "dist_vdr.cluster", "dist_vdr.launcher",
                       "dist_vdr.bench")),
 ]

@@ -60,10 +60,10 @@ def test_inputs_that_cannot_be_averaged_are_refused(tiny_model, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="not an empty folder"):
         average([tiny_model, tiny_model], tmp_path / "afile")
-    sharded = tmp_path / "checkpoint-4"
-    (sharded / "global_step4").mkdir(parents=True)
-    with pytest.raises(ValueError, match="ZeRO/FSDP checkpoint"):
-        average([tiny_model, sharded], tmp_path / "x")
+    engine_state_only = tmp_path / "checkpoint-4"
+    (engine_state_only / "global_step4").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no \\*.safetensors weights"):
+        average([tiny_model, engine_state_only], tmp_path / "x")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")
     with pytest.raises(ValueError, match="not an empty folder"):
@@ -98,3 +98,22 @@ def test_the_command_averages_and_evaluates(tiny_model, pages, tmp_path):
     assert bad.returncode == 2 and "at least two" in bad.stderr
     bad = run_cli(["average", str(tiny_model), str(tiny_model), "--weights", "1,,2", "--out", str(tmp_path / "x")])
     assert bad.returncode == 2 and "--weights '1,,2': give one number per checkpoint" in bad.stderr
+
+
+def test_consolidate_refuses_what_it_cannot_build(tiny_model, tmp_path):
+    from dist_vdr.consolidate import consolidate
+
+    with pytest.raises(ValueError, match="already a model folder"):
+        consolidate(tiny_model, tmp_path / "c")
+    shards = tmp_path / "checkpoint-2"
+    (shards / "pytorch_model_fsdp_0").mkdir(parents=True)
+    with pytest.raises(ValueError, match="records no recipe"):
+        consolidate(shards, tmp_path / "c")
+    (shards / "dist_vdr_config.yaml").write_text("model:\n  name_or_path: ./no-such-model\n")
+    with pytest.raises(ValueError, match="run from the folder the training ran in"):
+        consolidate(shards, tmp_path / "c")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        consolidate(shards, tmp_path / "busy")
+    assert not (tmp_path / "c").exists()

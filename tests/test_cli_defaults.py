@@ -27,6 +27,7 @@ UNMAPPED = {
     "data check": {"--config"},
     "report": {"--metric"},
     "average": {"--out", "--weights", "--eval-data", "--device"},
+    "consolidate": set(),
     "make-tiny-model": {"--reranker", "--init-from", "--hidden-size", "--num-layers", "--seed", "--overwrite"},
     "make-synthetic-pages": {"--num-train", "--num-negatives", "--num-eval-queries", "--num-eval-distractors",
                              "--seed", "--overwrite", "--style"},

@@ -176,3 +176,51 @@ def test_one_gradient_reduction_per_step(engine, tmp_path_factory, tiny_model, p
         assert reductions == {k: v for k, v in b["calls"].items() if k in REDUCTIONS}, (a, b)
         if engine == "cpu_fsdp2":  # parameters kept gathered: the all-gathers do not grow either
             assert a["calls"] == b["calls"], (a, b)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_engines_checkpoints_average_and_consolidate(engine, tmp_path_factory, tiny_model, pages, extensions_dir):
+    """dist-vdr average on the engine's own checkpoints (FSDP2's hold shards only: consolidated first) gives the
+    exact mean of the weights they hold (read without dist-vdr), and an FSDP2 checkpoint consolidates into what
+    final/ holds at that step, bit for bit."""
+    import subprocess
+    import sys
+
+    import torch
+    from test_keep_best import saved_weights
+
+    from dist_vdr.averaging import average
+
+    run, _ = _engine_run(engine, tmp_path_factory, tiny_model, pages, extensions_dir)
+    tmp = tmp_path_factory.mktemp(f"{engine}-average")
+    c2, c4 = run / "checkpoint-2", run / "checkpoint-4"
+    w2, w4 = saved_weights(c2), saved_weights(c4)
+    mean = saved_weights(average([c2, c4], tmp / "mean"))
+    assert mean.keys() == w4.keys()
+    for k, v in mean.items():
+        assert torch.equal(v, ((w2[k].double() + w4[k].double()) / 2).to(v.dtype)), k
+    assert not torch.equal(w2[k], w4[k])
+    same = saved_weights(average([c4, c4], tmp / "same"))
+    assert all(torch.equal(same[k], w4[k]) for k in w4)
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".")]  # no scratch folder left
+    assert not list((tmp / "mean").glob("global_step*")) and not (tmp / "mean" / "latest").exists()
+    if engine != "cpu_fsdp2":
+        return
+    cmd = [sys.executable, "-m", "dist_vdr.cli", "consolidate", str(run / f"checkpoint-{STEPS}"), str(tmp / "c")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got, final = saved_weights(tmp / "c"), saved_weights(run / "final")
+    assert got.keys() == final.keys() and all(torch.equal(got[k], final[k]) for k in final)
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(tmp / "c"), device="cpu").encode(["a query"]).shape[0] == 1
+    # A corrupted shard is refused, not averaged into a model that looks fine.
+    bad = tmp / "checkpoint-2"
+    shutil.copytree(c2, bad)
+    shard = next((bad / "pytorch_model_fsdp_0").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="fails verification"):
+        average([bad, c4], tmp / "bad")
+    assert not (tmp / "bad").exists()

@@ -1,9 +1,12 @@
-"""training.report_to through the real launcher: TensorBoard event files written by rank 0 alone hold the
-per-step scalars of trainer_state.json, the evaluations before/after training and the resolved recipe."""
+"""training.report_to through the real launcher: TensorBoard event files and the trackio store, written by rank 0
+alone, hold the per-step scalars of trainer_state.json, the evaluations before/after training and the resolved
+recipe."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -24,13 +27,33 @@ def _scalars(folder):
     return values, texts
 
 
+_READ_TRACKIO = """
+import json, sys
+from trackio.sqlite_storage import SQLiteStorage
+runs = SQLiteStorage.get_runs("dist-vdr")
+print(json.dumps({"runs": runs, "logs": SQLiteStorage.get_logs("dist-vdr", runs[0]),
+                  "config": SQLiteStorage.get_run_config("dist-vdr", runs[0])}, default=str))
+"""
+
+
+def _trackio_store(folder) -> dict:
+    """The trackio store in ``folder`` ($TRACKIO_DIR), read by trackio itself in a process of its own (trackio
+    takes the folder when imported)."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", _READ_TRACKIO], capture_output=True, text=True,
+                          env={**os.environ, "TRACKIO_DIR": str(folder)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
-def test_tensorboard_holds_the_logged_scalars_of_a_two_rank_run(tiny_model, pages, tmp_path):
+def test_the_trackers_hold_the_logged_scalars_of_a_two_rank_run(tiny_model, pages, tmp_path):
     out = tmp_path / "run"
     args = ["--config", "configs/tiny.yaml", *tiny_overrides(tiny_model, pages, out),
             "data.negative_columns=[negative_0,negative_1]", "training.max_steps=4",
-            "training.report_to=[tensorboard]", "data.max_eval_queries=8", "training.eval_steps=2"]
-    result = run_launcher("launch/cpu.yaml", args, env=launch_env())
+            "training.report_to=[tensorboard,trackio]", "data.max_eval_queries=8", "training.eval_steps=2"]
+    result = run_launcher("launch/cpu.yaml", args, env=launch_env(TRACKIO_DIR=str(tmp_path / "trackio")))
     assert result.returncode == 0, log_tail(result.stdout + result.stderr)
     folder = out / "tensorboard"
     events = list(folder.glob("events.out.tfevents.*"))
@@ -49,6 +72,23 @@ def test_tensorboard_holds_the_logged_scalars_of_a_two_rank_run(tiny_model, page
     assert 0 in values["train/before/dim16_cosine_ndcg@10"]
     assert any("resolved_config" in t for t in texts)
     assert set(values["eval/dim64_cosine_ndcg@10"]) == {2, 4}  # the evaluations during training
+
+    # trackio: one run (rank 0's; the evaluation after training continues it), named after the run folder
+    from dist_vdr.run.tracking import run_name
+
+    store = _trackio_store(tmp_path / "trackio")
+    assert store["runs"] == [run_name(str(out))]
+    logs = store["logs"]
+    for key in ("loss", "grad_norm", "learning_rate"):
+        logged = {h["step"]: h[key] for h in state["log_history"] if key in h}
+        got = [(e["train/global_step"], e[f"train/{key}"]) for e in logs if f"train/{key}" in e]
+        assert len(got) == len(logged) and dict(got) == pytest.approx(logged, rel=1e-6), key  # each step once
+    evals = {e["train/global_step"]: e["eval/dim64_cosine_ndcg@10"] for e in logs if "eval/dim64_cosine_ndcg@10" in e}
+    assert evals == pytest.approx(values["eval/dim64_cosine_ndcg@10"], rel=1e-6)
+    assert [e["train/after/dim64_cosine_ndcg@10"] for e in logs if "train/after/dim64_cosine_ndcg@10" in e] == \
+        pytest.approx([after["64"]["ndcg@10"]], rel=1e-6)
+    assert any("train/before/dim16_cosine_ndcg@10" in e for e in logs)
+    assert "max_steps: 4" in store["config"]["dist_vdr/resolved_config"]
     # `train` ends with the run report: the series of trainer_state, the before/after table
     assert f"report: {out / 'report.md'} (report.png); model card: {out / 'final' / 'README.md'}" in result.stdout
     from PIL import Image

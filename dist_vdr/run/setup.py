@@ -10,6 +10,7 @@ from ..data import mixture_rows, page_refs
 from ..data.mixture import mixture_sampler
 from ..data.sampler import global_no_duplicates
 from ..storage import no_space_message
+from . import tracking
 
 logger = log.get(__name__)
 
@@ -56,6 +57,9 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         ddp_timeout=cfg.launch.collective_timeout_s,
         accelerator_config={"use_configured_state": True},
         report_to=list(t.report_to) or "none",
+        # The trackers' run: one per run folder, the same after a resume (trackio resumes a run by name).
+        run_name=tracking.run_name(t.output_dir),
+        project=tracking.PROJECT,
     )
     kwargs.update(task_kwargs)
     kwargs.update(t.trainer_args)

@@ -1,0 +1,127 @@
+"""A model folder from a checkpoint whose weights are engine shards: ``dist-vdr consolidate CKPT OUT``.
+
+DDP, ZeRO-2 and ZeRO-3 checkpoints already hold the whole model (``model.safetensors``: DeepSpeed gathers
+the 16-bit weights at save, see :func:`dist_vdr.engines.configure_deepspeed`), and a LoRA run's hold its
+gathered adapter. An FSDP2 checkpoint holds the model as DCP shards (``pytorch_model_fsdp_0/``, one file per
+rank) and none of the model's other files. Consolidating reads the shards in one process (no process
+group, any number of writing ranks), builds the model of the recipe recorded in the checkpoint (its task,
+its base model: config, tokenizer, processor, modules) and writes the shards' tensors into it, as
+``final/`` would hold them at that step (same tensors, same dtypes, same layout).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from . import checkpoint, distributed, log
+
+logger = log.get(__name__)
+
+FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's folder for the first model's sharded state dict
+_DCP_MODEL_KEY = "model"  # accelerate saves {"model": state_dict}
+
+
+def is_sharded(folder: str | Path) -> bool:
+    """Whether ``folder`` keeps its model only as FSDP2 shards (no ``*.safetensors``)."""
+    folder = Path(folder)
+    return (folder / FSDP_MODEL_DIR).is_dir() and not list(folder.glob("*.safetensors"))
+
+
+def check_intact(folder: Path) -> None:
+    """Refuse a marked checkpoint whose files fail verification (never build on a corrupted one)."""
+    if not checkpoint.is_complete(folder):
+        return  # e.g. a model folder of another tool: nothing recorded to check against
+    problems = checkpoint.verify(folder, distributed.DistInfo())
+    if problems:
+        raise ValueError(f"{folder} fails verification ({'; '.join(problems[:3])}): it is corrupted; use another "
+                         f"checkpoint of the run")
+
+
+def read_shards(folder: Path) -> dict:
+    """The model's full state dict (ST keys, e.g. ``0.model.…``) from the DCP shards, in the stored dtypes."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    shards = folder / FSDP_MODEL_DIR
+    metadata = dcp.FileSystemReader(str(shards)).read_metadata()
+    prefix = _DCP_MODEL_KEY + "."
+    state = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if not key.startswith(prefix) or not hasattr(meta, "size"):
+            raise ValueError(f"{shards} holds {key!r}, not a tensor of the model: not a checkpoint dist-vdr wrote")
+        state[key[len(prefix):]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({_DCP_MODEL_KEY: state}, checkpoint_id=str(shards), no_dist=True)  # in place
+    return state
+
+
+def recorded_recipe(folder: Path):
+    """The recipe the checkpoint records (``dist_vdr_config.yaml``), loaded without checking data paths."""
+    from .config import load_config
+
+    text = checkpoint.saved_config(folder)
+    if text is None:
+        raise ValueError(f"{folder} records no recipe ({checkpoint.CONFIG_FILE}): it cannot be consolidated")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        return load_config(f.name, check_paths=False)
+
+
+def consolidate(folder: str | Path, out: str | Path) -> Path:
+    """Write the model of the FSDP2 checkpoint ``folder`` as a plain model folder ``out`` (new or empty),
+    marked like a checkpoint; returns ``out``."""
+    from . import engines, tasks
+    from .model import check_model_path
+    from .tasks.base import RunContext
+
+    folder, out = Path(folder), Path(out)
+    if not is_sharded(folder):
+        raise ValueError(f"{folder} holds no FSDP2 model shards ({FSDP_MODEL_DIR}/ without *.safetensors): it is "
+                         f"already a model folder (DDP, ZeRO and LoRA checkpoints hold the whole model)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder: choose a new folder")
+    check_intact(folder)
+    cfg = recorded_recipe(folder)
+    task = tasks.get(cfg.task)
+    try:  # the base model's files (config, tokenizer, processor, modules): a relative path is the training's
+        check_model_path(cfg.model.name_or_path)
+        model = task.build_model(RunContext(cfg=cfg, info=distributed.DistInfo(), out=out, engine=None))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder}'s recipe names the base model {cfg.model.name_or_path!r}, which does not load "
+                         f"from here ({str(exc).splitlines()[0][:300]}): run from the folder the training ran in "
+                         f"(or with the hub model in the local cache)") from None
+    state = read_shards(folder)
+    _check_same_weights(folder, state, model.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.consolidating-", dir=out.parent))
+    try:
+        with engines.saving_state_dict(model, state):  # the shards' tensors, not the freshly built ones
+            model.save_pretrained(str(tmp), create_model_card=False)
+        for name, text in task.final_files(cfg).items():
+            (tmp / name).write_text(text)
+        checkpoint.mark_complete(tmp, distributed.DistInfo(), {"step": checkpoint.checkpoint_step(folder),
+                                                                "consolidated_from": str(folder)})
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(f"{folder}: {len(state)} tensors from the FSDP2 shards written as a model folder in {out}")
+    return out
+
+
+def _check_same_weights(folder: Path, state: dict, built: dict) -> None:
+    """The shards hold exactly the built model's weights (a tied weight may be stored once)."""
+    extra = sorted(set(state) - set(built))
+    stored = {built[k].data_ptr() for k in state if k in built}
+    missing = sorted(k for k in set(built) - set(state) if built[k].data_ptr() not in stored)
+    if extra or missing:
+        raise ValueError(f"{folder}'s shards do not match the model its recorded recipe builds (only in the shards: "
+                         f"{extra[:3]}, only in the model: {missing[:3]}): consolidate with the dist-vdr version and "
+                         f"base model the run trained with")
