@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import checkpoint, consolidate, distributed
+from . import checkpoint, consolidate
 
 # Training state, not model: never copied into the averaged folder.
 _STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "dist_vdr_config.yaml",
@@ -48,39 +48,23 @@ def weight_files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")}
 
 
-def _check_out(out: Path, folders: list[Path]) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an empty folder: choose a new folder")
-    for f in folders:
-        if out.resolve() == f.resolve() or out.resolve().is_relative_to(f.resolve()):
-            raise ValueError(f"--out {out} is inside the input {f}: inputs are only read; choose a folder apart")
-
-
 def average(folders: list[str | Path], out: str | Path, weights: list[float] | None = None) -> Path:
     """Write the weighted mean of ``folders``' weights into ``out`` (new or empty); returns ``out``. FSDP2
     checkpoints (model shards only) are consolidated first, into a scratch folder beside ``out``."""
     folders = [Path(f) for f in folders]
     out = Path(out)
     shares = check_inputs(folders, weights)
-    _check_out(out, folders)
+    checkpoint.check_new_folder(out, folders)
     for f in folders:  # a corrupted input would average into a model that looks fine
         consolidate.check_intact(f)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden folders of their own beside --out (no fixed names: they could be a user's folders).
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.consolidated-", dir=out.parent))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.averaging-", dir=out.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.consolidated-", dir=out.parent))  # FSDP2 inputs as models
     try:
-        sources = [consolidate.consolidate(f, scratch / str(i)) if consolidate.is_sharded(f) else f
-                   for i, f in enumerate(folders)]
-        _write_mean(sources, shares, tmp, labels=folders)
-        checkpoint.mark_complete(tmp, distributed.DistInfo(), {"averaged": [str(f) for f in folders],
-                                                                "weights": shares})
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with checkpoint.writing_marked(out, {"averaged": [str(f) for f in folders], "weights": shares},
+                                       "averaging") as tmp:
+            sources = [consolidate.consolidate(f, scratch / str(i)) if consolidate.is_sharded(f) else f
+                       for i, f in enumerate(folders)]
+            _write_mean(sources, shares, tmp, labels=folders)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return out

@@ -21,11 +21,13 @@ Only rank 0 looks at the file system to pick the resume point; the others receiv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -205,6 +207,33 @@ def add_file(folder: str | os.PathLike, name: str, text: str) -> None:
         files[name] = {"size": (folder / name).stat().st_size, HASH_NAME: file_digest(folder / name)}
         marker["files"] = dict(sorted(files.items()))
     write_marker(folder, marker)
+
+
+def check_new_folder(out: Path, inputs: list[Path]) -> None:
+    """A model folder a command writes from ``inputs``: new or empty, and apart from every input."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder: choose a new folder")
+    for f in inputs:
+        if out.resolve() == f.resolve() or out.resolve().is_relative_to(f.resolve()):
+            raise ValueError(f"{out} is inside the input {f}: inputs are only read; choose a folder apart")
+
+
+@contextlib.contextmanager
+def writing_marked(out: Path, record: dict, what: str):
+    """A hidden folder beside ``out`` (new or empty) to write a model folder into (one process). Once the block
+    ends it is marked (file hashes + ``record``) and renamed to ``out``; on any error it is removed and ``out``
+    stays as it was. No fixed name: it could be a user's folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{what}-", dir=out.parent))
+    try:
+        yield tmp
+        mark_complete(tmp, distributed.DistInfo(), record)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def saved_world_size(path: str | os.PathLike) -> int | None:

@@ -11,7 +11,6 @@ its base model: config, tokenizer, processor, modules) and writes the shards' te
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -83,8 +82,7 @@ def consolidate(folder: str | Path, out: str | Path) -> Path:
     if not is_sharded(folder):
         raise ValueError(f"{folder} holds no FSDP2 model shards ({FSDP_MODEL_DIR}/ without *.safetensors): it is "
                          f"already a model folder (DDP, ZeRO and LoRA checkpoints hold the whole model)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty folder: choose a new folder")
+    checkpoint.check_new_folder(out, [folder])
     check_intact(folder)
     cfg = recorded_recipe(folder)
     task = tasks.get(cfg.task)
@@ -97,21 +95,12 @@ def consolidate(folder: str | Path, out: str | Path) -> Path:
                          f"(or with the hub model in the local cache)") from None
     state = read_shards(folder)
     _check_same_weights(folder, state, model.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.consolidating-", dir=out.parent))
-    try:
+    record = {"step": checkpoint.checkpoint_step(folder), "consolidated_from": str(folder)}
+    with checkpoint.writing_marked(out, record, "consolidating") as tmp:
         with engines.saving_state_dict(model, state):  # the shards' tensors, not the freshly built ones
             model.save_pretrained(str(tmp), create_model_card=False)
         for name, text in task.final_files(cfg).items():
             (tmp / name).write_text(text)
-        checkpoint.mark_complete(tmp, distributed.DistInfo(), {"step": checkpoint.checkpoint_step(folder),
-                                                                "consolidated_from": str(folder)})
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info(f"{folder}: {len(state)} tensors from the FSDP2 shards written as a model folder in {out}")
     return out
 

@@ -25,12 +25,11 @@ all-gather per step).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 from typing import Any
 
-from . import compat, distributed, log
+from . import compat, log
 
 logger = log.get(__name__)
 

@@ -9,7 +9,6 @@ was written (:meth:`Metrics.from_json`).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -10,7 +10,6 @@ model, again once the final evaluation is in.
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
