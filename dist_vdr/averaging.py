@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 from . import checkpoint, consolidate
@@ -57,8 +56,7 @@ def average(folders: list[str | Path], out: str | Path, weights: list[float] | N
     checkpoint.check_new_folder(out, folders)
     for f in folders:  # a corrupted input would average into a model that looks fine
         consolidate.check_intact(f)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.consolidated-", dir=out.parent))  # FSDP2 inputs as models
+    scratch = checkpoint.hidden_folder(out, "consolidated")  # FSDP2 inputs as model folders, removed at the end
     try:
         with checkpoint.writing_marked(out, {"averaged": [str(f) for f in folders], "weights": shares},
                                        "averaging") as tmp:

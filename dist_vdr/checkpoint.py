@@ -218,13 +218,27 @@ def check_new_folder(out: Path, inputs: list[Path]) -> None:
             raise ValueError(f"{out} is inside the input {f}: inputs are only read; choose a folder apart")
 
 
+def hidden_folder(beside: Path, what: str) -> Path:
+    """A new hidden folder next to ``beside`` (``.<name>.<what>-XXXX``; no fixed name: it could be a user's
+    folder), with the permissions of a folder made by ``mkdir`` (mkdtemp's are 0700: a team could not read it)."""
+    try:
+        beside.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{beside.name}.{what}-", dir=beside.parent))
+    except OSError as exc:
+        raise ValueError(f"cannot write beside {beside} ({exc.strerror or exc}): choose a folder you can write to") \
+            from None
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    return folder
+
+
 @contextlib.contextmanager
 def writing_marked(out: Path, record: dict, what: str):
     """A hidden folder beside ``out`` (new or empty) to write a model folder into (one process). Once the block
     ends it is marked (file hashes + ``record``) and renamed to ``out``; on any error it is removed and ``out``
-    stays as it was. No fixed name: it could be a user's folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{what}-", dir=out.parent))
+    stays as it was."""
+    tmp = hidden_folder(out, what)
     try:
         yield tmp
         mark_complete(tmp, distributed.DistInfo(), record)

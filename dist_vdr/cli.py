@@ -80,11 +80,19 @@ def _write_run_report(out: str, metric: str) -> None:
     print(f"report: {md} ({png.name}){f'; model card: {card}' if card.is_file() else ''}", flush=True)
 
 
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (kill, timeout, SLURM) as an exit that unwinds: a command's half-written folder is removed."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def _average(args: argparse.Namespace) -> int:
     import subprocess
-    import sys
 
     from .averaging import average
+
+    _stop_cleanly_on_sigterm()
 
     try:
         weights = [float(w) for w in args.weights.split(",")] if args.weights else None
@@ -103,6 +111,7 @@ def _average(args: argparse.Namespace) -> int:
 def _consolidate(args: argparse.Namespace) -> int:
     from .consolidate import consolidate
 
+    _stop_cleanly_on_sigterm()
     print(f"consolidated {args.checkpoint} into {consolidate(args.checkpoint, args.out)}", flush=True)
     return 0
 

@@ -6,7 +6,12 @@ gathered adapter. An FSDP2 checkpoint holds the model as DCP shards (``pytorch_m
 rank) and none of the model's other files. Consolidating reads the shards in one process (no process
 group, any number of writing ranks), builds the model of the recipe recorded in the checkpoint (its task,
 its base model: config, tokenizer, processor, modules) and writes the shards' tensors into it, as
-``final/`` would hold them at that step (same tensors, same dtypes, same layout).
+``final/`` would hold them at that step (the same weights bit for bit, same dtypes, same layout).
+
+The files besides the weights come from the base model as the recorded path names it *now* (a relative path
+from the current folder, a hub id from the local cache): they must be those the run trained from. Names
+and shapes of the weights are checked; a changed config of the same shapes (e.g. another ``rope_theta``)
+cannot be told apart.
 """
 
 from __future__ import annotations
@@ -30,9 +35,19 @@ def is_sharded(folder: str | Path) -> bool:
 
 
 def check_intact(folder: Path) -> None:
-    """Refuse a marked checkpoint whose files fail verification (never build on a corrupted one)."""
+    """Refuse a checkpoint that may be corrupted or half written: a marked one whose files fail verification,
+    one with an unreadable marker, and FSDP2 shards without a marker (an interrupted save: training sets such
+    folders aside). A model folder of another tool (no marker) has nothing to check against."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
     if not checkpoint.is_complete(folder):
-        return  # e.g. a model folder of another tool: nothing recorded to check against
+        if (folder / checkpoint.MARKER_FILE).exists():
+            raise ValueError(f"{folder}: its {checkpoint.MARKER_FILE} is unreadable, so its files cannot be "
+                             f"verified: use another checkpoint of the run")
+        if is_sharded(folder):
+            raise ValueError(f"{folder} has no {checkpoint.MARKER_FILE}: an interrupted save (its shards may be "
+                             f"incomplete); use another checkpoint of the run")
+        return
     problems = checkpoint.verify(folder, distributed.DistInfo())
     if problems:
         raise ValueError(f"{folder} fails verification ({'; '.join(problems[:3])}): it is corrupted; use another "
@@ -58,6 +73,15 @@ def read_shards(folder: Path) -> dict:
     return state
 
 
+def _read_shards_or_explain(folder: Path) -> dict:
+    try:
+        return read_shards(folder)
+    except (OSError, RuntimeError) as exc:  # verified files that still do not read: say which, not a traceback
+        raise ValueError(f"{folder / FSDP_MODEL_DIR} does not read as DCP shards "
+                         f"({str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}): use another "
+                         f"checkpoint of the run") from None
+
+
 def recorded_recipe(folder: Path):
     """The recipe the checkpoint records (``dist_vdr_config.yaml``), loaded without checking data paths."""
     from .config import load_config
@@ -68,7 +92,10 @@ def recorded_recipe(folder: Path):
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         f.write(text)
         f.flush()
-        return load_config(f.name, check_paths=False)
+        try:
+            return load_config(f.name, check_paths=False)
+        except ValueError as exc:  # named after the checkpoint's file, not the temporary copy
+            raise ValueError(str(exc).replace(f.name, str(folder / checkpoint.CONFIG_FILE))) from None
 
 
 def consolidate(folder: str | Path, out: str | Path) -> Path:
@@ -79,6 +106,8 @@ def consolidate(folder: str | Path, out: str | Path) -> Path:
     from .tasks.base import RunContext
 
     folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
     if not is_sharded(folder):
         raise ValueError(f"{folder} holds no FSDP2 model shards ({FSDP_MODEL_DIR}/ without *.safetensors): it is "
                          f"already a model folder (DDP, ZeRO and LoRA checkpoints hold the whole model)")
@@ -93,9 +122,9 @@ def consolidate(folder: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{folder}'s recipe names the base model {cfg.model.name_or_path!r}, which does not load "
                          f"from here ({str(exc).splitlines()[0][:300]}): run from the folder the training ran in "
                          f"(or with the hub model in the local cache)") from None
-    state = read_shards(folder)
+    state = _read_shards_or_explain(folder)
     _check_same_weights(folder, state, model.state_dict())
-    record = {"step": checkpoint.checkpoint_step(folder), "consolidated_from": str(folder)}
+    record = {"step": checkpoint.checkpoint_step(folder), "consolidated_from": str(folder.resolve())}
     with checkpoint.writing_marked(out, record, "consolidating") as tmp:
         with engines.saving_state_dict(model, state):  # the shards' tensors, not the freshly built ones
             model.save_pretrained(str(tmp), create_model_card=False)
@@ -110,7 +139,9 @@ def _check_same_weights(folder: Path, state: dict, built: dict) -> None:
     extra = sorted(set(state) - set(built))
     stored = {built[k].data_ptr() for k in state if k in built}
     missing = sorted(k for k in set(built) - set(state) if built[k].data_ptr() not in stored)
-    if extra or missing:
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(built[k].shape)}" for k in state
+              if k in built and state[k].shape != built[k].shape]
+    if extra or missing or shapes:
         raise ValueError(f"{folder}'s shards do not match the model its recorded recipe builds (only in the shards: "
-                         f"{extra[:3]}, only in the model: {missing[:3]}): consolidate with the dist-vdr version and "
-                         f"base model the run trained with")
+                         f"{extra[:3]}, only in the model: {missing[:3]}, other shapes: {shapes[:3]}): consolidate "
+                         f"with the dist-vdr version and base model the run trained with")

@@ -139,13 +139,15 @@ class _Run:
         load_universal = setup.prepare_resharded_resume(resume_from, cfg, info, self.per_device, ctx.engine)
         # Built (and so validated: trainer_args, scheduler name, ...) before the run's records are written.
         args_class, task_kwargs = self.task.training_arguments(cfg)
+        tracker_run = distributed.main_then_share(info.is_main, lambda: tracking.run_name(ctx.out, bool(resume_from)))
         args = setup.build_training_args(cfg, info, self.per_device, args_class=args_class, task_kwargs=task_kwargs,
                                          has_eval=data.has_eval, row_hashes=inputs.row_hashes,
-                                         mixture=data.mixture)
+                                         mixture=data.mixture, run_name=tracker_run)
         engines.configure_deepspeed(args, load_universal=load_universal)
         if info.is_main:  # everything checked: the run's first writes
             data.write_records(ctx.out)
-            records.write_run_records(ctx.out, cfg, info, resume_from, datasets=self._mixture_plan(data))
+            records.write_run_records(ctx.out, cfg, info, resume_from, datasets=self._mixture_plan(data),
+                                      tracker_run=args.run_name)
         distributed.barrier()
         logger.info(f"resuming from {resume_from}" if resume_from else f"starting a new run in {ctx.out}")
         health = preemption.StepHealth()

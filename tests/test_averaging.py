@@ -105,15 +105,51 @@ def test_consolidate_refuses_what_it_cannot_build(tiny_model, tmp_path):
 
     with pytest.raises(ValueError, match="already a model folder"):
         consolidate(tiny_model, tmp_path / "c")
-    shards = tmp_path / "checkpoint-2"
+    from dist_vdr import checkpoint, distributed
+
+    shards = tmp_path / "checkpoint-2"  # marked (a complete save) FSDP2 shards
     (shards / "pytorch_model_fsdp_0").mkdir(parents=True)
+    checkpoint.mark_complete(shards, distributed.DistInfo(), {"step": 2})
     with pytest.raises(ValueError, match="records no recipe"):
         consolidate(shards, tmp_path / "c")
     (shards / "dist_vdr_config.yaml").write_text("model:\n  name_or_path: ./no-such-model\n")
+    checkpoint.mark_complete(shards, distributed.DistInfo(), {"step": 2})
     with pytest.raises(ValueError, match="run from the folder the training ran in"):
+        consolidate(shards, tmp_path / "c")
+    (shards / "dist_vdr_config.yaml").write_text("model: [not, a, section]\n")
+    checkpoint.mark_complete(shards, distributed.DistInfo(), {"step": 2})
+    with pytest.raises(ValueError, match="checkpoint-2/dist_vdr_config.yaml"):  # not a temporary copy's name
         consolidate(shards, tmp_path / "c")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")
     with pytest.raises(ValueError, match="not an empty folder"):
         consolidate(shards, tmp_path / "busy")
     assert not (tmp_path / "c").exists()
+
+
+def test_half_written_or_unverifiable_inputs_and_unwritable_outputs_are_refused(tiny_model, tmp_path):
+    import os
+    from pathlib import Path
+
+    from dist_vdr.averaging import average
+    from dist_vdr.consolidate import consolidate
+
+    shards = tmp_path / "checkpoint-2"  # FSDP2 shards without the completion marker: an interrupted save
+    (shards / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (shards / "dist_vdr_config.yaml").write_text("model:\n  name_or_path: ./x\n")
+    for call in (lambda: consolidate(shards, tmp_path / "c"), lambda: average([shards, tiny_model], tmp_path / "a")):
+        with pytest.raises(ValueError, match="no dist_vdr_complete.json: an interrupted save"):
+            call()
+    (shards / "dist_vdr_complete.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is unreadable, so its files cannot be verified"):
+        consolidate(shards, tmp_path / "c")
+    with pytest.raises(ValueError, match="is not a folder"):
+        consolidate(tmp_path / "nowhere", tmp_path / "c")
+    with pytest.raises(ValueError, match="cannot write beside"):
+        average([tiny_model, tiny_model], Path("/dev/null/avg"))
+    # the model folder gets mkdir's permissions (a temporary folder's 0700 would lock a team out)
+    umask = os.umask(0)
+    os.umask(umask)
+    out = average([tiny_model, tiny_model], tmp_path / "shared")
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -73,11 +73,10 @@ def test_the_trackers_hold_the_logged_scalars_of_a_two_rank_run(tiny_model, page
     assert any("resolved_config" in t for t in texts)
     assert set(values["eval/dim64_cosine_ndcg@10"]) == {2, 4}  # the evaluations during training
 
-    # trackio: one run (rank 0's; the evaluation after training continues it), named after the run folder
-    from dist_vdr.run.tracking import run_name
-
+    # trackio: one run (rank 0's; the evaluation after training continues it), the one run_info.jsonl records
     store = _trackio_store(tmp_path / "trackio")
-    assert store["runs"] == [run_name(str(out))]
+    recorded = [json.loads(line)["tracker_run"] for line in (out / "run_info.jsonl").read_text().splitlines()]
+    assert store["runs"] == recorded and recorded[0].startswith("run-")
     logs = store["logs"]
     for key in ("loss", "grad_norm", "learning_rate"):
         logged = {h["step"]: h[key] for h in state["log_history"] if key in h}
@@ -106,6 +105,40 @@ def test_the_trackers_hold_the_logged_scalars_of_a_two_rank_run(tiny_model, page
     before = json.loads((out / "metrics_before.json").read_text())["metrics"]
     row = f"| 64 | {before['64']['ndcg@10']:.4f} | {after['64']['ndcg@10']:.4f} |"
     assert row in report
+
+
+@pytest.mark.slow
+def test_trackio_keeps_the_evaluation_after_training_and_a_fresh_start_opens_a_new_run(tiny_model, pages, tmp_path):
+    """Without the evaluation before training, the one after it is logged once trackio's callback has closed the
+    run: it must still reach the store. A run started afresh in the folder of a deleted run is a run of its own."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = ["--config", "configs/tiny.yaml", *tiny_overrides(tiny_model, pages, out), "training.max_steps=2",
+            "training.report_to=[trackio]", "data.max_eval_queries=8", "evaluation.before_training=false"]
+    env = launch_env(TRACKIO_DIR=str(tmp_path / "trackio"))
+    names = []
+    for _ in range(2):
+        result = run_launcher("launch/cpu.yaml", args, env=env)
+        assert result.returncode == 0, log_tail(result.stdout + result.stderr)
+        names.append(json.loads((out / "run_info.jsonl").read_text().splitlines()[-1])["tracker_run"])
+        after = json.loads((out / "metrics_after.json").read_text())["metrics"]["64"]["ndcg@10"]
+        shutil.rmtree(out)
+    store = _trackio_store(tmp_path / "trackio")
+    assert len(set(names)) == 2 and sorted(store["runs"]) == sorted(names), (names, store["runs"])
+    logged = [e["train/after/dim64_cosine_ndcg@10"] for e in store["logs"] if "train/after/dim64_cosine_ndcg@10" in e]
+    assert logged == pytest.approx([after], rel=1e-6)  # the store's first run: the same data and seed
+
+
+def test_a_resumed_run_continues_its_tracker_run_and_a_fresh_one_opens_another(tmp_path):
+    from dist_vdr.run.tracking import run_name
+
+    fresh = run_name(tmp_path, resuming=False)
+    assert fresh.startswith(f"{tmp_path.name}-")
+    (tmp_path / "run_info.jsonl").write_text(json.dumps({"tracker_run": "first"}) + "\n" +
+                                             json.dumps({"tracker_run": "first"}) + "\n" + '{"cut sh')
+    assert run_name(tmp_path, resuming=True) == "first"  # the last complete record names it
+    assert run_name(tmp_path, resuming=False) != "first"
 
 
 def test_a_tracker_that_is_not_installed_is_refused_with_the_install_command(monkeypatch):

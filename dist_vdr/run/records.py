@@ -35,9 +35,9 @@ def git_revision() -> str:
 
 
 def write_run_records(out: Path, cfg: Config, info: distributed.DistInfo, resume_from: str | None,
-                      datasets: list[dict] | None = None) -> None:
-    """Resolved config + run info (``datasets``: a mixture's per-dataset plan). An earlier, different
-    config is kept under a timestamped name."""
+                      datasets: list[dict] | None = None, tracker_run: str | None = None) -> None:
+    """Resolved config + run info (``datasets``: a mixture's per-dataset plan; ``tracker_run``: the trackers'
+    run name, continued on resume). An earlier, different config is kept under a timestamped name."""
     out.mkdir(parents=True, exist_ok=True)
     text = to_yaml(cfg)
     resolved = out / "resolved_config.yaml"
@@ -56,6 +56,8 @@ def write_run_records(out: Path, cfg: Config, info: distributed.DistInfo, resume
     }
     if datasets:
         run["datasets"] = datasets
+    if tracker_run:
+        run["tracker_run"] = tracker_run
     with open(out / "run_info.jsonl", "a") as f:  # one line per (re)start: the run's history
         f.write(json.dumps(run) + "\n")
 

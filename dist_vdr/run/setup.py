@@ -16,8 +16,9 @@ logger = log.get(__name__)
 
 
 def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int, *, args_class, task_kwargs: dict,
-                        has_eval: bool, row_hashes=None, mixture=None):
-    """The task's TrainingArguments class with the recipe's values (``task_kwargs``: the task's own)."""
+                        has_eval: bool, row_hashes=None, mixture=None, run_name: str | None = None):
+    """The task's TrainingArguments class with the recipe's values (``task_kwargs``: the task's own;
+    ``run_name``: the trackers' run)."""
     t = cfg.training
     eval_every = t.eval_steps if (has_eval and t.eval_steps) else None
     kwargs = dict(
@@ -57,8 +58,7 @@ def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int
         ddp_timeout=cfg.launch.collective_timeout_s,
         accelerator_config={"use_configured_state": True},
         report_to=list(t.report_to) or "none",
-        # The trackers' run: one per run folder, the same after a resume (trackio resumes a run by name).
-        run_name=tracking.run_name(t.output_dir),
+        run_name=run_name,  # the trackers' run (tracking.run_name)
         project=tracking.PROJECT,
     )
     kwargs.update(task_kwargs)

@@ -4,7 +4,7 @@ transformers' callbacks (TensorBoard, Trackio, W&B, MLflow) log from rank 0 only
 ``Trainer.log`` call: the per-step loss, learning rate and gradient norm, dist-vdr's additions
 (``loss/<dataset>``, ``masked_per_query``, ``step_seconds``, ``samples_per_second``) and the evaluations
 (during training, and before/after it: :func:`log_evaluation`). Every tracker's run is named after the run
-folder (:func:`run_name`; a resumed run continues it) in the project ``dist-vdr`` (trackio's project;
+folder and its start (:func:`run_name`; a resumed run continues it) in the project ``dist-vdr`` (trackio's project;
 ``training.trainer_args.project`` changes it). TensorBoard gets a fixed place in the run folder
 (``<output_dir>/tensorboard``); TensorBoard and trackio get the resolved recipe. trackio stores locally
 (``$TRACKIO_DIR``, default ``~/.cache/huggingface/trackio``; ``trackio show`` opens its dashboard); W&B and
@@ -23,13 +23,23 @@ PROJECT = "dist-vdr"
 changes it."""
 
 
-def run_name(output_dir: str) -> str:
-    """The trackers' run name: the run folder's name and a digest of its absolute path (two runs in folders of
-    the same name stay apart; a resumed run keeps its name)."""
-    import hashlib
+def run_name(out: Path, resuming: bool) -> str:
+    """The trackers' run name (rank 0 decides): a resumed run continues the one its run folder recorded
+    (``run_info.jsonl`` ``tracker_run``; trackio resumes a run by name); a fresh start, also in a reused folder,
+    opens a new one, named after the folder and the start time."""
+    import json
+    import time
 
-    folder = Path(output_dir).resolve()
-    return f"{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:6]}"
+    info = out / "run_info.jsonl"
+    if resuming and info.is_file():
+        for line in reversed(info.read_text().splitlines()):
+            try:
+                recorded = json.loads(line).get("tracker_run")
+            except (ValueError, AttributeError):
+                continue  # a line cut short by a kill
+            if recorded:
+                return recorded
+    return f"{out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 CONFIG_KEY = "dist_vdr/resolved_config"
@@ -88,3 +98,16 @@ def log_evaluation(trainer, which: str, raw: dict[str, float]) -> None:
     if not trainer.args.report_to or trainer.args.report_to == ["none"]:
         return
     trainer.log({f"{which}/{key}": float(value) for key, value in raw.items()})
+    if which == "after":
+        _close_trackio(trainer)
+
+
+def _close_trackio(trainer) -> None:
+    """The evaluation after training is logged once training has ended (and the trackio callback closed its run):
+    the callback reopens the run for it, and nothing closes it again: its queued records were lost at exit
+    (seen with evaluation.before_training=false). Close it as the end of training does."""
+    from transformers.integrations import TrackioCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TrackioCallback):
+            callback.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
