@@ -98,6 +98,10 @@ SEAMS: tuple[Seam, ...] = (
          what="transformers.Trainer._run_epoch",
          used_by="st_trainers._DistVdrTrainerMixin._run_epoch",
          why="checks max_steps only after a step: a run resumed at its last step would train one step more"),
+    Seam("transformers.trainer_log_save_evaluate", **_TF,
+         what="transformers.Trainer._maybe_log_save_evaluate (after each optimizer step: log, then evaluate and save)",
+         used_by="st_trainers._DistVdrTrainerMixin._maybe_log_save_evaluate",
+         why="the evaluation and checkpoint time after a log is left out of the next log's step_seconds"),
     Seam("transformers.trainer_load_from_checkpoint", **_TF,
          what="transformers.Trainer._load_from_checkpoint(resume_from_checkpoint, model)",
          used_by="st_trainers._DistVdrTrainerMixin._load_from_checkpoint",
@@ -307,6 +311,12 @@ def st_load_from_checkpoint(stock: Callable, checkpoint_path: str) -> None:
 def run_epoch(stock: Callable, *args, **kwargs):
     """transformers' ``Trainer._run_epoch`` (``stock``: the bound parent method)."""
     require("transformers.trainer_run_epoch")
+    return stock(*args, **kwargs)
+
+
+def log_save_evaluate(stock: Callable, *args, **kwargs):
+    """transformers' ``Trainer._maybe_log_save_evaluate`` (``stock``: the bound parent method)."""
+    require("transformers.trainer_log_save_evaluate")
     return stock(*args, **kwargs)
 
 

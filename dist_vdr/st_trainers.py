@@ -35,6 +35,7 @@ class _DistVdrTrainerMixin:
         adapter_engines.install_loaders()  # before train(): a resume loads the engine state first
 
     _since_log: tuple[float, int] | None = None  # (time, global step) of the last training log
+    _paused_s: float = 0.0  # evaluation and checkpointing since the last log: not training time
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._since_log is None:
@@ -73,14 +74,16 @@ class _DistVdrTrainerMixin:
 
     def _log_speed(self, logs: dict) -> None:
         """``step_seconds`` and ``samples_per_second`` (global batch rows) since the last log, wall clock on
-        rank 0's view (no device sync: a mean over the steps logged)."""
+        rank 0's view (no device sync: a mean over the steps logged), without the evaluations and checkpoints
+        in between (data loading stays in: it is part of training)."""
         if self._since_log is None:
             return
         now, step = time.perf_counter(), self.state.global_step
         then, before = self._since_log
-        self._since_log = (now, step)
-        if step > before and now > then:
-            seconds = (now - then) / (step - before)
+        training_s = now - then - self._paused_s
+        self._since_log, self._paused_s = (now, step), 0.0
+        if step > before and training_s > 0:
+            seconds = training_s / (step - before)
             rows = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
             logs["step_seconds"] = round(seconds, 4)
             logs["samples_per_second"] = round(rows / seconds, 3)
@@ -98,6 +101,15 @@ class _DistVdrTrainerMixin:
         for name, (loss, steps) in zip(self.dataset_names, total.tolist(), strict=True):
             if steps:
                 logs[f"loss/{name}"] = round(loss / steps, 6)
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # After each optimizer step: the log (first), then evaluation and checkpointing. Their time, from the
+        # log on (or from the call's start when it logged nothing), is left out of the next step_seconds.
+        start = time.perf_counter()
+        result = compat.log_save_evaluate(super()._maybe_log_save_evaluate, *args, **kwargs)
+        logged_at = self._since_log[0] if self._since_log is not None else start
+        self._paused_s += time.perf_counter() - max(start, logged_at)
+        return result
 
     def _run_epoch(self, *args, **kwargs):
         # transformers' private _run_epoch (compat: transformers.trainer_run_epoch) checks max_steps only

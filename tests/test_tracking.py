@@ -155,3 +155,36 @@ def test_a_tracker_that_is_not_installed_is_refused_with_the_install_command(mon
     assert load_config(None, ["training.report_to=[none]"], check_paths=False).training.report_to == []
     with pytest.raises(ValueError, match="names a tracker twice"):
         load_config(None, ["training.report_to=[tensorboard,tensorboard]"], check_paths=False)
+
+
+def test_step_seconds_leave_out_the_evaluations_and_checkpoints_after_a_log(monkeypatch):
+    """A clock that advances 1 s per training step and 10 s for the evaluation + checkpoint after step 2's log:
+    every logged step_seconds is 1 s (it was 11 s for step 3, so throughput curves dipped at every evaluation)."""
+    from types import SimpleNamespace
+
+    from dist_vdr import st_trainers
+
+    clock = SimpleNamespace(t=0.0)
+    monkeypatch.setattr(st_trainers.time, "perf_counter", lambda: clock.t)
+
+    class Stock:
+        def log(self, logs, *args, **kwargs):
+            self.logged.append(dict(logs, step=self.state.global_step))
+
+        def _maybe_log_save_evaluate(self, busy_s: float):
+            self.log({"loss": 1.0})
+            clock.t += busy_s  # evaluation, checkpoint, marker hashing
+
+    class Trainer(st_trainers._DistVdrTrainerMixin, Stock):
+        def __init__(self):  # no stock trainer: the speed bookkeeping alone
+            self.logged, self.state = [], SimpleNamespace(global_step=0)
+            self.args = SimpleNamespace(per_device_train_batch_size=4, world_size=2, gradient_accumulation_steps=1)
+            self._since_log = (clock.t, 0)
+
+    trainer = Trainer()
+    for step in range(1, 5):
+        clock.t += 1.0  # data + forward/backward + optimizer
+        trainer.state.global_step = step
+        trainer._maybe_log_save_evaluate(10.0 if step == 2 else 0.0)
+    assert [(e["step"], e["step_seconds"], e["samples_per_second"]) for e in trainer.logged] == [
+        (1, 1.0, 8.0), (2, 1.0, 8.0), (3, 1.0, 8.0), (4, 1.0, 8.0)]
