@@ -789,6 +789,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _check_with_libraries(cfg)
         if check_paths:
             _resolve_sources(cfg)
+            _check_tracker_folders(cfg)
     elif check_paths and hasattr(cfg, "resolve_sources"):
         cfg.resolve_sources()
     return cfg
@@ -870,6 +871,22 @@ def _check_with_libraries(cfg: Config) -> None:
         if not any(importlib.util.find_spec(p) for p in TRACKERS[name]):
             raise ValueError(f"training.report_to={name}: the {TRACKERS[name][0]} package is not installed; "
                              f"pip install {TRACKERS[name][0]} (or pip install 'dist-vdr[tracking]'), or remove it")
+
+
+def _check_tracker_folders(cfg: Config) -> None:
+    """trackio's store must be writable: trackio only warns and the run's tracking would be lost. Nothing is
+    created here (the nearest existing folder on the way must be writable)."""
+    if "trackio" not in cfg.training.report_to:
+        return
+    import os
+
+    from huggingface_hub.constants import HF_HOME
+
+    folder = Path(os.environ.get("TRACKIO_DIR") or Path(HF_HOME) / "trackio").expanduser()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"training.report_to=trackio: trackio stores its runs in {folder}, which cannot be written "
+                         f"({existing} is not a writable folder): set TRACKIO_DIR to a writable folder")
 
 
 def _resolve_sources(cfg: Config) -> None:

@@ -141,6 +141,17 @@ def test_a_resumed_run_continues_its_tracker_run_and_a_fresh_one_opens_another(t
     assert run_name(tmp_path, resuming=False) != "first"
 
 
+def test_an_unwritable_trackio_store_is_refused_when_the_recipe_loads(monkeypatch, tmp_path):
+    from dist_vdr.config import load_config
+
+    monkeypatch.setenv("TRACKIO_DIR", "/dev/null/trackio")
+    with pytest.raises(ValueError, match="set TRACKIO_DIR to a writable folder"):
+        load_config(None, ["training.report_to=[trackio]"])
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "not" / "yet"))
+    load_config(None, ["training.report_to=[trackio]"])
+    assert not (tmp_path / "not").exists()  # nothing created when the recipe loads
+
+
 def test_a_tracker_that_is_not_installed_is_refused_with_the_install_command(monkeypatch):
     import importlib.util
 
