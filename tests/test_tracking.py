@@ -141,14 +141,15 @@ def test_a_resumed_run_continues_its_tracker_run_and_a_fresh_one_opens_another(t
     assert run_name(tmp_path, resuming=False) != "first"
 
 
-def test_an_unwritable_trackio_store_is_refused_when_the_recipe_loads(monkeypatch, tmp_path):
+def test_an_unwritable_trackio_store_is_refused_when_the_recipe_loads(monkeypatch, tmp_path, tiny_model, pages):
     from dist_vdr.config import load_config
 
+    recipe = ["training.report_to=[trackio]", f"model.name_or_path={tiny_model}", f"data.path={pages}"]
     monkeypatch.setenv("TRACKIO_DIR", "/dev/null/trackio")
     with pytest.raises(ValueError, match="set TRACKIO_DIR to a writable folder"):
-        load_config(None, ["training.report_to=[trackio]"])
+        load_config(None, recipe)
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "not" / "yet"))
-    load_config(None, ["training.report_to=[trackio]"])
+    load_config(None, recipe)
     assert not (tmp_path / "not").exists()  # nothing created when the recipe loads
 
 
