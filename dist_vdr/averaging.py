@@ -60,8 +60,8 @@ def average(folders: list[str | Path], out: str | Path, weights: list[float] | N
     try:
         with checkpoint.writing_marked(out, {"averaged": [str(f) for f in folders], "weights": shares},
                                        "averaging") as tmp:
-            sources = [consolidate.consolidate(f, scratch / str(i)) if consolidate.is_sharded(f) else f
-                       for i, f in enumerate(folders)]
+            sources = [consolidate.write_model(f, scratch / str(i)) if consolidate.is_sharded(f) else f
+                       for i, f in enumerate(folders)]  # every input was verified above
             _write_mean(sources, shares, tmp, labels=folders)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -101,10 +101,6 @@ def recorded_recipe(folder: Path):
 def consolidate(folder: str | Path, out: str | Path) -> Path:
     """Write the model of the FSDP2 checkpoint ``folder`` as a plain model folder ``out`` (new or empty),
     marked like a checkpoint; returns ``out``."""
-    from . import engines, tasks
-    from .model import check_model_path
-    from .tasks.base import RunContext
-
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder")
@@ -113,6 +109,16 @@ def consolidate(folder: str | Path, out: str | Path) -> Path:
                          f"already a model folder (DDP, ZeRO and LoRA checkpoints hold the whole model)")
     checkpoint.check_new_folder(out, [folder])
     check_intact(folder)
+    return write_model(folder, out)
+
+
+def write_model(folder: Path, out: Path) -> Path:
+    """:func:`consolidate` once ``folder`` is known to be intact FSDP2 shards and ``out`` a new folder apart
+    (``average`` checks all its inputs first: a checkpoint's files are read for their hashes once)."""
+    from . import engines, tasks
+    from .model import check_model_path
+    from .tasks.base import RunContext
+
     cfg = recorded_recipe(folder)
     task = tasks.get(cfg.task)
     try:  # the base model's files (config, tokenizer, processor, modules): a relative path is the training's

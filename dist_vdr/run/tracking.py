@@ -27,19 +27,12 @@ def run_name(out: Path, resuming: bool) -> str:
     """The trackers' run name (rank 0 decides): a resumed run continues the one its run folder recorded
     (``run_info.jsonl`` ``tracker_run``; trackio resumes a run by name); a fresh start, also in a reused folder,
     opens a new one, named after the folder and the start time."""
-    import json
     import time
 
-    info = out / "run_info.jsonl"
-    if resuming and info.is_file():
-        for line in reversed(info.read_text().splitlines()):
-            try:
-                recorded = json.loads(line).get("tracker_run")
-            except (ValueError, AttributeError):
-                continue  # a line cut short by a kill
-            if recorded:
-                return recorded
-    return f"{out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from ..report import run_infos
+
+    recorded = [info["tracker_run"] for info in run_infos(out) if info.get("tracker_run")] if resuming else []
+    return recorded[-1] if recorded else f"{out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 CONFIG_KEY = "dist_vdr/resolved_config"
