@@ -1,7 +1,7 @@
 # dist-vdr: the two commands of the README.
 #   make demo   set up .venv, build the tiny model and pages, train on 2 CPU processes, evaluate
 #   make test   set up .venv (if needed) and run the test suite
-#   make test-fast   the unit tests only (seconds to a couple of minutes)
+#   make test-fast   the unit tests only (tests/unit, under a minute)
 #   make lint   ruff over the package, tests and launch scripts (config: pyproject.toml)
 #   make demo-lora       the demo with a LoRA adapter (configs/tiny-lora.yaml)
 #   make demo-reranker   after demo: the tiny reranker (warm-started, mined negatives), retrieval vs reranked
@@ -101,12 +101,13 @@ system-deps:
 	  else echo "note: no g++ (needs root + apt-get to install): the DeepSpeed CPU tests will fail"; fi; \
 	fi
 
+# Both folders (tests/unit, tests/integration), the slowest 25 tests listed at the end (docs/testing.md).
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit tests/integration --durations=25 $(PYTEST_ARGS)
 
 # The unit tests alone (no process group, no launcher, no training run): the loop while editing.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check dist_vdr tests launch slurm

@@ -31,7 +31,7 @@ REPORTING_KEYS = (
     "data.max_eval_queries", "data.eval_", "data.validate_images", "model.compile", "model.gradient_checkpointing",
     "reranker.rerank_depth",
     # Memory levers of gradient caching, which computes the same loss and gradients at any mini-batch
-    # size (tests/test_loss_equivalence): lowering them is how a resumed run fits a smaller GPU.
+    # size (tests/integration/test_loss_equivalence.py): lowering them is how a resumed run fits a smaller GPU.
     "loss.mini_batch_size", "loss.mini_batch_num_tokens",
     "model.adapter.merge_on_save",  # what final/ holds besides the adapter, not what trains
 )

@@ -12,7 +12,7 @@ executed from them:
 
 with the patch mergers' parameters counted per merged token, embedding lookups left out, and
 padding not counted (the useful work: a setting that pads less gets no credit for padding).
-Checked against torch's FlopCounterMode on the tiny model (tests/test_bench_train.py).
+Checked against torch's FlopCounterMode on the tiny model (tests/integration/test_bench_train.py).
 
 A forward without gradients (gradient caching's first pass) counts once, one with gradients three
 times (forward + backward). So a gradient-cached step counts 2 forwards + backward, the convention of

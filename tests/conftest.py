@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -42,10 +43,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_env(**extra: str) -> dict:
+def _base_env() -> dict:
     env = dict(os.environ)
-    env.update({"MASTER_PORT": str(free_port()), "PYTHON": sys.executable, "PATH": f"{BIN}:{env.get('PATH', '')}",
-                "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    env.update({"PATH": f"{BIN}:{env.get('PATH', '')}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    return env
+
+
+_PRELOADED: dict = {}
+
+
+def preloaded_python() -> tuple[str, str] | None:
+    """(the stub executable, the server's socket) of the session's preloaded Python
+    (tests/preloaded_python.py), started at the first launch; None where it could not start."""
+    if "stub" not in _PRELOADED:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="dist-vdr-preload-"))
+        stub, sock = folder / "python", folder / "server.sock"
+        stub.write_text(f"#!{sys.executable} -S\nimport sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+                        "import preloaded_python\npreloaded_python.stub()\n")
+        stub.chmod(0o755)
+        server = subprocess.Popen([sys.executable, str(REPO / "tests" / "preloaded_python.py"), "serve", str(sock)],
+                                  cwd=REPO, env={**_base_env(), "DS_ACCELERATOR": "cpu"}, stdout=subprocess.PIPE,
+                                  text=True, start_new_session=True)
+        ready = server.stdout.readline().strip() == "ready"
+        _PRELOADED.update(folder=folder, server=server, stub=str(stub) if ready else None, socket=str(sock))
+    return (_PRELOADED["stub"], _PRELOADED["socket"]) if _PRELOADED["stub"] else None
+
+
+def pytest_unconfigure(config):  # after the summary, which reads the server's log
+    server = _PRELOADED.get("server")
+    if server is not None:
+        server.kill()
+        server.wait()
+        for record in Path(_PRELOADED["socket"] + ".pids").glob("*"):
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(record.read_text()), signal.SIGKILL)
+        import shutil
+
+        shutil.rmtree(_PRELOADED["folder"], ignore_errors=True)
+
+
+def launch_env(preload: bool | None = None, **extra: str) -> dict:
+    """The environment of a test's launch: one thread per process, offline, a free rendezvous port, and
+    (``preload``) the preloaded Python as the interpreter of the launcher and of every rank (see
+    tests/preloaded_python.py; False: real interpreters, for claims about the processes themselves). By default
+    the integration tests preload; a unit test's few commands do not wait for the server to import."""
+    env = _base_env()
+    env.update({"MASTER_PORT": str(free_port()), "PYTHON": sys.executable})
+    if preload is None:
+        preload = _in_integration_test()
+    preloaded = preloaded_python() if preload else None
+    if preloaded:
+        stub, sock = preloaded
+        env.update({"PYTHON": stub, "PYTHON_EXEC": stub, "DIST_VDR_TEST_PRELOAD": sock,
+                    "DIST_VDR_TEST_REAL_PYTHON": sys.executable})
     env.update(extra)
     return env
 
@@ -61,11 +113,29 @@ def tiny_overrides(model: Path, data: Path, out: Path, *more: str) -> list[str]:
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dist_vdr.cli", *args], cwd=REPO, env=env or launch_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    env = env or launch_env()
+    return subprocess.run([python_of(env), "-m", "dist_vdr.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def python_of(env: dict | None) -> str:
+    """The interpreter a test's launch runs: the preloaded Python of ``env`` (launch_env), if any."""
+    return (env or {}).get("PYTHON", sys.executable)
+
+
+def run_accelerate(args: list[str], *launch_args: str, env: dict | None = None,
+                   timeout: int = 600) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file launch/cpu.yaml LAUNCH_ARGS -m dist_vdr.cli ARGS`` (a command other
+    than train under the launcher, as the docs show it), on the environment's free port."""
+    _integration_only("a launcher")
+    env = env or launch_env()
+    cmd = [python_of(env), "-m", "accelerate.commands.launch", "--config_file", "launch/cpu.yaml", *launch_args,
+           "--main_process_port", env["MASTER_PORT"], "-m", "dist_vdr.cli", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_launcher(launch_cfg: str, args: list[str], env: dict | None = None, timeout: int = 600):
+    _integration_only("a launcher")
     return subprocess.run(["bash", "launch/train.sh", launch_cfg, *args], cwd=REPO, env=env or launch_env(),
                           capture_output=True, text=True, timeout=timeout)
 
@@ -77,7 +147,7 @@ def log_tail(text: str, chars: int = 6000) -> str:
 
 
 # Bounds for two runs of one training that differ only in the order of fp32 summations (the ranks'
-# split, an engine's partitioned reductions). Measured on this CPU, ZeRO-3 vs DDP (tests/test_engines):
+# split, an engine's partitioned reductions). Measured on this CPU, ZeRO-3 vs DDP (tests/integration/test_engines.py):
 # losses agree to <= 8.4e-7 at every step, the first step's gradient norm to 2.2e-8; later gradient
 # norms drift more -- the weights differ by rounding after each Adam step and the norm over every
 # gradient element (many of them near zero) is far more sensitive to that than the loss: 2.2e-5 at
@@ -115,6 +185,40 @@ def assert_merged_is_base_plus_update(base: Path, final: Path, scale: float) -> 
         assert torch.allclose(merged[key], base_w[key] + delta, atol=1e-6), key
 
 
+def saved_weights(folder) -> dict:
+    """The model weights a checkpoint or model folder holds, read without dist-vdr: model.safetensors, or for
+    an FSDP2 checkpoint its DCP shards through torch's own converter (keys as in model.safetensors)."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"))
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(folder / "pytorch_model_fsdp_0"), f"{tmp}/model.pt")
+        state = torch.load(f"{tmp}/model.pt", weights_only=True)["model"]
+    assert all(k.startswith("0.model.") for k in state), sorted(state)[:3]  # the tiny model has no head weights
+    return {k[len("0.model."):]: v for k, v in state.items()}
+
+
+def perturbed_copy(model: Path, out: Path, scale: float) -> Path:
+    """A copy of the model folder with every floating weight moved by a seeded random amount."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    weights = load_file(str(out / "model.safetensors"))
+    gen = torch.Generator().manual_seed(int(scale * 1000))
+    moved = {k: (v + scale * torch.randn(v.shape, generator=gen).to(v.dtype)) if v.is_floating_point() else v
+             for k, v in weights.items()}
+    save_file(moved, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 ENGINES = ["cpu_zero2", "cpu_zero3", "cpu_fsdp2"]
 """The sharded engines' CPU launch configs (launch/<name>.yaml)."""
 REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
@@ -146,6 +250,7 @@ def logged_losses(out: Path, key: str = "loss") -> dict[int, float]:
 def kill_after_first_checkpoint(args: list[str], out: Path, timeout_s: float = 300, env: dict | None = None) -> None:
     """Start ``args`` (a launcher command) and SIGKILL it with all its workers as soon as ``out`` holds
     a complete checkpoint: an interruption at an arbitrary point after the first save."""
+    _integration_only("a launcher")
     victim = subprocess.Popen(args, cwd=REPO, env=env or launch_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout_s
@@ -157,11 +262,43 @@ def kill_after_first_checkpoint(args: list[str], out: Path, timeout_s: float = 3
         kill_tree(victim)
 
 
+def descendants(pid: int) -> list:
+    """The processes below ``pid`` (psutil), the preloaded Python's forks for any of them included (a forked
+    launcher's ranks are its children, not the stub's)."""
+    import psutil
+
+    found = []
+    for child in _process_tree(pid)[1:]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.append(psutil.Process(child))
+    return found
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, with the processes the preloaded Python forked for any of them."""
+    import psutil
+
+    forked = Path(_PRELOADED["socket"] + ".pids") if _PRELOADED.get("socket") else None
+    tree, todo = [], [pid]
+    while todo:
+        top = todo.pop()
+        if top in tree:
+            continue
+        tree.append(top)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            todo += [c.pid for c in psutil.Process(top).children(recursive=True)]
+        record = forked / str(top) if forked else None
+        if record is not None and record.exists():
+            with contextlib.suppress(ValueError, FileNotFoundError):
+                todo.append(int(record.read_text()))
+    return tree
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and every worker at once (torchrun's workers may sit in their own groups)."""
     import psutil
 
-    victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    victims = _process_tree(proc.pid)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -182,18 +319,73 @@ def extensions_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("torch_extensions")
 
 
-# The integration tests: real processes (launchers, process groups, page builders, SLURM daemons)
-# and training runs. Every other test is a unit test: one process, no process group, seconds each
-# (`make test-fast` runs those alone: `pytest -m "not integration"`). A test marked slow is an
-# integration test wherever it lives.
-INTEGRATION_MODULES = frozenset({
-    "test_bench_train", "test_corpus", "test_demo_numbers", "test_engines", "test_loss_equivalence",
-    "test_pages", "test_preemption", "test_reliability", "test_reranker", "test_slurm", "test_startup",
-    "test_train_cli",
-})
+# Two folders (docs/testing.md): tests/unit -- one process, no process group, no training run, seconds
+# each (plain `pytest` and `make test-fast` run these) -- and tests/integration -- real processes
+# (launchers, process groups, page builders, SLURM daemons) and training runs, marked `integration` here
+# from the folder they are in, so that a renamed module cannot escape the mark. `make test` runs both.
+INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.get_closest_marker("slow") or item.module.__name__ in INTEGRATION_MODULES:
+        if INTEGRATION_DIR in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.integration)
+
+
+def _in_integration_test() -> bool:
+    return "integration/" in _SUITE["current"].split("::")[0]
+
+
+def _integration_only(what: str) -> None:
+    """A training launch belongs to tests/integration: refuse it from a unit test (which `make test-fast` and
+    plain `pytest` run, and which must stay seconds long)."""
+    test = _SUITE["current"]
+    if "::" in test and not _in_integration_test():
+        raise AssertionError(f"{test} starts {what}: a unit test may not; move it to tests/integration")
+
+
+# The suite's own measurement (docs/benchmarks.md#test-suite): every process the tests start (each
+# subprocess.Popen of this pytest process: a launcher, a CLI command, a SLURM daemon, a git call), counted
+# against the test whose setup, call or teardown started it, and every test's duration. The totals close the
+# run's summary; $DIST_VDR_TEST_RECORD names a JSON file that gets the per-test rows.
+_SUITE = {"current": "(collection)", "launches": {}, "seconds": {}}
+_popen_init = subprocess.Popen.__init__
+
+
+def _counted_popen_init(self, args, *rest, **kwargs):
+    launches = _SUITE["launches"].setdefault(_SUITE["current"], [])
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    launches.append(" ".join(str(a) for a in argv[:4])[:160])
+    _popen_init(self, args, *rest, **kwargs)
+
+
+subprocess.Popen.__init__ = _counted_popen_init
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _SUITE["current"] = item.nodeid
+    start = time.perf_counter()
+    yield
+    _SUITE["seconds"][item.nodeid] = time.perf_counter() - start
+    _SUITE["current"] = "(between tests)"
+
+
+def pytest_terminal_summary(terminalreporter):
+    launches, seconds = _SUITE["launches"], _SUITE["seconds"]
+    if not seconds:
+        return
+    total = sum(len(v) for v in launches.values())
+    terminalreporter.write_line(f"suite record: {len(seconds)} tests, {sum(seconds.values()):.0f} s in tests, "
+                                f"{total} process launches by {len([k for k, v in launches.items() if v])} tests")
+    log = Path(_PRELOADED["socket"] + ".log") if _PRELOADED.get("socket") else None
+    if log is not None and log.exists():
+        lines = [ln.split("\t") for ln in log.read_text().splitlines()]
+        refused = collections.Counter(ln[2] for ln in lines if ln[0] == "refused")
+        terminalreporter.write_line(f"preloaded python: {len(lines) - sum(refused.values())} processes forked, "
+                                    f"{sum(refused.values())} run by the real interpreter"
+                                    + "".join(f"; {n}: {why}" for why, n in refused.most_common(3)))
+    target = os.environ.get("DIST_VDR_TEST_RECORD")
+    if target:
+        rows = [{"test": t, "seconds": round(s, 2), "launches": launches.get(t, [])} for t, s in seconds.items()]
+        Path(target).write_text(json.dumps(rows, indent=1) + "\n")

@@ -5,7 +5,7 @@ mteb keeps one JSON per (model, revision, task): ``<model>/<revision>/<TaskName>
 a list of score dicts (``ndcg_at_10``, ``recall_at_100``, ... , ``main_score``, ``hf_subset``,
 ``languages``). mteb has no notion of a Matryoshka dimension: each dim is written as a model variant of
 its own (``<model>_dim<d>``), as a leaderboard lists truncated embeddings. Checked against mteb 2.26's
-``TaskResult`` loader (tests/test_card.py).
+``TaskResult`` loader (tests/unit/test_card.py).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ A different CPU rounds differently in the last bits (measured below 1e-6 relativ
 a changed computation moves them by far more than the 1e-4 bound.
 
 After a deliberate upgrade (constraints.txt changed), re-record with
-    DIST_VDR_RECORD_DEMO_LOSSES=1 .venv/bin/python -m pytest tests/test_demo_numbers.py
+    DIST_VDR_RECORD_DEMO_LOSSES=1 .venv/bin/python -m pytest tests/integration/test_demo_numbers.py
 and re-measure the README's demo figure.
 """
 
@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, launch_env, log_tail, logged_losses
+from conftest import REPO, descendants, launch_env, log_tail, logged_losses
 
-pytestmark = pytest.mark.slow
-RECORD = Path(__file__).parent / "data" / "demo_losses.json"
+RECORD = Path(__file__).parents[1] / "data" / "demo_losses.json"
 STEPS = (5, 10)
 
 
@@ -45,8 +44,6 @@ def _versions() -> dict:
 
 
 def test_the_demo_starts_with_the_recorded_losses(tmp_path):
-    import psutil
-
     from dist_vdr.data.synthetic import SyntheticPagesSpec, generate_pages
     from dist_vdr.tiny import TinyModelSpec, build_tiny_model
 
@@ -64,7 +61,7 @@ def test_the_demo_starts_with_the_recorded_losses(tmp_path):
         lines.append(line)
         logged += line.count("'loss':")
         if logged >= len(STEPS):  # preempt the ranks: they save at the next step boundary and exit 0
-            for rank in psutil.Process(proc.pid).children(recursive=True):
+            for rank in descendants(proc.pid):
                 if "dist_vdr.cli" in " ".join(rank.cmdline()):
                     rank.send_signal(signal.SIGUSR2)
             break

@@ -27,7 +27,6 @@ from conftest import (
     run_launcher,
 )
 
-pytestmark = pytest.mark.slow
 RECIPE = "configs/tiny-reranker.yaml"
 
 

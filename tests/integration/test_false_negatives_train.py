@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_same_step, log_tail, logged_losses, run_cli, run_launcher, tiny_overrides
+from conftest import assert_same_step, log_tail, logged_losses, run_accelerate, run_cli, run_launcher, tiny_overrides
 
-pytestmark = pytest.mark.slow
 STEPS = 4
 MASK = "loss.false_negatives.id_column=document_id"
 
@@ -83,25 +82,20 @@ def test_reranker_teacher_scores_on_two_ranks_equal_the_reranker(tiny_model, tin
     """--teacher with a reranker (a dist-vdr CrossEncoder folder, found as such by --teacher-type auto):
     mined on 2 ranks (the rows' pairs split between them), teacher_scores are the reranker's own scores
     of each row's (query, positive) and (query, negative) pairs, each scored alone in this process."""
-    import subprocess
-    import sys
 
     import datasets
     import numpy as np
     import torch
 
-    from conftest import REPO, launch_env
     from dist_vdr.config import ModelConfig, RerankerConfig
     from dist_vdr.reranker.model import build_reranker
     from dist_vdr.reranker.scoring import forward_scores
 
-    out, env = tmp_path / "mined", launch_env()
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu.yaml",
-                          "--num_processes", "2", "--main_process_port", env["MASTER_PORT"], "-m", "dist_vdr.cli",
-                          "mine-negatives", "--model", str(tiny_model), "--data", str(pages), "--out", str(out),
+    out = tmp_path / "mined"
+    two = run_accelerate(["mine-negatives", "--model", str(tiny_model), "--data", str(pages), "--out", str(out),
                           "--num-negatives", "2", "--teacher", str(tiny_reranker), "--device", "cpu",
                           "--batch-size", "2", "reranker.prompt=Does the page answer the query?"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                         "--num_processes", "2")
     assert two.returncode == 0, log_tail(two.stdout + two.stderr)
     rows = datasets.load_from_disk(str(out))
     taught = np.array(rows["teacher_scores"])

@@ -80,7 +80,6 @@ def test_bad_recipe_never_reaches_the_queue(tmp_path, monkeypatch):
     del mock
 
 
-@pytest.mark.slow
 def test_submit_to_the_local_executor(tiny_model, pages, tmp_path):
     """`--cluster local`: the same job on this machine (submitit's LocalExecutor), 2 ranks, to completion."""
     out = tmp_path / "local"
@@ -173,7 +172,6 @@ STEPS = 40
 COMMON = _common(STEPS)
 
 
-@pytest.mark.slow
 def test_preempted_job_requeues_and_continues_the_loss_curve(slurm, tiny_model, pages, tmp_path):
     # Reference: one process, same global batch (2 ranks log the same losses, see test_train_cli).
     ref_out = tmp_path / "reference"
@@ -214,7 +212,6 @@ def _preempt_and_finish_on_the_reference_curve(slurm: LocalSlurm, job: str, out:
     return stopped, logs
 
 
-@pytest.mark.slow
 def test_killed_rank_ends_the_job_and_the_next_run_resumes(slurm, tiny_model, pages, tmp_path):
     import psutil
 
@@ -254,7 +251,6 @@ def test_killed_rank_ends_the_job_and_the_next_run_resumes(slurm, tiny_model, pa
     assert not truncated.exists() and list(out.glob(f"incomplete-checkpoint-{STEPS + 5}-*"))
 
 
-@pytest.mark.slow
 def test_preempted_reranker_job_mines_once_and_continues_the_loss_curve(slurm, tiny_reranker, tiny_model, pages,
                                                                         tmp_path):
     """task=reranker through the same submitit path: 2 nodes mine negatives, train, get preempted,
@@ -284,7 +280,6 @@ SBATCH_STEPS = 120
 SBATCH_COMMON = _common(SBATCH_STEPS)
 
 
-@pytest.mark.slow
 def test_sbatch_template_forwards_the_signal_and_requeues(slurm, tiny_model, pages, tmp_path):
     """slurm/train_multi_node.sbatch (no submitit): srun + one accelerate launch per node."""
     out = tmp_path / "sbatch-run"

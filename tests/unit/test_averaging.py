@@ -9,18 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import log_tail, run_cli
-
-
-def _perturbed(model, out, scale: float):
-    """A copy of the model folder with every floating weight moved by a seeded random amount."""
-    shutil.copytree(model, out)
-    weights = load_file(str(out / "model.safetensors"))
-    gen = torch.Generator().manual_seed(int(scale * 1000))
-    moved = {k: (v + scale * torch.randn(v.shape, generator=gen).to(v.dtype)) if v.is_floating_point() else v
-             for k, v in weights.items()}
-    save_file(moved, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+from conftest import perturbed_copy
 
 
 def test_identical_checkpoints_average_to_themselves_and_different_ones_to_their_mean(tiny_model, tmp_path):
@@ -33,7 +22,7 @@ def test_identical_checkpoints_average_to_themselves_and_different_ones_to_their
     assert checkpoint.verify(same, distributed.DistInfo()) == []
     assert (same / "config.json").is_file() and not (same / "optimizer.pt").exists()
 
-    other = _perturbed(tiny_model, tmp_path / "other", 0.01)
+    other = perturbed_copy(tiny_model, tmp_path / "other", 0.01)
     mean = load_file(str(average([tiny_model, other], tmp_path / "mean") / "model.safetensors"))
     o = load_file(str(other / "model.safetensors"))
     for k in a:
@@ -86,18 +75,6 @@ def test_inputs_that_cannot_be_averaged_are_refused(tiny_model, tmp_path):
     assert (tmp_path / "x.averaging").is_dir()
 
 
-@pytest.mark.slow
-def test_the_command_averages_and_evaluates(tiny_model, pages, tmp_path):
-    other = _perturbed(tiny_model, tmp_path / "other", 0.001)
-    proc = run_cli(["average", str(tiny_model), str(other), "--out", str(tmp_path / "avg"), "--eval-data", str(pages),
-                    "--device", "cpu"])
-    assert proc.returncode == 0, log_tail(proc.stdout + proc.stderr)
-    assert "averaged 2 checkpoints" in proc.stdout and "NDCG@10" in proc.stdout
-    assert (tmp_path / "avg" / "eval" / "retrieval_metrics.json").is_file()
-    bad = run_cli(["average", str(tiny_model), "--out", str(tmp_path / "x")])
-    assert bad.returncode == 2 and "at least two" in bad.stderr
-    bad = run_cli(["average", str(tiny_model), str(tiny_model), "--weights", "1,,2", "--out", str(tmp_path / "x")])
-    assert bad.returncode == 2 and "--weights '1,,2': give one number per checkpoint" in bad.stderr
 
 
 def test_consolidate_refuses_what_it_cannot_build(tiny_model, tmp_path):

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENGINES, REDUCTIONS, assert_same_step, train_engine
-
-pytestmark = pytest.mark.slow
+from conftest import ENGINES, REDUCTIONS, assert_same_step, run_cli, saved_weights, train_engine
 
 RECIPE = "configs/tiny.yaml"
 STEPS = 6
@@ -183,11 +181,7 @@ def test_the_engines_checkpoints_average_and_consolidate(engine, tmp_path_factor
     """dist-vdr average on the engine's own checkpoints (FSDP2's hold shards only: consolidated first) gives the
     exact mean of the weights they hold (read without dist-vdr), and an FSDP2 checkpoint consolidates into what
     final/ holds at that step, bit for bit."""
-    import subprocess
-    import sys
-
     import torch
-    from test_keep_best import saved_weights
 
     from dist_vdr.averaging import average
 
@@ -206,8 +200,7 @@ def test_the_engines_checkpoints_average_and_consolidate(engine, tmp_path_factor
     assert not list((tmp / "mean").glob("global_step*")) and not (tmp / "mean" / "latest").exists()
     if engine != "cpu_fsdp2":
         return
-    cmd = [sys.executable, "-m", "dist_vdr.cli", "consolidate", str(run / f"checkpoint-{STEPS}"), str(tmp / "c")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_cli(["consolidate", str(run / f"checkpoint-{STEPS}"), str(tmp / "c")], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got, final = saved_weights(tmp / "c"), saved_weights(run / "final")
     assert got.keys() == final.keys() and all(torch.equal(got[k], final[k]) for k in final)

@@ -11,7 +11,7 @@ from dist_vdr.config import Config, to_yaml
 from dist_vdr.config import load_config as _load_config
 from dist_vdr.model import check_dims
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def load_config(path=None, overrides=()):

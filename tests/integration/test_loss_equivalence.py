@@ -78,7 +78,6 @@ def _compare(tiny_model, case: Case, got: dict, world: int) -> tuple[float, floa
     return abs(got["loss"] - ref_loss) / abs(ref_loss), max_rel_diff(got["grads"], ref_grads)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES_W2 if not c.implementation.startswith("broken")],
                          ids=lambda c: c.name)
 def test_two_ranks_equal_single_process(tiny_model, results_w2, case):
@@ -86,14 +85,12 @@ def test_two_ranks_equal_single_process(tiny_model, results_w2, case):
     assert loss_diff <= TOL and grad_diff <= TOL, (loss_diff, grad_diff)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES_W4, ids=lambda c: c.name)
 def test_four_ranks_equal_single_process(tiny_model, results_w4, case):
     loss_diff, grad_diff = _compare(tiny_model, case, results_w4[case.name], 4)
     assert loss_diff <= TOL and grad_diff <= TOL, (loss_diff, grad_diff)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["broken_no_return", "broken_scale", "broken_local_ids", "broken_local_guide",
                                   "broken_options_ignored"])
 def test_broken_variants_are_caught(tiny_model, results_w2, name):
@@ -102,7 +99,6 @@ def test_broken_variants_are_caught(tiny_model, results_w2, name):
     assert grad_diff > 100 * TOL, f"{name} went unnoticed (gradient difference {grad_diff})"
 
 
-@pytest.mark.slow
 def test_collectives_constant_in_mini_batches_and_dims(results_w2):
     ours = {c.name: results_w2[c.name]["collectives"] for c in COUNT_CASES if c.implementation == "global_batch"}
     stock = {c.name: results_w2[c.name]["collectives"] for c in COUNT_CASES if c.implementation == "stock"}

@@ -27,8 +27,6 @@ from conftest import (
 )
 from dist_vdr import adapters
 
-pytestmark = pytest.mark.slow
-
 RECIPE = "configs/tiny-lora.yaml"
 STEPS = 6
 

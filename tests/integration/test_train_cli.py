@@ -10,13 +10,18 @@ import json
 import math
 import re
 import subprocess
-import sys
 
-import pytest
+from conftest import (
+    REPO,
+    kill_after_first_checkpoint,
+    launch_env,
+    logged_losses,
+    python_of,
+    run_cli,
+    run_launcher,
+    tiny_overrides,
+)
 
-from conftest import REPO, kill_after_first_checkpoint, launch_env, logged_losses, run_cli, run_launcher, tiny_overrides
-
-pytestmark = pytest.mark.slow
 RECIPE = "configs/tiny.yaml"
 
 
@@ -54,9 +59,10 @@ def test_killed_run_resumes_to_the_same_final_loss(tiny_model, pages, tmp_path):
 def test_accelerate_cpu_flag_trap_is_refused(tiny_model, pages, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process: the world-size guard refuses it."""
     out = tmp_path / "trap"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m", "dist_vdr.cli",
+    env = launch_env()
+    cmd = [python_of(env), "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m", "dist_vdr.cli",
            "train", "--config", RECIPE, *tiny_overrides(tiny_model, pages, out), "launch.expected_world_size=2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "launch.expected_world_size=2 but 1 process(es) joined" in proc.stderr
     assert not out.exists()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,8 @@ from conftest import (
     launch_env,
     log_tail,
     logged_losses,
+    python_of,
+    run_accelerate,
     run_cli,
     run_launcher,
     tiny_overrides,
@@ -58,18 +59,13 @@ def _table(path: Path) -> dict:
     return datasets.load_from_disk(str(path)).to_dict()
 
 
-@pytest.mark.slow
 def test_corpus_mining_two_ranks_equals_one(tiny_model, pdf_corpus, mined, tmp_path):
     import datasets
 
     from dist_vdr.data.judgements import read_qrels
 
     src, corpus = pdf_corpus
-    env = launch_env()
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu.yaml",
-                          "--num_processes", "2", "--main_process_port", env["MASTER_PORT"], "-m", "dist_vdr.cli",
-                          *_mine_args(tiny_model, src, corpus, tmp_path / "two")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    two = run_accelerate(_mine_args(tiny_model, src, corpus, tmp_path / "two"), "--num_processes", "2")
     assert two.returncode == 0, log_tail(two.stdout + two.stderr)
     rows = _table(mined)
     assert _table(tmp_path / "two") == rows
@@ -99,7 +95,8 @@ def test_killed_mining_resumes_from_its_embedding_cache(tiny_model, pdf_corpus, 
     src, corpus = pdf_corpus
     out, cache = tmp_path / "rows", tmp_path / "cache"
     args = [*_mine_args(tiny_model, src, corpus, out), "--cache", str(cache)]
-    victim = subprocess.Popen([sys.executable, "-m", "dist_vdr.cli", *args], cwd=REPO, env=launch_env(),
+    env = launch_env()
+    victim = subprocess.Popen([python_of(env), "-m", "dist_vdr.cli", *args], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list(cache.glob("*/batch-*.pt")):
@@ -131,7 +128,6 @@ def _trace(folder: Path) -> dict[tuple[int, int], list[str]]:
     return out
 
 
-@pytest.mark.slow
 def test_rows_naming_pages_train_and_resume_without_repeats(tiny_model, pdf_corpus, mined, tmp_path):
     """2 ranks; rows name pages by id. Killed after the first checkpoint and resumed, the rows trained
     on per rank and step are exactly the uninterrupted run's: none repeated, none skipped."""
@@ -168,7 +164,6 @@ def test_rows_naming_pages_train_and_resume_without_repeats(tiny_model, pdf_corp
         assert a[step] == pytest.approx(b[step], rel=1e-5)
 
 
-@pytest.mark.slow
 def test_rows_naming_pages_mask_pages_of_the_same_document_through_the_corpus(tiny_model, pdf_corpus, mined,
                                                                               tmp_path):
     """Rows mined over the corpus name pages by id and carry no document ids: with

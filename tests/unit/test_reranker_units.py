@@ -18,7 +18,7 @@ from dist_vdr.config import load_config as _load_config
 
 
 def load_config(path=None, overrides=()):
-    """Value checks only: the recipes' demo paths need not exist here (tests/test_config.py tests them)."""
+    """Value checks only: the recipes' demo paths need not exist here (tests/unit/test_config.py tests them)."""
     return _load_config(path, overrides, check_paths=False)
 
 

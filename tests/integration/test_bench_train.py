@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, log_tail, logged_losses, run_cli
+from conftest import REPO, launch_env, log_tail, logged_losses, python_of, run_cli
 
 
 def test_flop_estimate_agrees_with_torch_flop_counter(tiny_model):
@@ -43,7 +42,7 @@ def test_flop_estimate_agrees_with_torch_flop_counter(tiny_model):
 def test_bench_cpu_smoke(tmp_path):
     """The benchmark command end to end on CPU: a stock setting and dist-vdr's trainer, side by side."""
     work = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "dist_vdr.cli", "bench", "--model", "tiny", "--work-dir", str(work),
+    cmd = [python_of(launch_env()), "-m", "dist_vdr.cli", "bench", "--model", "tiny", "--work-dir", str(work),
            "--global-batch-size", "4", "--steps", "1", "--warmup-steps", "1", "--stock", "mb2",
            "--ours", "recipe", "--ours", "mb1:loss.mini_batch_size=1", "--timeout-s", "300"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)

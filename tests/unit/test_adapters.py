@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 from sentence_transformers import SentenceTransformer
 
+from conftest import run_cli
 from dist_vdr import adapters
 from dist_vdr.config import AdapterConfig, ModelConfig, load_config
 from dist_vdr.model import build_model
@@ -74,16 +73,13 @@ def test_merge_adapter_writes_the_merged_model(tiny_model, tmp_path):
     model = _model(tiny_model)
     _perturb(model, seed=2)
     adapters.save(model, tmp_path / "adapter")
-    proc = subprocess.run([sys.executable, "-m", "dist_vdr.cli", "merge-adapter", str(tmp_path / "adapter"),
-                           str(tmp_path / "merged")], capture_output=True, text=True)
+    proc = run_cli(["merge-adapter", str(tmp_path / "adapter"), str(tmp_path / "merged")])
     assert proc.returncode == 0 and "merged model in" in proc.stdout, proc.stderr[-2000:]
     plain = SentenceTransformer(str(tmp_path / "merged"), device="cpu")
     assert torch.allclose(_embed(plain), _embed(model), atol=1e-5)
-    again = subprocess.run([sys.executable, "-m", "dist_vdr.cli", "merge-adapter", str(tmp_path / "adapter"),
-                            str(tmp_path / "merged")], capture_output=True, text=True)
+    again = run_cli(["merge-adapter", str(tmp_path / "adapter"), str(tmp_path / "merged")])
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
-    wrong = subprocess.run([sys.executable, "-m", "dist_vdr.cli", "merge-adapter", str(tiny_model),
-                            str(tmp_path / "m2")], capture_output=True, text=True)
+    wrong = run_cli(["merge-adapter", str(tiny_model), str(tmp_path / "m2")])
     assert wrong.returncode == 2 and "is not the folder of a LoRA run" in wrong.stderr
 
 

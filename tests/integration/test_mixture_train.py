@@ -61,7 +61,6 @@ def _train(world: int, args: list[str], trace: Path):
     return result
 
 
-@pytest.mark.slow
 def test_every_step_is_one_dataset_on_all_ranks_and_the_ranks_hold_the_one_process_batch(tiny_model, pages, forms,
                                                                                          tmp_path):
     traces = {}
@@ -85,7 +84,6 @@ def test_every_step_is_one_dataset_on_all_ranks_and_the_ranks_hold_the_one_proce
     assert state and all(v > 0 for v in state.values())
 
 
-@pytest.mark.slow
 def test_a_killed_mixture_resumes_with_the_same_rows_on_two_ranks_and_on_one(tiny_model, pages, forms, tmp_path):
     whole_trace = tmp_path / "trace-whole"
     _train(2, _args(tiny_model, pages, forms, tmp_path / "whole"), whole_trace)
@@ -109,7 +107,6 @@ def test_a_killed_mixture_resumes_with_the_same_rows_on_two_ranks_and_on_one(tin
             assert rows == expected[step], f"resumed on {world} rank(s): step {step} trained other rows"
 
 
-@pytest.mark.slow
 def test_each_dataset_is_evaluated_on_its_own_set_and_the_macro_average_is_the_main_metric(tiny_model, pages, forms,
                                                                                           tmp_path):
     out = tmp_path / "run"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from safetensors.torch import load_file
 
 from conftest import (
@@ -19,7 +18,6 @@ from conftest import (
 )
 from dist_vdr import adapters
 
-pytestmark = pytest.mark.slow
 RECIPE = "configs/tiny-lora.yaml"
 STEPS = 6
 
