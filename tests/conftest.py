@@ -306,6 +306,69 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs([p for p in psutil.process_iter() if p.pid in victims], timeout=30)
 
 
+# The shared runs: tiny trainings that several tests assert on, each trained once per session, on first use.
+# name -> (launch config, or None for one process; recipe; overrides after tiny_overrides). A test reads a
+# shared run and never writes into it; one that must change or interrupt it starts from its arguments
+# (SharedRuns.args) or a copy. A new test that needs one of these trainings uses it instead of launching its own.
+SHARED_RUNS = {
+    # 2 ranks (DDP), 6 steps, checkpoints 2/4/6, evaluation before and after on 8 queries, collectives logged:
+    # the reference of the engines, of 1 process vs 2 ranks and of kill -> resume
+    "tiny-ddp": ("launch/cpu.yaml", "configs/tiny.yaml",
+                 ["training.max_steps=6", "training.save_total_limit=10", "data.max_eval_queries=8",
+                  "launch.log_collectives=true"]),
+    # the same training in one process holding the global batch
+    "tiny-one": (None, "configs/tiny.yaml",
+                 ["training.max_steps=6", "training.save_total_limit=10", "data.max_eval_queries=8",
+                  "launch.log_collectives=true", "launch.device=cpu"]),
+    # a LoRA adapter on 2 ranks, 6 steps, merged on save: 1 process vs 2 ranks and kill -> resume
+    "lora-ddp": ("launch/cpu.yaml", "configs/tiny-lora.yaml",
+                 ["training.max_steps=6", "evaluation.enabled=false", "training.learning_rate=5e-3",
+                  "model.adapter.merge_on_save=true"]),
+}
+
+
+class SharedRuns:
+    def __init__(self, root: Path, model: Path, data: Path):
+        self.root, self.model, self.data = root, model, data
+        self.logs: dict[str, str] = {}
+
+    def args(self, name: str, out: Path, *more: str) -> list[str]:
+        """The command (after `bash launch/train.sh CONFIG`, or `dist-vdr` for one process) of run ``name``
+        into ``out``, with ``more`` overrides."""
+        _, recipe, overrides = SHARED_RUNS[name]
+        return ["--config", recipe, *tiny_overrides(self.model, self.data, out, *overrides, *more)]
+
+    def command(self, name: str, out: Path, *more: str) -> list[str]:
+        """The whole command line of run ``name`` into ``out`` (to interrupt it, e.g.)."""
+        launch = SHARED_RUNS[name][0]
+        if launch is None:
+            return [python_of(launch_env()), "-m", "dist_vdr.cli", "train", *self.args(name, out, *more)]
+        return ["bash", "launch/train.sh", launch, *self.args(name, out, *more)]
+
+    def __getitem__(self, name: str) -> Path:
+        """The folder of run ``name``, trained now if no test needed it before."""
+        out = self.root / name
+        if name not in self.logs:
+            launch = SHARED_RUNS[name][0]
+            if launch is None:
+                proc = run_cli(["train", *self.args(name, out)])
+            else:
+                proc = run_launcher(launch, self.args(name, out))
+            log = proc.stdout + proc.stderr
+            assert proc.returncode == 0, log_tail(log)
+            self.logs[name] = log
+        return out
+
+    def log(self, name: str) -> str:
+        self[name]
+        return self.logs[name]
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory, tiny_model, pages) -> SharedRuns:
+    return SharedRuns(tmp_path_factory.mktemp("shared-runs"), tiny_model, pages)
+
+
 @pytest.fixture(scope="session")
 def tiny_reranker(tmp_path_factory) -> Path:
     from dist_vdr.tiny import build_tiny_reranker

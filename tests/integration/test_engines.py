@@ -74,10 +74,9 @@ def _eval_overrides() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, tiny_model, pages, extensions_dir) -> Path:
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    _train("cpu", out, 2, extensions_dir, tiny_model, pages, *_eval_overrides())
-    return out
+def ddp_run(shared_runs) -> Path:
+    """The engines' reference: the shared 2-rank DDP run (conftest.SHARED_RUNS: these settings, launch/cpu.yaml)."""
+    return shared_runs["tiny-ddp"]
 
 
 def _engine_run(engine: str, tmp_path_factory, tiny_model, pages, extensions_dir) -> tuple[Path, str]:

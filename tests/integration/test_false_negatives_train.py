@@ -29,19 +29,16 @@ def _args(model, pages, out, *more):
                             "data.negative_columns=[negative_0,negative_1]", *more)]
 
 
-def test_masking_on_two_ranks_equals_one_process_and_lowers_the_loss(tiny_model, pages, tmp_path):
+def test_masking_on_two_ranks_lowers_the_loss_and_logs_what_it_masked(tiny_model, pages, tmp_path):
+    """Masking by id and guide through the launcher, on 2 ranks. That 2 and 4 ranks compute the loss and
+    gradients of one process with masking on is the in-process gloo harness's claim
+    (tests/integration/test_loss_equivalence.py: mask_ids_*, mask_guide_*, w4_mask_*, and the broken variants
+    that mask with one rank's ids or guide only); here, that the trainer wires it in end to end."""
     two = run_launcher("launch/cpu.yaml", _args(tiny_model, pages, tmp_path / "two", MASK, *_guide(tiny_model)))
     assert two.returncode == 0, log_tail(two.stdout + two.stderr)
     assert "false negatives masked by id and guide" in two.stdout + two.stderr
     assert "Hashing dataset values" not in two.stdout + two.stderr  # the startup pass's hashes still serve
-    one = run_cli(["train", *_args(tiny_model, pages, tmp_path / "one", MASK, *_guide(tiny_model),
-                                   "launch.device=cpu")])
-    assert one.returncode == 0, log_tail(one.stdout + one.stderr)
-    for key in ("loss", "grad_norm"):
-        a, b = logged_losses(tmp_path / "one", key), logged_losses(tmp_path / "two", key)
-        assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-        for step in a:
-            assert_same_step(key, step, b[step], a[step])
+    assert sorted(logged_losses(tmp_path / "two")) == list(range(1, STEPS + 1))
 
     plain = run_launcher("launch/cpu.yaml", _args(tiny_model, pages, tmp_path / "plain"))
     assert plain.returncode == 0, log_tail(plain.stdout + plain.stderr)

@@ -32,48 +32,40 @@ def _folder_bytes(folder) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def test_lora_on_two_ranks_trains_like_one_process_and_saves_the_adapter_alone(tiny_model, pages, tmp_path):
+def test_lora_on_two_ranks_trains_like_one_process_and_saves_the_adapter_alone(tiny_model, pages, shared_runs,
+                                                                            tmp_path):
     one = run_cli(["train", *_args(tiny_model, pages, tmp_path / "one", "launch.device=cpu")])
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
     assert "model.adapter: LoRA r=4" in one.stdout and "the base is frozen" in one.stdout
-    two = run_launcher("launch/cpu.yaml", _args(tiny_model, pages, tmp_path / "two",
-                                                "model.adapter.merge_on_save=true"))
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    two = shared_runs["lora-ddp"]  # these _args on 2 ranks, merged on save (conftest.SHARED_RUNS)
     for key in ("loss", "grad_norm"):
-        a, b = logged_losses(tmp_path / "one", key), logged_losses(tmp_path / "two", key)
+        a, b = logged_losses(tmp_path / "one", key), logged_losses(two, key)
         assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
         for step in a:
             assert_same_step(key, step, b[step], a[step])
     w1 = load_file(str(tmp_path / "one" / "final" / adapters.ADAPTER_WEIGHTS))
-    w2 = load_file(str(tmp_path / "two" / "final" / adapters.ADAPTER_WEIGHTS))
+    w2 = load_file(str(two / "final" / adapters.ADAPTER_WEIGHTS))
     assert set(w1) == set(w2) and max((w1[k] - w2[k]).abs().max().item() for k in w1) < 2e-5
 
     # Checkpoints and final/ hold the adapter (and its optimizer state) alone.
     ckpt = tmp_path / "one" / f"checkpoint-{STEPS}"
     assert (ckpt / adapters.ADAPTER_WEIGHTS).is_file() and not (ckpt / "model.safetensors").exists()
-    full = run_cli(["train", "--config", "configs/tiny.yaml",
-                    *tiny_overrides(tiny_model, pages, tmp_path / "full", "training.max_steps=2",
-                                    "evaluation.enabled=false", "launch.device=cpu")])
-    assert full.returncode == 0, full.stderr[-3000:]
-    lora_size, full_size = _folder_bytes(tmp_path / "one" / "checkpoint-2"), _folder_bytes(tmp_path / "full" /
-                                                                                           "checkpoint-2")
+    full = shared_runs["tiny-one"]  # the whole model trained in one process, its checkpoint of step 2
+    lora_size, full_size = _folder_bytes(tmp_path / "one" / "checkpoint-2"), _folder_bytes(full / "checkpoint-2")
     print(f"tiny checkpoint: LoRA {lora_size} bytes vs full {full_size} bytes ({100 * lora_size / full_size:.1f} %)")
     assert lora_size <= 0.05 * full_size
 
     # The base stayed bit-identical: merged = the base files + the adapter's update, nothing else moved.
-    assert_merged_is_base_plus_update(tiny_model, tmp_path / "two" / "final", scale=8.0 / 4)
+    assert_merged_is_base_plus_update(tiny_model, two / "final", scale=8.0 / 4)
 
 
-def test_a_killed_lora_run_resumes_onto_the_same_losses(tiny_model, pages, tmp_path):
-    ref = run_launcher("launch/cpu.yaml", _args(tiny_model, pages, tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
+def test_a_killed_lora_run_resumes_onto_the_same_losses(tiny_model, shared_runs, tmp_path):
     out = tmp_path / "killed"
-    kill_after_first_checkpoint(["bash", "launch/train.sh", "launch/cpu.yaml",
-                                 *_args(tiny_model, pages, out)], out)
-    resumed = run_launcher("launch/cpu.yaml", _args(tiny_model, pages, out))
+    kill_after_first_checkpoint(shared_runs.command("lora-ddp", out), out)
+    resumed = run_launcher("launch/cpu.yaml", shared_runs.args("lora-ddp", out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
-    a, b = logged_losses(tmp_path / "ref"), logged_losses(out)
+    a, b = logged_losses(shared_runs["lora-ddp"]), logged_losses(out)
     assert sorted(a) == sorted(b)
     for step in a:
         assert_same_step("loss", step, b[step], a[step])

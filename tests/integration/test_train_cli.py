@@ -6,7 +6,6 @@ workers), exactly as a user does.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import subprocess
@@ -25,24 +24,19 @@ from conftest import (
 RECIPE = "configs/tiny.yaml"
 
 
-def test_killed_run_resumes_to_the_same_final_loss(tiny_model, pages, tmp_path):
-    steps = 10
-    base = ["--config", RECIPE]
-    common = [f"training.max_steps={steps}", "evaluation.enabled=false"]
-
-    ref_out = tmp_path / "uninterrupted"
-    ref = run_launcher("launch/cpu.yaml", base + tiny_overrides(tiny_model, pages, ref_out, *common))
-    assert ref.returncode == 0, (ref.stdout + ref.stderr)[-4000:]
-
+def test_killed_run_resumes_to_the_same_final_loss(shared_runs, tmp_path):
+    """The shared 2-rank run, SIGKILLed with all its processes after its first checkpoint and launched again,
+    logs the uninterrupted run's loss at every step."""
+    steps = 6  # conftest.SHARED_RUNS["tiny-ddp"]
+    ref_out = shared_runs["tiny-ddp"]
     out = tmp_path / "interrupted"
-    args = ["bash", "launch/train.sh", "launch/cpu.yaml", *base, *tiny_overrides(tiny_model, pages, out, *common)]
-    kill_after_first_checkpoint(args, out)
+    kill_after_first_checkpoint(shared_runs.command("tiny-ddp", out), out)
     from dist_vdr.checkpoint import latest_complete
 
     killed_at = latest_complete(out)
     assert killed_at is not None and int(killed_at.name.split("-")[1]) < steps
 
-    resumed = run_launcher("launch/cpu.yaml", base + tiny_overrides(tiny_model, pages, out, *common))
+    resumed = run_launcher("launch/cpu.yaml", shared_runs.args("tiny-ddp", out))
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-4000:]
     m = re.search(r"resuming from \S*checkpoint-(\d+)", log)
@@ -93,26 +87,14 @@ def test_bad_input_exits_nonzero_and_keeps_existing_outputs(tiny_model, pages, t
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
 
 
-def test_two_ranks_log_the_losses_of_one_process_with_the_global_batch(tiny_model, pages, tmp_path):
+def test_two_ranks_log_the_losses_of_one_process_with_the_global_batch(shared_runs):
     """End to end: global no-duplicates sampler + global-batch loss + DDP + the trainer's loss logging.
 
     One process with batch 16 and two processes with 8 each see the same rows in the same order, so
-    every logged loss (the mean over ranks) must be the same.
+    every logged loss (the mean over ranks) must be the same (the shared runs tiny-one and tiny-ddp).
     """
-    common = ["training.max_steps=4", "evaluation.enabled=false", "training.save_steps=4"]
-    one_out, two_out = tmp_path / "one", tmp_path / "two"
-    one = run_cli(["train", "--config", RECIPE, *tiny_overrides(tiny_model, pages, one_out, *common),
-                   "launch.device=cpu"])
-    assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
-    two = run_launcher("launch/cpu.yaml", ["--config", RECIPE, *tiny_overrides(tiny_model, pages, two_out, *common)])
-    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    assert "loss: MatryoshkaLoss(CachedMultipleNegativesRankingLoss" in one.stdout
-
-    def logged(out):
-        state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
-        return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-
-    a, b = logged(one_out), logged(two_out)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert "loss: MatryoshkaLoss(CachedMultipleNegativesRankingLoss" in shared_runs.log("tiny-one")
+    a, b = logged_losses(shared_runs["tiny-one"]), logged_losses(shared_runs["tiny-ddp"])
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
         assert math.isclose(a[step], b[step], rel_tol=1e-5), (step, a[step], b[step])
