@@ -101,13 +101,16 @@ system-deps:
 	  else echo "note: no g++ (needs root + apt-get to install): the DeepSpeed CPU tests will fail"; fi; \
 	fi
 
-# Both folders (tests/unit, tests/integration), the slowest 25 tests listed at the end (docs/testing.md).
+# Both folders (tests/unit, tests/integration), the slowest 25 tests listed at the end (docs/testing.md). Two
+# pytest workers (pytest-xdist), each test module on one of them: the suite's own processes leave a core idle
+# about half the time (waits on SLURM, signals, checkpoints, process starts).
+TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest tests/unit tests/integration --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests/unit tests/integration --durations=25 $(PYTEST_ARGS)
 
 # The unit tests alone (no process group, no launcher, no training run): the loop while editing.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check dist_vdr tests launch slurm

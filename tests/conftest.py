@@ -377,9 +377,14 @@ def tiny_reranker(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def extensions_dir(tmp_path_factory) -> Path:
-    # DeepSpeed JIT-compiles a CPU op once per session; a private folder cannot hold a stale lock.
-    return tmp_path_factory.mktemp("torch_extensions")
+def extensions_dir(tmp_path_factory, worker_id) -> Path:
+    # DeepSpeed JIT-compiles a CPU op once per session, in a folder of this run (a private folder cannot hold a
+    # stale lock); pytest-xdist's workers share it (torch's build lock serialises them) so it is built once.
+    if worker_id == "master":
+        return tmp_path_factory.mktemp("torch_extensions")
+    shared = tmp_path_factory.getbasetemp().parent / "torch_extensions"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 # Two folders (docs/testing.md): tests/unit -- one process, no process group, no training run, seconds
@@ -434,19 +439,59 @@ def pytest_runtest_protocol(item, nextitem):
     _SUITE["current"] = "(between tests)"
 
 
+def _is_python_launch(cmd: str) -> bool:
+    """A recorded launch that starts Python: an interpreter (real or the preloaded stub) or a launch script."""
+    first = Path(cmd.split(" ", 1)[0]).name
+    return first.startswith("python") or first == "bash"
+
+
+def _preload_counts() -> dict:
+    log = Path(_PRELOADED["socket"] + ".log") if _PRELOADED.get("socket") else None
+    lines = [ln.split("\t") for ln in log.read_text().splitlines()] if log is not None and log.exists() else []
+    refused = collections.Counter(ln[2] for ln in lines if ln[0] == "refused")
+    return {"forked": len(lines) - sum(refused.values()), "refused": dict(refused)}
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):
+        # pytest-xdist: one thread per worker process, so that two workers on two cores do not oversubscribe
+        # them (torch's OpenMP threads spin while they wait). Set before the tests import torch.
+        os.environ["OMP_NUM_THREADS"] = "1"
+    # The workers write their records into a folder the controller names, and it sums them up.
+    if not hasattr(config, "workerinput") and "DIST_VDR_SUITE_RECORDS" not in os.environ:
+        import tempfile
+
+        os.environ["DIST_VDR_SUITE_RECORDS"] = tempfile.mkdtemp(prefix="dist-vdr-suite-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    worker = getattr(session.config, "workerinput", {}).get("workerid")
+    if worker and os.environ.get("DIST_VDR_SUITE_RECORDS"):
+        record = {**_SUITE, "preload": _preload_counts()}
+        (Path(os.environ["DIST_VDR_SUITE_RECORDS"]) / f"{worker}.json").write_text(json.dumps(record))
+
+
 def pytest_terminal_summary(terminalreporter):
-    launches, seconds = _SUITE["launches"], _SUITE["seconds"]
+    records = [{**_SUITE, "preload": _preload_counts()}]
+    folder = os.environ.get("DIST_VDR_SUITE_RECORDS")
+    if folder and Path(folder).is_dir():
+        records += [json.loads(f.read_text()) for f in sorted(Path(folder).glob("*.json"))]
+    launches = {t: v for r in records for t, v in r["launches"].items() if v and "::" in t}
+    seconds = {t: v for r in records for t, v in r["seconds"].items()}
     if not seconds:
         return
     total = sum(len(v) for v in launches.values())
+    python = sum(1 for v in launches.values() for cmd in v if _is_python_launch(cmd))
     terminalreporter.write_line(f"suite record: {len(seconds)} tests, {sum(seconds.values()):.0f} s in tests, "
-                                f"{total} process launches by {len([k for k, v in launches.items() if v])} tests")
-    log = Path(_PRELOADED["socket"] + ".log") if _PRELOADED.get("socket") else None
-    if log is not None and log.exists():
-        lines = [ln.split("\t") for ln in log.read_text().splitlines()]
-        refused = collections.Counter(ln[2] for ln in lines if ln[0] == "refused")
-        terminalreporter.write_line(f"preloaded python: {len(lines) - sum(refused.values())} processes forked, "
-                                    f"{sum(refused.values())} run by the real interpreter"
+                                f"{total} process launches by {len(launches)} tests "
+                                f"({python} interpreters or launch scripts, {total - python} SLURM and system tools)")
+    forked = sum(r["preload"]["forked"] for r in records)
+    refused = collections.Counter()
+    for r in records:
+        refused.update(r["preload"]["refused"])
+    if forked or refused:
+        terminalreporter.write_line(f"preloaded python: {forked} processes forked, {sum(refused.values())} run by "
+                                    "the real interpreter"
                                     + "".join(f"; {n}: {why}" for why, n in refused.most_common(3)))
     target = os.environ.get("DIST_VDR_TEST_RECORD")
     if target:
