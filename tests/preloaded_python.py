@@ -112,13 +112,41 @@ def _python_command(argv: list[str]) -> list[str] | None:
 
 # --- the stub ----------------------------------------------------------------------------------------------
 
-def stub() -> None:
-    argv = sys.argv[1:]
-    real = os.environ.get(REAL_PYTHON_ENV) or sys.executable
-    command = _python_command(argv)
-    path = os.environ.get(SOCKET_ENV)
-    if command is None or not path or "SLURM_JOB_ID" in os.environ:
-        os.execv(real, [real, *argv])
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+             signal.SIGCONT)
+
+
+class _Forwarder:
+    """The stub's signal handler: every signal goes to the forked process; those that come before it exists
+    are kept and sent once it does (or, when the real interpreter takes over, raised again in the stub)."""
+
+    def __init__(self):
+        self.child: int | None = None
+        self.pending: list[int] = []
+        for signum in FORWARDED:
+            signal.signal(signum, self)
+
+    def __call__(self, signum, frame):
+        if self.child is None:
+            self.pending.append(signum)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.child, signum)
+
+    def start(self, child: int) -> None:
+        self.child = child
+        for signum in self.pending:
+            self(signum, None)
+
+    def give_up(self) -> None:
+        for signum in FORWARDED:
+            signal.signal(signum, signal.SIG_DFL)
+        for signum in self.pending:
+            os.kill(os.getpid(), signum)
+
+
+def _ask_server(path: str, command: list[str]):
+    """(the forked process's pid, the reader of the server's replies), or (None, None)."""
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(path)
@@ -127,24 +155,28 @@ def stub() -> None:
         replies = conn.makefile("rb")
         reply = _read_frame(replies)
     except OSError:
-        reply = None
-    if not reply or "pid" not in reply:
+        return None, None
+    return (reply["pid"], replies) if reply and "pid" in reply else (None, None)
+
+
+def stub() -> None:
+    argv = sys.argv[1:]
+    real = os.environ.get(REAL_PYTHON_ENV) or sys.executable
+    command = _python_command(argv)
+    path = os.environ.get(SOCKET_ENV)
+    if command is None or not path or "SLURM_JOB_ID" in os.environ:
         os.execv(real, [real, *argv])
-    child = reply["pid"]
-
-    def forward(signum, frame):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                   signal.SIGCONT):
-        signal.signal(signum, forward)
+    forwarder = _Forwarder()
+    child, replies = _ask_server(path, command)
+    if child is None:
+        forwarder.give_up()
+        os.execv(real, [real, *argv])
+    forwarder.start(child)
     try:
         done = _read_frame(replies)
     except OSError:
         done = None
     status = done["status"] if done else 128 + signal.SIGKILL
-    sys.stdout.flush()
     if status < 0:  # killed by a signal: end the same way, so that the launcher reports that signal
         signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
