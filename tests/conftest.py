@@ -71,7 +71,11 @@ def preloaded_python() -> tuple[str, str] | None:
     return (_PRELOADED["stub"], _PRELOADED["socket"]) if _PRELOADED["stub"] else None
 
 
-def pytest_unconfigure(config):  # after the summary, which reads the server's log
+def pytest_unconfigure(config):  # after the summary, which reads the server's log and the workers' records
+    if not hasattr(config, "workerinput") and os.environ.get("DIST_VDR_SUITE_RECORDS"):
+        import shutil
+
+        shutil.rmtree(os.environ.pop("DIST_VDR_SUITE_RECORDS"), ignore_errors=True)
     server = _PRELOADED.get("server")
     if server is not None:
         server.kill()

@@ -74,7 +74,7 @@ def main() -> None:
     for name in names:
         a, b = statistics.median(rows["real"][name]), statistics.median(rows["preloaded"].get(name, [float("nan")]))
         print(f"{name:<58} {a:7.2f}s {b:9.2f}s")
-    conftest.pytest_unconfigure(None)
+    conftest.pytest_unconfigure(argparse.Namespace(workerinput={}))
 
 
 if __name__ == "__main__":
