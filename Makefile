@@ -37,10 +37,13 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
+# The demo's arithmetic capped to AVX2: the same figure on every x86-64 CPU (launch/same-x86-arithmetic.env).
+SAME_ARITHMETIC = env $$(grep -v '^\#' launch/same-x86-arithmetic.env)
+
 demo: $(STAMP)
-	$(BIN)/dist-vdr make-tiny-model $(DEMO_DIR)/tiny-model
-	$(BIN)/dist-vdr make-synthetic-pages $(DEMO_DIR)/pages --num-train 4000
-	PYTHON=$(BIN)/python launch/train.sh launch/cpu.yaml --config configs/tiny.yaml \
+	$(SAME_ARITHMETIC) $(BIN)/dist-vdr make-tiny-model $(DEMO_DIR)/tiny-model
+	$(SAME_ARITHMETIC) $(BIN)/dist-vdr make-synthetic-pages $(DEMO_DIR)/pages --num-train 4000
+	$(SAME_ARITHMETIC) PYTHON=$(BIN)/python launch/train.sh launch/cpu.yaml --config configs/tiny.yaml \
 		model.name_or_path=$(DEMO_DIR)/tiny-model data.path=$(DEMO_DIR)/pages training.output_dir=$(DEMO_RUN)
 
 # The demo with a LoRA adapter (docs/adapters.md): the base frozen, only the adapter trained and saved.

@@ -69,6 +69,7 @@ def attach(model, cfg: AdapterConfig, base: str, seed: int = 0) -> int:
     adapters (DDP copies rank 0's to the others, but not the 1-process run's).
     """
     inner = backbone(model)
+    base_fingerprint = fingerprint(inner)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -77,10 +78,39 @@ def attach(model, cfg: AdapterConfig, base: str, seed: int = 0) -> int:
             raise ValueError(f"model.adapter.target_modules: {exc}") from exc
     for name, param in model.named_parameters():
         param.requires_grad = "lora_" in name
-    model._dist_vdr_adapter = {"base_model": base, "adapter": _section(cfg)}
+    model._dist_vdr_adapter = {"base_model": base, "base_fingerprint": base_fingerprint, "adapter": _section(cfg)}
     if cfg.init_from:
         load_weights(model, cfg.init_from, key="model.adapter.init_from")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def fingerprint(module: torch.nn.Module) -> str | None:
+    """A fingerprint of a base model's weights (before an adapter goes in): its parameters' names and shapes
+    and the first and last 8 values of each, rounded to bfloat16 -- the same whether the base is loaded in
+    float32 or bfloat16, different for another model of the same shapes. None when the weights are not
+    materialised (meta tensors, ZeRO-3 partitions)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
+        if param.device.type == "meta" or hasattr(param, "ds_id"):  # meta, or partitioned by ZeRO-3's zero.Init
+            return None
+        flat = param.detach().reshape(-1)
+        sample = torch.cat([flat[:8], flat[-8:]]).to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}:{tuple(param.shape)}:".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def check_base(model, folder: str | Path) -> None:
+    """ValueError when the base model just loaded for the adapter of ``folder`` is not the one it was trained
+    on (its recorded fingerprint differs: the base folder was replaced); folders that predate it are trusted."""
+    record = json.loads((Path(folder) / RECORD).read_text())
+    recorded, loaded = record.get("base_fingerprint"), model._dist_vdr_adapter.get("base_fingerprint")
+    if recorded and loaded and recorded != loaded:
+        raise ValueError(f"the adapter {folder} was trained on another base model than the one now at "
+                         f"{record['base_model']} (weights fingerprint {loaded}, recorded {recorded}): the base was "
+                         f"replaced; put the original base back at that path, or retrain the adapter on this one")
 
 
 def is_adapted(model) -> bool:

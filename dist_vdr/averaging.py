@@ -13,6 +13,7 @@ is refused.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ from . import checkpoint, consolidate
 
 # Training state, not model: never copied into the averaged folder.
 _STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "dist_vdr_config.yaml",
-          checkpoint.MARKER_FILE, "README.md")
+          checkpoint.MARKER_FILE, "README.md", ".dist-vdr-output.json")
 _STATE_PREFIXES = ("rng_state", "global_step", "pytorch_model_fsdp", "optimizer_", "latest", "zero_to_")
 
 
@@ -47,25 +48,62 @@ def weight_files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")}
 
 
-def average(folders: list[str | Path], out: str | Path, weights: list[float] | None = None) -> Path:
-    """Write the weighted mean of ``folders``' weights into ``out`` (new or empty); returns ``out``. FSDP2
-    checkpoints (model shards only) are consolidated first, into a scratch folder beside ``out``."""
+def average(folders: list[str | Path], out: str | Path, weights: list[float] | None = None,
+            evaluate=None) -> Path:
+    """Write the weighted mean of ``folders``' weights into ``out`` (new, empty or an earlier average); returns
+    ``out``. FSDP2 checkpoints (model shards only) are consolidated first, into a scratch folder beside ``out``.
+    ``evaluate(model_folder)``: called on the averaged model before it is put in place (its files join it)."""
+    from .outputs import Output
+
     folders = [Path(f) for f in folders]
-    out = Path(out)
+    output = Output("average", "--out", out, {"CHECKPOINT": folders}).check()
     shares = check_inputs(folders, weights)
-    checkpoint.check_new_folder(out, folders)
     for f in folders:  # a corrupted input would average into a model that looks fine
         consolidate.check_intact(f)
-    scratch = checkpoint.hidden_folder(out, "consolidated")  # FSDP2 inputs as model folders, removed at the end
+    check_same_adapters(folders)
+    scratch = checkpoint.hidden_folder(output.path, "consolidated")  # FSDP2 inputs as model folders, removed at the end
     try:
-        with checkpoint.writing_marked(out, {"averaged": [str(f) for f in folders], "weights": shares},
-                                       "averaging") as tmp:
+        with checkpoint.writing_marked(output, {"averaged": [str(f) for f in folders], "weights": shares}) as tmp:
             sources = [consolidate.write_model(f, scratch / str(i)) if consolidate.is_sharded(f) else f
                        for i, f in enumerate(folders)]  # every input was verified above
             _write_mean(sources, shares, tmp, labels=folders)
+            if evaluate is not None:  # before the rename: a failed evaluation leaves no output
+                evaluate(tmp)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return out
+    return output.path
+
+
+def check_same_adapters(folders: list[Path]) -> None:
+    """LoRA adapters average only with the same configuration and base: rank, alpha, dropout, targets and
+    base model. (Averaging the A and the B matrices is not the mean of the weight updates B·A: the docs say
+    so; merge each adapter first for that.)"""
+    from . import adapters
+
+    records = [(f, json.loads((f / adapters.RECORD).read_text())) if adapters.is_adapter_folder(f) else (f, None)
+               for f in folders]
+    kinds = {r is None for _, r in records}
+    if len(kinds) > 1:
+        raise ValueError(f"{', '.join(str(f) for f, r in records if r is not None)} hold LoRA adapters and "
+                         f"{', '.join(str(f) for f, r in records if r is None)} full models: average one kind")
+    first_folder, first = records[0]
+    if first is None:
+        return
+    for folder, record in records[1:]:
+        for key in ("adapter", "base_model", "base_fingerprint"):
+            a, b = first.get(key), record.get(key)
+            if key == "base_fingerprint" and (a is None or b is None):
+                continue  # adapters saved before the fingerprint: their base_model path is compared
+            if a != b:
+                detail = _first_difference(a, b) if isinstance(a, dict) and isinstance(b, dict) else f"{a} vs {b}"
+                raise ValueError(f"{folder} is a LoRA adapter with another {key.replace('_', ' ')} than {first_folder} "
+                                 f"({detail}): adapters average only with the same rank, alpha, dropout, targets and "
+                                 f"base; merge each (`dist-vdr merge-adapter`) and average the merged models instead")
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+    return f"{key}: {a.get(key)} vs {b.get(key)}"
 
 
 def _write_mean(sources: list[Path], shares: list[float], tmp: Path, labels: list[Path]) -> None:

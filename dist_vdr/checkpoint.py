@@ -209,15 +209,6 @@ def add_file(folder: str | os.PathLike, name: str, text: str) -> None:
     write_marker(folder, marker)
 
 
-def check_new_folder(out: Path, inputs: list[Path]) -> None:
-    """A model folder a command writes from ``inputs``: new or empty, and apart from every input."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty folder: choose a new folder")
-    for f in inputs:
-        if out.resolve() == f.resolve() or out.resolve().is_relative_to(f.resolve()):
-            raise ValueError(f"{out} is inside the input {f}: inputs are only read; choose a folder apart")
-
-
 def hidden_folder(beside: Path, what: str) -> Path:
     """A new hidden folder next to ``beside`` (``.<name>.<what>-XXXX``; no fixed name: it could be a user's
     folder), with the permissions of a folder made by ``mkdir`` (mkdtemp's are 0700: a team could not read it)."""
@@ -234,20 +225,13 @@ def hidden_folder(beside: Path, what: str) -> Path:
 
 
 @contextlib.contextmanager
-def writing_marked(out: Path, record: dict, what: str):
-    """A hidden folder beside ``out`` (new or empty) to write a model folder into (one process). Once the block
-    ends it is marked (file hashes + ``record``) and renamed to ``out``; on any error it is removed and ``out``
-    stays as it was."""
-    tmp = hidden_folder(out, what)
-    try:
+def writing_marked(output, record: dict):
+    """The scratch folder of ``output`` (a checked :class:`dist_vdr.outputs.Output`) to write a model folder
+    into (one process); once the block ends it is marked (file hashes + ``record``) and renamed into place; on
+    any error it is removed and the output stays as it was."""
+    with output.writing(record) as tmp:
         yield tmp
         mark_complete(tmp, distributed.DistInfo(), record)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def saved_world_size(path: str | os.PathLike) -> int | None:

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import faulthandler
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -57,6 +57,9 @@ def _train(args: argparse.Namespace) -> int:
     if distributed.current().is_main:
         if result.final_loss is not None:
             print(f"last logged loss {result.final_loss:.6g} at step {result.global_step}", flush=True)
+        if result.weights_of_step is not None:
+            print(f"final/ holds the weights of step {result.weights_of_step}, the best evaluation "
+                  f"(training.final=best); the evaluation after training is of those weights", flush=True)
         line = headline(result, cfg.evaluation.main_metric) if result.finished else None
         if line:
             print(line, flush=True)
@@ -80,38 +83,50 @@ def _write_run_report(out: str, metric: str) -> None:
     print(f"report: {md} ({png.name}){f'; model card: {card}' if card.is_file() else ''}", flush=True)
 
 
-def _stop_cleanly_on_sigterm() -> None:
-    """SIGTERM (kill, timeout, SLURM) as an exit that unwinds: a command's half-written folder is removed."""
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-
-
 def _average(args: argparse.Namespace) -> int:
-    import subprocess
+    from pathlib import Path
 
     from .averaging import average
-
-    _stop_cleanly_on_sigterm()
+    from .outputs import is_local
 
     try:
         weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     except ValueError:
         raise ValueError(f"--weights {args.weights!r}: give one number per checkpoint, comma-separated (e.g. 3,1)") \
             from None
-    out = average(args.checkpoints, args.out, weights)
-    print(f"averaged {len(args.checkpoints)} checkpoints into {out}", flush=True)
-    if args.eval_data:  # in a process of its own: the eval command's own launch and device handling
-        cmd = [sys.executable, "-m", "dist_vdr.cli", "eval", "--model", str(out), "--data", args.eval_data,
-               "--output", str(out / "eval"), *(["--device", args.device] if args.device else [])]
-        return subprocess.run(cmd).returncode
+    if args.eval_data and is_local(args.eval_data) and not Path(args.eval_data).expanduser().exists():
+        raise ValueError(f"--eval-data {args.eval_data} does not exist: check the path (nothing was averaged)")
+    evaluate = (lambda model: _evaluate_average(model, args)) if args.eval_data else None
+    out = average(args.checkpoints, args.out, weights, evaluate=evaluate)
+    print(f"averaged {len(args.checkpoints)} checkpoints into {out}" +
+          (f"; evaluation in {out / 'eval'}" if args.eval_data else ""), flush=True)
     return 0
+
+
+def _evaluate_average(model, args: argparse.Namespace) -> None:
+    """`eval` of the averaged model while it is still in its scratch folder (a process of its own: the eval
+    command's launch and device handling); its outputs become OUT/eval. A failed evaluation leaves no OUT."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    where = Path(tempfile.mkdtemp(prefix=f".{model.name}.eval-", dir=model.parent))
+    try:
+        cmd = [sys.executable, "-m", "dist_vdr.cli", "eval", "--model", str(model), "--data", args.eval_data,
+               "--output", str(where / "eval"), *(["--device", args.device] if args.device else [])]
+        code = subprocess.run(cmd).returncode
+        if code != 0:
+            raise ValueError(f"the evaluation of the averaged model failed (exit {code}, its error above): nothing "
+                             f"was written to {args.out}; fix --eval-data and rerun")
+        os.replace(where / "eval", model / "eval")
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def _consolidate(args: argparse.Namespace) -> int:
     from .consolidate import consolidate
 
-    _stop_cleanly_on_sigterm()
     print(f"consolidated {args.checkpoint} into {consolidate(args.checkpoint, args.out)}", flush=True)
     return 0
 
@@ -132,7 +147,7 @@ def _data_check(args: argparse.Namespace) -> int:
     if len(paths) > 1:
         raise ValueError(f"data check takes one dataset, got {paths}")
     overrides = [*(f"data.path={p}" for p in paths), *(a for a in args.items if "=" in a)]
-    check_data(load_config(args.config, overrides))
+    check_data(load_config(args.config, overrides, check_paths="data"))  # it loads no model
     return 0
 
 
@@ -151,13 +166,10 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _merge_adapter(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .model import merge_adapter_folder
 
-    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
-        raise ValueError(f"{args.out} exists and is not empty: choose another folder or pass --overwrite")
-    out = merge_adapter_folder(args.adapter, args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    out = merge_adapter_folder(args.adapter, args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                               overwrite=args.overwrite)
     print(f"merged model in {out}")
     return 0
 
@@ -210,22 +222,46 @@ def _eval(args: argparse.Namespace) -> int:
     from .model import build_model, embedding_dim
 
     cfg = load_command(args, EVAL)
+    output = eval_output(cfg)
     info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process)
     data = load_eval(dataclasses.replace(cfg.data, validate_images=False))  # as ever: the encode reads every page
     model = build_model(cfg.model, device=info.device, precision=_precision(cfg.model.dtype))
     if cfg.eval.reranker:
-        return _eval_rerank(cfg, info, data, model)
+        return _eval_rerank(cfg, info, data, model, output)
     e = cfg.evaluation
     evaluator = ShardedRetrievalEvaluator(data, e.dims or [embedding_dim(model)], ks=e.ks, batch_size=e.batch_size,
                                           main_metric=e.main_metric,
                                           num_workers=e.num_workers, backend=e.search_backend,
                                           cache_dir=cfg.eval.cache)
-    flat = evaluator(model, output_path=cfg.eval.output if info.is_main else None)
+    flat = evaluator(model)
     if info.is_main:
+        _write_eval(output, evaluator)
         for d in evaluator.dims:
             print(f"dim {d}: {_headline(evaluator.last_metrics[d])}", flush=True)
         print(f"outputs in {cfg.eval.output}" if cfg.eval.output else json.dumps(flat), flush=True)
     return 0
+
+
+def eval_output(cfg: EvalCommand):
+    """The guarded --output of eval (None: the metrics are printed), checked against every input before any
+    work; the keyed cache is checked apart from the inputs too."""
+    from .outputs import Output
+
+    d = cfg.data
+    inputs = {"--data": d.path, "data.eval_path": d.eval_path, "data.pages_path": d.pages_path,
+              "--queries": d.eval_queries_file, "--qrels": d.eval_qrels_file, "--model": cfg.model.name_or_path,
+              "--reranker": cfg.eval.reranker}
+    if cfg.eval.cache:
+        Output("eval", "--cache", cfg.eval.cache, inputs, replace_any=True).check()
+    if not cfg.eval.output:
+        return None
+    return Output("eval", "--output", cfg.eval.output, inputs).check()
+
+
+def _write_eval(output, evaluator) -> None:
+    if output is not None:
+        with output.writing() as scratch:
+            evaluator.write_outputs(str(scratch))
 
 
 def _precision(dtype: str) -> str:
@@ -237,7 +273,7 @@ def _headline(m: dict) -> str:
             f"Recall@10 {m.get('recall@10', float('nan')):.4f}")
 
 
-def _eval_rerank(cfg: EvalCommand, info, data, retriever) -> int:
+def _eval_rerank(cfg: EvalCommand, info, data, retriever, output) -> int:
     """eval.reranker: the retriever's top-k, the top reranker.rerank_depth reranked (queries sharded over ranks)."""
     import gc
 
@@ -257,8 +293,9 @@ def _eval_rerank(cfg: EvalCommand, info, data, retriever) -> int:
         log.get(__name__).info(note)
     evaluator = RerankEvaluator(data, candidates, depth=depth, ks=e.ks, batch_size=e.batch_size,
                                 prompt=cfg.reranker.prompt, retrieval_score_weight=weight)
-    evaluator(reranker, output_path=cfg.eval.output if info.is_main else None)
+    evaluator(reranker)
     if info.is_main:
+        _write_eval(output, evaluator)
         stages = [("retrieval", evaluator.retrieval_metrics), ("reranked", evaluator.last_metrics)]
         if evaluator.last_alone_metrics:
             stages.append(("reranker score alone", evaluator.last_alone_metrics))
@@ -438,23 +475,28 @@ def main(argv: list[str] | None = None) -> int:
     # load transformers (its import alone is ~0.8 GB of the builder's resident memory).
     if args.command not in ("train", "pages", "make-synthetic-pdfs"):
         _quiet_library_noise()
-    from . import distributed
+    from . import distributed, outputs
 
+    if args.command not in ("train", "submit"):  # train stops at a step boundary (preemption.py)
+        outputs.stop_on_signals()
+    # A training run may stop with a progress bar mid-line: the error starts a line of its own.
+    start = chr(10) if args.command == "train" else ""
     try:
         code = args.fn(args)
     except ValueError as exc:
         # An error every rank raised at once (rank 0 decided) is reported once, by rank 0.
         if not isinstance(exc, distributed.AllRanksError) or distributed.current().is_main:
-            # A training run may stop with a progress bar mid-line: the error starts a line of its own.
-            print(f"{chr(10) if args.command == 'train' else ''}error: {exc}", file=sys.stderr, flush=True)
+            print(f"{start}error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except OSError as exc:
-        from .storage import no_space_message
-
-        message = no_space_message(os.getcwd(), exc) if exc.errno == errno.ENOSPC else None
+    except (outputs.Interrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"{start}error: {outputs.interrupted_message(signum)}", file=sys.stderr, flush=True)
+        return 128 + signum
+    except Exception as exc:  # a write that failed on a full disk or a read-only folder: one line naming it
+        message = outputs.explain(exc)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"{start}error: {message}", file=sys.stderr, flush=True)
         return 2
     distributed.shutdown()  # every rank got here: leave the group together (see shutdown's note)
     return code

@@ -65,14 +65,24 @@ SEARCH = Command(SearchBenchCommand, (
 ))
 
 
+def _in_work_dir(command: str, work_dir: str, inputs: dict, run):
+    """``run(folder)`` in the output guard's scratch folder beside ``--work-dir``, renamed to it at the end:
+    a work folder apart from the inputs, and no half-run bench left in its place."""
+    from .outputs import Output
+
+    with Output(command, "--work-dir", work_dir, inputs).check().writing() as scratch:
+        return run(str(scratch))
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import train_speed
 
     b = load_command(args, TRAIN).bench
-    report = train_speed.run_train_bench(
-        b.work_dir, model=b.model, config=b.recipe, steps=b.steps, warmup_steps=b.warmup_steps,
-        global_batch_size=b.global_batch_size, stock=list(b.stock), ours=list(b.ours) or None, pages=b.pages,
-        device=b.device, timeout_s=b.timeout_s)
+    report = _in_work_dir("bench", b.work_dir, {"--model": b.model, "--config": b.recipe}, lambda work: (
+        train_speed.run_train_bench(
+            work, model=b.model, config=b.recipe, steps=b.steps, warmup_steps=b.warmup_steps,
+            global_batch_size=b.global_batch_size, stock=list(b.stock), ours=list(b.ours) or None, pages=b.pages,
+            device=b.device, timeout_s=b.timeout_s)))
     print(train_speed.format_table(report))
     print(f"written: {b.work_dir}/bench.json, {b.work_dir}/bench.md", flush=True)
     return 0
@@ -107,9 +117,9 @@ def _bench_corpus(args: argparse.Namespace) -> int:
     from .bench import corpus
 
     b = load_command(args, CORPUS).bench_corpus
-    results = corpus.run_corpus_bench(b.work_dir, model=b.model, num_documents=b.num_documents,
-                                      num_scans=b.num_scans, render_documents=b.render_documents,
-                                      dpi=b.dpi, world_size=b.world_size)
+    results = _in_work_dir("bench-corpus", b.work_dir, {"--model": b.model}, lambda work: corpus.run_corpus_bench(
+        work, model=b.model, num_documents=b.num_documents, num_scans=b.num_scans,
+        render_documents=b.render_documents, dpi=b.dpi, world_size=b.world_size))
     print(corpus.format_corpus(results))
     if b.json:
         print(json.dumps(results, indent=2))
@@ -120,8 +130,9 @@ def _bench_startup(args: argparse.Namespace) -> int:
     from .bench import startup
 
     b = load_command(args, STARTUP).bench_startup
-    report = startup.run(b.work_dir, rows=list(b.rows), image_rows=b.image_rows, world_size=b.world_size,
-                         num_pages=b.num_pages, launch_config=b.launch)
+    report = _in_work_dir("bench-startup", b.work_dir, {}, lambda work: startup.run(
+        work, rows=list(b.rows), image_rows=b.image_rows, world_size=b.world_size, num_pages=b.num_pages,
+        launch_config=b.launch))
     print(startup.format_report(report), flush=True)
     if b.json:
         print(json.dumps({**report, "summary": startup.summarise(report)}, indent=2))
@@ -132,7 +143,8 @@ def _bench_checkpoint(args: argparse.Namespace) -> int:
     from .bench import checkpoint_hash
 
     b = load_command(args, CHECKPOINT).bench_checkpoint
-    print(checkpoint_hash.format_result(checkpoint_hash.run(b.work_dir, b.size_gb)), flush=True)
+    result = _in_work_dir("bench-checkpoint", b.work_dir, {}, lambda work: checkpoint_hash.run(work, b.size_gb))
+    print(checkpoint_hash.format_result(result), flush=True)
     return 0
 
 

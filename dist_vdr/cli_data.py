@@ -142,7 +142,8 @@ def _mine(args: argparse.Namespace) -> int:
     m = cfg.mine
     m.out = os.path.expanduser(m.out)
     check_out(m.out, {"--data": None if cfg.corpus_mode else cfg.data.path, "--corpus": m.corpus,
-                      "--model": cfg.model.name_or_path, "--teacher": m.teacher})
+                      "--queries": m.queries, "--qrels": m.qrels, "--model": cfg.model.name_or_path,
+                      "--teacher": m.teacher})
     info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process)
     e = cfg.evaluation
     encode = {"batch_size": e.batch_size, "num_workers": e.num_workers, "backend": e.search_backend,
@@ -231,7 +232,7 @@ def _score_rows(args: argparse.Namespace) -> int:
     if d.pages_path or page_refs.id_columns(split, [c for c in d.train_columns[1:] if c in split.column_names]):
         raise ValueError("score-rows reads rows holding page images; for rows that name pages by id "
                          "(data.pages_path), score them while mining: mine-negatives --corpus ... --teacher T")
-    mining.check_out(cfg.score.out, {"--data": d.path, "--teacher": cfg.model.name_or_path})
+    mining.check_out(cfg.score.out, {"--data": d.path, "--teacher": cfg.model.name_or_path}, "score-rows")
     info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process)
     # Every column of the rows is kept (document ids for masking, ...); the pages are decoded by the scoring.
     columns = split.column_names
@@ -247,7 +248,7 @@ def _score_rows(args: argparse.Namespace) -> int:
         if mining.TEACHER_SCORES in ds.column_names:  # rows scored before: this teacher's scores replace them
             ds = ds.remove_columns([mining.TEACHER_SCORES])
         mining.save_atomic(ds.add_column(mining.TEACHER_SCORES, scores.astype("float32").tolist()), cfg.score.out,
-                           marker)
+                           marker, command="score-rows")
         cut = f" (the first {d.max_train_samples}: data.max_train_samples)" if d.max_train_samples else ""
         print(f"{len(ds)} rows{cut} with {mining.TEACHER_SCORES} of {scores.shape[1]} pages each in "
               f"{cfg.score.out} (the training split only: evaluate from {d.path}): train with "

@@ -161,6 +161,9 @@ def submit(config_path: str, overrides: list[str], resources: SlurmResources, *,
     from .config import load_config
 
     cfg = load_config(config_path, overrides)  # refuse a bad recipe before anything reaches the queue
+    from .training import run_output
+
+    run_output(cfg).check()  # and an output_dir the run would refuse
     folder = Path(log_dir or Path(cfg.training.output_dir) / "slurm-logs") / "%j"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=resources.cluster)
     params = dict(nodes=resources.nodes, tasks_per_node=resources.tasks_per_node, timeout_min=resources.time_min,

@@ -284,6 +284,10 @@ class DataConfig:
             raise ValueError(f"data.datasets {weighted} have weights, which data.mixture={self.mixture} does not use "
                              f"(it takes every dataset's batches as they come): use data.mixture=weighted or "
                              f"remove the weights")
+        heavy = [d.name for d in self.datasets if d.weight is not None and not 0 <= d.weight <= 1e6]
+        if heavy:
+            raise ValueError(f"data.datasets {heavy}: a weight is a finite relative share in [0, 1e6] (e.g. 1 and 3); "
+                             f"got {[d.weight for d in self.datasets if d.name in heavy]}")
         if self.datasets and self.mixture == "weighted" and all(d.weight == 0 for d in self.datasets):
             raise ValueError("data.datasets: every weight is 0; give one dataset a positive weight")
 
@@ -748,11 +752,12 @@ def _schema(schema: type | None = None):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                check_paths: bool = True, schema: type | None = None, *, flags: Mapping[str, Any] | None = None,
+                check_paths: bool | str = True, schema: type | None = None, *, flags: Mapping[str, Any] | None = None,
                 aliases: Mapping[str, str] | None = None) -> Any:
     """Load a recipe: defaults < YAML file < ``key=value`` overrides. Raises ValueError on any problem,
     naming the layer (file or override) it comes from. ``check_paths``: refuse local-looking model and
-    data paths that do not exist (:mod:`dist_vdr.sources`), before anything is loaded or written.
+    data paths that do not exist (:mod:`dist_vdr.sources`), before anything is loaded or written ("data":
+    the data's paths only).
 
     ``schema``: the dataclass to load (default :class:`Config`, a training recipe; the commands' own
     in :mod:`dist_vdr.commands`). A command reads the sections it shares with a recipe from a recipe
@@ -785,14 +790,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except (OmegaConfBaseException, ValueError) as exc:
         given = {key: f"the option {aliases.get(key, key)}" for key in flags}
         raise ValueError(_blame(exc, path, overrides, schema, aliases, given)) from exc
+    _check_finite(cfg, "")
+    _check_loaded(cfg, schema, check_paths)
+    return cfg
+
+
+def _check_loaded(cfg: Any, schema: type, check_paths: bool | str) -> None:
     if schema is Config:  # only a training recipe needs the libraries' value sets (and their imports)
         _check_with_libraries(cfg)
-        if check_paths:
+        if check_paths == "data":  # `data check`: the data's paths, not the model's it does not load
+            _resolve_sources(cfg, model=False)
+        elif check_paths:
             _resolve_sources(cfg)
             _check_tracker_folders(cfg)
     elif check_paths and hasattr(cfg, "resolve_sources"):
         cfg.resolve_sources()
-    return cfg
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """Every number of a recipe or a command's settings is finite: a NaN passes every ``<``/``>`` bound of the
+    sections' checks (``loss.false_negatives.margin: .nan`` masked nothing), an inf overflows what it scales."""
+    import dataclasses
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value}: give a finite number (NaN and inf are not settings)")
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _check_finite(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            name = getattr(item, "name", None)
+            _check_finite(item, f"{key}[{name if isinstance(name, str) else i}]")
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            _check_finite(item, f"{key}.{k}")
 
 
 def _file_layer(path: Path, schema: type):
@@ -889,16 +921,19 @@ def _check_tracker_folders(cfg: Config) -> None:
                          f"({existing} is not a writable folder): set TRACKIO_DIR to a writable folder")
 
 
-def _resolve_sources(cfg: Config) -> None:
+def _resolve_sources(cfg: Config, model: bool = True) -> None:
     from . import sources
 
-    cfg.model.name_or_path = sources.resolve(cfg.model.name_or_path, "model.name_or_path", "model folder")
+    if model:
+        cfg.model.name_or_path = sources.resolve(cfg.model.name_or_path, "model.name_or_path", "model folder")
     if cfg.model.adapter.init_from:
         cfg.model.adapter.init_from = sources.resolve(cfg.model.adapter.init_from, "model.adapter.init_from",
                                                       "adapter folder")
     _resolve_data_paths("data", cfg.data, cfg.evaluation.enabled, _data_path_used(cfg))
     for k, entry in enumerate(cfg.data.datasets):
         _resolve_data_paths(f"data.datasets[{k}]", entry, cfg.evaluation.enabled)
+    if not model:
+        return
     for key, label in tasks.get(cfg.task).local_paths(cfg):  # the task's own paths (dotted keys, any depth)
         *sections, name = key.split(".")
         node = cfg

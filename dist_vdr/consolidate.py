@@ -101,13 +101,15 @@ def recorded_recipe(folder: Path):
 def consolidate(folder: str | Path, out: str | Path) -> Path:
     """Write the model of the FSDP2 checkpoint ``folder`` as a plain model folder ``out`` (new or empty),
     marked like a checkpoint; returns ``out``."""
+    from .outputs import Output
+
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder")
     if not is_sharded(folder):
         raise ValueError(f"{folder} holds no FSDP2 model shards ({FSDP_MODEL_DIR}/ without *.safetensors): it is "
                          f"already a model folder (DDP, ZeRO and LoRA checkpoints hold the whole model)")
-    checkpoint.check_new_folder(out, [folder])
+    Output("consolidate", "OUT", out, {"CHECKPOINT": folder}).check()
     check_intact(folder)
     return write_model(folder, out)
 
@@ -117,6 +119,7 @@ def write_model(folder: Path, out: Path) -> Path:
     (``average`` checks all its inputs first: a checkpoint's files are read for their hashes once)."""
     from . import engines, tasks
     from .model import check_model_path
+    from .outputs import Output
     from .tasks.base import RunContext
 
     cfg = recorded_recipe(folder)
@@ -131,7 +134,7 @@ def write_model(folder: Path, out: Path) -> Path:
     state = _read_shards_or_explain(folder)
     _check_same_weights(folder, state, model.state_dict())
     record = {"step": checkpoint.checkpoint_step(folder), "consolidated_from": str(folder.resolve())}
-    with checkpoint.writing_marked(out, record, "consolidating") as tmp:
+    with checkpoint.writing_marked(Output("consolidate", "OUT", out, {"CHECKPOINT": folder}), record) as tmp:
         with engines.saving_state_dict(model, state):  # the shards' tensors, not the freshly built ones
             model.save_pretrained(str(tmp), create_model_card=False)
         for name, text in task.final_files(cfg).items():

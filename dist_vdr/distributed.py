@@ -186,6 +186,13 @@ def main_then_share(is_main: bool, fn: Callable[[], T], timeout_s: int | None = 
             result = (fn(), None)
         except ValueError as exc:
             result = (None, str(exc))
+        except OSError as exc:  # a full disk or a read-only folder: said once, on every rank (no rank left waiting)
+            from .outputs import explain
+
+            message = explain(exc)
+            if message is None:
+                raise
+            result = (None, message)
     if timeout_s is not None and _is_initialized():
         wait_long(timeout_s, waiting_for, log)
     value, error = broadcast_object(result)

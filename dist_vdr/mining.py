@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -342,45 +341,25 @@ def write_mined(ds, mined: MinedNegatives, out: str | Path, *, query_column: str
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def check_out(out: str | Path, inputs: dict[str, str | None], marker_file: str = MARKER_FILE) -> None:
-    """ValueError with the fix unless ``out`` may be replaced by :func:`save_atomic`: apart from every
-    local input folder (``inputs``: flag -> path; the write would delete it, or read its own output)
-    and, when it exists, an earlier output of these commands (its marker file) or an empty folder."""
-    if Path(out).is_symlink():
-        raise ValueError(f"--out {out} is a symbolic link: give the folder it points to ({Path(out).resolve()}) "
-                         f"or a new path")
-    target = Path(out).resolve()
-    for flag, path in inputs.items():
-        if not path or not Path(path).exists():
-            continue  # a hub id: nothing local to delete
-        src = Path(path).resolve()
-        if target == src or src in target.parents or target in src.parents:
-            raise ValueError(f"--out {out} overlaps {flag} {path} (resolved: {target} and {src}): writing there would "
-                             f"delete or alter the input; choose an --out outside it")
-    if target.exists() and not (target / marker_file).is_file() and (not target.is_dir() or any(target.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an output of mine-negatives/score-rows (no {marker_file}): "
-                         f"it would be replaced; choose a new --out, or delete it first if it is yours to lose")
+def check_out(out: str | Path, inputs: dict[str, str | None], command: str = "mine-negatives",
+              marker_file: str = MARKER_FILE):
+    """The guarded ``--out`` (:class:`dist_vdr.outputs.Output`): apart from every input, new, empty or an
+    earlier output of these commands (their marker); ValueError with the fix otherwise."""
+    from .outputs import Output
+
+    return Output(command, "--out", out, inputs, earlier=(marker_file,)).check()
 
 
-def save_atomic(ds, out: str | Path, marker: dict, marker_file: str = MARKER_FILE) -> Path:
-    """``ds`` written beside ``out``, marked, then renamed into place (a killed write leaves no half dataset).
-    Callers check ``out`` with :func:`check_out` before their work."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A new hidden folder beside ``out`` (same file system: the rename is atomic), never a user's folder.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the renamed folder
-    try:
+def save_atomic(ds, out: str | Path, marker: dict, marker_file: str = MARKER_FILE,
+                command: str = "mine-negatives") -> Path:
+    """``ds`` written into a scratch folder beside ``out``, marked, then renamed into place (a killed write
+    leaves no half dataset). Callers check ``out`` with :func:`check_out` before their work."""
+    from .outputs import Output
+
+    with Output(command, "--out", out, earlier=(marker_file,), replace_any=True).writing() as tmp:
         ds.save_to_disk(str(tmp))
         (tmp / marker_file).write_text(json.dumps(marker, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def training_pairs(queries: dict[str, str], qrels: dict[str, dict[str, int]], index: dict[str, int]):

@@ -93,6 +93,7 @@ def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu
         model = build_model(dataclasses.replace(cfg, name_or_path=base, adapter=AdapterConfig()), precision=precision,
                             device=device)
         adapters.attach(model, dataclasses.replace(section, init_from=cfg.name_or_path), base)
+        adapters.check_base(model, cfg.name_or_path)
         return model
     model = _build_base(cfg, precision=precision, device=device)
     if cfg.adapter.type:
@@ -108,16 +109,21 @@ def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu
 
 
 def merge_adapter_folder(folder: str | Path, out: str | Path, *, dtype: str = "auto",
-                         trust_remote_code: bool = False) -> Path:
+                         trust_remote_code: bool = False, overwrite: bool = False) -> Path:
     """Write to ``out`` the base model of the adapter ``folder`` with the adapter merged in: a plain
     SentenceTransformer (``dist-vdr merge-adapter``; ``final/merged`` of model.adapter.merge_on_save)."""
+    from .outputs import Output
+
     if not adapters.is_adapter_folder(folder):
         raise ValueError(f"{str(folder)!r} is not the folder of a LoRA run (no {adapters.RECORD}): give its final/ "
                          f"or one of its checkpoints")
+    inputs = {"ADAPTER_DIR": folder, "its base model": adapters.base_of(folder)[0]}
+    output = Output("merge-adapter", "OUT_DIR", out, inputs, replace_any=overwrite).check()
     cfg = ModelConfig(name_or_path=str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
     model = adapters.merge_into_base(build_model(cfg))
-    model.save_pretrained(str(out), create_model_card=False)
-    return Path(out)
+    with output.writing({"adapter": str(Path(folder).resolve())}) as tmp:
+        model.save_pretrained(str(tmp), create_model_card=False)
+    return output.path
 
 
 def _build_base(cfg: ModelConfig, *, precision: str, device: str):

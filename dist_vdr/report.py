@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 
 from . import checkpoint
+from .outputs import replacing_file
 from .results import Metrics
-from .storage import atomic_write
 
 REPORT_PNG, REPORT_MD = "report.png", "report.md"
 _SERIES = (("loss", "training loss"), ("learning_rate", "learning rate"), ("grad_norm", "gradient norm"),
@@ -26,19 +26,19 @@ _EVAL_KEY = re.compile(r"^eval_(?:(?P<set>[^/]+)/)?dim(?P<dim>\d+)_cosine_(?P<me
 _STAGE_KEY = re.compile(r"^eval_(?P<stage>[a-z]+)_(?P<metric>[a-z]+@\d+)$")
 
 
-def history(run: Path) -> tuple[list[dict], Path | None]:
-    """The log history of the newest complete checkpoint (and which), or ([], None)."""
-    newest = checkpoint.latest_complete(run)
-    if newest is None or not (newest / "trainer_state.json").is_file():
-        return [], None
-    return _json(newest / "trainer_state.json").get("log_history", []), newest
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} does not read as JSON ({exc}): repair or remove it") from exc
+def history(run: Path, damaged: list[str] | None = None) -> tuple[list[dict], Path | None]:
+    """The log history of the newest complete checkpoint whose trainer_state.json reads (and which), or
+    ([], None); a newer one that does not read is named in ``damaged``."""
+    for _, folder, complete in reversed(checkpoint.list_checkpoints(run)):
+        if not complete:
+            continue
+        try:
+            return json.loads((folder / "trainer_state.json").read_text()).get("log_history", []), folder
+        except (OSError, ValueError) as exc:
+            if damaged is not None:
+                damaged.append(f"{folder.name}/trainer_state.json does not read "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
+    return [], None
 
 
 def run_infos(run: Path) -> list[dict]:
@@ -77,17 +77,22 @@ def eval_curves(log: list[dict], metric: str = "ndcg@10") -> dict[str, tuple[lis
 
 def write_report(run: str | os.PathLike, metric: str = "ndcg@10") -> tuple[Path, Path]:
     """Write ``report.png`` and ``report.md`` into ``run``; ValueError when it is no run folder."""
+    from .outputs import Output
+
     run = Path(run)
     if not (run / "resolved_config.yaml").is_file():
         raise ValueError(f"{run} is not a dist-vdr run folder (no resolved_config.yaml): give a training.output_dir")
-    log, newest = history(run)
+    Output("report", "RUN_DIR", run).claim().check_writable()  # a read-only or full run folder: one line
+    damaged: list[str] = []
+    log, newest = history(run, damaged)
     before, after = (_metrics(run / f"metrics_{w}.json") for w in ("before", "after"))
     known = {m for metrics in (before, after) if metrics for values in metrics.rows.values() for m in values}
     if known and metric not in known:
         raise ValueError(f"--metric {metric}: the run's evaluations hold {sorted(known)[:8]}...; pick one of them")
     png = _plot(run, log, before, after, metric)
     md = run / REPORT_MD
-    atomic_write(md, _markdown(run, log, newest, before, after, metric))
+    with replacing_file(md) as tmp:
+        tmp.write_text(_markdown(run, log, newest, before, after, metric, damaged))
     return png, md
 
 
@@ -135,10 +140,11 @@ def _plot(run: Path, log: list[dict], before: Metrics | None, after: Metrics | N
     _plot_before_after(axes.flat[5], before, after, metric)
     fig.suptitle(f"{run.name}", fontsize=11)
     fig.tight_layout()
-    tmp = run / (REPORT_PNG + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, run / REPORT_PNG)
+    try:
+        with replacing_file(run / REPORT_PNG) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return run / REPORT_PNG
 
 
@@ -168,14 +174,18 @@ def _plot_before_after(ax, before: Metrics | None, after: Metrics | None, metric
 
 
 def _markdown(run: Path, log: list[dict], newest: Path | None, before: Metrics | None, after: Metrics | None,
-              metric: str) -> str:
+              metric: str, damaged: list[str] = ()) -> str:
     infos = run_infos(run)
     info = infos[-1] if infos else {}
     steps, _ = series(log, "loss")
     runtime = [h["train_runtime"] for h in log if "train_runtime" in h]
     state = "finished (final/ complete)" if checkpoint.is_complete(run / "final") else "in progress or stopped"
+    best = _weights_of_step(run / "final")
+    if best is not None:
+        state = f"finished (final/ complete: the weights of step {best}, the best evaluation, training.final=best)"
     lines = [f"# Run report: {run.name}", "", f"![report]({REPORT_PNG})", "", "## Run", "",
-             f"- state: {state}; newest checkpoint: {newest.name if newest else 'none'}",
+             f"- state: {state}; newest checkpoint: {newest.name if newest else 'none'}"
+             + (f" (read instead of newer damaged ones: {'; '.join(damaged)})" if damaged else ""),
              f"- launch: world size {info.get('world_size', '?')}, device {info.get('device', '?')}, "
              f"{len(infos)} (re)start(s), last started {info.get('started', '?')}",
              f"- steps logged: {steps[-1] if steps else 0}"
@@ -193,6 +203,16 @@ def _markdown(run: Path, log: list[dict], newest: Path | None, before: Metrics |
     if runs:
         lines += ["## TREC runs", "", *(f"- [{p}]({p})" for p in runs), ""]
     return "\n".join(lines) + "\n"
+
+
+def _weights_of_step(final: Path) -> int | None:
+    """training.final=best: the step whose weights ``final/`` holds, from its marker (None: the last step)."""
+    if not checkpoint.is_complete(final):
+        return None
+    try:
+        return json.loads((final / checkpoint.MARKER_FILE).read_text()).get("weights_of_step")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _config_summary(run: Path) -> list[str]:

@@ -72,6 +72,8 @@ class RunResult:
     signal: str | None = None
     dims: list[int] = field(default_factory=list)
     """Embedding dims evaluated, largest first ([] for rerankers and when evaluation is off)."""
+    weights_of_step: int | None = None
+    """training.final=best: the step whose weights final/ holds (None: the last step's)."""
 
     @property
     def finished(self) -> bool:

@@ -18,6 +18,7 @@ resume the current recipe is compared with it key by key, in three classes:
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -40,12 +41,36 @@ PATH_KEYS = ("model.name_or_path", "data.path", "data.pages_path", "reranker.ret
 
 
 def _flatten(node, prefix: str = "") -> dict[str, object]:
+    """Dotted keys; a list of named sections (``data.datasets``) by name: ``data.datasets[docs].eval_path``."""
     if isinstance(node, dict):
         out: dict[str, object] = {}
         for key, value in node.items():
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
+    if isinstance(node, list) and node and all(isinstance(item, dict) and "name" in item for item in node):
+        out = {}
+        for item in node:
+            out.update(_flatten({k: v for k, v in item.items() if k != "name"}, f"{prefix[:-1]}[{item['name']}]."))
+        return out
     return {prefix[:-1]: node}
+
+
+_DATASET_KEY = re.compile(r"^data\.datasets\[[^\]]*\]\.(?P<key>.+)$")
+_LOSS_TWINS = ("mini_batch_size", "mini_batch_num_tokens")
+
+
+def twin(key: str) -> str:
+    """The top-level key a per-dataset key stands for (``data.datasets[x].eval_path`` -> ``data.eval_path``,
+    ``data.datasets[x].mini_batch_size`` -> ``loss.mini_batch_size``): it is classed as that one."""
+    m = _DATASET_KEY.match(key)
+    if not m:
+        return key
+    return f"loss.{m['key']}" if m["key"] in _LOSS_TWINS else f"data.{m['key']}"
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _same_path(a, b) -> bool:
@@ -56,6 +81,7 @@ def _same_path(a, b) -> bool:
 
 
 def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+    key = twin(key)
     return any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in prefixes)
 
 
@@ -66,10 +92,12 @@ def differences(recorded_yaml: str, current_yaml: str) -> dict[str, tuple[object
     diff = {}
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
-        if a == b or _matches(key, LAUNCH_KEYS) or (key in PATH_KEYS and _same_path(a, b)):
+        if a == b or _matches(key, LAUNCH_KEYS) or (twin(key) in PATH_KEYS and _same_path(a, b)):
             continue
         if key not in old and key in defaults and b == defaults[key]:
             continue  # a key added by a newer dist-vdr, at its default: the recorded run had that behaviour
+        if key not in old and _DATASET_KEY.match(key) and b is None:
+            continue  # the same for a dataset's key (null: data's value)
         diff[key] = (a, b)
     return diff
 
@@ -89,7 +117,7 @@ def check(recorded_yaml: str | None, current_yaml: str, checkpoint: str, allow_c
     reporting = {k: v for k, v in diff.items() if _matches(k, REPORTING_KEYS)}
 
     def listing(d: dict) -> str:
-        return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in d.items())
+        return ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in d.items())
 
     if meaning:
         raise ValueError(f"the recipe differs from the one {checkpoint} was trained with ({listing(meaning)}): "

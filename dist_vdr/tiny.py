@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -145,44 +144,39 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = No
 
     spec = spec or TinyModelSpec()
     out = Path(out_dir)
-    tmp = _start_build(out, overwrite, "embedding")
-    if tmp is None:
+    output = _start_build(out, overwrite, "embedding")
+    if output is None:
         return out
+    with output.writing() as tmp:
+        tokenizer = _build_tokenizer(spec.vocab_size)
+        config = _qwen3vl_config(spec, tokenizer)
+        torch.manual_seed(spec.seed)
+        # Built on ``device`` in ``dtype``: the 2B shapes initialise in seconds on a GPU, minutes on a CPU.
+        with torch.device(device):
+            Qwen3VLModel(config).to(getattr(torch, dtype)).save_pretrained(tmp)
+        _processor(spec, tokenizer, CHAT_TEMPLATE).save_pretrained(tmp)
 
-    tokenizer = _build_tokenizer(spec.vocab_size)
-    config = _qwen3vl_config(spec, tokenizer)
-    torch.manual_seed(spec.seed)
-    # Built on ``device`` in ``dtype``: the 2B shapes initialise in seconds on a GPU, minutes on a CPU.
-    with torch.device(device):
-        Qwen3VLModel(config).to(getattr(torch, dtype)).save_pretrained(tmp)
-    _processor(spec, tokenizer, CHAT_TEMPLATE).save_pretrained(tmp)
-
-    # Re-save as a sentence-transformers model: module 0 keeps the HF files in the root folder.
-    transformer = Transformer(str(tmp))
-    st = SentenceTransformer(modules=[transformer, Pooling(spec.hidden_size, "lasttoken"), Normalize()], device="cpu")
-    st.save(str(tmp))
-    return _finish_build(tmp, out, {**asdict(spec), "kind": "embedding"})
+        # Re-save as a sentence-transformers model: module 0 keeps the HF files in the root folder.
+        transformer = Transformer(str(tmp))
+        st = SentenceTransformer(modules=[transformer, Pooling(spec.hidden_size, "lasttoken"), Normalize()],
+                                 device="cpu")
+        st.save(str(tmp))
+        (tmp / MARKER_FILE).write_text(json.dumps({**asdict(spec), "kind": "embedding"}, indent=2))
+    return out
 
 
-def _start_build(out: Path, overwrite: bool, kind: str) -> Path | None:
-    """The temporary sibling folder to build in; None when a complete tiny model of ``kind`` is already there."""
+def _start_build(out: Path, overwrite: bool, kind: str, inputs: dict | None = None):
+    """The guarded output to build in (:class:`dist_vdr.outputs.Output`: a scratch folder beside ``out``,
+    renamed into place); None when a complete tiny model of ``kind`` is already there."""
+    from .outputs import Output
+
+    Output("make-tiny-model", "DIR", out).refuse_file()
     if out.exists() and any(out.iterdir()):
         if is_tiny_model(out, kind) and not overwrite:
             return None
         if not overwrite:
             raise ValueError(f"{out} exists and is not a tiny {kind} model; choose another folder or pass --overwrite")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _finish_build(tmp: Path, out: Path, marker: dict) -> Path:
-    (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return Output("make-tiny-model", "DIR", out, inputs or {}, replace_any=True).check()
 
 
 def _qwen3vl_config(spec: TinyModelSpec, tokenizer):
@@ -272,21 +266,24 @@ def build_tiny_reranker(out_dir: str | os.PathLike, spec: TinyModelSpec | None =
     marker = out / MARKER_FILE
     if marker.is_file() and json.loads(marker.read_text()).get("init_from") != source:
         overwrite = True  # our own derived artifact, built from another starting point
-    tmp = _start_build(out, overwrite, "reranker")
-    if tmp is None:
+    output = _start_build(out, overwrite, "reranker", {"--init-from": source})
+    if output is None:
         return out
-    tokenizer = _build_tokenizer(spec.vocab_size)
-    torch.manual_seed(spec.seed + 1)
-    model = Qwen3VLForConditionalGeneration(_qwen3vl_config(spec, tokenizer))
-    if source:
-        _load_backbone(model, Path(source))
-    model.save_pretrained(tmp)
-    _processor(spec, tokenizer, RERANK_CHAT_TEMPLATE).save_pretrained(tmp)
-    true_id, false_id = (tokenizer.convert_tokens_to_ids(t) for t in ("1", "0"))
-    reranker = CrossEncoder(modules=[Transformer(str(tmp), transformer_task="any-to-any"),
-                                     LogitScore(true_token_id=true_id, false_token_id=false_id)], device="cpu")
-    reranker.save(str(tmp))
-    return _finish_build(tmp, out, {**asdict(spec), "kind": "reranker", "init_from": source})
+    with output.writing() as tmp:
+        tokenizer = _build_tokenizer(spec.vocab_size)
+        torch.manual_seed(spec.seed + 1)
+        model = Qwen3VLForConditionalGeneration(_qwen3vl_config(spec, tokenizer))
+        if source:
+            _load_backbone(model, Path(source))
+        model.save_pretrained(tmp)
+        _processor(spec, tokenizer, RERANK_CHAT_TEMPLATE).save_pretrained(tmp)
+        true_id, false_id = (tokenizer.convert_tokens_to_ids(t) for t in ("1", "0"))
+        reranker = CrossEncoder(modules=[Transformer(str(tmp), transformer_task="any-to-any"),
+                                         LogitScore(true_token_id=true_id, false_token_id=false_id)], device="cpu")
+        reranker.save(str(tmp))
+        marker = {**asdict(spec), "kind": "reranker", "init_from": source}
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+    return out
 
 
 _LAYER_KEY = re.compile(r"language_model\.layers\.(\d+)\.")

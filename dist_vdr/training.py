@@ -25,6 +25,7 @@ from .results import RunResult
 from .run import callbacks, card, final, records, setup, tracking
 from .run import evaluate as run_eval
 from .run.data import prepare_data
+from .run_lock import LOCK_FILE as RUN_LOCK_FILE
 from .run_lock import RunLock
 from .step_stats import StepStatsCallback
 from .tasks.base import RunContext, Task, TaskInputs
@@ -44,6 +45,7 @@ def run_training(cfg: Config, task: Task | None = None, *, resume: str | None = 
                             timeout_s=cfg.launch.collective_timeout_s)
     phases = Phases()
     phases.mark("imports + process group")
+    distributed.main_then_share(info.is_main, lambda: run_output(cfg).check() and None)  # rank 0 decides
     if cfg.launch.handle_preemption:
         preemption.install()
     if not info.is_main:
@@ -70,6 +72,29 @@ def run_training(cfg: Config, task: Task | None = None, *, resume: str | None = 
     finally:
         if info.is_main:
             lock.release()
+
+
+_DATA_PATHS = ("path", "eval_path", "pages_path", "eval_queries_file", "eval_qrels_file")
+RUN_FILES = ("resolved_config.yaml", "run_info.jsonl", RUN_LOCK_FILE, "startup", "final", "checkpoint-*",
+             "slurm-logs")  # slurm-logs: `dist-vdr submit`'s default log folder, made before the job starts
+"""Files and folders of a run folder: one holding any of them is an earlier run (resumed, or refused by the
+resume rules), not a user's folder."""
+
+
+def run_output(cfg: Config):
+    """The run folder as the output guard sees it: apart from every input path of the recipe (datasets, eval
+    sets, page corpora, queries/qrels files, the model, an adapter to start from, a guide)."""
+    from .outputs import Output
+
+    inputs: dict[str, object] = {"model.name_or_path": cfg.model.name_or_path,
+                                 "model.adapter.init_from": cfg.model.adapter.init_from,
+                                 "loss.false_negatives.guide": getattr(cfg.loss.false_negatives, "guide", None)}
+    for key in _DATA_PATHS:
+        inputs[f"data.{key}"] = getattr(cfg.data, key, None)
+    for i, entry in enumerate(cfg.data.datasets or []):
+        for key in _DATA_PATHS:
+            inputs[f"data.datasets[{i}].{key}"] = getattr(entry, key, None)
+    return Output("train", "training.output_dir", cfg.training.output_dir, inputs, earlier=RUN_FILES)
 
 
 def check_data(cfg: Config) -> PreparedData:
@@ -227,12 +252,15 @@ class _Run:
         best = self._load_best(trainer) if cfg.training.final == "best" else None
         final.save_final(trainer, ctx.info, ctx.out, self.task.final_files(cfg), merge_with=self._merge_with(),
                          record={"weights_of_step": checkpoint.checkpoint_step(best)} if best else None)
+        result.weights_of_step = self.weights_of_step
         self._write_card(result)  # a card at once, whatever becomes of the evaluation
         if trainer.evaluator is not None:
-            result.after = run_eval.stored(ctx.out, "after", step=result.global_step)
+            step = self.weights_of_step or result.global_step  # the step of final/'s weights (final=best)
+            result.after = run_eval.stored(ctx.out, "after", step=step)
             if result.after is None:
-                logger.info("evaluating the trained model")
-                result.after = run_eval.evaluate(trainer, ctx.info, ctx.out, "after", step=result.global_step)
+                logger.info("evaluating the trained model" + (f" (final/: the weights of step {step}, training.final="
+                                                                f"best)" if self.weights_of_step else ""))
+                result.after = run_eval.evaluate(trainer, ctx.info, ctx.out, "after", step=step)
             if ctx.info.is_main:
                 self.task.write_summary(ctx.out, result)
             self._write_card(result)
@@ -303,11 +331,13 @@ class _Run:
         logger.info(f"this run finished at step {step}: {folder} holds its model (a new training.output_dir "
                     f"starts another run)")
         state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
-        after = run_eval.stored(self.ctx.out, "after", step=step)
+        best = json.loads((folder / checkpoint.MARKER_FILE).read_text()).get("weights_of_step")  # final=best
+        after = run_eval.stored(self.ctx.out, "after", step=best or step)
         result = RunResult(task=self.task.name or self.ctx.cfg.task, global_step=step,
                            final_loss=final.logged_losses(state.get("log_history", [])),
                            before=run_eval.stored(self.ctx.out, "before"), after=after,
-                           dims=after.dims if after else [])
+                           dims=after.dims if after else [], weights_of_step=best)
+        self.weights_of_step = best
         if not (folder / card.CARD_FILE).is_file():  # a run stopped between its final model and its card
             self._write_card(result)
         return result

@@ -47,7 +47,7 @@ REAL_PYTHON_ENV = "DIST_VDR_TEST_REAL_PYTHON"
 # elastic's TORCHELASTIC_* set for each rank, DeepSpeed's accelerator choice, made at first use),
 # and PYTHONPATH, which the forked process applies to its sys.path as the interpreter would.
 IMPORT_TIME_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "HF_", "TRANSFORMERS_", "TORCH_", "PYTORCH_", "CUDA_",
-                        "TOKENIZERS_", "DS_", "SENTENCE_TRANSFORMERS_")
+                        "TOKENIZERS_", "DS_", "SENTENCE_TRANSFORMERS_", "ATEN_", "ONEDNN_", "DNNL_")
 INTERPRETER = {"PYTHONHASHSEED", "PYTHONWARNINGS", "PYTHONOPTIMIZE", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING",
                "PYTHONUTF8", "PYTHONSAFEPATH", "PYTHONHOME", "PYTHONMALLOC", "PYTHONDEVMODE", "PYTHONNOUSERSITE"}
 RUN_TIME = {"DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR"}

@@ -27,7 +27,8 @@ def run(work_dir: str, size_gb: float) -> dict:
     folder = Path(work_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.safetensors"
-    per = 64 << 20  # elements per tensor (128 MiB in bf16), like a model's larger matrices
+    # Elements per tensor: 128 MiB in bf16, like a model's larger matrices (less for a file below that size).
+    per = max(1, min(64 << 20, int(size_gb * 1e9 / 2)))
     count = max(1, int(size_gb * 1e9 / 2 / per))
     gen = torch.Generator().manual_seed(0)
     tensors = {f"layer{i}.weight": torch.randn(per, generator=gen).to(torch.bfloat16) for i in range(count)}

@@ -30,6 +30,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..outputs import mark
+
 RECIPES = {"tiny": "configs/tiny.yaml", "qwen3-vl-2b": "configs/qwen3-vl-embedding-2b-vdr.yaml"}
 # (width, height, share) of pages at 150 dpi: A4 and Letter portrait, A4 landscape, 16:9 slides, scans.
 MIXED_SHAPES = ((1240, 1754, 0.3), (1275, 1650, 0.3), (1754, 1240, 0.1), (1920, 1080, 0.2), (1416, 1648, 0.1))
@@ -183,6 +185,7 @@ def run_train_bench(work_dir: str, *, model: str = "tiny", config: str | None = 
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
+        mark(out, "train", {"by": "bench"})  # the run's log goes in first: the folder is this run's
         print(f"[bench] {setting.name} ...", flush=True)
         job = {**common, "setting": asdict(setting), "output_dir": str(out),
                "max_steps": total_steps + setting.extra_warmup_steps}

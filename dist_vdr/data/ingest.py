@@ -45,6 +45,7 @@ writing a shard) in :mod:`.ingest_render`; their public names are importable fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -126,35 +127,23 @@ def _close_cut_line(manifest: Path) -> None:
 # The build
 
 
-def _prepare_output(cfg: PagesBuildConfig, overwrite: bool) -> bool:
-    """Create or check the output folder; True when a finished build is already there."""
+def _prepare_output(cfg: PagesBuildConfig, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
+    """Start or check the build folder (``keep``: files of the output guard, left as they are)."""
     out = Path(cfg.out_dir)
-    settings_file = out / SETTINGS_FILE
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; choose a folder")
-    is_build = any((out / name).exists() for name in (SETTINGS_FILE, MARKER_FILE, MANIFEST_FILE))
-    if out.exists() and not is_build and any(out.iterdir()):
-        what = "--overwrite would delete" if overwrite else "--out"
-        raise ValueError(f"{what} {out}, a non-empty folder that is not a `pages build` output (no {SETTINGS_FILE}, "
-                         f"{MANIFEST_FILE} or {MARKER_FILE}); choose a new or empty --out")
-    if overwrite and out.exists():
-        for child in out.iterdir():  # the contents, not the folder: --out may be a symlink to it
+    if overwrite:
+        for child in out.iterdir():
+            if child.name in keep:
+                continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
                 child.unlink()
-    if settings_file.is_file():
-        # Settings added since a build was started take this run's values: its pages did not depend on them.
-        before = {**cfg.settings(), **json.loads(settings_file.read_text())}
-        if before != cfg.settings():
-            changed = sorted(k for k in cfg.settings() if before.get(k) != cfg.settings()[k])
-            raise ValueError(f"--out {out} was built with other settings ({', '.join(changed)}: {before}); "
-                             "use the same ones to resume, or --overwrite to rebuild")
+    if (out / SETTINGS_FILE).is_file():
+        _check_settings(out, cfg)
         (out / "shards").mkdir(exist_ok=True)
-        return (out / MARKER_FILE).is_file()
+        return
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(cfg.settings(), indent=2))
-    return False
+    (out / SETTINGS_FILE).write_text(json.dumps(cfg.settings(), indent=2))
 
 
 class _Recorder:
@@ -252,31 +241,54 @@ def _record_interrupted(cfg: PagesBuildConfig, recorder: _Recorder, num_files: i
 def build_pages(cfg: PagesBuildConfig, *, overwrite: bool = False, show_progress: bool = True) -> dict:
     """Build (or resume) the corpus; returns the summary also written to the marker file.
 
+    The build goes into a hidden folder beside ``--out`` (the output guard's resumable scratch folder: a
+    killed build goes on from it) and is renamed to ``--out`` once the corpus is complete.
     Raises :class:`BuildInterrupted` on SIGINT/SIGTERM, after recording every finished shard.
     """
-    out = Path(cfg.out_dir)
-    if _prepare_output(cfg, overwrite):
-        return {**json.loads((out / MARKER_FILE).read_text()), "already_built": True}
+    from ..outputs import MARKER as OUTPUT_MARKER
+    from ..outputs import Output
+
+    final = Path(cfg.out_dir)
+    output = Output("pages build", "--out", final, {"--input": cfg.input_dir}, resumable=True,
+                    earlier=(MARKER_FILE, SETTINGS_FILE, MANIFEST_FILE)).check()
+    if (final / MARKER_FILE).is_file() and not overwrite:
+        _check_settings(final, cfg)
+        return {**json.loads((final / MARKER_FILE).read_text()), "already_built": True}
     started = time.perf_counter()
     inputs = find_inputs(cfg.input_dir, cfg.follow_symlinks)
     if not inputs.files:
         raise ValueError(f"--input {cfg.input_dir} holds no PDF or image files ({', '.join(IMAGE_SUFFIXES)})")
-    with _StopSignals() as stop:
-        recorder = _render(cfg, inputs.files, stop, show_progress)
-        stop.immediate = True  # merging has no safe points: a signal now stops it at once
-        try:
-            stop.check()
-            summary = finalize(cfg, inputs, [{"file": f, "reason": r} for f, r in recorder.bad.items()])
-            seconds = time.perf_counter() - started
-            summary.update(seconds=round(seconds, 2), pages_rendered_now=recorder.new_pages,
-                           pages_per_s=round(recorder.new_pages / seconds, 2) if seconds > 0 else None)
-            (out / MARKER_FILE).write_text(json.dumps(summary, indent=2))
-        except BuildInterrupted as exc:
-            raise BuildInterrupted(exc.signum, f"interrupted by {signal.Signals(exc.signum).name} while merging "
-                                   "the shards (every page is rendered); rerun the same command to finish") from None
-        stop.immediate = False  # the corpus is complete: what is left is tidying up
-    shutil.rmtree(out / "shards", ignore_errors=True)  # merged into the corpus; only a resume needed them
+    with output.writing() as scratch:
+        cfg = dataclasses.replace(cfg, out_dir=str(scratch))
+        _prepare_output(cfg, overwrite, keep=(OUTPUT_MARKER,))
+        with _StopSignals() as stop:
+            recorder = _render(cfg, inputs.files, stop, show_progress)
+            stop.immediate = True  # merging has no safe points: a signal now stops it at once
+            try:
+                stop.check()
+                summary = finalize(cfg, inputs, [{"file": f, "reason": r} for f, r in recorder.bad.items()])
+                seconds = time.perf_counter() - started
+                summary.update(seconds=round(seconds, 2), pages_rendered_now=recorder.new_pages,
+                               pages_per_s=round(recorder.new_pages / seconds, 2) if seconds > 0 else None)
+                (scratch / MARKER_FILE).write_text(json.dumps(summary, indent=2))
+            except BuildInterrupted as exc:
+                raise BuildInterrupted(exc.signum, f"interrupted by {signal.Signals(exc.signum).name} while "
+                                       "merging the shards (every page is rendered); rerun the same command to "
+                                       "finish") from None
+            stop.immediate = False  # the corpus is complete: what is left is tidying up
+        shutil.rmtree(scratch / "shards", ignore_errors=True)  # merged into the corpus; only a resume needed them
     return summary
+
+
+def _check_settings(out: Path, cfg: PagesBuildConfig) -> None:
+    settings_file = out / SETTINGS_FILE
+    if settings_file.is_file():
+        # Settings added since a build was started take this run's values: its pages did not depend on them.
+        before = {**cfg.settings(), **json.loads(settings_file.read_text())}
+        if before != cfg.settings():
+            changed = sorted(k for k in cfg.settings() if before.get(k) != cfg.settings()[k])
+            raise ValueError(f"--out {cfg.out_dir} was built with other settings ({', '.join(changed)}: {before}); "
+                             "use the same ones to resume, or --overwrite to rebuild")
 
 
 def finalize(cfg: PagesBuildConfig, inputs: Inputs, bad: list[dict]) -> dict:

@@ -238,18 +238,26 @@ def ir_eval_data(cfg: DataConfig, corpus, queries, qrels, corpus_path: str, wher
     _check_queries(queries["query"], f"eval queries {corpus_path}")
     if cfg.validate_images:
         check_images(corpus, ["image"], f"eval corpus {corpus_path}", show_progress)
-    rel: dict[str, dict[str, int]] = {}
-    for row in qrels:
-        rel.setdefault(str(row["query_id"]), {})[str(row["page_id"])] = int(row["score"])
+    from . import checks
+
     qids = [str(q) for q in queries["query_id"]]
+    checks.unique_ids(qids, f"eval queries ({where})", "query_id", "query id")
+    rel: dict[str, dict[str, int]] = {}
+    qrel_columns = qrels.select_columns(["query_id", "page_id", "score"]).to_dict()
+    scores = checks.grades(qrel_columns["score"], f"eval qrels ({where})", "score")
+    for row, (q, p, grade) in enumerate(zip(qrel_columns["query_id"], qrel_columns["page_id"], scores, strict=True)):
+        pages = rel.setdefault(str(q), {})
+        if str(p) in pages and pages[str(p)] != grade:
+            raise ValueError(f"eval qrels ({where}): row {row} judges query {q!r} page {p!r} {grade}, an earlier row "
+                             f"{pages[str(p)]}: keep a single judgement per (query, page) pair")
+        pages[str(p)] = grade
     texts = dict(zip(qids, queries["query"], strict=True))
     judged = judgements.judged_queries(qids, rel, where)
     if cfg.max_eval_queries is not None:
         judged = judged[: cfg.max_eval_queries]
     corpus = corpus.select_columns(["page_id", "image"])
     page_ids = [str(p) for p in column_values(corpus, "page_id")]
-    if len(set(page_ids)) != len(page_ids):
-        raise ValueError(f"eval corpus {corpus_path}[{cfg.eval_corpus_split}] has duplicate page ids")
+    checks.unique_ids(page_ids, f"eval corpus {corpus_path}[{cfg.eval_corpus_split}]", "page_id", "page id")
     if not isinstance(corpus.features["page_id"], datasets.Value) or corpus.features["page_id"].dtype != "string":
         # Replaced, not cast: a cast of a dataset loaded from disk writes a copy into its folder.
         corpus = corpus.remove_columns(["page_id"]).add_column("page_id", page_ids).select_columns(["page_id", "image"])

@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -280,7 +279,10 @@ def generate_pages(out_dir: str | os.PathLike, spec: SyntheticPagesSpec | None =
     from tqdm.auto import tqdm
 
     spec = spec or SyntheticPagesSpec()
+    from ..outputs import Output
+
     out = Path(out_dir)
+    Output("make-synthetic-pages", "DIR", out).refuse_file()
     if out.exists() and any(out.iterdir()) and not overwrite:
         marker = out / MARKER_FILE
         previous = json.loads(marker.read_text()) if marker.is_file() else None
@@ -309,13 +311,9 @@ def generate_pages(out_dir: str | os.PathLike, spec: SyntheticPagesSpec | None =
             {"page_id": datasets.Value("string"), "image": image})),
         "eval_qrels": datasets.Dataset.from_list(qrels),
     })
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
-    (tmp / MARKER_FILE).write_text(json.dumps(_marker(spec), indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with Output("make-synthetic-pages", "DIR", out, replace_any=True).check().writing() as tmp:
+        ds.save_to_disk(str(tmp))
+        (tmp / MARKER_FILE).write_text(json.dumps(_marker(spec), indent=2))
     return out
 
 

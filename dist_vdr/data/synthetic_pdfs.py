@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,21 +49,24 @@ def generate_pdf_folder(out_dir: str | Path, spec: SyntheticPdfSpec | None = Non
     spec = spec or SyntheticPdfSpec()
     out = Path(out_dir)
     marker = json.dumps(asdict(spec), sort_keys=True)
+    from ..outputs import Output
+
+    Output("make-synthetic-pdfs", "DIR", out).refuse_file()
     if out.exists():
         if not overwrite and (out / MARKER_FILE).is_file() and (out / MARKER_FILE).read_text() == marker:
             return out  # already generated with this spec (the output is deterministic)
-        if not overwrite:
+        if not overwrite and any(out.iterdir()):
             raise ValueError(f"{out} exists with other content; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    pages = _render_pages(spec, out / "documents")
-    train_q, train_rel, eval_q, eval_rel = _queries(spec, pages)
-    if not train_q or not eval_q:
-        raise ValueError("too few documents for both training and evaluation queries; raise num_documents")
-    write_queries_jsonl(out / "train_queries.jsonl", train_q)
-    write_qrels_trec(out / "train_qrels.trec", train_rel)
-    write_queries_jsonl(out / "eval_queries.jsonl", eval_q)
-    write_qrels_trec(out / "eval_qrels.trec", eval_rel)
-    (out / MARKER_FILE).write_text(marker)  # last: a killed run leaves no marker and is redone
+    with Output("make-synthetic-pdfs", "DIR", out, replace_any=True).check().writing() as tmp:
+        pages = _render_pages(spec, tmp / "documents")
+        train_q, train_rel, eval_q, eval_rel = _queries(spec, pages)
+        if not train_q or not eval_q:
+            raise ValueError("too few documents for both training and evaluation queries; raise num_documents")
+        write_queries_jsonl(tmp / "train_queries.jsonl", train_q)
+        write_qrels_trec(tmp / "train_qrels.trec", train_rel)
+        write_queries_jsonl(tmp / "eval_queries.jsonl", eval_q)
+        write_qrels_trec(tmp / "eval_qrels.trec", eval_rel)
+        (tmp / MARKER_FILE).write_text(marker)
     return out
 
 

@@ -95,7 +95,10 @@ def _evaluation(result: RunResult) -> list[str]:
         return ["## Evaluation", "", "Not evaluated (evaluation off, or not yet run).", ""]
     metrics = [m for m in _TABLE_METRICS if any(m in values for values in after.rows.values())]
     header = ["row", *(f"{m} after" for m in metrics), *(["ndcg@10 before"] if result.before else [])]
-    lines = ["## Evaluation", "", f"Held-out retrieval after training, step {after.step} (`metrics_after.json`; "
+    which = (f"of final/'s weights, step {after.step} (training.final=best: the best evaluation of the "
+             f"{result.global_step} steps trained)" if result.weights_of_step is not None
+             else f"after training, step {after.step}")
+    lines = ["## Evaluation", "", f"Held-out retrieval {which} (`metrics_after.json`; "
              f"rows: embedding dimensions, ranking stages or eval sets):", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in _ordered(after):

@@ -36,6 +36,14 @@ def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, h
     if len(train_ds) < cfg.training.global_batch_size:
         raise ValueError(f"only {len(train_ds)} training rows for a global batch of {cfg.training.global_batch_size}; "
                          f"lower training.global_batch_size or add data")
+    scores = cfg.loss.distillation.scores_column
+    if scores:  # every row's teacher scores, now: not when the row's step comes
+        from ..data import checks
+
+        for part, section, name in (zip(mixture.parts, mixture.configs, mixture.names, strict=True) if mixture
+                                    else [(train_ds, cfg.data, None)]):
+            checks.score_lists(part, scores, 1 + len(section.negative_columns),
+                               f"training data {name + ' = ' if name else ''}{section.path}[{section.train_split}]")
     eval_sets = _eval_sets(cfg, mixture) if cfg.evaluation.enabled else {}
     eval_data: EvalData | None = load_eval(data_cfg) if cfg.evaluation.enabled and not eval_sets else None
     kwargs = dict(info=info, output_dir=out, workers=cfg.launch.startup_workers,

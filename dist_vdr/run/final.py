@@ -58,14 +58,23 @@ def _write_merged(folder: Path, model_cfg: ModelConfig) -> None:
     the files (what a user gets) by ``dist-vdr merge-adapter`` in a process of its own: in this one the
     trained module holds shards (ZeRO-3/FSDP2) and a model loaded here would be partitioned by DeepSpeed's
     ZeRO-3 context, a collective the other ranks never join."""
+    import tempfile
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DISTRIBUTED_ENV)}
-    cmd = [sys.executable, "-m", "dist_vdr.cli", "merge-adapter", str(folder), str(folder / adapters.MERGED),
+    # Merged beside the adapter folder, then moved in: an output never lies inside its input (the output guard).
+    beside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.merging-", dir=folder.parent))
+    cmd = [sys.executable, "-m", "dist_vdr.cli", "merge-adapter", str(folder), str(beside / adapters.MERGED),
            "--dtype", model_cfg.dtype, *(["--trust-remote-code"] if model_cfg.trust_remote_code else [])]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode == 0:
+            os.replace(beside / adapters.MERGED, folder / adapters.MERGED)
+    finally:
+        shutil.rmtree(beside, ignore_errors=True)
     if proc.returncode != 0:  # the adapter is saved: the run is not lost for want of its merged copy
         logger.error(f"final/merged was not written (merge-adapter exit {proc.returncode}: "
                      f"{(proc.stdout + proc.stderr).strip()[-1500:]}); the adapter in final/ is complete: merge it "
-                     f"later with `dist-vdr merge-adapter <output_dir>/final <output_dir>/final/merged`")
+                     f"later with `dist-vdr merge-adapter <output_dir>/final <output_dir>/merged`")
 
 
 def final_holds(final: Path, step: int, info: distributed.DistInfo) -> bool:

@@ -36,6 +36,12 @@ def test_final_holds_the_weights_of_the_best_evaluated_checkpoint(launch, tiny_m
     after = json.loads((out / "metrics_after.json").read_text())["metrics"]["64"]["ndcg@10"]
     assert after == pytest.approx(evals[best], abs=1e-6)  # the evaluation after training is of the best weights
     assert marker["weights_of_step"] == best and "final/ takes the weights of" in result.stdout
+    # ... and every record says which step's weights final/ holds: metrics_after, the card, the report, the log
+    assert json.loads((out / "metrics_after.json").read_text())["step"] == best
+    card = (out / "final" / "README.md").read_text()
+    assert f"final/'s weights, step {best} (training.final=best" in card and "after training, step 8" not in card
+    assert f"the weights of step {best}, the best evaluation, training.final=best" in (out / "report.md").read_text()
+    assert f"final/ holds the weights of step {best}" in result.stdout
     import torch
 
     a, b, last = (saved_weights(f) for f in (out / "final", out / f"checkpoint-{best}", out / "checkpoint-8"))

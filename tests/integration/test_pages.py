@@ -195,6 +195,11 @@ def _wait_until(victim: subprocess.Popen, ready, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
+def _partial(out: Path) -> Path:
+    """Where an unfinished build of ``out`` lives (the output guard's resumable scratch folder beside it)."""
+    return out.parent / f".{out.name}.pages-build-partial"
+
+
 def _manifest(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
@@ -213,14 +218,15 @@ def test_killed_build_resumes_to_the_same_corpus(many_docs, whole):
     args = _build_args(many_docs, out, "--num-workers", "1", "--files-per-shard", "1")
     victim = subprocess.Popen(args, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
-    manifest = out / "manifest.jsonl"
+    manifest = _partial(out) / "manifest.jsonl"
     _wait_until(victim, lambda: manifest.is_file() and manifest.read_text().count("\n") >= 3)
     kill_tree(victim)
     # A shard may have been renamed into place after the last manifest line: the resume adopts it.
-    done_before = len({r["file"] for r in _recorded_on_disk(out)})
+    done_before = len({r["file"] for r in _recorded_on_disk(_partial(out))})
     assert 3 <= done_before < 48
+    assert not out.exists()  # the unfinished build is beside --out, hidden, never in its place
     with pytest.raises(ValueError, match="unfinished .*rerun"):
-        check_complete(out)  # the loaders refuse a half-built corpus with the fix
+        check_complete(_partial(out))  # the loaders refuse a half-built corpus with the fix
 
     again = run_cli(args[3:])
     assert again.returncode == 0, log_tail(again.stdout + again.stderr)
@@ -245,7 +251,7 @@ def test_a_signal_stops_the_build_at_once_and_loses_no_finished_shard(many_docs,
     args = _build_args(many_docs, out, "--num-workers", "2", "--files-per-shard", "2", "--pages-per-shard", "3")
     victim = _start(args)
     try:
-        _wait_until(victim, lambda: any((out / "shards").glob("shard-*")))
+        _wait_until(victim, lambda: any((_partial(out) / "shards").glob("shard-*")))
         workers = psutil.Process(victim.pid).children(recursive=True)
         sent = time.time()
         if to_group:
@@ -264,10 +270,11 @@ def test_a_signal_stops_the_build_at_once_and_loses_no_finished_shard(many_docs,
     gone, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive, f"workers left running: {alive}"
 
-    recorded = _manifest(out)
-    on_disk = {p.name for p in (out / "shards").iterdir()}
+    assert not out.exists()
+    recorded = _manifest(_partial(out))
+    on_disk = {p.name for p in (_partial(out) / "shards").iterdir()}
     assert on_disk == {r["shard"] for r in recorded}  # no half-written shard, none unrecorded
-    assert sorted(map(json.dumps, recorded)) == sorted(map(json.dumps, _recorded_on_disk(out)))
+    assert sorted(map(json.dumps, recorded)) == sorted(map(json.dumps, _recorded_on_disk(_partial(out))))
     pages_done = sum(r["pages"] for r in recorded)
     assert 0 < pages_done < 192, "the signal came too late to test anything"
 
@@ -324,7 +331,7 @@ def test_overwrite_never_deletes_the_input_or_a_folder_that_is_not_a_build(tmp_p
     other.mkdir()
     (other / "chapter1.tex").write_text("precious")
     cfg = PagesBuildConfig(input_dir=str(docs), out_dir=str(other), dpi=20, num_workers=1)
-    with pytest.raises(ValueError, match="--overwrite would delete .*not a `pages build` output.*choose a new"):
+    with pytest.raises(ValueError, match="--out .* is a folder that is not an output of `pages build`.*choose a new"):
         build_pages(cfg, overwrite=True, show_progress=False)
     assert (other / "chapter1.tex").read_text() == "precious"
     # A build output is rebuilt by --overwrite.

@@ -77,8 +77,10 @@ def test_merge_adapter_writes_the_merged_model(tiny_model, tmp_path):
     assert proc.returncode == 0 and "merged model in" in proc.stdout, proc.stderr[-2000:]
     plain = SentenceTransformer(str(tmp_path / "merged"), device="cpu")
     assert torch.allclose(_embed(plain), _embed(model), atol=1e-5)
-    again = run_cli(["merge-adapter", str(tmp_path / "adapter"), str(tmp_path / "merged")])
-    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    (tmp_path / "mine").mkdir()  # a user's folder is never replaced (an earlier merge would be: the output guard)
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    again = run_cli(["merge-adapter", str(tmp_path / "adapter"), str(tmp_path / "mine")])
+    assert again.returncode == 2 and "is a folder that is not an output of `merge-adapter`" in again.stderr
     wrong = run_cli(["merge-adapter", str(tiny_model), str(tmp_path / "m2")])
     assert wrong.returncode == 2 and "is not the folder of a LoRA run" in wrong.stderr
 
@@ -138,3 +140,41 @@ def test_an_adapter_of_a_relative_base_loads_from_another_directory(tiny_model, 
     assert adapters.base_of(tmp_path / "adapter")[0] == str(tiny_model.resolve())
     loaded = build_model(ModelConfig(name_or_path=str(tmp_path / "adapter")))
     assert torch.allclose(_embed(loaded), _embed(model), atol=1e-6)
+
+
+def test_adapters_average_only_with_the_same_configuration_and_base(tiny_model, tmp_path):
+    """alpha 8 averaged with alpha 32 was written as alpha 8 (the second update scaled by 1/4): refused now, by
+    the key that differs; the same configuration averages."""
+    from dist_vdr.averaging import average
+
+    for name, adapter, seed in (("a", LORA, 1), ("b", dataclasses.replace(LORA, alpha=32.0), 2), ("c", LORA, 3)):
+        model = _model(tiny_model, adapter)
+        _perturb(model, seed)
+        adapters.save(model, tmp_path / name)
+    with pytest.raises(ValueError, match=r"another adapter than .*alpha: 8.0 vs 32.0"):
+        average([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
+    with pytest.raises(ValueError, match="hold LoRA adapters and .* full models"):
+        average([tmp_path / "a", tiny_model], tmp_path / "am")
+    out = average([tmp_path / "a", tmp_path / "c"], tmp_path / "ac")
+    assert adapters.base_of(out)[1].alpha == 8.0 and not (tmp_path / "ab").exists()
+
+
+def test_an_adapter_refuses_a_base_replaced_by_another_model_of_the_same_shapes(tiny_model, tmp_path):
+    import shutil
+
+    from conftest import perturbed_copy
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    model = _model(base)
+    _perturb(model)
+    adapters.save(model, tmp_path / "adapter")
+    assert adapters.base_of(tmp_path / "adapter")[0] == str(base.resolve())
+    loaded = build_model(ModelConfig(name_or_path=str(tmp_path / "adapter")))  # the base it was trained on
+    assert torch.allclose(_embed(loaded), _embed(model), atol=1e-5)
+    bf16 = build_model(ModelConfig(name_or_path=str(tmp_path / "adapter"), dtype="bfloat16"))  # same base, bf16
+    assert adapters.is_adapted(bf16)
+    shutil.rmtree(base)
+    perturbed_copy(tiny_model, base, 0.01)  # same files, same shapes, other weights
+    with pytest.raises(ValueError, match="was trained on another base model than the one now at"):
+        build_model(ModelConfig(name_or_path=str(tmp_path / "adapter")))

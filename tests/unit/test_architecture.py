@@ -23,7 +23,8 @@ MAX_FUNCTION_LINES = 60
 
 # Lowest first. A module may import from its own layer (without cycles) and from layers below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("dist_vdr", "dist_vdr.log", "dist_vdr.compat", "dist_vdr.storage", "dist_vdr.sources",
+    ("foundation", ("dist_vdr", "dist_vdr.log", "dist_vdr.compat", "dist_vdr.storage", "dist_vdr.outputs",
+                    "dist_vdr.sources",
                     "dist_vdr.lifecycle", "dist_vdr.phases", "dist_vdr.distributed", "dist_vdr.results",
                     "dist_vdr.tasks")),
     ("config", ("dist_vdr.config",)),

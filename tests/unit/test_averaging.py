@@ -44,10 +44,10 @@ def test_inputs_that_cannot_be_averaged_are_refused(tiny_model, tmp_path):
     for weights in ([1.0], [float("inf"), 1.0], [1e308, 1e308]):  # the last two: NaN / zero shares once
         with pytest.raises(ValueError, match="one finite weight >= 0 per folder"):
             average([tiny_model, tiny_model], tmp_path / "x", weights=weights)
-    with pytest.raises(ValueError, match="is inside the input"):
+    with pytest.raises(ValueError, match="lies inside the input CHECKPOINT"):
         average([tiny_model, tiny_model], tiny_model / "avg")
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(ValueError, match="not an empty folder"):
+    with pytest.raises(ValueError, match="is a file"):
         average([tiny_model, tiny_model], tmp_path / "afile")
     engine_state_only = tmp_path / "checkpoint-4"
     (engine_state_only / "global_step4").mkdir(parents=True)
@@ -55,7 +55,7 @@ def test_inputs_that_cannot_be_averaged_are_refused(tiny_model, tmp_path):
         average([tiny_model, engine_state_only], tmp_path / "x")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")
-    with pytest.raises(ValueError, match="not an empty folder"):
+    with pytest.raises(ValueError, match="not an output of `(average|consolidate)`"):
         average([tiny_model, tiny_model], tmp_path / "busy")
     small = tmp_path / "small"
     small.mkdir()
@@ -99,7 +99,7 @@ def test_consolidate_refuses_what_it_cannot_build(tiny_model, tmp_path):
         consolidate(shards, tmp_path / "c")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")
-    with pytest.raises(ValueError, match="not an empty folder"):
+    with pytest.raises(ValueError, match="not an output of `(average|consolidate)`"):
         consolidate(shards, tmp_path / "busy")
     assert not (tmp_path / "c").exists()
 
