@@ -64,7 +64,10 @@ def preloaded_python() -> tuple[str, str] | None:
                         "import preloaded_python\npreloaded_python.stub()\n")
         stub.chmod(0o755)
         server = subprocess.Popen([sys.executable, str(REPO / "tests" / "preloaded_python.py"), "serve", str(sock)],
-                                  cwd=REPO, env={**_base_env(), "DS_ACCELERATOR": "cpu"}, stdout=subprocess.PIPE,
+                                  # this checkout's dist_vdr, as `python -m` from REPO imports it (not the
+                                  # installed one, which may be another clone's: an old commit tested against)
+                                  cwd=REPO, env={**_base_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)},
+                                  stdout=subprocess.PIPE,
                                   text=True, start_new_session=True)
         ready = server.stdout.readline().strip() == "ready"
         _PRELOADED.update(folder=folder, server=server, stub=str(stub) if ready else None, socket=str(sock))
