@@ -11,11 +11,12 @@ Subcommands:
   eval / mine-negatives      sharded retrieval evaluation / hard-negative mining (accelerate launch)
   score-rows                a teacher's scores of training rows' own pages, for distillation (sharded)
   submit                training as a SLURM job (submitit, preemption-safe requeue)
-  bench                 training throughput vs stock sentence-transformers (GPU or CPU)
-  bench-loss / bench-eval / bench-search / bench-corpus / bench-startup / bench-checkpoint   figures
+  bench train|loss|eval|search|corpus|startup|checkpoint   figures side by side with a baseline
+                        (bench train: training throughput vs stock sentence-transformers, GPU or CPU;
+                        the earlier spellings `bench OPTIONS` and `bench-loss`, `bench-eval`, ... still work)
 
-eval, mine-negatives, score-rows, pages build, submit and bench* take their settings like a recipe: a YAML file
-(--config; --command-config for submit and bench, whose --config is the recipe they train), their
+eval, mine-negatives, score-rows, pages build, submit and bench take their settings like a recipe: a YAML file
+(--config; --command-config for submit and bench train, whose --config is the recipe they train), their
 options, and key=value overrides, in that order (dist_vdr.commands holds the settings and their
 defaults; each option's help names its key). eval and mine-negatives read the model/data/evaluation
 sections of a training recipe: `dist-vdr eval --config configs/tiny.yaml model.name_or_path=runs/tiny/final`.
@@ -383,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_bench, cli_data
 
     cli_data.add_parsers(sub)  # pages build, make-synthetic-pdfs, mine-negatives
-    cli_bench.add_parsers(sub)  # bench, bench-loss, bench-eval, ...
+    cli_bench.add_parsers(sub)  # bench train|loss|eval|search|corpus|startup|checkpoint
     return p
 
 
@@ -469,8 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     if lifecycle.launched_by_torch_elastic():
         lifecycle.die_with_launcher()  # no rank outlives its launcher (it would go on writing the run)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .cli_bench import new_spelling
+
     parser = build_parser()
-    args = parser.parse_args(_options_first(list(sys.argv[1:] if argv is None else argv), parser))
+    args = parser.parse_args(_options_first(new_spelling(list(sys.argv[1:] if argv is None else argv)), parser))
     # train installs its signal handling first, then quiets the libraries; the page commands never
     # load transformers (its import alone is ~0.8 GB of the builder's resident memory).
     if args.command not in ("train", "pages", "make-synthetic-pdfs"):

@@ -78,7 +78,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import train_speed
 
     b = load_command(args, TRAIN).bench
-    report = _in_work_dir("bench", b.work_dir, {"--model": b.model, "--config": b.recipe}, lambda work: (
+    report = _in_work_dir("bench train", b.work_dir, {"--model": b.model, "--config": b.recipe}, lambda work: (
         train_speed.run_train_bench(
             work, model=b.model, config=b.recipe, steps=b.steps, warmup_steps=b.warmup_steps,
             global_batch_size=b.global_batch_size, stock=list(b.stock), ours=list(b.ours) or None, pages=b.pages,
@@ -117,7 +117,7 @@ def _bench_corpus(args: argparse.Namespace) -> int:
     from .bench import corpus
 
     b = load_command(args, CORPUS).bench_corpus
-    results = _in_work_dir("bench-corpus", b.work_dir, {"--model": b.model}, lambda work: corpus.run_corpus_bench(
+    results = _in_work_dir("bench corpus", b.work_dir, {"--model": b.model}, lambda work: corpus.run_corpus_bench(
         work, model=b.model, num_documents=b.num_documents, num_scans=b.num_scans,
         render_documents=b.render_documents, dpi=b.dpi, world_size=b.world_size))
     print(corpus.format_corpus(results))
@@ -130,7 +130,7 @@ def _bench_startup(args: argparse.Namespace) -> int:
     from .bench import startup
 
     b = load_command(args, STARTUP).bench_startup
-    report = _in_work_dir("bench-startup", b.work_dir, {}, lambda work: startup.run(
+    report = _in_work_dir("bench startup", b.work_dir, {}, lambda work: startup.run(
         work, rows=list(b.rows), image_rows=b.image_rows, world_size=b.world_size, num_pages=b.num_pages,
         launch_config=b.launch))
     print(startup.format_report(report), flush=True)
@@ -143,7 +143,7 @@ def _bench_checkpoint(args: argparse.Namespace) -> int:
     from .bench import checkpoint_hash
 
     b = load_command(args, CHECKPOINT).bench_checkpoint
-    result = _in_work_dir("bench-checkpoint", b.work_dir, {}, lambda work: checkpoint_hash.run(work, b.size_gb))
+    result = _in_work_dir("bench checkpoint", b.work_dir, {}, lambda work: checkpoint_hash.run(work, b.size_gb))
     print(checkpoint_hash.format_result(result), flush=True)
     return 0
 
@@ -158,21 +158,35 @@ def _bench_search(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "bench": (TRAIN, _bench, "training throughput: dist-vdr train vs stock sentence-transformers settings, side by "
+    "train": (TRAIN, _bench, "training throughput: dist-vdr train vs stock sentence-transformers settings, side by "
                              "side (s/step, triplets/s, tokens/s, MFU, peak memory)"),
-    "bench-loss": (LOSS, _bench_loss, "collectives, bytes and s/step: stock ST gather vs the global-batch loss"),
-    "bench-eval": (EVAL, _bench_eval, "7-dim sweep: stock per-dim evaluators vs the sharded evaluator, 1 and W ranks"),
-    "bench-corpus": (CORPUS, _bench_corpus, "pages build and corpus mining: 1 process vs W, rows compared"),
-    "bench-startup": (STARTUP, _bench_startup, "time to the first step by phase: rows, ranks, first start vs resume"),
-    "bench-checkpoint": (CHECKPOINT, _bench_checkpoint,
-                         "checkpoint file hashing (the completion marker) next to writing"),
-    "bench-search": (SEARCH, _bench_search, "exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS"),
+    "loss": (LOSS, _bench_loss, "collectives, bytes and s/step: stock ST gather vs the global-batch loss"),
+    "eval": (EVAL, _bench_eval, "7-dim sweep: stock per-dim evaluators vs the sharded evaluator, 1 and W ranks"),
+    "search": (SEARCH, _bench_search, "exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS"),
+    "corpus": (CORPUS, _bench_corpus, "pages build and corpus mining: 1 process vs W, rows compared"),
+    "startup": (STARTUP, _bench_startup, "time to the first step by phase: rows, ranks, first start vs resume"),
+    "checkpoint": (CHECKPOINT, _bench_checkpoint, "checkpoint file hashing (the completion marker) next to writing"),
 }
-"""Subcommand -> (its settings and options, its function, its help)."""
+"""`dist-vdr bench NAME` -> (its settings and options, its function, its help)."""
 
 
 def add_parsers(sub) -> None:
+    bench = sub.add_parser("bench", help=f"figures side by side with a baseline: bench {'|'.join(COMMANDS)}",
+                           description="Benchmarks that print figures side by side with a baseline in the same run "
+                                       "(docs/benchmarks.md). The earlier spellings `bench OPTIONS` (= bench train) "
+                                       "and `bench-loss`, `bench-eval`, ... still work.")
+    group = bench.add_subparsers(dest="bench_command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (command, fn, help_text) in COMMANDS.items():
-        parser = sub.add_parser(name, help=help_text)
+        parser = group.add_parser(name, help=help_text)
         add_options(parser, command)
         parser.set_defaults(fn=fn)
+
+
+def new_spelling(argv: list[str]) -> list[str]:
+    """The earlier spellings as the grouped ones: ``bench-loss ...`` -> ``bench loss ...``, and ``bench`` followed
+    by options (the training bench, before the group) -> ``bench train ...``."""
+    if argv and argv[0].startswith("bench-") and argv[0][len("bench-"):] in COMMANDS:
+        return ["bench", argv[0][len("bench-"):], *argv[1:]]
+    if argv and argv[0] == "bench" and len(argv) > 1 and argv[1] not in COMMANDS and argv[1] not in ("-h", "--help"):
+        return ["bench", "train", *argv[1:]]
+    return argv

@@ -2,7 +2,7 @@
 
 Each rank's process start is read from the kernel (Linux /proc), so the imports count. The phases
 are marked by ``run_training`` as it goes; the first optimizer step closes the record, which rank 0
-logs in one line and writes to ``<output_dir>/startup_times.json`` (``dist-vdr bench-startup``
+logs in one line and writes to ``<output_dir>/startup_times.json`` (``dist-vdr bench startup``
 reads it).
 """
 

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The throughput issue's side-by-side on one GPU, as one prepared run: `dist-vdr bench` with the
+# The throughput issue's side-by-side on one GPU, as one prepared run: `dist-vdr bench train` with the
 # Qwen3-VL-2B shapes (random weights, built on the GPU), the stock settings of the anchors and
 # dist-vdr's, each in its own process.
 #
-#   launch/bench_gpu.sh OUT_DIR [more dist-vdr bench arguments]
+#   launch/bench_gpu.sh OUT_DIR [more dist-vdr bench train arguments]
 #
 # WHEELS=DIR installs the wheels of DIR first, offline (a GPU machine without internet: build them
 # where pip can reach the registries with `make bench-wheels`, which writes wheels/).
 # BENCH_MODEL=tiny BENCH_DEVICE=cpu checks the whole script on a CPU in a minute.
 set -euo pipefail
-OUT=${1:?usage: launch/bench_gpu.sh OUT_DIR [dist-vdr bench arguments]}
+OUT=${1:?usage: launch/bench_gpu.sh OUT_DIR [dist-vdr bench train arguments]}
 shift
 PYTHON=${PYTHON:-python3}
 if [ -n "${WHEELS:-}" ]; then
@@ -30,5 +30,5 @@ else
     DEFAULTS=(--steps 2 --warmup-steps 1 --stock mb1,mb8,tok6000 --ours "tok6000:$TOK"
               --ours "tok6000-compile:$TOK,model.compile=true" --timeout-s 240)
 fi
-"$PYTHON" -m dist_vdr.cli bench --model "$MODEL" --device "${BENCH_DEVICE:-auto}" --work-dir "$OUT" \
+"$PYTHON" -m dist_vdr.cli bench train --model "$MODEL" --device "${BENCH_DEVICE:-auto}" --work-dir "$OUT" \
     "${DEFAULTS[@]}" "$@"

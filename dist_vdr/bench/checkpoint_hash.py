@@ -6,7 +6,7 @@ checks), with the file in the page cache as it is right after a save. Prints bot
 and what that means for a full 2B-parameter training state (bf16 weights + fp32 master weights and
 Adam moments: 29.8 GB) hashed by 1, 8 and 64 ranks (each rank hashes its share of the files).
 
-    dist-vdr bench-checkpoint --work-dir /tmp/bc [--size-gb 4.26]
+    dist-vdr bench checkpoint --work-dir /tmp/bc [--size-gb 4.26]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``bench-corpus``: page-corpus ingestion and hard-negative mining, 1 process vs W, with figures.
+"""``bench corpus``: page-corpus ingestion and hard-negative mining, 1 process vs W, with figures.
 
 Everything runs through the real commands in subprocesses (``dist-vdr pages build`` with 1 and W
 rendering workers; ``dist-vdr mine-negatives --corpus`` in one process and under ``accelerate

@@ -1,9 +1,9 @@
 """Evaluation benchmarks (commands that print figures):
 
-- ``bench-eval``: a Matryoshka sweep on one corpus: seven stock per-dim InformationRetrievalEvaluators
+- ``bench eval``: a Matryoshka sweep on one corpus: seven stock per-dim InformationRetrievalEvaluators
   vs dist-vdr's sharded evaluator on 1 rank and on W gloo ranks (same total cores), with the metrics
   cross-checked and the corpus-encoding speed-up of W ranks over 1;
-- ``bench-search``: exact top-100 + all metrics over N precomputed embeddings x Q queries vs faiss'
+- ``bench search``: exact top-100 + all metrics over N precomputed embeddings x Q queries vs faiss'
   exact IndexFlatIP add + search alone, each in its own process so peak RSS is its own.
 """
 

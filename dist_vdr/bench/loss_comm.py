@@ -5,7 +5,7 @@ query + page + hard-negative triplets, gradient caching with mini-batch 1, Matry
 For each implementation: collectives and payload bytes per optimizer step (every torch.distributed
 call, DDP's gradient reduction included) and seconds per step, side by side.
 
-    dist-vdr bench-loss --model artifacts/tiny-model [--world-size 2 --global-batch 64 --steps 3]
+    dist-vdr bench loss --model artifacts/tiny-model [--world-size 2 --global-batch 64 --steps 3]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from ..config import REQUIRED, EvaluationConfig
 
 @dataclass(kw_only=True)
 class TrainBench:
-    """`dist-vdr bench`: training throughput of dist-vdr's settings next to stock sentence-transformers."""
+    """`dist-vdr bench train`: training throughput of dist-vdr's settings next to stock sentence-transformers."""
 
     work_dir: str = REQUIRED
     """Scratch folder (model, generated pages, one run per setting)."""
@@ -44,7 +44,7 @@ class TrainBenchCommand:
 
 @dataclass(kw_only=True)
 class LossBench:
-    """`dist-vdr bench-loss`: collectives, bytes and s/step of the stock gather vs the global-batch loss."""
+    """`dist-vdr bench loss`: collectives, bytes and s/step of the stock gather vs the global-batch loss."""
 
     model: str = "artifacts/tiny-model"
     """Model folder."""
@@ -69,7 +69,7 @@ class LossBenchCommand:
 
 @dataclass(kw_only=True)
 class EvalBench:
-    """`dist-vdr bench-eval`: 7-dim sweep, stock per-dim evaluators vs the sharded evaluator, 1 and W ranks
+    """`dist-vdr bench eval`: 7-dim sweep, stock per-dim evaluators vs the sharded evaluator, 1 and W ranks
     (pages per forward and preprocessing workers: evaluation.batch_size, evaluation.num_workers)."""
 
     model: str = "artifacts/tiny-model"
@@ -90,7 +90,7 @@ class EvalBenchCommand:
 
 @dataclass(kw_only=True)
 class CorpusBench:
-    """`dist-vdr bench-corpus`: pages build and corpus mining, 1 process vs W, rows compared."""
+    """`dist-vdr bench corpus`: pages build and corpus mining, 1 process vs W, rows compared."""
 
     work_dir: str = REQUIRED
     """Scratch folder (generated PDFs, corpora, mined rows)."""
@@ -117,7 +117,7 @@ class CorpusBenchCommand:
 
 @dataclass(kw_only=True)
 class StartupBench:
-    """`dist-vdr bench-startup`: time to the first step by phase: rows, ranks, first start vs resume."""
+    """`dist-vdr bench startup`: time to the first step by phase: rows, ranks, first start vs resume."""
 
     work_dir: str = REQUIRED
     """Scratch folder (model, generated pages and rows, runs)."""
@@ -142,7 +142,7 @@ class StartupBenchCommand:
 
 @dataclass(kw_only=True)
 class CheckpointBench:
-    """`dist-vdr bench-checkpoint`: checkpoint file hashing (the completion marker) next to writing."""
+    """`dist-vdr bench checkpoint`: checkpoint file hashing (the completion marker) next to writing."""
 
     work_dir: str = REQUIRED
     """Scratch folder on the file system the runs write to."""
@@ -157,7 +157,7 @@ class CheckpointBenchCommand:
 
 @dataclass(kw_only=True)
 class SearchBench:
-    """`dist-vdr bench-search`: exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS."""
+    """`dist-vdr bench search`: exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS."""
 
     num_pages: int = 1_000_000
     """Corpus vectors."""

@@ -1,4 +1,4 @@
-"""`dist-vdr bench-startup`: time from process start to the first optimizer step, by phase.
+"""`dist-vdr bench startup`: time from process start to the first optimizer step, by phase.
 
 Runs ``dist-vdr train`` itself (the tiny model, CPU) on generated data of realistic pages
 (1416x1648 as the published data, and A4 at 144 dpi, 1191x1684; PNG) and reads each run's
@@ -16,7 +16,7 @@ the data pass on W ranks vs 1 at the first start), and what the measured per-pag
 the published recipes (10,000 and 94,225 rows x 2 page columns) on 8 ranks, before (rank 0 alone,
 every start) and now.
 
-    dist-vdr bench-startup --work-dir /tmp/bs [--rows 1000,100000 --image-rows 1000 --world-size 2]
+    dist-vdr bench startup --work-dir /tmp/bs [--rows 1000,100000 --image-rows 1000 --world-size 2]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _train(model: Path, rows: Path, corpus: Path | None, out: Path, world_size: 
         str(world_size), "--main_process_port", env["MASTER_PORT"], *train]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"bench-startup run failed ({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+        raise RuntimeError(f"bench startup run failed ({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-3000:]}")
     return json.loads((out / "startup_times.json").read_text())
 
 

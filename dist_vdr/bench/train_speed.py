@@ -1,4 +1,4 @@
-"""`dist-vdr bench`: training throughput of dist-vdr's training path next to stock sentence-transformers.
+"""`dist-vdr bench train`: training throughput of dist-vdr's training path next to stock sentence-transformers.
 
 One run measures, on the same device, model, pages and global batch:
 - dist-vdr settings: ``dist-vdr train`` itself (the recipe with overrides, the real trainer, loss,
@@ -14,8 +14,8 @@ The model is built offline with random weights: ``tiny`` (the test model, CPU in
 Pages are generated: ``mixed`` page shapes of real documents at 150 dpi, or ``anchor`` (1416x1648, as
 the stock anchors were measured), with text lines; queries of ~55 tokens.
 
-    dist-vdr bench --model qwen3-vl-2b --work-dir /tmp/bench            # GPU
-    dist-vdr bench --model tiny --work-dir /tmp/bench --global-batch-size 8 --steps 2   # CPU smoke
+    dist-vdr bench train --model qwen3-vl-2b --work-dir /tmp/bench            # GPU
+    dist-vdr bench train --model tiny --work-dir /tmp/bench --global-batch-size 8 --steps 2   # CPU smoke
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One `dist-vdr bench` setting in its own process: build the model, or train N steps (ours or stock).
+"""One `dist-vdr bench train` setting in its own process: build the model, or train N steps (ours or stock).
 
     python -m dist_vdr.bench.train_speed_worker '<job JSON>'   (written by dist_vdr.bench.train_speed)
 """

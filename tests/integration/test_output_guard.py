@@ -94,7 +94,7 @@ COMMANDS: dict[str, Command] = {
                                                     "--num-eval-queries", "2"], lambda w: []),
     "make-synthetic-pdfs": Command(lambda w, out: ["make-synthetic-pdfs", str(out), "--num-documents", "3",
                                                    "--num-scans", "1"], lambda w: []),
-    "bench-checkpoint": Command(lambda w, out: ["bench-checkpoint", "--work-dir", str(out), "--size-gb", "0.001"],
+    "bench checkpoint": Command(lambda w, out: ["bench", "checkpoint", "--work-dir", str(out), "--size-gb", "0.001"],
                                 lambda w: []),
 }
 

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO
 from dist_vdr.cli import _options_first, _submit_settings, build_parser
+from dist_vdr.cli_bench import new_spelling
 from dist_vdr.cli_options import load_command
 
 # Options that are not settings of a config dataclass (the train/data-check/make-*/merge-adapter commands).
@@ -42,11 +43,11 @@ REQUIRED = {
     "score-rows": {"--teacher": "m", "--data": "d", "--out": "o"},
     "pages build": {"--input": "<in>", "--out": "<out>"},
     "submit": {"--config": "recipe.yaml"},
-    "bench": {"--work-dir": "w"},
-    "bench-eval": {"--data": "d"},
-    "bench-corpus": {"--work-dir": "w"},
-    "bench-startup": {"--work-dir": "w"},
-    "bench-checkpoint": {"--work-dir": "w"},
+    "bench train": {"--work-dir": "w"},
+    "bench eval": {"--data": "d"},
+    "bench corpus": {"--work-dir": "w"},
+    "bench startup": {"--work-dir": "w"},
+    "bench checkpoint": {"--work-dir": "w"},
 }
 
 
@@ -65,8 +66,9 @@ CONFIGURED = sorted(name for name, p in SUBCOMMANDS.items() if p.get_default("co
 
 
 def test_the_settings_commands_are_configured():
-    assert set(CONFIGURED) == {"eval", "mine-negatives", "score-rows", "pages build", "submit", "bench", "bench-loss",
-                               "bench-eval", "bench-corpus", "bench-startup", "bench-checkpoint", "bench-search"}
+    assert set(CONFIGURED) == {"eval", "mine-negatives", "score-rows", "pages build", "submit", "bench train",
+                               "bench loss", "bench eval", "bench corpus", "bench startup", "bench checkpoint",
+                               "bench search"}
     assert set(SUBCOMMANDS) == set(CONFIGURED) | set(UNMAPPED)
 
 
@@ -148,7 +150,7 @@ def test_a_required_option_left_out_is_named(name, tmp_path):
 
 def _settings(argv: list[str]):
     parser = build_parser()
-    args = parser.parse_args(_options_first(argv, parser))
+    args = parser.parse_args(_options_first(new_spelling(argv), parser))  # as main parses
     if args.command == "submit":  # its key=value overrides of other sections are the recipe's
         return _submit_settings(args)[0], args
     return load_command(args, args.command_spec, check_paths=False), args
@@ -230,6 +232,23 @@ def test_the_forms_in_use_still_parse(argv, expected, tmp_path):
     cfg, _ = _settings(argv)
     for key, value in expected.items():
         assert _key(cfg, key) == value, key
+
+
+@pytest.mark.parametrize("old,new", [
+    (["bench", "--model", "tiny", "--work-dir", "w", "--steps", "1"], ["bench", "train", "--model", "tiny",
+                                                                       "--work-dir", "w", "--steps", "1"]),
+    (["bench-loss", "--dims", "8,4"], ["bench", "loss", "--dims", "8,4"]),
+    (["bench-eval", "--data", "d"], ["bench", "eval", "--data", "d"]),
+    (["bench-search", "--num-pages", "10"], ["bench", "search", "--num-pages", "10"]),
+    (["bench-corpus", "--work-dir", "w"], ["bench", "corpus", "--work-dir", "w"]),
+    (["bench-startup", "--work-dir", "w"], ["bench", "startup", "--work-dir", "w"]),
+    (["bench-checkpoint", "--work-dir", "w"], ["bench", "checkpoint", "--work-dir", "w"]),
+])
+def test_the_bench_group_keeps_the_earlier_spellings(old, new):
+    """`dist-vdr bench train|loss|eval|search|corpus|startup|checkpoint`; `bench OPTIONS` and `bench-NAME` still
+    mean the same command with the same settings."""
+    (cfg_old, args_old), (cfg_new, args_new) = _settings(old), _settings(new)
+    assert args_old.fn is args_new.fn and cfg_old == cfg_new
 
 
 def test_the_other_commands_still_parse():
