@@ -70,9 +70,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _write_run_report(out: str, metric: str) -> None:
     """The run report at the end of `train` (a failure to draw it is said, the run is not failed for it)."""
-    from pathlib import Path
 
     from .report import write_report
+    from .run_dir import RunDir
 
     try:
         png, md = write_report(out, metric)
@@ -80,7 +80,7 @@ def _write_run_report(out: str, metric: str) -> None:
         print(f"the run report was not written ({type(exc).__name__}: {exc}); try `dist-vdr report {out}`",
               flush=True)
         return
-    card = Path(out) / "final" / "README.md"
+    card = RunDir(out).card
     print(f"report: {md} ({png.name}){f'; model card: {card}' if card.is_file() else ''}", flush=True)
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from . import checkpoint
 from .outputs import replacing_file
 from .results import Metrics
+from .run_dir import REPORT_MD, REPORT_PNG, RunDir
 
-REPORT_PNG, REPORT_MD = "report.png", "report.md"
 _SERIES = (("loss", "training loss"), ("learning_rate", "learning rate"), ("grad_norm", "gradient norm"),
            ("samples_per_second", "throughput (rows/s)"))
 _EVAL_KEY = re.compile(r"^eval_(?:(?P<set>[^/]+)/)?dim(?P<dim>\d+)_cosine_(?P<metric>[a-z]+@\d+)$")
@@ -43,7 +43,7 @@ def history(run: Path, damaged: list[str] | None = None) -> tuple[list[dict], Pa
 
 def run_infos(run: Path) -> list[dict]:
     """The lines of run_info.jsonl that read (a run killed while appending leaves half a line)."""
-    path, infos = run / "run_info.jsonl", []
+    path, infos = RunDir(run).run_info, []
     for line in (path.read_text().splitlines() if path.is_file() else []):
         try:
             infos.append(json.loads(line))
@@ -80,12 +80,12 @@ def write_report(run: str | os.PathLike, metric: str = "ndcg@10") -> tuple[Path,
     from .outputs import Output
 
     run = Path(run)
-    if not (run / "resolved_config.yaml").is_file():
+    if not RunDir(run).resolved_config.is_file():
         raise ValueError(f"{run} is not a dist-vdr run folder (no resolved_config.yaml): give a training.output_dir")
     Output("report", "RUN_DIR", run).claim().check_writable()  # a read-only or full run folder: one line
     damaged: list[str] = []
     log, newest = history(run, damaged)
-    before, after = (_metrics(run / f"metrics_{w}.json") for w in ("before", "after"))
+    before, after = (_metrics(RunDir(run).metrics(w)) for w in ("before", "after"))
     known = {m for metrics in (before, after) if metrics for values in metrics.rows.values() for m in values}
     if known and metric not in known:
         raise ValueError(f"--metric {metric}: the run's evaluations hold {sorted(known)[:8]}...; pick one of them")
@@ -179,8 +179,8 @@ def _markdown(run: Path, log: list[dict], newest: Path | None, before: Metrics |
     info = infos[-1] if infos else {}
     steps, _ = series(log, "loss")
     runtime = [h["train_runtime"] for h in log if "train_runtime" in h]
-    state = "finished (final/ complete)" if checkpoint.is_complete(run / "final") else "in progress or stopped"
-    best = _weights_of_step(run / "final")
+    state = "finished (final/ complete)" if checkpoint.is_complete(RunDir(run).final) else "in progress or stopped"
+    best = _weights_of_step(RunDir(run).final)
     if best is not None:
         state = f"finished (final/ complete: the weights of step {best}, the best evaluation, training.final=best)"
     lines = [f"# Run report: {run.name}", "", f"![report]({REPORT_PNG})", "", "## Run", "",
@@ -218,7 +218,7 @@ def _weights_of_step(final: Path) -> int | None:
 def _config_summary(run: Path) -> list[str]:
     import yaml
 
-    cfg = yaml.safe_load((run / "resolved_config.yaml").read_text()) or {}
+    cfg = yaml.safe_load(RunDir(run).resolved_config.read_text()) or {}
     picks = [("task", cfg.get("task")), ("model", cfg.get("model", {}).get("name_or_path")),
              ("data", cfg.get("data", {}).get("path") if not cfg.get("data", {}).get("datasets")
               else ", ".join(d["name"] for d in cfg["data"]["datasets"])),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import transformers
 
-from . import checkpoint, distributed, engines, log, preemption, resume_guard, tasks
+from . import checkpoint, distributed, engines, log, preemption, resume_guard, run_dir, tasks
 from .config import Config, to_yaml
 from .data import mixture, mixture_rows
 from .data.prepared import PreparedData
@@ -75,7 +75,7 @@ def run_training(cfg: Config, task: Task | None = None, *, resume: str | None = 
 
 
 _DATA_PATHS = ("path", "eval_path", "pages_path", "eval_queries_file", "eval_qrels_file")
-RUN_FILES = ("resolved_config.yaml", "run_info.jsonl", RUN_LOCK_FILE, "startup", "final", "checkpoint-*",
+RUN_FILES = (run_dir.RESOLVED_CONFIG, run_dir.RUN_INFO, RUN_LOCK_FILE, run_dir.STARTUP, run_dir.FINAL, "checkpoint-*",
              "slurm-logs")  # slurm-logs: `dist-vdr submit`'s default log folder, made before the job starts
 """Files and folders of a run folder: one holding any of them is an earlier run (resumed, or refused by the
 resume rules), not a user's folder."""
@@ -232,7 +232,7 @@ class _Run:
         if cfg.launch.log_collectives:
             hooks.append(callbacks.CollectiveLogger(str(ctx.out), ctx.info.rank))
         if cfg.training.record_step_stats:
-            hooks.append(StepStatsCallback(ctx.out / "step_stats.json", is_main=ctx.info.is_main))
+            hooks.append(StepStatsCallback(ctx.run.step_stats, is_main=ctx.info.is_main))
         return hooks
 
     def _train_and_evaluate(self, trainer, health, dims: list[int], resume_from: str | None) -> RunResult:
@@ -325,7 +325,7 @@ class _Run:
         """A rerun of a finished run (``final/`` intact and of the newest checkpoint's step): its results,
         without training another step or writing another model. None when the run is not finished."""
         step = checkpoint.checkpoint_step(resume_from)
-        folder = self.ctx.out / "final"
+        folder = self.ctx.run.final
         if not final.final_holds(folder, step, self.ctx.info):
             return None
         logger.info(f"this run finished at step {step}: {folder} holds its model (a new training.output_dir "

@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..run_dir import RunDir
+
 PAGE_SHAPES = ((1416, 1648), (1191, 1684))  # the published data's pages; A4 at 144 dpi
 PUBLISHED = {"published recipe (10,000 rows)": 10_000, "multilingual recipe (94,225 rows)": 94_225}
 
@@ -85,7 +87,7 @@ def _train(model: Path, rows: Path, corpus: Path | None, out: Path, world_size: 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"bench startup run failed ({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return json.loads((out / "startup_times.json").read_text())
+    return json.loads(RunDir(out).startup_times.read_text())
 
 
 def run(work_dir: str, *, rows: list[int], image_rows: int, world_size: int, num_pages: int = 64,
@@ -114,7 +116,7 @@ def run(work_dir: str, *, rows: list[int], image_rows: int, world_size: int, num
         extra = [f"launch.startup_workers={workers}"]
         pages = corpus if kind == "ids" else None
         first = _train(model, data, pages, out, w, 1, launch_config, extra, env_w)
-        shutil.rmtree(out / "final")  # so the rerun resumes from checkpoint-1 and trains step 2
+        shutil.rmtree(RunDir(out).final)  # so the rerun resumes from checkpoint-1 and trains step 2
         resume = _train(model, data, pages, out, w, 2, launch_config, extra, env_w)
         results.append({"kind": kind, "rows": n, "world_size": w, "workers": workers or "auto", "first": first,
                         "resume": resume})

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..outputs import mark
+from ..run_dir import RunDir
 
 RECIPES = {"tiny": "configs/tiny.yaml", "qwen3-vl-2b": "configs/qwen3-vl-embedding-2b-vdr.yaml"}
 # (width, height, share) of pages at 150 dpi: A4 and Letter portrait, A4 landscape, 16:9 slides, scans.
@@ -190,7 +191,7 @@ def run_train_bench(work_dir: str, *, model: str = "tiny", config: str | None = 
         job = {**common, "setting": asdict(setting), "output_dir": str(out),
                "max_steps": total_steps + setting.extra_warmup_steps}
         error = _run_worker(job, out / "log.txt", timeout_s)
-        stats_file = out / "step_stats.json"
+        stats_file = RunDir(out).step_stats
         stats = json.loads(stats_file.read_text()) if error is None and stats_file.is_file() else None
         row = summarise(setting, stats, batch, warmup_steps, error)
         print(f"[bench] {json.dumps(row)}", flush=True)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+
+from ..run_dir import RunDir
 
 
 def _device(requested: str) -> str:
@@ -91,7 +92,7 @@ def train_stock(job: dict) -> None:
         batch_sampler=BatchSamplers.NO_DUPLICATES, dataloader_num_workers=t.dataloader_num_workers,
         dataloader_drop_last=True, use_cpu=device == "cpu")
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=load_train(cfg.data), loss=loss,
-                                         callbacks=[StepStatsCallback(Path(job["output_dir"]) / "step_stats.json")])
+                                         callbacks=[StepStatsCallback(RunDir(job["output_dir"]).step_stats)])
     trainer.train()
 
 

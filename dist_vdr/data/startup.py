@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import compat, distributed
+from ..run_dir import STARTUP, RunDir
 
 STARTUP_VERSION = 1  # bump when what the pass checks or how it hashes changes
 RECORD_FILE = "startup_record.json"
@@ -53,7 +54,7 @@ class StartupResult:
 def user_cache_dir() -> Path:
     root = os.environ.get("DIST_VDR_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dist-vdr")
-    return Path(root) / "startup"
+    return Path(root) / STARTUP  # the same layout as a run folder's
 
 
 def fingerprint(ds) -> str:
@@ -154,7 +155,7 @@ def default_workers(local_world_size: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def _record_dirs(key: str, output_dir: str | os.PathLike | None) -> list[Path]:
-    dirs = [Path(output_dir) / "startup" / key] if output_dir else []
+    dirs = [RunDir(output_dir).startup / key] if output_dir else []
     return dirs + [user_cache_dir() / key]
 
 

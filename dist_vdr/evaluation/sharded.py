@@ -31,6 +31,7 @@ from .. import distributed
 from ..data.arrow import column_values
 from ..data.judgements import judged_queries
 from ..data.loading import EvalData
+from ..run_dir import NDCG_PLOT
 from ..storage import atomic_write
 from . import mteb_format, stock
 from .encode import encode_corpus_shard, encode_queries, shard_range
@@ -118,7 +119,7 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
                       for qid, s_row, i_row in zip(self.query_ids, scores, idx, strict=False)}
             write_trec_run(out / f"run.dim{dim}.trec", ranked, f"{self.run_tag}-dim{dim}")
         write_trec_qrels(out / "qrels.trec", self.query_ids, self.data.qrels)
-        plot_ndcg_vs_dim({"this run": {d: m for d, m in self.last_metrics.items()}}, out / "ndcg_vs_dim.png")
+        plot_ndcg_vs_dim({"this run": {d: m for d, m in self.last_metrics.items()}}, out / NDCG_PLOT)
         # The same figures in mteb's results format (a model variant per dim; mteb_format.py).
         mteb_format.write_results(out, self.run_tag, getattr(self.data, "name", "eval"), "test", self.last_metrics,
                                   evaluation_time=getattr(self, "last_seconds", None), main_metric=self.main_metric)

@@ -19,6 +19,7 @@ from .. import distributed, log, mining
 from ..config import Config, ModelConfig
 from ..data.loading import EvalData, load_train
 from ..model import build_model
+from ..run_dir import RunDir
 from .evaluation import retrieve
 
 logger = log.get(__name__)
@@ -29,7 +30,7 @@ Candidates = dict[str, list[tuple[str, float]]]
 def prepare(cfg: Config, info: distributed.DistInfo, out: Path, train_ds,
             eval_data: EvalData | None) -> tuple[object, Candidates | None]:
     """(training dataset, first-stage candidates or None). Collective."""
-    mined_dir, candidates_file = out / "mined", out / "retrieval_candidates.json"
+    mined_dir, candidates_file = RunDir(out).mined, RunDir(out).retrieval_candidates
     fp = mining.fingerprint(cfg.reranker.retriever, cfg.data.path, cfg.data.train_split,
                             cfg.data.max_train_samples, cfg.mining)
     need_mining = cfg.mining.enabled and _stale(mined_dir, fp)

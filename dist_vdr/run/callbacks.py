@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 from .. import checkpoint, distributed, log, preemption
 from ..phases import Phases
+from ..run_dir import RunDir
 
 logger = log.get(__name__)
 
@@ -106,7 +107,7 @@ class CollectiveLogger(TrainerCallback):
     in ``<output_dir>/collectives/rank<r>.jsonl`` (launch.log_collectives: a communication audit)."""
 
     def __init__(self, output_dir: str, rank: int) -> None:
-        self.path = os.path.join(output_dir, "collectives", f"rank{rank}.jsonl")
+        self.path = str(RunDir(output_dir).collectives(rank))
         self.counter = None
 
     def on_step_begin(self, args, state, control, **kwargs):

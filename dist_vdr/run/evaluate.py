@@ -6,11 +6,12 @@ from pathlib import Path
 
 from .. import distributed
 from ..results import Metrics
+from ..run_dir import RunDir
 from . import tracking
 
 
 def metrics_file(out: Path, which: str) -> Path:
-    return out / f"metrics_{which}.json"
+    return RunDir(out).metrics(which)
 
 
 def evaluate(trainer, info: distributed.DistInfo, out: Path, which: str, step: int) -> Metrics:
@@ -20,7 +21,8 @@ def evaluate(trainer, info: distributed.DistInfo, out: Path, which: str, step: i
     """
     evaluator = trainer.evaluator
     if evaluator.all_ranks:
-        raw = evaluator(trainer.model, output_path=str(out / f"eval_{which}") if info.is_main else None, steps=step)
+        where = str(RunDir(out).eval_outputs(which)) if info.is_main else None
+        raw = evaluator(trainer.model, output_path=where, steps=step)
     else:
         raw = trainer.evaluate()  # the trainer drives rank 0 + DDP encode serving
     if which in ("before", "after"):  # the evaluations during training reach the trackers through the trainer

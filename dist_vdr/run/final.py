@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import adapters, checkpoint, distributed, log
 from ..config import ModelConfig
+from ..run_dir import RunDir
 
 logger = log.get(__name__)
 
@@ -28,7 +29,8 @@ def save_final(trainer, info: distributed.DistInfo, out: Path, extra_files: dict
     """Write the model (collective under ZeRO-3/FSDP2) plus the task's ``extra_files`` (name -> text);
     a LoRA run writes its adapter, and given ``merge_with`` (the recipe's model section) also the merged
     plain model (``merged/``)."""
-    tmp, final = out / "final.tmp", out / "final"
+    run = RunDir(out)
+    tmp, final = run.final_tmp, run.final
     step = trainer.state.global_step
     if final_holds(final, step, info):
         logger.info(f"{final} already holds the model of step {step}")
@@ -46,7 +48,7 @@ def save_final(trainer, info: distributed.DistInfo, out: Path, extra_files: dict
     checkpoint.mark_complete(tmp, info, {"step": step, **(record or {})})
     if info.is_main:
         if final.exists():
-            previous = out / "final.previous"
+            previous = run.final_previous
             shutil.rmtree(previous, ignore_errors=True)
             os.replace(final, previous)
         os.replace(tmp, final)
@@ -91,7 +93,7 @@ def write_card(out: Path, text: str) -> None:
     """``final/README.md`` (the model card) into the marked final folder (rank 0)."""
     from .card import CARD_FILE
 
-    folder = out / "final"
+    folder = RunDir(out).final
     if checkpoint.is_complete(folder):
         checkpoint.add_file(folder, CARD_FILE, text)
 

@@ -17,6 +17,7 @@ import transformers
 from .. import distributed, log
 from ..config import Config, to_yaml
 from ..phases import Phases
+from ..run_dir import RunDir
 
 logger = log.get(__name__)
 
@@ -40,7 +41,7 @@ def write_run_records(out: Path, cfg: Config, info: distributed.DistInfo, resume
     run name, continued on resume). An earlier, different config is kept under a timestamped name."""
     out.mkdir(parents=True, exist_ok=True)
     text = to_yaml(cfg)
-    resolved = out / "resolved_config.yaml"
+    resolved = RunDir(out).resolved_config
     if resolved.is_file() and resolved.read_text() != text:
         os.replace(resolved, out / f"resolved_config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
     resolved.write_text(text)
@@ -58,7 +59,7 @@ def write_run_records(out: Path, cfg: Config, info: distributed.DistInfo, resume
         run["datasets"] = datasets
     if tracker_run:
         run["tracker_run"] = tracker_run
-    with open(out / "run_info.jsonl", "a") as f:  # one line per (re)start: the run's history
+    with open(RunDir(out).run_info, "a") as f:  # one line per (re)start: the run's history
         f.write(json.dumps(run) + "\n")
 
 
@@ -67,6 +68,6 @@ def first_step_report(info: distributed.DistInfo, out: Path):
     def report(phases: Phases) -> None:
         logger.info(phases.line())
         if info.is_main:
-            phases.write(out / "startup_times.json")
+            phases.write(RunDir(out).startup_times)
 
     return report

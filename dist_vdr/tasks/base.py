@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..run_dir import RunDir
+
 if TYPE_CHECKING:  # only for annotations: this module is imported while a Config is being validated
     from ..config import Config
     from ..data.loading import EvalData
@@ -37,12 +39,17 @@ if TYPE_CHECKING:  # only for annotations: this module is imported while a Confi
 @dataclass(frozen=True)
 class RunContext:
     """What a task is told about the run: the recipe, this process's place, the output folder and
-    the engine the launch config asked for (deepspeed, fsdp or None for DDP)."""
+    the engine the launch config asked for (deepspeed, fsdp or None for DDP). ``ctx.run`` names the
+    output folder's files (:class:`dist_vdr.run_dir.RunDir`)."""
 
     cfg: Config
     info: DistInfo
     out: Path
     engine: str | None
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.out)
 
 
 @dataclass
@@ -119,7 +126,7 @@ class Task:
 
     def write_summary(self, out: Path, result: RunResult) -> None:
         """``metrics.json``: before and after, by row name."""
-        (out / "metrics.json").write_text(json.dumps(before_after(result), indent=2))
+        RunDir(out).summary.write_text(json.dumps(before_after(result), indent=2))
 
     def headline(self, result: RunResult, metric: str) -> str | None:
         """The one line a finished run prints (None: nothing to say, e.g. evaluation off)."""

@@ -19,6 +19,7 @@ from ..evaluation.sharded import ShardedRetrievalEvaluator, plot_ndcg_vs_dim
 from ..losses import build_loss
 from ..model import build_model, check_dims, embedding_dim
 from ..results import RunResult
+from ..run_dir import RunDir
 from ..st_trainers import Trainer
 from .base import RunContext, Task, TaskInputs, before_after
 
@@ -97,10 +98,10 @@ class EmbeddingTask(Task):
     def write_summary(self, out: Path, result: RunResult) -> None:
         """metrics.json with the dims, and the NDCG-vs-dimension plot (before / after training)."""
         summary = {"dims": result.dims, **before_after(result)}
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        RunDir(out).summary.write_text(json.dumps(summary, indent=2))
         curves = {label: {int(d): values for d, values in m.rows.items() if d.isdigit()}  # (macro) dims only
                   for label, m in (("before training", result.before), ("after training", result.after)) if m}
-        plot_ndcg_vs_dim(curves, out / "ndcg_vs_dim.png")
+        plot_ndcg_vs_dim(curves, RunDir(out).ndcg_plot)
 
     def headline(self, result: RunResult, metric: str) -> str | None:
         if result.after is None:

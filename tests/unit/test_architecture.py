@@ -24,7 +24,7 @@ MAX_FUNCTION_LINES = 60
 # Lowest first. A module may import from its own layer (without cycles) and from layers below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("dist_vdr", "dist_vdr.log", "dist_vdr.compat", "dist_vdr.storage", "dist_vdr.outputs",
-                    "dist_vdr.sources",
+                    "dist_vdr.run_dir", "dist_vdr.sources",
                     "dist_vdr.lifecycle", "dist_vdr.phases", "dist_vdr.distributed", "dist_vdr.results",
                     "dist_vdr.tasks")),
     ("config", ("dist_vdr.config",)),
@@ -202,3 +202,29 @@ def test_ruff_is_clean_under_the_committed_config():
     ruff = subprocess.run([sys.executable, "-m", "ruff", "check", "dist_vdr", "tests", "launch", "slurm"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert ruff.returncode == 0, ruff.stdout[-4000:] + ruff.stderr[-2000:]
+
+
+RUN_NAMES = {"final", "final.tmp", "final.previous", "mined", "resolved_config.yaml", "run_info.jsonl", "startup",
+             "startup_times.json", "step_stats.json", "collectives", "metrics.json", "ndcg_vs_dim.png", "report.md",
+             "report.png", "retrieval_candidates.json"}
+
+
+def test_the_run_folders_names_are_defined_in_one_module():
+    """Every path into a run folder is asked of dist_vdr.run_dir.RunDir: no other module joins a run folder's
+    names (`out / "final"`, `out / f"metrics_{which}.json"`)."""
+    import ast
+
+    spelled = []
+    for module, path in _modules().items():
+        if module == "dist_vdr.run_dir":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)):
+                continue
+            right = node.right
+            literal = right.value if isinstance(right, ast.Constant) and isinstance(right.value, str) else None
+            if isinstance(right, ast.JoinedStr) and right.values and isinstance(right.values[0], ast.Constant):
+                literal = str(right.values[0].value) + "{}"
+            if literal and (literal in RUN_NAMES or literal.startswith(("metrics_{", "eval_{"))):
+                spelled.append(f"{module}:{node.lineno} / {literal!r}")
+    assert not spelled, f"run folder names spelled outside dist_vdr/run_dir.py: {spelled}"
