@@ -41,13 +41,14 @@ from .config import DEVICES, DTYPES
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import preemption
     from .config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # its imports start threads: the stop signals are blocked
     if cfg.launch.handle_preemption:
-        from . import preemption
-
-        preemption.install()  # before torch, gloo or any library starts a thread (see preemption.install)
+        preemption.install()  # the blocked signals go to its waiting thread (see preemption.install)
+    else:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, preemption.stop_signums())
     _quiet_library_noise()
     from .training import headline, run_training
 
@@ -253,10 +254,12 @@ def eval_output(cfg: EvalCommand):
               "--queries": d.eval_queries_file, "--qrels": d.eval_qrels_file, "--model": cfg.model.name_or_path,
               "--reranker": cfg.eval.reranker}
     if cfg.eval.cache:
-        Output("eval", "--cache", cfg.eval.cache, inputs, replace_any=True).check()
+        Output("eval", "--cache", cfg.eval.cache, inputs, replace_any=True).check(register=False)
     if not cfg.eval.output:
         return None
-    return Output("eval", "--output", cfg.eval.output, inputs).check()
+    output = Output("eval", "--output", cfg.eval.output, inputs).check()
+    output.check_apart("--cache", cfg.eval.cache)
+    return output
 
 
 def _write_eval(output, evaluator) -> None:
@@ -465,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     # A rank that dies in native code (SIGABRT/SIGSEGV) still prints the Python stacks of all its
     # threads: in a multi-process log that is often the only clue to which step and call failed.
     faulthandler.enable()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        # Before any import starts a thread (the recipe's imports start three): a thread started with the stop
+        # signals unblocked would take a SIGINT/SIGTERM with the default action, killing the run without its
+        # checkpoint. Blocked here, inherited by every thread; preemption.install() takes them with sigwait.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2})
     from . import lifecycle
 
     if lifecycle.launched_by_torch_elastic():
@@ -473,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cli_bench import new_spelling
 
     parser = build_parser()
-    args = parser.parse_args(_options_first(new_spelling(list(sys.argv[1:] if argv is None else argv)), parser))
+    args = parser.parse_args(_options_first(new_spelling(argv), parser))
     # train installs its signal handling first, then quiets the libraries; the page commands never
     # load transformers (its import alone is ~0.8 GB of the builder's resident memory).
     if args.command not in ("train", "pages", "make-synthetic-pdfs"):

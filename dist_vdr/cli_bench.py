@@ -70,7 +70,7 @@ def _in_work_dir(command: str, work_dir: str, inputs: dict, run):
     a work folder apart from the inputs, and no half-run bench left in its place."""
     from .outputs import Output
 
-    with Output(command, "--work-dir", work_dir, inputs).check().writing() as scratch:
+    with Output(command, "--work-dir", work_dir, inputs).check().writing({"holds_outputs": True}) as scratch:
         return run(str(scratch))
 
 

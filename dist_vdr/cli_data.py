@@ -111,8 +111,8 @@ def _pages(args: argparse.Namespace) -> int:
     cfg = load_command(args, BUILD)
     try:
         summary = build_pages(cfg.ingest, overwrite=cfg.build.overwrite, show_progress=not cfg.build.quiet)
-    except BuildInterrupted as exc:  # not an error: the build stopped where it was asked to, resumably
-        print(exc, file=sys.stderr, flush=True)
+    except BuildInterrupted as exc:  # the build stopped where it was asked to, resumably: one line, as any stop
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         # Exit now: the rest of main (leaving a process group that a page build never joins)
         # imports torch, ~2 s that a user who pressed Ctrl-C should not wait for.
         raise SystemExit(exc.exit_code) from None
@@ -141,9 +141,13 @@ def _mine(args: argparse.Namespace) -> int:
     cfg = _load_mine(args)
     m = cfg.mine
     m.out = os.path.expanduser(m.out)
-    check_out(m.out, {"--data": None if cfg.corpus_mode else cfg.data.path, "--corpus": m.corpus,
-                      "--queries": m.queries, "--qrels": m.qrels, "--model": cfg.model.name_or_path,
-                      "--teacher": m.teacher})
+    inputs = {"--data": None if cfg.corpus_mode else cfg.data.path, "--corpus": m.corpus, "--queries": m.queries,
+              "--qrels": m.qrels, "--model": cfg.model.name_or_path, "--teacher": m.teacher}
+    if m.cache:  # the keyed cache is written too: apart from the inputs and from the output
+        from .outputs import Output
+
+        Output("mine-negatives", "--cache", m.cache, inputs, replace_any=True).check(register=False)
+    check_out(m.out, inputs).check_apart("--cache", m.cache)
     info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process)
     e = cfg.evaluation
     encode = {"batch_size": e.batch_size, "num_workers": e.num_workers, "backend": e.search_backend,

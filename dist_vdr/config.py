@@ -9,6 +9,7 @@ size) or the model (embedding dimension) or the data (columns) live in :meth:`Co
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -479,6 +480,9 @@ class TrainingConfig:
     """Any other SentenceTransformerTrainingArguments field, passed through (validated against it)."""
 
     def __post_init__(self) -> None:
+        # `~/runs/x` is the user's home as the shell would make it, for every module that joins a name to it
+        # (a literal `~` folder under the working directory took half the run's files).
+        self.output_dir = os.path.expanduser(self.output_dir)
         _check_choice("training", "precision", self.precision, _PRECISIONS)
         _check_choice("training", "batch_sampler", self.batch_sampler, ("auto",) + _SAMPLERS)
         self._check_numbers()

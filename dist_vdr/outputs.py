@@ -89,13 +89,15 @@ class Output:
     """A killed run keeps its scratch folder (hidden) and the rerun goes on from it (pages build)."""
 
     def __post_init__(self):
-        self.path = Path(os.path.expanduser(str(self.path)))
+        # Absolute, symlinks kept: `--output .` is the folder it names, with a name and a parent to write beside.
+        self.path = Path(os.path.abspath(os.path.expanduser(str(self.path))))
 
     # ------------------------------------------------------------------ checks, before any work
-    def check(self) -> Output:
+    def check(self, register: bool = True) -> Output:
         """ValueError (one line, the fix) unless the command may write :attr:`path`; registers it as the
-        folder a late write error names."""
-        _ACTIVE.append(self)
+        folder a late write error names (``register``)."""
+        if register:
+            _ACTIVE.append(self)
         out = self.path
         if out.is_symlink():
             raise ValueError(f"{self.flag} {out} is a symbolic link: give the folder it points to "
@@ -116,11 +118,38 @@ class Output:
             raise ValueError(f"{self.flag} {out} {how} the input {flag} {path}: the command would write over what it "
                              f"reads; choose an output folder apart from every input")
         self.refuse_file()
+        self._refuse_inside_another_output(target)
         if out.is_dir() and any(out.iterdir()) and not self.replace_any and not self.is_earlier_output(out):
-            raise ValueError(f"{self.flag} {out} is a folder that is not an output of `{self.command}` (no {MARKER}): "
-                             f"it would be replaced; choose a new or empty folder, or delete it if it is yours to lose")
+            other = _marker_command(out)
+            what = f"the output of `{other}`" if other else f"a folder that is not an output of `{self.command}`"
+            raise ValueError(f"{self.flag} {out} is {what}: it would be replaced; choose a new or empty folder, or "
+                             f"delete it if it is yours to lose")
         self.check_writable()
         return self
+
+    def _refuse_inside_another_output(self, target: Path) -> None:
+        """An output inside another command's output (or its unfinished scratch folder) would be replaced, moved
+        or deleted with it; a work folder that holds outputs by design (a bench's) says so in its marker."""
+        if self.is_earlier_output(target):
+            return  # written there before, by this command (a bench's own run folders)
+        for folder in target.parents:
+            try:
+                record = json.loads((folder / MARKER).read_text())
+            except (OSError, ValueError):
+                continue
+            if not record.get("holds_outputs"):
+                raise ValueError(f"{self.flag} {self.path} lies inside {folder}, an output of `{record.get('command')}`"
+                                 f" (or its unfinished scratch folder), which is replaced whole: choose a folder apart")
+
+    def check_apart(self, flag: str, path: str | os.PathLike | None) -> None:
+        """ValueError when ``path`` (e.g. ``--cache``) is, holds or lies inside this output: the output is
+        replaced whole at the end, and what lies inside with it."""
+        if not path:
+            return
+        other, target = Path(os.path.abspath(os.path.expanduser(str(path)))).resolve(), self.path.resolve()
+        if other == target or target in other.parents or other in target.parents:
+            raise ValueError(f"{flag} {path} overlaps {self.flag} {self.path}: the output is replaced whole when the "
+                             f"command ends; give {flag} a folder apart")
 
     def refuse_file(self) -> Output:
         if self.path.exists() and not self.path.is_dir():
@@ -210,6 +239,13 @@ class Output:
 
     def _record_inputs(self) -> dict:
         return {"inputs": {flag: str(Path(p).resolve()) for flag, p in self._input_paths()}}
+
+
+def _marker_command(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / MARKER).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _write_marker(folder: Path, command: str, record: dict) -> None:

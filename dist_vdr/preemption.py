@@ -39,6 +39,10 @@ class NonFiniteLoss(distributed.AllRanksError):
     """The loss went NaN/inf: training stops before the step is saved (raised on every rank)."""
 
 
+def stop_signums(signals: tuple[str, ...] = STOP_SIGNALS) -> set[int]:
+    return {getattr(signal, name) for name in signals}
+
+
 def install(signals: tuple[str, ...] = STOP_SIGNALS) -> None:
     """Turn ``signals`` into the flag. Call it first thing in the process, before any other thread starts.
 
@@ -55,7 +59,7 @@ def install(signals: tuple[str, ...] = STOP_SIGNALS) -> None:
         return
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("preemption.install() must run in the main thread")
-    signums = {getattr(signal, name) for name in signals}
+    signums = stop_signums(signals)
     for signum in signums:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, signums)

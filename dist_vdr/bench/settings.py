@@ -149,6 +149,10 @@ class CheckpointBench:
     size_gb: float = 4.26
     """Gigabytes written and hashed (4.26: Qwen3-VL-2B in bf16)."""
 
+    def __post_init__(self) -> None:
+        if not self.size_gb > 0:
+            raise ValueError(f"bench_checkpoint.size_gb must be > 0, got {self.size_gb}")
+
 
 @dataclass(kw_only=True)
 class CheckpointBenchCommand:

@@ -397,3 +397,17 @@ def test_average_checks_its_eval_data_before_writing_anything(world, tmp_path):
                     "--device", "cpu"])  # (an earlier average replaced by the rerun: the guard's cases above)
     assert proc.returncode == 0, log_tail(proc.stdout + proc.stderr)
     assert json.loads((out / "eval" / "retrieval_metrics.json").read_text())["num_queries"] == 6
+
+
+def test_a_cache_is_apart_from_the_inputs_and_from_the_output(world, tmp_path):
+    """mine-negatives --cache wrote its encode cache into the dataset or the model folder (exit 0); a cache inside
+    the output was replaced with it (eval and mine-negatives). Both refused before any work now."""
+    before = _digest([world.data, world.model])
+    source = ["--model", str(world.model), "--data", str(world.data)]
+    for cmd, out in ((["mine-negatives", *source, "--out", str(tmp_path / "m")], tmp_path / "m"),
+                     (["eval", *source, "--output", str(tmp_path / "e")], tmp_path / "e")):
+        for cache, expected in ((world.data, "the input"), (world.model, "the input"), (out / "cache", "overlaps")):
+            proc = run_cli([*cmd, "--cache", str(cache), "--device", "cpu"])
+            assert proc.returncode == 2, log_tail(proc.stdout + proc.stderr)
+            _one_error_line(proc, expected)
+    assert _digest([world.data, world.model]) == before

@@ -214,6 +214,35 @@ def test_sigterm_saves_the_step_and_stops(tiny_model, pages, tmp_path):
     assert latest_complete(out).name == f"checkpoint-{stopped}" and 1 <= stopped < 400
 
 
+def test_ctrl_c_of_a_one_process_run_mid_training_saves_the_step(tiny_model, pages, tmp_path):
+    """SIGINT seconds into training (not at its first step): the recipe's imports start threads before the stop
+    signals were blocked, and one of them took the signal with the default action -- exit 130, no checkpoint,
+    a stale lock (the guard's hostile-input campaign). Blocked from the process's start now."""
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "dist_vdr.cli", *_args(tiny_model, pages, out, "training.max_steps=400",
+                                                           "training.save_steps=1000")]
+    # As a user starts it: the libraries' default thread pools (one thread each, as the suite sets, starts fewer).
+    env = {k: v for k, v in launch_env(preload=False).items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 1/400 done" in line:
+            break
+    time.sleep(4)  # well into the steps
+    proc.send_signal(signal.SIGINT)
+    lines.extend(proc.stdout)
+    log = "".join(lines)
+    assert proc.wait(timeout=120) == 0, log_tail(log)
+    stopped = int(log.split("stopped by SIGINT at step ")[1].split(":")[0])
+    from dist_vdr.checkpoint import latest_complete
+
+    assert latest_complete(out).name == f"checkpoint-{stopped}" and 1 < stopped < 400
+    assert not (out / ".dist_vdr.lock").exists()
+
+
 def _launcher_args(model, pages, out, *more) -> list[str]:
     # 400 steps: the first run must still be training when the second launch (tens of seconds to
     # start on a loaded machine) reaches the lock; it is killed long before its end.

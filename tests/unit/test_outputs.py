@@ -67,7 +67,7 @@ def test_the_output_is_written_whole_or_not_at_all(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no scratch, no set-aside copy left
     # another command's output is not this one's to replace
-    with pytest.raises(ValueError, match="not an output of `consolidate`"):
+    with pytest.raises(ValueError, match="is the output of `average`: it would be replaced"):
         Output("consolidate", "OUT", tmp_path / "out", {}).check()
 
 
@@ -87,3 +87,36 @@ def test_late_write_errors_name_the_outputs_folder(tmp_path):
     ro = explain(OSError(errno.EROFS, "Read-only file system"))
     assert ro.startswith(f"cannot write {tmp_path / 'results'}") and "a read-only file system" in ro, ro
     assert explain(ValueError("a bug")) is None
+
+
+def test_the_current_folder_a_cache_and_other_outputs(tmp_path, monkeypatch):
+    """From the hostile-input campaign on the guard: `--output .` (a traceback, `.` renamed), a cache inside
+    the output (replaced with it), an output inside another command's output or unfinished scratch folder (moved
+    or deleted with it), and the refusal naming the command whose output a folder is."""
+    here = tmp_path / "results"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    out = Output("eval", "--output", ".", {}).check()
+    with out.writing() as scratch:
+        (scratch / "retrieval_metrics.json").write_text("{}")
+    assert (here / "retrieval_metrics.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    with pytest.raises(ValueError, match="--cache .* overlaps --output"):
+        Output("eval", "--output", tmp_path / "o", {}).check().check_apart("--cache", tmp_path / "o" / "cache")
+    Output("eval", "--output", tmp_path / "o", {}).check().check_apart("--cache", tmp_path / "cache")
+    scratch = Output("pages build", "--out", tmp_path / "corpus", {}, resumable=True).check().scratch_folder()
+    from dist_vdr.outputs import _write_marker
+
+    _write_marker(scratch, "pages build", {})
+    for inside in (scratch / "ev", here / "sub"):
+        with pytest.raises(ValueError, match="lies inside .*an output of `(pages build|eval)`"):
+            Output("eval", "--output", inside, {}).check()
+    with pytest.raises(ValueError, match="is the output of `eval`: it would be replaced"):
+        Output("mine-negatives", "--out", here, {}).check()
+
+
+def test_a_tilde_in_the_run_folder_is_the_home_folder(monkeypatch, tmp_path):
+    from dist_vdr.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("configs/tiny.yaml", ["training.output_dir=~/runs/x"], check_paths=False)
+    assert cfg.training.output_dir == str(tmp_path / "runs" / "x")
