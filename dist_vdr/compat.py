@@ -15,7 +15,7 @@ read something optional and work without it (``tolerant``); they are listed too,
 covers them, but using them never raises.
 
 ``python -c "import dist_vdr.compat as c; c.check()"`` checks every seam of the installed libraries.
-This module imports no library at import time (``import dist_vdr.config`` / ``dist_vdr.cli`` stay light).
+This module imports no library at import time (``import dist_vdr.config`` / ``dist_vdr.cli.commands`` stay light).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ _DATASETS = dict(library="datasets", low="5.2", high="5.3", tested="5.2.0")
 SEAMS: tuple[Seam, ...] = (
     Seam("st.gradcache_replay_context", **_ST,
          what="sentence_transformers.base.losses.gradcache._ddp_replay_context",
-         used_by="engines.install_replay_context",
+         used_by="engines.gradient_cache.install_replay_context",
          why="replaced by an FSDP2-aware context (one gradient reduction per step); called by the cached "
              "losses around every mini-batch replay, synchronize=True for the last"),
     Seam("st.sampler_value_hash", **_ST,
@@ -87,51 +87,52 @@ SEAMS: tuple[Seam, ...] = (
              "loss slices padded, flattened and VLM features (pixel_values per image grid)"),
     Seam("st.trainer_save", **_ST,
          what="SentenceTransformerTrainer._save / CrossEncoderTrainer._save(output_dir, state_dict)",
-         used_by="st_trainers._DistVdrTrainerMixin._save",
+         used_by="engines.trainers._DistVdrTrainerMixin._save",
          why="called for unsharded saves; it ignores state_dict, so gathered (ZeRO-3/FSDP2) saves are written "
              "by dist-vdr"),
     Seam("st.trainer_load_from_checkpoint", **_ST,
          what="SentenceTransformerTrainer._load_from_checkpoint(checkpoint_path)",
-         used_by="st_trainers._DistVdrTrainerMixin._load_from_checkpoint",
+         used_by="engines.trainers._DistVdrTrainerMixin._load_from_checkpoint",
          why="takes one argument where transformers passes two (the wrapped model on the FSDP path)"),
     Seam("transformers.trainer_run_epoch", **_TF,
          what="transformers.Trainer._run_epoch",
-         used_by="st_trainers._DistVdrTrainerMixin._run_epoch",
+         used_by="engines.trainers._DistVdrTrainerMixin._run_epoch",
          why="checks max_steps only after a step: a run resumed at its last step would train one step more"),
     Seam("transformers.trainer_log_save_evaluate", **_TF,
          what="transformers.Trainer._maybe_log_save_evaluate (after each optimizer step: log, then evaluate and save)",
-         used_by="st_trainers._DistVdrTrainerMixin._maybe_log_save_evaluate",
+         used_by="engines.trainers._DistVdrTrainerMixin._maybe_log_save_evaluate",
          why="the evaluation and checkpoint time after a log is left out of the next log's step_seconds"),
     Seam("transformers.trainer_load_from_checkpoint", **_TF,
          what="transformers.Trainer._load_from_checkpoint(resume_from_checkpoint, model)",
-         used_by="st_trainers._DistVdrTrainerMixin._load_from_checkpoint",
+         used_by="engines.trainers._DistVdrTrainerMixin._load_from_checkpoint",
          why="the one loader of sharded FSDP checkpoints (distcp, resharded to the current ranks)"),
     Seam("transformers.trainer_save_hook", **_TF,
          what="transformers.Trainer._save(output_dir, state_dict), called by save_model",
-         used_by="st_trainers._DistVdrTrainerMixin._save",
+         used_by="engines.trainers._DistVdrTrainerMixin._save",
          why="under ZeRO-3/FSDP2 save_model passes the gathered full state dict to _save"),
     Seam("transformers.trainer_engine_checkpoint_calls", **_TF,
          what="the module globals transformers.trainer.deepspeed_load_checkpoint(engine, path, load_module_strict) "
               "and save_fsdp_model(fsdp_plugin, accelerator, model, output_dir, ...), called by "
               "Trainer._prepare_for_training and Trainer._save_optimizer_and_scheduler(output_dir) (which dist-vdr "
               "wraps to leave the frozen base out of DeepSpeed's save_checkpoint)",
-         used_by="adapter_engines.install_loaders, st_trainers._DistVdrTrainerMixin._save_optimizer_and_scheduler, "
-                 "st_trainers._DistVdrTrainerMixin.load_weights_of",
+         used_by="engines.adapters.install_loaders, "
+                 "engines.trainers._DistVdrTrainerMixin._save_optimizer_and_scheduler, "
+                 "engines.trainers._DistVdrTrainerMixin.load_weights_of",
          why="transformers leaves the frozen base out of engine checkpoints for PeftModel instances only; "
              "dist-vdr's adapters live inside a SentenceTransformer"),
     Seam("transformers.zero3_init_switch", **_TF,
          what="the module global transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref (read by "
               "is_deepspeed_zero3_enabled, which makes from_pretrained partition the weights under zero.Init)",
-         used_by="tasks.embedding.load_guide",
+         used_by="kinds.embedding.task.load_guide",
          why="a frozen guide model loaded during a ZeRO-3 run must stay whole: it is no part of the engine"),
     Seam("transformers.no_split_modules", **_TF,
          what="PreTrainedModel._no_split_modules",
-         used_by="engines.adapt_model",
+         used_by="engines.gradient_cache.adapt_model",
          why="the backbone's layer classes, named as FSDP2's wrap units"),
     Seam("accelerate.launch_env", **_ACC,
          what="accelerate.commands.launch._validate_launch_command, accelerate.utils.launch."
               "prepare_deepspeed_cmd_env / prepare_multi_gpu_env, args.deepspeed_fields_from_accelerate_config",
-         used_by="cluster.engine_env",
+         used_by="cli.cluster.engine_env",
          why="the environment `accelerate launch --config_file` gives the workers, for SLURM tasks started "
              "without it"),
     Seam("accelerate.partial_state_distributed_type", **_ACC,
@@ -141,25 +142,25 @@ SEAMS: tuple[Seam, ...] = (
     Seam("accelerate.fsdp_auto_wrap", **_ACC,
          what="FSDP_TRANSFORMER_CLS_TO_WRAP (read by the FSDP plugin) and the final-norm search among the "
               "children of model.<base_model_prefix>",
-         used_by="engines.adapt_model",
+         used_by="engines.gradient_cache.adapt_model",
          why="a SentenceTransformer would be one FSDP unit, and its parameterless Normalize cannot be wrapped"),
     Seam("accelerate.deepspeed_engine_wrapper", **_ACC,
          what="Accelerator.deepspeed_engine_wrapped and DeepSpeedEngineWrapper.backward(loss, sync_gradients, "
               "**kwargs) (boundary flag, engine.backward, engine.step at the boundary)",
-         used_by="engines.coalesced_deepspeed_backward",
+         used_by="engines.gradient_cache.coalesced_deepspeed_backward",
          why="replaced by the same steps inside engine.coalesce_grad_reduction()"),
     Seam("deepspeed.universal_checkpoint", **_DS,
          what="python -m deepspeed.checkpoint.ds_to_universal (its options and the latest / latest_universal "
               "tag files)",
-         used_by="engines.make_universal, engines.deepspeed_tag",
+         used_by="engines.gradient_cache.make_universal, engines.gradient_cache.deepspeed_tag",
          why="resuming a DeepSpeed checkpoint on another number of ranks"),
     Seam("deepspeed.zero3_consolidated_state_dict", **_DS,
          what="DeepSpeedEngine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters)",
-         used_by="adapter_engines.gather_adapter",
+         used_by="engines.adapters.gather_adapter",
          why="gathers a ZeRO-3 model's trainable parameters alone (accelerate's get_state_dict gathers all)"),
     Seam("submitit.requeue", **_SUBMITIT,
          what="submitit.JobEnvironment._requeue(countdown)",
-         used_by="cluster.TrainJob",
+         used_by="cli.cluster.TrainJob",
          why="requeue after a preemption checkpoint (slurm: scontrol requeue; local executor: exit code 144)"),
     Seam("torch.private_collectives", **_TORCH, tolerant=True,
          what="torch.distributed._all_gather_base and _reduce_scatter_base",
@@ -167,7 +168,7 @@ SEAMS: tuple[Seam, ...] = (
          why="counted with the public collectives when they exist (tests and benchmarks)"),
     Seam("torch.elastic_failure_log", **_TORCH, tolerant=True,
          what="the 'failed (exitcode: N)' record of logger torch.distributed.elastic.multiprocessing.api",
-         used_by="launcher.main",
+         used_by="cli.launcher.main",
          why="dropped for a rank that exited with a user error (it already said what went wrong); "
              "without it the line is printed"),
     Seam("datasets.fingerprint", **_DATASETS, tolerant=True,

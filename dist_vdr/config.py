@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import tasks
+from dist_vdr import kinds as tasks
 
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _LOSSES = ("cmnrl", "mnrl")
@@ -692,7 +692,7 @@ class MiningConfig:
 class Config:
     task: str = "embedding"
     """embedding: a SentenceTransformer (bi-encoder); reranker: a multimodal CrossEncoder (the names
-    of dist_vdr.tasks.REGISTRY)."""
+    of dist_vdr.kinds.REGISTRY)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -703,7 +703,7 @@ class Config:
     mining: MiningConfig = field(default_factory=MiningConfig)
 
     def __post_init__(self) -> None:
-        # The task resolves its "auto" values and refuses what its kind cannot train (dist_vdr.tasks).
+        # The task resolves its "auto" values and refuses what its kind cannot train (dist_vdr.kinds).
         tasks.get(self.task).configure(self)
         if self.training.keep_best and not self.evaluation.enabled:
             raise ValueError("training.keep_best picks the checkpoint with the best evaluation during training: "
@@ -764,7 +764,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     the data's paths only).
 
     ``schema``: the dataclass to load (default :class:`Config`, a training recipe; the commands' own
-    in :mod:`dist_vdr.commands`). A command reads the sections it shares with a recipe from a recipe
+    in :mod:`dist_vdr.cli.settings`). A command reads the sections it shares with a recipe from a recipe
     file and ignores the recipe's other sections; its ``resolve_sources()`` checks its paths.
     ``flags``: command-line option values by key, a layer between the file and the overrides;
     ``aliases``: the option of each key, named in messages."""
@@ -926,7 +926,7 @@ def _check_tracker_folders(cfg: Config) -> None:
 
 
 def _resolve_sources(cfg: Config, model: bool = True) -> None:
-    from . import sources
+    from dist_vdr import sources
 
     if model:
         cfg.model.name_or_path = sources.resolve(cfg.model.name_or_path, "model.name_or_path", "model folder")
@@ -958,7 +958,7 @@ def _data_path_used(cfg: Config) -> bool:
 
 def _resolve_data_paths(prefix: str, section, evaluating: bool, path_used: bool = True) -> None:
     """The paths of a data section or a mixture's entry (``prefix``: its key), the eval ones when evaluating."""
-    from . import sources
+    from dist_vdr import sources
 
     for key, label in (("path", "dataset folder"), ("pages_path", "page corpus folder"),
                        ("eval_path", "eval data folder")):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import compat, log
+from dist_vdr import compat, log
 
 T = TypeVar("T")
 
@@ -187,7 +187,7 @@ def main_then_share(is_main: bool, fn: Callable[[], T], timeout_s: int | None = 
         except ValueError as exc:
             result = (None, str(exc))
         except OSError as exc:  # a full disk or a read-only folder: said once, on every rank (no rank left waiting)
-            from .outputs import explain
+            from dist_vdr.outputs import explain
 
             message = explain(exc)
             if message is None:

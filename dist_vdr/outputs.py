@@ -14,7 +14,7 @@ What it guarantees, for each command alike (docs/usage.md#outputs has the table 
   the rerun) and the output stays as it was.
 - **One line for what the user can fix.** A full disk, a read-only or unwritable folder, and SIGINT /
   SIGTERM end the command with one ``error:`` line naming the output's folder and device, exit 2 (130
-  for a signal): :func:`explain` and :func:`interrupted_message`, used by ``dist_vdr.cli.main``.
+  for a signal): :func:`explain` and :func:`interrupted_message`, used by ``dist_vdr.cli.commands``.
 
 The training run folder is resumable and its pieces are atomic each (checkpoints are marked, records are
 renamed into place): ``train`` uses the checks and the one-line errors, not the scratch folder.
@@ -310,7 +310,7 @@ def active() -> Output | None:
 def explain(exc: BaseException, where: str | os.PathLike | None = None) -> str | None:
     """The one-line error for a write that failed on a full disk or an unwritable folder -- naming the
     output's folder (the active :class:`Output`, else ``where``, else the working folder) -- or None."""
-    from .storage import no_space_message
+    from dist_vdr.storage import no_space_message
 
     output = active()
     folder = Path(where) if where is not None else (output.path if output else Path.cwd())

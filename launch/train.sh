@@ -17,5 +17,5 @@ extra=("launch.expected_world_size=$nproc")
 case "$(basename "$launch_cfg")" in
   cpu*.yaml) extra+=("launch.device=cpu"); export DS_ACCELERATOR=cpu ;;
 esac
-exec "$PY" -m dist_vdr.launcher --config_file "$launch_cfg" --num_processes "$nproc" --main_process_port "${MASTER_PORT:-29500}" \
+exec "$PY" -m dist_vdr.cli.launcher --config_file "$launch_cfg" --num_processes "$nproc" --main_process_port "${MASTER_PORT:-29500}" \
   -m dist_vdr.cli train "$@" "${extra[@]}"

@@ -23,7 +23,7 @@ case "$(basename "$launch_cfg")" in cpu*.yaml) extra+=("launch.device=cpu") ;; e
 # SLURM signals the whole process group of this task: the launcher must ignore USR2 (it would die
 # of it) but stay in the group (so the job's end still stops it). The ranks set their own handler.
 ( trap '' USR2
-  exec "$PY" -m dist_vdr.launcher --config_file "$launch_cfg" \
+  exec "$PY" -m dist_vdr.cli.launcher --config_file "$launch_cfg" \
     --num_machines "$nodes" --machine_rank "$node_rank" --num_processes "$world" \
     --main_process_ip "${MASTER_ADDR:-127.0.0.1}" --main_process_port "${MASTER_PORT:-29500}" \
     -m dist_vdr.cli train --config "$recipe" "$@" "${extra[@]}" ) &

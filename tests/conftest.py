@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from dist_vdr.tiny import build_tiny_model
+    from dist_vdr.kinds.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -248,7 +248,7 @@ def train_engine(launch: str, recipe: str, out: Path, nproc: int, extensions_dir
 
 def logged_losses(out: Path, key: str = "loss") -> dict[int, float]:
     """step -> logged training loss (or ``key``), from the newest complete checkpoint's trainer state."""
-    from dist_vdr.checkpoint import latest_complete
+    from dist_vdr.checkpoints.store import latest_complete
 
     state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
     return {h["step"]: h[key] for h in state["log_history"] if key in h}
@@ -378,7 +378,7 @@ def shared_runs(tmp_path_factory, tiny_model, pages) -> SharedRuns:
 
 @pytest.fixture(scope="session")
 def tiny_reranker(tmp_path_factory) -> Path:
-    from dist_vdr.tiny import build_tiny_reranker
+    from dist_vdr.kinds.tiny import build_tiny_reranker
 
     return build_tiny_reranker(tmp_path_factory.mktemp("models") / "tiny-reranker")
 

@@ -4,7 +4,7 @@ preloaded Python side by side (docs/benchmarks.md#test-suite):
     .venv/bin/python tests/launch_cost.py [--repeats 3]
 
 Prints, as the median of the repeats: an interpreter's start, the launcher's imports (accelerate, torch
-elastic), a rank's imports (dist_vdr.training: torch, transformers, sentence-transformers), and a whole tiny
+elastic), a rank's imports (dist_vdr.run.training: torch, transformers, sentence-transformers), and a whole tiny
 2-rank training launch of 2 steps (launch/train.sh launch/cpu.yaml, evaluation off) with its time to first step
 by phase as the run records it (startup_times.json: imports + process group, data, model build, trainer
 setup, first step), each with real interpreters and through the preloaded Python. Nothing else should run on
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     repeats = parser.parse_args().repeats
     from dist_vdr.data.synthetic import SyntheticPagesSpec, generate_pages
-    from dist_vdr.tiny import build_tiny_model
+    from dist_vdr.kinds.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="launch-cost-"))
     model = build_tiny_model(work / "tiny")
@@ -62,8 +62,8 @@ def main() -> None:
                 _wall([python, "-c", "pass"], env, work))
             parts.setdefault("launcher imports (accelerate, torch elastic)", []).append(
                 _wall([python, "-c", "import accelerate.commands.launch, torch.distributed.run"], env, work))
-            parts.setdefault("rank imports (dist_vdr.training)", []).append(
-                _wall([python, "-c", "import dist_vdr.training"], env, work))
+            parts.setdefault("rank imports (dist_vdr.run.training)", []).append(
+                _wall([python, "-c", "import dist_vdr.run.training"], env, work))
             wall, times = _training(env, model, pages, work / f"run-{kind}-{i}")
             parts.setdefault("2-rank launch of 2 steps, wall", []).append(wall)
             parts.setdefault("  rank: time to first step", []).append(times["total_s"])

@@ -53,8 +53,8 @@ INTERPRETER = {"PYTHONHASHSEED", "PYTHONWARNINGS", "PYTHONOPTIMIZE", "PYTHONDONT
 RUN_TIME = {"DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR"}
 RUN_TIME_PREFIXES = ("TORCH_NCCL_", "TORCHELASTIC_")
 PRELOAD = ("numpy", "torch", "torch.distributed.run", "transformers", "sentence_transformers", "accelerate",
-           "accelerate.commands.launch", "datasets", "peft", "deepspeed", "dist_vdr.cli", "dist_vdr.launcher",
-           "dist_vdr.training")
+           "accelerate.commands.launch", "datasets", "peft", "deepspeed", "dist_vdr.cli", "dist_vdr.cli.commands",
+           "dist_vdr.cli.launcher", "dist_vdr.run.training")
 
 
 def _import_time_env(env: dict) -> dict:

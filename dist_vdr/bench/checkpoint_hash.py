@@ -22,7 +22,7 @@ def run(work_dir: str, size_gb: float) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from ..checkpoint import file_digest
+    from dist_vdr.checkpoints.store import file_digest
 
     folder = Path(work_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -16,14 +16,14 @@ import sys
 import tempfile
 import time
 
-from .. import distributed
+from dist_vdr import distributed
 
 
 def _load(model_dir: str, data_path: str):
     from sentence_transformers import SentenceTransformer
 
-    from ..config import DataConfig
-    from ..data.loading import load_eval
+    from dist_vdr.config import DataConfig
+    from dist_vdr.data.loading import load_eval
 
     return SentenceTransformer(model_dir, device="cpu"), load_eval(DataConfig(path=data_path, validate_images=False))
 
@@ -32,11 +32,11 @@ def _sharded_worker(rank: int, model_dir: str, data_path: str, dims, batch_size:
                     out_path: str) -> None:
     import torch.distributed as dist
 
-    from ..evaluation.sharded import ShardedRetrievalEvaluator
+    from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
 
     model, data = _load(model_dir, data_path)
     ev = ShardedRetrievalEvaluator(data, list(dims), batch_size=batch_size, num_workers=workers, show_progress=False)
-    import dist_vdr.evaluation.sharded as sharded_mod
+    import dist_vdr.retrieval.sharded as sharded_mod
 
     encode_s = []
     original = sharded_mod.encode_corpus_shard
@@ -61,7 +61,7 @@ def _sharded_worker(rank: int, model_dir: str, data_path: str, dims, batch_size:
 
 def run_eval_bench(model_dir: str, data_path: str, dims, *, batch_size: int = 16, workers: int = -1,
                    world_size: int = 2) -> dict:
-    from ..evaluation import stock
+    from dist_vdr.retrieval import stock
 
     cores = os.cpu_count() or 1
     model, data = _load(model_dir, data_path)
@@ -131,8 +131,8 @@ if mode == "baseline":
     scores, idx = index.search(queries.numpy(), k)
     extra = {}
 else:
-    from dist_vdr.evaluation.metrics import retrieval_metrics
-    from dist_vdr.evaluation.search import merge_topk, shard_topk
+    from dist_vdr.retrieval.metrics import retrieval_metrics
+    from dist_vdr.retrieval.search import merge_topk, shard_topk
     scores, idx = shard_topk(queries, corpus, k, backend=mode)
     del corpus
     s, i = merge_topk(scores, idx, k, np.arange(n))

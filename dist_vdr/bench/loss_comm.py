@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 
-from .. import distributed
+from dist_vdr import distributed
 
 TINY_DIMS = (64, 48, 32, 16, 8, 4, 2)  # the recipe's [2048 ... 64] scaled to a 64-d model
 
@@ -23,7 +23,7 @@ TINY_DIMS = (64, 48, 32, 16, 8, 4, 2)  # the recipe's [2048 ... 64] scaled to a 
 def _rows(n: int, seed: int = 0):
     import random
 
-    from ..data.synthetic import all_attributes, describe, perturb, render_page
+    from dist_vdr.data.synthetic import all_attributes, describe, perturb, render_page
 
     rng = random.Random(seed)
     combos = [rng.choice(all_attributes()) for _ in range(n)]
@@ -37,7 +37,7 @@ def _worker(rank: int, world: int, model_dir: str, global_batch: int, mini_batch
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
     from torch.nn.parallel import DistributedDataParallel
 
-    from ..losses.global_batch import GlobalBatchCachedMNRL
+    from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
 
     per_device = global_batch // world
     rows = _rows(global_batch)[rank * per_device:(rank + 1) * per_device]

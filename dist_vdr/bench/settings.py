@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import REQUIRED, EvaluationConfig
+from dist_vdr.config import REQUIRED, EvaluationConfig
 
 
 @dataclass(kw_only=True)

@@ -2,7 +2,7 @@
 
 Runs ``dist-vdr train`` itself (the tiny model, CPU) on generated data of realistic pages
 (1416x1648 as the published data, and A4 at 144 dpi, 1191x1684; PNG) and reads each run's
-``startup_times.json`` (dist_vdr.phases): imports + process group, data (load, validation,
+``startup_times.json`` (dist_vdr.run.startup_timer): imports + process group, data (load, validation,
 hashing), lock + resume decision, model build, trainer setup, the first batch and step. Settings,
 side by side in one run:
 
@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..run_dir import RunDir
+from dist_vdr.run.folder import RunDir
 
 PAGE_SHAPES = ((1416, 1648), (1191, 1684))  # the published data's pages; A4 at 144 dpi
 PUBLISHED = {"published recipe (10,000 rows)": 10_000, "multilingual recipe (94,225 rows)": 94_225}
@@ -39,7 +39,7 @@ def make_corpus(out: Path, num_pages: int, seed: int = 0) -> Path:
     """A page corpus dataset (page_id, image) of realistic pages."""
     from datasets import Dataset, Features, Image, Value
 
-    from .train_speed import _page
+    from dist_vdr.bench.train_speed import _page
 
     rng = random.Random(seed)
     pages = [_page(rng, *PAGE_SHAPES[i % 2]) for i in range(num_pages)]
@@ -53,7 +53,7 @@ def make_rows(out: Path, num_rows: int, corpus: Path, images: bool, seed: int = 
     """Training rows (query, image, negative_0): page ids of ``corpus``, or its images themselves."""
     import datasets
 
-    from .train_speed import _query
+    from dist_vdr.bench.train_speed import _query
 
     pages = datasets.load_from_disk(str(corpus))
     n = len(pages)
@@ -82,7 +82,7 @@ def _train(model: Path, rows: Path, corpus: Path | None, out: Path, world_size: 
                  *extra]
     train = ["-m", "dist_vdr.cli", "train", "--config", "configs/tiny.yaml", *overrides, "--allow-config-change"]
     cmd = [sys.executable, *train] if world_size == 1 else [
-        sys.executable, "-m", "dist_vdr.launcher", "--config_file", launch_config, "--num_processes",
+        sys.executable, "-m", "dist_vdr.cli.launcher", "--config_file", launch_config, "--num_processes",
         str(world_size), "--main_process_port", env["MASTER_PORT"], *train]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -92,7 +92,7 @@ def _train(model: Path, rows: Path, corpus: Path | None, out: Path, world_size: 
 
 def run(work_dir: str, *, rows: list[int], image_rows: int, world_size: int, num_pages: int = 64,
         launch_config: str = "launch/cpu.yaml") -> dict:
-    from ..tiny import build_tiny_model
+    from dist_vdr.kinds.tiny import build_tiny_model
 
     work = Path(work_dir)
     shutil.rmtree(work, ignore_errors=True)

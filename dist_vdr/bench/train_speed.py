@@ -6,7 +6,7 @@ One run measures, on the same device, model, pages and global batch:
 - stock settings: ``SentenceTransformerTrainer`` with ``MatryoshkaLoss(CachedMultipleNegativesRankingLoss)``
   at a mini-batch size (``mb8``) or a token budget (``tok6000``), the published recipe's data settings.
 Every setting runs in its own process (its peak memory is its own; an out-of-memory setting is
-reported as such and the others go on) with the same step statistics (``dist_vdr.step_stats``):
+reported as such and the others go on) with the same step statistics (``dist_vdr.run.step_stats``):
 median s/step after the warm-up, triplets/s, tokens/s, estimated FLOPs and MFU, peak memory.
 
 The model is built offline with random weights: ``tiny`` (the test model, CPU in seconds) or
@@ -30,8 +30,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..outputs import mark
-from ..run_dir import RunDir
+from dist_vdr.outputs import mark
+from dist_vdr.run.folder import RunDir
 
 RECIPES = {"tiny": "configs/tiny.yaml", "qwen3-vl-2b": "configs/qwen3-vl-embedding-2b-vdr.yaml"}
 # (width, height, share) of pages at 150 dpi: A4 and Letter portrait, A4 landscape, 16:9 slides, scans.
@@ -94,7 +94,7 @@ def _page(rng: random.Random, width: int, height: int):
 
 def make_pages(out: Path, num_rows: int, pages: str, scale: float = 1.0, seed: int = 0) -> Path:
     """A training set of ``num_rows`` (query, image, negative_0) rows, saved with ``datasets`` (cached)."""
-    from ..mining import read_marker, save_atomic
+    from dist_vdr.retrieval.mining import read_marker, save_atomic
 
     want = {"num_rows": num_rows, "pages": pages, "scale": scale, "seed": seed}
     if read_marker(out, PAGES_MARKER) == want:
@@ -156,7 +156,7 @@ def run_train_bench(work_dir: str, *, model: str = "tiny", config: str | None = 
                     ours: list[str] | None = None, pages: str = "mixed", device: str = "auto",
                     timeout_s: float | None = None) -> dict:
     """Runs every setting and returns {"settings": [...], "config": ..., ...}; see the module docstring."""
-    from ..config import load_config
+    from dist_vdr.config import load_config
 
     if steps < 1 or warmup_steps < 0:
         raise ValueError("--steps must be >= 1 and --warmup-steps >= 0")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..run_dir import RunDir
+from dist_vdr.run.folder import RunDir
 
 
 def _device(requested: str) -> str:
@@ -20,7 +20,7 @@ def _device(requested: str) -> str:
 
 
 def build(job: dict) -> None:
-    from ..tiny import TinyModelSpec, build_tiny_model
+    from dist_vdr.kinds.tiny import TinyModelSpec, build_tiny_model
 
     device = _device(job["device"])
     if job["build"] == "tiny":
@@ -42,9 +42,9 @@ def _common_overrides(job: dict) -> list[str]:
 
 def train_ours(job: dict) -> None:
     """dist-vdr's training entry point as `dist-vdr train` calls it, on the recipe with the setting's overrides."""
-    from .. import distributed
-    from ..config import load_config
-    from ..training import run_training
+    from dist_vdr import distributed
+    from dist_vdr.config import load_config
+    from dist_vdr.run.training import run_training
 
     cfg = load_config(job["recipe"], [*_common_overrides(job), *job["setting"]["overrides"]])
     run_training(cfg)  # launch.handle_preemption=false: no signal handling to install first
@@ -64,10 +64,10 @@ def train_stock(job: dict) -> None:
     )
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
-    from ..config import load_config
-    from ..data.loading import load_train
-    from ..model import model_load_kwargs
-    from ..step_stats import StepStatsCallback
+    from dist_vdr.config import load_config
+    from dist_vdr.data.loading import load_train
+    from dist_vdr.models.build import model_load_kwargs
+    from dist_vdr.run.step_stats import StepStatsCallback
 
     cfg = load_config(job["recipe"], _common_overrides(job))
     device = _device(job["device"])

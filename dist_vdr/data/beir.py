@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import DataConfig
+from dist_vdr.config import DataConfig
 
 _IDS = {"corpus": ("corpus-id", "corpus_id", "_id", "id", "page_id"),
         "queries": ("query-id", "query_id", "_id", "id")}

@@ -16,7 +16,7 @@ import torch
 import xxhash
 from torch import Tensor
 
-from ..config import Config
+from dist_vdr.config import Config
 
 
 def id_hash(value) -> int:
@@ -93,7 +93,7 @@ class RowLabelsCollator:
         fn, lookup = cfg.loss.false_negatives, None
         from_pages = fn.id_column is not None and fn.id_source == "pages"
         if from_pages and fn.id_column != cfg.data.pages_id_column:
-            from . import page_refs
+            from dist_vdr.data import page_refs
 
             lookup = page_refs.page_values(cfg.data, fn.id_column)
         return cls(inner, candidates, positive_ids, cfg.loss.distillation.scores_column, from_pages=from_pages,

@@ -53,26 +53,26 @@ import signal
 import time
 from pathlib import Path
 
-from .ingest_config import BuildInterrupted as BuildInterrupted
-from .ingest_config import PagesBuildConfig as PagesBuildConfig
-from .ingest_config import check_disjoint as check_disjoint
-from .ingest_inputs import IMAGE_SUFFIXES as IMAGE_SUFFIXES
-from .ingest_inputs import PDF_SUFFIXES as PDF_SUFFIXES
-from .ingest_inputs import Inputs as Inputs
-from .ingest_inputs import find_inputs as find_inputs
-from .ingest_plan import _complete_files, _coverage
-from .ingest_plan import plan_shards as plan_shards
-from .ingest_render import CRASH_ENV as CRASH_ENV
-from .ingest_render import SHARD_RECORDS as SHARD_RECORDS
-from .ingest_render import BadInput as BadInput
-from .ingest_render import build_shard as build_shard
-from .ingest_render import count_files as count_files
-from .ingest_render import count_pages as count_pages
-from .ingest_render import document_id as document_id
-from .ingest_render import features as features
-from .ingest_render import render_file as render_file
-from .ingest_render import shard_name as shard_name
-from .ingest_workers import _item_file, _remove_leftovers, _run_isolated, _StopSignals, _Workers
+from dist_vdr.data.ingest_config import BuildInterrupted as BuildInterrupted
+from dist_vdr.data.ingest_config import PagesBuildConfig as PagesBuildConfig
+from dist_vdr.data.ingest_config import check_disjoint as check_disjoint
+from dist_vdr.data.ingest_inputs import IMAGE_SUFFIXES as IMAGE_SUFFIXES
+from dist_vdr.data.ingest_inputs import PDF_SUFFIXES as PDF_SUFFIXES
+from dist_vdr.data.ingest_inputs import Inputs as Inputs
+from dist_vdr.data.ingest_inputs import find_inputs as find_inputs
+from dist_vdr.data.ingest_plan import _complete_files, _coverage
+from dist_vdr.data.ingest_plan import plan_shards as plan_shards
+from dist_vdr.data.ingest_render import CRASH_ENV as CRASH_ENV
+from dist_vdr.data.ingest_render import SHARD_RECORDS as SHARD_RECORDS
+from dist_vdr.data.ingest_render import BadInput as BadInput
+from dist_vdr.data.ingest_render import build_shard as build_shard
+from dist_vdr.data.ingest_render import count_files as count_files
+from dist_vdr.data.ingest_render import count_pages as count_pages
+from dist_vdr.data.ingest_render import document_id as document_id
+from dist_vdr.data.ingest_render import features as features
+from dist_vdr.data.ingest_render import render_file as render_file
+from dist_vdr.data.ingest_render import shard_name as shard_name
+from dist_vdr.data.ingest_workers import _item_file, _remove_leftovers, _run_isolated, _StopSignals, _Workers
 
 SETTINGS_FILE = "dist_vdr_pages_settings.json"
 MARKER_FILE = "dist_vdr_pages_build.json"
@@ -245,8 +245,8 @@ def build_pages(cfg: PagesBuildConfig, *, overwrite: bool = False, show_progress
     killed build goes on from it) and is renamed to ``--out`` once the corpus is complete.
     Raises :class:`BuildInterrupted` on SIGINT/SIGTERM, after recording every finished shard.
     """
-    from ..outputs import MARKER as OUTPUT_MARKER
-    from ..outputs import Output
+    from dist_vdr.outputs import MARKER as OUTPUT_MARKER
+    from dist_vdr.outputs import Output
 
     final = Path(cfg.out_dir)
     output = Output("pages build", "--out", final, {"--input": cfg.input_dir}, resumable=True,

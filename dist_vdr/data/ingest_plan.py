@@ -3,7 +3,7 @@ records), and the missing page ranges packed into shards of work units."""
 
 from __future__ import annotations
 
-from .ingest_config import PagesBuildConfig
+from dist_vdr.data.ingest_config import PagesBuildConfig
 
 
 def _kept_pages(document_pages: int, cfg: PagesBuildConfig) -> int:

@@ -17,8 +17,8 @@ import zlib
 from pathlib import Path
 from urllib.parse import quote
 
-from .ingest_config import PagesBuildConfig
-from .ingest_inputs import PDF_SUFFIXES
+from dist_vdr.data.ingest_config import PagesBuildConfig
+from dist_vdr.data.ingest_inputs import PDF_SUFFIXES
 
 SHARD_RECORDS = "dist_vdr_records.json"
 CRASH_ENV = "DIST_VDR_TEST_CRASH_ON_FILE"

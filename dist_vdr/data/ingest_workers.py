@@ -11,8 +11,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from .ingest_config import BuildInterrupted, PagesBuildConfig
-from .ingest_render import _init_worker
+from dist_vdr.data.ingest_config import BuildInterrupted, PagesBuildConfig
+from dist_vdr.data.ingest_render import _init_worker
 
 
 def _remove_leftovers(out: Path) -> None:

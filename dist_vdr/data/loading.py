@@ -16,10 +16,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DataConfig
-from .arrow import column_values
-from .splits import load_pages as load_pages
-from .splits import load_split as _load_split
+from dist_vdr.config import DataConfig
+from dist_vdr.data.arrow import column_values
+from dist_vdr.data.splits import load_pages as load_pages
+from dist_vdr.data.splits import load_split as _load_split
 
 
 @dataclass
@@ -47,7 +47,7 @@ class EvalData:
 def read_corpus_qrels(qrels_file: str, corpus, corpus_path: str) -> dict[str, dict[str, int]]:
     """Judgements from a file, page ids checked against ``corpus`` and duplicates dropped by
     `pages build` mapped to the page kept."""
-    from . import judgements
+    from dist_vdr.data import judgements
 
     known = set(map(str, column_values(corpus, "page_id")))
     return judgements.resolve_page_ids(judgements.read_qrels(qrels_file), known, judgements.read_aliases(corpus_path))
@@ -135,7 +135,7 @@ def load_train(cfg: DataConfig, show_progress: bool = False, extra_columns: list
     Page columns may hold page ids resolved against ``cfg.pages_path`` (see :mod:`.page_refs`);
     those are checked to name pages of that corpus, and image columns to decode.
     """
-    from . import page_refs
+    from dist_vdr.data import page_refs
 
     ds = _load_split(cfg.path, cfg.train_name, cfg.train_split)
     where = f"training data {cfg.path}[{cfg.train_split}]"
@@ -185,7 +185,7 @@ def _page_id(value: dict) -> str:
 
 def load_eval(cfg: DataConfig, show_progress: bool = False) -> EvalData:
     if cfg.eval_format == "beir":
-        from .beir import beir_tables
+        from dist_vdr.data.beir import beir_tables
 
         data = ir_eval_data(cfg, *beir_tables(cfg), show_progress=show_progress)
     else:
@@ -203,7 +203,7 @@ def set_name(path_or_name: str) -> str:
 def _load_eval_ir(cfg: DataConfig, show_progress: bool) -> EvalData:
     import datasets
 
-    from . import judgements
+    from dist_vdr.data import judgements
 
     corpus_path = cfg.eval_path or cfg.path
     corpus = load_pages(corpus_path, cfg.eval_name, cfg.eval_corpus_split)
@@ -231,14 +231,14 @@ def ir_eval_data(cfg: DataConfig, corpus, queries, qrels, corpus_path: str, wher
     checked: queries not empty, ids unique and known, judged queries only."""
     import datasets
 
-    from . import judgements
+    from dist_vdr.data import judgements
 
     _require_columns(queries, ["query_id", "query"], f"eval queries {corpus_path}[{cfg.eval_queries_split}]")
     _require_columns(qrels, ["query_id", "page_id", "score"], f"eval qrels {corpus_path}[{cfg.eval_qrels_split}]")
     _check_queries(queries["query"], f"eval queries {corpus_path}")
     if cfg.validate_images:
         check_images(corpus, ["image"], f"eval corpus {corpus_path}", show_progress)
-    from . import checks
+    from dist_vdr.data import checks
 
     qids = [str(q) for q in queries["query_id"]]
     checks.unique_ids(qids, f"eval queries ({where})", "query_id", "query id")

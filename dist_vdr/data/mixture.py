@@ -30,7 +30,7 @@ from functools import partial
 import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler, NoDuplicatesBatchSampler
 
-from . import sampler as sampler_hashes
+from dist_vdr.data import sampler as sampler_hashes
 
 STRATEGIES = ("weighted", "exhaust", "round_robin")
 # Distinct seed streams for the datasets' samplers (the stock sampler seeds with seed + epoch).

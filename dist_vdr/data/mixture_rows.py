@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..config import DataConfig, DatasetEntry
+from dist_vdr.config import DataConfig, DatasetEntry
 
 DATASET_COLUMN = "dist_vdr_dataset"
 ROW_COLUMN = "dist_vdr_row"  # the row's index within its dataset: names it in the row trace (DIST_VDR_TRACE_ROWS)
@@ -51,7 +51,7 @@ def load_mixture(data: DataConfig, extra_columns: list[str] = ()) -> MixtureRows
     """Every dataset of ``data.datasets`` loaded (:func:`~dist_vdr.data.loading.load_train`) and joined."""
     import datasets
 
-    from .loading import load_train
+    from dist_vdr.data.loading import load_train
 
     parts, renamed, configs = [], [], []
     for k, entry in enumerate(data.datasets):
@@ -105,7 +105,7 @@ class DatasetLabelCollator:
     def __init__(self, inner, max_pixels: list[int | None] = (), page_columns: list[str] = ()) -> None:
         import os
 
-        from .page_refs import TRACE_ENV
+        from dist_vdr.data.page_refs import TRACE_ENV
 
         self.inner = inner
         self.max_pixels, self.page_columns = list(max_pixels), list(page_columns)
@@ -124,7 +124,7 @@ class DatasetLabelCollator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        from .page_refs import TRACE_KEY
+        from dist_vdr.data.page_refs import TRACE_KEY
 
         index = torch.tensor([int(f[DATASET_COLUMN]) for f in features], dtype=torch.int64)
         rows = [{k: self._page(v, f[DATASET_COLUMN]) if k in self.page_columns else v

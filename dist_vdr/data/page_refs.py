@@ -21,8 +21,8 @@ import os
 import warnings
 from pathlib import Path
 
-from .arrow import column_values
-from .splits import load_pages
+from dist_vdr.data.arrow import column_values
+from dist_vdr.data.splits import load_pages
 
 TRACE_ENV = "DIST_VDR_TRACE_ROWS"
 TRACE_KEY = "dist_vdr_rows"

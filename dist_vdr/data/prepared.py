@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import startup
-from .loading import EvalData
-from .mixture_rows import MixtureRows
+from dist_vdr.data import startup
+from dist_vdr.data.loading import EvalData
+from dist_vdr.data.mixture_rows import MixtureRows
 
 
 @dataclass

@@ -18,7 +18,7 @@ from functools import partial
 
 from sentence_transformers.base.sampler import DefaultBatchSampler, NoDuplicatesBatchSampler
 
-from .. import compat
+from dist_vdr import compat
 
 
 class GlobalNoDuplicatesBatchSampler(DefaultBatchSampler):

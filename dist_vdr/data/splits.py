@@ -6,7 +6,7 @@ from pathlib import Path
 
 import datasets
 
-from . import ingest
+from dist_vdr.data import ingest
 
 
 def load_split(path: str, name: str | None, split: str):

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import compat, distributed
-from ..run_dir import STARTUP, RunDir
+from dist_vdr import compat, distributed
+from dist_vdr.run.folder import STARTUP, RunDir
 
 STARTUP_VERSION = 1  # bump when what the pass checks or how it hashes changes
 RECORD_FILE = "startup_record.json"
@@ -72,7 +72,7 @@ def fingerprint(ds) -> str:
 
 
 def record_key(ds, image_columns: list[str], hashed: bool, extra: dict | None = None) -> str:
-    from .loading import MAX_PAGE_PIXELS
+    from dist_vdr.data.loading import MAX_PAGE_PIXELS
 
     payload = {"version": STARTUP_VERSION, "data": fingerprint(ds), "columns": list(ds.column_names),
                "images": image_columns, "hashed": hashed, "max_pixels": MAX_PAGE_PIXELS, **(extra or {})}
@@ -88,7 +88,7 @@ def scan_rows(ds, image_columns: list[str], lo: int, hi: int, where: str, hashed
 
     A problem is (row, column, message), the message as :func:`loading.check_images` words it.
     """
-    from .loading import decode_page, undecoded
+    from dist_vdr.data.loading import decode_page, undecoded
 
     columns = list(ds.column_names)
     features = {c: ds.features[c] for c in image_columns}

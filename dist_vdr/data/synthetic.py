@@ -279,7 +279,7 @@ def generate_pages(out_dir: str | os.PathLike, spec: SyntheticPagesSpec | None =
     from tqdm.auto import tqdm
 
     spec = spec or SyntheticPagesSpec()
-    from ..outputs import Output
+    from dist_vdr.outputs import Output
 
     out = Path(out_dir)
     Output("make-synthetic-pages", "DIR", out).refuse_file()

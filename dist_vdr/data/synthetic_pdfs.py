@@ -18,8 +18,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .judgements import write_qrels_trec, write_queries_jsonl
-from .synthetic import Attributes, all_attributes, describe, render_page
+from dist_vdr.data.judgements import write_qrels_trec, write_queries_jsonl
+from dist_vdr.data.synthetic import Attributes, all_attributes, describe, render_page
 
 MARKER_FILE = "dist_vdr_pdfs.json"
 
@@ -49,7 +49,7 @@ def generate_pdf_folder(out_dir: str | Path, spec: SyntheticPdfSpec | None = Non
     spec = spec or SyntheticPdfSpec()
     out = Path(out_dir)
     marker = json.dumps(asdict(spec), sort_keys=True)
-    from ..outputs import Output
+    from dist_vdr.outputs import Output
 
     Output("make-synthetic-pdfs", "DIR", out).refuse_file()
     if out.exists():

@@ -11,7 +11,7 @@ contrastive batch is the global batch (every query scores the pages of all ranks
 
 from __future__ import annotations
 
-from ..config import LossConfig
+from dist_vdr.config import LossConfig
 
 
 def uses_global_batch_loss(cfg: LossConfig, world_size: int) -> bool:
@@ -32,7 +32,7 @@ def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, gu
     if uses_global_batch_loss(cfg, world_size) or cfg.implementation == "global_batch" \
             or cfg.false_negatives.enabled or cfg.distillation.enabled \
             or (datasets and cfg.name == "cmnrl" and cfg.implementation != "stock"):
-        from .global_batch import GlobalBatchCachedMNRL
+        from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
 
         # Negatives kept on their rank: a world of one (this rank its only member). A mixture's datasets say
         # it per step (each DatasetOptions carries the resolved value), so the loss knows the real world.

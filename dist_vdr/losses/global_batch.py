@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 from torch import Tensor
 
-from .. import compat, distributed
-from . import distillation, false_negatives
+from dist_vdr import compat, distributed
+from dist_vdr.losses import distillation, false_negatives
 
 
 @dataclass(frozen=True)

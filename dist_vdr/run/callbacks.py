@@ -14,9 +14,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .. import checkpoint, distributed, log, preemption
-from ..phases import Phases
-from ..run_dir import RunDir
+from dist_vdr import distributed, log
+from dist_vdr.checkpoints import store as checkpoint
+from dist_vdr.run import preemption
+from dist_vdr.run.folder import RunDir
+from dist_vdr.run.startup_timer import Phases
 
 logger = log.get(__name__)
 

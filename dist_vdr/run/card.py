@@ -13,8 +13,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from ..config import Config
-from ..results import Metrics, RunResult
+from dist_vdr.config import Config
+from dist_vdr.run.results import Metrics, RunResult
 
 CARD_FILE = "README.md"
 _TABLE_METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
@@ -131,7 +131,7 @@ def _versions(run_info: dict | None) -> list[str]:
 
 def last_run_info(out: Path) -> dict | None:
     """The newest line of ``run_info.jsonl`` (this (re)start's launch), or None."""
-    from ..report import run_infos
+    from dist_vdr.run.report import run_infos
 
     infos = run_infos(out)
     return infos[-1] if infos else None

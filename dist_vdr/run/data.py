@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .. import distributed, log
-from ..config import Config, DataConfig
-from ..data import ingest, mixture_rows, startup
-from ..data import mixture as mixture_lib
-from ..data.loading import EvalData, image_columns, load_eval, load_train
-from ..data.prepared import PreparedData
+from dist_vdr import distributed, log
+from dist_vdr.config import Config, DataConfig
+from dist_vdr.data import ingest, mixture_rows, startup
+from dist_vdr.data import mixture as mixture_lib
+from dist_vdr.data.loading import EvalData, image_columns, load_eval, load_train
+from dist_vdr.data.prepared import PreparedData
 
 logger = log.get(__name__)
 
@@ -38,7 +38,7 @@ def prepare_data(cfg: Config, info: distributed.DistInfo, out: Path | None, *, h
                          f"lower training.global_batch_size or add data")
     scores = cfg.loss.distillation.scores_column
     if scores:  # every row's teacher scores, now: not when the row's step comes
-        from ..data import checks
+        from dist_vdr.data import checks
 
         for part, section, name in (zip(mixture.parts, mixture.configs, mixture.names, strict=True) if mixture
                                     else [(train_ds, cfg.data, None)]):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import distributed
-from ..results import Metrics
-from ..run_dir import RunDir
-from . import tracking
+from dist_vdr import distributed
+from dist_vdr.run import tracking
+from dist_vdr.run.folder import RunDir
+from dist_vdr.run.results import Metrics
 
 
 def metrics_file(out: Path, which: str) -> Path:
@@ -17,7 +17,7 @@ def metrics_file(out: Path, which: str) -> Path:
 def evaluate(trainer, info: distributed.DistInfo, out: Path, which: str, step: int) -> Metrics:
     """Evaluate; rank 0 stores the record (and, for all-rank evaluators, their outputs in eval_<which>/).
 
-    The trainer's evaluator implements :class:`dist_vdr.evaluation.protocol.RunEvaluator`.
+    The trainer's evaluator implements :class:`dist_vdr.retrieval.protocol.RunEvaluator`.
     """
     evaluator = trainer.evaluator
     if evaluator.all_ranks:

@@ -13,9 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .. import adapters, checkpoint, distributed, log
-from ..config import ModelConfig
-from ..run_dir import RunDir
+from dist_vdr import distributed, log
+from dist_vdr.checkpoints import store as checkpoint
+from dist_vdr.config import ModelConfig
+from dist_vdr.models import adapters
+from dist_vdr.run.folder import RunDir
 
 logger = log.get(__name__)
 
@@ -91,7 +93,7 @@ def final_holds(final: Path, step: int, info: distributed.DistInfo) -> bool:
 
 def write_card(out: Path, text: str) -> None:
     """``final/README.md`` (the model card) into the marked final folder (rank 0)."""
-    from .card import CARD_FILE
+    from dist_vdr.run.card import CARD_FILE
 
     folder = RunDir(out).final
     if checkpoint.is_complete(folder):

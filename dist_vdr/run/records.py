@@ -14,10 +14,10 @@ import sentence_transformers
 import torch
 import transformers
 
-from .. import distributed, log
-from ..config import Config, to_yaml
-from ..phases import Phases
-from ..run_dir import RunDir
+from dist_vdr import distributed, log
+from dist_vdr.config import Config, to_yaml
+from dist_vdr.run.folder import RunDir
+from dist_vdr.run.startup_timer import Phases
 
 logger = log.get(__name__)
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import checkpoint, distributed, engines, log
-from ..config import Config
-from ..data import mixture_rows, page_refs
-from ..data.mixture import mixture_sampler
-from ..data.sampler import global_no_duplicates
-from ..storage import no_space_message
-from . import tracking
+from dist_vdr import distributed, log
+from dist_vdr.checkpoints import store as checkpoint
+from dist_vdr.config import Config
+from dist_vdr.data import mixture_rows, page_refs
+from dist_vdr.data.mixture import mixture_sampler
+from dist_vdr.data.sampler import global_no_duplicates
+from dist_vdr.engines import gradient_cache as engines
+from dist_vdr.run import tracking
+from dist_vdr.storage import no_space_message
 
 logger = log.get(__name__)
 

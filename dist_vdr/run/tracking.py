@@ -29,7 +29,7 @@ def run_name(out: Path, resuming: bool) -> str:
     opens a new one, named after the folder and the start time."""
     import time
 
-    from ..report import run_infos
+    from dist_vdr.run.report import run_infos
 
     recorded = [info["tracker_run"] for info in run_infos(out) if info.get("tracker_run")] if resuming else []
     return recorded[-1] if recorded else f"{out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -20,7 +20,7 @@ def test_flop_estimate_agrees_with_torch_flop_counter(tiny_model):
     from torch.utils.flop_counter import FlopCounterMode
 
     from dist_vdr.bench.train_speed import _page, _query
-    from dist_vdr.step_stats import TokenCounter, find_hf_model
+    from dist_vdr.run.step_stats import TokenCounter, find_hf_model
 
     model = SentenceTransformer(str(tiny_model), device="cpu", model_kwargs={"attn_implementation": "eager"})
     counter = TokenCounter(find_hf_model(model))
@@ -100,7 +100,7 @@ def test_compiled_blocks_train_like_eager(tiny_model, pages, tmp_path):
 def test_compile_refuses_a_model_without_blocks():
     import torch
 
-    from dist_vdr.model import compile_blocks
+    from dist_vdr.models.build import compile_blocks
 
     with pytest.raises(ValueError, match="model.compile"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

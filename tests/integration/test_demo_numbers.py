@@ -45,7 +45,7 @@ def _versions() -> dict:
 
 def test_the_demo_starts_with_the_recorded_losses(tmp_path):
     from dist_vdr.data.synthetic import SyntheticPagesSpec, generate_pages
-    from dist_vdr.tiny import TinyModelSpec, build_tiny_model
+    from dist_vdr.kinds.tiny import TinyModelSpec, build_tiny_model
 
     # What `make demo` builds: `dist-vdr make-tiny-model` and `make-synthetic-pages --num-train 4000`.
     model = build_tiny_model(tmp_path / "tiny-model", TinyModelSpec())

@@ -30,7 +30,7 @@ def _train(launch: str, out: Path, nproc: int, extensions_dir: Path, tiny_model,
 
 def _history(out: Path) -> dict[int, tuple[float, float]]:
     """step -> (loss, grad_norm) from the newest checkpoint's trainer state."""
-    from dist_vdr.checkpoint import latest_complete
+    from dist_vdr.checkpoints.store import latest_complete
 
     state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
     return {h["step"]: (h["loss"], h["grad_norm"]) for h in state["log_history"] if "loss" in h}
@@ -58,7 +58,8 @@ _runs: dict = {}
 
 def assert_card_matches_metrics(run: Path) -> None:
     """final/README.md holds metrics_after.json's per-dim NDCG@10, and final/ still verifies."""
-    from dist_vdr import checkpoint, distributed
+    from dist_vdr import distributed
+    from dist_vdr.checkpoints import store as checkpoint
 
     card = (run / "final" / "README.md").read_text()
     after = json.loads((run / "metrics_after.json").read_text())["metrics"]
@@ -182,7 +183,7 @@ def test_the_engines_checkpoints_average_and_consolidate(engine, tmp_path_factor
     final/ holds at that step, bit for bit."""
     import torch
 
-    from dist_vdr.averaging import average
+    from dist_vdr.checkpoints.averaging import average
 
     run, _ = _engine_run(engine, tmp_path_factory, tiny_model, pages, extensions_dir)
     tmp = tmp_path_factory.mktemp(f"{engine}-average")

@@ -38,9 +38,9 @@ def test_eval_and_mining_never_write_into_the_data_folder(tiny_model, pages, tmp
 
     from sentence_transformers import SentenceTransformer
 
-    from dist_vdr import mining
     from dist_vdr.config import DataConfig, MiningConfig
     from dist_vdr.data.loading import load_eval, load_train
+    from dist_vdr.retrieval import mining
 
     data = tmp_path / "pages"
     shutil.copytree(pages, data)

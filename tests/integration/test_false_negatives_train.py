@@ -85,8 +85,8 @@ def test_reranker_teacher_scores_on_two_ranks_equal_the_reranker(tiny_model, tin
     import torch
 
     from dist_vdr.config import ModelConfig, RerankerConfig
-    from dist_vdr.reranker.model import build_reranker
-    from dist_vdr.reranker.scoring import forward_scores
+    from dist_vdr.kinds.reranker.model import build_reranker
+    from dist_vdr.kinds.reranker.scoring import forward_scores
 
     out = tmp_path / "mined"
     two = run_accelerate(["mine-negatives", "--model", str(tiny_model), "--data", str(pages), "--out", str(out),
@@ -117,7 +117,7 @@ def test_score_rows_adds_a_teachers_scores_to_the_rows_as_they_are(tiny_model, t
     import numpy as np
 
     from dist_vdr.config import ModelConfig
-    from dist_vdr.model import build_model
+    from dist_vdr.models.build import build_model
 
     out = tmp_path / "scored"
     scored = run_cli(["score-rows", "--teacher", str(tiny_model), "--data", str(pages), "--out", str(out),

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from conftest import launch_env, log_tail, run_launcher, saved_weights, tiny_overrides
-from dist_vdr import checkpoint, distributed
+from dist_vdr import distributed
+from dist_vdr.checkpoints import store as checkpoint
 
 
 @pytest.mark.parametrize("launch", ["cpu", "cpu_zero3", "cpu_fsdp2"])

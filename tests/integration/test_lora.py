@@ -16,7 +16,7 @@ from conftest import (
     run_launcher,
     tiny_overrides,
 )
-from dist_vdr import adapters
+from dist_vdr.models import adapters
 
 RECIPE = "configs/tiny-lora.yaml"
 STEPS = 6

@@ -25,7 +25,7 @@ from conftest import (
     logged_losses,
     train_engine,
 )
-from dist_vdr import adapters
+from dist_vdr.models import adapters
 
 RECIPE = "configs/tiny-lora.yaml"
 STEPS = 6

@@ -118,12 +118,14 @@ def _cases() -> list:
 # ----------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model) -> World:
-    from dist_vdr import adapters, checkpoint, distributed
+    from dist_vdr import distributed
+    from dist_vdr.checkpoints import store as checkpoint
     from dist_vdr.config import AdapterConfig, ModelConfig, load_config, to_yaml
     from dist_vdr.data.judgements import write_qrels_trec, write_queries_jsonl
     from dist_vdr.data.synthetic import SyntheticPagesSpec, generate_pages
     from dist_vdr.data.synthetic_pdfs import SyntheticPdfSpec, generate_pdf_folder
-    from dist_vdr.model import build_model
+    from dist_vdr.models import adapters
+    from dist_vdr.models.build import build_model
 
     root = tmp_path_factory.mktemp("guard")
     data = generate_pages(root / "pages", SyntheticPagesSpec(num_train=16, num_negatives=1, num_eval_queries=6, seed=3),
@@ -163,7 +165,7 @@ def _fsdp2_checkpoint(model_dir: Path, folder: Path, recipe: str) -> Path:
     import torch.distributed.checkpoint as dcp
     from sentence_transformers import SentenceTransformer
 
-    from dist_vdr.consolidate import FSDP_MODEL_DIR
+    from dist_vdr.checkpoints.consolidate import FSDP_MODEL_DIR
 
     state = {k: v.clone() for k, v in SentenceTransformer(str(model_dir), device="cpu").state_dict().items()}
     with warnings.catch_warnings():

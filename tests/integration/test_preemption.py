@@ -10,7 +10,7 @@ from conftest import REPO
 _PROBE = r"""
 import os, signal, threading, time
 signal.signal(signal.SIGUSR2, signal.SIG_IGN)   # as inherited from slurm/node_launch.sh's shielded launcher
-from dist_vdr import preemption
+from dist_vdr.run import preemption
 preemption.install()
 masks = {}
 def worker():
@@ -36,7 +36,7 @@ def test_signal_is_blocked_in_all_threads_and_sets_the_flag():
 def test_callback_saves_and_stops_at_the_step_boundary():
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from dist_vdr import preemption
+    from dist_vdr.run import preemption
     from dist_vdr.run.callbacks import PreemptionCallback
 
     cb = PreemptionCallback()

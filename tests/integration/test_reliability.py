@@ -122,7 +122,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
 
 _KILL_BEFORE_MARKER = r"""
 import os, signal, sys
-import dist_vdr.checkpoint as ckpt
+import dist_vdr.checkpoints.store as ckpt
 original = ckpt.write_marker
 def killed_before_marking(path, record):
     if record.get("step") == int(os.environ["KILL_AT_STEP"]) and "checkpoint-" in str(path):
@@ -141,7 +141,7 @@ def test_save_total_limit_1_never_leaves_only_an_unmarked_checkpoint(tiny_model,
     proc = subprocess.run([sys.executable, "-c", _KILL_BEFORE_MARKER, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, log_tail(proc.stdout + proc.stderr)
-    from dist_vdr.checkpoint import list_checkpoints
+    from dist_vdr.checkpoints.store import list_checkpoints
 
     # checkpoint-4's files are on disk without a marker; checkpoint-2 must still be there, complete.
     assert [(s, ok) for s, _, ok in list_checkpoints(out)] == [(2, True), (4, False)]
@@ -209,7 +209,7 @@ def test_sigterm_saves_the_step_and_stops(tiny_model, pages, tmp_path):
     log = "".join(lines)
     assert "received SIGTERM: saving a checkpoint at the next step boundary" in log
     stopped = int(log.split("stopped by SIGTERM at step ")[1].split(":")[0])
-    from dist_vdr.checkpoint import latest_complete
+    from dist_vdr.checkpoints.store import latest_complete
 
     assert latest_complete(out).name == f"checkpoint-{stopped}" and 1 <= stopped < 400
 
@@ -237,7 +237,7 @@ def test_ctrl_c_of_a_one_process_run_mid_training_saves_the_step(tiny_model, pag
     log = "".join(lines)
     assert proc.wait(timeout=120) == 0, log_tail(log)
     stopped = int(log.split("stopped by SIGINT at step ")[1].split(":")[0])
-    from dist_vdr.checkpoint import latest_complete
+    from dist_vdr.checkpoints.store import latest_complete
 
     assert latest_complete(out).name == f"checkpoint-{stopped}" and 1 < stopped < 400
     assert not (out / ".dist_vdr.lock").exists()
@@ -281,7 +281,7 @@ def test_one_writer_per_folder_and_ranks_die_with_their_launcher(tiny_model, pag
         kill_tree(first) if first.poll() is None else None
     # (c) The dead run's lock is stale (its process ended): the rerun takes it over and resumes (two
     # more steps than its newest checkpoint, so that it ends soon: the schedule change is allowed).
-    from dist_vdr.checkpoint import checkpoint_step, latest_complete
+    from dist_vdr.checkpoints.store import checkpoint_step, latest_complete
 
     last = checkpoint_step(latest_complete(out))
     third = subprocess.run([*args, f"training.max_steps={last + 2}", "--allow-config-change"], cwd=REPO,

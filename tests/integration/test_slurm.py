@@ -26,7 +26,7 @@ RECIPE = str(REPO / "configs/tiny.yaml")
 def test_generated_job_script(tmp_path, monkeypatch):
     from submitit.slurm.test_slurm import mocked_slurm
 
-    from dist_vdr.cluster import SlurmResources, submit
+    from dist_vdr.cli.cluster import SlurmResources, submit
 
     monkeypatch.chdir(REPO)
     res = SlurmResources(nodes=4, gpus_per_node=8, cpus_per_task=12, mem_gb=400, time_min=240, partition="gpu",
@@ -46,7 +46,7 @@ def test_generated_job_script(tmp_path, monkeypatch):
 
 
 def test_resources_validation():
-    from dist_vdr.cluster import SlurmResources
+    from dist_vdr.cli.cluster import SlurmResources
 
     assert SlurmResources(nodes=2).world_size == 2
     assert SlurmResources(nodes=2, gpus_per_node=4).world_size == 8
@@ -58,7 +58,7 @@ def test_resources_validation():
 
 def test_engine_comes_from_the_same_launch_config():
     """A submitit job gets the environment `accelerate launch --config_file X` would give its workers."""
-    from dist_vdr.cluster import engine_env
+    from dist_vdr.cli.cluster import engine_env
 
     assert engine_env(None) == {} and engine_env(str(REPO / "launch/ddp.yaml")) == {}
     assert engine_env(str(REPO / "launch/cpu.yaml")) == {}
@@ -72,7 +72,7 @@ def test_engine_comes_from_the_same_launch_config():
 def test_bad_recipe_never_reaches_the_queue(tmp_path, monkeypatch):
     from submitit.slurm.test_slurm import mocked_slurm
 
-    from dist_vdr.cluster import SlurmResources, submit
+    from dist_vdr.cli.cluster import SlurmResources, submit
 
     with mocked_slurm() as mock, pytest.raises(ValueError, match="unknown config key"):
         submit(RECIPE, ["training.bogus=1"], SlurmResources(), log_dir=str(tmp_path))

@@ -17,9 +17,9 @@ def _doc_module() -> str:
 _RUN = """
 import sys
 sys.path.insert(0, {folder!r})
-from dist_vdr import tasks
+from dist_vdr import kinds as tasks
 from dist_vdr.config import load_config
-from dist_vdr.training import headline, run_training
+from dist_vdr.run.training import headline, run_training
 tasks.register("triplet", "triplet_task:TripletTask")  # the one registry line
 cfg = load_config(None, {overrides!r})
 result = run_training(cfg)

@@ -92,7 +92,7 @@ def test_the_trackers_hold_the_logged_scalars_of_a_two_rank_run(tiny_model, page
     from PIL import Image
 
     assert Image.open(out / "report.png").size[0] > 1000
-    from dist_vdr.report import eval_curves, history
+    from dist_vdr.run.report import eval_curves, history
 
     log, _ = history(out)
     assert eval_curves(log)["64"][0] == [2, 4]

@@ -31,7 +31,7 @@ def test_killed_run_resumes_to_the_same_final_loss(shared_runs, tmp_path):
     ref_out = shared_runs["tiny-ddp"]
     out = tmp_path / "interrupted"
     kill_after_first_checkpoint(shared_runs.command("tiny-ddp", out), out)
-    from dist_vdr.checkpoint import latest_complete
+    from dist_vdr.checkpoints.store import latest_complete
 
     killed_at = latest_complete(out)
     assert killed_at is not None and int(killed_at.name.split("-")[1]) < steps
@@ -63,7 +63,7 @@ def test_accelerate_cpu_flag_trap_is_refused(tiny_model, pages, tmp_path):
 
 
 def test_bad_input_exits_nonzero_and_keeps_existing_outputs(tiny_model, pages, tmp_path):
-    from dist_vdr.checkpoint import write_marker
+    from dist_vdr.checkpoints.store import write_marker
 
     out = tmp_path / "existing"
     ckpt = out / "checkpoint-2"

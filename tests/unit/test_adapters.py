@@ -10,9 +10,9 @@ from PIL import Image
 from sentence_transformers import SentenceTransformer
 
 from conftest import run_cli
-from dist_vdr import adapters
 from dist_vdr.config import AdapterConfig, ModelConfig, load_config
-from dist_vdr.model import build_model
+from dist_vdr.models import adapters
+from dist_vdr.models.build import build_model
 
 LORA = AdapterConfig(type="lora", rank=4, alpha=8.0)
 
@@ -145,7 +145,7 @@ def test_an_adapter_of_a_relative_base_loads_from_another_directory(tiny_model, 
 def test_adapters_average_only_with_the_same_configuration_and_base(tiny_model, tmp_path):
     """alpha 8 averaged with alpha 32 was written as alpha 8 (the second update scaled by 1/4): refused now, by
     the key that differs; the same configuration averages."""
-    from dist_vdr.averaging import average
+    from dist_vdr.checkpoints.averaging import average
 
     for name, adapter, seed in (("a", LORA, 1), ("b", dataclasses.replace(LORA, alpha=32.0), 2), ("c", LORA, 3)):
         model = _model(tiny_model, adapter)

@@ -3,7 +3,7 @@
 - the import graph of dist_vdr (every import statement, module level or inside a function; only
   ``if TYPE_CHECKING:`` blocks left out) has no cycle, and no module imports from a higher layer;
 - no function is longer than 60 lines unless a comment on the line above its ``def`` says why;
-- the training run has no branch on the task: the task (dist_vdr.tasks) decides.
+- the training run has no branch on the task: the task (dist_vdr.kinds) decides.
 """
 
 from __future__ import annotations
@@ -24,22 +24,20 @@ MAX_FUNCTION_LINES = 60
 # Lowest first. A module may import from its own layer (without cycles) and from layers below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("dist_vdr", "dist_vdr.log", "dist_vdr.compat", "dist_vdr.storage", "dist_vdr.outputs",
-                    "dist_vdr.run_dir", "dist_vdr.sources",
-                    "dist_vdr.lifecycle", "dist_vdr.phases", "dist_vdr.distributed", "dist_vdr.results",
-                    "dist_vdr.tasks")),
+                    "dist_vdr.sources", "dist_vdr.distributed", "dist_vdr.run.folder", "dist_vdr.run.lifecycle",
+                    "dist_vdr.run.startup_timer", "dist_vdr.run.results")),
+    # The registry of kinds (the package's __init__): names and import targets, read by the config.
+    ("kind registry", ("dist_vdr.kinds",)),
     ("config", ("dist_vdr.config",)),
-    ("building blocks", ("dist_vdr.data", "dist_vdr.adapters", "dist_vdr.adapter_engines", "dist_vdr.model",
-                         "dist_vdr.losses",
-                         "dist_vdr.evaluation",
-                         "dist_vdr.checkpoint",
-                         "dist_vdr.preemption", "dist_vdr.resume_guard", "dist_vdr.run_lock",
-                         "dist_vdr.engines", "dist_vdr.step_stats", "dist_vdr.mining", "dist_vdr.st_trainers")),
-    # tiny builds the test models of every task.
-    ("tasks", ("dist_vdr.tasks.*", "dist_vdr.reranker", "dist_vdr.tiny")),
-    # consolidate builds a task's model; averaging consolidates.
-    ("run", ("dist_vdr.run", "dist_vdr.training", "dist_vdr.report", "dist_vdr.consolidate", "dist_vdr.averaging")),
-    ("entry points", ("dist_vdr.cli*", "dist_vdr.commands", "dist_vdr.cluster", "dist_vdr.launcher",
-                      "dist_vdr.bench")),
+    # What every kind shares; none of it imports a kind.
+    ("shared", ("dist_vdr.data", "dist_vdr.models", "dist_vdr.engines", "dist_vdr.losses", "dist_vdr.retrieval",
+                "dist_vdr.checkpoints.store", "dist_vdr.run.preemption", "dist_vdr.run.resume_guard",
+                "dist_vdr.run.lock", "dist_vdr.run.step_stats", "dist_vdr.kinds.base")),
+    # One package per kind; tiny builds the test models of every kind.
+    ("kinds", ("dist_vdr.kinds.*",)),
+    # consolidate builds a kind's model; averaging consolidates.
+    ("run", ("dist_vdr.run", "dist_vdr.checkpoints")),
+    ("entry points", ("dist_vdr.cli", "dist_vdr.bench")),
 ]
 
 
@@ -56,7 +54,7 @@ def _modules() -> dict[str, Path]:
 
 def layer_of(module: str) -> int:
     """The layer of ``module``: patterns match the module or a package above it (``x`` matches ``x`` and
-    ``x.y``; ``x*`` is a glob); the longest matching pattern wins (``dist_vdr.tasks.*`` beats ``dist_vdr.tasks``)."""
+    ``x.y``; ``x*`` is a glob); the longest matching pattern wins (``dist_vdr.kinds.*`` beats ``dist_vdr.kinds``)."""
     best, best_len = None, -1
     for i, (_, patterns) in enumerate(LAYERS):
         for pattern in patterns:
@@ -152,14 +150,15 @@ def test_the_checks_can_fail():
     """The broken variants: a cycle and an upward import are found."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    assert layer_of("dist_vdr.cli") > layer_of("dist_vdr.training") > layer_of("dist_vdr.tasks.embedding") \
-        > layer_of("dist_vdr.model") > layer_of("dist_vdr.config") > layer_of("dist_vdr.tasks")
-    known = {"dist_vdr.config", "dist_vdr.cli", "dist_vdr.tasks", "dist_vdr.tasks.base"}
-    tree = "from . import cli\nfrom .tasks import base\nif TYPE_CHECKING:\n    from . import tasks\n"
+    assert layer_of("dist_vdr.cli.commands") > layer_of("dist_vdr.run.training") \
+        > layer_of("dist_vdr.kinds.embedding.task") > layer_of("dist_vdr.models.build") > layer_of("dist_vdr.config") \
+        > layer_of("dist_vdr.kinds")
+    known = {"dist_vdr.config", "dist_vdr.cli", "dist_vdr.kinds", "dist_vdr.kinds.base"}
+    tree = "from . import cli\nfrom .kinds import base\nif TYPE_CHECKING:\n    from . import kinds\n"
     probe = REPO / "tests" / "_probe_module.py"
     try:
         probe.write_text(tree)
-        assert imports_of("dist_vdr.config", probe, known) == {"dist_vdr.cli", "dist_vdr.tasks.base"}
+        assert imports_of("dist_vdr.config", probe, known) == {"dist_vdr.cli", "dist_vdr.kinds.base"}
     finally:
         probe.unlink()
 
@@ -185,7 +184,7 @@ def test_no_function_over_60_lines_without_a_reason():
                       + "\n".join(long))
 
 
-@pytest.mark.parametrize("path", ["dist_vdr/training.py", *sorted(
+@pytest.mark.parametrize("path", [*sorted(
     str(p.relative_to(REPO)) for p in (PACKAGE / "run").glob("*.py"))])
 def test_the_run_has_no_task_branch(path):
     source = (REPO / path).read_text()
@@ -194,7 +193,7 @@ def test_the_run_has_no_task_branch(path):
                 and any(("task" in ast.unparse(side)) or (isinstance(side, ast.Constant) and side.value in
                                                           ("embedding", "reranker"))
                         for side in [n.left, *n.comparators])]
-    assert not branches, f"{path} branches on the task: {branches}; ask the task (dist_vdr.tasks) instead"
+    assert not branches, f"{path} branches on the task: {branches}; ask the task (dist_vdr.kinds) instead"
 
 
 def test_ruff_is_clean_under_the_committed_config():
@@ -216,7 +215,7 @@ def test_the_run_folders_names_are_defined_in_one_module():
 
     spelled = []
     for module, path in _modules().items():
-        if module == "dist_vdr.run_dir":
+        if module == "dist_vdr.run.folder":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div)):
@@ -227,4 +226,4 @@ def test_the_run_folders_names_are_defined_in_one_module():
                 literal = str(right.values[0].value) + "{}"
             if literal and (literal in RUN_NAMES or literal.startswith(("metrics_{", "eval_{"))):
                 spelled.append(f"{module}:{node.lineno} / {literal!r}")
-    assert not spelled, f"run folder names spelled outside dist_vdr/run_dir.py: {spelled}"
+    assert not spelled, f"run folder names spelled outside dist_vdr/run/folder.py: {spelled}"

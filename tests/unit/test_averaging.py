@@ -13,8 +13,9 @@ from conftest import perturbed_copy
 
 
 def test_identical_checkpoints_average_to_themselves_and_different_ones_to_their_mean(tiny_model, tmp_path):
-    from dist_vdr import checkpoint, distributed
-    from dist_vdr.averaging import average
+    from dist_vdr import distributed
+    from dist_vdr.checkpoints import store as checkpoint
+    from dist_vdr.checkpoints.averaging import average
 
     same = average([tiny_model, tiny_model], tmp_path / "same")
     a, b = load_file(str(tiny_model / "model.safetensors")), load_file(str(same / "model.safetensors"))
@@ -37,7 +38,7 @@ def test_identical_checkpoints_average_to_themselves_and_different_ones_to_their
 
 
 def test_inputs_that_cannot_be_averaged_are_refused(tiny_model, tmp_path):
-    from dist_vdr.averaging import average
+    from dist_vdr.checkpoints.averaging import average
 
     with pytest.raises(ValueError, match="at least two"):
         average([tiny_model], tmp_path / "x")
@@ -78,11 +79,12 @@ def test_inputs_that_cannot_be_averaged_are_refused(tiny_model, tmp_path):
 
 
 def test_consolidate_refuses_what_it_cannot_build(tiny_model, tmp_path):
-    from dist_vdr.consolidate import consolidate
+    from dist_vdr.checkpoints.consolidate import consolidate
 
     with pytest.raises(ValueError, match="already a model folder"):
         consolidate(tiny_model, tmp_path / "c")
-    from dist_vdr import checkpoint, distributed
+    from dist_vdr import distributed
+    from dist_vdr.checkpoints import store as checkpoint
 
     shards = tmp_path / "checkpoint-2"  # marked (a complete save) FSDP2 shards
     (shards / "pytorch_model_fsdp_0").mkdir(parents=True)
@@ -108,8 +110,8 @@ def test_half_written_or_unverifiable_inputs_and_unwritable_outputs_are_refused(
     import os
     from pathlib import Path
 
-    from dist_vdr.averaging import average
-    from dist_vdr.consolidate import consolidate
+    from dist_vdr.checkpoints.averaging import average
+    from dist_vdr.checkpoints.consolidate import consolidate
 
     shards = tmp_path / "checkpoint-2"  # FSDP2 shards without the completion marker: an interrupted save
     (shards / "pytorch_model_fsdp_0").mkdir(parents=True)

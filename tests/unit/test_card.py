@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dist_vdr import checkpoint, distributed
+from dist_vdr import distributed
+from dist_vdr.checkpoints import store as checkpoint
 from dist_vdr.config import load_config
-from dist_vdr.results import Metrics, RunResult
+from dist_vdr.kinds import get
 from dist_vdr.run.card import build_card
-from dist_vdr.tasks import get
+from dist_vdr.run.results import Metrics, RunResult
 
 
 def _result(rows_after: dict, rows_before: dict | None = None, dims=(64, 32)) -> RunResult:
@@ -55,7 +56,7 @@ def test_a_file_added_to_a_marked_folder_keeps_it_verifiable(tmp_path):
 def test_the_report_reads_the_series_and_the_evaluations_of_a_run_folder(tmp_path):
     import json
 
-    from dist_vdr.report import eval_curves, series, write_report
+    from dist_vdr.run.report import eval_curves, series, write_report
 
     log = [{"step": 1, "loss": 3.0, "learning_rate": 1e-3, "grad_norm": 2.0},
            {"step": 2, "loss": 2.5, "learning_rate": 5e-4, "grad_norm": 1.5, "samples_per_second": 40.0},
@@ -90,7 +91,7 @@ def test_results_in_mtebs_format_load_with_mtebs_own_loader(tmp_path):
     import json
 
     from dist_vdr.data.loading import set_name
-    from dist_vdr.evaluation.mteb_format import write_results
+    from dist_vdr.retrieval.mteb_format import write_results
 
     assert set_name("./data/vidore-v3-hr/") == "vidore-v3-hr" and set_name("org/name with space") == "name-with-space"
     files = write_results(tmp_path, "dist-vdr", "pages", "test",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dist_vdr import checkpoint as ckpt
+from dist_vdr.checkpoints import store as ckpt
 from dist_vdr.distributed import DistInfo
 
 ONE = DistInfo()

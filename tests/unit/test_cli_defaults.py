@@ -18,9 +18,9 @@ import typing
 import pytest
 
 from conftest import REPO
-from dist_vdr.cli import _options_first, _submit_settings, build_parser
-from dist_vdr.cli_bench import new_spelling
-from dist_vdr.cli_options import load_command
+from dist_vdr.cli.bench import new_spelling
+from dist_vdr.cli.commands import _options_first, _submit_settings, build_parser
+from dist_vdr.cli.options import load_command
 
 # Options that are not settings of a config dataclass (the train/data-check/make-*/merge-adapter commands).
 UNMAPPED = {
@@ -309,7 +309,7 @@ def test_settings_errors_name_the_key_and_the_layer(tmp_path):
 
 
 def test_mine_takes_one_source(tmp_path):
-    from dist_vdr.cli_data import _load_mine
+    from dist_vdr.cli.data import _load_mine
 
     parser = build_parser()
     for folder in ("d", "c"):

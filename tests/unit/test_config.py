@@ -9,7 +9,7 @@ import pytest
 
 from dist_vdr.config import Config, to_yaml
 from dist_vdr.config import load_config as _load_config
-from dist_vdr.model import check_dims
+from dist_vdr.models.build import check_dims
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,9 @@ import types
 
 import pytest
 
-from dist_vdr import checkpoint, engines
+from dist_vdr.checkpoints import store as checkpoint
 from dist_vdr.distributed import DistInfo
+from dist_vdr.engines import gradient_cache as engines
 from dist_vdr.run.setup import check_engine as _check_engine
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_vdr.evaluation.metrics import retrieval_metrics
-from dist_vdr.evaluation.search import merge_topk, shard_topk
+from dist_vdr.retrieval.metrics import retrieval_metrics
+from dist_vdr.retrieval.search import merge_topk, shard_topk
 
 
 def _random_run(num_q=40, num_docs=60, k=20, graded=False, seed=0):
@@ -91,8 +91,8 @@ def _data(pages):
 def test_equals_stock_information_retrieval_evaluator(tiny_model, pages, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from dist_vdr.evaluation import stock
-    from dist_vdr.evaluation.sharded import ShardedRetrievalEvaluator
+    from dist_vdr.retrieval import stock
+    from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
 
     model = SentenceTransformer(str(tiny_model), device="cpu")
     data = _data(pages)
@@ -110,7 +110,7 @@ def test_outputs_reproduce_with_pytrec_eval(tiny_model, pages, tmp_path):
     import pytrec_eval
     from sentence_transformers import SentenceTransformer
 
-    from dist_vdr.evaluation.sharded import ShardedRetrievalEvaluator
+    from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
 
     model = SentenceTransformer(str(tiny_model), device="cpu")
     ev = ShardedRetrievalEvaluator(_data(pages), [64, 16], batch_size=8, num_workers=2, show_progress=False)
@@ -136,7 +136,7 @@ def test_outputs_reproduce_with_pytrec_eval(tiny_model, pages, tmp_path):
 def test_cache_resumes_an_interrupted_encoding(tiny_model, pages, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from dist_vdr.evaluation.encode import encode_corpus_shard
+    from dist_vdr.retrieval.encode import encode_corpus_shard
 
     model = SentenceTransformer(str(tiny_model), device="cpu")
     corpus = _data(pages).corpus
@@ -178,8 +178,8 @@ def test_cache_is_keyed_by_model_corpus_and_preprocessing(tiny_model, pages, tmp
     from sentence_transformers import SentenceTransformer
 
     from dist_vdr.data.loading import EvalData
-    from dist_vdr.evaluation.encode import embedding_key
-    from dist_vdr.evaluation.sharded import ShardedRetrievalEvaluator
+    from dist_vdr.retrieval.encode import embedding_key
+    from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
 
     model = SentenceTransformer(str(tiny_model), device="cpu")
     a = _data(pages)
@@ -212,7 +212,7 @@ def _fixed_scores_run(monkeypatch, tmp_path, page_scores: dict[str, float], qrel
     import pytrec_eval
 
     from dist_vdr.data.loading import EvalData
-    from dist_vdr.evaluation import sharded
+    from dist_vdr.retrieval import sharded
 
     ids = list(page_scores)
     x = torch.tensor([page_scores[p] for p in ids], dtype=torch.float32)
@@ -261,7 +261,7 @@ def test_written_run_reproduces_the_metrics_under_trec_eval_ties(monkeypatch, tm
 
 
 def test_score_text_keeps_float32_scores_distinct_and_ordered():
-    from dist_vdr.evaluation.sharded import score_text
+    from dist_vdr.retrieval.sharded import score_text
 
     values = np.sort(np.random.default_rng(1).uniform(-1, 1, 2000).astype(np.float32))
     values = np.concatenate([values, np.nextafter(values, np.float32(2))])
@@ -274,7 +274,7 @@ def test_score_text_keeps_float32_scores_distinct_and_ordered():
 
 def test_corpus_batches_do_not_depend_on_the_number_of_ranks():
     """Shards are whole blocks of batches: every page lands in the same batch for any world size."""
-    from dist_vdr.evaluation.encode import block_batches, block_size, corpus_shard_range
+    from dist_vdr.retrieval.encode import block_batches, block_size, corpus_shard_range
 
     rng = np.random.default_rng(0)
     assert block_size(100, 16) == 16 and block_size(100_000, 16) == 128  # balanced small, sorted large

@@ -133,7 +133,7 @@ def _recipe(pages, *more):
 
 def test_the_collator_moves_the_ids_into_the_labels(pages):
     from dist_vdr.data.loading import load_train
-    from dist_vdr.tasks.embedding import EmbeddingTask
+    from dist_vdr.kinds.embedding.task import EmbeddingTask
 
     cfg = _recipe(pages, "loss.false_negatives.id_column=document_id")
     task = EmbeddingTask()
@@ -176,7 +176,7 @@ def test_ids_looked_up_in_the_page_corpus_equal_id_columns_in_the_rows(pages, tm
     import datasets
 
     from dist_vdr.data.loading import load_train
-    from dist_vdr.tasks.embedding import EmbeddingTask
+    from dist_vdr.kinds.embedding.task import EmbeddingTask
 
     corpus, rows = _rows_naming_pages(pages, tmp_path)
     task = EmbeddingTask()
@@ -223,8 +223,8 @@ def test_distillation_refuses_rows_without_negatives_or_scored_for_other_columns
 
     import datasets
 
-    from dist_vdr.mining import MARKER_FILE
-    from dist_vdr.tasks.embedding import EmbeddingTask
+    from dist_vdr.kinds.embedding.task import EmbeddingTask
+    from dist_vdr.retrieval.mining import MARKER_FILE
 
     rows = tmp_path / "scored"
     datasets.load_from_disk(str(pages))["train"].save_to_disk(str(rows))
@@ -245,7 +245,7 @@ def test_masking_does_not_change_which_rows_are_batched(pages):
     same as without them (masking changes the loss only)."""
     from dist_vdr.data.loading import load_train
     from dist_vdr.data.sampler import global_no_duplicates
-    from dist_vdr.tasks.embedding import EmbeddingTask
+    from dist_vdr.kinds.embedding.task import EmbeddingTask
 
     cfg = _recipe(pages, "loss.false_negatives.id_column=document_id")
     task = EmbeddingTask()
@@ -336,7 +336,7 @@ def test_the_trainer_logs_masked_per_query_and_warns_once_when_most_negatives_ar
     once, on rank 0."""
     from types import SimpleNamespace
 
-    from dist_vdr import st_trainers
+    from dist_vdr.engines import trainers as st_trainers
 
     stats = iter([(1.5, 0.05), (60.0, 0.95), (61.0, 0.97), None])
     warnings = []

@@ -13,6 +13,8 @@ sys.modules['deepspeed'] = None   # import deepspeed -> ImportError
 sys.modules['submitit'] = None
 import dist_vdr
 for m in pkgutil.walk_packages(dist_vdr.__path__, 'dist_vdr.'):
+    if m.name.endswith('.__main__'):
+        continue  # runs the command
     importlib.import_module(m.name)
 import torch
 print('cuda', torch.cuda.is_available())

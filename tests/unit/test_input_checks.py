@@ -97,8 +97,8 @@ def test_data_check_refuses_a_bad_teacher_score_before_training_and_needs_no_mod
 
 
 def test_the_resume_guard_names_the_key_and_treats_dataset_keys_as_their_twins(tmp_path):
-    from dist_vdr import resume_guard
     from dist_vdr.config import to_yaml
+    from dist_vdr.run import resume_guard
 
     def recipe(*more):
         return to_yaml(load_config("configs/tiny.yaml", [
@@ -119,9 +119,10 @@ def test_the_resume_guard_names_the_key_and_treats_dataset_keys_as_their_twins(t
 
 
 def test_report_reads_the_newest_intact_checkpoint_and_names_the_damage(tmp_path):
-    from dist_vdr import checkpoint, distributed
+    from dist_vdr import distributed
+    from dist_vdr.checkpoints import store as checkpoint
     from dist_vdr.config import Config, to_yaml
-    from dist_vdr.report import write_report
+    from dist_vdr.run.report import write_report
 
     run = tmp_path / "run"
     run.mkdir()

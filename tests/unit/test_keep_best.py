@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from dist_vdr import checkpoint, distributed
+from dist_vdr import distributed
+from dist_vdr.checkpoints import store as checkpoint
 
 
 def _checkpoint(out, step: int, metric: float | None):
@@ -51,7 +52,7 @@ def test_final_best_is_not_loaded_into_a_deepspeed_engine_that_cannot_read_it(tm
     checkpoint reads universal ones only: final/ then stays the last step (the run warns), never a crash at the end."""
     from types import SimpleNamespace
 
-    from dist_vdr.st_trainers import _DistVdrTrainerMixin
+    from dist_vdr.engines.trainers import _DistVdrTrainerMixin
 
     _checkpoint(tmp_path, 2, 0.5)  # marked by one rank
     folder = str(tmp_path / "checkpoint-2")

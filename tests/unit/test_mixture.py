@@ -268,8 +268,8 @@ def test_forms_style_pages_have_their_own_vocabulary(tmp_path):
 
 
 def test_several_eval_sets_give_each_sets_metrics_and_their_macro_average(tmp_path):
-    from dist_vdr.evaluation import stock
-    from dist_vdr.evaluation.multi import MultiSetEvaluator
+    from dist_vdr.retrieval import stock
+    from dist_vdr.retrieval.multi import MultiSetEvaluator
 
     class Fake:
         all_ranks = True
@@ -346,11 +346,11 @@ def test_review_mends(tmp_path, tiny_model):
     # and a dataset asking for cross-device negatives gets them
     from sentence_transformers import SentenceTransformer
 
-    from dist_vdr.commands import EvalCommand
+    from dist_vdr.cli.settings import EvalCommand
     from dist_vdr.config import load_config
+    from dist_vdr.kinds.embedding.task import dataset_options
     from dist_vdr.losses import build_loss
     from dist_vdr.run.data import prepare_data
-    from dist_vdr.tasks.embedding import dataset_options
 
     cfg = _cfg("loss.cross_device_negatives=false",
                "data.datasets=[{name: a}, {name: b, cross_device_negatives: true}]")

@@ -30,7 +30,7 @@ def _rows(pages, n=4):
 
 
 def _reranker(path, **kw):
-    from dist_vdr.reranker.model import build_reranker
+    from dist_vdr.kinds.reranker.model import build_reranker
 
     return build_reranker(ModelConfig(name_or_path=str(path)), RerankerConfig(**kw))
 
@@ -38,7 +38,7 @@ def _reranker(path, **kw):
 def test_tiny_reranker_reads_query_and_page_and_scores_one_logit(tiny_reranker, pages):
     from sentence_transformers.cross_encoder.modules import LogitScore
 
-    from dist_vdr.tiny import is_tiny_model
+    from dist_vdr.kinds.tiny import is_tiny_model
 
     assert is_tiny_model(tiny_reranker, "reranker") and not is_tiny_model(tiny_reranker, "embedding")
     model = _reranker(tiny_reranker)
@@ -79,7 +79,7 @@ def _grads(model):
 def test_cached_bce_equals_stock_bce_on_the_expanded_pairs(tiny_reranker, pages):
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
-    from dist_vdr.reranker.loss import build_reranker_loss
+    from dist_vdr.kinds.reranker.loss import build_reranker_loss
 
     model = _reranker(tiny_reranker)
     q, p, n0, n1 = _rows(pages)
@@ -98,7 +98,7 @@ def test_cached_bce_equals_stock_bce_on_the_expanded_pairs(tiny_reranker, pages)
 
 
 def test_listwise_loss_is_a_softmax_over_positive_and_hard_negatives(tiny_reranker, pages):
-    from dist_vdr.reranker.loss import build_reranker_loss
+    from dist_vdr.kinds.reranker.loss import build_reranker_loss
 
     model = _reranker(tiny_reranker)
     q, p, n0, n1 = _rows(pages)
@@ -121,7 +121,7 @@ def test_listwise_loss_is_a_softmax_over_positive_and_hard_negatives(tiny_rerank
 
 
 def test_negative_selection_skips_the_positive_the_first_ranks_and_the_margin():
-    from dist_vdr.mining import score_limit, select_negatives
+    from dist_vdr.retrieval.mining import score_limit, select_negatives
 
     idx = np.array([[5, 1, 2, 3, 4, -1], [0, 1, 2, 3, 4, 6], [9, 8, -1, -1, -1, -1]])
     scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, -np.inf], [0.9, 0.85, 0.8, 0.7, 0.6, 0.5],
@@ -156,7 +156,7 @@ def test_negative_selection_skips_the_positive_the_first_ranks_and_the_margin():
 
 
 def test_mined_rows_record_why_each_negative_was_kept():
-    from dist_vdr.mining import NEGATIVE_MARGINS, RETRIEVER_SCORES, audit_columns
+    from dist_vdr.retrieval.mining import NEGATIVE_MARGINS, RETRIEVER_SCORES, audit_columns
 
     cols = audit_columns(np.array([[0, 3], [1, -1]]), np.array([[0.8, 0.7, 0.5], [0.6, 0.65, 0.1]]))
     assert cols["negative_ranks"] == [[0, 3], [1, -1]]
@@ -167,7 +167,7 @@ def test_mined_rows_record_why_each_negative_was_kept():
 def test_mining_outputs_never_replace_an_input_or_a_folder_of_the_user(tmp_path):
     """mine-negatives / score-rows replace --out whole: refused when it is, holds or lies inside an input,
     or is a folder that is not one of their outputs; an earlier output (its marker) or a new path is fine."""
-    from dist_vdr.mining import MARKER_FILE, check_out
+    from dist_vdr.retrieval.mining import MARKER_FILE, check_out
 
     data, mine = tmp_path / "data", tmp_path / "mined"
     (data / "train").mkdir(parents=True)
@@ -193,7 +193,7 @@ def test_an_output_is_written_through_a_folder_of_its_own(tmp_path):
     input, even) stays untouched, and the written folder has the umask's permissions, not mkdtemp's 0700."""
     import datasets
 
-    from dist_vdr.mining import MARKER_FILE, save_atomic
+    from dist_vdr.retrieval.mining import MARKER_FILE, save_atomic
 
     for sibling in ("rows.tmp", "rows.parts"):
         (tmp_path / sibling).mkdir()
@@ -217,7 +217,7 @@ def _umask() -> int:
 def test_a_row_without_a_page_is_one_line_error():
     import datasets
 
-    from dist_vdr.mining import hash_pages
+    from dist_vdr.retrieval.mining import hash_pages
 
     ds = datasets.Dataset.from_dict({"image": [b"a", b"b"], "negative_0": [b"c", None]})
     with pytest.raises(ValueError, match="row 1 has no page in column 'negative_0'"):
@@ -227,7 +227,7 @@ def test_a_row_without_a_page_is_one_line_error():
 def test_page_table_deduplicates_by_content(pages):
     import datasets
 
-    from dist_vdr.mining import hash_pages, pages_dataset
+    from dist_vdr.retrieval.mining import hash_pages, pages_dataset
 
     ds = datasets.load_from_disk(str(pages))["train"].select(range(6))
     ds = datasets.concatenate_datasets([ds, ds.select([0, 1])])  # rows 6, 7 repeat rows 0, 1
@@ -244,7 +244,7 @@ def test_page_table_deduplicates_by_content(pages):
 def test_listwise_loss_with_retrieval_scores_learns_the_residual(tiny_reranker, pages):
     """With retrieval_score_weight w the softmax is over reranker score + w x retriever score per pair;
     the retriever's scores are constants (no gradient), shifted logits change the loss and gradients."""
-    from dist_vdr.reranker.loss import build_reranker_loss
+    from dist_vdr.kinds.reranker.loss import build_reranker_loss
 
     model = _reranker(tiny_reranker)
     q, p, n0, n1 = _rows(pages)
@@ -305,7 +305,7 @@ def test_reranker_config_defaults_and_refusals():
 def test_sharded_save_routes_head_weights_to_their_module(tiny_reranker, tmp_path):
     from sentence_transformers import CrossEncoder
 
-    from dist_vdr.engines import saving_state_dict
+    from dist_vdr.engines.gradient_cache import saving_state_dict
 
     model = _reranker(tiny_reranker, head="dense")
     full = {k: v.clone() for k, v in model.state_dict().items()}
@@ -320,9 +320,9 @@ def test_sharded_save_routes_head_weights_to_their_module(tiny_reranker, tmp_pat
 
 
 def test_rerank_summary_and_headline():
-    from dist_vdr import tasks
-    from dist_vdr.reranker.evaluation import summarise
-    from dist_vdr.results import Metrics, RunResult
+    from dist_vdr import kinds as tasks
+    from dist_vdr.kinds.reranker.evaluation import summarise
+    from dist_vdr.run.results import Metrics, RunResult
 
     raw = {"eval_retrieval_ndcg@10": 0.5, "eval_rerank_ndcg@10": 0.7, "eval_runtime": 1.0, "rerank_mrr@10": 0.6}
     assert summarise(raw) == {"retrieval": {"ndcg@10": 0.5}, "rerank": {"ndcg@10": 0.7, "mrr@10": 0.6}}
@@ -336,7 +336,7 @@ def test_tiny_reranker_starts_from_an_embedding_backbone(tiny_model, tmp_path):
     from safetensors.torch import load_file
     from sentence_transformers import CrossEncoder
 
-    from dist_vdr.tiny import TinyModelSpec, build_tiny_reranker
+    from dist_vdr.kinds.tiny import TinyModelSpec, build_tiny_reranker
 
     out = build_tiny_reranker(tmp_path / "warm", init_from=tiny_model)
     backbone = load_file(str(tiny_model / "model.safetensors"))
@@ -355,7 +355,7 @@ def test_deeper_tiny_reranker_starts_as_its_warm_start(tiny_model, pages, tmp_pa
     """Layers beyond the embedding backbone's start as the identity: same hidden states as the shallow one."""
     from sentence_transformers import CrossEncoder
 
-    from dist_vdr.tiny import TinyModelSpec, build_tiny_reranker
+    from dist_vdr.kinds.tiny import TinyModelSpec, build_tiny_reranker
 
     shallow = CrossEncoder(str(build_tiny_reranker(tmp_path / "two", init_from=tiny_model)), device="cpu")
     deep = CrossEncoder(str(build_tiny_reranker(tmp_path / "four", TinyModelSpec(num_hidden_layers=4),

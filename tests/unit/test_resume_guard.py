@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from dist_vdr import resume_guard, run_lock
 from dist_vdr.config import load_config, to_yaml
+from dist_vdr.run import lock as run_lock
+from dist_vdr.run import resume_guard
 
 
 def _yaml(*overrides: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dist_vdr import tasks
+from dist_vdr import kinds as tasks
 from dist_vdr.config import load_config
 
 
@@ -23,10 +23,10 @@ def test_registry_names_every_task_and_refuses_others():
 
 
 def test_every_evaluator_implements_the_run_protocol():
-    from dist_vdr.evaluation.protocol import RunEvaluator
-    from dist_vdr.evaluation.sharded import ShardedRetrievalEvaluator
-    from dist_vdr.evaluation.stock import StockRetrievalEvaluator
-    from dist_vdr.reranker.evaluation import RerankEvaluator
+    from dist_vdr.kinds.reranker.evaluation import RerankEvaluator
+    from dist_vdr.retrieval.protocol import RunEvaluator
+    from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
+    from dist_vdr.retrieval.stock import StockRetrievalEvaluator
 
     for cls in (ShardedRetrievalEvaluator, StockRetrievalEvaluator, RerankEvaluator):
         assert isinstance(getattr(cls, "all_ranks", None), bool), cls
@@ -35,7 +35,7 @@ def test_every_evaluator_implements_the_run_protocol():
 
 
 def test_metrics_records_round_trip_with_explicit_keys(tmp_path):
-    from dist_vdr.results import Metrics, RunResult
+    from dist_vdr.run.results import Metrics, RunResult
 
     m = Metrics.of(7, {64: {"ndcg@10": 0.5}, 16: {"ndcg@10": 0.25}})
     assert m.rows == {"64": {"ndcg@10": 0.5}, "16": {"ndcg@10": 0.25}} and m.dims == [64, 16]

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from dist_vdr.config import ModelConfig
-from dist_vdr.model import build_model, resolve_attn_implementation, resolve_dtype
-from dist_vdr.tiny import build_tiny_model
+from dist_vdr.kinds.tiny import build_tiny_model
+from dist_vdr.models.build import build_model, resolve_attn_implementation, resolve_dtype
 
 
 def test_loads_offline_with_last_token_pooling_and_normalize(tiny_model):

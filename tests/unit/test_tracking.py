@@ -53,7 +53,7 @@ def test_step_seconds_leave_out_the_evaluations_and_checkpoints_after_a_log(monk
     every logged step_seconds is 1 s (it was 11 s for step 3, so throughput curves dipped at every evaluation)."""
     from types import SimpleNamespace
 
-    from dist_vdr import st_trainers
+    from dist_vdr.engines import trainers as st_trainers
 
     clock = SimpleNamespace(t=0.0)
     monkeypatch.setattr(st_trainers.time, "perf_counter", lambda: clock.t)

@@ -1,0 +1,154 @@
+"""The Task interface: what differs between model kinds, in one place per kind.
+
+``dist_vdr.training.run_training`` does the parts every run shares (process group, data pass, lock,
+resume decision, records, trainer callbacks, checkpoints, final model, results) and asks the task
+for the rest, in this order:
+
+1. load time: :meth:`Task.configure` (resolve ``auto`` values, refuse combinations the kind cannot
+   train) and :meth:`Task.local_paths` (extra paths that must exist);
+2. data: :meth:`Task.hashes_training_rows` (the startup pass hashes rows for the sampler), then
+   :meth:`Task.prepare` (the rows it trains on and anything its evaluator needs, e.g. mined
+   negatives and first-stage candidates);
+3. model: :meth:`Task.build_model`, :meth:`Task.eval_dims`;
+4. trainer: :meth:`Task.training_arguments`, :meth:`Task.build_loss`, :meth:`Task.build_evaluator`,
+   :attr:`Task.trainer_class`;
+5. outputs: :meth:`Task.final_files`, :meth:`Task.write_summary`, :meth:`Task.headline`.
+
+A task is registered by name in :mod:`dist_vdr.kinds`. Subclass :class:`Task` and override what
+your kind does differently (docs/tasks.md has a worked example).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from dist_vdr.run.folder import RunDir
+
+if TYPE_CHECKING:  # only for annotations: this module is imported while a Config is being validated
+    from dist_vdr.config import Config
+    from dist_vdr.data.loading import EvalData
+    from dist_vdr.data.prepared import PreparedData
+    from dist_vdr.distributed import DistInfo
+    from dist_vdr.retrieval.protocol import RunEvaluator
+    from dist_vdr.run.results import RunResult
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a task is told about the run: the recipe, this process's place, the output folder and
+    the engine the launch config asked for (deepspeed, fsdp or None for DDP). ``ctx.run`` names the
+    output folder's files (:class:`dist_vdr.run_dir.RunDir`)."""
+
+    cfg: Config
+    info: DistInfo
+    out: Path
+    engine: str | None
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.out)
+
+
+@dataclass
+class TaskInputs:
+    """What :meth:`Task.prepare` hands the trainer and the evaluator."""
+
+    train: Any
+    """The dataset the trainer trains on."""
+    row_hashes: Any = None
+    """Content hashes of ``train``'s rows for the no-duplicates sampler (None: it hashes them itself)."""
+    eval_extra: Any = None
+    """Whatever the task's evaluator needs beyond the eval data (the reranker: first-stage candidates)."""
+
+
+class Task:
+    """Base of every task; the defaults are those of a model trained on the recipe's rows as they are."""
+
+    name: str = ""
+    """Set by the registry."""
+    model_phase: ClassVar[str] = "model build"
+    """The name of the startup phase that builds the model (startup_times.json)."""
+
+    # -- load time --------------------------------------------------------------------------
+    def configure(self, cfg: Config) -> None:
+        """Resolve ``auto`` values and refuse combinations this kind cannot train (ValueError with the fix)."""
+
+    def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
+        """(config key, what it names) of the task's own paths that must exist when they look local."""
+        return []
+
+    # -- data ---------------------------------------------------------------------------------
+    def hashes_training_rows(self, cfg: Config) -> bool:
+        """Whether the startup pass hashes the training rows for the no-duplicates sampler."""
+        return False
+
+    def extra_columns(self, cfg: Config) -> list[str]:
+        """Columns of the training rows the task reads besides the query and page columns (kept by the
+        loading, left out of the no-duplicates hashes)."""
+        return []
+
+    def wrap_collator(self, ctx: RunContext, collator):
+        """The trainer's data collator, or a wrapper around it (e.g. turning extra columns into labels)."""
+        return collator
+
+    def prepare(self, ctx: RunContext, data: PreparedData) -> TaskInputs:
+        """The rows to train on (collective; may load other models, must free them)."""
+        return TaskInputs(train=data.train, row_hashes=data.row_hashes)
+
+    # -- model and trainer ---------------------------------------------------------------------
+    def build_model(self, ctx: RunContext):
+        raise NotImplementedError
+
+    def eval_dims(self, cfg: Config, model) -> list[int]:
+        """The embedding dimensions evaluated (checked against the model); [] when not an embedding."""
+        return []
+
+    def training_arguments(self, cfg: Config) -> tuple[type, dict]:
+        """(TrainingArguments class, the task's own arguments)."""
+        raise NotImplementedError
+
+    trainer_class: ClassVar[type]
+
+    def build_loss(self, ctx: RunContext, model):
+        raise NotImplementedError
+
+    def build_evaluator(self, ctx: RunContext, eval_data: EvalData, dims: list[int],
+                        inputs: TaskInputs) -> RunEvaluator:
+        raise NotImplementedError
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def final_files(self, cfg: Config) -> dict[str, str]:
+        """Files written into ``final/`` beside the model (name -> text)."""
+        return {}
+
+    def write_summary(self, out: Path, result: RunResult) -> None:
+        """``metrics.json``: before and after, by row name."""
+        RunDir(out).summary.write_text(json.dumps(before_after(result), indent=2))
+
+    def headline(self, result: RunResult, metric: str) -> str | None:
+        """The one line a finished run prints (None: nothing to say, e.g. evaluation off)."""
+        return None
+
+    card_model_class: ClassVar[str] = "SentenceTransformer"
+    """The model class named by the model card (``final/README.md``)."""
+
+    def card_usage(self, cfg: Config) -> str:
+        """The model card's usage snippet: how to load ``final/`` and use it."""
+        if cfg.model.adapter.type:
+            load = (f'model = SentenceTransformer("{cfg.model.name_or_path}")\n'
+                    f'model.load_adapter("path/to/final")  # this folder: a PEFT adapter')
+        else:
+            load = 'model = SentenceTransformer("path/to/final")  # this folder'
+        return ("```python\nfrom PIL import Image\nfrom sentence_transformers import SentenceTransformer\n\n" + load
+                + "\n"
+                'queries = model.encode_query(["a page with a red header and a bar chart"])\n'
+                'pages = model.encode_document([Image.open("page.png")])  # page images\n'
+                "print(model.similarity(queries, pages))\n```")
+
+
+def before_after(result: RunResult) -> dict[str, dict]:
+    """The run's metrics rows before and after training ({} for an evaluation not run)."""
+    return {which: m.rows if m else {} for which, m in (("before", result.before), ("after", result.after))}

@@ -1,0 +1,199 @@
+"""task: embedding -- a SentenceTransformer (bi-encoder) trained with in-batch and hard negatives.
+
+The loss is the recipe's contrastive loss (cached MNRL with cross-device negatives, wrapped in
+MatryoshkaLoss when dims are given); evaluation is retrieval at every Matryoshka dimension.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sentence_transformers import SentenceTransformerTrainingArguments
+
+from dist_vdr import compat
+from dist_vdr.config import Config
+from dist_vdr.data import id_labels
+from dist_vdr.engines.trainers import Trainer
+from dist_vdr.kinds.base import RunContext, Task, TaskInputs, before_after
+from dist_vdr.losses import build_loss
+from dist_vdr.models.build import build_model, check_dims, embedding_dim
+from dist_vdr.retrieval import stock
+from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator, plot_ndcg_vs_dim
+from dist_vdr.run.folder import RunDir
+from dist_vdr.run.results import RunResult
+
+_LOSSES = ("cmnrl", "mnrl")
+
+
+class EmbeddingTask(Task):
+    trainer_class = Trainer
+
+    def configure(self, cfg: Config) -> None:
+        if cfg.loss.name == "auto":
+            cfg.loss.name = "cmnrl"
+        if cfg.training.batch_sampler == "auto":
+            # A repeated page in the global batch would be a false in-batch negative.
+            cfg.training.batch_sampler = "no_duplicates_hashed"
+        if cfg.loss.name not in _LOSSES:
+            raise ValueError(f"loss.name={cfg.loss.name!r} is not a {self.name} loss; use one of {list(_LOSSES)}")
+        for key in ("false_negatives", "distillation"):
+            if getattr(cfg.loss, key).enabled and cfg.loss.name != "cmnrl":
+                raise ValueError(f"loss.{key} needs the global-batch loss: loss.name=cmnrl")
+        if cfg.loss.distillation.enabled:
+            check_scored_columns(cfg)
+        check_mixture_options(cfg)
+        if cfg.data.datasets and not cfg.training.batch_sampler.startswith("no_duplicates"):
+            raise ValueError(f"data.datasets needs training.batch_sampler no_duplicates_hashed or no_duplicates (the "
+                             f"mixture builds de-duplicated global batches), not {cfg.training.batch_sampler!r}")
+        fn = cfg.loss.false_negatives
+        if fn.id_column is not None and fn.id_source == "pages" and cfg.data.datasets:
+            raise ValueError("loss.false_negatives.id_source=pages is not available with data.datasets yet (the ids "
+                             "are looked up in one page corpus): use id columns in the rows (id_source=rows)")
+        if fn.id_column is not None and fn.id_source == "pages" and not cfg.data.pages_path:
+            raise ValueError("loss.false_negatives.id_source=pages looks the ids up in the page corpus of rows that "
+                             "name pages by id: set data.pages_path (or id_source=rows for id columns in the rows)")
+
+    def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
+        return [("loss.false_negatives.guide", "guide model folder")]
+
+    def extra_columns(self, cfg: Config) -> list[str]:
+        return id_labels.label_columns(cfg)
+
+    def wrap_collator(self, ctx: RunContext, collator):
+        if not id_labels.reads_labels(ctx.cfg):
+            return collator
+        return id_labels.RowLabelsCollator.of(ctx.cfg, collator)
+
+    def hashes_training_rows(self, cfg: Config) -> bool:
+        return cfg.training.batch_sampler == "no_duplicates_hashed"
+
+    def build_model(self, ctx: RunContext):
+        return build_model(ctx.cfg.model, precision=ctx.cfg.training.precision, device=ctx.info.device,
+                           seed=ctx.cfg.training.seed)
+
+    def eval_dims(self, cfg: Config, model) -> list[int]:
+        dim = embedding_dim(model)
+        check_dims(cfg.loss.matryoshka_dims, dim, "loss.matryoshka_dims")
+        dims = cfg.eval_dims(dim)
+        check_dims(dims, dim, "evaluation.dims")
+        return dims
+
+    def training_arguments(self, cfg: Config) -> tuple[type, dict]:
+        return SentenceTransformerTrainingArguments, {}
+
+    def build_loss(self, ctx: RunContext, model):
+        guide = load_guide(ctx, model) if ctx.cfg.loss.false_negatives.guide else None
+        return build_loss(model, ctx.cfg.loss, rank=ctx.info.rank, world_size=ctx.info.world_size, guide=guide,
+                          datasets=dataset_options(ctx.cfg))
+
+    def build_evaluator(self, ctx: RunContext, eval_data, dims: list[int], inputs: TaskInputs):
+        e = ctx.cfg.evaluation
+        if e.implementation == "stock":
+            return stock.build_evaluator(eval_data, dims, batch_size=e.batch_size, ks=e.ks,
+                                         show_progress_bar=ctx.info.is_main)
+        return ShardedRetrievalEvaluator(eval_data, dims, ks=e.ks, batch_size=e.batch_size, main_metric=e.main_metric,
+                                         num_workers=e.num_workers, backend=e.search_backend, show_progress=True)
+
+    def write_summary(self, out: Path, result: RunResult) -> None:
+        """metrics.json with the dims, and the NDCG-vs-dimension plot (before / after training)."""
+        summary = {"dims": result.dims, **before_after(result)}
+        RunDir(out).summary.write_text(json.dumps(summary, indent=2))
+        curves = {label: {int(d): values for d, values in m.rows.items() if d.isdigit()}  # (macro) dims only
+                  for label, m in (("before training", result.before), ("after training", result.after)) if m}
+        plot_ndcg_vs_dim(curves, RunDir(out).ndcg_plot)
+
+    def headline(self, result: RunResult, metric: str) -> str | None:
+        if result.after is None:
+            return None
+        d = max(result.dims)
+
+        def fmt(metrics) -> str:
+            value = metrics.get(d, metric) if metrics else None
+            return "n/a" if value is None else f"{value:.4f}"
+
+        line = f"{metric.upper()} before={fmt(result.before)} after={fmt(result.after)}"
+        sets = [row.split("/")[0] for row in result.after.rows if row.endswith(f"/{d}")]
+        if sets:  # several eval sets (a mixture's): the figures are their macro average
+            each = ", ".join(f"{name} {result.after.get(f'{name}/{d}', metric):.4f}" for name in sets)
+            line += f" (macro average of {len(sets)} eval sets; after: {each})"
+        return line
+
+
+def dataset_options(cfg: Config) -> list:
+    """The loss options of each dataset of a mixture (data.datasets), [] without one."""
+    from dist_vdr.losses.global_batch import DatasetOptions
+
+    if cfg.data.mixture == "mixed":  # the batches mix datasets: no per-step options
+        return []
+    return [DatasetOptions(index=k, cross_device_negatives=cfg.loss.cross_device_negatives
+                           if e.cross_device_negatives is None else e.cross_device_negatives,
+                           in_batch_negatives=e.in_batch_negatives, mini_batch_size=e.mini_batch_size,
+                           mini_batch_num_tokens=e.mini_batch_num_tokens) for k, e in enumerate(cfg.data.datasets)]
+
+
+def check_mixture_options(cfg: Config) -> None:
+    """Per-dataset loss options need the global-batch loss (it reads each step's dataset); id columns of
+    the rows are named after data's page columns, so an entry must name its page columns as data does."""
+    d = cfg.data
+    renamed = [e.name for e in d.datasets if (e.positive_column or d.positive_column, e.negative_columns
+                                              or d.negative_columns) != (d.positive_column, d.negative_columns)]
+    if renamed and cfg.loss.false_negatives.id_column is not None:
+        raise ValueError(f"loss.false_negatives.id_column with data.datasets {renamed}, which name their page columns "
+                         f"otherwise than data: the id columns (<page column>_{cfg.loss.false_negatives.id_column}) "
+                         f"would pair with the wrong pages; give those datasets data's page column names")
+    asked = [e.name for e in cfg.data.datasets if e.cross_device_negatives is not None or not e.in_batch_negatives
+             or e.mini_batch_size or e.mini_batch_num_tokens]
+    if asked and (cfg.loss.name != "cmnrl" or cfg.loss.implementation == "stock"):
+        raise ValueError(f"data.datasets {asked} set loss options of their own (cross_device_negatives, "
+                         f"in_batch_negatives, mini_batch_size, mini_batch_num_tokens): they need loss.name=cmnrl "
+                         f"with loss.implementation auto or global_batch")
+
+
+def check_scored_columns(cfg: Config) -> None:
+    """ValueError unless the rows' teacher scores are of the pages the recipe trains on, in its order:
+    the scores hold one value per page column, so a different order would pair them silently wrong.
+    (Rows written by score-rows or mine-negatives --teacher record their columns.)"""
+    from dist_vdr.retrieval.mining import MARKER_FILE
+
+    if not cfg.data.negative_columns:
+        raise ValueError("loss.distillation compares the teacher's and the model's scores of each row's positive "
+                         "and hard negatives: set data.negative_columns (rows without negatives teach nothing)")
+    from dist_vdr.data.mixture_rows import entry_config
+
+    for d in [entry_config(cfg.data, e) for e in cfg.data.datasets] or [cfg.data]:
+        _check_scored(d, MARKER_FILE)
+
+
+def _check_scored(d, marker_file: str) -> None:
+    import json
+
+    marker = Path(d.path) / marker_file
+    scored = json.loads(marker.read_text()).get("columns") if marker.is_file() else None
+    if scored is not None and scored != [d.positive_column, *d.negative_columns]:
+        raise ValueError(f"loss.distillation: the teacher scores of {d.path} are of the columns {scored}, the recipe "
+                         f"trains on {[d.positive_column, *d.negative_columns]}: set data.positive_column and "
+                         f"data.negative_columns to match, or score the rows again with these columns")
+
+
+def load_guide(ctx: RunContext, model):
+    """The frozen guide of loss.false_negatives on this rank's device, loaded as the recipe loads its model
+    (dtype, attention), without the adapter. It embeds the model's own features: its processor must be the
+    same (tokenizer vocabulary and image preprocessing)."""
+    import dataclasses
+
+    from dist_vdr.config import AdapterConfig
+
+    cfg = ctx.cfg
+    path = cfg.loss.false_negatives.guide
+    guide_cfg = dataclasses.replace(cfg.model, name_or_path=path, adapter=AdapterConfig(), gradient_checkpointing=False,
+                                    compile=False)
+    # Under ZeRO-3 from_pretrained would partition it (zero.Init): it is no part of the engine, keep it whole.
+    with compat.zero3_init_off():
+        guide = build_model(guide_cfg, precision=cfg.training.precision, device=ctx.info.device)
+    mine, theirs = model[0].processor if hasattr(model[0], "processor") else None, getattr(guide[0], "processor", None)
+    if type(mine) is not type(theirs) or model.tokenizer.get_vocab() != guide.tokenizer.get_vocab():
+        raise ValueError(f"loss.false_negatives.guide={path!r} does not share the model's processor (tokenizer and "
+                         f"image preprocessing): it embeds the model's own inputs; use a model of the same family, "
+                         f"e.g. the base model {cfg.model.name_or_path!r}")
+    return guide

@@ -1,0 +1,249 @@
+"""Sharded retrieval evaluator: every rank encodes and searches its own slice of the corpus.
+
+Per evaluation:
+1. queries are encoded sharded across ranks and all-gathered (small);
+2. each rank encodes its contiguous corpus shard once, at full dimension (pages decoded and
+   preprocessed in DataLoader workers; nothing is sent through rank 0);
+3. for every dim (Matryoshka: truncate + re-normalise the same embeddings), each rank keeps the
+   exact top-k of every query over its shard; only those (score, page) lists are all-gathered and
+   merged, deterministically (score, then descending page id: trec_eval's order of equal scores, so
+   the written runs reproduce the metrics);
+4. NDCG/MRR/Recall/MAP/Accuracy/Precision@k for every dim; rank 0 writes JSON, CSV, TREC runs and
+   qrels, and a plot of NDCG@10 against dimension.
+
+It runs on every rank at once (``all_ranks = True``): the dist-vdr trainer calls it that way under
+DDP, DeepSpeed and FSDP alike, instead of sentence-transformers' rank-0-drives-everything scheme.
+Metric keys match the stock evaluator's (``dim{d}_cosine_ndcg@10``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
+
+from dist_vdr import distributed
+from dist_vdr.data.arrow import column_values
+from dist_vdr.data.judgements import judged_queries
+from dist_vdr.data.loading import EvalData
+from dist_vdr.retrieval import mteb_format, stock
+from dist_vdr.retrieval.encode import encode_corpus_shard, encode_queries, shard_range
+from dist_vdr.retrieval.metrics import METRICS, retrieval_metrics
+from dist_vdr.retrieval.search import RESCORE_SLACK, has_faiss, merge_topk, rescore, shard_topk
+from dist_vdr.run.folder import NDCG_PLOT
+from dist_vdr.storage import atomic_write
+
+
+class ShardedRetrievalEvaluator(BaseEvaluator):
+    """dist_vdr.retrieval.protocol.RunEvaluator: every rank, its corpus shard."""
+
+    all_ranks = True
+    summarise = staticmethod(stock.summarise)  # the same flat keys as the stock evaluators
+
+    def __init__(self, data: EvalData, dims: list[int], *, ks=(1, 3, 5, 10, 100), batch_size: int = 16,
+                 query_batch_size: int = 32, num_workers: int = -1, backend: str = "auto",
+                 cache_dir: str | None = None, show_progress: bool = True, run_tag: str = "dist-vdr",
+                 main_metric: str = "ndcg@10") -> None:
+        super().__init__()
+        if not dims:
+            raise ValueError("the evaluator needs at least one embedding dim")
+        self.data = data
+        self.dims = sorted(set(int(d) for d in dims), reverse=True)
+        self.ks = sorted(set(int(k) for k in ks))
+        self.top_k = max(self.ks)
+        self.batch_size, self.query_batch_size, self.num_workers = batch_size, query_batch_size, num_workers
+        self.backend, self.cache_dir, self.show_progress, self.run_tag = backend, cache_dir, show_progress, run_tag
+        self.main_metric = main_metric  # the benchmark-format files' main_score
+        # Only queries with a relevant page count; they alone go into the metrics and the outputs.
+        self.query_ids = judged_queries(list(data.queries), data.qrels, "evaluation data")
+        self.page_ids = [str(p) for p in column_values(data.corpus, "page_id")]
+        self.tie_key = trec_tie_key(self.page_ids)
+        self.primary_metric = f"dim{self.dims[0]}_cosine_ndcg@10" if 10 in self.ks else \
+            f"dim{self.dims[0]}_cosine_ndcg@{self.ks[-1]}"
+        if backend in ("auto", "faiss") and has_faiss():
+            import faiss  # noqa: F401  (import once here, not inside the first timed evaluation)
+        self.last_rankings: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.last_metrics: dict[int, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, model, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+        import time
+
+        info = distributed.current()
+        start = time.perf_counter()
+        queries = self._encode_queries(model, info)
+        offset, shard = encode_corpus_shard(
+            model, self.data.corpus, rank=info.rank, world_size=info.world_size, batch_size=self.batch_size,
+            num_workers=self.num_workers, cache_dir=self.cache_dir,
+            show_progress=self.show_progress and info.is_main)
+        full_dim = queries.shape[1]
+        too_big = [d for d in self.dims if d > full_dim]
+        if too_big:
+            raise ValueError(f"evaluation dims {too_big} exceed the model's embedding dimension {full_dim}")
+        flat: dict[str, float] = {}
+        for dim in self.dims:
+            scores, idx = self._search(queries, shard, offset, dim)
+            ranked = {qid: [self.page_ids[j] for j in row if j >= 0]
+                      for qid, row in zip(self.query_ids, idx, strict=False)}
+            metrics = retrieval_metrics(ranked, self.data.qrels, self.ks)
+            self.last_rankings[dim], self.last_metrics[dim] = (scores, idx), metrics
+            flat.update({f"dim{dim}_cosine_{name}": value for name, value in metrics.items()})
+        self.last_seconds = time.perf_counter() - start
+        if output_path and info.is_main:
+            self.write_outputs(output_path, steps)
+        return flat
+
+    def _encode_queries(self, model, info: distributed.DistInfo) -> torch.Tensor:
+        return encode_queries_sharded(model, [self.data.queries[q] for q in self.query_ids], info,
+                                      batch_size=self.query_batch_size)
+
+    def _search(self, queries: torch.Tensor, shard: torch.Tensor, offset: int, dim: int):
+        return global_topk(queries, shard, offset, self.top_k, self.tie_key, dim=dim, backend=self.backend)
+
+    # ------------------------------------------------------------------ outputs
+    def write_outputs(self, output_path: str, steps: int = -1) -> None:
+        """metrics.json / metrics.csv (one row per dim), run.dim{d}.trec, qrels.trec, ndcg_vs_dim.png."""
+        out = Path(output_path)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"steps": steps, "num_queries": len(self.query_ids), "num_pages": len(self.page_ids),
+                   "metrics": {str(d): m for d, m in self.last_metrics.items()}}
+        atomic_write(out / "retrieval_metrics.json", json.dumps(payload, indent=2))
+        write_csv(out / "retrieval_metrics.csv", self.last_metrics, [f"{m}@{k}" for m in METRICS for k in self.ks])
+        for dim, (scores, idx) in self.last_rankings.items():
+            ranked = {qid: [(self.page_ids[j], sc) for sc, j in zip(s_row, i_row, strict=True) if j >= 0]
+                      for qid, s_row, i_row in zip(self.query_ids, scores, idx, strict=False)}
+            write_trec_run(out / f"run.dim{dim}.trec", ranked, f"{self.run_tag}-dim{dim}")
+        write_trec_qrels(out / "qrels.trec", self.query_ids, self.data.qrels)
+        plot_ndcg_vs_dim({"this run": {d: m for d, m in self.last_metrics.items()}}, out / NDCG_PLOT)
+        # The same figures in mteb's results format (a model variant per dim; mteb_format.py).
+        mteb_format.write_results(out, self.run_tag, getattr(self.data, "name", "eval"), "test", self.last_metrics,
+                                  evaluation_time=getattr(self, "last_seconds", None), main_metric=self.main_metric)
+
+
+def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, *,
+                           batch_size: int = 32) -> torch.Tensor:
+    """Every rank encodes its share of ``texts``; all ranks get all embeddings [len(texts), D].
+
+    Queries are sorted by length (as sentence-transformers does) and cut into batches once, for
+    the whole list; ranks take whole batches. A query is thus encoded in the same batch, padded
+    the same way, whatever the number of ranks: its embedding does not depend on it.
+    """
+    n = len(texts)
+    order = sorted(range(n), key=lambda i: -len(texts[i]))  # stable: equal lengths keep their order
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    ranges = [shard_range(len(batches), r, info.world_size) for r in range(info.world_size)]
+    first, last = ranges[info.rank]
+    parts = [encode_queries(model, [texts[j] for j in batch], batch_size=batch_size) for batch in batches[first:last]]
+    # Sharded engines gather parameters in every forward (a collective): the same number on every rank.
+    for _ in range(max(e - s for s, e in ranges) - (last - first)):
+        encode_queries(model, ["?"], batch_size=batch_size)
+    mine = torch.cat(parts) if parts else torch.empty(0, 0)
+    sizes = [sum(len(b) for b in batches[s:e]) for s, e in ranges]
+    gathered = distributed.all_gather_rows(mine, sizes)  # rows in sorted order
+    out = torch.empty_like(gathered)
+    if n:
+        out[torch.tensor(order)] = gathered
+    return out
+
+
+def global_topk(queries: torch.Tensor, shard: torch.Tensor, offset: int, k: int, tie_key: np.ndarray, *,
+                dim: int | None = None, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of all queries over the corpus whose rows [offset, offset + len(shard)) this rank holds.
+
+    Called on every rank at once: each searches its shard, the per-rank lists are all-gathered and
+    merged (score, then ``tie_key``). Returns (scores [Q, k], global page indices [Q, k], -1 = none).
+    ``dim``: truncate both sides to this Matryoshka dimension and re-normalise first.
+    """
+    dim = dim or queries.shape[1]
+    q = torch.nn.functional.normalize(queries[:, :dim], p=2, dim=-1) if dim < queries.shape[1] else queries
+    if shard.numel() == 0:
+        shard = torch.empty(0, queries.shape[1])
+    e = torch.nn.functional.normalize(shard[:, :dim], p=2, dim=-1) if dim < shard.shape[1] else shard
+    e = e.contiguous()
+    _, idx = shard_topk(q, e, k + RESCORE_SLACK, backend=backend)
+    scores = rescore(q, e, idx)
+    idx = torch.where(idx >= 0, idx + offset, idx)
+    all_scores = distributed.all_gather_same(scores)  # [W, Q, k]
+    all_idx = distributed.all_gather_same(idx)
+    cat_s = all_scores.permute(1, 0, 2).reshape(q.shape[0], -1)
+    cat_i = all_idx.permute(1, 0, 2).reshape(q.shape[0], -1)
+    return merge_topk(cat_s, cat_i, k, tie_key)
+
+
+def sorted_position(ids: list[str]) -> np.ndarray:
+    """Tie key: the position of each id in sorted order (ties broken by ascending id, as stock does)."""
+    key = np.empty(len(ids), dtype=np.int64)
+    key[np.argsort(np.array(ids, dtype=object), kind="stable")] = np.arange(len(ids))
+    return key
+
+
+def trec_tie_key(ids: list[str]) -> np.ndarray:
+    """Tie key of the evaluator: equal scores in descending id order, as trec_eval sorts a run (score,
+    then docno by strcmp, descending; Python compares str by code point, the order of their UTF-8
+    bytes). The written runs then give trec_eval the evaluator's rankings even where scores are
+    exactly equal. (sentence-transformers breaks such ties by ascending id.)"""
+    return len(ids) - 1 - sorted_position(ids)
+
+
+def plot_ndcg_vs_dim(curves: dict[str, dict[int, dict[str, float]]], path: str | Path, metric: str = "ndcg@10") -> None:
+    """One line per curve (e.g. before / after training): ``metric`` against embedding dimension."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for label, per_dim in curves.items():
+        dims = sorted(per_dim)
+        ax.plot(dims, [per_dim[d].get(metric, float("nan")) for d in dims], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("embedding dimension")
+    ax.set_ylabel(metric.upper())
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_trec_run(path: str | Path, ranked: dict[str, list[tuple[str, float]]], tag: str) -> None:
+    """TREC run file: ``qid Q0 docid rank score tag``, one line per (query, page), best first.
+
+    trec_eval ignores the rank column and re-sorts by score, so scores are written exactly
+    (:func:`score_text`): rounded ones would tie and be re-ordered by docno.
+    """
+    lines = [f"{qid} Q0 {pid} {rank} {score_text(score)} {tag}\n"
+             for qid, pages in ranked.items() for rank, (pid, score) in enumerate(pages, start=1)]
+    atomic_write(Path(path), "".join(lines))
+
+
+def score_text(score: float) -> str:
+    """The shortest decimal that reads back as the same score: at most 9 significant digits for a
+    float32 score (the evaluator's), 17 for other floats (e.g. fused reranker scores). Distinct scores
+    stay distinct and in order; equal ones stay equal."""
+    single = np.float32(score)
+    return str(single) if float(single) == float(score) else repr(float(score))
+
+
+def write_trec_qrels(path: str | Path, query_ids: list[str], qrels: dict[str, dict[str, int]]) -> None:
+    atomic_write(Path(path), "".join(f"{q} 0 {p} {g}\n" for q in query_ids
+                                     for p, g in sorted(qrels.get(q, {}).items())))
+
+
+def write_csv(path: str | Path, per_dim: dict, names: list[str], key_name: str = "dim") -> None:
+    """One row per key (dims: largest first), one column per metric; written beside and renamed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([key_name, *names])
+        for d in sorted(per_dim, reverse=True):
+            w.writerow([d, *(f"{per_dim[d][n]:.6f}" for n in names)])
+    os.replace(tmp, path)
