@@ -139,7 +139,7 @@ def write_model(folder: Path, out: Path) -> Path:
     with checkpoint.writing_marked(Output("consolidate", "OUT", out, {"CHECKPOINT": folder}), record) as tmp:
         with engines.saving_state_dict(model, state):  # the shards' tensors, not the freshly built ones
             model.save_pretrained(str(tmp), create_model_card=False)
-        for name, text in task.final_files(cfg).items():
+        for name, text in task.files_of_model(cfg).items():
             (tmp / name).write_text(text)
     logger.info(f"{folder}: {len(state)} tensors from the FSDP2 shards written as a model folder in {out}")
     return out

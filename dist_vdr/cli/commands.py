@@ -218,28 +218,27 @@ EVAL = Command(EvalCommand, (
 
 def _eval(args: argparse.Namespace) -> int:
     """Standalone sharded evaluation (run it under accelerate launch for several ranks)."""
-    from dist_vdr import distributed
+    from dist_vdr import distributed, kinds
     from dist_vdr.data.loading import load_eval
-    from dist_vdr.models.build import build_model, embedding_dim
-    from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
+    from dist_vdr.retrieval.metrics import headline
 
     cfg = load_command(args, EVAL)
     output = eval_output(cfg)
     info = distributed.init(cfg.launch.device, 0, cfg.launch.num_threads_per_process)
     data = load_eval(dataclasses.replace(cfg.data, validate_images=False))  # as ever: the encode reads every page
-    model = build_model(cfg.model, device=info.device, precision=_precision(cfg.model.dtype))
+    # The model's kind (recorded in its folder) says how it loads, scores and is evaluated (dist_vdr.kinds).
+    task = kinds.get(kinds.of_folder(cfg.model.name_or_path))
+    task.scoring(cfg)  # --model retrieves: a kind that scores no pages alone (a reranker) says so before loading
+    model = task.load_model(cfg.model, cfg, device=info.device, precision=_precision(cfg.model.dtype))
     if cfg.eval.reranker:
-        return _eval_rerank(cfg, info, data, model, output)
-    e = cfg.evaluation
-    evaluator = ShardedRetrievalEvaluator(data, e.dims or [embedding_dim(model)], ks=e.ks, batch_size=e.batch_size,
-                                          main_metric=e.main_metric,
-                                          num_workers=e.num_workers, backend=e.search_backend,
-                                          cache_dir=cfg.eval.cache)
+        reranker = kinds.get(kinds.of_folder(cfg.eval.reranker, flag="--reranker"))
+        return reranker.rerank_command(cfg, info, data, model, output, write_eval_outputs)
+    evaluator = task.command_evaluator(cfg, data, model)
     flat = evaluator(model)
     if info.is_main:
-        _write_eval(output, evaluator)
+        write_eval_outputs(output, evaluator)
         for d in evaluator.dims:
-            print(f"dim {d}: {_headline(evaluator.last_metrics[d])}", flush=True)
+            print(f"dim {d}: {headline(evaluator.last_metrics[d])}", flush=True)
         print(f"outputs in {cfg.eval.output}" if cfg.eval.output else json.dumps(flat), flush=True)
     return 0
 
@@ -262,7 +261,7 @@ def eval_output(cfg: EvalCommand):
     return output
 
 
-def _write_eval(output, evaluator) -> None:
+def write_eval_outputs(output, evaluator) -> None:
     if output is not None:
         with output.writing() as scratch:
             evaluator.write_outputs(str(scratch))
@@ -270,42 +269,6 @@ def _write_eval(output, evaluator) -> None:
 
 def _precision(dtype: str) -> str:
     return "bf16" if dtype == "bfloat16" else "fp32"
-
-
-def _headline(m: dict) -> str:
-    return (f"NDCG@10 {m.get('ndcg@10', float('nan')):.4f}  MRR@10 {m.get('mrr@10', float('nan')):.4f}  "
-            f"Recall@10 {m.get('recall@10', float('nan')):.4f}")
-
-
-def _eval_rerank(cfg: EvalCommand, info, data, retriever, output) -> int:
-    """eval.reranker: the retriever's top-k, the top reranker.rerank_depth reranked (queries sharded over ranks)."""
-    import gc
-
-    from dist_vdr import log
-    from dist_vdr.kinds.reranker.evaluation import RerankEvaluator, retrieve
-    from dist_vdr.kinds.reranker.model import build_reranker, fusion_weight
-
-    e, depth = cfg.evaluation, cfg.reranker.rerank_depth
-    weight, notes = fusion_weight(cfg.eval.reranker, cfg.eval.retrieval_score_weight, cfg.model.name_or_path)
-    candidates = retrieve(retriever, data, top_k=max(max(e.ks), depth), batch_size=e.batch_size,
-                          num_workers=e.num_workers, backend=e.search_backend)
-    del retriever
-    gc.collect()
-    reranker = build_reranker(dataclasses.replace(cfg.model, name_or_path=cfg.eval.reranker), cfg.reranker,
-                              device=info.device, precision=_precision(cfg.model.dtype))
-    for note in notes:
-        log.get(__name__).info(note)
-    evaluator = RerankEvaluator(data, candidates, depth=depth, ks=e.ks, batch_size=e.batch_size,
-                                prompt=cfg.reranker.prompt, retrieval_score_weight=weight)
-    evaluator(reranker)
-    if info.is_main:
-        _write_eval(output, evaluator)
-        stages = [("retrieval", evaluator.retrieval_metrics), ("reranked", evaluator.last_metrics)]
-        if evaluator.last_alone_metrics:
-            stages.append(("reranker score alone", evaluator.last_alone_metrics))
-        for stage, m in stages:
-            print(f"{stage}: {_headline(m)}", flush=True)
-    return 0
 
 
 SUBMIT = Command(SubmitCommand, (

@@ -134,8 +134,7 @@ def _load_mine(args: argparse.Namespace) -> MineCommand:
 
 def _mine(args: argparse.Namespace) -> int:
     """Hard negatives (run it under accelerate launch for several ranks)."""
-    from dist_vdr import distributed
-    from dist_vdr.models.build import build_model
+    from dist_vdr import distributed, kinds
     from dist_vdr.retrieval.mining import check_out
 
     cfg = _load_mine(args)
@@ -154,7 +153,10 @@ def _mine(args: argparse.Namespace) -> int:
               "cache_dir": cfg.mine.cache}
     inputs = _corpus_inputs(cfg) if cfg.corpus_mode else _split_inputs(cfg)
     precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
-    model = build_model(cfg.model, device=info.device, precision=precision)
+    # The retriever's kind (recorded in its folder) says how it loads and scores (dist_vdr.kinds).
+    task = kinds.get(kinds.of_folder(cfg.model.name_or_path))
+    encode["scoring"] = task.scoring(cfg)
+    model = task.load_model(cfg.model, cfg, device=info.device, precision=precision)
     encode["teacher"] = _teacher(cfg, info.device, precision) if cfg.mine.teacher else None
     if cfg.corpus_mode:
         _mine_corpus(cfg, info, model, *inputs, encode)
@@ -176,33 +178,19 @@ def _teacher(cfg: MineCommand, device: str, precision: str):
 
 
 def _load_teacher(model_cfg, teacher_type: str, cfg, device: str, precision: str, flag: str):
-    """(an embedding model's cosine scores or a reranker's scores -- as ``cfg.reranker`` loads and prompts
-    it -- as a collective ``(queries, pages, cells) -> [Q, k]``, "embedding" or "reranker"); loaded with
-    ``model_cfg``'s dtype and attention."""
-    import functools
+    """(the teacher at ``model_cfg.name_or_path`` as a collective ``(queries, pages, cells) -> [Q, k]``, its kind):
+    the kind recorded in its folder, or ``teacher_type`` when not auto, says how it loads and scores
+    (:meth:`dist_vdr.kinds.base.Task.teacher`); loaded with ``model_cfg``'s dtype and attention."""
+    from dist_vdr import kinds
 
-    from dist_vdr.models.build import build_model, is_cross_encoder
-    from dist_vdr.retrieval import mining
-
-    e, path = cfg.evaluation, model_cfg.name_or_path
-    if teacher_type == "reranker" or (teacher_type == "auto" and is_cross_encoder(path)):
-        from dist_vdr.kinds.reranker.model import build_reranker
-        from dist_vdr.kinds.reranker.scoring import row_scores
-
-        try:
-            reranker = build_reranker(model_cfg, cfg.reranker, device=device, precision=precision)
-        except (ValueError, OSError, KeyError) as exc:  # transformers' own messages run to pages
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"{flag} {path} does not load as a reranker ({first}); give a reranker (a dist-vdr "
-                             f"reranker's final/, or e.g. Qwen/Qwen3-VL-Reranker-2B) or --teacher-type "
-                             f"embedding") from None
-        return functools.partial(row_scores, reranker, batch_size=e.batch_size, prompt=cfg.reranker.prompt), "reranker"
-    if is_cross_encoder(path):
-        raise ValueError(f"{flag} {path} is a reranker (CrossEncoder) but the teacher type is embedding: use "
-                         f"--teacher-type reranker (or auto)")
-    teacher = build_model(model_cfg, device=device, precision=precision)
-    scores = functools.partial(mining.teacher_scores, teacher, batch_size=e.batch_size, num_workers=e.num_workers)
-    return scores, "embedding"
+    path = model_cfg.name_or_path
+    found = kinds.of_folder(path, flag=flag, default=False)  # None: nothing in the folder says
+    kind = teacher_type if teacher_type != "auto" else found or kinds.names()[0]
+    if found is not None and found != kind:
+        raise ValueError(f"{flag} {path} is a model of task={found}, not {teacher_type}: use --teacher-type {found} "
+                         f"(or auto)")
+    task = kinds.get(kind)
+    return task.teacher(task.load_model(model_cfg, cfg, device=device, precision=precision, flag=flag), cfg), kind
 
 
 def _teacher_record(cfg: MineCommand) -> dict:
@@ -212,8 +200,15 @@ def _teacher_record(cfg: MineCommand) -> dict:
         return {"teacher": None}
     negatives = cfg.mining.num_negatives + cfg.mining.num_random_negatives
     positive = "image" if cfg.corpus_mode else cfg.data.positive_column
-    return {"teacher": m.teacher, "teacher_type": m.teacher_type, "teacher_prompt": cfg.reranker.prompt,
+    kind = _kind_of(m.teacher, m.teacher_type)
+    return {"teacher": m.teacher, "teacher_type": m.teacher_type, **kind.teacher_record(cfg),
             "columns": [positive, *(f"negative_{j}" for j in range(negatives))]}
+
+
+def _kind_of(path: str, teacher_type: str):
+    from dist_vdr import kinds
+
+    return kinds.get(kinds.of_folder(path, flag="--teacher") if teacher_type == "auto" else teacher_type)
 
 
 def _score_rows(args: argparse.Namespace) -> int:
@@ -248,7 +243,7 @@ def _score_rows(args: argparse.Namespace) -> int:
                                wait_timeout_s=cfg.launch.startup_timeout_s)
     if info.is_main:
         marker = {"teacher": cfg.model.name_or_path, "teacher_type": kind,
-                  "teacher_prompt": cfg.reranker.prompt, "data": d.path, "split": d.train_split,
+                  **_kind_of(cfg.model.name_or_path, kind).teacher_record(cfg), "data": d.path, "split": d.train_split,
                   "columns": [d.positive_column, *d.negative_columns], "format": 1}
         if mining.TEACHER_SCORES in ds.column_names:  # rows scored before: this teacher's scores replace them
             ds = ds.remove_columns([mining.TEACHER_SCORES])

@@ -59,12 +59,13 @@ class Command:
 
 def add_options(parser: argparse.ArgumentParser, command: Command) -> None:
     """``--config FILE``, the command's options and its ``key=value`` overrides."""
-    sections = ", ".join(f.name for f in dataclasses.fields(command.schema))
+    schema = composed(command.schema)
+    sections = ", ".join(f.name for f in dataclasses.fields(schema))
     parser.add_argument(command.config_flag, dest="command_config", default=None, metavar="FILE",
                         help=f"YAML file of this command's settings (sections: {sections}; a training recipe's "
                              "other sections are ignored); options and key=value overrides apply over it")
     for opt in command.options:
-        _add_option(parser, command.schema, opt)
+        _add_option(parser, schema, opt)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help=f"settings overrides, e.g. {command.options[0].key}=..., over the file and the options")
     parser.set_defaults(command_spec=command)  # what the command loads (tests walk the parser by it)
@@ -118,9 +119,16 @@ def load_command(args: argparse.Namespace, command: Command, overrides: list[str
                        schema=command.schema, flags=given_options(args, command), aliases=command.aliases)
 
 
+def composed(schema: type) -> type:
+    """``schema`` with the kinds' own sections, when it takes them (:func:`dist_vdr.config.recipe_schema`)."""
+    from dist_vdr.config import recipe_schema
+
+    return recipe_schema(schema)
+
+
 def field_of(schema: type, key: str) -> tuple[type, str]:
     """The dataclass that declares ``key`` (``section.name``) of ``schema``, and the field name."""
-    owner = schema
+    owner = schema = composed(schema)
     *sections, name = key.split(".")
     for section in sections:
         owner = _base(field_types(owner)[section])
@@ -149,7 +157,7 @@ def default_of(schema: type, key: str) -> Any:
 
 def _section_default(schema: type, section: str) -> Any:
     """The default instance of a (top-level) section, or None when it is declared without one."""
-    f = next(f for f in dataclasses.fields(schema) if f.name == section)
+    f = next(f for f in dataclasses.fields(composed(schema)) if f.name == section)
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 

@@ -13,7 +13,9 @@ a recipe default. The command-line options are generated from these fields (:mod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from dist_vdr import kinds
 from dist_vdr.cli.cluster import SlurmResources
 from dist_vdr.config import (
     REQUIRED,
@@ -22,8 +24,7 @@ from dist_vdr.config import (
     LaunchConfig,
     MiningConfig,
     ModelConfig,
-    RerankerConfig,
-    _check_choice,
+    check_choice,
 )
 from dist_vdr.data.ingest_config import PagesBuildConfig
 
@@ -54,8 +55,9 @@ class _ModelOverData:
     model: ModelConfig = field(default_factory=_required_model)
     data: DataConfig = field(default_factory=lambda: DataConfig(path=REQUIRED))
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    reranker: RerankerConfig = field(default_factory=RerankerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    # The kinds' own sections (reranker: how a reranker is loaded and prompted) are added when loaded.
+    kind_sections: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         one_dataset(self.data)
@@ -125,7 +127,7 @@ class MineOptions:
     (e.g. Qwen/Qwen3-VL-Reranker-2B) needs reranker."""
 
     def __post_init__(self) -> None:
-        _check_choice("mine", "teacher_type", self.teacher_type, ("auto", "embedding", "reranker"))
+        check_choice("mine", "teacher_type", self.teacher_type, ("auto", *kinds.names()))
 
 
 @dataclass(kw_only=True)
@@ -135,10 +137,11 @@ class ScoreOptions:
     out: str = REQUIRED
     """Output dataset folder: the rows of data.path with every column, plus teacher_scores."""
     teacher_type: str = "auto"
-    """auto | embedding | reranker: what model.name_or_path (the teacher) is (as mine.teacher_type)."""
+    """auto (the kind its folder records or looks like) or a kind's name (embedding, reranker, ...): what
+    model.name_or_path (the teacher) is (as mine.teacher_type)."""
 
     def __post_init__(self) -> None:
-        _check_choice("score", "teacher_type", self.teacher_type, ("auto", "embedding", "reranker"))
+        check_choice("score", "teacher_type", self.teacher_type, ("auto", *kinds.names()))
 
 
 @dataclass(kw_only=True)
@@ -165,9 +168,9 @@ class MineCommand:
     data: DataConfig = field(default_factory=DataConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    reranker: RerankerConfig = field(default_factory=RerankerConfig)
-    """How a reranker teacher (mine.teacher) is loaded and prompted (head, tokens, chat_template, prompt)."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    # The kinds' own sections (reranker: how a reranker teacher is loaded and prompted) are added when loaded.
+    kind_sections: ClassVar[bool] = True
 
     @property
     def corpus_mode(self) -> bool:

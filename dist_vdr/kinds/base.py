@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # only for annotations: this module is imported while a Confi
     from dist_vdr.data.prepared import PreparedData
     from dist_vdr.distributed import DistInfo
     from dist_vdr.retrieval.protocol import RunEvaluator
+    from dist_vdr.retrieval.scoring import Scoring
     from dist_vdr.run.results import RunResult
 
 
@@ -69,6 +70,9 @@ class Task:
 
     name: str = ""
     """Set by the registry."""
+    extends: ClassVar[str | None] = None
+    """The registered kind whose declaration (losses, config section, options) a subclass registered by
+    ``"module:Class"`` shares (:func:`dist_vdr.kinds.register`)."""
     model_phase: ClassVar[str] = "model build"
     """The name of the startup phase that builds the model (startup_times.json)."""
 
@@ -106,6 +110,55 @@ class Task:
         """The embedding dimensions evaluated (checked against the model); [] when not an embedding."""
         return []
 
+    def scoring(self, cfg: Config) -> Scoring:
+        """How this kind represents and scores queries and pages (:class:`dist_vdr.retrieval.scoring.Scoring`:
+        the model output it reads, the stored representation, the Matryoshka cut, the scores). The loss,
+        the evaluation, mining, the false-negative guide and teacher scoring all use it; the default is one
+        L2-normalised vector each, compared by cosine."""
+        from dist_vdr.retrieval.scoring import CosineScoring
+
+        return CosineScoring()
+
+    # -- commands: a model folder of this kind in `dist-vdr eval`, `mine-negatives`, `score-rows` ----------------
+    # ``cfg`` there is the command's settings (dist_vdr.cli.settings), which carry every kind's own section.
+    def load_model(self, model_cfg, cfg, *, device: str, precision: str, flag: str = "--model"):
+        """A model folder of this kind loaded for a command (``model_cfg``: its path, dtype and attention)."""
+        from dist_vdr.models.build import build_model
+
+        return build_model(model_cfg, device=device, precision=precision)
+
+    def command_evaluator(self, cfg, data: EvalData, model) -> RunEvaluator:
+        """What `dist-vdr eval --model M` runs for a model of this kind: sharded retrieval at every dimension
+        (``evaluation.dims`` or the model's), scored as :meth:`scoring` says."""
+        from dist_vdr.models.build import embedding_dim
+        from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
+
+        e = cfg.evaluation
+        return ShardedRetrievalEvaluator(data, e.dims or [embedding_dim(model)], ks=e.ks, batch_size=e.batch_size,
+                                         main_metric=e.main_metric, num_workers=e.num_workers,
+                                         backend=e.search_backend, cache_dir=cfg.eval.cache, scoring=self.scoring(cfg))
+
+    def teacher(self, model, cfg):
+        """A model of this kind as a teacher: a collective ``(queries, pages, cells) -> scores [Q, k]``
+        (:func:`dist_vdr.retrieval.mining.mine`, `score-rows`), scored as :meth:`scoring` says."""
+        import functools
+
+        from dist_vdr.retrieval import mining
+
+        e = cfg.evaluation
+        return functools.partial(mining.teacher_scores, model, batch_size=e.batch_size, num_workers=e.num_workers,
+                                 scoring=self.scoring(cfg))
+
+    def teacher_record(self, cfg) -> dict:
+        """What rows scored by a teacher of this kind record of how it scored (beside its path and kind)."""
+        return {"teacher_prompt": None}
+
+    def rerank_command(self, cfg, info: DistInfo, data: EvalData, retriever, output, write) -> int:
+        """`dist-vdr eval --model RETRIEVER --reranker R` for a model ``R`` of this kind (``write(output,
+        evaluator)``: the command's writer of an evaluator's outputs)."""
+        raise ValueError(f"--reranker {cfg.eval.reranker} is a model of task={self.name}, which reranks nothing: "
+                         f"give a reranker's folder (or leave --reranker out)")
+
     def training_arguments(self, cfg: Config) -> tuple[type, dict]:
         """(TrainingArguments class, the task's own arguments)."""
         raise NotImplementedError
@@ -123,6 +176,13 @@ class Task:
     def final_files(self, cfg: Config) -> dict[str, str]:
         """Files written into ``final/`` beside the model (name -> text)."""
         return {}
+
+    def files_of_model(self, cfg: Config) -> dict[str, str]:
+        """Every file a model folder of this kind gets beside its weights: the record of its kind (which the
+        commands read, :func:`dist_vdr.kinds.of_folder`) and :meth:`final_files`."""
+        from dist_vdr import kinds
+
+        return {kinds.KIND_FILE: kinds.record(self.name), **self.final_files(cfg)}
 
     def write_summary(self, out: Path, result: RunResult) -> None:
         """``metrics.json``: before and after, by row name."""

@@ -20,16 +20,26 @@ def uses_global_batch_loss(cfg: LossConfig, world_size: int) -> bool:
     return cfg.implementation in ("auto", "global_batch")
 
 
-def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, guide=None, datasets=()):
+def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, guide=None, datasets=(),
+               scoring=None):
     """The recipe's loss (``guide``: the loaded model of loss.false_negatives.guide, if any; ``datasets``: a
-    mixture's per-dataset options, :class:`~dist_vdr.losses.global_batch.DatasetOptions`)."""
+    mixture's per-dataset options, :class:`~dist_vdr.losses.global_batch.DatasetOptions`; ``scoring``: the
+    kind's :class:`~dist_vdr.retrieval.scoring.Scoring`, None: cosine). A scoring other than cosine is
+    trained by the global-batch loss only (sentence-transformers' losses score by cosine)."""
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
         MatryoshkaLoss,
         MultipleNegativesRankingLoss,
     )
 
-    if uses_global_batch_loss(cfg, world_size) or cfg.implementation == "global_batch" \
+    from dist_vdr.retrieval.scoring import is_cosine
+
+    own_scoring = not is_cosine(scoring)
+    if own_scoring and (cfg.name != "cmnrl" or cfg.implementation == "stock"):
+        raise ValueError(f"this kind scores by {type(scoring).__name__}, which only the global-batch loss trains: "
+                         f"use loss.name=cmnrl with loss.implementation auto or global_batch (not "
+                         f"{cfg.name}/{cfg.implementation})")
+    if uses_global_batch_loss(cfg, world_size) or cfg.implementation == "global_batch" or own_scoring \
             or cfg.false_negatives.enabled or cfg.distillation.enabled \
             or (datasets and cfg.name == "cmnrl" and cfg.implementation != "stock"):
         from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
@@ -43,7 +53,7 @@ def build_loss(model, cfg: LossConfig, *, rank: int = 0, world_size: int = 1, gu
             mini_batch_size=cfg.mini_batch_size, mini_batch_num_tokens=cfg.mini_batch_num_tokens,
             mask_same_ids=cfg.false_negatives.id_column is not None, guide=guide,
             guide_margin=cfg.false_negatives.margin, guide_margin_strategy=cfg.false_negatives.margin_strategy,
-            distillation=cfg.distillation, datasets=datasets)
+            distillation=cfg.distillation, datasets=datasets, scoring=scoring)
 
     gather = cfg.cross_device_negatives and world_size > 1
     if cfg.name == "cmnrl":

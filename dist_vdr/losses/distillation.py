@@ -1,12 +1,12 @@
 """Distillation from teacher scores of each row's own candidates, beside the global-batch contrastive loss.
 
 Rows carry a teacher's scores of their positive and of each hard negative (``dist-vdr mine-negatives
---teacher`` writes them). The term compares the model's cosine scores of the same candidates with
-them: ``kl`` -- KL(teacher softmax || model softmax) over the row's candidates, scaled by the
-temperature squared (sentence-transformers' DistillKLDivLoss, batch mean); ``margin_mse`` -- the MSE of
-the positive-minus-negative score margins (MarginMSELoss). It only reads a row's own candidates, so
-it needs no communication: each rank computes it on its rows and the engines' gradient averaging
-makes it the global batch's mean.
+--teacher`` writes them). The term compares the model's scores of the same candidates (its kind's
+scoring: cosine for an embedding model) with them: ``kl`` -- KL(teacher softmax || model softmax) over
+the row's candidates, scaled by the temperature squared (sentence-transformers' DistillKLDivLoss, batch
+mean); ``margin_mse`` -- the MSE of the positive-minus-negative score margins (MarginMSELoss). It only
+reads a row's own candidates, so it needs no communication: each rank computes it on its rows and the
+engines' gradient averaging makes it the global batch's mean.
 """
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dist_vdr.retrieval import scoring as scorings
 
-def student_scores(columns: list[Tensor], dim: int | None) -> Tensor:
-    """[B, C-1] cosine scores of each row's query with its own candidates (truncated to ``dim``)."""
-    cut = (lambda t: t) if dim is None else (lambda t: t[:, :dim])
-    query = F.normalize(cut(columns[0]), dim=-1)
-    return torch.stack([(query * F.normalize(cut(c), dim=-1)).sum(-1) for c in columns[1:]], dim=1)
+
+def student_scores(columns: list[Tensor], dim: int | None, scoring: scorings.Scoring | None = None) -> Tensor:
+    """[B, C-1] scores of each row's query with its own candidates (truncated to ``dim``), by ``scoring``'s
+    rule (None: cosine)."""
+    scoring = scorings.resolve(scoring)
+    cut = scoring.represent if dim is None else (lambda t: scoring.truncate(t, dim))
+    query = cut(columns[0])
+    return torch.stack([scoring.pair_scores(query, cut(c)) for c in columns[1:]], dim=1)
 
 
 def term(scores: Tensor, teacher: Tensor, kind: str, temperature: float, teacher_temperature: float | None) -> Tensor:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dist_vdr.retrieval import scoring as scorings
+
 
 def pack(stacked: Tensor, extras: list[Tensor]) -> tuple[Tensor, list[tuple[torch.dtype, int]]]:
     """``stacked`` [C, B, D] embeddings with ``extras`` ([C, B, k] tensors of any dtype: ids, the guide's
@@ -50,11 +52,13 @@ def column_ids(candidate_ids: Tensor) -> Tensor:
     return torch.cat([candidate_ids[:, :1], candidate_ids], dim=1).T.contiguous().unsqueeze(-1)
 
 
-def guide_mask(query: Tensor, candidates: Tensor, targets: Tensor, margin: float, strategy: str) -> Tensor:
+def guide_mask(query: Tensor, candidates: Tensor, targets: Tensor, margin: float, strategy: str,
+               scoring: scorings.Scoring | None = None) -> Tensor:
     """[b, N] True where the guide scores candidate j above query i's positive less the margin (GIST:
     absolute ``> pos - margin``, relative ``> pos - |pos| * margin``), never at the positive itself.
-    ``query`` [b, Dg], ``candidates`` [N, Dg]: the guide's embeddings (cosine similarity)."""
-    sims = F.normalize(query.float(), dim=-1) @ F.normalize(candidates.float(), dim=-1).T
+    ``query`` [b, Dg], ``candidates`` [N, Dg]: the guide's embeddings, scored by ``scoring`` (None: cosine)."""
+    scoring = scorings.resolve(scoring)
+    sims = scoring.scores(scoring.represent(query.float()), scoring.represent(candidates.float()))
     rows = torch.arange(len(targets), device=sims.device)
     positive = sims[rows, targets].unsqueeze(1)
     threshold = positive - margin if strategy == "absolute" else positive - positive.abs() * margin
@@ -88,13 +92,14 @@ class Masking:
     """The false negatives of one step's global batch, chunk by chunk of this rank's queries.
 
     ``ids``: (candidate ids [N] in candidate order, this rank's query id sets [B, K]) or None;
-    ``guide``: (the guide's embeddings of this rank's queries [B, Dg], of the candidates [N, Dg]) or None.
-    A chunk's mask is the same at every Matryoshka dim: computed once, reused.
+    ``guide``: (the guide's embeddings of this rank's queries [B, Dg], of the candidates [N, Dg]) or None,
+    scored by ``scoring`` (None: cosine). A chunk's mask is the same at every Matryoshka dim: computed once, reused.
     """
 
     def __init__(self, ids: tuple[Tensor, Tensor] | None, guide: tuple[Tensor, Tensor] | None,
-                 margin: float = 0.0, strategy: str = "absolute") -> None:
+                 margin: float = 0.0, strategy: str = "absolute", scoring: scorings.Scoring | None = None) -> None:
         self.ids, self.guide, self.margin, self.strategy = ids, guide, margin, strategy
+        self.scoring = scoring
         self._chunks: dict[int, Tensor] = {}
         self.masked: Tensor | int = 0  # candidates masked over the chunks (a tensor: no device sync per chunk)
 
@@ -106,7 +111,8 @@ class Masking:
                 hidden = mask(query_ids[begin:end].to(targets.device), candidate_ids.to(targets.device), targets)
             if self.guide is not None:
                 queries, candidates = self.guide
-                by_guide = guide_mask(queries[begin:end], candidates, targets, self.margin, self.strategy)
+                by_guide = guide_mask(queries[begin:end], candidates, targets, self.margin, self.strategy,
+                                      self.scoring)
                 hidden = by_guide if hidden is None else hidden | by_guide
             self._chunks[begin] = hidden
             self.masked = self.masked + hidden.sum()

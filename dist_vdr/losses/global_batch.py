@@ -33,6 +33,7 @@ from torch import Tensor
 
 from dist_vdr import compat, distributed
 from dist_vdr.losses import distillation, false_negatives
+from dist_vdr.retrieval import scoring as scorings
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
             the softmax (GIST's rule, over the global batch).
         distillation: a :class:`~dist_vdr.config.DistillationConfig` (enabled): a term learning from the
             teacher scores of each row's candidates (:mod:`.distillation`), added at every dim.
+        scoring: how queries and pages are represented and scored (:class:`~dist_vdr.retrieval.scoring.Scoring`:
+            the model output read, the representation, the Matryoshka cut, the scores); None: cosine of the
+            ``sentence_embedding`` (the guide is scored by the same rule).
 
     ``labels``: None, the candidate ids (a tensor), or a dict with ``ids`` and ``teacher`` (scores).
     """
@@ -70,9 +74,10 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
                  rank: int = 0, world_size: int = 1, scale: float = 20.0, mini_batch_size: int = 1,
                  mini_batch_num_tokens: int | None = None, mask_same_ids: bool = False, guide=None,
                  guide_margin: float = 0.0, guide_margin_strategy: str = "absolute", distillation=None,
-                 datasets: Sequence[DatasetOptions] = ()) -> None:
+                 datasets: Sequence[DatasetOptions] = (), scoring: scorings.Scoring | None = None) -> None:
         super().__init__(model, scale=scale, mini_batch_size=mini_batch_size,
                          mini_batch_num_tokens=mini_batch_num_tokens, gather_across_devices=False)
+        self.scoring = scorings.resolve(scoring)
         dims = list(matryoshka_dims)
         weights = list(matryoshka_weights) if matryoshka_weights is not None else [1.0] * len(dims)
         if len(weights) != len(dims):
@@ -173,7 +178,7 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         if self.guide is not None:
             guide_all = unpacked.pop(0)  # [W, C, B, Dg]
             guide = (guide_all[rank, 0], false_negatives.candidate_order(guide_all))
-        masking = false_negatives.Masking(ids, guide, self.guide_margin, self.guide_margin_strategy)
+        masking = false_negatives.Masking(ids, guide, self.guide_margin, self.guide_margin_strategy, self.scoring)
         return gathered.contiguous(), masking  # a leaf of its own for the gradients (the packed copy is freed)
 
     def _guide_stack(self, num_columns: int, batch_size: int) -> Tensor:
@@ -207,12 +212,28 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
                                                 random_states=random_states, ranges=ranges)
 
     def embed_minibatch(self, sentence_feature, begin, end, with_grad, copy_random_state, random_state=None):
-        out = super().embed_minibatch(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
+        if self.scoring.output_key == "sentence_embedding":
+            out = super().embed_minibatch(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
+        else:
+            out = self._embed_output(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
         if self._guide_columns is not None and not with_grad:  # step (1) only: the replay needs no guide
             with torch.no_grad():
                 features = compat.st_minibatch(sentence_feature, begin, end)
-                self._guide_columns[-1].append(self.guide(features)["sentence_embedding"].detach())
+                self._guide_columns[-1].append(self.guide(features)[self.scoring.output_key].detach())
         return out
+
+    def _embed_output(self, sentence_feature, begin, end, with_grad, copy_random_state, random_state=None):
+        """The parent's embed_minibatch reading the scoring's output key instead of ``sentence_embedding``."""
+        from contextlib import nullcontext
+
+        from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import RandContext
+
+        features = compat.st_minibatch(sentence_feature, begin, end)
+        with random_state if random_state is not None else nullcontext(), \
+                nullcontext() if with_grad else torch.no_grad():
+            random_state = RandContext(*features.values()) if copy_random_state else None
+            reps = self.model(features)[self.scoring.output_key]
+        return reps, random_state
 
     @staticmethod
     def _id_labels(labels: Tensor | None, num_columns: int, batch_size: int) -> Tensor:
@@ -231,7 +252,7 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         teacher = distillation.check_teacher(teacher, columns[0].shape[0], len(columns) - 1)
         total = torch.zeros((), device=columns[0].device)
         for dim, weight in self.dims_weights:
-            scores = distillation.student_scores(columns, dim)
+            scores = distillation.student_scores(columns, dim, self.scoring)
             total = total + d.weight * weight * distillation.term(scores, teacher.to(scores.device), d.kind,
                                                                    d.temperature, d.teacher_temperature)
         if with_backward:
@@ -245,17 +266,19 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
     # long: the chunked InfoNCE with its three masks (false negatives, no in-batch negatives), one loop
     def _ranking_loss(self, gathered: Tensor, dim: int | None, batch_size: int, with_backward: bool,
                       weight: float, masking: false_negatives.Masking | None = None, rank: int = 0) -> Tensor:
-        """InfoNCE of this rank's queries vs all gathered candidates at ``dim``; backward into ``gathered``."""
+        """InfoNCE of this rank's queries vs all gathered candidates at ``dim``; backward into ``gathered``.
+        Scores are the scoring's (cosine: normalised inner products) times ``scale``."""
         world, num_columns = gathered.shape[0], gathered.shape[1]
+        scoring = self.scoring
         # Candidates ordered as the parent (and a single process with the global batch) orders them:
-        # all positives of ranks 0..W-1, then all first negatives, ... -> [W*B*(C-1), d]
-        columns = gathered[:, 1:] if dim is None else gathered[:, 1:, :, :dim]
-        candidates = columns.transpose(0, 1).reshape(world * batch_size * (num_columns - 1), -1)
-        queries = gathered[rank, 0] if dim is None else gathered[rank, 0, :, :dim]
-        if dim is not None:  # Matryoshka: truncate, then re-normalise (as MatryoshkaLoss's shrink)
-            candidates = F.normalize(candidates, p=2, dim=-1)
-            queries = F.normalize(queries, p=2, dim=-1)
-        candidates_n = F.normalize(candidates, p=2, dim=-1)
+        # all positives of ranks 0..W-1, then all first negatives, ... -> [W*B*(C-1), *representation]
+        columns = gathered[:, 1:] if dim is None else gathered[:, 1:, ..., :dim]
+        candidates = columns.transpose(0, 1).reshape(world * batch_size * (num_columns - 1), *columns.shape[3:])
+        queries = gathered[rank, 0] if dim is None else gathered[rank, 0, ..., :dim]
+        if dim is not None:  # Matryoshka: the scoring's cut (cosine: truncate, then re-normalise, as MatryoshkaLoss)
+            candidates = scoring.truncate(candidates, dim)
+            queries = scoring.truncate(queries, dim)
+        candidates_n = scoring.represent(candidates)
         offset = rank * batch_size
         # No in-batch negatives: a query's softmax holds its own row's pages only (candidate j is row j mod W*B).
         other_rows = None if self._step.in_batch_negatives else \
@@ -263,7 +286,7 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         loss = torch.zeros((), device=gathered.device)
         for begin in range(0, batch_size, self.mini_batch_size):
             end = min(begin + self.mini_batch_size, batch_size)
-            scores = F.normalize(queries[begin:end], p=2, dim=-1) @ candidates_n.T * self.scale
+            scores = scoring.scores(scoring.represent(queries[begin:end]), candidates_n) * self.scale
             targets = torch.arange(offset + begin, offset + end, device=scores.device)
             if masking is not None:  # false negatives out of the softmax (their gradient is then zero too)
                 scores = scores.masked_fill(masking.chunk(begin, end, targets), float("-inf"))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Any
 
 from dist_vdr import log
 from dist_vdr.config import AdapterConfig, ModelConfig
+from dist_vdr.kinds import KIND_FILE
 from dist_vdr.models import adapters
 
 logger = log.get(__name__)
@@ -124,6 +126,9 @@ def merge_adapter_folder(folder: str | Path, out: str | Path, *, dtype: str = "a
     model = adapters.merge_into_base(build_model(cfg))
     with output.writing({"adapter": str(Path(folder).resolve())}) as tmp:
         model.save_pretrained(str(tmp), create_model_card=False)
+        kind = Path(folder) / KIND_FILE  # the merged model is of the adapter's kind
+        if kind.is_file():
+            shutil.copy2(kind, tmp / KIND_FILE)
     return output.path
 
 

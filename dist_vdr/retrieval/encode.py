@@ -32,6 +32,7 @@ import torch
 
 from dist_vdr import distributed
 from dist_vdr.distributed import shard_range, shard_sizes  # noqa: F401  (the evaluators import them from here)
+from dist_vdr.retrieval.scoring import Scoring, resolve
 
 MAX_BLOCK_BATCHES = 8
 
@@ -191,16 +192,22 @@ def inference(model):
 
 def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_column: str = "image",
                         batch_size: int = 16, num_workers: int = 0, cache_dir: str | None = None,
-                        cache_key: str = "", show_progress: bool = False) -> tuple[int, torch.Tensor]:
-    """Embed rank's shard of ``corpus``; returns (global offset of the shard, [n, D] float32 normalised).
+                        cache_key: str = "", show_progress: bool = False,
+                        scoring: Scoring | None = None) -> tuple[int, torch.Tensor]:
+    """Embed rank's shard of ``corpus``; returns (global offset of the shard, [n, D] float32 representations:
+    ``scoring``'s output key made its stored representation -- by default normalised ``sentence_embedding``).
 
     ``cache_dir``: finished batches are kept in a sub-folder named by the shard and by everything its
     embeddings depend on (:func:`embedding_key` + the shard's page contents; ``cache_key``: anything
-    else the caller adds), so a different model, corpus or preprocessing never reuses them.
+    else the caller adds; the scoring's ``cache_tag``), so a different model, corpus, preprocessing or
+    representation never reuses them.
     """
     from sentence_transformers.util import batch_to_device
     from tqdm.auto import tqdm
 
+    scoring = resolve(scoring)
+    if scoring.cache_tag():
+        cache_key = f"{cache_key}|scoring={scoring.cache_tag()}"
     block = block_size(len(corpus), batch_size)
     start, end = corpus_shard_range(len(corpus), rank, world_size, block)
     shard = corpus.select(range(start, end) if end > start else [])  # a small corpus may leave a rank none
@@ -231,8 +238,7 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
         device = model.device
         with inference(model):
             for positions, feats in tqdm(loader, desc=f"encoding pages (rank {rank})", disable=not show_progress):
-                emb = model(batch_to_device(feats, device))["sentence_embedding"].float()
-                emb = torch.nn.functional.normalize(emb, p=2, dim=-1).cpu()
+                emb = scoring.represent(model(batch_to_device(feats, device))[scoring.output_key].float()).cpu()
                 for p, e in zip(positions, emb, strict=True):
                     done[p] = e
                 if cache:
@@ -250,12 +256,17 @@ def _blank_page_features(model):
     return model.preprocess([Image.new("RGB", (64, 64), "white")], prompt=document_prompt(model))
 
 
-def encode_queries(model, texts: list[str], *, batch_size: int = 32) -> torch.Tensor:
-    """Normalised float32 query embeddings on CPU, exactly as sentence-transformers' encode_query."""
+def encode_queries(model, texts: list[str], *, batch_size: int = 32, scoring: Scoring | None = None) -> torch.Tensor:
+    """float32 query representations on CPU from sentence-transformers' encode_query (``scoring``'s output
+    key and representation; by default the normalised ``sentence_embedding``)."""
     if not texts:
         return torch.empty(0, 0)
-    emb = model.encode_query(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
-    return torch.nn.functional.normalize(emb.float(), p=2, dim=-1).cpu()
+    scoring = resolve(scoring)
+    # The default output is asked as before (models without an output_value argument keep working).
+    output = {} if scoring.output_key == "sentence_embedding" else {"output_value": scoring.output_key}
+    emb = model.encode_query(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False,
+                             **output)
+    return scoring.represent(emb.float()).cpu()
 
 
 class _ShardCache:

@@ -57,3 +57,9 @@ def retrieval_metrics(ranked: dict[str, Sequence[str]], qrels: dict[str, dict[st
         out[f"ndcg@{k}"] = float(np.mean(np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1), 0.0)))
         out[f"map@{k}"] = float(np.mean(precision_at_hit[:, :k].sum(axis=1) / np.minimum(k, num_relevant)))
     return {f"{m}@{k}": out[f"{m}@{k}"] for m in METRICS for k in ks}
+
+
+def headline(m: dict) -> str:
+    """One evaluation's line in a command's output: NDCG@10, MRR@10 and Recall@10."""
+    return (f"NDCG@10 {m.get('ndcg@10', float('nan')):.4f}  MRR@10 {m.get('mrr@10', float('nan')):.4f}  "
+            f"Recall@10 {m.get('recall@10', float('nan')):.4f}")

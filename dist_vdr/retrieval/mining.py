@@ -11,6 +11,8 @@ that score as high as the positive are often unlabelled positives). Rows without
 pages are dropped and counted. Every mined row records why each negative was kept: its rank, the
 retriever's scores and its margin below the positive (:func:`audit_columns`). The result depends
 only on the embeddings, not on the number of ranks (tested: 2 ranks write the same dataset as 1).
+Scores, representations and the search are those of the retriever's kind (``scoring``, a
+:class:`~dist_vdr.retrieval.scoring.Scoring`; cosine by default).
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from dist_vdr import distributed, log
 from dist_vdr.config import MiningConfig
 from dist_vdr.data.arrow import column_values
 from dist_vdr.data.loading import content_hash, undecoded
+from dist_vdr.retrieval.scoring import Scoring
 
 logger = log.get(__name__)
 
 MARKER_FILE = "dist_vdr_mined.json"
-# Column of mined rows: the retriever's cosine score of the positive, then of each negative.
+# Column of mined rows: the retriever's score (cosine for an embedding model) of the positive, then of each negative.
 RETRIEVER_SCORES = "retriever_scores"
 # Column of mined rows: the positive's score minus each negative's (the margin the negative was kept at).
 NEGATIVE_MARGINS = "negative_margins"
@@ -53,7 +56,7 @@ class MinedNegatives:
     ranks: np.ndarray
     """Retrieval rank (0 = best non-positive page) of each chosen negative."""
     scores: np.ndarray
-    """[len(kept_rows), 1 + num_negatives] the retriever's cosine score of the positive, then of each negative."""
+    """[len(kept_rows), 1 + num_negatives] the retriever's score of the positive, then of each negative."""
     pages: object
     """datasets.Dataset[image]: the de-duplicated page table."""
     num_dropped: int
@@ -155,18 +158,19 @@ def random_negatives(positives: np.ndarray, chosen: np.ndarray, num_pages: int, 
 
 
 def teacher_scores(teacher, queries: list[str], pages, cells: np.ndarray, *, batch_size: int = 16,
-                   num_workers: int = -1, show_progress: bool = True) -> np.ndarray:
-    """[Q, k] cosine scores of a teacher embedding model for query i and page ``cells[i, j]`` of ``pages``
-    (collective: queries and pages encoded sharded over the ranks, as mining encodes them)."""
+                   num_workers: int = -1, show_progress: bool = True, scoring: Scoring | None = None) -> np.ndarray:
+    """[Q, k] scores of a teacher embedding model for query i and page ``cells[i, j]`` of ``pages``
+    (collective: queries and pages encoded sharded over the ranks, as mining encodes them). ``scoring``:
+    the teacher's kind's (None: cosine)."""
     from dist_vdr.retrieval.encode import encode_corpus_shard
     from dist_vdr.retrieval.sharded import encode_queries_sharded
 
     info = distributed.current()
-    encoded = encode_queries_sharded(teacher, queries, info, batch_size=batch_size)
+    encoded = encode_queries_sharded(teacher, queries, info, batch_size=batch_size, scoring=scoring)
     offset, shard = encode_corpus_shard(teacher, pages, rank=info.rank, world_size=info.world_size,
                                         batch_size=batch_size, num_workers=num_workers, cache_dir=None,
-                                        show_progress=show_progress and info.is_main)
-    return _pair_scores(encoded, shard, offset, cells)
+                                        show_progress=show_progress and info.is_main, scoring=scoring)
+    return _pair_scores(encoded, shard, offset, cells, scoring)
 
 
 def score_rows(ds, query_column: str, page_columns: list[str], teacher, *, wait_timeout_s: int = 21600) -> np.ndarray:
@@ -182,12 +186,14 @@ def score_rows(ds, query_column: str, page_columns: list[str], teacher, *, wait_
 # long: the split's pages hashed and tabled, mined, and scored by the teacher, each step collective
 def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: str, page_columns: list[str],
          batch_size: int = 16, num_workers: int = -1, backend: str = "auto", cache_dir: str | None = None,
-         show_progress: bool = True, wait_timeout_s: int = 21600, teacher=None) -> MinedNegatives:
+         show_progress: bool = True, wait_timeout_s: int = 21600, teacher=None,
+         scoring: Scoring | None = None) -> MinedNegatives:
     """Mine for the rows of a training dataset, its own pages as the corpus (collective); every rank
     returns the same result. ``wait_timeout_s``: how long the other ranks wait for rank 0's hashing
     (launch.startup_timeout_s; not inside the step-sized collective timeout). ``teacher``: None, or a
     collective ``(queries, pages, cells) -> [Q, k] scores`` (:func:`teacher_scores` bound to an embedding
-    model, or a reranker's ``reranker.scoring.row_scores``) of each kept row's positive and negatives."""
+    model, or a reranker's ``reranker.scoring.row_scores``) of each kept row's positive and negatives.
+    ``scoring``: the retriever's kind's (None: cosine)."""
     info = distributed.current()
     if positive_column not in page_columns:
         page_columns = [positive_column, *page_columns]
@@ -202,7 +208,8 @@ def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: st
     queries = column_values(ds, query_column)
     negatives, ranks, ok, scores = mine_pages(model, queries, pages, hashes, positives, cfg,
                                               documents=documents, batch_size=batch_size, num_workers=num_workers,
-                                              backend=backend, cache_dir=cache_dir, show_progress=show_progress)
+                                              backend=backend, cache_dir=cache_dir, show_progress=show_progress,
+                                              scoring=scoring)
     kept = np.flatnonzero(ok)
     taught = None
     if teacher is not None:
@@ -215,7 +222,8 @@ def mine(model, ds, cfg: MiningConfig, *, query_column: str, positive_column: st
 def mine_pages(model, queries: list[str], pages, page_keys: list[str], positives: np.ndarray, cfg: MiningConfig, *,
                documents: np.ndarray | None = None, relevant: list[set[int]] | None = None, batch_size: int = 16,
                num_workers: int = -1, backend: str = "auto", cache_dir: str | None = None,
-               show_progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+               show_progress: bool = True,
+               scoring: Scoring | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Negatives for ``queries`` (row i's positive is page ``positives[i]`` of ``pages``), collective.
 
     ``page_keys``: a unique key per page (content hash or page id) that breaks score ties, so the
@@ -223,22 +231,23 @@ def mine_pages(model, queries: list[str], pages, page_keys: list[str], positives
     judged relevant to its query (never a negative). Returns (negatives, ranks, ok) as
     :func:`select_negatives`, random negatives appended, and the retriever's scores [Q, 1 + negatives]
     of the positive and of each negative (nan where a row has no negative there): a reranker can
-    learn on top of them (``reranker.retrieval_score_weight``).
+    learn on top of them (``reranker.retrieval_score_weight``). ``scoring``: the retriever's kind's (None:
+    cosine): its representations, search and scores.
     """
     from dist_vdr.retrieval.encode import encode_corpus_shard
     from dist_vdr.retrieval.sharded import encode_queries_sharded, global_topk, sorted_position
 
     info = distributed.current()
-    encoded = encode_queries_sharded(model, queries, info, batch_size=batch_size)
-    # The cache (if any) is keyed by the model, the preprocessing and the pages' contents.
+    encoded = encode_queries_sharded(model, queries, info, batch_size=batch_size, scoring=scoring)
+    # The cache (if any) is keyed by the model, the preprocessing, the pages' contents and the scoring.
     offset, shard = encode_corpus_shard(model, pages, rank=info.rank, world_size=info.world_size,
                                         batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
-                                        show_progress=show_progress and info.is_main)
+                                        show_progress=show_progress and info.is_main, scoring=scoring)
     # The positive, and other relevant pages, may take slots of the top k.
     k = cfg.max_rank + 1 + (max(map(len, relevant)) - 1 if relevant else 0)
     scores, idx = global_topk(encoded, shard, offset, k, sorted_position(page_keys),
-                              backend=backend)
-    positive_scores = _pair_scores(encoded, shard, offset, positives[:, None])[:, 0]
+                              backend=backend, scoring=scoring)
+    positive_scores = _pair_scores(encoded, shard, offset, positives[:, None], scoring)[:, 0]
     stats: dict = {}
     negatives, ranks, ok = select_negatives(scores, idx, positives, positive_scores, cfg, documents, relevant, stats)
     logger.info(f"mining: {stats['too_close']} candidates passed over as too close to their positive (margin "
@@ -251,7 +260,8 @@ def mine_pages(model, queries: list[str], pages, page_keys: list[str], positives
         ranks = np.concatenate([ranks, np.full_like(extra, -1)], axis=1)
         ok &= (extra >= 0).all(axis=1)
     # The positives' scores are those computed above (for the margin); only the negatives' are new.
-    pair_scores = np.concatenate([positive_scores[:, None], _pair_scores(encoded, shard, offset, negatives)], axis=1)
+    pair_scores = np.concatenate([positive_scores[:, None], _pair_scores(encoded, shard, offset, negatives, scoring)],
+                                 axis=1)
     return negatives, ranks, ok, pair_scores
 
 
@@ -294,10 +304,11 @@ def _as_image_column(ds, column: str):
     return ds if column == "image" else ds.rename_column(column, "image")
 
 
-def _pair_scores(queries: torch.Tensor, shard: torch.Tensor, offset: int, pages: np.ndarray) -> np.ndarray:
-    """Cosine score of query i with each page ``pages[i, j]`` ([Q, m]; nan where -1); the rank holding
-    a page computes its scores, with the candidates' own pair score (the ranking's value on any
-    number of ranks)."""
+def _pair_scores(queries: torch.Tensor, shard: torch.Tensor, offset: int, pages: np.ndarray,
+                 scoring: Scoring | None = None) -> np.ndarray:
+    """Score (``scoring``'s; None: cosine) of query i with each page ``pages[i, j]`` ([Q, m]; nan where -1);
+    the rank holding a page computes its scores, with the candidates' own pair score (the ranking's value
+    on any number of ranks)."""
     from dist_vdr.retrieval.search import rescore
 
     local = torch.zeros(pages.shape, dtype=torch.float32)
@@ -307,7 +318,8 @@ def _pair_scores(queries: torch.Tensor, shard: torch.Tensor, offset: int, pages:
         rows = np.flatnonzero(held[:, j])
         if rows.size:
             local[torch.from_numpy(rows), j] = rescore(queries[torch.from_numpy(rows)], shard,
-                                                       torch.from_numpy(pages[rows, j] - offset)[:, None])[:, 0]
+                                                       torch.from_numpy(pages[rows, j] - offset)[:, None],
+                                                       scoring=scoring)[:, 0]
     out = distributed.all_gather_same(local).sum(dim=0).numpy()
     out[pages < 0] = np.nan
     return out
@@ -382,10 +394,12 @@ def training_pairs(queries: dict[str, str], qrels: dict[str, dict[str, int]], in
 
 
 def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[str, int]], cfg: MiningConfig, *,
-                exclude_same_document: bool = False, teacher=None, **encode_kwargs):
+                exclude_same_document: bool = False, teacher=None, scoring: Scoring | None = None,
+                **encode_kwargs):
     """Negatives from a page corpus (``page_id``, ``image``, ``document_id``) for judged queries,
     collective. Returns (datasets.Dataset of query_id, query, image = positive page id,
-    negative_0..n-1 = page ids, the audit columns, relevant_page_ids; number of queries dropped)."""
+    negative_0..n-1 = page ids, the audit columns, relevant_page_ids; number of queries dropped).
+    ``scoring``: the retriever's kind's (None: cosine)."""
     import datasets
 
     page_ids = [str(p) for p in column_values(corpus, "page_id")]
@@ -398,7 +412,8 @@ def mine_corpus(model, corpus, queries: dict[str, str], qrels: dict[str, dict[st
         codes: dict[str, int] = {}
         documents = np.array([codes.setdefault(str(d), len(codes)) for d in corpus["document_id"]], dtype=np.int64)
     negatives, ranks, ok, scores = mine_pages(model, texts, corpus.select_columns(["image"]), page_ids, positives,
-                                              cfg, documents=documents, relevant=relevant, **encode_kwargs)
+                                              cfg, documents=documents, relevant=relevant, scoring=scoring,
+                                              **encode_kwargs)
     kept = np.flatnonzero(ok)
     columns = {"query_id": [qids[i] for i in kept], "query": [texts[i] for i in kept],
                "image": [page_ids[positives[i]] for i in kept]}

@@ -1,8 +1,10 @@
-"""Exact top-k inner-product search over one corpus shard, and the merge of per-rank top-k lists.
+"""Exact top-k search over one corpus shard, and the merge of per-rank top-k lists.
 
-Memory stays O(chunk + queries x k): the corpus is scored in chunks and only a running top-k per
-query is kept. The backend is faiss (exact ``IndexFlatIP``) when installed, else chunked torch
-matmuls; both are exact. The candidates' scores are then recomputed pair by pair (:func:`rescore`),
+Scores are those of a :class:`~dist_vdr.retrieval.scoring.Scoring` (default: cosine, the inner product
+of normalised vectors). Memory stays O(chunk + queries x k): the corpus is scored in chunks and only a
+running top-k per query is kept. The backend is faiss (exact ``IndexFlatIP``) when installed and the
+scoring is an inner product, else the scoring's scores chunk by chunk in torch (matmuls for cosine);
+both are exact. The candidates' scores are then recomputed pair by pair (:func:`rescore`),
 so a ranking does not depend on how the corpus was split, and ordering is made deterministic after
 the merge (score descending, then a tie key given by the caller: the evaluator's is descending page
 id, trec_eval's rule; mining's is ascending content hash).
@@ -15,6 +17,8 @@ import importlib.util
 import numpy as np
 import torch
 
+from dist_vdr.retrieval.scoring import Scoring, resolve
+
 NEG_INF = float("-inf")
 
 
@@ -23,22 +27,28 @@ def has_faiss() -> bool:
 
 
 def shard_topk(queries: torch.Tensor, shard: torch.Tensor, k: int, *, backend: str = "auto",
-               corpus_chunk: int = 65536, query_block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of ``queries @ shard.T`` per query: (scores [Q, k], local indices [Q, k]).
+               corpus_chunk: int = 65536, query_block: int = 4096,
+               scoring: Scoring | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of ``scoring.scores(queries, shard)`` per query: (scores [Q, k], local indices [Q, k]).
 
     Rows past the shard size are padded with -inf scores and index -1 (shards smaller than k).
-    Both inputs are expected L2-normalised float32 on CPU (cosine = inner product).
+    Both inputs are stored representations on CPU (cosine, the default: L2-normalised float32, scores
+    = inner products). faiss searches inner-product scorings only: ``auto`` then takes torch.
     """
     if backend not in ("auto", "faiss", "torch"):
         raise ValueError(f"unknown search backend {backend!r}; use auto, faiss or torch")
+    scoring = resolve(scoring)
+    if backend == "faiss" and not scoring.inner_product:
+        raise ValueError(f"search backend faiss needs inner-product scores; {type(scoring).__name__} is not one: "
+                         f"use backend auto or torch")
     n = shard.shape[0]
     kk = min(k, n)
     if kk == 0:
         scores, idx = torch.empty(queries.shape[0], 0), torch.empty(queries.shape[0], 0, dtype=torch.long)
-    elif backend == "faiss" or (backend == "auto" and has_faiss()):
+    elif backend == "faiss" or (backend == "auto" and scoring.inner_product and has_faiss()):
         scores, idx = _faiss_topk(queries, shard, kk)
     else:
-        scores, idx = _torch_topk(queries, shard, kk, corpus_chunk, query_block)
+        scores, idx = _torch_topk(queries, shard, kk, corpus_chunk, query_block, scoring)
     if kk < k:
         pad = k - kk
         scores = torch.cat([scores, torch.full((scores.shape[0], pad), NEG_INF)], dim=1)
@@ -56,14 +66,15 @@ def _faiss_topk(queries: torch.Tensor, shard: torch.Tensor, k: int):
     return torch.from_numpy(scores), torch.from_numpy(idx).long()
 
 
-def _torch_topk(queries: torch.Tensor, shard: torch.Tensor, k: int, corpus_chunk: int, query_block: int):
+def _torch_topk(queries: torch.Tensor, shard: torch.Tensor, k: int, corpus_chunk: int, query_block: int,
+                scoring: Scoring):
     all_scores, all_idx = [], []
     for qb in range(0, queries.shape[0], query_block):
         q = queries[qb:qb + query_block]
         best_s = torch.full((q.shape[0], 0), NEG_INF)
         best_i = torch.empty((q.shape[0], 0), dtype=torch.long)
         for cb in range(0, shard.shape[0], corpus_chunk):
-            s = q @ shard[cb:cb + corpus_chunk].T
+            s = scoring.scores(q, shard[cb:cb + corpus_chunk])  # cosine: q @ shard[...].T
             top = torch.topk(s, min(k, s.shape[1]), dim=1)
             cand_s = torch.cat([best_s, top.values], dim=1)
             cand_i = torch.cat([best_i, top.indices + cb], dim=1)
@@ -78,20 +89,28 @@ RESCORE_SLACK = 8
 """Extra candidates per shard, so that rescoring can reorder near-ties at the k-th place."""
 
 
-def rescore(queries: torch.Tensor, shard: torch.Tensor, idx: torch.Tensor, query_block: int = 1024) -> torch.Tensor:
-    """The candidates' scores recomputed as float64 dot products, rounded to float32 (-inf for padding).
+def rescore(queries: torch.Tensor, shard: torch.Tensor, idx: torch.Tensor, query_block: int = 1024,
+            scoring: Scoring | None = None) -> torch.Tensor:
+    """The candidates' scores recomputed pair by pair in float64 (inner-product scorings such as cosine: dot
+    products; others: ``scoring.pair_scores``), rounded to float32 (-inf for padding).
 
     A matrix product rounds a (query, page) score differently with the shape of the product and
     the tile the pair falls in, i.e. with how the corpus is split over ranks and chunks; near-ties
     then flip with the number of ranks. Recomputed row by row, a pair always gets the same score.
     """
+    scoring = resolve(scoring)
     out = torch.full(idx.shape, NEG_INF)
     if shard.shape[0] == 0:  # a rank without pages (small corpus): only padding
         return out
     for qb in range(0, idx.shape[0], query_block):
         block = idx[qb:qb + query_block]
-        pages = shard[block.clamp(min=0)].double()  # [b, k, D]
-        s = (pages * queries[qb:qb + query_block, None, :].double()).sum(dim=-1).float()
+        pages = shard[block.clamp(min=0)].double()  # [b, k, *representation]
+        if scoring.inner_product:  # dot products, without repeating the queries
+            s = (pages * queries[qb:qb + query_block, None, :].double()).sum(dim=-1).float()
+        else:
+            q = queries[qb:qb + query_block, None].double().expand(pages.shape[:2] + queries.shape[1:])
+            s = scoring.pair_scores(q.reshape(-1, *queries.shape[1:]), pages.reshape(-1, *shard.shape[1:]))
+            s = s.reshape(block.shape).float()
         out[qb:qb + query_block] = torch.where(block >= 0, s, torch.full_like(s, NEG_INF))
     return out
 

@@ -5,9 +5,10 @@ Per evaluation:
 2. each rank encodes its contiguous corpus shard once, at full dimension (pages decoded and
    preprocessed in DataLoader workers; nothing is sent through rank 0);
 3. for every dim (Matryoshka: truncate + re-normalise the same embeddings), each rank keeps the
-   exact top-k of every query over its shard; only those (score, page) lists are all-gathered and
-   merged, deterministically (score, then descending page id: trec_eval's order of equal scores, so
-   the written runs reproduce the metrics);
+   exact top-k of every query over its shard (representation, cut and scores: the kind's
+   :class:`~dist_vdr.retrieval.scoring.Scoring`, cosine by default); only those (score, page) lists
+   are all-gathered and merged, deterministically (score, then descending page id: trec_eval's order
+   of equal scores, so the written runs reproduce the metrics);
 4. NDCG/MRR/Recall/MAP/Accuracy/Precision@k for every dim; rank 0 writes JSON, CSV, TREC runs and
    qrels, and a plot of NDCG@10 against dimension.
 
@@ -34,13 +35,15 @@ from dist_vdr.data.loading import EvalData
 from dist_vdr.retrieval import mteb_format, stock
 from dist_vdr.retrieval.encode import encode_corpus_shard, encode_queries, shard_range
 from dist_vdr.retrieval.metrics import METRICS, retrieval_metrics
+from dist_vdr.retrieval.scoring import Scoring, resolve
 from dist_vdr.retrieval.search import RESCORE_SLACK, has_faiss, merge_topk, rescore, shard_topk
 from dist_vdr.run.folder import NDCG_PLOT
 from dist_vdr.storage import atomic_write
 
 
 class ShardedRetrievalEvaluator(BaseEvaluator):
-    """dist_vdr.retrieval.protocol.RunEvaluator: every rank, its corpus shard."""
+    """dist_vdr.retrieval.protocol.RunEvaluator: every rank, its corpus shard. ``scoring``: how the model's
+    queries and pages are represented and scored (:class:`~dist_vdr.retrieval.scoring.Scoring`; None: cosine)."""
 
     all_ranks = True
     summarise = staticmethod(stock.summarise)  # the same flat keys as the stock evaluators
@@ -48,8 +51,9 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
     def __init__(self, data: EvalData, dims: list[int], *, ks=(1, 3, 5, 10, 100), batch_size: int = 16,
                  query_batch_size: int = 32, num_workers: int = -1, backend: str = "auto",
                  cache_dir: str | None = None, show_progress: bool = True, run_tag: str = "dist-vdr",
-                 main_metric: str = "ndcg@10") -> None:
+                 main_metric: str = "ndcg@10", scoring: Scoring | None = None) -> None:
         super().__init__()
+        self.scoring = resolve(scoring)
         if not dims:
             raise ValueError("the evaluator needs at least one embedding dim")
         self.data = data
@@ -65,7 +69,7 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
         self.tie_key = trec_tie_key(self.page_ids)
         self.primary_metric = f"dim{self.dims[0]}_cosine_ndcg@10" if 10 in self.ks else \
             f"dim{self.dims[0]}_cosine_ndcg@{self.ks[-1]}"
-        if backend in ("auto", "faiss") and has_faiss():
+        if backend in ("auto", "faiss") and self.scoring.inner_product and has_faiss():
             import faiss  # noqa: F401  (import once here, not inside the first timed evaluation)
         self.last_rankings: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.last_metrics: dict[int, dict[str, float]] = {}
@@ -80,8 +84,8 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
         offset, shard = encode_corpus_shard(
             model, self.data.corpus, rank=info.rank, world_size=info.world_size, batch_size=self.batch_size,
             num_workers=self.num_workers, cache_dir=self.cache_dir,
-            show_progress=self.show_progress and info.is_main)
-        full_dim = queries.shape[1]
+            show_progress=self.show_progress and info.is_main, scoring=self.scoring)
+        full_dim = queries.shape[-1]
         too_big = [d for d in self.dims if d > full_dim]
         if too_big:
             raise ValueError(f"evaluation dims {too_big} exceed the model's embedding dimension {full_dim}")
@@ -100,10 +104,11 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
 
     def _encode_queries(self, model, info: distributed.DistInfo) -> torch.Tensor:
         return encode_queries_sharded(model, [self.data.queries[q] for q in self.query_ids], info,
-                                      batch_size=self.query_batch_size)
+                                      batch_size=self.query_batch_size, scoring=self.scoring)
 
     def _search(self, queries: torch.Tensor, shard: torch.Tensor, offset: int, dim: int):
-        return global_topk(queries, shard, offset, self.top_k, self.tie_key, dim=dim, backend=self.backend)
+        return global_topk(queries, shard, offset, self.top_k, self.tie_key, dim=dim, backend=self.backend,
+                           scoring=self.scoring)
 
     # ------------------------------------------------------------------ outputs
     def write_outputs(self, output_path: str, steps: int = -1) -> None:
@@ -126,8 +131,9 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
 
 
 def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, *,
-                           batch_size: int = 32) -> torch.Tensor:
-    """Every rank encodes its share of ``texts``; all ranks get all embeddings [len(texts), D].
+                           batch_size: int = 32, scoring: Scoring | None = None) -> torch.Tensor:
+    """Every rank encodes its share of ``texts``; all ranks get all representations [len(texts), D]
+    (``scoring``'s: cosine by default, normalised embeddings).
 
     Queries are sorted by length (as sentence-transformers does) and cut into batches once, for
     the whole list; ranks take whole batches. A query is thus encoded in the same batch, padded
@@ -138,10 +144,11 @@ def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, 
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     ranges = [shard_range(len(batches), r, info.world_size) for r in range(info.world_size)]
     first, last = ranges[info.rank]
-    parts = [encode_queries(model, [texts[j] for j in batch], batch_size=batch_size) for batch in batches[first:last]]
+    parts = [encode_queries(model, [texts[j] for j in batch], batch_size=batch_size, scoring=scoring)
+             for batch in batches[first:last]]
     # Sharded engines gather parameters in every forward (a collective): the same number on every rank.
     for _ in range(max(e - s for s, e in ranges) - (last - first)):
-        encode_queries(model, ["?"], batch_size=batch_size)
+        encode_queries(model, ["?"], batch_size=batch_size, scoring=scoring)
     mine = torch.cat(parts) if parts else torch.empty(0, 0)
     sizes = [sum(len(b) for b in batches[s:e]) for s, e in ranges]
     gathered = distributed.all_gather_rows(mine, sizes)  # rows in sorted order
@@ -152,21 +159,24 @@ def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, 
 
 
 def global_topk(queries: torch.Tensor, shard: torch.Tensor, offset: int, k: int, tie_key: np.ndarray, *,
-                dim: int | None = None, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+                dim: int | None = None, backend: str = "auto",
+                scoring: Scoring | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of all queries over the corpus whose rows [offset, offset + len(shard)) this rank holds.
 
     Called on every rank at once: each searches its shard, the per-rank lists are all-gathered and
     merged (score, then ``tie_key``). Returns (scores [Q, k], global page indices [Q, k], -1 = none).
-    ``dim``: truncate both sides to this Matryoshka dimension and re-normalise first.
+    ``scoring``: the representations' scoring (None: cosine). ``dim``: cut both sides to this Matryoshka
+    dimension first (``scoring.truncate``; cosine: truncate and re-normalise).
     """
-    dim = dim or queries.shape[1]
-    q = torch.nn.functional.normalize(queries[:, :dim], p=2, dim=-1) if dim < queries.shape[1] else queries
+    scoring = resolve(scoring)
+    dim = dim or queries.shape[-1]
+    q = scoring.truncate(queries, dim) if dim < queries.shape[-1] else queries
     if shard.numel() == 0:
-        shard = torch.empty(0, queries.shape[1])
-    e = torch.nn.functional.normalize(shard[:, :dim], p=2, dim=-1) if dim < shard.shape[1] else shard
+        shard = torch.empty(0, *queries.shape[1:])
+    e = scoring.truncate(shard, dim) if dim < shard.shape[-1] else shard
     e = e.contiguous()
-    _, idx = shard_topk(q, e, k + RESCORE_SLACK, backend=backend)
-    scores = rescore(q, e, idx)
+    _, idx = shard_topk(q, e, k + RESCORE_SLACK, backend=backend, scoring=scoring)
+    scores = rescore(q, e, idx, scoring=scoring)
     idx = torch.where(idx >= 0, idx + offset, idx)
     all_scores = distributed.all_gather_same(scores)  # [W, Q, k]
     all_idx = distributed.all_gather_same(idx)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from dist_vdr.config import Config, to_yaml
+from dist_vdr.config import recipe_schema, to_yaml
 
 LAUNCH_KEYS = ("launch.", "training.output_dir", "training.per_device_batch_size")
 REPORTING_KEYS = (
@@ -104,7 +104,7 @@ def differences(recorded_yaml: str, current_yaml: str) -> dict[str, tuple[object
 
 def _defaults() -> dict[str, object]:
     """Every key of a recipe at its default value (flattened as the recorded recipes are)."""
-    return _flatten(yaml.safe_load(to_yaml(Config())))
+    return _flatten(yaml.safe_load(to_yaml(recipe_schema()())))
 
 
 def check(recorded_yaml: str | None, current_yaml: str, checkpoint: str, allow_change: bool) -> list[str]:

@@ -254,7 +254,7 @@ class _Run:
         if self.stopper.stopped_at is not None:
             return self._stopped(result)
         best = self._load_best(trainer) if cfg.training.final == "best" else None
-        final.save_final(trainer, ctx.info, ctx.out, self.task.final_files(cfg), merge_with=self._merge_with(),
+        final.save_final(trainer, ctx.info, ctx.out, self.task.files_of_model(cfg), merge_with=self._merge_with(),
                          record={"weights_of_step": checkpoint.checkpoint_step(best)} if best else None)
         result.weights_of_step = self.weights_of_step
         self._write_card(result)  # a card at once, whatever becomes of the evaluation

@@ -84,7 +84,8 @@ def test_reranker_teacher_scores_on_two_ranks_equal_the_reranker(tiny_model, tin
     import numpy as np
     import torch
 
-    from dist_vdr.config import ModelConfig, RerankerConfig
+    from dist_vdr.config import ModelConfig
+    from dist_vdr.kinds.reranker.config import RerankerConfig
     from dist_vdr.kinds.reranker.model import build_reranker
     from dist_vdr.kinds.reranker.scoring import forward_scores
 

@@ -69,23 +69,24 @@ def layer_of(module: str) -> int:
     return best
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node except those under ``if TYPE_CHECKING:`` (annotations only, never imported at run time)."""
+def _runtime_nodes(tree: ast.AST, type_checking: bool = False):
+    """Every node except those under ``if TYPE_CHECKING:`` (annotations only, never imported at run time),
+    unless ``type_checking``."""
     stack = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if not type_checking and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             stack.extend(node.orelse)
             continue
         yield node
         stack.extend(ast.iter_child_nodes(node))
 
 
-def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
+def imports_of(module: str, path: Path, known: set[str], type_checking: bool = False) -> set[str]:
     is_package = path.name == "__init__.py"
     package = module if is_package else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text()), type_checking):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == "dist_vdr")
         elif isinstance(node, ast.ImportFrom):
@@ -103,10 +104,10 @@ def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != module}
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(type_checking: bool = False) -> dict[str, set[str]]:
     modules = _modules()
     known = set(modules)
-    return {m: imports_of(m, p, known) for m, p in modules.items()}
+    return {m: imports_of(m, p, known, type_checking) for m, p in modules.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -136,8 +137,24 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_import_graph_has_no_cycle():
-    cycle = find_cycle(import_graph())
+    """No cycle, counting the imports made for annotations only (``if TYPE_CHECKING:``) too: a type a module
+    names is a dependency a reader follows."""
+    cycle = find_cycle(import_graph(type_checking=True))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+MAX_TOP_LEVEL_MODULES = 10
+MAX_MODULE_LINES = 600
+
+
+def test_the_top_level_holds_few_modules_and_no_module_is_long():
+    """The package's structure shows in its folders: at most 10 modules at the top (``__init__`` counted), none
+    over 600 lines anywhere."""
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, f"{len(top)} modules at the top of dist_vdr/: {top}"
+    long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
 
 
 def test_no_module_imports_from_a_higher_layer():

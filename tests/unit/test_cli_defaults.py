@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO
 from dist_vdr.cli.bench import new_spelling
 from dist_vdr.cli.commands import _options_first, _submit_settings, build_parser
-from dist_vdr.cli.options import load_command
+from dist_vdr.cli.options import composed, load_command
 
 # Options that are not settings of a config dataclass (the train/data-check/make-*/merge-adapter commands).
 UNMAPPED = {
@@ -130,8 +130,8 @@ def test_an_absent_option_leaves_the_dataclass_default(name, tmp_path):
     argv = [*name.split(), *(word for flag, value in required.items() for word in (flag, value))]
     cfg = load_command(parser.parse_args(argv), spec, check_paths=False)
     given = {key: required[flag] for key, flag in spec.aliases.items() if flag in required}
-    expected = _expected_sections(spec.schema, given)
-    assert cfg == spec.schema(**expected)  # every key, aliased by an option or not
+    expected = _expected_sections(composed(spec.schema), given)
+    assert cfg == composed(spec.schema)(**expected)  # every key, aliased by an option or not
     for key in spec.aliases:
         section, _, rest = key.partition(".")
         assert _key(cfg, key) == _key(expected[section], rest), key

@@ -59,7 +59,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["loss.mini_batchsize=4"], "unknown config key 'loss.mini_batchsize'"),
         (["modle.name_or_path=x"], "unknown config key 'modle'"),
         (["training.global_batch_size=lots"], "training.global_batch_size"),
-        (["loss.name=triplet"], "loss.name='triplet' is not one of"),
+        (["loss.name=triplet"], "loss.name='triplet' is not a loss of task=embedding; use one of ['cmnrl', 'mnrl']"),
         (["training.precision=fp8"], "training.precision"),
         (["loss.matryoshka_dims=[64,64]"], "duplicates"),
         (["loss.matryoshka_dims=[64,0]"], "positive"),

@@ -12,9 +12,9 @@ from dist_vdr.config import (
     LossConfig,
     MiningConfig,
     ModelConfig,
-    RerankerConfig,
 )
 from dist_vdr.config import load_config as _load_config
+from dist_vdr.kinds.reranker.config import RerankerConfig
 
 
 def load_config(path=None, overrides=()):
@@ -282,10 +282,13 @@ def test_reranker_config_defaults_and_refusals():
     listwise = load_config("configs/tiny-reranker.yaml", ["loss.name=listwise", "loss.num_in_batch_negatives=2",
                                                           "reranker.retrieval_score_weight=0"])
     assert listwise.training.batch_sampler == "no_duplicates_hashed"
-    with pytest.raises(ValueError, match="not a reranker loss"):
+    with pytest.raises(ValueError, match="is not a loss of task=reranker"):
         load_config("configs/tiny-reranker.yaml", ["loss.name=cmnrl"])
-    with pytest.raises(ValueError, match="not a embedding loss|not a embedding"):
+    with pytest.raises(ValueError, match="is not a loss of task=embedding"):
         load_config("configs/tiny.yaml", ["loss.name=bce"])
+    # A shared option only some kinds take is refused for the others, by the kinds' declarations alone.
+    with pytest.raises(ValueError, match="loss.pos_weight applies to task=reranker; remove it for task=embedding"):
+        load_config("configs/tiny.yaml", ["loss.pos_weight=2"])
     with pytest.raises(ValueError, match="matryoshka_dims"):
         load_config("configs/tiny-reranker.yaml", ["loss.matryoshka_dims=[16]"])
     with pytest.raises(ValueError, match="max_rank"):

@@ -23,23 +23,23 @@ from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator, plot_ndcg_vs_d
 from dist_vdr.run.folder import RunDir
 from dist_vdr.run.results import RunResult
 
-_LOSSES = ("cmnrl", "mnrl")
-
 
 class EmbeddingTask(Task):
     trainer_class = Trainer
 
+    extends = "embedding"
+
     def configure(self, cfg: Config) -> None:
-        if cfg.loss.name == "auto":
-            cfg.loss.name = "cmnrl"
         if cfg.training.batch_sampler == "auto":
             # A repeated page in the global batch would be a false in-batch negative.
             cfg.training.batch_sampler = "no_duplicates_hashed"
-        if cfg.loss.name not in _LOSSES:
-            raise ValueError(f"loss.name={cfg.loss.name!r} is not a {self.name} loss; use one of {list(_LOSSES)}")
+        loss = cfg.loss
+        if loss.implementation == "global_batch" and loss.name != "cmnrl":
+            raise ValueError("loss.implementation=global_batch needs loss.name=cmnrl")
         for key in ("false_negatives", "distillation"):
-            if getattr(cfg.loss, key).enabled and cfg.loss.name != "cmnrl":
-                raise ValueError(f"loss.{key} needs the global-batch loss: loss.name=cmnrl")
+            if getattr(loss, key).enabled and (loss.name != "cmnrl" or loss.implementation == "stock"):
+                raise ValueError(f"loss.{key} needs the global-batch loss: loss.name=cmnrl with "
+                                 f"loss.implementation auto or global_batch")
         if cfg.loss.distillation.enabled:
             check_scored_columns(cfg)
         check_mixture_options(cfg)
@@ -85,7 +85,7 @@ class EmbeddingTask(Task):
     def build_loss(self, ctx: RunContext, model):
         guide = load_guide(ctx, model) if ctx.cfg.loss.false_negatives.guide else None
         return build_loss(model, ctx.cfg.loss, rank=ctx.info.rank, world_size=ctx.info.world_size, guide=guide,
-                          datasets=dataset_options(ctx.cfg))
+                          datasets=dataset_options(ctx.cfg), scoring=self.scoring(ctx.cfg))
 
     def build_evaluator(self, ctx: RunContext, eval_data, dims: list[int], inputs: TaskInputs):
         e = ctx.cfg.evaluation
@@ -93,7 +93,8 @@ class EmbeddingTask(Task):
             return stock.build_evaluator(eval_data, dims, batch_size=e.batch_size, ks=e.ks,
                                          show_progress_bar=ctx.info.is_main)
         return ShardedRetrievalEvaluator(eval_data, dims, ks=e.ks, batch_size=e.batch_size, main_metric=e.main_metric,
-                                         num_workers=e.num_workers, backend=e.search_backend, show_progress=True)
+                                         num_workers=e.num_workers, backend=e.search_backend, show_progress=True,
+                                         scoring=self.scoring(ctx.cfg))
 
     def write_summary(self, out: Path, result: RunResult) -> None:
         """metrics.json with the dims, and the NDCG-vs-dimension plot (before / after training)."""

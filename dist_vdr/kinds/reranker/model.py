@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dist_vdr import log
-from dist_vdr.config import ModelConfig, RerankerConfig
+from dist_vdr.config import ModelConfig
+from dist_vdr.kinds.reranker.config import RerankerConfig
 
 if TYPE_CHECKING:
     import torch

@@ -15,39 +15,26 @@ from sentence_transformers import CrossEncoderTrainingArguments
 from dist_vdr.config import Config
 from dist_vdr.engines.trainers import RerankerTrainer
 from dist_vdr.kinds.base import RunContext, Task, TaskInputs
+from dist_vdr.kinds.reranker import commands
 from dist_vdr.kinds.reranker.evaluation import RerankEvaluator
 from dist_vdr.kinds.reranker.loss import build_reranker_loss
 from dist_vdr.kinds.reranker.model import FUSION_FILE, build_reranker, fusion_record
 from dist_vdr.kinds.reranker.prepare import prepare
 from dist_vdr.run.results import RunResult
 
-_LOSSES = ("bce", "listwise")
-
 
 class RerankerTask(Task):
     trainer_class = RerankerTrainer
     model_phase = "negatives (mined or cached) + model build"
 
+    extends = "reranker"
+
     def configure(self, cfg: Config) -> None:
-        if cfg.loss.name == "auto":
-            cfg.loss.name = "bce"
         if cfg.training.batch_sampler == "auto":
             # Mined negatives are shared between queries, which no-duplicates batching cannot fill
             # batches with; in-batch negatives of the listwise loss do want distinct rows.
             in_batch = cfg.loss.num_in_batch_negatives > 0
             cfg.training.batch_sampler = "no_duplicates_hashed" if in_batch else "batch_sampler"
-        if cfg.loss.name not in _LOSSES:
-            raise ValueError(f"loss.name={cfg.loss.name!r} is not a {self.name} loss; use one of {list(_LOSSES)}")
-        if cfg.loss.matryoshka_dims:
-            raise ValueError("loss.matryoshka_dims applies to embedding models; remove it for task=reranker")
-        if cfg.data.datasets:
-            raise ValueError("data.datasets (a mixture) trains task=embedding for now; a reranker trains on one "
-                             "dataset: merge the rows into one, or train one reranker per dataset")
-        for key in ("false_negatives", "distillation"):
-            if getattr(cfg.loss, key).enabled:
-                raise ValueError(f"loss.{key} applies to embedding models; remove it for task=reranker")
-        if cfg.model.adapter.type:
-            raise ValueError("model.adapter is not supported for task=reranker yet; remove it (full finetuning)")
         if cfg.reranker.retrieval_score_weight > 0 and (
                 cfg.loss.name != "listwise" or cfg.loss.num_in_batch_negatives or not cfg.mining.enabled):
             raise ValueError("reranker.retrieval_score_weight > 0 trains on the retriever's scores of each row's "
@@ -110,3 +97,25 @@ class RerankerTask(Task):
         if "rerankonly" in result.after.rows:  # retrieval_score_weight > 0: the reranker's score alone too
             line += f" (reranker score alone: before={get('before', 'rerankonly')} after={get('after', 'rerankonly')})"
         return line
+
+    # -- commands ---------------------------------------------------------------------------------------------
+    def load_model(self, model_cfg, cfg, *, device: str, precision: str, flag: str = "--model"):
+        return commands.load(model_cfg, cfg, device=device, precision=precision, flag=flag)
+
+    def scoring(self, cfg):
+        raise ValueError("a reranker scores (query, page) pairs and retrieves nothing: give a retriever (an "
+                         "embedding model) as --model, and the reranker as --reranker (eval) or --teacher (mining)")
+
+    def command_evaluator(self, cfg, data, model):
+        raise ValueError(f"--model {cfg.model.name_or_path} is a reranker: it reranks a retriever's pages; give the "
+                         f"retriever as --model and this folder as --reranker")
+
+    def teacher(self, model, cfg):
+        return commands.teacher(model, cfg)
+
+    def teacher_record(self, cfg) -> dict:
+        return {"teacher_prompt": cfg.reranker.prompt}
+
+    def rerank_command(self, cfg, info, data, retriever, output, write) -> int:
+        return commands.rerank(cfg, info, data, retriever, output, write)
+

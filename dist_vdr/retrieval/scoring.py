@@ -1,0 +1,99 @@
+"""How a kind represents and scores queries and pages: one object, read by every part that scores.
+
+The global-batch loss, the false-negative guide, the sharded evaluator's encoding and search, mining
+and teacher scoring all go through a :class:`Scoring` instead of assuming one vector per query and
+page compared by cosine. A kind says which it uses (:meth:`dist_vdr.kinds.base.Task.scoring`); a kind
+with another representation (e.g. token embeddings ``[N, T, D]`` scored by MaxSim) subclasses
+:class:`Scoring` and plugs in without editing those modules.
+
+:class:`CosineScoring` is the embedding kind's (and every default's): the ``sentence_embedding``
+output, L2-normalised, compared by inner product; Matryoshka dims truncate and re-normalise. Its
+numbers are bitwise those of the code before this seam.
+
+Nothing here imports a kind.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Scoring:
+    """How queries and pages are represented and scored (subclass it; :meth:`scores` is required).
+
+    A *representation* is a tensor whose first dimension runs over queries or pages (``[N, D]`` for one
+    vector each, ``[N, T, D]`` for token embeddings); its last dimension is the one a Matryoshka dim cuts.
+
+    - :attr:`output_key`: the key of the model's forward output read as the embeddings;
+    - :meth:`represent`: a model's embeddings -> the stored representation (what the evaluator keeps and
+      searches, what the loss scores); applied again to a truncated representation, so it must leave a
+      representation as it is (normalising twice is fine);
+    - :meth:`truncate`: a representation cut to a Matryoshka dim (a representation again);
+    - :meth:`scores`: ``[Q, P]`` the scores of queries against pages -- the one primitive; differentiable
+      (the loss back-propagates through it), higher is better;
+    - :meth:`pair_scores`: ``[N]`` query i against page i, each pair computed on its own (the evaluator's
+      and mining's rescoring, distillation): a pair's score must not depend on the other rows;
+    - :attr:`inner_product`: True only when ``scores(q, p)`` equals ``q @ p.T`` of ``[N, D]`` stored
+      representations; faiss inner-product search is then valid. Otherwise search computes
+      :meth:`scores` block by block (torch).
+    """
+
+    output_key: str = "sentence_embedding"
+    inner_product: bool = False
+
+    def represent(self, embeddings: Tensor) -> Tensor:
+        """The stored representation of a model's embeddings (default: as they are)."""
+        return embeddings
+
+    def truncate(self, reps: Tensor, dim: int) -> Tensor:
+        """``reps`` cut to the first ``dim`` values of its last dimension (default: no re-normalisation)."""
+        return reps[..., :dim]
+
+    def scores(self, queries: Tensor, pages: Tensor) -> Tensor:
+        """``[Q, P]``: every query (``queries[i]``) scored against every page (``pages[j]``)."""
+        raise NotImplementedError
+
+    def pair_scores(self, queries: Tensor, pages: Tensor) -> Tensor:
+        """``[N]``: query i scored against page i (default: :meth:`scores` of each pair alone)."""
+        if len(queries) == 0:
+            return queries.new_empty(0)
+        return torch.stack([self.scores(queries[i:i + 1], pages[i:i + 1])[0, 0] for i in range(len(queries))])
+
+    def cache_tag(self) -> str:
+        """What stored representations depend on besides the model: the evaluator's encoding cache keys on it
+        (so representations of another scoring are never reused)."""
+        return f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+class CosineScoring(Scoring):
+    """One vector per query and page (``sentence_embedding``), L2-normalised; scores are cosine similarities
+    (inner products of the stored vectors). Matryoshka: truncate, then re-normalise."""
+
+    inner_product = True
+
+    def represent(self, embeddings: Tensor) -> Tensor:
+        return F.normalize(embeddings, p=2, dim=-1)
+
+    def truncate(self, reps: Tensor, dim: int) -> Tensor:
+        return F.normalize(reps[..., :dim], p=2, dim=-1)
+
+    def scores(self, queries: Tensor, pages: Tensor) -> Tensor:
+        return queries @ pages.T
+
+    def pair_scores(self, queries: Tensor, pages: Tensor) -> Tensor:
+        return (queries * pages).sum(dim=-1)
+
+    def cache_tag(self) -> str:
+        return ""  # the encoding cache's keys from before the seam stay valid
+
+
+def resolve(scoring: Scoring | None) -> Scoring:
+    """``scoring``, or :class:`CosineScoring` for None (the default of every function taking one)."""
+    return CosineScoring() if scoring is None else scoring
+
+
+def is_cosine(scoring: Scoring | None) -> bool:
+    """Whether ``scoring`` is exactly today's cosine (None or a plain :class:`CosineScoring`, no subclass)."""
+    return scoring is None or type(scoring) is CosineScoring
