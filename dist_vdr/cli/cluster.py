@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_vdr import log
+from dist_vdr.run.folder import RunDir
 
 logger = log.get(__name__)
 
@@ -165,7 +166,7 @@ def submit(config_path: str, overrides: list[str], resources: SlurmResources, *,
     from dist_vdr.run.training import run_output
 
     run_output(cfg).check()  # and an output_dir the run would refuse
-    folder = Path(log_dir or Path(cfg.training.output_dir) / "slurm-logs") / "%j"
+    folder = Path(log_dir or RunDir(cfg.training.output_dir).slurm_logs) / "%j"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=resources.cluster)
     params = dict(nodes=resources.nodes, tasks_per_node=resources.tasks_per_node, timeout_min=resources.time_min,
                   name=resources.job_name)

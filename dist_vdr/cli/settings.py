@@ -122,9 +122,9 @@ class MineOptions:
     column teacher_scores, for loss.distillation: an embedding model's cosine scores (e.g. one trained
     longer) or a reranker's scores (loaded as the reranker: section says, e.g. its prompt)."""
     teacher_type: str = "auto"
-    """auto | embedding | reranker. auto: a local sentence-transformers CrossEncoder folder (a dist-vdr
-    reranker's final/) is a reranker, anything else an embedding model; a reranker given by hub id
-    (e.g. Qwen/Qwen3-VL-Reranker-2B) needs reranker."""
+    """auto, or a kind's name (embedding, reranker, ...). auto: the kind the folder records (every dist-vdr
+    final/ does), else a local sentence-transformers CrossEncoder folder is a reranker and anything else an
+    embedding model; a reranker given by hub id (e.g. Qwen/Qwen3-VL-Reranker-2B) needs reranker."""
 
     def __post_init__(self) -> None:
         check_choice("mine", "teacher_type", self.teacher_type, ("auto", *kinds.names()))

@@ -23,6 +23,7 @@ from dist_vdr.data import page_refs
 from dist_vdr.engines import adapters as adapter_engines
 from dist_vdr.engines import gradient_cache as engines
 from dist_vdr.models import adapters
+from dist_vdr.run.folder import RunDir
 
 logger = log.get(__name__)
 # Masking that leaves out more than this fraction of a query's negatives is warned about (once).
@@ -210,7 +211,7 @@ class _DistVdrTrainerMixin:
                                              metric_key_prefix)
         finally:
             self.evaluator = evaluator
-        output_path = os.path.join(self.args.output_dir, "eval") if self.is_world_process_zero() else None
+        output_path = str(RunDir(self.args.output_dir).eval_during_training) if self.is_world_process_zero() else None
         metrics = evaluator(self.model, output_path=output_path, epoch=self.state.epoch, steps=self.state.global_step)
         output.metrics.update({k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": v
                                for k, v in metrics.items()})

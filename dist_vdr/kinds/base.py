@@ -1,6 +1,6 @@
 """The Task interface: what differs between model kinds, in one place per kind.
 
-``dist_vdr.training.run_training`` does the parts every run shares (process group, data pass, lock,
+``dist_vdr.run.training.run_training`` does the parts every run shares (process group, data pass, lock,
 resume decision, records, trainer callbacks, checkpoints, final model, results) and asks the task
 for the rest, in this order:
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # only for annotations: this module is imported while a Confi
 class RunContext:
     """What a task is told about the run: the recipe, this process's place, the output folder and
     the engine the launch config asked for (deepspeed, fsdp or None for DDP). ``ctx.run`` names the
-    output folder's files (:class:`dist_vdr.run_dir.RunDir`)."""
+    output folder's files (:class:`dist_vdr.run.folder.RunDir`)."""
 
     cfg: Config
     info: DistInfo

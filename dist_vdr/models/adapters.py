@@ -5,7 +5,7 @@ The adapter is injected into the Hugging Face module inside the first sentence-t
 only the adapter reaches the optimizer, the gradient reduction and the checkpoints. A folder of a
 LoRA run (a checkpoint or ``final/``) holds the adapter in PEFT's format (``adapter_config.json``,
 ``adapter_model.safetensors``) and ``dist_vdr_adapter.json`` naming the base model; loading it
-builds the base and puts the adapter on (:func:`dist_vdr.model.build_model` does that for any
+builds the base and puts the adapter on (:func:`dist_vdr.models.build.build_model` does that for any
 command given such a folder).
 
 Why not sentence-transformers' ``add_adapter``: it goes through transformers' PEFT integration,

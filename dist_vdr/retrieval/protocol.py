@@ -7,7 +7,7 @@ other ranks serve its encode calls).
 
 ``__call__`` returns the flat metrics sentence-transformers logs (``"64_ndcg@10"``,
 ``"rerank_ndcg@10"``...); ``summarise`` turns them into rows by name (a dimension or a ranking
-stage) -> metric -> value, which :class:`dist_vdr.results.Metrics` records.
+stage) -> metric -> value, which :class:`dist_vdr.run.results.Metrics` records.
 """
 
 from __future__ import annotations

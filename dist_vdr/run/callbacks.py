@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -45,7 +44,7 @@ class RankLogger(TrainerCallback):
 
 class PreemptionCallback(TrainerCallback):
     """At each step end, agree (all ranks, one all-reduce) whether to checkpoint and stop, and whether
-    a loss went non-finite (:func:`dist_vdr.preemption.agree_at_step_end`)."""
+    a loss went non-finite (:func:`dist_vdr.run.preemption.agree_at_step_end`)."""
 
     def __init__(self, health: preemption.StepHealth | None = None) -> None:
         self.health = health
@@ -62,7 +61,7 @@ class PreemptionCallback(TrainerCallback):
 
 class CheckpointMarker(TrainerCallback):
     """Each saved checkpoint: the recipe recorded, marked once every rank wrote its part, old ones
-    rotated away (:func:`dist_vdr.checkpoint.mark_saved`)."""
+    rotated away (:func:`dist_vdr.checkpoints.store.mark_saved`)."""
 
     def __init__(self, info: distributed.DistInfo, config_text: str, save_total_limit: int | None,
                  metric_key: str | None = None, keep_best: bool = False) -> None:
@@ -79,7 +78,7 @@ class CheckpointMarker(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = RunDir(args.output_dir).checkpoint(state.global_step)
         metric = self.evaluated[1] if self.evaluated and self.evaluated[0] == state.global_step else None
         checkpoint.mark_saved(folder, self.info, self.config_text, self.save_total_limit, metric, self.keep_best)
         return control

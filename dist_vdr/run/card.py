@@ -4,7 +4,7 @@ sentence-transformers builds its card with an encode on rank 0, which a sharded 
 cannot serve; dist-vdr switches that off and writes this one from what the run recorded (the recipe,
 the data sizes, the launch, ``metrics_before.json`` / ``metrics_after.json``), so it is the same under
 every engine. The task supplies the model class and the usage snippet (:meth:`Task.card_usage`).
-The card is added to the marked ``final/`` (:func:`dist_vdr.checkpoint.add_file`): written after the
+The card is added to the marked ``final/`` (:func:`dist_vdr.checkpoints.store.add_file`): written after the
 model, again once the final evaluation is in.
 """
 

@@ -30,6 +30,12 @@ NDCG_PLOT = "ndcg_vs_dim.png"
 REPORT_MD, REPORT_PNG = "report.md", "report.png"
 README = "README.md"
 """The model card, inside ``final/``."""
+CHECKPOINT_PREFIX = "checkpoint-"
+"""A checkpoint's folder: ``checkpoint-<step>`` (transformers' naming, which the Trainer writes)."""
+EVAL_DURING_TRAINING = "eval"
+"""The evaluator's outputs of the evaluations during training (the last one's)."""
+SLURM_LOGS = "slurm-logs"
+"""`dist-vdr submit`'s default log folder, made before the job starts."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,17 @@ class RunDir:
 
     def __init__(self, root: str | os.PathLike):
         object.__setattr__(self, "root", Path(root))
+
+    def checkpoint(self, step: int) -> Path:
+        return self.root / f"{CHECKPOINT_PREFIX}{step}"
+
+    @property
+    def eval_during_training(self) -> Path:
+        return self.root / EVAL_DURING_TRAINING
+
+    @property
+    def slurm_logs(self) -> Path:
+        return self.root / SLURM_LOGS
 
     @property
     def final(self) -> Path:

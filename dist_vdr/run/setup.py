@@ -12,19 +12,20 @@ from dist_vdr.data.mixture import mixture_sampler
 from dist_vdr.data.sampler import global_no_duplicates
 from dist_vdr.engines import gradient_cache as engines
 from dist_vdr.run import tracking
+from dist_vdr.run.folder import RunDir
 from dist_vdr.storage import no_space_message
 
 logger = log.get(__name__)
 
 
 def build_training_args(cfg: Config, info: distributed.DistInfo, per_device: int, *, args_class, task_kwargs: dict,
-                        has_eval: bool, row_hashes=None, mixture=None, run_name: str | None = None):
-    """The task's TrainingArguments class with the recipe's values (``task_kwargs``: the task's own;
-    ``run_name``: the trackers' run)."""
+                        has_eval: bool, run: RunDir, row_hashes=None, mixture=None, run_name: str | None = None):
+    """The task's TrainingArguments class with the recipe's values (``task_kwargs``: the task's own; ``run``: the
+    run folder, whose root is the trainer's output_dir; ``run_name``: the trackers' run)."""
     t = cfg.training
     eval_every = t.eval_steps if (has_eval and t.eval_steps) else None
     kwargs = dict(
-        output_dir=t.output_dir,
+        output_dir=str(run.root),
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=cfg.evaluation.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,

@@ -79,8 +79,8 @@ def run_training(cfg: Config, task: Task | None = None, *, resume: str | None = 
 
 
 _DATA_PATHS = ("path", "eval_path", "pages_path", "eval_queries_file", "eval_qrels_file")
-RUN_FILES = (run_dir.RESOLVED_CONFIG, run_dir.RUN_INFO, RUN_LOCK_FILE, run_dir.STARTUP, run_dir.FINAL, "checkpoint-*",
-             "slurm-logs")  # slurm-logs: `dist-vdr submit`'s default log folder, made before the job starts
+RUN_FILES = (run_dir.RESOLVED_CONFIG, run_dir.RUN_INFO, RUN_LOCK_FILE, run_dir.STARTUP, run_dir.FINAL,
+             run_dir.CHECKPOINT_PREFIX + "*", run_dir.SLURM_LOGS)
 """Files and folders of a run folder: one holding any of them is an earlier run (resumed, or refused by the
 resume rules), not a user's folder."""
 
@@ -170,7 +170,7 @@ class _Run:
         args_class, task_kwargs = self.task.training_arguments(cfg)
         tracker_run = distributed.main_then_share(info.is_main, lambda: tracking.run_name(ctx.out, bool(resume_from)))
         args = setup.build_training_args(cfg, info, self.per_device, args_class=args_class, task_kwargs=task_kwargs,
-                                         has_eval=data.has_eval, row_hashes=inputs.row_hashes,
+                                         has_eval=data.has_eval, run=ctx.run, row_hashes=inputs.row_hashes,
                                          mixture=data.mixture, run_name=tracker_run)
         engines.configure_deepspeed(args, load_universal=load_universal)
         if info.is_main:  # everything checked: the run's first writes

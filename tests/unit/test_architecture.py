@@ -222,11 +222,11 @@ def test_ruff_is_clean_under_the_committed_config():
 
 RUN_NAMES = {"final", "final.tmp", "final.previous", "mined", "resolved_config.yaml", "run_info.jsonl", "startup",
              "startup_times.json", "step_stats.json", "collectives", "metrics.json", "ndcg_vs_dim.png", "report.md",
-             "report.png", "retrieval_candidates.json"}
+             "report.png", "retrieval_candidates.json", "slurm-logs"}
 
 
 def test_the_run_folders_names_are_defined_in_one_module():
-    """Every path into a run folder is asked of dist_vdr.run_dir.RunDir: no other module joins a run folder's
+    """Every path into a run folder is asked of dist_vdr.run.folder.RunDir: no other module joins a run folder's
     names (`out / "final"`, `out / f"metrics_{which}.json"`)."""
     import ast
 
@@ -241,6 +241,6 @@ def test_the_run_folders_names_are_defined_in_one_module():
             literal = right.value if isinstance(right, ast.Constant) and isinstance(right.value, str) else None
             if isinstance(right, ast.JoinedStr) and right.values and isinstance(right.values[0], ast.Constant):
                 literal = str(right.values[0].value) + "{}"
-            if literal and (literal in RUN_NAMES or literal.startswith(("metrics_{", "eval_{"))):
+            if literal and (literal in RUN_NAMES or literal.startswith(("metrics_{", "eval_{", "checkpoint-{"))):
                 spelled.append(f"{module}:{node.lineno} / {literal!r}")
     assert not spelled, f"run folder names spelled outside dist_vdr/run/folder.py: {spelled}"

@@ -349,8 +349,8 @@ def test_review_mends(tmp_path, tiny_model):
 
     from dist_vdr.cli.settings import EvalCommand
     from dist_vdr.config import load_config
+    from dist_vdr.kinds.embedding.loss import build_loss
     from dist_vdr.kinds.embedding.task import dataset_options
-    from dist_vdr.losses import build_loss
     from dist_vdr.run.data import prepare_data
 
     cfg = _cfg("loss.cross_device_negatives=false",

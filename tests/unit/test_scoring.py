@@ -166,7 +166,7 @@ def test_global_batch_loss_trains_with_the_toy_scoring(normalized):
 
 def test_build_loss_takes_the_global_batch_loss_for_another_scoring():
     from dist_vdr.config import LossConfig
-    from dist_vdr.losses import build_loss
+    from dist_vdr.kinds.embedding.loss import build_loss
 
     toy = NegativeL1()
     loss = build_loss(_VectorModel(), LossConfig(name="cmnrl"), scoring=toy)

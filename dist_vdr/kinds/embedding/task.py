@@ -16,7 +16,7 @@ from dist_vdr.config import Config
 from dist_vdr.data import id_labels
 from dist_vdr.engines.trainers import Trainer
 from dist_vdr.kinds.base import RunContext, Task, TaskInputs, before_after
-from dist_vdr.losses import build_loss
+from dist_vdr.kinds.embedding.loss import build_loss
 from dist_vdr.models.build import build_model, check_dims, embedding_dim
 from dist_vdr.retrieval import stock
 from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator, plot_ndcg_vs_dim
