@@ -13,6 +13,7 @@ id, trec_eval's rule; mining's is ascending content hash).
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import numpy as np
 import torch
@@ -104,15 +105,30 @@ def rescore(queries: torch.Tensor, shard: torch.Tensor, idx: torch.Tensor, query
         return out
     for qb in range(0, idx.shape[0], query_block):
         block = idx[qb:qb + query_block]
-        pages = shard[block.clamp(min=0)].double()  # [b, k, *representation]
         if scoring.inner_product:  # dot products, without repeating the queries
+            pages = shard[block.clamp(min=0)].double()  # [b, k, D]
             s = (pages * queries[qb:qb + query_block, None, :].double()).sum(dim=-1).float()
         else:
-            q = queries[qb:qb + query_block, None].double().expand(pages.shape[:2] + queries.shape[1:])
-            s = scoring.pair_scores(q.reshape(-1, *queries.shape[1:]), pages.reshape(-1, *shard.shape[1:]))
-            s = s.reshape(block.shape).float()
+            s = _pair_rescore(queries[qb:qb + query_block], shard, block, scoring)
         out[qb:qb + query_block] = torch.where(block >= 0, s, torch.full_like(s, NEG_INF))
     return out
+
+
+RESCORE_ELEMENTS = 1 << 24
+"""Bound on the float64 copies of the (query, candidate) pairs given to ``pair_scores`` at once: a candidate
+may be large (token embeddings ``[T, D]``), and a block holds ``query_block x k`` of them."""
+
+
+def _pair_rescore(queries: torch.Tensor, shard: torch.Tensor, block: torch.Tensor, scoring: Scoring) -> torch.Tensor:
+    """[b, k] float32: ``scoring.pair_scores`` in float64 of query i with each candidate ``block[i, j]``, a
+    bounded number of pairs at a time (a pair's score does not depend on the others)."""
+    pages = block.clamp(min=0).reshape(-1)
+    owners = torch.arange(block.shape[0]).repeat_interleave(block.shape[1])
+    step = max(1, RESCORE_ELEMENTS // max(1, math.prod(shard.shape[1:]) + math.prod(queries.shape[1:])))
+    parts = [scoring.pair_scores(queries[owners[i:i + step]].double(), shard[pages[i:i + step]].double())
+             for i in range(0, len(pages), step)]
+    s = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return s.reshape(block.shape).float()
 
 
 def merge_topk(scores: torch.Tensor, idx: torch.Tensor, k: int, tie_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,229 @@
+"""The multi-vector kind's score rule: MaxSim over token embeddings (late interaction, ColBERT / ColPali).
+
+A representation is ``[N, T, D]``: the token embeddings of N queries or pages, L2-normalised per token, ``T``
+the longest item of the batch. The score of query q against page p is ``sum_i max_j <q_i, p_j>`` (i over the
+query's tokens, j over the page's), optionally divided by the query's number of real tokens
+(``divide_by_query_length``, colpali-engine's convention).
+
+No mask travels with a representation: padding is written so that it cannot change a score.
+
+- a query's padding tokens are zero vectors: ``max_j <0, p_j> = 0``, so they add 0 to the sum;
+- a page's padding tokens repeat one of its real tokens (its first): a max over the page's tokens sees
+  the same set of values, so every max is unchanged.
+
+A representation is therefore one plain tensor, as the single-vector kind's is: the evaluator can store and
+search it, the shared search and rescoring index it row by row, the loss can exchange it, and all of them
+score it through :meth:`MaxSimScoring.scores` / :meth:`~MaxSimScoring.pair_scores` without carrying,
+exchanging or slicing a mask, whatever ``T`` a batch, a shard or a rank happened to pad to (re-padding a
+representation to a longer ``T`` with :func:`pad_tokens`' rule leaves its scores as they are).
+
+:func:`pad_tokens` builds a representation from per-item token lists (what sentence-transformers'
+``MultiVectorEncoder.encode_query`` / ``encode_document`` return), :func:`from_masked` from a forward
+pass's padded (embeddings, scoring mask) pair. Normalisation is :meth:`MaxSimScoring.represent`'s (per
+token; zero padding stays zero, repeated tokens stay repeats), in either order.
+
+Edge cases: a query with no token scores 0 against every page; a page with no token is one zero vector
+(scores 0 against every query; sentence-transformers gives such a page a sentinel score instead). A real
+token that is exactly zero would not count in ``divide_by_query_length``'s number of tokens (nor in
+sentence-transformers' mask-free one): an L2-normalised model output never is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dist_vdr.retrieval.scoring import Scoring
+
+QUERY, PAGE = "query", "page"
+KINDS = (QUERY, PAGE)
+
+CHUNK_ELEMENTS = 1 << 24
+"""Default bound on the ``[queries, pages, query tokens, page tokens]`` similarity block scored at once
+(2**24 floats: 64 MiB in float32)."""
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def pad_tokens(tokens: Sequence[Tensor], kind: str) -> Tensor:
+    """``[N, T, D]`` from N ``[T_i, D]`` token embeddings, ``T`` = max ``T_i`` (at least 1 for pages).
+
+    ``kind`` ``"query"``: padded with zero vectors; ``"page"``: padded with copies of the item's first
+    token (a page without tokens: one zero vector). Differentiable (a copy's gradient reaches the token it
+    copies). No items: ``[0, 0, 0]``."""
+    _check_kind(kind)
+    if len(tokens) == 0:
+        return torch.empty(0, 0, 0)
+    width = max(len(t) for t in tokens)
+    if kind == PAGE:
+        width = max(width, 1)
+    return torch.stack([_pad_one(t, width, kind) for t in tokens])
+
+
+def _pad_one(tokens: Tensor, width: int, kind: str) -> Tensor:
+    if tokens.dim() != 2:
+        raise ValueError(f"token embeddings must be [T, D], got shape {tuple(tokens.shape)}")
+    missing = width - len(tokens)
+    if missing == 0:
+        return tokens
+    if kind == QUERY or len(tokens) == 0:
+        fill = tokens.new_zeros(missing, tokens.shape[-1])
+    else:
+        fill = tokens[:1].expand(missing, -1)
+    return torch.cat([tokens, fill])
+
+
+def from_masked(embeddings: Tensor, mask: Tensor, kind: str) -> Tensor:
+    """The representation layout (:func:`pad_tokens`) of a forward pass's padded token embeddings.
+
+    ``embeddings`` ``[N, T, D]``, ``mask`` ``[N, T]`` (bool or 0/1): True where a token is scored.
+
+    sentence-transformers 6.2, ``MultiVectorEncoder``: its forward returns ``features["token_embeddings"]``
+    ``[N, T, D]``, padded to the batch's longest input; the padded positions hold whatever the backbone
+    computed there (normalised too by a token-level ``Normalize`` module; zeroed by transformers' ColPali /
+    ColQwen2 retrieval heads): only the mask tells them apart. ``features["attention_mask"]`` ``[N, T]`` is
+    overwritten by its ``MultiVectorMask`` module with the *scoring* mask (bool; the tokenizer's
+    integer mask unchanged when the batch has no ``input_ids``): the real tokens, plus the query-expansion
+    positions for ``task="query"``, minus skiplist tokens (documents by default) and, with
+    ``keep_only_token_ids`` (ColPali-style image pages), minus every non-image token of a document. The
+    scored tokens are thus neither a prefix (left padding, skiplists) nor contiguous in general. Its losses
+    read exactly this pair; ``encode_query`` / ``encode_document`` return ``token_embeddings[i][mask[i]]``
+    per input, a list of ``[T_i, D]`` tensors (what :func:`pad_tokens` takes).
+
+    Each row keeps its scored tokens in order, then is padded by ``kind``'s rule; ``T`` becomes the largest
+    number of scored tokens (at least 1 for pages). Equals :func:`pad_tokens` of the per-row selections;
+    differentiable."""
+    _check_kind(kind)
+    if embeddings.dim() != 3 or mask.shape != embeddings.shape[:2]:
+        raise ValueError(f"expected embeddings [N, T, D] and mask [N, T], got {tuple(embeddings.shape)} and "
+                         f"{tuple(mask.shape)}")
+    n, t, d = embeddings.shape
+    real = mask.bool()
+    counts = real.sum(dim=1)
+    width = int(counts.max()) if n else 0
+    if kind == PAGE:
+        width = max(width, 1)
+    if t == 0:
+        return embeddings.new_zeros(n, width, d)
+    # Each row's scored positions first, in their order: a stable sort of "is not scored".
+    order = torch.sort((~real).to(torch.int32), dim=1, stable=True).indices[:, :width]
+    filled = torch.arange(width, device=embeddings.device)[None, :] < counts[:, None]  # [N, width]
+    if kind == PAGE:
+        order = torch.where(filled, order, order[:, :1])  # the first scored token again
+        keep = filled | (counts[:, None] > 0)  # a page without scored tokens: zeros
+    else:
+        keep = filled
+    out = embeddings.gather(1, order[..., None].expand(-1, -1, d))
+    return out.masked_fill(~keep[..., None], 0)
+
+
+def real_token_counts(queries: Tensor) -> Tensor:
+    """``[N]`` the number of real (non-zero) tokens of each query representation, at least 1 (an empty
+    query's scores are 0 either way). sentence-transformers' mask-free MeanMaxSim counts the same way."""
+    return (queries != 0).any(dim=-1).sum(dim=1).clamp(min=1)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Sums over query tokens run in float32 at least (bf16 would collapse nearby scores), in float64 for
+    float64 inputs (the search's rescoring)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _maxsim(queries: Tensor, pages: Tensor) -> Tensor:
+    """``[a, b]`` MaxSim of ``queries`` [a, Tq, D] against ``pages`` [b, Tp, D]: one [a, Tq, b, Tp] block.
+    ``max`` (not ``amax``) keeps only the arg-max indices for backward, not the block."""
+    a, tq, d = queries.shape
+    b, tp, _ = pages.shape
+    sim = (queries.reshape(a * tq, d) @ pages.reshape(b * tp, d).T).view(a, tq, b, tp)
+    best = sim.max(dim=-1).values  # [a, Tq, b]
+    return best.to(_accumulator(best.dtype)).sum(dim=1)
+
+
+def _pair_maxsim(queries: Tensor, pages: Tensor) -> Tensor:
+    """``[n]`` MaxSim of query i against page i (each pair its own matrix product)."""
+    best = torch.bmm(queries, pages.transpose(1, 2)).max(dim=-1).values  # [n, Tq]
+    return best.to(_accumulator(best.dtype)).sum(dim=1)
+
+
+def _check(queries: Tensor, pages: Tensor) -> None:
+    if queries.dim() != 3 or pages.dim() != 3 or queries.shape[-1] != pages.shape[-1]:
+        raise ValueError(f"MaxSim scores [N, T, D] token embeddings of the same D, got queries "
+                         f"{tuple(queries.shape)} and pages {tuple(pages.shape)}")
+
+
+class MaxSimScoring(Scoring):
+    """Token embeddings ``[N, T, D]`` (sentence-transformers' ``token_embeddings`` output), L2-normalised per
+    token, padded without masks (module docstring); scores ``sum_i max_j <q_i, p_j>``.
+
+    Args:
+        divide_by_query_length: divide each score by the query's number of real tokens (MeanMaxSim;
+            colpali-engine's ``ColbertLoss(normalize_scores=True)`` with temperature 0.02, and
+            sentence-transformers' ``length_normalize=True`` / ``similarity_fn_name="meanmaxsim"``): scores
+            then lie in [-1, 1] whatever the query's length. False (default): plain MaxSim, the ColBERT /
+            sentence-transformers ``colbert_scores`` default, whose scale grows with the query's length.
+        chunk_elements: bound on the similarity block ``[queries, pages, Tq, Tp]`` alive at once in
+            :meth:`scores` (queries and pages are chunked to fit; one query against one page may exceed it)
+            and ``[pairs, Tq, Tp]`` in :meth:`pair_scores`. Backward keeps only each max's index
+            (``[Q, Tq, P]`` in all), never a block.
+
+    Matryoshka cuts the token dimension: :meth:`truncate` keeps the first ``dim`` values of every token and
+    re-normalises each token (zero padding stays zero, repeated page tokens stay repeats).
+    """
+
+    output_key = "token_embeddings"
+    inner_product = False
+
+    def __init__(self, divide_by_query_length: bool = False, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+        self.divide_by_query_length = divide_by_query_length
+        self.chunk_elements = int(chunk_elements)
+
+    def represent(self, embeddings: Tensor) -> Tensor:
+        return F.normalize(embeddings, p=2, dim=-1)
+
+    def truncate(self, reps: Tensor, dim: int) -> Tensor:
+        return F.normalize(reps[..., :dim], p=2, dim=-1)
+
+    def scores(self, queries: Tensor, pages: Tensor) -> Tensor:
+        """``[Q, P]`` from ``queries`` [Q, Tq, D] and ``pages`` [P, Tp, D], block by block."""
+        _check(queries, pages)
+        (num_q, tq, _), (num_p, tp, _) = queries.shape, pages.shape
+        if num_q == 0 or num_p == 0 or tp == 0:
+            return queries.new_zeros(num_q, num_p, dtype=_accumulator(queries.dtype))
+        pair = max(1, tq * tp)
+        q_rows = max(1, min(num_q, self.chunk_elements // pair))
+        rows = []
+        for qb in range(0, num_q, q_rows):
+            q = queries[qb:qb + q_rows]
+            p_rows = max(1, self.chunk_elements // (len(q) * pair))
+            parts = [_maxsim(q, pages[pb:pb + p_rows]) for pb in range(0, num_p, p_rows)]
+            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        out = rows[0] if len(rows) == 1 else torch.cat(rows)
+        return out / real_token_counts(queries)[:, None] if self.divide_by_query_length else out
+
+    def pair_scores(self, queries: Tensor, pages: Tensor) -> Tensor:
+        """``[N]``: query i against page i, pair by pair (no ``[N, N]``); a pair's score does not depend on
+        the other rows."""
+        _check(queries, pages)
+        if len(queries) != len(pages):
+            raise ValueError(f"pair_scores needs as many queries as pages, got {len(queries)} and {len(pages)}")
+        (n, tq, _), tp = queries.shape, pages.shape[1]
+        if n == 0 or tp == 0:
+            return queries.new_zeros(n, dtype=_accumulator(queries.dtype))
+        rows = max(1, self.chunk_elements // max(1, tq * tp))
+        parts = [_pair_maxsim(queries[i:i + rows], pages[i:i + rows]) for i in range(0, n, rows)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out / real_token_counts(queries) if self.divide_by_query_length else out
+
+    def cache_tag(self) -> str:
+        # Stored representations depend on the layout (per-token L2, the padding rule); the flag is kept in
+        # the tag as well, so that a cache never mixes runs of the two conventions.
+        return (f"{type(self).__module__}.{type(self).__qualname__}(token_embeddings, per-token L2, "
+                f"query pad=zero, page pad=first token, divide_by_query_length={self.divide_by_query_length})")
