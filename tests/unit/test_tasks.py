@@ -1,4 +1,4 @@
-"""The Task seam: the worked example of docs/tasks.md is registered and trained as written there."""
+"""The kind registry and the Task seam: what a kind declares is checked the same way for a kind from outside."""
 
 from __future__ import annotations
 
@@ -18,8 +18,30 @@ def test_registry_names_every_task_and_refuses_others():
         tasks.register("bad", "no_colon")
 
 
+def test_a_kind_from_outside_composes_its_section_and_is_checked_like_the_others(tmp_path, monkeypatch):
+    """docs/tasks.md's kind registered in this process: its section is in the recipe (and checked there), its
+    loss name is the only one it takes, another kind's options are refused, its score rule rules out the stock
+    evaluator. (tests/integration/test_task_example.py trains it.)"""
+    import re
+    import sys
 
+    from conftest import REPO
 
+    module = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "tasks.md").read_text(), flags=re.S)[0]
+    (tmp_path / "l1_kind.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(tasks, "REGISTRY", dict(tasks.REGISTRY))  # the registration is undone after the test
+    monkeypatch.delitem(sys.modules, "l1_kind", raising=False)
+    __import__("l1_kind")
+    cfg = load_config(None, ["task=l1", "l1.weight=0.3"], check_paths=False)
+    assert cfg.loss.name == "l1_infonce" and cfg.l1.weight == 0.3
+    for overrides, message in ((["l1.weight=-1"], "l1.weight must be > 0"),
+                               (["loss.name=cmnrl"], r"is not a loss of task=l1; use one of \['l1_infonce'\]"),
+                               (["loss.pos_weight=2"], "pos_weight applies to task=reranker; remove it for task=l1"),
+                               (["evaluation.implementation=stock"], "use evaluation.implementation=sharded")):
+        with pytest.raises(ValueError, match=message):
+            load_config(None, ["task=l1", *overrides], check_paths=False)
+    assert load_config(None, ["l1.weight=0.3"], check_paths=False).task == "embedding"  # any recipe has the section
 
 
 def test_every_evaluator_implements_the_run_protocol():

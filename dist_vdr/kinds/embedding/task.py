@@ -19,6 +19,7 @@ from dist_vdr.kinds.base import RunContext, Task, TaskInputs, before_after
 from dist_vdr.kinds.embedding.loss import build_loss
 from dist_vdr.models.build import build_model, check_dims, embedding_dim
 from dist_vdr.retrieval import stock
+from dist_vdr.retrieval.scoring import is_cosine
 from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator, plot_ndcg_vs_dim
 from dist_vdr.run.folder import RunDir
 from dist_vdr.run.results import RunResult
@@ -33,6 +34,10 @@ class EmbeddingTask(Task):
         if cfg.training.batch_sampler == "auto":
             # A repeated page in the global batch would be a false in-batch negative.
             cfg.training.batch_sampler = "no_duplicates_hashed"
+        if cfg.evaluation.implementation == "stock" and not is_cosine(self.scoring(cfg)):
+            raise ValueError(f"evaluation.implementation=stock (sentence-transformers' evaluator) scores by cosine; "
+                             f"task={self.name} scores by {type(self.scoring(cfg)).__name__}: use "
+                             f"evaluation.implementation=sharded")
         loss = cfg.loss
         if loss.implementation == "global_batch" and loss.name != "cmnrl":
             raise ValueError("loss.implementation=global_batch needs loss.name=cmnrl")
