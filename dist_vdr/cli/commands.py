@@ -3,7 +3,8 @@
 Subcommands:
   train                 train a model from a recipe (run it under `accelerate launch`, see launch/)
   data check            validate and hash a recipe's training data ahead of training
-  make-tiny-model DIR   build the offline tiny Qwen3-VL embedding model (--reranker: the tiny reranker)
+  make-tiny-model DIR   build the offline tiny Qwen3-VL embedding model (--reranker: the tiny reranker;
+                        --multi-vector: the tiny multi-vector model)
   make-synthetic-pages DIR   generate a VDR-shaped page dataset
   merge-adapter ADAPTER OUT  merge a LoRA run's adapter into its base model (a plain model folder)
   make-synthetic-pdfs DIR    generate a folder of PDFs and scans with queries and qrels
@@ -154,16 +155,23 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from dist_vdr.kinds.tiny import TinyModelSpec, build_tiny_model, build_tiny_reranker
+    from dist_vdr.kinds.tiny import TinyModelSpec, build_tiny_model, build_tiny_multi_vector, build_tiny_reranker
 
-    spec = TinyModelSpec(hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, seed=args.seed)
+    if args.reranker and args.multi_vector:
+        raise ValueError("--reranker and --multi-vector: give one of them")
     if args.init_from and not args.reranker:
         raise ValueError("--init-from applies to --reranker")
+    if args.token_dim is not None and not args.multi_vector:
+        raise ValueError("--token-dim applies to --multi-vector")
+    dims = {} if args.token_dim is None else {"token_dim": args.token_dim}
+    spec = TinyModelSpec(hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, seed=args.seed, **dims)
     if args.reranker:
-        path = build_tiny_reranker(args.dir, spec, init_from=args.init_from, overwrite=args.overwrite)
+        path, what = build_tiny_reranker(args.dir, spec, init_from=args.init_from, overwrite=args.overwrite), "reranker"
+    elif args.multi_vector:
+        path, what = build_tiny_multi_vector(args.dir, spec, overwrite=args.overwrite), "multi-vector model"
     else:
-        path = build_tiny_model(args.dir, spec, overwrite=args.overwrite)
-    print(f"tiny {'reranker' if args.reranker else 'embedding model'} in {path}")
+        path, what = build_tiny_model(args.dir, spec, overwrite=args.overwrite), "embedding model"
+    print(f"tiny {what} in {path}")
     return 0
 
 
@@ -378,10 +386,16 @@ def _add_train(sub) -> None:
 
 
 def _add_makers(sub) -> None:
-    m = sub.add_parser("make-tiny-model", help="build the offline tiny Qwen3-VL embedding model (or reranker)")
+    m = sub.add_parser("make-tiny-model", help="build the offline tiny Qwen3-VL embedding model (or reranker, or "
+                                               "multi-vector model)")
     m.add_argument("dir")
     m.add_argument("--reranker", action="store_true",
                    help="build the tiny multimodal reranker instead (LM head + LogitScore('1', '0'))")
+    m.add_argument("--multi-vector", action="store_true",
+                   help="build the tiny multi-vector (late-interaction) model instead: a sentence-transformers "
+                        "MultiVectorEncoder (token projection, special tokens masked, per-token Normalize)")
+    m.add_argument("--token-dim", type=int, default=None,
+                   help="--multi-vector: the token vectors' dimension (default 32)")
     m.add_argument("--init-from", default=None, metavar="EMBEDDING_MODEL",
                    help="--reranker: start from this tiny embedding model's backbone weights (e.g. runs/tiny/final)")
     m.add_argument("--hidden-size", type=int, default=64)

@@ -5,7 +5,8 @@ that matters for the training path (the real ``Qwen3VLModel`` with its vision to
 the real ``Qwen3VLProcessor`` with image and video processors, a byte-level BPE tokenizer with the
 Qwen special tokens and a chat template), only smaller: hidden size 64 and 2 layers by default.
 It is saved as a sentence-transformers model with last-token pooling + Normalize, the module layout
-of the real Qwen3-VL-Embedding models.
+of the real Qwen3-VL-Embedding models; the tiny reranker and the tiny multi-vector model
+(:func:`build_tiny_reranker`, :func:`build_tiny_multi_vector`) are built on the same backbone.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class TinyModelSpec:
     vision_out_hidden_size: int | None = None
     """Null: hidden_size."""
     deepstack_visual_indexes: tuple[int, ...] = (0,)
+    token_dim: int = 32
+    """The multi-vector model's token vectors (:func:`build_tiny_multi_vector`); the other kinds ignore it."""
 
     @classmethod
     def qwen3_vl_2b(cls, **overrides) -> TinyModelSpec:
@@ -122,7 +125,8 @@ def _build_tokenizer(vocab_size: int):
 
 
 def is_tiny_model(path: str | os.PathLike, kind: str | None = None) -> bool:
-    """True when ``path`` holds a complete tiny model (of ``kind``: embedding or reranker, when given)."""
+    """True when ``path`` holds a complete tiny model (of ``kind``: embedding, reranker or multi_vector, when
+    given)."""
     marker = Path(path) / MARKER_FILE
     if not marker.is_file():
         return False
@@ -137,10 +141,8 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = No
     leaves a half-written model that later loads. An existing complete model is kept unless
     ``overwrite``; any other existing, non-empty folder is refused.
     """
-    import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import Qwen3VLModel
 
     spec = spec or TinyModelSpec()
     out = Path(out_dir)
@@ -148,14 +150,7 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = No
     if output is None:
         return out
     with output.writing() as tmp:
-        tokenizer = _build_tokenizer(spec.vocab_size)
-        config = _qwen3vl_config(spec, tokenizer)
-        torch.manual_seed(spec.seed)
-        # Built on ``device`` in ``dtype``: the 2B shapes initialise in seconds on a GPU, minutes on a CPU.
-        with torch.device(device):
-            Qwen3VLModel(config).to(getattr(torch, dtype)).save_pretrained(tmp)
-        _processor(spec, tokenizer, CHAT_TEMPLATE).save_pretrained(tmp)
-
+        _save_backbone(tmp, spec, device, dtype)
         # Re-save as a sentence-transformers model: module 0 keeps the HF files in the root folder.
         transformer = Transformer(str(tmp))
         st = SentenceTransformer(modules=[transformer, Pooling(spec.hidden_size, "lasttoken"), Normalize()],
@@ -163,6 +158,53 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = No
         st.save(str(tmp))
         (tmp / MARKER_FILE).write_text(json.dumps({**asdict(spec), "kind": "embedding"}, indent=2))
     return out
+
+
+def build_tiny_multi_vector(out_dir: str | os.PathLike, spec: TinyModelSpec | None = None, *,
+                            overwrite: bool = False) -> Path:
+    """Build and save the tiny multi-vector (late-interaction) model; returns its folder.
+
+    A sentence-transformers ``MultiVectorEncoder`` over the backbone of :func:`build_tiny_model` (the same
+    spec and seed give the same weights, tokenizer and processor): ``Transformer`` + a ``Dense`` projection
+    to ``spec.token_dim`` + ``MultiVectorMask`` (padding and the chat template's special tokens are not
+    scored) + a per-token ``Normalize`` (:func:`dist_vdr.kinds.multi_vector.model.multi_vector_head`).
+    Records its kind (``dist_vdr_kind.json``). Atomic and idempotent like :func:`build_tiny_model`.
+    """
+    from sentence_transformers import MultiVectorEncoder
+    from sentence_transformers.base.modules import Transformer
+
+    from dist_vdr import kinds
+    from dist_vdr.kinds.multi_vector.model import multi_vector_head
+
+    spec = spec or TinyModelSpec()
+    out = Path(out_dir)
+    output = _start_build(out, overwrite, "multi_vector")
+    if output is None:
+        return out
+    with output.writing() as tmp:
+        _save_backbone(tmp, spec)
+        transformer = Transformer(str(tmp))
+        model = MultiVectorEncoder(modules=[transformer, *multi_vector_head(transformer, spec.token_dim,
+                                                                             seed=spec.seed)], device="cpu")
+        model.save(str(tmp))
+        (tmp / kinds.KIND_FILE).write_text(kinds.record("multi_vector"))
+        (tmp / MARKER_FILE).write_text(json.dumps({**asdict(spec), "kind": "multi_vector"}, indent=2))
+    return out
+
+
+def _save_backbone(tmp: Path, spec: TinyModelSpec, device: str = "cpu", dtype: str = "float32") -> None:
+    """The tiny ``Qwen3VLModel`` (weights drawn from ``spec.seed``) and its processor, as transformers files
+    in ``tmp``."""
+    import torch
+    from transformers import Qwen3VLModel
+
+    tokenizer = _build_tokenizer(spec.vocab_size)
+    config = _qwen3vl_config(spec, tokenizer)
+    torch.manual_seed(spec.seed)
+    # Built on ``device`` in ``dtype``: the 2B shapes initialise in seconds on a GPU, minutes on a CPU.
+    with torch.device(device):
+        Qwen3VLModel(config).to(getattr(torch, dtype)).save_pretrained(tmp)
+    _processor(spec, tokenizer, CHAT_TEMPLATE).save_pretrained(tmp)
 
 
 def _start_build(out: Path, overwrite: bool, kind: str, inputs: dict | None = None):
