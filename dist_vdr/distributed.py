@@ -317,6 +317,18 @@ def sum_to_owner(grads, rank: int, world_size: int):
     return out
 
 
+def max_over_ranks(value: int, world_size: int) -> int:
+    """The largest ``value`` over the ranks: one all-reduce (MAX) of one integer; none for one rank."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size == 1:
+        return int(value)
+    box = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
+
+
 _COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter", "reduce_scatter_tensor",
                 "scatter", "gather", "all_to_all", "all_to_all_single", "broadcast", "reduce", "barrier",
                 "all_gather_object", "broadcast_object_list", *compat.TORCH_PRIVATE_COLLECTIVES,

@@ -443,24 +443,11 @@ def _quiet_library_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # A rank that dies in native code (SIGABRT/SIGSEGV) still prints the Python stacks of all its
-    # threads: in a multi-process log that is often the only clue to which step and call failed.
-    faulthandler.enable()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        # Before any import starts a thread (the recipe's imports start three): a thread started with the stop
-        # signals unblocked would take a SIGINT/SIGTERM with the default action, killing the run without its
-        # checkpoint. Blocked here, inherited by every thread; preemption.install() takes them with sigwait.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2})
-    from dist_vdr.run import lifecycle
-
-    if lifecycle.launched_by_torch_elastic():
-        lifecycle.die_with_launcher()  # no rank outlives its launcher (it would go on writing the run)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from dist_vdr.cli.bench import new_spelling
-
-    parser = build_parser()
-    args = parser.parse_args(_options_first(new_spelling(argv), parser))
+    _prepare_process(argv)
+    args = _parse(argv)
+    if args is None:
+        return 2
     # train installs its signal handling first, then quiets the libraries; the page commands never
     # load transformers (its import alone is ~0.8 GB of the builder's resident memory).
     if args.command not in ("train", "pages", "make-synthetic-pdfs"):
@@ -490,6 +477,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     distributed.shutdown()  # every rank got here: leave the group together (see shutdown's note)
     return code
+
+
+def _prepare_process(argv: list[str]) -> None:
+    # A rank that dies in native code (SIGABRT/SIGSEGV) still prints the Python stacks of all its
+    # threads: in a multi-process log that is often the only clue to which step and call failed.
+    faulthandler.enable()
+    if argv[:1] == ["train"]:
+        # Before any import starts a thread (the recipe's imports start three): a thread started with the stop
+        # signals unblocked would take a SIGINT/SIGTERM with the default action, killing the run without its
+        # checkpoint. Blocked here, inherited by every thread; preemption.install() takes them with sigwait.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2})
+    from dist_vdr.run import lifecycle
+
+    if lifecycle.launched_by_torch_elastic():
+        lifecycle.die_with_launcher()  # no rank outlives its launcher (it would go on writing the run)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace | None:
+    """The parsed command line; None (the error said in one line) when the parser cannot be built: its options
+    come from the kinds' sections, and a kind module named in DIST_VDR_KINDS may not import."""
+    from dist_vdr.cli.bench import new_spelling
+
+    try:
+        parser = build_parser()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return None
+    return parser.parse_args(_options_first(new_spelling(argv), parser))
 
 
 def _options_first(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:

@@ -152,9 +152,13 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         if with_backward:
             grads = self._owner_gradients(gathered.grad, rank, world)  # [C, B, D]: everyone's contributions to my rows
             torch.autograd.backward(local, list(grads.unbind(0)))
+        self._record_dataset_loss(total)
+        return total.detach() if with_backward else total
+
+    def _record_dataset_loss(self, total: Tensor) -> None:
+        """A mixture: add this step's loss to its dataset's (take_dataset_losses)."""
         if self._step.index is not None:
             self._dataset_losses[self._step.index] += torch.tensor([float(total.detach()), 1.0], dtype=torch.float64)
-        return total.detach() if with_backward else total
 
     def _gather(self, stacked: Tensor, labels: Tensor | None, num_columns: int, batch_size: int, rank: int,
                 world: int) -> tuple[Tensor, false_negatives.Masking | None]:
@@ -232,8 +236,12 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
         with random_state if random_state is not None else nullcontext(), \
                 nullcontext() if with_grad else torch.no_grad():
             random_state = RandContext(*features.values()) if copy_random_state else None
-            reps = self.model(features)[self.scoring.output_key]
+            reps = self._read_output(features)
         return reps, random_state
+
+    def _read_output(self, features: dict) -> Tensor:
+        """The embeddings of one mini-batch's features: the model's output at the scoring's key."""
+        return self.model(features)[self.scoring.output_key]
 
     @staticmethod
     def _id_labels(labels: Tensor | None, num_columns: int, batch_size: int) -> Tensor:

@@ -72,3 +72,12 @@ def test_metrics_records_round_trip_with_explicit_keys(tmp_path):
         "NDCG@10 before=n/a after=0.5000"
     assert tasks.get("embedding").headline(RunResult(task="embedding", global_step=3, preempted=True),
                                            "ndcg@10") is None
+
+
+def test_a_kind_module_that_does_not_import_is_one_line(monkeypatch, capfd):
+    from dist_vdr.cli import main
+
+    monkeypatch.setenv("DIST_VDR_KINDS", "no_such_kind_module")
+    assert main(["eval", "--model", "m", "--data", "d"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: DIST_VDR_KINDS: cannot import 'no_such_kind_module'") and len(err.splitlines()) == 1

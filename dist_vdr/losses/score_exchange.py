@@ -1,0 +1,206 @@
+"""InfoNCE over the global batch for large representations (token embeddings): queries travel, scores come back.
+
+:class:`~.global_batch.GlobalBatchCachedMNRL` gathers every rank's queries AND pages, which is right for one
+vector per item. A multi-vector page holds ~768 token vectors against a query's ~30, so gathering the pages
+would move ~25x more bytes than needed. :class:`ScoreExchangeCachedLoss` moves the small side and the scores
+instead, and is exact (the same loss and gradients as one process holding the global batch):
+
+(a) the local queries and pages are embedded mini-batch by mini-batch without gradients (the stock gradient
+    cache of the parent class), read through the scoring (its ``output_key``, or ``represent_output``);
+(b) the queries ``[B, Tq, D]``, padded with zero tokens to the step's query length, are all-gathered once
+    into ``[W*B, Tq, D]``;
+(c) every rank scores ALL queries against its LOCAL pages (every page column, every Matryoshka dim) through
+    the scoring (MaxSim is computed block by block there), one tensor ``[dims, W*B, (C-1)*B]``;
+(d) the score blocks are all-gathered once: every rank holds the full ``[dims, W*B, W*(C-1)*B]`` matrix;
+(e) every rank computes the same InfoNCE over the global batch (the mean over all W*B queries of the
+    cross-entropy of ``scale x scores`` with each query's positive; Matryoshka dims summed with their
+    weights) and its gradient with respect to the scores;
+(f) the gradient of the local page columns is back-propagated through the local scoring: it reaches the
+    local pages' representations and ALL gathered queries; the query gradients are summed at their owners
+    by one reduce-scatter (gloo: one all-reduce);
+(g) the parent's replay of the mini-batches (with gradients) back-propagates the cached representation
+    gradients into the model.
+
+Collectives per step: 3 (all-gather queries, all-gather scores, reduce-scatter query gradients), whatever
+the number of page columns, mini-batches and Matryoshka dims; 4 when the query length is agreed per step
+(``query_length=None``: one all-reduce MAX of one integer before the gather).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dist_vdr import distributed
+from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
+from dist_vdr.retrieval import scoring as scorings
+
+QUERY, PAGE = "query", "page"
+"""The side a representation is read for (``represent_output``'s second argument)."""
+
+
+class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
+    """Cached InfoNCE (+ Matryoshka) over the global batch exchanging queries and scores, not pages.
+
+    Every rank returns the loss of the whole global batch (the same value on every rank: the mean over
+    all W*B queries, the convention of :class:`~.global_batch.GlobalBatchCachedMNRL`, whose per-rank means
+    average to it). The cached gradients are ``W x`` those of that loss, so that the engine's gradient
+    average over ranks (DDP, ZeRO, FSDP2) gives the one-process gradient.
+
+    Args:
+        model: the model (the trainer swaps in its DDP wrapper); called as ``model(features, task=task)``
+            with ``task`` "query" for the first column and "document" for the others (sentence-
+            transformers' ``MultiVectorEncoder`` convention, stamped on the features unless they carry one).
+        scoring: the kind's :class:`~dist_vdr.retrieval.scoring.Scoring`; representations ``[N, T, D]``
+            (``scores``, ``truncate`` and ``represent`` are used; ``represent`` is applied before scoring).
+        matryoshka_dims / matryoshka_weights: the dims of the last (token) dimension to train, each a term
+            of the loss (largest first, as MatryoshkaLoss); empty: the full dimension only.
+        rank / world_size: this process's place; with world_size 1 no collective is issued.
+        scale: the scores' multiplier before the cross-entropy (1 / temperature; 1.0: sentence-transformers'
+            multi-vector default, MaxSim scores grow with the query's length).
+        mini_batch_size, mini_batch_num_tokens: the gradient cache's mini-batches (as the parent's).
+        query_length: the number of tokens every query is padded to before the gather (with zero tokens:
+            a zero query token adds 0 to a MaxSim score); a longer query is refused. None: the longest
+            query of the step over all ranks, agreed by one more collective (an all-reduce MAX).
+        represent_output: ``(model output dict, side) -> [n, T, D]`` the representation of one mini-batch
+            in the scoring's layout (``side``: :data:`QUERY` or :data:`PAGE`), e.g. the multi-vector
+            kind's ``from_masked(out["token_embeddings"], out["attention_mask"], side)``; None: the output
+            at ``scoring.output_key`` as it is (a model that already emits the layout).
+
+    Bytes per step, at the published ColQwen shapes (per rank B = 64 queries x Tq = 30 tokens, C - 1 = 2
+    page columns of 64 pages x Tp = 768 tokens, D = 128, W = 8 ranks, tokens and their gradients in bf16
+    (2 bytes), scores in fp32 (4 bytes), one token dim), counted as what each rank sends (= receives) in a
+    ring all-gather / reduce-scatter: ``(W-1) x`` its own block for a gather, ``(W-1)/W x`` the input for a
+    reduce-scatter:
+
+    - this loss: queries ``(W-1)·B·Tq·D·2`` = 7·491,520 = 3,440,640 B; scores
+      ``(W-1)·dims·(W·B)·((C-1)·B)·4`` = 7·262,144 = 1,835,008 B; query gradients ``(W-1)/W·(W·B)·Tq·D·2``
+      = 3,440,640 B. Total 8,716,288 B (8.3 MiB) per rank per step in 3 collectives (12,156,928 B with
+      fp32 query gradients). The tensors: gathered queries 3.75 MiB, full score matrix 2 MiB per dim.
+    - sentence-transformers' ``CachedMultiVectorMultipleNegativesRankingLoss(gather_across_devices=True)``
+      (``util.all_gather_padded`` per page column: an all-reduce MAX of the token length, an all-gather of
+      the page tokens padded to the longest across ranks, an all-gather of their masks; the tokens are
+      gathered with autograd, so each score chunk's backward sends a reduce-scatter of the gathered
+      tokens' gradient): per column ``(W-1)·B·Tp·D·2`` = 88,080,384 B of tokens + ``(W-1)·B·Tp`` = 344,064 B
+      of masks + ``(W-1)/W·(W·B)·Tp·D·2`` = 88,080,384 B of gradients (one score chunk) + 8-byte lengths;
+      2 columns: 353,009,664 B (336.7 MiB) per rank per step, ``(C-1)·(3 + score chunks)`` collectives
+      (NCCL; on gloo each reduce-scatter becomes W scatters). Each further score chunk adds a gradient
+      reduce-scatter per column: at its defaults (``score_mini_batch_size`` = ``mini_batch_size`` = 32, so
+      2 chunks of B = 64) 529,170,432 B.
+      That is 40.5x this loss's bytes (and padding to the longest page across ranks only adds to it).
+
+    The score matrix grows as ``(W·B)^2·(C-1)·dims``; it overtakes the page tokens only when
+    ``W·B·dims·4 > Tp·D·2`` per page (here 512·4 = 2 KiB against 192 KiB: far away).
+    """
+
+    def __init__(self, model, scoring: scorings.Scoring, *, matryoshka_dims: Sequence[int] = (),
+                 matryoshka_weights: Sequence[float] | None = None, rank: int = 0, world_size: int = 1,
+                 scale: float = 1.0, mini_batch_size: int = 1, mini_batch_num_tokens: int | None = None,
+                 query_length: int | None = None,
+                 represent_output: Callable[[dict, str], Tensor] | None = None) -> None:
+        super().__init__(model, matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, rank=rank,
+                         world_size=world_size, scale=scale, mini_batch_size=mini_batch_size,
+                         mini_batch_num_tokens=mini_batch_num_tokens, scoring=scoring)
+        if query_length is not None and query_length < 1:
+            raise ValueError(f"query_length must be positive, got {query_length}")
+        self.query_length = query_length
+        self.represent_output = represent_output
+
+    # -- (a) the representations, mini-batch by mini-batch (the parent's gradient cache) -----------------
+    def forward_cached(self, sentence_features, labels=None) -> Tensor:
+        features = [{**f, "task": f.get("task", QUERY if i == 0 else "document")}
+                    for i, f in enumerate(sentence_features)]
+        return super().forward_cached(features, labels)
+
+    def embed_minibatch(self, sentence_feature, begin, end, with_grad, copy_random_state, random_state=None):
+        return self._embed_output(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
+
+    def _read_output(self, features: dict) -> Tensor:
+        task = features.get("task")
+        output = self.model(features, task=task)
+        if self.represent_output is None:
+            return output[self.scoring.output_key]
+        return self.represent_output(output, QUERY if task == QUERY else PAGE)
+
+    # -- (b)-(f) ---------------------------------------------------------------------------------------
+    def calculate_loss(self, reps: list[list[Tensor]], labels=None, *, with_backward: bool = False) -> Tensor:
+        if len(reps) < 2:
+            raise ValueError(f"Expected at least 2 inputs (query, positive), got {len(reps)}")
+        rank, world = self._place()
+        queries = self._pad_queries(reps[0], world)  # [B, Tq, D], graph to the query mini-batches
+        batch_size = queries.shape[0]
+        gathered = distributed.all_gather_stacked(queries, world)  # (b) [W, B, Tq, D]
+        gathered = gathered.view(world * batch_size, *queries.shape[1:]).requires_grad_(with_backward)
+        with torch.set_grad_enabled(with_backward):
+            local = self._local_scores(gathered, [mb for column in reps[1:] for mb in column])  # (c)
+        full = self._exchange_scores(local.detach(), rank, world).requires_grad_(with_backward)  # (d)
+        total = self._infonce(full, batch_size, world)  # (e)
+        if with_backward:
+            total.backward()
+            # (f) the engine averages gradients over ranks: W x the gradient of the global loss
+            mine = full.grad.view(*full.shape[:2], world, -1)[:, :, rank]
+            torch.autograd.backward(local, mine * world)
+            owned = self._query_gradients(gathered.grad.view(world, *queries.shape), rank, world)
+            torch.autograd.backward(queries, owned)
+            total = total.detach()
+        self._record_dataset_loss(total)
+        return total
+
+    def _pad_queries(self, minibatches: list[Tensor], world: int) -> Tensor:
+        """The step's query representations ``[B, Tq, D]``: each mini-batch padded with zero tokens."""
+        longest = max(mb.shape[1] for mb in minibatches)
+        if self.query_length is None:
+            length = distributed.max_over_ranks(longest, world)
+        elif longest > self.query_length:
+            raise ValueError(f"a query has {longest} tokens, over query_length={self.query_length}: raise it "
+                             f"(queries are padded to it, never cut)")
+        else:
+            length = self.query_length
+        return torch.cat([F.pad(mb, (0, 0, 0, length - mb.shape[1])) for mb in minibatches])
+
+    def _local_scores(self, queries: Tensor, pages: list[Tensor]) -> Tensor:
+        """``[dims, Q, P]``: every query against this rank's pages (columns in order, rows in order)."""
+        blocks = _same_length_blocks(pages)
+        per_dim = []
+        for dim, _ in self.dims_weights:
+            q = self._cut(queries, dim)
+            per_dim.append(torch.cat([self.scoring.scores(q, self._cut(block, dim)) for block in blocks], dim=1))
+        return torch.stack(per_dim)
+
+    def _cut(self, reps: Tensor, dim: int | None) -> Tensor:
+        return self.scoring.represent(reps if dim is None else self.scoring.truncate(reps, dim))
+
+    def _exchange_scores(self, local: Tensor, rank: int, world: int) -> Tensor:
+        """``[dims, Q, W*P]`` from every rank's ``[dims, Q, P]`` block (ONE all-gather), pages in rank order."""
+        gathered = distributed.all_gather_stacked(local, world)  # [W, dims, Q, P]
+        return gathered.permute(1, 2, 0, 3).reshape(local.shape[0], local.shape[1], -1)
+
+    def _query_gradients(self, grads: Tensor, rank: int, world: int) -> Tensor:
+        """Every rank's contributions to the gradients of this rank's queries, summed (ONE reduce-scatter)."""
+        return distributed.sum_to_owner(grads, rank, world)
+
+    def _infonce(self, full: Tensor, batch_size: int, world: int) -> Tensor:
+        """The weighted sum over dims of the mean cross-entropy of every query (query ``r*B + i``'s positive
+        is rank r's first page column, row i)."""
+        num_queries, pages_per_rank = full.shape[1], full.shape[2] // world
+        q = torch.arange(num_queries, device=full.device)
+        targets = (q // batch_size) * pages_per_rank + q % batch_size
+        total = full.new_zeros(())
+        for k, (_, weight) in enumerate(self.dims_weights):
+            total = total + weight * F.cross_entropy(full[k] * self.scale, targets)
+        return total
+
+
+def _same_length_blocks(minibatches: list[Tensor]) -> list[Tensor]:
+    """Consecutive mini-batches of the same shape concatenated (fewer, larger scoring blocks); order kept.
+    Mini-batches of different token lengths stay apart: no padding rule is assumed for pages."""
+    blocks: list[list[Tensor]] = []
+    for mb in minibatches:
+        if blocks and blocks[-1][0].shape[1:] == mb.shape[1:]:
+            blocks[-1].append(mb)
+        else:
+            blocks.append([mb])
+    return [group[0] if len(group) == 1 else torch.cat(group) for group in blocks]

@@ -1,0 +1,142 @@
+"""The score-exchange loss (dist_vdr.losses.score_exchange: queries' tokens gathered, scores and query gradients
+exchanged) on W gloo ranks (real DDP) equals one process holding the global batch.
+
+The model is a toy multi-vector encoder emitting ragged token embeddings (token_loss_harness.TokenEncoder),
+scored by the multi-vector kind's MaxSimScoring. For each case, after one optimizer step's forward/backward the
+mean loss over ranks and every parameter gradient (after DDP's all-reduce) match a plain one-process
+computation over the global batch (no mini-batches, no gradient cache, no exchange; fp32, relative difference
+<= 1e-5). Hard negatives (2-3 page columns), mini-batches of 1, token budgets, two or three token dims, gradient
+accumulation.
+Two deliberately broken variants (the scores not exchanged; the query gradients not returned to their owners)
+must fail the same comparison. Collectives per step: 3 (4 with the query length agreed per step), whatever
+the page columns, mini-batches and dims. On one process the loss and gradients equal sentence-transformers'
+CachedMultiVectorMultipleNegativesRankingLoss (its own code, same scale); on 2 ranks its gather is counted.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from token_loss_harness import (
+    Case,
+    build_loss,
+    collate,
+    global_micro_batches,
+    make_model,
+    reference,
+    rel_diffs,
+    run_distributed,
+    run_step,
+)
+
+TOL = 1e-5
+
+CASES_W2 = [
+    Case("mb1_2cols_2dims"),
+    Case("mb2_1col_full_dim_agreed_length", mini_batch_size=2, page_columns=1, dims=(), query_length=None),
+    Case("grad_accum2_mb1_2cols_2dims", grad_accum=2),
+    Case("token_budget_2cols_2dims", per_rank_batch=3, mini_batch_size=4, mini_batch_num_tokens=12),
+    # the counts' extremes: 1 vs 4 mini-batches, 1 vs 3 page columns, 1 vs 3 dims
+    Case("count_mb4_1col_1dim", per_rank_batch=4, mini_batch_size=4, page_columns=1, dims=()),
+    Case("count_mb1_3cols_3dims", per_rank_batch=4, mini_batch_size=1, page_columns=3, dims=(16, 8, 4)),
+    Case("stock_gather_2cols", implementation="stock", dims=()),
+    Case("broken_no_score_exchange", implementation="broken_no_score_exchange"),
+    Case("broken_no_query_return", implementation="broken_no_query_return"),
+]
+CASES_W4 = [
+    Case("w4_mb1_2cols_2dims"),
+    Case("w4_mb2_3cols_agreed_length", mini_batch_size=2, page_columns=3, query_length=None),
+]
+BROKEN = [c for c in CASES_W2 if c.implementation.startswith("broken")]
+
+
+@pytest.fixture(scope="module")
+def results_w2(tmp_path_factory):
+    return run_distributed(CASES_W2, 2, str(tmp_path_factory.mktemp("w2")))
+
+
+@pytest.fixture(scope="module")
+def results_w4(tmp_path_factory):
+    return run_distributed(CASES_W4, 4, str(tmp_path_factory.mktemp("w4")))
+
+
+def _diffs(case: Case, got: dict, world: int) -> tuple[float, float]:
+    return rel_diffs(got["loss"], got["grads"], *reference(case, world))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES_W2 if c not in BROKEN], ids=lambda c: c.name)
+def test_two_ranks_equal_single_process(results_w2, case):
+    loss_diff, grad_diff = _diffs(case, results_w2[case.name], 2)
+    assert loss_diff <= TOL and grad_diff <= TOL, (loss_diff, grad_diff)
+
+
+@pytest.mark.parametrize("case", CASES_W4, ids=lambda c: c.name)
+def test_four_ranks_equal_single_process(results_w4, case):
+    loss_diff, grad_diff = _diffs(case, results_w4[case.name], 4)
+    assert loss_diff <= TOL and grad_diff <= TOL, (loss_diff, grad_diff)
+
+
+def test_every_rank_returns_the_global_loss(results_w2, results_w4):
+    for results, cases in ((results_w2, CASES_W2), (results_w4, CASES_W4)):
+        for case in cases:
+            if case.implementation == "score_exchange":
+                losses = results[case.name]["rank_losses"]
+                assert max(losses) - min(losses) <= 1e-6 * abs(losses[0]), (case.name, losses)
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=lambda c: c.name)
+def test_broken_variants_are_caught(results_w2, case):
+    _, grad_diff = _diffs(case, results_w2[case.name], 2)
+    assert grad_diff > 100 * TOL, f"{case.name} went unnoticed (gradient difference {grad_diff})"
+
+
+def test_collectives_per_step_constant(results_w2, results_w4):
+    """The loss's forward issues 2 all-gathers (queries, scores) + 1 reduction (query gradients; gloo: an
+    all-reduce), + 1 all-reduce MAX where the query length is agreed; the backward only DDP's one bucket."""
+    for results, cases in ((results_w2, CASES_W2), (results_w4, CASES_W4)):
+        for case in cases:
+            if case.implementation != "score_exchange":
+                continue
+            got = results[case.name]
+            steps = case.grad_accum
+            expected = {"all_gather": 2 * steps, "all_reduce": (1 + (case.query_length is None)) * steps}
+            assert got["forward"] == expected, (case.name, got["forward"])
+            assert got["backward"] == {"all_reduce": 1}, (case.name, got["backward"])
+    stock = results_w2["stock_gather_2cols"]
+    ours = results_w2["mb1_2cols_2dims"]  # the same rows, columns and mini-batches (two dims even)
+    assert sum(ours["forward"].values()) < sum(stock["forward"].values()), (ours["forward"], stock["forward"])
+    # the counter's bytes (every collective's input and output tensors): fewer even at these tiny shapes
+    assert ours["forward_bytes"] < stock["forward_bytes"], (ours["forward_bytes"], stock["forward_bytes"])
+
+
+def test_single_process_equals_sentence_transformers():
+    """One process, the same toy model and rows: sentence-transformers' CachedMultiVectorMultipleNegatives-
+    RankingLoss (its own masks and colbert_scores), this loss (world 1) and the plain reference agree."""
+    case = Case("st", dims=(), per_rank_batch=4, mini_batch_size=1)
+    ref_loss, ref_grads = reference(case, 1)
+    for implementation in ("stock", "score_exchange"):
+        model = make_model()
+        loss_fn = build_loss(model, Case("st", implementation=implementation, dims=(), per_rank_batch=4), 0, 1)
+        got = run_step(model, loss_fn, [[collate(col) for col in cols] for cols in global_micro_batches(case, 1)])
+        loss_diff, grad_diff = rel_diffs(got["loss"], got["grads"], ref_loss, ref_grads)
+        assert loss_diff <= TOL and grad_diff <= TOL, (implementation, loss_diff, grad_diff)
+        assert got["forward"] == {}, got["forward"]  # one process: no collective
+
+
+def test_query_longer_than_query_length_refused():
+    case = Case("short", query_length=2)
+    loss_fn = build_loss(make_model(), case, 0, 1)
+    with pytest.raises(ValueError, match="query_length=2"):
+        loss_fn([collate(col) for col in global_micro_batches(case, 1)[0]], None)
+
+
+def test_published_shapes_bytes_in_docstring():
+    """The docstring's byte counts follow from the formulas at the published shapes."""
+    from dist_vdr.losses.score_exchange import ScoreExchangeCachedLoss
+
+    w, b, tq, tp, d, cols = 8, 64, 30, 768, 128, 2
+    ours = (w - 1) * b * tq * d * 2 + (w - 1) * (w * b) * (cols * b) * 4 + (w - 1) * b * tq * d * 2
+    stock = cols * ((w - 1) * b * tp * d * 2 + (w - 1) * b * tp + (w - 1) * b * tp * d * 2)
+    doc = " ".join(ScoreExchangeCachedLoss.__doc__.split())
+    assert (ours, stock) == (8_716_288, 353_009_664)
+    assert "8,716,288 B" in doc and "353,009,664 B" in doc and f"{stock / ours:.1f}x" in doc

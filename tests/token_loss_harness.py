@@ -1,0 +1,229 @@
+"""Multi-process harness for the score-exchange loss (token embeddings scored by MaxSim): W gloo ranks (real
+DDP) against one process holding the global batch.
+
+A toy multi-vector encoder (:class:`TokenEncoder`) stands in for the kind's model: token ids ``[B, L]`` with
+ragged lengths in, per-token L2-normalised vectors ``[B, L, D]`` and the attention mask out (the layout of
+sentence-transformers' ``MultiVectorEncoder`` output: padded positions hold values of their own, told apart only
+by the mask). Spawned workers import this module by name, so it lives beside the tests and holds only
+top-level, picklable functions.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dist_vdr.losses.score_exchange import ScoreExchangeCachedLoss
+
+VOCAB, HIDDEN, DIM = 40, 24, 16
+QUERY_TOKENS, PAGE_TOKENS = (2, 6), (4, 11)  # ragged lengths, inclusive ranges
+QUERY_LENGTH = 8  # the fixed query length of the exchange (>= the longest query)
+
+
+@dataclass
+class Case:
+    name: str
+    implementation: str = "score_exchange"  # score_exchange | stock (sentence-transformers' gather) | broken_*
+    dims: tuple = (16, 8)  # Matryoshka token dims; () the full dim only
+    page_columns: int = 2  # positive + hard negatives
+    mini_batch_size: int = 1
+    mini_batch_num_tokens: int | None = None  # a token budget per mini-batch (the gradient cache's)
+    per_rank_batch: int = 2
+    grad_accum: int = 1
+    query_length: int | None = QUERY_LENGTH  # None: agreed per step (all-reduce MAX)
+    scale: float = 2.0
+
+
+class TokenEncoder(torch.nn.Sequential):
+    """ids -> per-token vectors that depend on the whole sequence (a masked mean of the embeddings mixed into
+    every token), L2-normalised per token. Deterministic (no dropout), every parameter used by every input."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.nn.Embedding(VOCAB, HIDDEN), torch.nn.Linear(HIDDEN, DIM))
+
+    def forward(self, features: dict, task: str | None = None) -> dict:
+        ids, mask = features["input_ids"], features["attention_mask"]
+        hidden = self[0](ids)
+        weights = mask[..., None].to(hidden.dtype)
+        context = (hidden * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+        tokens = F.normalize(self[1](torch.tanh(hidden + context)), dim=-1)
+        return {"token_embeddings": tokens, "attention_mask": mask.bool()}
+
+
+def make_model() -> TokenEncoder:
+    torch.manual_seed(0)
+    return TokenEncoder().train()
+
+
+def make_columns(n: int, page_columns: int, seed: int) -> list[list[torch.Tensor]]:
+    """``1 + page_columns`` columns of n token-id sequences of ragged lengths (ids 1..VOCAB-1; 0 pads)."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    columns = []
+    for c in range(1 + page_columns):
+        low, high = QUERY_TOKENS if c == 0 else PAGE_TOKENS
+        lengths = torch.randint(low, high + 1, (n,), generator=gen).tolist()
+        columns.append([torch.randint(1, VOCAB, (length,), generator=gen) for length in lengths])
+    return columns
+
+
+def collate(sequences: list[torch.Tensor]) -> dict:
+    """Right-padded to the longest of these rows (as a collator pads a rank's batch)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.int64)
+    mask = torch.zeros(len(sequences), width, dtype=torch.int64)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def global_micro_batches(case: Case, world: int) -> list[list[list[torch.Tensor]]]:
+    return [make_columns(case.per_rank_batch * world, case.page_columns, k) for k in range(case.grad_accum)]
+
+
+def represent_output(output: dict, side: str) -> torch.Tensor:
+    """The kind's reading of a forward pass: the scored tokens in MaxSimScoring's mask-free layout."""
+    from dist_vdr.kinds.multi_vector.scoring import from_masked
+
+    return from_masked(output["token_embeddings"], output["attention_mask"], side)
+
+
+def _broken_classes():
+    class NoScoreExchangeLoss(ScoreExchangeCachedLoss):
+        """Deliberately broken: the scores are not exchanged -- every rank takes its own block of the score
+        matrix for every rank's (each rank's loss is over its local pages only)."""
+
+        def _exchange_scores(self, local, rank, world):
+            return local.repeat(1, 1, world)
+
+    class NoQueryReturnLoss(ScoreExchangeCachedLoss):
+        """Deliberately broken: the query gradients computed on other ranks never reach their owners."""
+
+        def _query_gradients(self, grads, rank, world):
+            return grads[rank]
+
+    return NoScoreExchangeLoss, NoQueryReturnLoss
+
+
+NoScoreExchangeLoss, NoQueryReturnLoss = _broken_classes()
+
+
+def build_loss(model, case: Case, rank: int, world: int):
+    from dist_vdr.kinds.multi_vector.scoring import MaxSimScoring
+
+    if case.implementation == "stock":
+        from sentence_transformers.multi_vector_encoder.losses import CachedMultiVectorMultipleNegativesRankingLoss
+
+        assert not case.dims, "sentence-transformers has no Matryoshka on token dims"
+        return CachedMultiVectorMultipleNegativesRankingLoss(model, scale=case.scale,
+                                                             mini_batch_size=case.mini_batch_size,
+                                                             mini_batch_num_tokens=case.mini_batch_num_tokens,
+                                                             gather_across_devices=world > 1)
+    cls = {"score_exchange": ScoreExchangeCachedLoss, "broken_no_score_exchange": NoScoreExchangeLoss,
+           "broken_no_query_return": NoQueryReturnLoss}[case.implementation]
+    return cls(model, MaxSimScoring(chunk_elements=256), matryoshka_dims=case.dims, rank=rank, world_size=world,
+               scale=case.scale, mini_batch_size=case.mini_batch_size,
+               mini_batch_num_tokens=case.mini_batch_num_tokens, query_length=case.query_length,
+               represent_output=represent_output)
+
+
+def run_step(model, loss_fn, micro_batches: list[list[dict]], ddp=None) -> dict:
+    """Forward/backward over the micro-batches (gradient accumulation): the mean loss, the gradients and the
+    collectives issued by the loss's forward (steps a-f) and by the backward (the replay + DDP)."""
+    from dist_vdr import distributed
+
+    model.zero_grad(set_to_none=True)
+    total, forward, backward, nbytes = 0.0, {}, {}, 0
+    for i, feats in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with ddp.no_sync() if (ddp is not None and not last) else nullcontext():
+            with distributed.count_collectives() as fwd:
+                loss = loss_fn(feats, None) / len(micro_batches)
+            with distributed.count_collectives() as bwd:
+                loss.backward()
+        total += float(loss.detach())
+        for into, count in ((forward, fwd), (backward, bwd)):
+            for name, calls in count.calls.items():
+                into[name] = into.get(name, 0) + calls
+        nbytes += fwd.bytes
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss": total, "grads": grads, "forward": forward, "backward": backward, "forward_bytes": nbytes}
+
+
+def reference(case: Case, world: int) -> tuple[float, dict]:
+    """One process, the global batch, plain autograd (no mini-batches, no cache, no exchange): MaxSimScoring of
+    the whole batch's representations, InfoNCE summed over the dims (largest first), mean over queries."""
+    from dist_vdr.kinds.multi_vector.scoring import PAGE, QUERY, MaxSimScoring
+
+    scoring = MaxSimScoring()
+    model = make_model()
+    model.zero_grad(set_to_none=True)
+    dims = sorted(case.dims, reverse=True) or [None]
+    total = 0.0
+    for columns in global_micro_batches(case, world):
+        reps = [scoring.represent(represent_output(model(collate(col), task="query" if c == 0 else "document"),
+                                                   QUERY if c == 0 else PAGE))
+                for c, col in enumerate(columns)]
+        n = reps[0].shape[0]
+        loss = torch.zeros(())
+        for dim in dims:
+            queries, pages = reps[0], reps[1:]
+            if dim is not None:
+                queries, pages = scoring.truncate(queries, dim), [scoring.truncate(p, dim) for p in pages]
+            scores = torch.cat([scoring.scores(queries, p) for p in pages], dim=1)
+            loss = loss + F.cross_entropy(scores * case.scale, torch.arange(n))
+        loss = loss / case.grad_accum
+        loss.backward()
+        total += float(loss.detach())
+    return total, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def worker(rank: int, world: int, init_file: str, cases: list, out_path: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dist_vdr import distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    try:
+        for case in cases:
+            model = make_model()
+            ddp = DistributedDataParallel(model)
+            distributed.register_counting_comm_hook(ddp)
+            loss_fn = build_loss(model, case, rank, world)
+            loss_fn.model = ddp  # as the trainer does: the replay runs through DDP (no_sync handling)
+            part = slice(rank * case.per_rank_batch, (rank + 1) * case.per_rank_batch)
+            mine = [[collate(col[part]) for col in columns] for columns in global_micro_batches(case, world)]
+            out = run_step(model, loss_fn, mine, ddp=ddp)
+            losses = [torch.zeros(1) for _ in range(world)]
+            dist.all_gather(losses, torch.tensor([out["loss"]]))
+            out["rank_losses"] = [float(x) for x in losses]
+            out["loss"] = sum(out["rank_losses"]) / world  # the logged loss: the mean over ranks
+            results[case.name] = out
+    finally:
+        if rank == 0:
+            torch.save(results, out_path)
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_distributed(cases: list, world: int, tmp_dir: str) -> dict:
+    import torch.multiprocessing as mp
+
+    init_file = os.path.join(tmp_dir, f"init-{world}")
+    out_path = os.path.join(tmp_dir, f"results-{world}.pt")
+    mp.start_processes(worker, args=(world, init_file, cases, out_path), nprocs=world, join=True,
+                       start_method="spawn")
+    return torch.load(out_path, weights_only=False)
+
+
+def rel_diffs(loss: float, grads: dict, ref_loss: float, ref_grads: dict) -> tuple[float, float]:
+    """(relative loss difference, the largest norm-relative gradient difference over the parameters)."""
+    assert grads.keys() == ref_grads.keys(), set(grads) ^ set(ref_grads)
+    worst = max(float((grads[k] - ref_grads[k]).norm()) / max(float(ref_grads[k].norm()), 1e-12) for k in grads)
+    return abs(loss - ref_loss) / abs(ref_loss), worst
