@@ -133,6 +133,12 @@ def is_tiny_model(path: str | os.PathLike, kind: str | None = None) -> bool:
     return kind is None or json.loads(marker.read_text()).get("kind", "embedding") == kind
 
 
+def _backbone_fields(spec: TinyModelSpec) -> dict:
+    """The spec as a model of a kind without token vectors records it: the markers of the previous releases, byte
+    for byte (a tiny model made before ``token_dim`` existed is the same model)."""
+    return {k: v for k, v in asdict(spec).items() if k != "token_dim"}
+
+
 def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = None, *, overwrite: bool = False,
                      device: str = "cpu", dtype: str = "float32") -> Path:
     """Build and save the tiny model; returns its folder.
@@ -156,7 +162,7 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = No
         st = SentenceTransformer(modules=[transformer, Pooling(spec.hidden_size, "lasttoken"), Normalize()],
                                  device="cpu")
         st.save(str(tmp))
-        (tmp / MARKER_FILE).write_text(json.dumps({**asdict(spec), "kind": "embedding"}, indent=2))
+        (tmp / MARKER_FILE).write_text(json.dumps({**_backbone_fields(spec), "kind": "embedding"}, indent=2))
     return out
 
 
@@ -323,7 +329,7 @@ def build_tiny_reranker(out_dir: str | os.PathLike, spec: TinyModelSpec | None =
         reranker = CrossEncoder(modules=[Transformer(str(tmp), transformer_task="any-to-any"),
                                          LogitScore(true_token_id=true_id, false_token_id=false_id)], device="cpu")
         reranker.save(str(tmp))
-        marker = {**asdict(spec), "kind": "reranker", "init_from": source}
+        marker = {**_backbone_fields(spec), "kind": "reranker", "init_from": source}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
     return out
 
