@@ -228,6 +228,7 @@ def _eval(args: argparse.Namespace) -> int:
     """Standalone sharded evaluation (run it under accelerate launch for several ranks)."""
     from dist_vdr import distributed, kinds
     from dist_vdr.data.loading import load_eval
+    from dist_vdr.models.build import precision_of
     from dist_vdr.retrieval.metrics import headline
 
     cfg = load_command(args, EVAL)
@@ -237,7 +238,7 @@ def _eval(args: argparse.Namespace) -> int:
     # The model's kind (recorded in its folder) says how it loads, scores and is evaluated (dist_vdr.kinds).
     task = kinds.get(kinds.of_folder(cfg.model.name_or_path))
     task.scoring(cfg)  # --model retrieves: a kind that scores no pages alone (a reranker) says so before loading
-    model = task.load_model(cfg.model, cfg, device=info.device, precision=_precision(cfg.model.dtype))
+    model = task.load_model(cfg.model, cfg, device=info.device, precision=precision_of(cfg.model.dtype))
     if cfg.eval.reranker:
         reranker = kinds.get(kinds.of_folder(cfg.eval.reranker, flag="--reranker"))
         return reranker.rerank_command(cfg, info, data, model, output, write_eval_outputs)
@@ -273,10 +274,6 @@ def write_eval_outputs(output, evaluator) -> None:
     if output is not None:
         with output.writing() as scratch:
             evaluator.write_outputs(str(scratch))
-
-
-def _precision(dtype: str) -> str:
-    return "bf16" if dtype == "bfloat16" else "fp32"
 
 
 SUBMIT = Command(SubmitCommand, (

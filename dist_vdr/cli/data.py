@@ -135,6 +135,7 @@ def _load_mine(args: argparse.Namespace) -> MineCommand:
 def _mine(args: argparse.Namespace) -> int:
     """Hard negatives (run it under accelerate launch for several ranks)."""
     from dist_vdr import distributed, kinds
+    from dist_vdr.models.build import precision_of
     from dist_vdr.retrieval.mining import check_out
 
     cfg = _load_mine(args)
@@ -152,7 +153,7 @@ def _mine(args: argparse.Namespace) -> int:
     encode = {"batch_size": e.batch_size, "num_workers": e.num_workers, "backend": e.search_backend,
               "cache_dir": cfg.mine.cache}
     inputs = _corpus_inputs(cfg) if cfg.corpus_mode else _split_inputs(cfg)
-    precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
+    precision = precision_of(cfg.model.dtype)
     # The retriever's kind (recorded in its folder) says how it loads and scores (dist_vdr.kinds).
     task = kinds.get(kinds.of_folder(cfg.model.name_or_path))
     encode["scoring"] = task.scoring(cfg)
@@ -219,6 +220,7 @@ def _score_rows(args: argparse.Namespace) -> int:
     from dist_vdr.data import page_refs
     from dist_vdr.data.loading import load_train
     from dist_vdr.data.splits import load_split
+    from dist_vdr.models.build import precision_of
     from dist_vdr.retrieval import mining
 
     cfg = load_command(args, SCORE, check_paths=False)
@@ -237,7 +239,7 @@ def _score_rows(args: argparse.Namespace) -> int:
     # Every column of the rows is kept (document ids for masking, ...); the pages are decoded by the scoring.
     columns = split.column_names
     ds = load_train(dataclasses.replace(d, validate_images=False), extra_columns=columns)
-    precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
+    precision = precision_of(cfg.model.dtype)
     teacher, kind = _load_teacher(cfg.model, cfg.score.teacher_type, cfg, info.device, precision, flag="--teacher")
     scores = mining.score_rows(ds, d.query_column, [d.positive_column, *d.negative_columns], teacher,
                                wait_timeout_s=cfg.launch.startup_timeout_s)

@@ -133,10 +133,8 @@ class Task:
         from dist_vdr.models.build import embedding_dim
         from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
 
-        e = cfg.evaluation
-        return ShardedRetrievalEvaluator(data, e.dims or [embedding_dim(model)], ks=e.ks, batch_size=e.batch_size,
-                                         main_metric=e.main_metric, num_workers=e.num_workers,
-                                         backend=e.search_backend, cache_dir=cfg.eval.cache, scoring=self.scoring(cfg))
+        return ShardedRetrievalEvaluator.of(data, cfg.evaluation.dims or [embedding_dim(model)], cfg.evaluation,
+                                            cache_dir=cfg.eval.cache, scoring=self.scoring(cfg))
 
     def teacher(self, model, cfg):
         """A model of this kind as a teacher: a collective ``(queries, pages, cells) -> scores [Q, k]``

@@ -33,6 +33,12 @@ def resolve_attn_implementation(requested: str, on_cuda: bool) -> str:
     return "sdpa"
 
 
+def precision_of(dtype: str) -> str:
+    """The precision a command (eval, mining, teacher scoring) computes in for a ``model.dtype``: bf16 weights in
+    bf16, anything else in fp32."""
+    return "bf16" if dtype == "bfloat16" else "fp32"
+
+
 def resolve_dtype(requested: str, precision: str, on_cuda: bool) -> str:
     """auto: bf16 weights for bf16 training on CUDA (as the published recipe), fp32 otherwise."""
     if requested != "auto":

@@ -74,6 +74,14 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
         self.last_rankings: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.last_metrics: dict[int, dict[str, float]] = {}
 
+    @classmethod
+    def of(cls, data: EvalData, dims: list[int], evaluation, **options) -> ShardedRetrievalEvaluator:
+        """The evaluator an ``evaluation:`` section describes (ks, batch size, main metric, workers, search
+        backend); ``options``: the rest (scoring, cache_dir, show_progress)."""
+        e = evaluation
+        return cls(data, dims, ks=e.ks, batch_size=e.batch_size, main_metric=e.main_metric,
+                   num_workers=e.num_workers, backend=e.search_backend, **options)
+
     # ------------------------------------------------------------------ running
     def __call__(self, model, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
         import time

@@ -97,9 +97,7 @@ class EmbeddingTask(Task):
         if e.implementation == "stock":
             return stock.build_evaluator(eval_data, dims, batch_size=e.batch_size, ks=e.ks,
                                          show_progress_bar=ctx.info.is_main)
-        return ShardedRetrievalEvaluator(eval_data, dims, ks=e.ks, batch_size=e.batch_size, main_metric=e.main_metric,
-                                         num_workers=e.num_workers, backend=e.search_backend, show_progress=True,
-                                         scoring=self.scoring(ctx.cfg))
+        return ShardedRetrievalEvaluator.of(eval_data, dims, e, show_progress=True, scoring=self.scoring(ctx.cfg))
 
     def write_summary(self, out: Path, result: RunResult) -> None:
         """metrics.json with the dims, and the NDCG-vs-dimension plot (before / after training)."""

@@ -35,6 +35,7 @@ def rerank(cfg, info, data, retriever, output, write) -> int:
     the command's writer of the evaluator's outputs."""
     from dist_vdr.kinds.reranker.evaluation import RerankEvaluator, retrieve
     from dist_vdr.kinds.reranker.model import build_reranker, fusion_weight
+    from dist_vdr.models.build import precision_of
     from dist_vdr.retrieval.metrics import headline
 
     e, depth = cfg.evaluation, cfg.reranker.rerank_depth
@@ -43,7 +44,7 @@ def rerank(cfg, info, data, retriever, output, write) -> int:
                           num_workers=e.num_workers, backend=e.search_backend)
     del retriever
     gc.collect()
-    precision = "bf16" if cfg.model.dtype == "bfloat16" else "fp32"
+    precision = precision_of(cfg.model.dtype)
     reranker = build_reranker(dataclasses.replace(cfg.model, name_or_path=cfg.eval.reranker), cfg.reranker,
                               device=info.device, precision=precision)
     for note in notes:
