@@ -106,14 +106,8 @@ class Output:
         for flag, path in self._input_paths():
             if not Path(path).exists():
                 raise ValueError(f"{flag} {path} does not exist: check the path")
-            src = Path(path).resolve()
-            if target == src:
-                how = "is"
-            elif src in target.parents:
-                how = "lies inside"
-            elif target in src.parents:
-                how = "contains"
-            else:
+            how = _overlap(target, Path(path).resolve())
+            if how is None:
                 continue
             raise ValueError(f"{self.flag} {out} {how} the input {flag} {path}: the command would write over what it "
                              f"reads; choose an output folder apart from every input")
@@ -146,8 +140,7 @@ class Output:
         replaced whole at the end, and what lies inside with it."""
         if not path:
             return
-        other, target = Path(os.path.abspath(os.path.expanduser(str(path)))).resolve(), self.path.resolve()
-        if other == target or target in other.parents or other in target.parents:
+        if _overlap(self.path.resolve(), Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()):
             raise ValueError(f"{flag} {path} overlaps {self.flag} {self.path}: the output is replaced whole when the "
                              f"command ends; give {flag} a folder apart")
 
@@ -239,6 +232,17 @@ class Output:
 
     def _record_inputs(self) -> dict:
         return {"inputs": {flag: str(Path(p).resolve()) for flag, p in self._input_paths()}}
+
+
+def _overlap(target: Path, other: Path) -> str | None:
+    """How the resolved folder ``target`` stands to ``other``: it "is", "lies inside" or "contains" it; None: apart."""
+    if target == other:
+        return "is"
+    if other in target.parents:
+        return "lies inside"
+    if target in other.parents:
+        return "contains"
+    return None
 
 
 def _marker_command(folder: Path) -> str | None:
