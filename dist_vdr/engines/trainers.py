@@ -6,7 +6,8 @@ instead runs on all ranks at once, each with its own corpus shard; evaluators th
 ``all_ranks = True`` are called that way here. On the first training step the engine hooks of
 :mod:`dist_vdr.engines.gradient_cache` are installed (one gradient reduction per step under DeepSpeed and FSDP2).
 Everything else is the stock trainer: ``Trainer`` for embedding models (SentenceTransformerTrainer),
-``RerankerTrainer`` for cross-encoders (CrossEncoderTrainer), with the same additions.
+``RerankerTrainer`` for cross-encoders (CrossEncoderTrainer), ``MultiVectorTrainer`` for multi-vector models
+(MultiVectorEncoderTrainer), with the same additions.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import time
 
 import torch
-from sentence_transformers import CrossEncoderTrainer, SentenceTransformerTrainer
+from sentence_transformers import CrossEncoderTrainer, MultiVectorEncoderTrainer, SentenceTransformerTrainer
 
 from dist_vdr import compat, distributed, log
 from dist_vdr.checkpoints import store as checkpoint
@@ -224,3 +225,7 @@ class Trainer(_DistVdrTrainerMixin, SentenceTransformerTrainer):
 
 class RerankerTrainer(_DistVdrTrainerMixin, CrossEncoderTrainer):
     """CrossEncoderTrainer + the same additions."""
+
+
+class MultiVectorTrainer(_DistVdrTrainerMixin, MultiVectorEncoderTrainer):
+    """MultiVectorEncoderTrainer (its collator tells each column's ``task``) + the same additions."""

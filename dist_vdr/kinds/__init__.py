@@ -53,6 +53,7 @@ class Kind:
 REGISTRY: dict[str, Kind | str] = {
     "embedding": "dist_vdr.kinds.embedding:KIND",
     "reranker": "dist_vdr.kinds.reranker:KIND",
+    "multi_vector": "dist_vdr.kinds.multi_vector:KIND",
 }
 """Name -> its :class:`Kind`, or ``"module:ATTR"`` of one (imported on first use)."""
 

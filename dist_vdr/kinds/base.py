@@ -210,3 +210,33 @@ class Task:
 def before_after(result: RunResult) -> dict[str, dict]:
     """The run's metrics rows before and after training ({} for an evaluation not run)."""
     return {which: m.rows if m else {} for which, m in (("before", result.before), ("after", result.after))}
+
+
+def write_dims_summary(out: Path, result: RunResult) -> None:
+    """metrics.json with the dims, and the NDCG-vs-dimension plot (before / after training): the summary of a
+    kind evaluated by retrieval at every Matryoshka dim."""
+    from dist_vdr.retrieval.sharded import plot_ndcg_vs_dim
+
+    summary = {"dims": result.dims, **before_after(result)}
+    RunDir(out).summary.write_text(json.dumps(summary, indent=2))
+    curves = {label: {int(d): values for d, values in m.rows.items() if d.isdigit()}  # (macro) dims only
+              for label, m in (("before training", result.before), ("after training", result.after)) if m}
+    plot_ndcg_vs_dim(curves, RunDir(out).ndcg_plot)
+
+
+def dims_headline(result: RunResult, metric: str) -> str | None:
+    """``NDCG@10 before=... after=...`` at the largest dim (of several eval sets: their macro average, each named)."""
+    if result.after is None:
+        return None
+    d = max(result.dims)
+
+    def fmt(metrics) -> str:
+        value = metrics.get(d, metric) if metrics else None
+        return "n/a" if value is None else f"{value:.4f}"
+
+    line = f"{metric.upper()} before={fmt(result.before)} after={fmt(result.after)}"
+    sets = [row.split("/")[0] for row in result.after.rows if row.endswith(f"/{d}")]
+    if sets:  # several eval sets (a mixture's): the figures are their macro average
+        each = ", ".join(f"{name} {result.after.get(f'{name}/{d}', metric):.4f}" for name in sets)
+        line += f" (macro average of {len(sets)} eval sets; after: {each})"
+    return line

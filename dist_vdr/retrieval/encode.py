@@ -32,7 +32,7 @@ import torch
 
 from dist_vdr import distributed
 from dist_vdr.distributed import shard_range, shard_sizes  # noqa: F401  (the evaluators import them from here)
-from dist_vdr.retrieval.scoring import Scoring, resolve
+from dist_vdr.retrieval.scoring import PAGE, Scoring, resolve
 
 MAX_BLOCK_BATCHES = 8
 
@@ -142,14 +142,16 @@ class _Pages(torch.utils.data.Dataset):
 
 @dataclass
 class _Collate:
-    """Runs in DataLoader workers: the processor turns PIL pages into model inputs."""
+    """Runs in DataLoader workers: the processor turns PIL pages into model inputs (as the scoring prepares
+    a page batch)."""
 
     model: object
     prompt: str | None
+    scoring: Scoring
 
     def __call__(self, items):
         positions = [j for j, _ in items]
-        feats = self.model.preprocess([im for _, im in items], prompt=self.prompt)
+        feats = self.scoring.prepare(self.model, [im for _, im in items], PAGE, self.prompt)
         return positions, feats
 
 
@@ -232,28 +234,28 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
         workers = (auto_workers(model.device, world_size) if num_workers < 0 else num_workers) if fork else 0
         loader = torch.utils.data.DataLoader(
             _Pages(shard, image_column), batch_sampler=batches, num_workers=workers,
-            collate_fn=_Collate(model, document_prompt(model)), persistent_workers=False,
+            collate_fn=_Collate(model, document_prompt(model), scoring), persistent_workers=False,
             multiprocessing_context="fork" if workers else None,
         )
         device = model.device
         with inference(model):
             for positions, feats in tqdm(loader, desc=f"encoding pages (rank {rank})", disable=not show_progress):
-                emb = scoring.represent(model(batch_to_device(feats, device))[scoring.output_key].float()).cpu()
+                emb = scoring.forward(model, batch_to_device(feats, device), PAGE).cpu()
                 for p, e in zip(positions, emb, strict=True):
                     done[p] = e
                 if cache:
                     cache.save(positions, emb)
             for _ in range(num_batches - my_batches):  # lockstep padding, result discarded
-                model(batch_to_device(_blank_page_features(model), device))
+                scoring.forward(model, batch_to_device(_blank_page_features(model, scoring), device), PAGE)
     if n == 0:
         return start, torch.empty(0, 0)
-    return start, torch.stack([done[i] for i in range(n)])
+    return start, scoring.stack([done[i] for i in range(n)], PAGE)
 
 
-def _blank_page_features(model):
+def _blank_page_features(model, scoring: Scoring):
     from PIL import Image
 
-    return model.preprocess([Image.new("RGB", (64, 64), "white")], prompt=document_prompt(model))
+    return scoring.prepare(model, [Image.new("RGB", (64, 64), "white")], PAGE, document_prompt(model))
 
 
 def encode_queries(model, texts: list[str], *, batch_size: int = 32, scoring: Scoring | None = None) -> torch.Tensor:
@@ -261,12 +263,7 @@ def encode_queries(model, texts: list[str], *, batch_size: int = 32, scoring: Sc
     key and representation; by default the normalised ``sentence_embedding``)."""
     if not texts:
         return torch.empty(0, 0)
-    scoring = resolve(scoring)
-    # The default output is asked as before (models without an output_value argument keep working).
-    output = {} if scoring.output_key == "sentence_embedding" else {"output_value": scoring.output_key}
-    emb = model.encode_query(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False,
-                             **output)
-    return scoring.represent(emb.float()).cpu()
+    return resolve(scoring).encode_queries(model, texts, batch_size)
 
 
 class _ShardCache:

@@ -15,9 +15,14 @@ Nothing here imports a kind.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+QUERY, PAGE = "query", "page"
+"""The side an input is encoded for (queries are texts, pages are page images)."""
 
 
 class Scoring:
@@ -38,10 +43,17 @@ class Scoring:
     - :attr:`inner_product`: True only when ``scores(q, p)`` equals ``q @ p.T`` of ``[N, D]`` stored
       representations; faiss inner-product search is then valid. Otherwise search computes
       :meth:`scores` block by block (torch).
+
+    How the evaluator, mining and teacher scoring encode (``side``: :data:`QUERY` or :data:`PAGE`):
+    :meth:`prepare` (a batch's model inputs, in DataLoader workers), :meth:`forward` (a batch's
+    representation), :meth:`stack` (items' representations as one batch's, padded as the layout allows),
+    :meth:`encode_queries` (texts through the model's own query encoding).
     """
 
     output_key: str = "sentence_embedding"
     inner_product: bool = False
+    ragged: bool = False
+    """True when items' representations differ in shape (a token axis): :meth:`stack` pads them to one."""
 
     def represent(self, embeddings: Tensor) -> Tensor:
         """The stored representation of a model's embeddings (default: as they are)."""
@@ -65,6 +77,33 @@ class Scoring:
         """What stored representations depend on besides the model: the evaluator's encoding cache keys on it
         (so representations of another scoring are never reused)."""
         return f"{type(self).__module__}.{type(self).__qualname__}"
+
+    # -- encoding (the evaluator, mining, teacher scoring) ---------------------------------------------
+    def prepare(self, model, inputs: list, side: str, prompt: str | None) -> dict:
+        """The model inputs of a batch (on the CPU; run in DataLoader workers)."""
+        return model.preprocess(inputs, prompt=prompt)
+
+    def forward(self, model, features: dict, side: str) -> Tensor:
+        """The float32 representation ``[n, ...]`` of one batch of :meth:`prepare`'s features (on the model's
+        device; the caller picks no_grad / autocast)."""
+        return self.represent(model(features)[self.output_key].float())
+
+    def stack(self, items: Sequence[Tensor], side: str, shape: Sequence[int] | None = None) -> Tensor:
+        """One representation ``[n, *shape]`` of ``n`` items' representations (each a row of some batch's).
+        ``shape``: the trailing shape to give it (a layout with a token axis pads to it; several ranks' rows
+        are joined so); None: the items' own (their largest). No items: ``[0, *shape]``."""
+        if not items:
+            return torch.empty(0, *(shape or (0,)))
+        return torch.stack(list(items))
+
+    def encode_queries(self, model, texts: list[str], batch_size: int) -> Tensor:
+        """float32 representations on the CPU of ``texts`` through the model's own query encoding
+        (sentence-transformers' ``encode_query``)."""
+        # The default output is asked as before (models without an output_value argument keep working).
+        output = {} if self.output_key == "sentence_embedding" else {"output_value": self.output_key}
+        emb = model.encode_query(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False,
+                                 **output)
+        return self.represent(emb.float()).cpu()
 
 
 class CosineScoring(Scoring):

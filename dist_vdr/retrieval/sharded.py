@@ -35,7 +35,7 @@ from dist_vdr.data.loading import EvalData
 from dist_vdr.retrieval import mteb_format, stock
 from dist_vdr.retrieval.encode import encode_corpus_shard, encode_queries, shard_range
 from dist_vdr.retrieval.metrics import METRICS, retrieval_metrics
-from dist_vdr.retrieval.scoring import Scoring, resolve
+from dist_vdr.retrieval.scoring import QUERY, Scoring, resolve
 from dist_vdr.retrieval.search import RESCORE_SLACK, has_faiss, merge_topk, rescore, shard_topk
 from dist_vdr.run.folder import NDCG_PLOT
 from dist_vdr.storage import atomic_write
@@ -157,7 +157,13 @@ def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, 
     # Sharded engines gather parameters in every forward (a collective): the same number on every rank.
     for _ in range(max(e - s for s, e in ranges) - (last - first)):
         encode_queries(model, ["?"], batch_size=batch_size, scoring=scoring)
-    mine = torch.cat(parts) if parts else torch.empty(0, 0)
+    scoring = resolve(scoring)
+    rows = [row for part in parts for row in part]
+    if scoring.ragged and info.world_size > 1:  # e.g. a token axis: every rank's rows padded to one shape first
+        shapes = [s for s in distributed.all_gather_objects(tuple(parts[0].shape[1:]) if rows else None) if s]
+        mine = scoring.stack(rows, QUERY, [max(dims) for dims in zip(*shapes, strict=True)] if shapes else None)
+    else:
+        mine = scoring.stack(rows, QUERY)
     sizes = [sum(len(b) for b in batches[s:e]) for s, e in ranges]
     gathered = distributed.all_gather_rows(mine, sizes)  # rows in sorted order
     out = torch.empty_like(gathered)

@@ -6,7 +6,6 @@ MatryoshkaLoss when dims are given); evaluation is retrieval at every Matryoshka
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sentence_transformers import SentenceTransformerTrainingArguments
@@ -15,13 +14,12 @@ from dist_vdr import compat
 from dist_vdr.config import Config
 from dist_vdr.data import id_labels
 from dist_vdr.engines.trainers import Trainer
-from dist_vdr.kinds.base import RunContext, Task, TaskInputs, before_after
+from dist_vdr.kinds.base import RunContext, Task, TaskInputs, dims_headline, write_dims_summary
 from dist_vdr.kinds.embedding.loss import build_loss
 from dist_vdr.models.build import build_model, check_dims, embedding_dim
 from dist_vdr.retrieval import stock
 from dist_vdr.retrieval.scoring import is_cosine
-from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator, plot_ndcg_vs_dim
-from dist_vdr.run.folder import RunDir
+from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
 from dist_vdr.run.results import RunResult
 
 
@@ -100,28 +98,10 @@ class EmbeddingTask(Task):
         return ShardedRetrievalEvaluator.of(eval_data, dims, e, show_progress=True, scoring=self.scoring(ctx.cfg))
 
     def write_summary(self, out: Path, result: RunResult) -> None:
-        """metrics.json with the dims, and the NDCG-vs-dimension plot (before / after training)."""
-        summary = {"dims": result.dims, **before_after(result)}
-        RunDir(out).summary.write_text(json.dumps(summary, indent=2))
-        curves = {label: {int(d): values for d, values in m.rows.items() if d.isdigit()}  # (macro) dims only
-                  for label, m in (("before training", result.before), ("after training", result.after)) if m}
-        plot_ndcg_vs_dim(curves, RunDir(out).ndcg_plot)
+        write_dims_summary(out, result)
 
     def headline(self, result: RunResult, metric: str) -> str | None:
-        if result.after is None:
-            return None
-        d = max(result.dims)
-
-        def fmt(metrics) -> str:
-            value = metrics.get(d, metric) if metrics else None
-            return "n/a" if value is None else f"{value:.4f}"
-
-        line = f"{metric.upper()} before={fmt(result.before)} after={fmt(result.after)}"
-        sets = [row.split("/")[0] for row in result.after.rows if row.endswith(f"/{d}")]
-        if sets:  # several eval sets (a mixture's): the figures are their macro average
-            each = ", ".join(f"{name} {result.after.get(f'{name}/{d}', metric):.4f}" for name in sets)
-            line += f" (macro average of {len(sets)} eval sets; after: {each})"
-        return line
+        return dims_headline(result, metric)
 
 
 def dataset_options(cfg: Config) -> list:

@@ -35,16 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 from dist_vdr import log
 from dist_vdr.config import ModelConfig
-from dist_vdr.kinds.multi_vector.scoring import PAGE, QUERY
+from dist_vdr.kinds.multi_vector.scoring import TASKS
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 logger = log.get(__name__)
 
-TASKS = {QUERY: "query", PAGE: "document"}
-"""The ``task`` sentence-transformers' MultiVectorMask (and the Transformer's preprocess) reads, per kind of
-input (:mod:`~dist_vdr.kinds.multi_vector.scoring`'s ``"query"`` / ``"page"``)."""
 DEFAULT_TOKEN_DIM = 128
 """The token vectors' dimension of a new projection (ColQwen / ColPali and sentence-transformers' default)."""
 MULTI_VECTOR_TYPES = ("MultiVectorEncoder", "ColBERT")
@@ -65,6 +62,21 @@ def is_multi_vector_model(name_or_path: str) -> bool:
 
     config = load_file_path(name_or_path, "config_sentence_transformers.json")
     return config is not None and json.loads(Path(config).read_text()).get("model_type") in MULTI_VECTOR_TYPES
+
+
+def is_multi_vector_folder(path: str) -> bool:
+    """Whether the local folder ``path`` holds a saved MultiVectorEncoder (nothing is fetched): the kind's
+    recogniser of model folders that record no kind."""
+    config = Path(path) / "config_sentence_transformers.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") in MULTI_VECTOR_TYPES
+
+
+def token_dim(model) -> int:
+    """The dimension of the model's token vectors (the last Dense's output; else the backbone's hidden size)."""
+    from sentence_transformers.base.modules import Dense
+
+    dims = [m.out_features for m in model if isinstance(m, Dense)]
+    return dims[-1] if dims else model[0].get_embedding_dimension()
 
 
 def special_token_skiplist(transformer) -> list[str]:

@@ -36,14 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dist_vdr.retrieval.scoring import Scoring
+from dist_vdr.kinds.multi_vector.config import CHUNK_ELEMENTS
+from dist_vdr.retrieval.scoring import PAGE, QUERY, Scoring
 
-QUERY, PAGE = "query", "page"
 KINDS = (QUERY, PAGE)
+TASKS = {QUERY: "query", PAGE: "document"}
+"""The ``task`` sentence-transformers' ``MultiVectorEncoder`` reads (its preprocess: per-task length, query
+expansion, chat-template variable; its ``MultiVectorMask``), per side."""
 
-CHUNK_ELEMENTS = 1 << 24
-"""Default bound on the ``[queries, pages, query tokens, page tokens]`` similarity block scored at once
-(2**24 floats: 64 MiB in float32)."""
 
 
 def _check_kind(kind: str) -> None:
@@ -51,16 +51,17 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def pad_tokens(tokens: Sequence[Tensor], kind: str) -> Tensor:
-    """``[N, T, D]`` from N ``[T_i, D]`` token embeddings, ``T`` = max ``T_i`` (at least 1 for pages).
+def pad_tokens(tokens: Sequence[Tensor], kind: str, width: int = 0) -> Tensor:
+    """``[N, T, D]`` from N ``[T_i, D]`` token embeddings, ``T`` = max(``width``, max ``T_i``) (at least 1 for
+    pages).
 
     ``kind`` ``"query"``: padded with zero vectors; ``"page"``: padded with copies of the item's first
     token (a page without tokens: one zero vector). Differentiable (a copy's gradient reaches the token it
-    copies). No items: ``[0, 0, 0]``."""
+    copies). No items: ``[0, width, 0]``."""
     _check_kind(kind)
     if len(tokens) == 0:
-        return torch.empty(0, 0, 0)
-    width = max(len(t) for t in tokens)
+        return torch.empty(0, width, 0)
+    width = max(width, max(len(t) for t in tokens))
     if kind == PAGE:
         width = max(width, 1)
     return torch.stack([_pad_one(t, width, kind) for t in tokens])
@@ -178,6 +179,7 @@ class MaxSimScoring(Scoring):
 
     output_key = "token_embeddings"
     inner_product = False
+    ragged = True
 
     def __init__(self, divide_by_query_length: bool = False, chunk_elements: int = CHUNK_ELEMENTS) -> None:
         if chunk_elements < 1:
@@ -227,3 +229,21 @@ class MaxSimScoring(Scoring):
         # the tag as well, so that a cache never mixes runs of the two conventions.
         return (f"{type(self).__module__}.{type(self).__qualname__}(token_embeddings, per-token L2, "
                 f"query pad=zero, page pad=first token, divide_by_query_length={self.divide_by_query_length})")
+
+    # -- encoding: sentence-transformers' MultiVectorEncoder, told the side as its ``task`` -----------------
+    def prepare(self, model, inputs: list, side: str, prompt: str | None) -> dict:
+        return model.preprocess(inputs, prompt=prompt, task=TASKS[side])
+
+    def forward(self, model, features: dict, side: str) -> Tensor:
+        # A shallow copy: the modules write their outputs (the scoring mask over attention_mask) into it.
+        out = model(dict(features), task=TASKS[side])
+        return self.represent(from_masked(out["token_embeddings"].float(), out["attention_mask"].bool(), side))
+
+    def stack(self, items: Sequence[Tensor], side: str, shape: Sequence[int] | None = None) -> Tensor:
+        if not items:
+            return torch.empty(0, *(shape or (0, 0)))
+        return pad_tokens(list(items), side, width=shape[0] if shape else 0)
+
+    def encode_queries(self, model, texts: list[str], batch_size: int) -> Tensor:
+        tokens = model.encode_query(list(texts), batch_size=batch_size, show_progress_bar=False)
+        return self.represent(pad_tokens([t.float().cpu() for t in tokens], QUERY))

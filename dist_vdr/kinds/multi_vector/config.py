@@ -1,0 +1,41 @@
+"""The multi-vector kind's config section (``multi_vector:`` in a recipe and in the commands that load such a
+model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHUNK_ELEMENTS = 1 << 24
+"""Default bound on the ``[queries, pages, query tokens, page tokens]`` similarity block scored at once
+(2**24 floats: 64 MiB in float32). (Here, not in scoring.py: loading a recipe imports no torch.)"""
+
+
+@dataclass(kw_only=True)
+class MultiVectorConfig:
+    """task=multi_vector: token vectors scored by MaxSim (docs/multi-vector.md)."""
+
+    token_dim: int = 128
+    """The token vectors' dimension of a NEW projection (a backbone that is no MultiVectorEncoder yet); a saved
+    MultiVectorEncoder keeps its own. loss.matryoshka_dims cut this dimension."""
+    image_tokens_only: bool = False
+    """A new head's page mask: score the image-patch tokens of a page only (colpali-engine's
+    mask_non_image_embeddings); false: every token but the chat template's special tokens."""
+    divide_by_query_length: bool = False
+    """Divide each MaxSim score by the query's number of tokens (colpali-engine's normalize_scores, scores in
+    [-1, 1]: loss.scale then acts as for cosine scores, e.g. 50 = colpali's temperature 0.02); false: the plain
+    sum over query tokens (ColBERT and sentence-transformers' default, used with loss.scale 1)."""
+    query_length: int | None = None
+    """The number of tokens every query is padded to before the loss exchanges queries between ranks (a longer
+    query stops the run with the fix); null: the step's longest query over the ranks, agreed by one more
+    collective per step."""
+    chunk_elements: int = CHUNK_ELEMENTS
+    """The bound on the [queries, pages, query tokens, page tokens] similarity block scored at once, in the loss,
+    the evaluation and mining (2**24 floats: 64 MiB in float32)."""
+
+    def __post_init__(self) -> None:
+        if self.token_dim < 1:
+            raise ValueError(f"multi_vector.token_dim must be >= 1, got {self.token_dim}")
+        if self.query_length is not None and self.query_length < 1:
+            raise ValueError(f"multi_vector.query_length must be >= 1 or null, got {self.query_length}")
+        if self.chunk_elements < 1:
+            raise ValueError(f"multi_vector.chunk_elements must be >= 1, got {self.chunk_elements}")

@@ -1,0 +1,103 @@
+"""task: multi_vector -- a MultiVectorEncoder trained by MaxSim InfoNCE over the global batch.
+
+The loss is the shared score-exchange loss (queries and scores travel between ranks, pages stay; Matryoshka on
+the token dimension); evaluation, mining and teacher scoring are the shared sharded retrieval with this kind's
+:class:`~dist_vdr.kinds.multi_vector.scoring.MaxSimScoring`, at every token dim.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sentence_transformers import MultiVectorEncoderTrainingArguments
+
+from dist_vdr.config import Config
+from dist_vdr.engines.trainers import MultiVectorTrainer
+from dist_vdr.kinds.base import RunContext, Task, TaskInputs, dims_headline, write_dims_summary
+from dist_vdr.kinds.multi_vector.model import build_multi_vector, token_dim
+from dist_vdr.kinds.multi_vector.scoring import MaxSimScoring, from_masked
+from dist_vdr.models.build import check_dims
+from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
+from dist_vdr.run.results import RunResult
+
+
+def read_tokens(output: dict, side: str):
+    """The loss's reading of a forward: the token embeddings in the mask-free layout (scoring.py)."""
+    return from_masked(output["token_embeddings"], output["attention_mask"].bool(), side)
+
+
+class MultiVectorTask(Task):
+    trainer_class = MultiVectorTrainer
+    card_model_class = "MultiVectorEncoder"
+
+    extends = "multi_vector"
+
+    def configure(self, cfg: Config) -> None:
+        if cfg.training.batch_sampler == "auto":
+            # A repeated page in the global batch would be a false in-batch negative.
+            cfg.training.batch_sampler = "no_duplicates_hashed"
+        if cfg.evaluation.implementation == "stock":
+            raise ValueError("evaluation.implementation=stock (sentence-transformers' single-vector evaluator) "
+                             "cannot score token vectors: use evaluation.implementation=sharded (exact MaxSim)")
+        if cfg.loss.implementation == "stock":
+            raise ValueError("loss.implementation=stock is not available for task=multi_vector: the loss is the "
+                             "score-exchange MaxSim InfoNCE (loss.implementation auto or global_batch)")
+
+    def hashes_training_rows(self, cfg: Config) -> bool:
+        return cfg.training.batch_sampler == "no_duplicates_hashed"
+
+    def scoring(self, cfg) -> MaxSimScoring:
+        mv = cfg.multi_vector
+        return MaxSimScoring(divide_by_query_length=mv.divide_by_query_length, chunk_elements=mv.chunk_elements)
+
+    def build_model(self, ctx: RunContext):
+        cfg = ctx.cfg
+        return build_multi_vector(cfg.model, precision=cfg.training.precision, device=ctx.info.device,
+                                  seed=cfg.training.seed, token_dim=cfg.multi_vector.token_dim,
+                                  image_tokens_only=cfg.multi_vector.image_tokens_only)
+
+    def eval_dims(self, cfg: Config, model) -> list[int]:
+        dim = token_dim(model)
+        check_dims(cfg.loss.matryoshka_dims, dim, "loss.matryoshka_dims")
+        dims = cfg.eval_dims(dim)
+        check_dims(dims, dim, "evaluation.dims")
+        return dims
+
+    def training_arguments(self, cfg: Config) -> tuple[type, dict]:
+        return MultiVectorEncoderTrainingArguments, {}
+
+    def build_loss(self, ctx: RunContext, model):
+        from dist_vdr.losses.score_exchange import ScoreExchangeCachedLoss
+
+        cfg, loss = ctx.cfg, ctx.cfg.loss
+        local = not loss.cross_device_negatives  # negatives kept on their rank: a world of one
+        return ScoreExchangeCachedLoss(
+            model, self.scoring(cfg), matryoshka_dims=loss.matryoshka_dims, matryoshka_weights=loss.matryoshka_weights,
+            rank=0 if local else ctx.info.rank, world_size=1 if local else ctx.info.world_size, scale=loss.scale,
+            mini_batch_size=loss.mini_batch_size, mini_batch_num_tokens=loss.mini_batch_num_tokens,
+            query_length=cfg.multi_vector.query_length, represent_output=read_tokens)
+
+    def build_evaluator(self, ctx: RunContext, eval_data, dims: list[int], inputs: TaskInputs):
+        return ShardedRetrievalEvaluator.of(eval_data, dims, ctx.cfg.evaluation, show_progress=True,
+                                            scoring=self.scoring(ctx.cfg))
+
+    def write_summary(self, out: Path, result: RunResult) -> None:
+        write_dims_summary(out, result)
+
+    def headline(self, result: RunResult, metric: str) -> str | None:
+        return dims_headline(result, metric)
+
+    def card_usage(self, cfg: Config) -> str:
+        return ("```python\nfrom PIL import Image\nfrom sentence_transformers import MultiVectorEncoder\n\n"
+                'model = MultiVectorEncoder("path/to/final")  # this folder\n'
+                'queries = model.encode_query(["a page with a red header and a bar chart"])  # [tokens, dim] each\n'
+                'pages = model.encode_document([Image.open("page.png")])  # page images\n'
+                "print(model.similarity(queries, pages))  # MaxSim\n```")
+
+    # -- commands ---------------------------------------------------------------------------------------------
+    def load_model(self, model_cfg, cfg, *, device: str, precision: str, flag: str = "--model"):
+        return build_multi_vector(model_cfg, precision=precision, device=device)
+
+    def command_evaluator(self, cfg, data, model):
+        return ShardedRetrievalEvaluator.of(data, cfg.evaluation.dims or [token_dim(model)], cfg.evaluation,
+                                            cache_dir=cfg.eval.cache, scoring=self.scoring(cfg))
