@@ -28,13 +28,14 @@ venv: $(STAMP)
 
 # constraints.txt: the exact versions the suite and the demo figures were measured with (a fresh
 # machine would otherwise install the newest releases the ranges allow, which nobody has run).
-$(STAMP): setup.cfg pyproject.toml constraints.txt
+$(STAMP): setup.cfg pyproject.toml constraints.txt requirements-references.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -c constraints.txt $(TORCH_SPEC)
 	# DeepSpeed ships only an sdist whose build imports torch: build it against the torch above.
 	$(BIN)/python -m pip install -q --no-build-isolation -c constraints.txt $(DEEPSPEED_SPEC)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps -r requirements-references.txt
 	touch $@
 
 # The demo's arithmetic capped to AVX2: the same figure on every x86-64 CPU (launch/same-x86-arithmetic.env).

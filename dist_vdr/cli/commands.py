@@ -176,10 +176,13 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _merge_adapter(args: argparse.Namespace) -> int:
+    from dist_vdr import kinds
     from dist_vdr.models.build import merge_adapter_folder
 
+    task = kinds.get(kinds.of_folder(args.adapter, "ADAPTER_DIR"))
     out = merge_adapter_folder(args.adapter, args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite,
+                               load=lambda cfg: task.load_model(cfg, None, device="cpu", precision="fp32"))
     print(f"merged model in {out}")
     return 0
 

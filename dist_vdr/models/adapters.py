@@ -31,6 +31,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 RECORD = "dist_vdr_adapter.json"
 """The base model and the recipe's adapter section, next to the adapter files."""
+TRAINED_MODULES = "dist_vdr_trained_modules.safetensors"
+"""The weights of the modules trained in full beside the adapter (``attach``'s ``trained_modules``: e.g. a
+multi-vector model's new token projection), keyed as in the model's state dict."""
 _ADAPTER_NAME = "default"  # PEFT's name of the one adapter inject_adapter_in_model puts in
 MERGED = "merged"
 """``final/merged``: the base with the adapter merged in, a plain model (model.adapter.merge_on_save)."""
@@ -59,9 +62,14 @@ def backbone(model) -> torch.nn.Module:
     return inner
 
 
-def attach(model, cfg: AdapterConfig, base: str, seed: int = 0) -> int:
+def attach(model, cfg: AdapterConfig, base: str, seed: int = 0, *, trained_modules: tuple[str, ...] = (),
+           record: dict | None = None) -> int:
     """Put a fresh adapter on ``model`` (or the one of ``cfg.init_from``), freeze the rest; returns the
     number of trainable parameters.
+
+    ``trained_modules``: prefixes of parameter names (``"1."``: the model's second module) trained in full beside
+    the adapter, saved with it (:data:`TRAINED_MODULES`) -- a head the base model does not have. ``record``:
+    what else the adapter folder records for its loader (e.g. how that head was built).
 
     LoRA's A matrices start random: they are drawn from ``seed`` alone (the global random stream is
     left as it was), so every rank and a 1-process run of the same recipe start from the same adapter
@@ -77,8 +85,10 @@ def attach(model, cfg: AdapterConfig, base: str, seed: int = 0) -> int:
         except ValueError as exc:  # PEFT: no module matched the targets
             raise ValueError(f"model.adapter.target_modules: {exc}") from exc
     for name, param in model.named_parameters():
-        param.requires_grad = "lora_" in name
-    model._dist_vdr_adapter = {"base_model": base, "base_fingerprint": base_fingerprint, "adapter": _section(cfg)}
+        param.requires_grad = "lora_" in name or name.startswith(tuple(trained_modules))
+    model._dist_vdr_adapter = {"base_model": base, "base_fingerprint": base_fingerprint, "adapter": _section(cfg),
+                               **({"trained_modules": list(trained_modules)} if trained_modules else {}),
+                               **(record or {})}
     if cfg.init_from:
         load_weights(model, cfg.init_from, key="model.adapter.init_from")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -127,6 +137,11 @@ def base_of(folder: str | Path) -> tuple[str, AdapterConfig]:
     return record["base_model"], AdapterConfig(**record["adapter"])
 
 
+def record_of(folder: str | Path) -> dict:
+    """Everything an adapter folder records (:data:`RECORD`)."""
+    return json.loads((Path(folder) / RECORD).read_text())
+
+
 def save(model, folder: str | Path, state_dict: dict | None = None) -> None:
     """The adapter alone, in PEFT's format, with the record of its base (``state_dict``: a gathered
     full state dict of ``model``, when the module's own parameters are shards)."""
@@ -135,6 +150,11 @@ def save(model, folder: str | Path, state_dict: dict | None = None) -> None:
     inner = backbone(model)
     weights = get_peft_model_state_dict(inner, state_dict=_backbone_part(state_dict))
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(folder / ADAPTER_WEIGHTS))
+    prefixes = tuple(model._dist_vdr_adapter.get("trained_modules", ()))
+    if prefixes:
+        full = state_dict if state_dict is not None else model.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in full.items() if k.startswith(prefixes)},
+                  str(folder / TRAINED_MODULES))
     lora_config(AdapterConfig(**model._dist_vdr_adapter["adapter"])).save_pretrained(str(folder))
     (folder / RECORD).write_text(json.dumps(model._dist_vdr_adapter, indent=2))
 
@@ -167,6 +187,18 @@ def load_weights(model, folder: str | Path, key: str = "adapter") -> None:
     if missing or result.unexpected_keys:
         raise ValueError(f"{key}={str(folder)!r} does not fit this model's adapter (missing {missing[:3]}, "
                          f"unexpected {list(result.unexpected_keys)[:3]}): {fix}")
+    prefixes = tuple(model._dist_vdr_adapter.get("trained_modules", ()))
+    if prefixes:
+        path = Path(folder) / TRAINED_MODULES
+        if not path.is_file():
+            raise ValueError(f"{key}={str(folder)!r} holds no {TRAINED_MODULES} (the modules {list(prefixes)} trained "
+                             f"beside the adapter): give the final/ folder or a checkpoint of that run")
+        trained = load_file(str(path))
+        wanted = {k for k in model.state_dict() if k.startswith(prefixes)}
+        if set(trained) != wanted:
+            raise ValueError(f"{key}={str(folder)!r}: {TRAINED_MODULES} holds {sorted(trained)[:3]}, this model's "
+                             f"modules {list(prefixes)} are {sorted(wanted)[:3]}: {fix}")
+        model.load_state_dict(trained, strict=False)
 
 
 def merged_copy(model):

@@ -118,9 +118,10 @@ def build_model(cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu
 
 
 def merge_adapter_folder(folder: str | Path, out: str | Path, *, dtype: str = "auto",
-                         trust_remote_code: bool = False, overwrite: bool = False) -> Path:
-    """Write to ``out`` the base model of the adapter ``folder`` with the adapter merged in: a plain
-    SentenceTransformer (``dist-vdr merge-adapter``; ``final/merged`` of model.adapter.merge_on_save)."""
+                         trust_remote_code: bool = False, overwrite: bool = False, load=None) -> Path:
+    """Write to ``out`` the base model of the adapter ``folder`` with the adapter merged in: a plain model of the
+    adapter's kind (``dist-vdr merge-adapter``; ``final/merged`` of model.adapter.merge_on_save). ``load``:
+    ``ModelConfig -> model`` of that kind (the command asks the folder's kind), default a SentenceTransformer."""
     from dist_vdr.outputs import Output
 
     if not adapters.is_adapter_folder(folder):
@@ -129,7 +130,7 @@ def merge_adapter_folder(folder: str | Path, out: str | Path, *, dtype: str = "a
     inputs = {"ADAPTER_DIR": folder, "its base model": adapters.base_of(folder)[0]}
     output = Output("merge-adapter", "OUT_DIR", out, inputs, replace_any=overwrite).check()
     cfg = ModelConfig(name_or_path=str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
-    model = adapters.merge_into_base(build_model(cfg))
+    model = adapters.merge_into_base((load or build_model)(cfg))
     with output.writing({"adapter": str(Path(folder).resolve())}) as tmp:
         model.save_pretrained(str(tmp), create_model_card=False)
         kind = Path(folder) / KIND_FILE  # the merged model is of the adapter's kind

@@ -165,3 +165,36 @@ def test_engine_trains_like_ddp(engine, ddp_run, tmp_path_factory, tiny_multi_ve
     calls = _per_step_calls(out)
     reductions = [{k: v for k, v in c.items() if k in REDUCTIONS} for c in calls]
     assert len(calls) == STEPS and all(r == reductions[0] for r in reductions), reductions
+
+
+def test_lora_on_two_ranks_saves_adapter_and_head_and_merges(tiny_model, pages, tmp_path):
+    """ColQwen-style: LoRA on a bare backbone (the tiny embedding model) with a new token projection trained in
+    full beside it, on 2 ranks. final/ is the adapter + the projection; final/merged (merge_on_save) is a plain
+    MultiVectorEncoder that sentence-transformers loads; dist-vdr eval of either gives the run's metrics."""
+    out = tmp_path / "lora"
+    proc = run_launcher("launch/cpu.yaml", [
+        "--config", RECIPE, *tiny_overrides(tiny_model, pages, out, "training.max_steps=4", "training.save_steps=4",
+                                            "data.max_eval_queries=8", "evaluation.before_training=false",
+                                            "multi_vector.token_dim=16", "loss.matryoshka_dims=[16,8]",
+                                            "model.adapter.type=lora", "model.adapter.rank=4",
+                                            "model.adapter.merge_on_save=true", "training.learning_rate=5e-3")])
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "LoRA r=4 + the token projection" in log
+    from dist_vdr.models import adapters
+
+    final = out / "final"
+    assert (final / adapters.ADAPTER_WEIGHTS).is_file() and (final / adapters.TRAINED_MODULES).is_file()
+    after = json.loads((out / "metrics_after.json").read_text())["metrics"]
+    for model in (final, final / adapters.MERGED):
+        ev = run_cli(["eval", "--model", str(model), "--data", str(pages), "--device", "cpu", "--dims", "16,8",
+                      "--output", str(tmp_path / f"eval-{model.name}"), "data.max_eval_queries=8",
+                      "multi_vector.divide_by_query_length=true"])
+        assert ev.returncode == 0, (ev.stdout + ev.stderr)[-4000:]
+        got = json.loads((tmp_path / f"eval-{model.name}" / "retrieval_metrics.json").read_text())["metrics"]
+        for dim in ("16", "8"):
+            assert got[dim]["ndcg@10"] == pytest.approx(after[dim]["ndcg@10"], abs=1e-4), (model, dim)
+    from sentence_transformers import MultiVectorEncoder
+
+    merged = MultiVectorEncoder(str(final / adapters.MERGED), device="cpu")
+    assert merged.encode_query("red bar chart").shape[-1] == 16

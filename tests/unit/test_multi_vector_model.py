@@ -109,13 +109,52 @@ def test_plain_backbone_gets_a_seeded_projection(tiny_mv, tmp_path):
         forward_tokens(a, query, "document")
 
 
-def test_adapter_and_missing_folder_are_clear_errors(tiny_mv, tmp_path):
-    from dist_vdr.config import AdapterConfig
-
-    with pytest.raises(ValueError, match="LoRA is not supported"):
-        build_multi_vector(ModelConfig(name_or_path=str(tiny_mv), adapter=AdapterConfig(type="lora")))
+def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="make-tiny-model --multi-vector"):
         build_multi_vector(ModelConfig(name_or_path=str(tmp_path / "missing")))
+
+
+def test_lora_trains_the_new_projection_beside_the_adapter_and_reloads(tmp_path):
+    """A bare backbone (here the tiny embedding model, whose pooling is dropped) with model.adapter: the adapter on
+    the backbone and the new projection are trainable, the rest frozen; the saved adapter folder reloads as the
+    same model (base, head built again from its record, adapter, trained head); merge-adapter writes a plain
+    MultiVectorEncoder with the same token embeddings, which sentence-transformers loads."""
+    from sentence_transformers import MultiVectorEncoder
+
+    from dist_vdr.config import AdapterConfig
+    from dist_vdr.kinds.tiny import build_tiny_model
+    from dist_vdr.models import adapters
+    from dist_vdr.models.build import merge_adapter_folder
+
+    backbone = build_tiny_model(tmp_path / "tiny")
+    cfg = ModelConfig(name_or_path=str(backbone), adapter=AdapterConfig(type="lora", rank=4))
+    model = build_multi_vector(cfg, token_dim=16, seed=3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("1.") for n in trainable)
+    assert "1.linear.weight" in trainable
+    with torch.no_grad():  # as if trained: the adapter's B (zero at start) and the projection move
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    folder = tmp_path / "adapter"
+    adapters.save(model, folder)
+    assert (folder / adapters.TRAINED_MODULES).is_file()
+    assert kinds.of_folder(folder) == "multi_vector"  # recognised by its record (a checkpoint has no kind file)
+    again = build_multi_vector(ModelConfig(name_or_path=str(folder)))
+    query = preprocess(model, QUERIES, "query")
+    page = preprocess(model, _pages(), "page")
+    for features, side in ((query, "query"), (page, "page")):
+        a, mask_a = forward_tokens(model.eval(), features, side)
+        b, mask_b = forward_tokens(again.eval(), features, side)
+        assert torch.equal(mask_a, mask_b) and torch.allclose(a, b, atol=1e-6)
+    merged = merge_adapter_folder(folder, tmp_path / "merged", load=lambda c: build_multi_vector(c))
+    stock = MultiVectorEncoder(str(merged), device="cpu")
+    for got, ref in zip(stock.encode_document(_pages()), again.encode_document(_pages()), strict=True):
+        assert torch.allclose(got, ref, atol=1e-5)
+    # The trained head is checked at load: a folder without it is refused.
+    (folder / adapters.TRAINED_MODULES).unlink()
+    with pytest.raises(ValueError, match="holds no dist_vdr_trained_modules"):
+        build_multi_vector(ModelConfig(name_or_path=str(folder)))
 
 
 def test_make_tiny_model_multi_vector_command(tmp_path):

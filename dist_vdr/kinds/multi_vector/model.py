@@ -22,7 +22,7 @@ per-task length, query expansion and chat-template ``task`` variable) and then `
 ``BaseModel.forward`` hands each module the keywords its ``forward_kwargs`` names, and ``MultiVectorMask``
 names ``task``. :func:`preprocess` and :func:`forward_tokens` do the same for a training batch.
 
-Not here yet: LoRA (``model.adapter``; refused with the fix), masking the query's instruction (ST 6.2's mask
+Not here yet: masking the query's instruction (ST 6.2's mask
 has no such option: a prompt becomes a system message of the chat template, whose token span ST does not
 track), hybrid single-vector heads.
 """
@@ -65,8 +65,12 @@ def is_multi_vector_model(name_or_path: str) -> bool:
 
 
 def is_multi_vector_folder(path: str) -> bool:
-    """Whether the local folder ``path`` holds a saved MultiVectorEncoder (nothing is fetched): the kind's
-    recogniser of model folders that record no kind."""
+    """Whether the local folder ``path`` holds a saved MultiVectorEncoder, or a multi-vector run's adapter (a
+    checkpoint of a LoRA run; nothing is fetched): the kind's recogniser of model folders that record no kind."""
+    from dist_vdr.models import adapters
+
+    if adapters.is_adapter_folder(path):
+        return adapters.record_of(path).get("task") == "multi_vector"
     config = Path(path) / "config_sentence_transformers.json"
     return config.is_file() and json.loads(config.read_text()).get("model_type") in MULTI_VECTOR_TYPES
 
@@ -131,23 +135,63 @@ def _backbone_folder(path: str) -> str:
 def build_multi_vector(model_cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu", seed: int = 0,
                        token_dim: int = DEFAULT_TOKEN_DIM, image_tokens_only: bool = False):
     """The MultiVectorEncoder of ``model_cfg`` on ``device``, its weights in the dtype and attention
-    implementation ``model.dtype`` / ``model.attn_implementation`` resolve to (as the embedding kind's).
+    implementation ``model.dtype`` / ``model.attn_implementation`` resolve to (as the embedding kind's), with
+    the recipe's LoRA adapter (``model.adapter``) on the backbone.
 
     A saved MultiVectorEncoder (``make-tiny-model --multi-vector``, a run's ``final/``, a ColBERT / ColPali-style
     checkpoint sentence-transformers loads) keeps its own modules; ``token_dim``, ``image_tokens_only`` and
     ``seed`` do not apply to it. Any other backbone (a plain vision-language checkpoint, or a SentenceTransformer
     such as Qwen3-VL-Embedding, whose pooling is dropped) gets :func:`multi_vector_head`: a new projection to
-    ``token_dim`` drawn from ``seed``."""
+    ``token_dim`` drawn from ``seed``. With an adapter, the modules after the backbone (the projection) are
+    trained in full beside it (ColQwen trains its projection so) and saved with it; a folder written by such a
+    run loads as its base, the same head, the adapter and the trained head."""
+    import dataclasses
+
+    from dist_vdr.config import AdapterConfig
+    from dist_vdr.models import adapters
+    from dist_vdr.models.build import check_model_path
+
+    path = check_model_path(model_cfg.name_or_path, "make-tiny-model --multi-vector")
+    if adapters.is_adapter_folder(path):
+        if model_cfg.adapter.type:
+            raise ValueError(f"model.name_or_path={path!r} is a LoRA adapter: to train it further, give its base "
+                             f"model as model.name_or_path and this folder as model.adapter.init_from")
+        record = adapters.record_of(path)
+        base, section = adapters.base_of(path)
+        model = build_multi_vector(dataclasses.replace(model_cfg, name_or_path=base, adapter=AdapterConfig()),
+                                   precision=precision, device=device, **record.get("head", {}))
+        adapters.attach(model, dataclasses.replace(section, init_from=path), base,
+                        trained_modules=tuple(record.get("trained_modules", ())), record=_adapter_record(record))
+        adapters.check_base(model, path)
+        return model
+    model = _build_base(model_cfg, path, precision=precision, device=device, seed=seed, token_dim=token_dim,
+                        image_tokens_only=image_tokens_only)
+    if model_cfg.adapter.type:
+        base = str(Path(path).resolve()) if Path(path).is_dir() else path
+        head = {} if is_multi_vector_model(path) else \
+            {"token_dim": token_dim, "seed": seed, "image_tokens_only": image_tokens_only}
+        trained = tuple(f"{i}." for i, module in enumerate(model) if i and any(True for _ in module.parameters()))
+        count = adapters.attach(model, model_cfg.adapter, base=base, seed=seed, trained_modules=trained,
+                                record=_adapter_record({"head": head}))
+        logger.info(f"model.adapter: LoRA r={model_cfg.adapter.rank} + the token projection, {count} trainable "
+                    f"parameters of {sum(p.numel() for p in model.parameters())}; the backbone is frozen")
+        if model_cfg.gradient_checkpointing:  # frozen inputs would give the checkpointed blocks no gradient path
+            model[0].model.enable_input_require_grads()
+    return model
+
+
+def _adapter_record(record: dict) -> dict:
+    """What a multi-vector adapter folder records beside the base: its kind, and how a new head was built."""
+    return {"task": "multi_vector", "head": record.get("head", {})}
+
+
+def _build_base(model_cfg: ModelConfig, path: str, *, precision: str, device: str, seed: int, token_dim: int,
+                image_tokens_only: bool):
     from sentence_transformers import MultiVectorEncoder
     from sentence_transformers.base.modules import Transformer
 
-    from dist_vdr.models import adapters
-    from dist_vdr.models.build import check_model_path, model_load_kwargs
+    from dist_vdr.models.build import model_load_kwargs
 
-    path = check_model_path(model_cfg.name_or_path, "make-tiny-model --multi-vector")
-    if model_cfg.adapter.type or adapters.is_adapter_folder(path):
-        raise ValueError("model.adapter: LoRA is not supported for task=multi_vector yet; train the full model "
-                         "(model.adapter.type: null)")
     load_kwargs = model_load_kwargs(model_cfg, precision, device.startswith("cuda"))
     processor_kwargs = dict(model_cfg.processor_kwargs) or None
     if is_multi_vector_model(path):

@@ -88,8 +88,13 @@ class MultiVectorTask(Task):
         return dims_headline(result, metric)
 
     def card_usage(self, cfg: Config) -> str:
-        return ("```python\nfrom PIL import Image\nfrom sentence_transformers import MultiVectorEncoder\n\n"
-                'model = MultiVectorEncoder("path/to/final")  # this folder\n'
+        if cfg.model.adapter.type:
+            load = ('model = MultiVectorEncoder("path/to/final/merged")  # the merged model (model.adapter.'
+                    'merge_on_save;\n# else: dist-vdr merge-adapter path/to/final path/to/merged)')
+        else:
+            load = 'model = MultiVectorEncoder("path/to/final")  # this folder'
+        return ("```python\nfrom PIL import Image\nfrom sentence_transformers import MultiVectorEncoder\n\n" + load
+                + "\n"
                 'queries = model.encode_query(["a page with a red header and a bar chart"])  # [tokens, dim] each\n'
                 'pages = model.encode_document([Image.open("page.png")])  # page images\n'
                 "print(model.similarity(queries, pages))  # MaxSim\n```")
