@@ -110,7 +110,8 @@ def test_adapter_mistakes_are_one_line_errors(tiny_model, tmp_path):
         _model(tiny_model, dataclasses.replace(LORA, target_modules=["no_such_module"]))
     with pytest.raises(ValueError, match="model.adapter.rank must be >= 1"):
         load_config(None, ["model.adapter.type=lora", "model.adapter.rank=0"], check_paths=False)
-    with pytest.raises(ValueError, match="model.adapter applies to task=embedding or multi_vector; remove it for task=reranker"):
+    with pytest.raises(ValueError, match="model.adapter applies to task=embedding or multi_vector; remove it for "
+                                         "task=reranker"):
         load_config(None, ["task=reranker", "model.adapter.type=lora"], check_paths=False)
 
 
