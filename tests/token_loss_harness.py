@@ -36,6 +36,8 @@ class Case:
     grad_accum: int = 1
     query_length: int | None = QUERY_LENGTH  # None: agreed per step (all-reduce MAX)
     scale: float = 2.0
+    mask_ids: bool = False  # false negatives masked by id (ids of few values: many collide, across ranks too)
+    distillation: str | None = None  # kl | margin_mse: teacher scores of each row's own candidates
 
 
 class TokenEncoder(torch.nn.Sequential):
@@ -84,6 +86,40 @@ def global_micro_batches(case: Case, world: int) -> list[list[list[torch.Tensor]
     return [make_columns(case.per_rank_batch * world, case.page_columns, k) for k in range(case.grad_accum)]
 
 
+EXTRA_IDS = 2  # further positive ids per row (0-padded), as a positive_ids column gives them
+
+
+def global_labels(case: Case, world: int) -> list[dict | None]:
+    """Per micro-batch: ``ids`` [N, (C-1) + EXTRA_IDS] int64 (each candidate column's id, then further positive
+    ids; ids 1..5 so that many candidates of other rows, on other ranks too, share one) and ``teacher``
+    [N, C-1] scores, as the collator builds them; None without masking or distillation."""
+    if not case.mask_ids and case.distillation is None:
+        return [None] * case.grad_accum
+    out = []
+    for k in range(case.grad_accum):
+        gen = torch.Generator().manual_seed(2000 + k)
+        n = case.per_rank_batch * world
+        ids = torch.randint(1, 6, (n, case.page_columns + EXTRA_IDS), generator=gen)
+        ids[:, case.page_columns + 1:] = 0  # one further id per row, the rest padding
+        labels = {"ids": ids} if case.mask_ids else {}
+        if case.distillation is not None:
+            labels["teacher"] = torch.rand(n, case.page_columns, generator=gen) * 4
+        out.append(labels)
+    return out
+
+
+def distillation_config(case: Case):
+    from dist_vdr.config import DistillationConfig
+
+    if case.distillation is None:
+        return None
+    return DistillationConfig(scores_column="teacher_scores", kind=case.distillation, weight=0.7, temperature=0.5)
+
+
+def rows_of(labels: dict | None, part: slice) -> dict | None:
+    return None if labels is None else {k: v[part] for k, v in labels.items()}
+
+
 def represent_output(output: dict, side: str) -> torch.Tensor:
     """The kind's reading of a forward pass: the scored tokens in MaxSimScoring's mask-free layout."""
     from dist_vdr.kinds.multi_vector.scoring import from_masked
@@ -127,21 +163,23 @@ def build_loss(model, case: Case, rank: int, world: int):
     return cls(model, MaxSimScoring(chunk_elements=256), matryoshka_dims=case.dims, rank=rank, world_size=world,
                scale=case.scale, mini_batch_size=case.mini_batch_size,
                mini_batch_num_tokens=case.mini_batch_num_tokens, query_length=case.query_length,
-               represent_output=represent_output)
+               represent_output=represent_output, mask_same_ids=case.mask_ids,
+               distillation=distillation_config(case))
 
 
-def run_step(model, loss_fn, micro_batches: list[list[dict]], ddp=None) -> dict:
+def run_step(model, loss_fn, micro_batches: list[list[dict]], ddp=None, labels: list | None = None) -> dict:
     """Forward/backward over the micro-batches (gradient accumulation): the mean loss, the gradients and the
     collectives issued by the loss's forward (steps a-f) and by the backward (the replay + DDP)."""
     from dist_vdr import distributed
 
     model.zero_grad(set_to_none=True)
     total, forward, backward, nbytes = 0.0, {}, {}, 0
+    labels = labels or [None] * len(micro_batches)
     for i, feats in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with ddp.no_sync() if (ddp is not None and not last) else nullcontext():
             with distributed.count_collectives() as fwd:
-                loss = loss_fn(feats, None) / len(micro_batches)
+                loss = loss_fn(feats, labels[i]) / len(micro_batches)
             with distributed.count_collectives() as bwd:
                 loss.backward()
         total += float(loss.detach())
@@ -161,9 +199,12 @@ def reference(case: Case, world: int) -> tuple[float, dict]:
     scoring = MaxSimScoring()
     model = make_model()
     model.zero_grad(set_to_none=True)
+    from dist_vdr.losses import distillation
+
     dims = sorted(case.dims, reverse=True) or [None]
+    d = distillation_config(case)
     total = 0.0
-    for columns in global_micro_batches(case, world):
+    for columns, labels in zip(global_micro_batches(case, world), global_labels(case, world), strict=True):
         reps = [scoring.represent(represent_output(model(collate(col), task="query" if c == 0 else "document"),
                                                    QUERY if c == 0 else PAGE))
                 for c, col in enumerate(columns)]
@@ -174,7 +215,17 @@ def reference(case: Case, world: int) -> tuple[float, dict]:
             if dim is not None:
                 queries, pages = scoring.truncate(queries, dim), [scoring.truncate(p, dim) for p in pages]
             scores = torch.cat([scoring.scores(queries, p) for p in pages], dim=1)
+            if case.mask_ids:  # written out: candidate j (column j // n, row j % n) shares an id with query i
+                ids = labels["ids"]
+                candidate = ids[:, :case.page_columns].T.reshape(-1)
+                query_sets = torch.cat([ids[:, :1], ids[:, case.page_columns:]], dim=1)
+                hidden = torch.tensor([[bool(c != 0 and c in set(query_sets[i].tolist()) - {0}) and j != i
+                                        for j, c in enumerate(candidate.tolist())] for i in range(n)])
+                scores = scores.masked_fill(hidden, float("-inf"))
             loss = loss + F.cross_entropy(scores * case.scale, torch.arange(n))
+            if d is not None:  # each row's own candidates, the batch mean
+                own = torch.stack([scoring.pair_scores(queries, p) for p in pages], dim=1)
+                loss = loss + d.weight * distillation.term(own, labels["teacher"], d.kind, d.temperature, None)
         loss = loss / case.grad_accum
         loss.backward()
         total += float(loss.detach())
@@ -199,7 +250,8 @@ def worker(rank: int, world: int, init_file: str, cases: list, out_path: str) ->
             loss_fn.model = ddp  # as the trainer does: the replay runs through DDP (no_sync handling)
             part = slice(rank * case.per_rank_batch, (rank + 1) * case.per_rank_batch)
             mine = [[collate(col[part]) for col in columns] for columns in global_micro_batches(case, world)]
-            out = run_step(model, loss_fn, mine, ddp=ddp)
+            labels = [rows_of(lab, part) for lab in global_labels(case, world)]
+            out = run_step(model, loss_fn, mine, ddp=ddp, labels=labels)
             losses = [torch.zeros(1) for _ in range(world)]
             dist.all_gather(losses, torch.tensor([out["loss"]]))
             out["rank_losses"] = [float(x) for x in losses]

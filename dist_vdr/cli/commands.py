@@ -137,8 +137,13 @@ def _consolidate(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from dist_vdr.run.report import write_report
 
-    png, md = write_report(args.run_dir, args.metric)
-    print(f"report: {md} ({png.name})")
+    for run in args.run_dir:
+        png, md = write_report(run, args.metric)
+        print(f"report: {md} ({png.name})")
+    if len(args.run_dir) > 1:
+        from dist_vdr.run.side_by_side import table
+
+        print(table(args.run_dir, args.metric))
     return 0
 
 
@@ -337,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(e, EVAL)
     e.set_defaults(fn=_eval)
     r = sub.add_parser("report", help="report.png and report.md of a training run (finished, in progress or killed)")
-    r.add_argument("run_dir", help="the run's training.output_dir")
+    r.add_argument("run_dir", nargs="+", help="the run's training.output_dir; several: also a table of them side by "
+                                              "side (the metric and the bytes a page costs at every dimension)")
     r.add_argument("--metric", default="ndcg@10", help="the evaluation metric plotted and tabulated (ndcg@10)")
     r.set_defaults(fn=_report)
     a = sub.add_parser("average", help="average the weights of several checkpoints (uniform or weighted) into a "

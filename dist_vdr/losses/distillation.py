@@ -45,3 +45,30 @@ def check_teacher(teacher: Tensor | None, batch_size: int, num_candidates: int) 
                          f"{num_candidates}] (got {got}): each row needs one score for its positive and one per "
                          f"negative column in loss.distillation.scores_column")
     return teacher
+
+
+def check_scored_columns(cfg) -> None:
+    """ValueError unless the rows' teacher scores are of the pages the recipe trains on, in its order:
+    the scores hold one value per page column, so a different order would pair them silently wrong.
+    (Rows written by score-rows or mine-negatives --teacher record their columns.)"""
+    from dist_vdr.retrieval.mining import MARKER_FILE
+
+    if not cfg.data.negative_columns:
+        raise ValueError("loss.distillation compares the teacher's and the model's scores of each row's positive "
+                         "and hard negatives: set data.negative_columns (rows without negatives teach nothing)")
+    from dist_vdr.data.mixture_rows import entry_config
+
+    for d in [entry_config(cfg.data, e) for e in cfg.data.datasets] or [cfg.data]:
+        _check_scored(d, MARKER_FILE)
+
+
+def _check_scored(d, marker_file: str) -> None:
+    import json
+    from pathlib import Path
+
+    marker = Path(d.path) / marker_file
+    scored = json.loads(marker.read_text()).get("columns") if marker.is_file() else None
+    if scored is not None and scored != [d.positive_column, *d.negative_columns]:
+        raise ValueError(f"loss.distillation: the teacher scores of {d.path} are of the columns {scored}, the recipe "
+                         f"trains on {[d.positive_column, *d.negative_columns]}: set data.positive_column and "
+                         f"data.negative_columns to match, or score the rows again with these columns")

@@ -76,10 +76,12 @@ def candidate_order(values: Tensor) -> Tensor:
 
 def mask(query_ids: Tensor, candidates: Tensor, targets: Tensor) -> Tensor:
     """[b, N] True where candidate j carries one of query i's ids (``query_ids`` [b, K], 0 = none), except
-    at the query's own positive (``targets`` [b])."""
+    at the query's own positive (``targets`` [b]; -1: a query whose positive is not among the candidates)."""
     hit = (candidates[None, :, None] == query_ids[:, None, :]) & (query_ids[:, None, :] != 0)
     out = hit.any(dim=-1)
-    out[torch.arange(len(targets), device=out.device), targets] = False
+    rows = torch.arange(len(targets), device=out.device)
+    own = targets >= 0
+    out[rows[own], targets[own]] = False
     return out
 
 
@@ -117,3 +119,15 @@ class Masking:
             self._chunks[begin] = hidden
             self.masked = self.masked + hidden.sum()
         return self._chunks[begin]
+
+
+def check_id_source(cfg) -> None:
+    """ValueError for a recipe whose false-negative ids cannot be found: ``id_source=pages`` looks them up in the
+    one page corpus (data.pages_path) of rows that name pages by id."""
+    fn = cfg.loss.false_negatives
+    if fn.id_column is not None and fn.id_source == "pages" and cfg.data.datasets:
+        raise ValueError("loss.false_negatives.id_source=pages is not available with data.datasets yet (the ids "
+                         "are looked up in one page corpus): use id columns in the rows (id_source=rows)")
+    if fn.id_column is not None and fn.id_source == "pages" and not cfg.data.pages_path:
+        raise ValueError("loss.false_negatives.id_source=pages looks the ids up in the page corpus of rows that "
+                         "name pages by id: set data.pages_path (or id_source=rows for id columns in the rows)")

@@ -256,7 +256,7 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
     def _distillation(self, reps: list[list[Tensor]], teacher: Tensor | None, with_backward: bool) -> Tensor:
         """weight x the distillation term at every dim (with the dims' weights), back-propagated into ``reps``."""
         d = self.distillation
-        columns = [torch.cat(column) for column in reps]  # a graph of its own (the contrastive one is spent)
+        columns = self._join_columns(reps)  # a graph of its own (the contrastive one is spent)
         teacher = distillation.check_teacher(teacher, columns[0].shape[0], len(columns) - 1)
         total = torch.zeros((), device=columns[0].device)
         for dim, weight in self.dims_weights:
@@ -267,6 +267,10 @@ class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
             total.backward()
             total = total.detach()
         return total
+
+    def _join_columns(self, reps: list[list[Tensor]]) -> list[Tensor]:
+        """Each column's mini-batch representations as one tensor."""
+        return [torch.cat(column) for column in reps]
 
     def _owner_gradients(self, grad: Tensor, rank: int, world: int) -> Tensor:
         return distributed.sum_to_owner(grad, rank, world)

@@ -24,6 +24,12 @@ instead, and is exact (the same loss and gradients as one process holding the gl
 Collectives per step: 3 (all-gather queries, all-gather scores, reduce-scatter query gradients), whatever
 the number of page columns, mini-batches and Matryoshka dims; 4 when the query length is agreed per step
 (``query_length=None``: one all-reduce MAX of one integer before the gather).
+
+False negatives masked by id (``mask_same_ids``) cost no collective either: each query's id set travels with its
+tokens in (b) (bit-packed, :func:`~.false_negatives.pack`), and every rank masks the scores of ALL queries against
+its LOCAL pages (whose ids it holds) before (d): a masked score is -inf in the exchanged matrix, out of every
+softmax, with no gradient. Distillation from teacher scores reads each row's own candidates only: local, as in
+the parent (its gradient is not multiplied by W: the engine's average over ranks makes it the global mean).
 """
 
 from __future__ import annotations
@@ -35,11 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dist_vdr import distributed
+from dist_vdr.losses import false_negatives
 from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
 from dist_vdr.retrieval import scoring as scorings
-
-QUERY, PAGE = "query", "page"
-"""The side a representation is read for (``represent_output``'s second argument)."""
+from dist_vdr.retrieval.scoring import PAGE, QUERY
 
 
 class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
@@ -69,6 +74,8 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
             in the scoring's layout (``side``: :data:`QUERY` or :data:`PAGE`), e.g. the multi-vector
             kind's ``from_masked(out["token_embeddings"], out["attention_mask"], side)``; None: the output
             at ``scoring.output_key`` as it is (a model that already emits the layout).
+        mask_same_ids: mask false negatives by id (the batch's ``labels["ids"]``, as the parent reads them).
+        distillation: a :class:`~dist_vdr.config.DistillationConfig` (teacher scores in ``labels["teacher"]``).
 
     Bytes per step, at the published ColQwen shapes (per rank B = 64 queries x Tq = 30 tokens, C - 1 = 2
     page columns of 64 pages x Tp = 768 tokens, D = 128, W = 8 ranks, tokens and their gradients in bf16
@@ -100,10 +107,12 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
                  matryoshka_weights: Sequence[float] | None = None, rank: int = 0, world_size: int = 1,
                  scale: float = 1.0, mini_batch_size: int = 1, mini_batch_num_tokens: int | None = None,
                  query_length: int | None = None,
-                 represent_output: Callable[[dict, str], Tensor] | None = None) -> None:
+                 represent_output: Callable[[dict, str], Tensor] | None = None, mask_same_ids: bool = False,
+                 distillation=None) -> None:
         super().__init__(model, matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, rank=rank,
                          world_size=world_size, scale=scale, mini_batch_size=mini_batch_size,
-                         mini_batch_num_tokens=mini_batch_num_tokens, scoring=scoring)
+                         mini_batch_num_tokens=mini_batch_num_tokens, scoring=scoring, mask_same_ids=mask_same_ids,
+                         distillation=distillation)
         if query_length is not None and query_length < 1:
             raise ValueError(f"query_length must be positive, got {query_length}")
         self.query_length = query_length
@@ -129,13 +138,17 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
     def calculate_loss(self, reps: list[list[Tensor]], labels=None, *, with_backward: bool = False) -> Tensor:
         if len(reps) < 2:
             raise ValueError(f"Expected at least 2 inputs (query, positive), got {len(reps)}")
+        ids, teacher = (labels.get("ids"), labels.get("teacher")) if isinstance(labels, dict) else (labels, None)
         rank, world = self._place()
         queries = self._pad_queries(reps[0], world)  # [B, Tq, D], graph to the query mini-batches
         batch_size = queries.shape[0]
-        gathered = distributed.all_gather_stacked(queries, world)  # (b) [W, B, Tq, D]
-        gathered = gathered.view(world * batch_size, *queries.shape[1:]).requires_grad_(with_backward)
+        row_ids = self._id_labels(ids, len(reps), batch_size) if self.mask_same_ids else None
+        gathered, query_ids = self._gather_queries(queries, row_ids, len(reps), world)  # (b)
+        gathered.requires_grad_(with_backward)
         with torch.set_grad_enabled(with_backward):
             local = self._local_scores(gathered, [mb for column in reps[1:] for mb in column])  # (c)
+            if row_ids is not None:
+                local = self._mask_local(local, query_ids, row_ids, len(reps), batch_size, rank)
         full = self._exchange_scores(local.detach(), rank, world).requires_grad_(with_backward)  # (d)
         total = self._infonce(full, batch_size, world)  # (e)
         if with_backward:
@@ -146,8 +159,40 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
             owned = self._query_gradients(gathered.grad.view(world, *queries.shape), rank, world)
             torch.autograd.backward(queries, owned)
             total = total.detach()
+        if self.distillation is not None:  # the rows' own candidates: local, no communication
+            total = total + self._distillation(reps, teacher, with_backward)
         self._record_dataset_loss(total)
         return total
+
+    def _gather_queries(self, queries: Tensor, row_ids: Tensor | None, num_columns: int,
+                        world: int) -> tuple[Tensor, Tensor | None]:
+        """(b): ``[W*B, Tq, D]`` every rank's queries, and with id masking their id sets ``[W*B, K]``, packed
+        into the same all-gather."""
+        batch_size, rest = queries.shape[0], queries.shape[1:]
+        if row_ids is None:
+            return distributed.all_gather_stacked(queries, world).view(world * batch_size, *rest), None
+        sets = false_negatives.query_id_sets(row_ids, num_columns)
+        packed, layout = false_negatives.pack(queries.reshape(1, batch_size, -1), [sets[None]])
+        flat, (all_sets,) = false_negatives.unpack(distributed.all_gather_stacked(packed, world), rest.numel(), layout)
+        return flat.reshape(world * batch_size, *rest).contiguous(), all_sets.reshape(world * batch_size, -1)
+
+    def _mask_local(self, local: Tensor, query_ids: Tensor, row_ids: Tensor, num_columns: int, batch_size: int,
+                    rank: int) -> Tensor:
+        """Every query's false negatives among this rank's pages set to -inf (the query's own positive kept)."""
+        page_ids = row_ids[:, :num_columns - 1].T.reshape(-1).to(local.device)  # columns in order, rows in order
+        num_queries = query_ids.shape[0]
+        own = torch.arange(num_queries, device=local.device)
+        targets = torch.where(own // batch_size == rank, own % batch_size, -1)  # local page of its own positive
+        hidden = false_negatives.mask(query_ids.to(local.device), page_ids, targets)
+        self._masked_since = self._masked_since + hidden.sum()
+        self._queries_since += batch_size
+        self._negatives_since += batch_size * (num_queries * (num_columns - 1) - 1)
+        return local.masked_fill(hidden, float("-inf"))
+
+    def _join_columns(self, reps: list[list[Tensor]]) -> list[Tensor]:
+        """Each column's mini-batches as one representation, padded by the layout's rule (a token axis)."""
+        return [self.scoring.stack([row for mb in column for row in mb], QUERY if c == 0 else PAGE)
+                for c, column in enumerate(reps)]
 
     def _pad_queries(self, minibatches: list[Tensor], world: int) -> Tensor:
         """The step's query representations ``[B, Tq, D]``: each mini-batch padded with zero tokens."""

@@ -198,3 +198,42 @@ def test_lora_on_two_ranks_saves_adapter_and_head_and_merges(tiny_model, pages, 
 
     merged = MultiVectorEncoder(str(final / adapters.MERGED), device="cpu")
     assert merged.encode_query("red bar chart").shape[-1] == 16
+
+
+def test_teacher_scores_then_masking_and_distillation_on_two_ranks(tiny_multi_vector, pages, tmp_path):
+    """score-rows with the multi-vector model as the teacher (sharded over 2 ranks) gives each row's MaxSim
+    scores as sentence-transformers computes them; the multi-vector recipe then trains on 2 ranks with false
+    negatives masked by id and distillation from those scores (the loss's exactness with both on, against one
+    process: test_score_exchange_loss.py's mask_ids_distill_* cases)."""
+    from conftest import run_accelerate
+
+    scored = tmp_path / "scored"
+    proc = run_accelerate(["score-rows", "--teacher", str(tiny_multi_vector), "--data", str(pages), "--out",
+                           str(scored), "--negative-columns", "negative_0", "--device", "cpu",
+                           "multi_vector.divide_by_query_length=true"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    import torch
+    from datasets import load_from_disk
+    from sentence_transformers import MultiVectorEncoder
+
+    rows = load_from_disk(str(scored))
+    model = MultiVectorEncoder(str(tiny_multi_vector), device="cpu")
+    queries = model.encode_query(rows["query"][:4])
+    for column, k in (("image", 0), ("negative_0", 1)):
+        docs = model.encode_document(rows[column][:4])
+        expected = torch.stack([model.similarity(queries[i:i + 1], docs[i:i + 1])[0, 0] for i in range(4)])
+        lengths = torch.tensor([len(q) for q in queries], dtype=expected.dtype)
+        got = torch.tensor([row[k] for row in rows["teacher_scores"][:4]])
+        assert torch.allclose(got, expected / lengths, atol=1e-5), (column, got, expected / lengths)
+
+    out = tmp_path / "run"
+    proc = run_launcher("launch/cpu.yaml", _args(tiny_multi_vector, scored, out, "training.save_steps=4",
+                                                 "training.max_steps=4", "evaluation.enabled=false",
+                                                 "loss.false_negatives.id_column=document_id",
+                                                 "loss.distillation.scores_column=teacher_scores",
+                                                 "loss.distillation.temperature=0.05"))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "false negatives masked by id, + 1 x kl distillation from teacher_scores" in log
+    counts = logged_losses(out, "masked_per_query")
+    assert sorted(counts) == [1, 2, 3, 4] and max(counts.values()) > 0, counts

@@ -16,6 +16,7 @@ from dist_vdr.data import id_labels
 from dist_vdr.engines.trainers import Trainer
 from dist_vdr.kinds.base import RunContext, Task, TaskInputs, dims_headline, write_dims_summary
 from dist_vdr.kinds.embedding.loss import build_loss
+from dist_vdr.losses import distillation, false_negatives
 from dist_vdr.models.build import build_model, check_dims, embedding_dim
 from dist_vdr.retrieval import stock
 from dist_vdr.retrieval.scoring import is_cosine
@@ -44,18 +45,12 @@ class EmbeddingTask(Task):
                 raise ValueError(f"loss.{key} needs the global-batch loss: loss.name=cmnrl with "
                                  f"loss.implementation auto or global_batch")
         if cfg.loss.distillation.enabled:
-            check_scored_columns(cfg)
+            distillation.check_scored_columns(cfg)
         check_mixture_options(cfg)
         if cfg.data.datasets and not cfg.training.batch_sampler.startswith("no_duplicates"):
             raise ValueError(f"data.datasets needs training.batch_sampler no_duplicates_hashed or no_duplicates (the "
                              f"mixture builds de-duplicated global batches), not {cfg.training.batch_sampler!r}")
-        fn = cfg.loss.false_negatives
-        if fn.id_column is not None and fn.id_source == "pages" and cfg.data.datasets:
-            raise ValueError("loss.false_negatives.id_source=pages is not available with data.datasets yet (the ids "
-                             "are looked up in one page corpus): use id columns in the rows (id_source=rows)")
-        if fn.id_column is not None and fn.id_source == "pages" and not cfg.data.pages_path:
-            raise ValueError("loss.false_negatives.id_source=pages looks the ids up in the page corpus of rows that "
-                             "name pages by id: set data.pages_path (or id_source=rows for id columns in the rows)")
+        false_negatives.check_id_source(cfg)
 
     def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
         return [("loss.false_negatives.guide", "guide model folder")]
@@ -132,32 +127,6 @@ def check_mixture_options(cfg: Config) -> None:
         raise ValueError(f"data.datasets {asked} set loss options of their own (cross_device_negatives, "
                          f"in_batch_negatives, mini_batch_size, mini_batch_num_tokens): they need loss.name=cmnrl "
                          f"with loss.implementation auto or global_batch")
-
-
-def check_scored_columns(cfg: Config) -> None:
-    """ValueError unless the rows' teacher scores are of the pages the recipe trains on, in its order:
-    the scores hold one value per page column, so a different order would pair them silently wrong.
-    (Rows written by score-rows or mine-negatives --teacher record their columns.)"""
-    from dist_vdr.retrieval.mining import MARKER_FILE
-
-    if not cfg.data.negative_columns:
-        raise ValueError("loss.distillation compares the teacher's and the model's scores of each row's positive "
-                         "and hard negatives: set data.negative_columns (rows without negatives teach nothing)")
-    from dist_vdr.data.mixture_rows import entry_config
-
-    for d in [entry_config(cfg.data, e) for e in cfg.data.datasets] or [cfg.data]:
-        _check_scored(d, MARKER_FILE)
-
-
-def _check_scored(d, marker_file: str) -> None:
-    import json
-
-    marker = Path(d.path) / marker_file
-    scored = json.loads(marker.read_text()).get("columns") if marker.is_file() else None
-    if scored is not None and scored != [d.positive_column, *d.negative_columns]:
-        raise ValueError(f"loss.distillation: the teacher scores of {d.path} are of the columns {scored}, the recipe "
-                         f"trains on {[d.positive_column, *d.negative_columns]}: set data.positive_column and "
-                         f"data.negative_columns to match, or score the rows again with these columns")
 
 
 def load_guide(ctx: RunContext, model):

@@ -13,6 +13,7 @@ KIND = Kind(
     task="dist_vdr.kinds.multi_vector.task:MultiVectorTask",
     losses=("maxsim_infonce",),
     section=("multi_vector", "dist_vdr.kinds.multi_vector.config:MultiVectorConfig"),
-    options=("loss.matryoshka_dims", "loss.matryoshka_weights", "model.adapter"),
+    options=("loss.matryoshka_dims", "loss.matryoshka_weights", "loss.false_negatives", "loss.distillation",
+             "model.adapter"),
     recognizes="dist_vdr.kinds.multi_vector.model:is_multi_vector_folder",
 )

@@ -12,10 +12,12 @@ from pathlib import Path
 from sentence_transformers import MultiVectorEncoderTrainingArguments
 
 from dist_vdr.config import Config
+from dist_vdr.data import id_labels
 from dist_vdr.engines.trainers import MultiVectorTrainer
 from dist_vdr.kinds.base import RunContext, Task, TaskInputs, dims_headline, write_dims_summary
 from dist_vdr.kinds.multi_vector.model import build_multi_vector, token_dim
 from dist_vdr.kinds.multi_vector.scoring import MaxSimScoring, from_masked
+from dist_vdr.losses import distillation, false_negatives
 from dist_vdr.models.build import check_dims
 from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
 from dist_vdr.run.results import RunResult
@@ -42,6 +44,20 @@ class MultiVectorTask(Task):
         if cfg.loss.implementation == "stock":
             raise ValueError("loss.implementation=stock is not available for task=multi_vector: the loss is the "
                              "score-exchange MaxSim InfoNCE (loss.implementation auto or global_batch)")
+        if cfg.loss.false_negatives.guide:
+            raise ValueError("loss.false_negatives.guide is not available for task=multi_vector yet: mask false "
+                             "negatives by id (loss.false_negatives.id_column)")
+        false_negatives.check_id_source(cfg)
+        if cfg.loss.distillation.enabled:
+            distillation.check_scored_columns(cfg)
+
+    def extra_columns(self, cfg: Config) -> list[str]:
+        return id_labels.label_columns(cfg)
+
+    def wrap_collator(self, ctx: RunContext, collator):
+        if not id_labels.reads_labels(ctx.cfg):
+            return collator
+        return id_labels.RowLabelsCollator.of(ctx.cfg, collator)
 
     def hashes_training_rows(self, cfg: Config) -> bool:
         return cfg.training.batch_sampler == "no_duplicates_hashed"
@@ -75,7 +91,8 @@ class MultiVectorTask(Task):
             model, self.scoring(cfg), matryoshka_dims=loss.matryoshka_dims, matryoshka_weights=loss.matryoshka_weights,
             rank=0 if local else ctx.info.rank, world_size=1 if local else ctx.info.world_size, scale=loss.scale,
             mini_batch_size=loss.mini_batch_size, mini_batch_num_tokens=loss.mini_batch_num_tokens,
-            query_length=cfg.multi_vector.query_length, represent_output=read_tokens)
+            query_length=cfg.multi_vector.query_length, represent_output=read_tokens,
+            mask_same_ids=loss.false_negatives.id_column is not None, distillation=loss.distillation)
 
     def build_evaluator(self, ctx: RunContext, eval_data, dims: list[int], inputs: TaskInputs):
         return ShardedRetrievalEvaluator.of(eval_data, dims, ctx.cfg.evaluation, show_progress=True,
