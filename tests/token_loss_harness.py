@@ -38,6 +38,7 @@ class Case:
     scale: float = 2.0
     mask_ids: bool = False  # false negatives masked by id (ids of few values: many collide, across ranks too)
     distillation: str | None = None  # kl | margin_mse: teacher scores of each row's own candidates
+    dataset: tuple = ()  # a mixture dataset's options, e.g. (("in_batch_negatives", False),): the step's dataset
 
 
 class TokenEncoder(torch.nn.Sequential):
@@ -93,7 +94,7 @@ def global_labels(case: Case, world: int) -> list[dict | None]:
     """Per micro-batch: ``ids`` [N, (C-1) + EXTRA_IDS] int64 (each candidate column's id, then further positive
     ids; ids 1..5 so that many candidates of other rows, on other ranks too, share one) and ``teacher``
     [N, C-1] scores, as the collator builds them; None without masking or distillation."""
-    if not case.mask_ids and case.distillation is None:
+    if not case.mask_ids and case.distillation is None and not case.dataset:
         return [None] * case.grad_accum
     out = []
     for k in range(case.grad_accum):
@@ -104,6 +105,8 @@ def global_labels(case: Case, world: int) -> list[dict | None]:
         labels = {"ids": ids} if case.mask_ids else {}
         if case.distillation is not None:
             labels["teacher"] = torch.rand(n, case.page_columns, generator=gen) * 4
+        if case.dataset:
+            labels["dataset"] = torch.zeros(n, dtype=torch.int64)
         out.append(labels)
     return out
 
@@ -164,7 +167,13 @@ def build_loss(model, case: Case, rank: int, world: int):
                scale=case.scale, mini_batch_size=case.mini_batch_size,
                mini_batch_num_tokens=case.mini_batch_num_tokens, query_length=case.query_length,
                represent_output=represent_output, mask_same_ids=case.mask_ids,
-               distillation=distillation_config(case))
+               distillation=distillation_config(case), datasets=dataset_options(case))
+
+
+def dataset_options(case: Case) -> list:
+    from dist_vdr.losses.global_batch import DatasetOptions
+
+    return [DatasetOptions(index=0, **dict(case.dataset))] if case.dataset else []
 
 
 def run_step(model, loss_fn, micro_batches: list[list[dict]], ddp=None, labels: list | None = None) -> dict:
@@ -222,6 +231,13 @@ def reference(case: Case, world: int) -> tuple[float, dict]:
                 hidden = torch.tensor([[bool(c != 0 and c in set(query_sets[i].tolist()) - {0}) and j != i
                                         for j, c in enumerate(candidate.tolist())] for i in range(n)])
                 scores = scores.masked_fill(hidden, float("-inf"))
+            options = dict(case.dataset)
+            rows = torch.arange(scores.shape[1]) % n  # candidate j is row j mod n's page
+            if not options.get("in_batch_negatives", True):  # only the query's own row's pages
+                scores = scores.masked_fill(rows[None, :] != torch.arange(n)[:, None], float("-inf"))
+            if not options.get("cross_device_negatives", True):  # only pages of the query's own rank
+                rank_of = torch.arange(n) // case.per_rank_batch
+                scores = scores.masked_fill(rank_of[rows][None, :] != rank_of[:, None], float("-inf"))
             loss = loss + F.cross_entropy(scores * case.scale, torch.arange(n))
             if d is not None:  # each row's own candidates, the batch mean
                 own = torch.stack([scoring.pair_scores(queries, p) for p in pages], dim=1)

@@ -8,8 +8,10 @@ as the loss does. The variants:
 
 - ``dist-vdr``: :meth:`MaxSimScoring.scores` with ``chunk_elements``. The similarities are scored in blocks of
   at most that many elements.
-- ``naive``: one einsum builds ``[Q, P, Tq, Tp]``, then max and sum. This is colpali-engine's ``ColbertLoss``
-  and the obvious implementation.
+- ``naive``: one einsum builds ``[Q, P, Tq, Tp]``, then amax and sum: the obvious implementation, and
+  colpali-engine 0.3.18's torch path (``utils/maxsim.py``: its ``ColbertLoss`` without the optional
+  late-interaction-kernels package or without a GPU; with both it calls a fused kernel, not measured here).
+  ``amax`` keeps the whole tensor for its backward (``max`` would keep only the arg-max indices).
 - ``sentence-transformers``: the scoring of its ``CachedMultiVectorMultipleNegativesRankingLoss``
   (``gather_across_devices=True``). It scores the rank's own B queries against the gathered pages of all
   ranks, stacked as ``[W*B, C, Tp, D]`` with masks. The queries go in ``score_mini_batch_size`` chunks, and
@@ -44,8 +46,9 @@ INDEX_BYTES = 8  # the int64 arg-max indices max() keeps for its backward
 
 
 def naive_scores(queries, pages):
-    """``[Q, P]`` MaxSim through the whole ``[Q, P, Tq, Tp]`` similarity tensor."""
-    return torch.einsum("qid,pjd->qpij", queries, pages).max(dim=-1).values.sum(dim=-1)
+    """``[Q, P]`` MaxSim through the whole ``[Q, P, Tq, Tp]`` similarity tensor: colpali-engine 0.3.18's
+    ``_torch_maxsim``, ``einsum("bnd,csd->bcns", query, doc).amax(dim=3).sum(dim=2)``."""
+    return torch.einsum("bnd,csd->bcns", queries, pages).amax(dim=3).sum(dim=2)
 
 
 def _st_step(queries, pages, grad, columns: int, score_mini_batch_size: int) -> None:
@@ -94,7 +97,8 @@ def measure(*, world: int = 1, batch: int = 64, query_tokens: int = 30, page_col
         "naive": lambda q, p: naive_scores(q, p).backward(grad[:, :len(p)]),
         "sentence-transformers": lambda q, p: _st_step(q, p, grad, page_columns, score_mini_batch_size),
     }
-    inputs = {"dist-vdr": (queries, local), "naive": (queries, local), "sentence-transformers": (queries[:batch], pages)}
+    inputs = {"dist-vdr": (queries, local), "naive": (queries, local),
+              "sentence-transformers": (queries[:batch], pages)}  # its own queries against the gathered pages
     out = {}
     for variant in VARIANTS:
         q, p = (t.clone().requires_grad_() for t in inputs[variant])
@@ -103,33 +107,40 @@ def measure(*, world: int = 1, batch: int = 64, query_tokens: int = 30, page_col
 
 
 def dist_vdr_block(num_q: int, num_p: int, tq: int, tp: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Elements of the largest block :meth:`MaxSimScoring.scores` builds (its chunking rule)."""
+    """Elements of the largest block :meth:`MaxSimScoring.scores` builds (its chunking rule; the last, smaller
+    query chunk takes more pages)."""
     pair = max(1, tq * tp)
     q_rows = max(1, min(num_q, chunk_elements // pair))
-    return q_rows * min(num_p, max(1, chunk_elements // (q_rows * pair))) * pair
+    return max(n * min(num_p, max(1, chunk_elements // (n * pair))) * pair for n in _chunk_sizes(num_q, q_rows))
 
 
 def st_block(num_q: int, num_docs: int, tq: int, tp: int, dim: int, budget: int = ST_BUDGET) -> int:
     """Elements of the largest ``[queries, pages, Tq, Tp]`` intermediate of sentence-transformers' ``maxsim``
-    (its ``_chunk_ranges`` rule: padded tokens of both sides count against the budget)."""
+    (its ``_chunk_ranges`` rule: the padded tokens of both sides count against the budget)."""
     q_rows = min(num_q, max(1, (budget - tp * dim) // ((tp + dim) * tq)))
-    d_rows = min(num_docs, max(1, (budget - q_rows * tq * dim) // ((q_rows * tq + dim) * tp)))
-    return q_rows * d_rows * tq * tp
+    return max(n * min(num_docs, max(1, (budget - n * tq * dim) // ((n * tq + dim) * tp))) * tq * tp
+               for n in _chunk_sizes(num_q, q_rows))
+
+
+def _chunk_sizes(total: int, rows: int) -> set[int]:
+    return {rows, total % rows or rows}
 
 
 def computed(*, world: int, batch: int, query_tokens: int, page_columns: int, page_tokens: int, dim: int,
              token_bytes: int = 2, chunk_elements: int = CHUNK_ELEMENTS,
              score_mini_batch_size: int = ST_SCORE_MINI_BATCH) -> dict[str, dict[str, int]]:
     """Per variant, in bytes: ``similarity`` the largest similarity tensor (its gradient in the backward is as
-    large), ``kept`` the arg-max indices alive between forward and backward, ``tokens`` the token tensors the
-    step scores (sentence-transformers: the gathered columns and their stacked copy)."""
+    large), ``kept`` what the max keeps from forward to backward (the int64 arg-max indices; naive: amax keeps
+    its input, the whole similarity tensor, and its output), ``tokens`` the token tensors the step scores
+    (sentence-transformers: the gathered columns and their stacked copy)."""
     q, tq, tp, d = world * batch, query_tokens, page_tokens, dim
     local, gathered = page_columns * batch, world * page_columns * batch
     s = min(score_mini_batch_size, batch)
     ours = {"kept": q * tq * local * INDEX_BYTES, "tokens": (q * tq + local * tp) * d * token_bytes}
     return {
         "dist-vdr": {"similarity": dist_vdr_block(q, local, tq, tp, chunk_elements) * token_bytes, **ours},
-        "naive": {"similarity": q * local * tq * tp * token_bytes, **ours},
+        "naive": {"similarity": q * local * tq * tp * token_bytes, "kept": q * local * tq * (tp + 1) * token_bytes,
+                  "tokens": ours["tokens"]},
         "sentence-transformers": {"similarity": st_block(s, world * batch, tq, tp, d) * token_bytes,
                                   "kept": s * tq * gathered * INDEX_BYTES,
                                   "tokens": (batch * tq + 2 * gathered * tp) * d * token_bytes},
@@ -142,7 +153,7 @@ def _mib(n: float) -> str:
 
 def _row(label: str, values: dict) -> str:
     base = values["dist-vdr"]
-    ratios = "".join(f"{values[v] / base:>9.1f}x" for v in VARIANTS[1:])
+    ratios = "".join(f"{values[v] / base:>12.1f}x" for v in VARIANTS[1:])
     return f"{label:34s}" + "".join(f"{_mib(values[v]):>14s}" for v in VARIANTS) + ratios
 
 
@@ -158,25 +169,29 @@ def run(*, world: int = 1, batch: int = 64, query_tokens: int = 30, page_columns
             "published": computed(**PUBLISHED, token_bytes=2, **knobs)}
 
 
+def _computed_rows(figures: dict, prefix: str = "") -> list[str]:
+    return [_row(prefix + label, {v: figures[v][key] for v in VARIANTS}) for key, label in (
+        ("similarity", "largest similarity tensor"), ("kept", "kept for backward"),
+        ("tokens", "token tensors scored"))]
+
+
 def format_report(result: dict) -> str:
     sh, pub = result["shapes"], PUBLISHED
-    header = f"{'':34s}{'dist-vdr':>14s}{'naive':>14s}{'ST':>14s}{'naive/ours':>10s}{'ST/ours':>10s}"
-    lines = [
+    header = f"{'':34s}{'dist-vdr':>14s}{'naive':>14s}{'ST':>14s}{'naive/ours':>13s}{'ST/ours':>13s}"
+    return "\n".join([
         f"scoring step, forward + backward, fp32 on CPU: {sh['world'] * sh['batch']} queries x {sh['query_tokens']} "
         f"tokens against {sh['page_columns'] * sh['batch']} local pages x {sh['page_tokens']} tokens (W={sh['world']}, "
         f"B={sh['batch']}, C={sh['page_columns']}), D={sh['dim']}, chunk_elements={result['chunk_elements']}, "
         f"ST score_mini_batch_size={result['score_mini_batch_size']}",
         header,
         _row("measured peak (CPU allocator)", result["measured"]),
-    ]
-    for title, figures in (("computed", result["computed"]), (None, result["published"])):
-        if title is None:
-            lines += ["", f"computed at the published shapes, per rank (W={pub['world']}, B={pub['batch']}, "
-                          f"Tq={pub['query_tokens']}, C={pub['page_columns']}, Tp={pub['page_tokens']}, "
-                          f"D={pub['dim']}, bf16 tokens)", header]
-        for key, label in (("similarity", "largest similarity tensor"), ("kept", "indices kept for backward"),
-                           ("tokens", "token tensors scored")):
-            lines.append(_row(f"{title}: {label}" if title else label, {v: figures[v][key] for v in VARIANTS}))
-    lines.append("(the backward builds the largest similarity tensor's gradient, as large; ST keeps one score "
-                 "chunk's indices at a time; ST's tokens: the gathered pages and their stacked copy)")
-    return "\n".join(lines)
+        *_computed_rows(result["computed"], "computed: "),
+        "",
+        f"computed at the published shapes, per rank (W={pub['world']}, B={pub['batch']}, Tq={pub['query_tokens']}, "
+        f"C={pub['page_columns']}, Tp={pub['page_tokens']}, D={pub['dim']}, bf16 tokens)",
+        header,
+        *_computed_rows(result["published"]),
+        "(ST = sentence-transformers' CachedMultiVectorMultipleNegativesRankingLoss scoring; the backward builds the "
+        "gradient of each similarity tensor, as large; kept: the arg-max indices, naive: amax's input and output, "
+        "ST: one score chunk's indices; ST's tokens: the gathered pages and their stacked copy)",
+    ])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dist_vdr.config import REQUIRED, EvaluationConfig
+from dist_vdr.kinds.multi_vector.config import CHUNK_ELEMENTS
 
 
 @dataclass(kw_only=True)
@@ -176,3 +177,40 @@ class SearchBench:
 @dataclass(kw_only=True)
 class SearchBenchCommand:
     bench_search: SearchBench = field(default_factory=SearchBench)
+
+
+@dataclass(kw_only=True)
+class MaxsimBench:
+    """`dist-vdr bench maxsim`: peak memory of the multi-vector scoring step (forward + backward), dist-vdr's chunked
+    MaxSim vs the unchunked einsum and sentence-transformers' scoring; measured on CPU, computed at the published
+    shapes."""
+
+    world_size: int = 1
+    """Ranks whose queries are gathered (W); one process measures one rank's step."""
+    batch: int = 64
+    """Queries per rank (B)."""
+    query_tokens: int = 30
+    """Tokens per query (Tq)."""
+    page_columns: int = 2
+    """Page columns per rank (C), B pages each."""
+    page_tokens: int = 256
+    """Tokens per page (Tp)."""
+    dim: int = 128
+    """Token dimension (D)."""
+    chunk_elements: int = CHUNK_ELEMENTS
+    """dist-vdr's bound on a similarity block (multi_vector.chunk_elements)."""
+    score_mini_batch_size: int = 32
+    """sentence-transformers' score_mini_batch_size (its default: mini_batch_size = 32)."""
+    json: bool = False
+    """Also print the raw figures as JSON."""
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "batch", "query_tokens", "page_columns", "page_tokens", "dim", "chunk_elements",
+                     "score_mini_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"bench_maxsim.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class MaxsimBenchCommand:
+    bench_maxsim: MaxsimBench = field(default_factory=MaxsimBench)

@@ -15,6 +15,7 @@ from dist_vdr.bench.settings import (
     CorpusBenchCommand,
     EvalBenchCommand,
     LossBenchCommand,
+    MaxsimBenchCommand,
     SearchBenchCommand,
     StartupBenchCommand,
     TrainBenchCommand,
@@ -56,6 +57,10 @@ STARTUP = Command(StartupBenchCommand, tuple(Opt(f"--{k.replace('_', '-')}", f"b
 
 CHECKPOINT = Command(CheckpointBenchCommand, (Opt("--work-dir", "bench_checkpoint.work_dir"),
                                               Opt("--size-gb", "bench_checkpoint.size_gb")))
+
+MAXSIM = Command(MaxsimBenchCommand, tuple(Opt(f"--{k.replace('_', '-')}", f"bench_maxsim.{k}") for k in (
+    "world_size", "batch", "query_tokens", "page_columns", "page_tokens", "dim", "chunk_elements",
+    "score_mini_batch_size", "json")))
 
 SEARCH = Command(SearchBenchCommand, (
     Opt("--num-pages", "bench_search.num_pages"),
@@ -157,11 +162,26 @@ def _bench_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_maxsim(args: argparse.Namespace) -> int:
+    from dist_vdr.bench import maxsim_memory
+
+    b = load_command(args, MAXSIM).bench_maxsim
+    result = maxsim_memory.run(world=b.world_size, batch=b.batch, query_tokens=b.query_tokens,
+                               page_columns=b.page_columns, page_tokens=b.page_tokens, dim=b.dim,
+                               chunk_elements=b.chunk_elements, score_mini_batch_size=b.score_mini_batch_size)
+    print(maxsim_memory.format_report(result))
+    if b.json:
+        print(json.dumps(result))
+    return 0
+
+
 COMMANDS = {
     "train": (TRAIN, _bench, "training throughput: dist-vdr train vs stock sentence-transformers settings, side by "
                              "side (s/step, triplets/s, tokens/s, MFU, peak memory)"),
     "loss": (LOSS, _bench_loss, "collectives, bytes and s/step: stock ST gather vs the global-batch loss"),
     "eval": (EVAL, _bench_eval, "7-dim sweep: stock per-dim evaluators vs the sharded evaluator, 1 and W ranks"),
+    "maxsim": (MAXSIM, _bench_maxsim, "peak memory of the multi-vector scoring step: chunked MaxSim vs the "
+                                      "unchunked einsum and sentence-transformers' scoring"),
     "search": (SEARCH, _bench_search, "exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS"),
     "corpus": (CORPUS, _bench_corpus, "pages build and corpus mining: 1 process vs W, rows compared"),
     "startup": (STARTUP, _bench_startup, "time to the first step by phase: rows, ranks, first start vs resume"),

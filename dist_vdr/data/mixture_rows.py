@@ -143,3 +143,18 @@ class DatasetLabelCollator:
             return image
         scale = (cap / (image.width * image.height)) ** 0.5
         return image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+
+
+def check_loss_options(cfg) -> None:
+    """What a mixture (data.datasets) asks of a recipe (``cfg``) whatever its kind: de-duplicated global batches
+    (the sampler builds them per dataset), and id columns named after data's page columns."""
+    d = cfg.data
+    if d.datasets and not cfg.training.batch_sampler.startswith("no_duplicates"):
+        raise ValueError(f"data.datasets needs training.batch_sampler no_duplicates_hashed or no_duplicates (the "
+                         f"mixture builds de-duplicated global batches), not {cfg.training.batch_sampler!r}")
+    renamed = [e.name for e in d.datasets if (e.positive_column or d.positive_column, e.negative_columns
+                                              or d.negative_columns) != (d.positive_column, d.negative_columns)]
+    if renamed and cfg.loss.false_negatives.id_column is not None:
+        raise ValueError(f"loss.false_negatives.id_column with data.datasets {renamed}, which name their page columns "
+                         f"otherwise than data: the id columns (<page column>_{cfg.loss.false_negatives.id_column}) "
+                         f"would pair with the wrong pages; give those datasets data's page column names")

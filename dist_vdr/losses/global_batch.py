@@ -47,6 +47,16 @@ class DatasetOptions:
     mini_batch_num_tokens: int | None = None
 
 
+def dataset_options(cfg) -> list[DatasetOptions]:
+    """The loss options of each dataset of a mixture (data.datasets; ``cfg`` a recipe), [] without one."""
+    if cfg.data.mixture == "mixed":  # the batches mix datasets: no per-step options
+        return []
+    return [DatasetOptions(index=k, cross_device_negatives=cfg.loss.cross_device_negatives
+                           if e.cross_device_negatives is None else e.cross_device_negatives,
+                           in_batch_negatives=e.in_batch_negatives, mini_batch_size=e.mini_batch_size,
+                           mini_batch_num_tokens=e.mini_batch_num_tokens) for k, e in enumerate(cfg.data.datasets)]
+
+
 class GlobalBatchCachedMNRL(CachedMultipleNegativesRankingLoss):
     """MatryoshkaLoss(CachedMultipleNegativesRankingLoss) semantics with cross-rank negatives.
 

@@ -76,6 +76,8 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
             at ``scoring.output_key`` as it is (a model that already emits the layout).
         mask_same_ids: mask false negatives by id (the batch's ``labels["ids"]``, as the parent reads them).
         distillation: a :class:`~dist_vdr.config.DistillationConfig` (teacher scores in ``labels["teacher"]``).
+        datasets: a mixture's per-dataset options (:class:`~.global_batch.DatasetOptions`: negatives across
+            ranks or not, in-batch negatives or not, mini-batches), picked per step by ``labels["dataset"]``.
 
     Bytes per step, at the published ColQwen shapes (per rank B = 64 queries x Tq = 30 tokens, C - 1 = 2
     page columns of 64 pages x Tp = 768 tokens, D = 128, W = 8 ranks, tokens and their gradients in bf16
@@ -108,11 +110,11 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
                  scale: float = 1.0, mini_batch_size: int = 1, mini_batch_num_tokens: int | None = None,
                  query_length: int | None = None,
                  represent_output: Callable[[dict, str], Tensor] | None = None, mask_same_ids: bool = False,
-                 distillation=None) -> None:
+                 distillation=None, datasets: Sequence = ()) -> None:
         super().__init__(model, matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, rank=rank,
                          world_size=world_size, scale=scale, mini_batch_size=mini_batch_size,
                          mini_batch_num_tokens=mini_batch_num_tokens, scoring=scoring, mask_same_ids=mask_same_ids,
-                         distillation=distillation)
+                         distillation=distillation, datasets=datasets)
         if query_length is not None and query_length < 1:
             raise ValueError(f"query_length must be positive, got {query_length}")
         self.query_length = query_length
@@ -233,6 +235,10 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
         num_queries, pages_per_rank = full.shape[1], full.shape[2] // world
         q = torch.arange(num_queries, device=full.device)
         targets = (q // batch_size) * pages_per_rank + q % batch_size
+        if not self._step.in_batch_negatives:  # a query's softmax holds its own row's pages only
+            page = torch.arange(full.shape[2], device=full.device)
+            row = (page // pages_per_rank) * batch_size + page % batch_size  # the row (= query) a page belongs to
+            full = full.masked_fill(row[None, :] != q[:, None], float("-inf"))
         total = full.new_zeros(())
         for k, (_, weight) in enumerate(self.dims_weights):
             total = total + weight * F.cross_entropy(full[k] * self.scale, targets)

@@ -64,7 +64,7 @@ def table(runs: list[str | Path], metric: str = "ndcg@10", sample: int = SAMPLE_
         cfg = load_config(folder.resolved_config, check_paths=False)
         before, after = (Metrics.read(folder.metrics(w)) if folder.metrics(w).is_file() else None
                          for w in ("before", "after"))
-        vectors = vectors_per_page(folder.root / "final", cfg, sample)
+        vectors = vectors_per_page(folder.final, cfg, sample)
         dims = (after or before).dims if (after or before) else []
         for dim in dims:
             cost = "n/a" if vectors is None else f"{vectors * dim * BYTES_PER_VALUE:,.0f}"

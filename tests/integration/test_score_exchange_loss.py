@@ -43,6 +43,10 @@ CASES_W2 = [
     # false negatives masked by id (ids riding in the query gather) and distillation, with mini-batches and dims
     Case("mask_ids_distill_kl_2cols_2dims", mini_batch_size=2, per_rank_batch=3, mask_ids=True, distillation="kl"),
     Case("distill_margin_mse_2cols_agreed_length", distillation="margin_mse", query_length=None),
+    # a mixture's per-dataset options (the step's dataset in labels["dataset"])
+    Case("dataset_no_in_batch_negatives", per_rank_batch=3, dataset=(("in_batch_negatives", False),)),
+    Case("dataset_local_negatives_mb2", mini_batch_size=2, per_rank_batch=3,
+         dataset=(("cross_device_negatives", False), ("mini_batch_size", 1))),
     Case("broken_no_score_exchange", implementation="broken_no_score_exchange"),
     Case("broken_no_query_return", implementation="broken_no_query_return"),
 ]
@@ -83,7 +87,7 @@ def test_four_ranks_equal_single_process(results_w4, case):
 def test_every_rank_returns_the_global_loss(results_w2, results_w4):
     for results, cases in ((results_w2, CASES_W2), (results_w4, CASES_W4)):
         for case in cases:
-            if case.implementation == "score_exchange" and case.distillation is None:  # distillation: local
+            if case.implementation == "score_exchange" and case.distillation is None and not case.dataset:
                 losses = results[case.name]["rank_losses"]
                 assert max(losses) - min(losses) <= 1e-6 * abs(losses[0]), (case.name, losses)
 
@@ -104,6 +108,8 @@ def test_collectives_per_step_constant(results_w2, results_w4):
             got = results[case.name]
             steps = case.grad_accum
             expected = {"all_gather": 2 * steps, "all_reduce": (1 + (case.query_length is None)) * steps}
+            if case.dataset:  # a dataset that keeps its negatives on their rank: no exchange at all
+                expected = {}
             assert got["forward"] == expected, (case.name, got["forward"])
             assert got["backward"] == {"all_reduce": 1}, (case.name, got["backward"])
     stock = results_w2["stock_gather_2cols"]

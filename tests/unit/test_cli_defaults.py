@@ -69,7 +69,7 @@ CONFIGURED = sorted(name for name, p in SUBCOMMANDS.items() if p.get_default("co
 def test_the_settings_commands_are_configured():
     assert set(CONFIGURED) == {"eval", "mine-negatives", "score-rows", "pages build", "submit", "bench train",
                                "bench loss", "bench eval", "bench corpus", "bench startup", "bench checkpoint",
-                               "bench search"}
+                               "bench search", "bench maxsim"}
     assert set(SUBCOMMANDS) == set(CONFIGURED) | set(UNMAPPED)
 
 

@@ -53,11 +53,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from colpali_engine.loss import late_interaction_losses as losses  # requirements-references.txt (--no-deps)
-from colpali_engine.utils import maxsim
+from peer_references import colpali_modules
 
 from dist_vdr.kinds.multi_vector.scoring import MaxSimScoring, from_masked
 from dist_vdr.losses.score_exchange import ScoreExchangeCachedLoss
+
+losses, maxsim = colpali_modules()
 
 DIM, QUERY_TOKENS, PAGE_TOKENS = 16, 6, 9
 TOL = 1e-10  # fp64

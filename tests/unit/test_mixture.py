@@ -148,7 +148,7 @@ def test_recipe_entries_inherit_data_keys_and_refuse_mistakes():
             (["data.datasets.0.path=x"], "cannot be set by its index"),
             (["data.mixture=random"], "data.mixture"),
             (["task=reranker", "data.datasets=[{name: a}]"],
-             "data.datasets applies to task=embedding; remove it for task=reranker"),
+             "data.datasets applies to task=embedding or multi_vector; remove it for task=reranker"),
             (["data.datasets=[{name: a, cross_device_negatives: false}]", "loss.implementation=stock"],
              "need loss.name=cmnrl"),
             (["data.datasets=[{name: a, weight: 2}]", "data.mixture=mixed"], "cannot have a weight"),
@@ -350,7 +350,7 @@ def test_review_mends(tmp_path, tiny_model):
     from dist_vdr.cli.settings import EvalCommand
     from dist_vdr.config import load_config
     from dist_vdr.kinds.embedding.loss import build_loss
-    from dist_vdr.kinds.embedding.task import dataset_options
+    from dist_vdr.losses.global_batch import dataset_options
     from dist_vdr.run.data import prepare_data
 
     cfg = _cfg("loss.cross_device_negatives=false",

@@ -12,11 +12,12 @@ from sentence_transformers import SentenceTransformerTrainingArguments
 
 from dist_vdr import compat
 from dist_vdr.config import Config
-from dist_vdr.data import id_labels
+from dist_vdr.data import id_labels, mixture_rows
 from dist_vdr.engines.trainers import Trainer
 from dist_vdr.kinds.base import RunContext, Task, TaskInputs, dims_headline, write_dims_summary
 from dist_vdr.kinds.embedding.loss import build_loss
 from dist_vdr.losses import distillation, false_negatives
+from dist_vdr.losses.global_batch import dataset_options
 from dist_vdr.models.build import build_model, check_dims, embedding_dim
 from dist_vdr.retrieval import stock
 from dist_vdr.retrieval.scoring import is_cosine
@@ -46,10 +47,8 @@ class EmbeddingTask(Task):
                                  f"loss.implementation auto or global_batch")
         if cfg.loss.distillation.enabled:
             distillation.check_scored_columns(cfg)
+        mixture_rows.check_loss_options(cfg)
         check_mixture_options(cfg)
-        if cfg.data.datasets and not cfg.training.batch_sampler.startswith("no_duplicates"):
-            raise ValueError(f"data.datasets needs training.batch_sampler no_duplicates_hashed or no_duplicates (the "
-                             f"mixture builds de-duplicated global batches), not {cfg.training.batch_sampler!r}")
         false_negatives.check_id_source(cfg)
 
     def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
@@ -99,28 +98,8 @@ class EmbeddingTask(Task):
         return dims_headline(result, metric)
 
 
-def dataset_options(cfg: Config) -> list:
-    """The loss options of each dataset of a mixture (data.datasets), [] without one."""
-    from dist_vdr.losses.global_batch import DatasetOptions
-
-    if cfg.data.mixture == "mixed":  # the batches mix datasets: no per-step options
-        return []
-    return [DatasetOptions(index=k, cross_device_negatives=cfg.loss.cross_device_negatives
-                           if e.cross_device_negatives is None else e.cross_device_negatives,
-                           in_batch_negatives=e.in_batch_negatives, mini_batch_size=e.mini_batch_size,
-                           mini_batch_num_tokens=e.mini_batch_num_tokens) for k, e in enumerate(cfg.data.datasets)]
-
-
 def check_mixture_options(cfg: Config) -> None:
-    """Per-dataset loss options need the global-batch loss (it reads each step's dataset); id columns of
-    the rows are named after data's page columns, so an entry must name its page columns as data does."""
-    d = cfg.data
-    renamed = [e.name for e in d.datasets if (e.positive_column or d.positive_column, e.negative_columns
-                                              or d.negative_columns) != (d.positive_column, d.negative_columns)]
-    if renamed and cfg.loss.false_negatives.id_column is not None:
-        raise ValueError(f"loss.false_negatives.id_column with data.datasets {renamed}, which name their page columns "
-                         f"otherwise than data: the id columns (<page column>_{cfg.loss.false_negatives.id_column}) "
-                         f"would pair with the wrong pages; give those datasets data's page column names")
+    """Per-dataset loss options need the global-batch loss (it reads each step's dataset)."""
     asked = [e.name for e in cfg.data.datasets if e.cross_device_negatives is not None or not e.in_batch_negatives
              or e.mini_batch_size or e.mini_batch_num_tokens]
     if asked and (cfg.loss.name != "cmnrl" or cfg.loss.implementation == "stock"):

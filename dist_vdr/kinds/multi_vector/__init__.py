@@ -14,6 +14,6 @@ KIND = Kind(
     losses=("maxsim_infonce",),
     section=("multi_vector", "dist_vdr.kinds.multi_vector.config:MultiVectorConfig"),
     options=("loss.matryoshka_dims", "loss.matryoshka_weights", "loss.false_negatives", "loss.distillation",
-             "model.adapter"),
+             "data.datasets", "model.adapter"),
     recognizes="dist_vdr.kinds.multi_vector.model:is_multi_vector_folder",
 )

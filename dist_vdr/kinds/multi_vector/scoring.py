@@ -205,7 +205,8 @@ class MaxSimScoring(Scoring):
         for qb in range(0, num_q, q_rows):
             q = queries[qb:qb + q_rows]
             p_rows = max(1, self.chunk_elements // (len(q) * pair))
-            parts = [_maxsim(q, pages[pb:pb + p_rows]) for pb in range(0, num_p, p_rows)]
+            # split, not slices: the backward of a slice is a zero tensor as large as all the pages, per block
+            parts = [_maxsim(q, block) for block in pages.split(p_rows)]
             rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
         out = rows[0] if len(rows) == 1 else torch.cat(rows)
         return out / real_token_counts(queries)[:, None] if self.divide_by_query_length else out

@@ -12,12 +12,13 @@ from pathlib import Path
 from sentence_transformers import MultiVectorEncoderTrainingArguments
 
 from dist_vdr.config import Config
-from dist_vdr.data import id_labels
+from dist_vdr.data import id_labels, mixture_rows
 from dist_vdr.engines.trainers import MultiVectorTrainer
 from dist_vdr.kinds.base import RunContext, Task, TaskInputs, dims_headline, write_dims_summary
 from dist_vdr.kinds.multi_vector.model import build_multi_vector, token_dim
 from dist_vdr.kinds.multi_vector.scoring import MaxSimScoring, from_masked
 from dist_vdr.losses import distillation, false_negatives
+from dist_vdr.losses.global_batch import dataset_options
 from dist_vdr.models.build import check_dims
 from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
 from dist_vdr.run.results import RunResult
@@ -50,6 +51,7 @@ class MultiVectorTask(Task):
         false_negatives.check_id_source(cfg)
         if cfg.loss.distillation.enabled:
             distillation.check_scored_columns(cfg)
+        mixture_rows.check_loss_options(cfg)
 
     def extra_columns(self, cfg: Config) -> list[str]:
         return id_labels.label_columns(cfg)
@@ -92,7 +94,8 @@ class MultiVectorTask(Task):
             rank=0 if local else ctx.info.rank, world_size=1 if local else ctx.info.world_size, scale=loss.scale,
             mini_batch_size=loss.mini_batch_size, mini_batch_num_tokens=loss.mini_batch_num_tokens,
             query_length=cfg.multi_vector.query_length, represent_output=read_tokens,
-            mask_same_ids=loss.false_negatives.id_column is not None, distillation=loss.distillation)
+            mask_same_ids=loss.false_negatives.id_column is not None, distillation=loss.distillation,
+            datasets=dataset_options(cfg))
 
     def build_evaluator(self, ctx: RunContext, eval_data, dims: list[int], inputs: TaskInputs):
         return ShardedRetrievalEvaluator.of(eval_data, dims, ctx.cfg.evaluation, show_progress=True,
