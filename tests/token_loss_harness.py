@@ -37,6 +37,7 @@ class Case:
     query_length: int | None = QUERY_LENGTH  # None: agreed per step (all-reduce MAX)
     scale: float = 2.0
     mask_ids: bool = False  # false negatives masked by id (ids of few values: many collide, across ranks too)
+    mask_guide: bool = False  # false negatives masked by a guide (another TokenEncoder), GIST's absolute margin
     distillation: str | None = None  # kl | margin_mse: teacher scores of each row's own candidates
     dataset: tuple = ()  # a mixture dataset's options, e.g. (("in_batch_negatives", False),): the step's dataset
 
@@ -60,6 +61,15 @@ class TokenEncoder(torch.nn.Sequential):
 def make_model() -> TokenEncoder:
     torch.manual_seed(0)
     return TokenEncoder().train()
+
+
+GUIDE_MARGIN = 0.3
+
+
+def make_guide() -> TokenEncoder:
+    """The frozen guide of mask_guide cases: the same architecture, other weights (the base model's role)."""
+    torch.manual_seed(7)
+    return TokenEncoder().eval()
 
 
 def make_columns(n: int, page_columns: int, seed: int) -> list[list[torch.Tensor]]:
@@ -167,6 +177,7 @@ def build_loss(model, case: Case, rank: int, world: int):
                scale=case.scale, mini_batch_size=case.mini_batch_size,
                mini_batch_num_tokens=case.mini_batch_num_tokens, query_length=case.query_length,
                represent_output=represent_output, mask_same_ids=case.mask_ids,
+               guide=make_guide() if case.mask_guide else None, guide_margin=GUIDE_MARGIN,
                distillation=distillation_config(case), datasets=dataset_options(case))
 
 
@@ -213,11 +224,21 @@ def reference(case: Case, world: int) -> tuple[float, dict]:
     dims = sorted(case.dims, reverse=True) or [None]
     d = distillation_config(case)
     total = 0.0
+    guide = make_guide() if case.mask_guide else None
     for columns, labels in zip(global_micro_batches(case, world), global_labels(case, world), strict=True):
         reps = [scoring.represent(represent_output(model(collate(col), task="query" if c == 0 else "document"),
                                                    QUERY if c == 0 else PAGE))
                 for c, col in enumerate(columns)]
         n = reps[0].shape[0]
+        guide_hidden = None
+        if guide is not None:  # written out: the guide's scores of the whole batch, the query's positive less margin
+            with torch.no_grad():
+                g = [scoring.represent(represent_output(guide(collate(col), task="query" if c == 0 else "document"),
+                                                        QUERY if c == 0 else PAGE)) for c, col in enumerate(columns)]
+                sims = torch.cat([scoring.scores(g[0], page) for page in g[1:]], dim=1)
+            own = torch.arange(n)
+            guide_hidden = sims > (sims[own, own] - GUIDE_MARGIN)[:, None]
+            guide_hidden[own, own] = False
         loss = torch.zeros(())
         for dim in dims:
             queries, pages = reps[0], reps[1:]
@@ -231,6 +252,8 @@ def reference(case: Case, world: int) -> tuple[float, dict]:
                 hidden = torch.tensor([[bool(c != 0 and c in set(query_sets[i].tolist()) - {0}) and j != i
                                         for j, c in enumerate(candidate.tolist())] for i in range(n)])
                 scores = scores.masked_fill(hidden, float("-inf"))
+            if guide_hidden is not None:
+                scores = scores.masked_fill(guide_hidden, float("-inf"))
             options = dict(case.dataset)
             rows = torch.arange(scores.shape[1]) % n  # candidate j is row j mod n's page
             if not options.get("in_batch_negatives", True):  # only the query's own row's pages

@@ -25,11 +25,13 @@ Collectives per step: 3 (all-gather queries, all-gather scores, reduce-scatter q
 the number of page columns, mini-batches and Matryoshka dims; 4 when the query length is agreed per step
 (``query_length=None``: one all-reduce MAX of one integer before the gather).
 
-False negatives masked by id (``mask_same_ids``) cost no collective either: each query's id set travels with its
-tokens in (b) (bit-packed, :func:`~.false_negatives.pack`), and every rank masks the scores of ALL queries against
-its LOCAL pages (whose ids it holds) before (d): a masked score is -inf in the exchanged matrix, out of every
-softmax, with no gradient. Distillation from teacher scores reads each row's own candidates only: local, as in
-the parent (its gradient is not multiplied by W: the engine's average over ranks makes it the global mean).
+False negatives masked by id (``mask_same_ids``) or by a guide cost no collective either: what masking needs of a
+query travels with its tokens in (b) (bit-packed, :func:`~.false_negatives.pack`: its id set; the guide's
+representation of it and the guide's score of its own positive, computed by its owner), and every rank masks the
+scores of ALL queries against its LOCAL pages (whose ids and guide representations it holds) before (d): a
+masked score is -inf in the exchanged matrix, out of every softmax, with no gradient. Distillation from teacher
+scores reads each row's own candidates only: local, as in the parent (its gradient is not multiplied by W: the
+engine's average over ranks makes it the global mean).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dist_vdr import distributed
+from dist_vdr import compat, distributed
 from dist_vdr.losses import false_negatives
 from dist_vdr.losses.global_batch import GlobalBatchCachedMNRL
 from dist_vdr.retrieval import scoring as scorings
@@ -75,6 +77,8 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
             kind's ``from_masked(out["token_embeddings"], out["attention_mask"], side)``; None: the output
             at ``scoring.output_key`` as it is (a model that already emits the layout).
         mask_same_ids: mask false negatives by id (the batch's ``labels["ids"]``, as the parent reads them).
+        guide / guide_margin / guide_margin_strategy: mask false negatives by a frozen guide model of the same
+            layout (e.g. the base model) that embeds the model's own inputs, GIST's rule (as the parent).
         distillation: a :class:`~dist_vdr.config.DistillationConfig` (teacher scores in ``labels["teacher"]``).
         datasets: a mixture's per-dataset options (:class:`~.global_batch.DatasetOptions`: negatives across
             ranks or not, in-batch negatives or not, mini-batches), picked per step by ``labels["dataset"]``.
@@ -110,10 +114,12 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
                  scale: float = 1.0, mini_batch_size: int = 1, mini_batch_num_tokens: int | None = None,
                  query_length: int | None = None,
                  represent_output: Callable[[dict, str], Tensor] | None = None, mask_same_ids: bool = False,
+                 guide=None, guide_margin: float = 0.0, guide_margin_strategy: str = "absolute",
                  distillation=None, datasets: Sequence = ()) -> None:
         super().__init__(model, matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, rank=rank,
                          world_size=world_size, scale=scale, mini_batch_size=mini_batch_size,
                          mini_batch_num_tokens=mini_batch_num_tokens, scoring=scoring, mask_same_ids=mask_same_ids,
+                         guide=guide, guide_margin=guide_margin, guide_margin_strategy=guide_margin_strategy,
                          distillation=distillation, datasets=datasets)
         if query_length is not None and query_length < 1:
             raise ValueError(f"query_length must be positive, got {query_length}")
@@ -127,11 +133,16 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
         return super().forward_cached(features, labels)
 
     def embed_minibatch(self, sentence_feature, begin, end, with_grad, copy_random_state, random_state=None):
-        return self._embed_output(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
+        out = self._embed_output(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
+        if self._guide_columns is not None and not with_grad:  # step (a) only: the replay needs no guide
+            with torch.no_grad():
+                features = compat.st_minibatch(sentence_feature, begin, end)
+                self._guide_columns[-1].append(self._read_output(features, self.guide).detach())
+        return out
 
-    def _read_output(self, features: dict) -> Tensor:
+    def _read_output(self, features: dict, model=None) -> Tensor:
         task = features.get("task")
-        output = self.model(features, task=task)
+        output = (model or self.model)(features, task=task)
         if self.represent_output is None:
             return output[self.scoring.output_key]
         return self.represent_output(output, QUERY if task == QUERY else PAGE)
@@ -144,13 +155,13 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
         rank, world = self._place()
         queries = self._pad_queries(reps[0], world)  # [B, Tq, D], graph to the query mini-batches
         batch_size = queries.shape[0]
-        row_ids = self._id_labels(ids, len(reps), batch_size) if self.mask_same_ids else None
-        gathered, query_ids = self._gather_queries(queries, row_ids, len(reps), world)  # (b)
+        extras = self._query_extras(ids, reps, queries.shape[1])
+        gathered, extras = self._gather_queries(queries, extras, world)  # (b)
         gathered.requires_grad_(with_backward)
         with torch.set_grad_enabled(with_backward):
             local = self._local_scores(gathered, [mb for column in reps[1:] for mb in column])  # (c)
-            if row_ids is not None:
-                local = self._mask_local(local, query_ids, row_ids, len(reps), batch_size, rank)
+            if extras:
+                local = self._mask_local(local, extras, ids, len(reps), batch_size, rank)
         full = self._exchange_scores(local.detach(), rank, world).requires_grad_(with_backward)  # (d)
         total = self._infonce(full, batch_size, world)  # (e)
         if with_backward:
@@ -166,30 +177,79 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
         self._record_dataset_loss(total)
         return total
 
-    def _gather_queries(self, queries: Tensor, row_ids: Tensor | None, num_columns: int,
-                        world: int) -> tuple[Tensor, Tensor | None]:
-        """(b): ``[W*B, Tq, D]`` every rank's queries, and with id masking their id sets ``[W*B, K]``, packed
-        into the same all-gather."""
-        batch_size, rest = queries.shape[0], queries.shape[1:]
-        if row_ids is None:
-            return distributed.all_gather_stacked(queries, world).view(world * batch_size, *rest), None
-        sets = false_negatives.query_id_sets(row_ids, num_columns)
-        packed, layout = false_negatives.pack(queries.reshape(1, batch_size, -1), [sets[None]])
-        flat, (all_sets,) = false_negatives.unpack(distributed.all_gather_stacked(packed, world), rest.numel(), layout)
-        return flat.reshape(world * batch_size, *rest).contiguous(), all_sets.reshape(world * batch_size, -1)
+    def _query_extras(self, ids, reps: list[list[Tensor]], length: int) -> dict[str, Tensor]:
+        """What travels with this rank's queries for false-negative masking: their id sets ``[B, K]`` (by id);
+        the guide's query representations ``[B, Tq, Dg]`` (zero-padded to the queries' length) and its score of
+        each query's own positive ``[B, 1]`` (by guide: the threshold lives with the query's owner)."""
+        extras: dict[str, Tensor] = {}
+        if self.mask_same_ids:
+            row_ids = self._id_labels(ids, len(reps), sum(len(mb) for mb in reps[0]))
+            extras["ids"] = false_negatives.query_id_sets(row_ids, len(reps))
+        if self.guide is not None:
+            columns = self._guide_columns or []
+            if len(columns) != len(reps):
+                raise RuntimeError("the guide's representations are missing: the loss was called without "
+                                   "forward_cached")
+            guide_queries = self.scoring.stack([row for mb in columns[0] for row in mb], QUERY)
+            if guide_queries.shape[1] > length:
+                raise ValueError(f"the guide's queries have {guide_queries.shape[1]} tokens, the model's {length}: "
+                                 f"give the guide the model's processor and mask")
+            guide_queries = self.scoring.represent(F.pad(guide_queries, (0, 0, 0, length - guide_queries.shape[1])))
+            positives = self.scoring.represent(self.scoring.stack([row for mb in columns[1] for row in mb], PAGE))
+            extras["guide"] = guide_queries
+            extras["guide_positive"] = self.scoring.pair_scores(guide_queries, positives).float()[:, None]
+        return extras
 
-    def _mask_local(self, local: Tensor, query_ids: Tensor, row_ids: Tensor, num_columns: int, batch_size: int,
+    def _gather_queries(self, queries: Tensor, extras: dict[str, Tensor],
+                        world: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """(b): ``[W*B, Tq, D]`` every rank's queries, with whatever masking needs of them (:meth:`_query_extras`)
+        packed into the same all-gather (bit-packed: they come back exact)."""
+        batch_size, rest = queries.shape[0], queries.shape[1:]
+        if not extras:
+            return distributed.all_gather_stacked(queries, world).view(world * batch_size, *rest), {}
+        flat = [e.reshape(1, batch_size, -1) for e in extras.values()]
+        packed, layout = false_negatives.pack(queries.reshape(1, batch_size, -1), flat)
+        gathered, unpacked = false_negatives.unpack(distributed.all_gather_stacked(packed, world), rest.numel(),
+                                                    layout)
+        out = {name: value.reshape(world * batch_size, *extras[name].shape[1:])
+               for name, value in zip(extras, unpacked, strict=True)}
+        return gathered.reshape(world * batch_size, *rest).contiguous(), out
+
+    def _mask_local(self, local: Tensor, extras: dict[str, Tensor], ids, num_columns: int, batch_size: int,
                     rank: int) -> Tensor:
-        """Every query's false negatives among this rank's pages set to -inf (the query's own positive kept)."""
-        page_ids = row_ids[:, :num_columns - 1].T.reshape(-1).to(local.device)  # columns in order, rows in order
-        num_queries = query_ids.shape[0]
+        """Every query's false negatives among this rank's pages set to -inf (the query's own positive kept): by
+        id (a page carrying one of the query's ids) and/or by guide (a page the guide scores above the query's
+        positive less the margin, GIST's rule)."""
+        num_queries = next(iter(extras.values())).shape[0]
         own = torch.arange(num_queries, device=local.device)
         targets = torch.where(own // batch_size == rank, own % batch_size, -1)  # local page of its own positive
-        hidden = false_negatives.mask(query_ids.to(local.device), page_ids, targets)
+        hidden = None
+        if "ids" in extras:
+            row_ids = self._id_labels(ids, num_columns, batch_size)
+            page_ids = row_ids[:, :num_columns - 1].T.reshape(-1).to(local.device)  # columns, then rows, in order
+            hidden = false_negatives.mask(extras["ids"].to(local.device), page_ids, targets)
+        if "guide" in extras:
+            by_guide = self._guide_mask(extras["guide"], extras["guide_positive"][:, 0], targets)
+            hidden = by_guide if hidden is None else hidden | by_guide.to(hidden.device)
         self._masked_since = self._masked_since + hidden.sum()
         self._queries_since += batch_size
         self._negatives_since += batch_size * (num_queries * (num_columns - 1) - 1)
-        return local.masked_fill(hidden, float("-inf"))
+        return local.masked_fill(hidden.to(local.device), float("-inf"))
+
+    def _guide_mask(self, guide_queries: Tensor, positive: Tensor, targets: Tensor) -> Tensor:
+        """``[W*B, P]`` True where the guide scores a local page above the query's positive less the margin."""
+        with torch.no_grad():
+            blocks = [self.scoring.represent(self.scoring.stack([row for mb in column for row in mb], PAGE))
+                      for column in (self._guide_columns or [])[1:]]
+            sims = torch.cat([self.scoring.scores(guide_queries, block) for block in blocks], dim=1).float()
+        margin = self.guide_margin
+        absolute = self.guide_margin_strategy == "absolute"
+        threshold = positive - margin if absolute else positive - positive.abs() * margin
+        out = sims > threshold[:, None].to(sims.device)
+        rows = torch.arange(len(targets), device=out.device)
+        keep = targets >= 0
+        out[rows[keep], targets[keep].to(out.device)] = False
+        return out
 
     def _join_columns(self, reps: list[list[Tensor]]) -> list[Tensor]:
         """Each column's mini-batches as one representation, padded by the layout's rule (a token axis)."""

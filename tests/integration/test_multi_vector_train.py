@@ -203,8 +203,8 @@ def test_lora_on_two_ranks_saves_adapter_and_head_and_merges(tiny_model, pages, 
 def test_teacher_scores_then_masking_and_distillation_on_two_ranks(tiny_multi_vector, pages, tmp_path):
     """score-rows with the multi-vector model as the teacher (sharded over 2 ranks) gives each row's MaxSim
     scores as sentence-transformers computes them; the multi-vector recipe then trains on 2 ranks with false
-    negatives masked by id and distillation from those scores (the loss's exactness with both on, against one
-    process: test_score_exchange_loss.py's mask_ids_distill_* cases)."""
+    negatives masked by id and by a guide (the tiny model itself) and distillation from those scores (the loss's
+    exactness with these on, against one process: test_score_exchange_loss.py's mask_* and distill_* cases)."""
     from conftest import run_accelerate
 
     scored = tmp_path / "scored"
@@ -230,10 +230,12 @@ def test_teacher_scores_then_masking_and_distillation_on_two_ranks(tiny_multi_ve
     proc = run_launcher("launch/cpu.yaml", _args(tiny_multi_vector, scored, out, "training.save_steps=4",
                                                  "training.max_steps=4", "evaluation.enabled=false",
                                                  "loss.false_negatives.id_column=document_id",
+                                                 f"loss.false_negatives.guide={tiny_multi_vector}",
+                                                 "loss.false_negatives.margin=0.1",
                                                  "loss.distillation.scores_column=teacher_scores",
                                                  "loss.distillation.temperature=0.05"))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-    assert "false negatives masked by id, + 1 x kl distillation from teacher_scores" in log
+    assert "false negatives masked by id and guide, + 1 x kl distillation from teacher_scores" in log
     counts = logged_losses(out, "masked_per_query")
     assert sorted(counts) == [1, 2, 3, 4] and max(counts.values()) > 0, counts

@@ -43,6 +43,7 @@ CASES_W2 = [
     # false negatives masked by id (ids riding in the query gather) and distillation, with mini-batches and dims
     Case("mask_ids_distill_kl_2cols_2dims", mini_batch_size=2, per_rank_batch=3, mask_ids=True, distillation="kl"),
     Case("distill_margin_mse_2cols_agreed_length", distillation="margin_mse", query_length=None),
+    Case("mask_guide_and_ids_mb2_2cols_2dims", mini_batch_size=2, per_rank_batch=3, mask_ids=True, mask_guide=True),
     # a mixture's per-dataset options (the step's dataset in labels["dataset"])
     Case("dataset_no_in_batch_negatives", per_rank_batch=3, dataset=(("in_batch_negatives", False),)),
     Case("dataset_local_negatives_mb2", mini_batch_size=2, per_rank_batch=3,
@@ -54,6 +55,7 @@ CASES_W4 = [
     Case("w4_mb1_2cols_2dims"),
     Case("w4_mb2_3cols_agreed_length", mini_batch_size=2, page_columns=3, query_length=None),
     Case("w4_mask_ids_2cols", mask_ids=True),
+    Case("w4_mask_guide_3cols", page_columns=3, mask_guide=True),
 ]
 BROKEN = [c for c in CASES_W2 if c.implementation.startswith("broken")]
 

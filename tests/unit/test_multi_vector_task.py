@@ -34,7 +34,6 @@ def test_the_kind_is_registered_with_its_section_and_options():
             (["multi_vector.query_length=0"], "multi_vector.query_length must be >= 1"),
             (["evaluation.implementation=stock"], "use evaluation.implementation=sharded"),
             (["loss.implementation=stock"], "loss.implementation=stock is not available for task=multi_vector"),
-            (["loss.false_negatives.guide=/x"], "guide is not available for task=multi_vector"),
             (["loss.distillation.scores_column=t", "data.negative_columns=[]"], "set data.negative_columns")):
         with pytest.raises(ValueError, match=message):
             _cfg(*overrides)

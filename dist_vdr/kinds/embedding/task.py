@@ -10,7 +10,6 @@ from pathlib import Path
 
 from sentence_transformers import SentenceTransformerTrainingArguments
 
-from dist_vdr import compat
 from dist_vdr.config import Config
 from dist_vdr.data import id_labels, mixture_rows
 from dist_vdr.engines.trainers import Trainer
@@ -18,6 +17,7 @@ from dist_vdr.kinds.base import RunContext, Task, TaskInputs, dims_headline, wri
 from dist_vdr.kinds.embedding.loss import build_loss
 from dist_vdr.losses import distillation, false_negatives
 from dist_vdr.losses.global_batch import dataset_options
+from dist_vdr.models import guide as guide_models
 from dist_vdr.models.build import build_model, check_dims, embedding_dim
 from dist_vdr.retrieval import stock
 from dist_vdr.retrieval.scoring import is_cosine
@@ -109,23 +109,6 @@ def check_mixture_options(cfg: Config) -> None:
 
 
 def load_guide(ctx: RunContext, model):
-    """The frozen guide of loss.false_negatives on this rank's device, loaded as the recipe loads its model
-    (dtype, attention), without the adapter. It embeds the model's own features: its processor must be the
-    same (tokenizer vocabulary and image preprocessing)."""
-    import dataclasses
-
-    from dist_vdr.config import AdapterConfig
-
-    cfg = ctx.cfg
-    path = cfg.loss.false_negatives.guide
-    guide_cfg = dataclasses.replace(cfg.model, name_or_path=path, adapter=AdapterConfig(), gradient_checkpointing=False,
-                                    compile=False)
-    # Under ZeRO-3 from_pretrained would partition it (zero.Init): it is no part of the engine, keep it whole.
-    with compat.zero3_init_off():
-        guide = build_model(guide_cfg, precision=cfg.training.precision, device=ctx.info.device)
-    mine, theirs = model[0].processor if hasattr(model[0], "processor") else None, getattr(guide[0], "processor", None)
-    if type(mine) is not type(theirs) or model.tokenizer.get_vocab() != guide.tokenizer.get_vocab():
-        raise ValueError(f"loss.false_negatives.guide={path!r} does not share the model's processor (tokenizer and "
-                         f"image preprocessing): it embeds the model's own inputs; use a model of the same family, "
-                         f"e.g. the base model {cfg.model.name_or_path!r}")
-    return guide
+    """The frozen guide of loss.false_negatives, an embedding model (:func:`dist_vdr.models.guide.load_guide`)."""
+    return guide_models.load_guide(ctx.cfg, model, lambda guide_cfg: build_model(
+        guide_cfg, precision=ctx.cfg.training.precision, device=ctx.info.device))

@@ -15,10 +15,11 @@ from dist_vdr.config import Config
 from dist_vdr.data import id_labels, mixture_rows
 from dist_vdr.engines.trainers import MultiVectorTrainer
 from dist_vdr.kinds.base import RunContext, Task, TaskInputs, dims_headline, write_dims_summary
-from dist_vdr.kinds.multi_vector.model import build_multi_vector, token_dim
+from dist_vdr.kinds.multi_vector.model import build_multi_vector, is_multi_vector_model, token_dim
 from dist_vdr.kinds.multi_vector.scoring import MaxSimScoring, from_masked
 from dist_vdr.losses import distillation, false_negatives
 from dist_vdr.losses.global_batch import dataset_options
+from dist_vdr.models import guide as guide_models
 from dist_vdr.models.build import check_dims
 from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
 from dist_vdr.run.results import RunResult
@@ -45,13 +46,13 @@ class MultiVectorTask(Task):
         if cfg.loss.implementation == "stock":
             raise ValueError("loss.implementation=stock is not available for task=multi_vector: the loss is the "
                              "score-exchange MaxSim InfoNCE (loss.implementation auto or global_batch)")
-        if cfg.loss.false_negatives.guide:
-            raise ValueError("loss.false_negatives.guide is not available for task=multi_vector yet: mask false "
-                             "negatives by id (loss.false_negatives.id_column)")
         false_negatives.check_id_source(cfg)
         if cfg.loss.distillation.enabled:
             distillation.check_scored_columns(cfg)
         mixture_rows.check_loss_options(cfg)
+
+    def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
+        return [("loss.false_negatives.guide", "guide model folder")]
 
     def extra_columns(self, cfg: Config) -> list[str]:
         return id_labels.label_columns(cfg)
@@ -89,13 +90,21 @@ class MultiVectorTask(Task):
 
         cfg, loss = ctx.cfg, ctx.cfg.loss
         local = not loss.cross_device_negatives  # negatives kept on their rank: a world of one
+        fn = loss.false_negatives
+        # The guide: a multi-vector model of the same processor (e.g. the base), scored by the same rule.
+        if fn.guide and not is_multi_vector_model(fn.guide):
+            raise ValueError(f"loss.false_negatives.guide={fn.guide!r} is no multi-vector model (no saved "
+                             f"MultiVectorEncoder): its token projection would be untrained; give a multi-vector "
+                             f"model of the same backbone, e.g. an earlier run's final/")
+        guide = guide_models.load_guide(cfg, model, lambda guide_cfg: build_multi_vector(
+            guide_cfg, precision=cfg.training.precision, device=ctx.info.device)) if fn.guide else None
         return ScoreExchangeCachedLoss(
             model, self.scoring(cfg), matryoshka_dims=loss.matryoshka_dims, matryoshka_weights=loss.matryoshka_weights,
             rank=0 if local else ctx.info.rank, world_size=1 if local else ctx.info.world_size, scale=loss.scale,
             mini_batch_size=loss.mini_batch_size, mini_batch_num_tokens=loss.mini_batch_num_tokens,
             query_length=cfg.multi_vector.query_length, represent_output=read_tokens,
-            mask_same_ids=loss.false_negatives.id_column is not None, distillation=loss.distillation,
-            datasets=dataset_options(cfg))
+            mask_same_ids=fn.id_column is not None, guide=guide, guide_margin=fn.margin,
+            guide_margin_strategy=fn.margin_strategy, distillation=loss.distillation, datasets=dataset_options(cfg))
 
     def build_evaluator(self, ctx: RunContext, eval_data, dims: list[int], inputs: TaskInputs):
         return ShardedRetrievalEvaluator.of(eval_data, dims, ctx.cfg.evaluation, show_progress=True,
