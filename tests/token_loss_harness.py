@@ -40,6 +40,7 @@ class Case:
     mask_guide: bool = False  # false negatives masked by a guide (another TokenEncoder), GIST's absolute margin
     distillation: str | None = None  # kl | margin_mse: teacher scores of each row's own candidates
     dataset: tuple = ()  # a mixture dataset's options, e.g. (("in_batch_negatives", False),): the step's dataset
+    hybrid_dims: tuple | None = None  # the hybrid loss: + the pooled vector's cosine InfoNCE at these dims (() full)
 
 
 class TokenEncoder(torch.nn.Sequential):
@@ -55,7 +56,8 @@ class TokenEncoder(torch.nn.Sequential):
         weights = mask[..., None].to(hidden.dtype)
         context = (hidden * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
         tokens = F.normalize(self[1](torch.tanh(hidden + context)), dim=-1)
-        return {"token_embeddings": tokens, "attention_mask": mask.bool()}
+        pooled = self[1](torch.tanh(context[:, 0]))  # a hybrid model's single vector (unnormalised, as pooled)
+        return {"token_embeddings": tokens, "attention_mask": mask.bool(), "sentence_embedding": pooled}
 
 
 def make_model() -> TokenEncoder:
@@ -64,6 +66,7 @@ def make_model() -> TokenEncoder:
 
 
 GUIDE_MARGIN = 0.3
+SINGLE_WEIGHT, SINGLE_SCALE = 0.5, 3.0  # the hybrid cases' single-vector term
 
 
 def make_guide() -> TokenEncoder:
@@ -173,12 +176,18 @@ def build_loss(model, case: Case, rank: int, world: int):
                                                              gather_across_devices=world > 1)
     cls = {"score_exchange": ScoreExchangeCachedLoss, "broken_no_score_exchange": NoScoreExchangeLoss,
            "broken_no_query_return": NoQueryReturnLoss}[case.implementation]
+    hybrid = {}
+    if case.hybrid_dims is not None:
+        from dist_vdr.kinds.multi_vector.loss import HybridCachedLoss
+
+        cls, hybrid = HybridCachedLoss, dict(single_dims=case.hybrid_dims, single_weight=SINGLE_WEIGHT,
+                                             single_scale=SINGLE_SCALE)
     return cls(model, MaxSimScoring(chunk_elements=256), matryoshka_dims=case.dims, rank=rank, world_size=world,
                scale=case.scale, mini_batch_size=case.mini_batch_size,
                mini_batch_num_tokens=case.mini_batch_num_tokens, query_length=case.query_length,
                represent_output=represent_output, mask_same_ids=case.mask_ids,
                guide=make_guide() if case.mask_guide else None, guide_margin=GUIDE_MARGIN,
-               distillation=distillation_config(case), datasets=dataset_options(case))
+               distillation=distillation_config(case), datasets=dataset_options(case), **hybrid)
 
 
 def dataset_options(case: Case) -> list:
@@ -213,54 +222,28 @@ def run_step(model, loss_fn, micro_batches: list[list[dict]], ddp=None, labels: 
 
 def reference(case: Case, world: int) -> tuple[float, dict]:
     """One process, the global batch, plain autograd (no mini-batches, no cache, no exchange): MaxSimScoring of
-    the whole batch's representations, InfoNCE summed over the dims (largest first), mean over queries."""
+    the whole batch's representations, InfoNCE summed over the dims (largest first), mean over queries; each
+    option's effect written out (masks, distillation, a dataset's options, the hybrid's single vector)."""
     from dist_vdr.kinds.multi_vector.scoring import PAGE, QUERY, MaxSimScoring
+    from dist_vdr.losses import distillation
 
     scoring = MaxSimScoring()
     model = make_model()
     model.zero_grad(set_to_none=True)
-    from dist_vdr.losses import distillation
-
     dims = sorted(case.dims, reverse=True) or [None]
     d = distillation_config(case)
     total = 0.0
-    guide = make_guide() if case.mask_guide else None
     for columns, labels in zip(global_micro_batches(case, world), global_labels(case, world), strict=True):
-        reps = [scoring.represent(represent_output(model(collate(col), task="query" if c == 0 else "document"),
-                                                   QUERY if c == 0 else PAGE))
-                for c, col in enumerate(columns)]
+        outputs = [model(collate(col), task="query" if c == 0 else "document") for c, col in enumerate(columns)]
+        reps = [scoring.represent(represent_output(out, QUERY if c == 0 else PAGE)) for c, out in enumerate(outputs)]
         n = reps[0].shape[0]
-        guide_hidden = None
-        if guide is not None:  # written out: the guide's scores of the whole batch, the query's positive less margin
-            with torch.no_grad():
-                g = [scoring.represent(represent_output(guide(collate(col), task="query" if c == 0 else "document"),
-                                                        QUERY if c == 0 else PAGE)) for c, col in enumerate(columns)]
-                sims = torch.cat([scoring.scores(g[0], page) for page in g[1:]], dim=1)
-            own = torch.arange(n)
-            guide_hidden = sims > (sims[own, own] - GUIDE_MARGIN)[:, None]
-            guide_hidden[own, own] = False
-        loss = torch.zeros(())
+        loss = _single_vector_term(case, outputs, n)
+        hidden = _hidden(case, columns, labels, n, scoring)
         for dim in dims:
             queries, pages = reps[0], reps[1:]
             if dim is not None:
                 queries, pages = scoring.truncate(queries, dim), [scoring.truncate(p, dim) for p in pages]
-            scores = torch.cat([scoring.scores(queries, p) for p in pages], dim=1)
-            if case.mask_ids:  # written out: candidate j (column j // n, row j % n) shares an id with query i
-                ids = labels["ids"]
-                candidate = ids[:, :case.page_columns].T.reshape(-1)
-                query_sets = torch.cat([ids[:, :1], ids[:, case.page_columns:]], dim=1)
-                hidden = torch.tensor([[bool(c != 0 and c in set(query_sets[i].tolist()) - {0}) and j != i
-                                        for j, c in enumerate(candidate.tolist())] for i in range(n)])
-                scores = scores.masked_fill(hidden, float("-inf"))
-            if guide_hidden is not None:
-                scores = scores.masked_fill(guide_hidden, float("-inf"))
-            options = dict(case.dataset)
-            rows = torch.arange(scores.shape[1]) % n  # candidate j is row j mod n's page
-            if not options.get("in_batch_negatives", True):  # only the query's own row's pages
-                scores = scores.masked_fill(rows[None, :] != torch.arange(n)[:, None], float("-inf"))
-            if not options.get("cross_device_negatives", True):  # only pages of the query's own rank
-                rank_of = torch.arange(n) // case.per_rank_batch
-                scores = scores.masked_fill(rank_of[rows][None, :] != rank_of[:, None], float("-inf"))
+            scores = torch.cat([scoring.scores(queries, p) for p in pages], dim=1).masked_fill(hidden, float("-inf"))
             loss = loss + F.cross_entropy(scores * case.scale, torch.arange(n))
             if d is not None:  # each row's own candidates, the batch mean
                 own = torch.stack([scoring.pair_scores(queries, p) for p in pages], dim=1)
@@ -269,6 +252,49 @@ def reference(case: Case, world: int) -> tuple[float, dict]:
         loss.backward()
         total += float(loss.detach())
     return total, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _single_vector_term(case: Case, outputs: list[dict], n: int) -> torch.Tensor:
+    """The hybrid's term: cosine InfoNCE of the pooled vectors over the global batch, at its dims (0 otherwise)."""
+    loss = torch.zeros(())
+    if case.hybrid_dims is None:
+        return loss
+    for dim in sorted(case.hybrid_dims, reverse=True) or [None]:
+        pooled = [F.normalize(out["sentence_embedding"][:, :dim], dim=-1) for out in outputs]
+        cosines = pooled[0] @ torch.cat(pooled[1:]).T
+        loss = loss + SINGLE_WEIGHT * F.cross_entropy(cosines * SINGLE_SCALE, torch.arange(n))
+    return loss
+
+
+def _hidden(case: Case, columns, labels: dict | None, n: int, scoring) -> torch.Tensor:
+    """[n, n * page columns] the candidates left out of each query's softmax (candidate j: row j mod n's page)."""
+    from dist_vdr.kinds.multi_vector.scoring import PAGE, QUERY
+
+    own = torch.arange(n)
+    rows = torch.arange(n * case.page_columns) % n
+    hidden = torch.zeros(n, n * case.page_columns, dtype=torch.bool)
+    if case.mask_ids:  # a candidate carrying one of the query's ids (its own positive kept)
+        ids = labels["ids"]
+        candidate = ids[:, :case.page_columns].T.reshape(-1)
+        query_sets = torch.cat([ids[:, :1], ids[:, case.page_columns:]], dim=1)
+        hidden |= torch.tensor([[bool(c != 0 and c in set(query_sets[i].tolist()) - {0}) and j != i
+                                 for j, c in enumerate(candidate.tolist())] for i in range(n)])
+    if case.mask_guide:  # the guide's scores of the whole batch above the query's positive less the margin
+        guide = make_guide()
+        with torch.no_grad():
+            g = [scoring.represent(represent_output(guide(collate(col), task="query" if c == 0 else "document"),
+                                                    QUERY if c == 0 else PAGE)) for c, col in enumerate(columns)]
+            sims = torch.cat([scoring.scores(g[0], page) for page in g[1:]], dim=1)
+        by_guide = sims > (sims[own, own] - GUIDE_MARGIN)[:, None]
+        by_guide[own, own] = False
+        hidden |= by_guide
+    options = dict(case.dataset)
+    if not options.get("in_batch_negatives", True):  # only the query's own row's pages
+        hidden |= rows[None, :] != own[:, None]
+    if not options.get("cross_device_negatives", True):  # only pages of the query's own rank
+        rank_of = own // case.per_rank_batch
+        hidden |= rank_of[rows][None, :] != rank_of[:, None]
+    return hidden
 
 
 def worker(rank: int, world: int, init_file: str, cases: list, out_path: str) -> None:

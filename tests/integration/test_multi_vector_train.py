@@ -167,25 +167,30 @@ def test_engine_trains_like_ddp(engine, ddp_run, tmp_path_factory, tiny_multi_ve
     assert len(calls) == STEPS and all(r == reductions[0] for r in reductions), reductions
 
 
-def test_lora_on_two_ranks_saves_adapter_and_head_and_merges(tiny_model, pages, tmp_path):
-    """ColQwen-style: LoRA on a bare backbone (the tiny embedding model) with a new token projection trained in
-    full beside it, on 2 ranks. final/ is the adapter + the projection; final/merged (merge_on_save) is a plain
-    MultiVectorEncoder that sentence-transformers loads; dist-vdr eval of either gives the run's metrics."""
+def test_lora_hybrid_on_two_ranks_saves_adapter_and_head_and_merges(tiny_model, pages, tmp_path):
+    """ColQwen-style LoRA on a bare backbone (the tiny embedding model, its pooling dropped) with a new token
+    projection trained in full beside it, as a hybrid (the base's last-token pooling kept as a single vector,
+    trained together), on 2 ranks. final/ is the adapter + the projection; final/merged (merge_on_save) is a plain
+    MultiVectorEncoder that sentence-transformers loads, with both outputs; dist-vdr eval of either gives the
+    run's metrics, of the token vectors and of the single vector."""
     out = tmp_path / "lora"
     proc = run_launcher("launch/cpu.yaml", [
         "--config", RECIPE, *tiny_overrides(tiny_model, pages, out, "training.max_steps=4", "training.save_steps=4",
                                             "data.max_eval_queries=8", "evaluation.before_training=false",
                                             "multi_vector.token_dim=16", "loss.matryoshka_dims=[16,8]",
+                                            "multi_vector.hybrid=true", "multi_vector.single_vector_dims=[64,32]",
                                             "model.adapter.type=lora", "model.adapter.rank=4",
                                             "model.adapter.merge_on_save=true", "training.learning_rate=5e-3")])
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-    assert "LoRA r=4 + the token projection" in log
+    assert "LoRA r=4 + the token projection" in log and "loss: HybridCachedLoss" in log
+    assert "(single vector, dim 64: before=n/a after=" in log
     from dist_vdr.models import adapters
 
     final = out / "final"
     assert (final / adapters.ADAPTER_WEIGHTS).is_file() and (final / adapters.TRAINED_MODULES).is_file()
     after = json.loads((out / "metrics_after.json").read_text())["metrics"]
+    assert {"16", "8", "single/64", "single/32"} <= set(after), sorted(after)
     for model in (final, final / adapters.MERGED):
         ev = run_cli(["eval", "--model", str(model), "--data", str(pages), "--device", "cpu", "--dims", "16,8",
                       "--output", str(tmp_path / f"eval-{model.name}"), "data.max_eval_queries=8",
@@ -194,10 +199,13 @@ def test_lora_on_two_ranks_saves_adapter_and_head_and_merges(tiny_model, pages, 
         got = json.loads((tmp_path / f"eval-{model.name}" / "retrieval_metrics.json").read_text())["metrics"]
         for dim in ("16", "8"):
             assert got[dim]["ndcg@10"] == pytest.approx(after[dim]["ndcg@10"], abs=1e-4), (model, dim)
+        single = json.loads((tmp_path / f"eval-{model.name}" / "single" / "retrieval_metrics.json").read_text())
+        assert single["metrics"]["64"]["ndcg@10"] == pytest.approx(after["single/64"]["ndcg@10"], abs=1e-4), model
     from sentence_transformers import MultiVectorEncoder
 
     merged = MultiVectorEncoder(str(final / adapters.MERGED), device="cpu")
     assert merged.encode_query("red bar chart").shape[-1] == 16
+    assert merged.encode_query(["red bar chart"], output_value=None)[0]["sentence_embedding"].shape == (64,)
 
 
 def test_teacher_scores_then_masking_and_distillation_on_two_ranks(tiny_multi_vector, pages, tmp_path):

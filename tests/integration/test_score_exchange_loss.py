@@ -44,6 +44,8 @@ CASES_W2 = [
     Case("mask_ids_distill_kl_2cols_2dims", mini_batch_size=2, per_rank_batch=3, mask_ids=True, distillation="kl"),
     Case("distill_margin_mse_2cols_agreed_length", distillation="margin_mse", query_length=None),
     Case("mask_guide_and_ids_mb2_2cols_2dims", mini_batch_size=2, per_rank_batch=3, mask_ids=True, mask_guide=True),
+    # the hybrid: + the pooled vector's cosine InfoNCE (Matryoshka), from the same encode
+    Case("hybrid_mb2_2cols_2dims_single_2dims", mini_batch_size=2, per_rank_batch=3, hybrid_dims=(16, 8)),
     # a mixture's per-dataset options (the step's dataset in labels["dataset"])
     Case("dataset_no_in_batch_negatives", per_rank_batch=3, dataset=(("in_batch_negatives", False),)),
     Case("dataset_local_negatives_mb2", mini_batch_size=2, per_rank_batch=3,
@@ -56,6 +58,7 @@ CASES_W4 = [
     Case("w4_mb2_3cols_agreed_length", mini_batch_size=2, page_columns=3, query_length=None),
     Case("w4_mask_ids_2cols", mask_ids=True),
     Case("w4_mask_guide_3cols", page_columns=3, mask_guide=True),
+    Case("w4_hybrid_agreed_length", hybrid_dims=(), query_length=None),
 ]
 BROKEN = [c for c in CASES_W2 if c.implementation.startswith("broken")]
 
@@ -89,7 +92,8 @@ def test_four_ranks_equal_single_process(results_w4, case):
 def test_every_rank_returns_the_global_loss(results_w2, results_w4):
     for results, cases in ((results_w2, CASES_W2), (results_w4, CASES_W4)):
         for case in cases:
-            if case.implementation == "score_exchange" and case.distillation is None and not case.dataset:
+            if case.implementation == "score_exchange" and case.distillation is None and not case.dataset \
+                    and case.hybrid_dims is None:  # distillation, local datasets, the single vector: per rank
                 losses = results[case.name]["rank_losses"]
                 assert max(losses) - min(losses) <= 1e-6 * abs(losses[0]), (case.name, losses)
 
@@ -112,6 +116,8 @@ def test_collectives_per_step_constant(results_w2, results_w4):
             expected = {"all_gather": 2 * steps, "all_reduce": (1 + (case.query_length is None)) * steps}
             if case.dataset:  # a dataset that keeps its negatives on their rank: no exchange at all
                 expected = {}
+            if case.hybrid_dims is not None:  # + the single vector's all-gather and gradient reduction
+                expected = {"all_gather": expected["all_gather"] + steps, "all_reduce": expected["all_reduce"] + steps}
             assert got["forward"] == expected, (case.name, got["forward"])
             assert got["backward"] == {"all_reduce": 1}, (case.name, got["backward"])
     stock = results_w2["stock_gather_2cols"]

@@ -32,6 +32,8 @@ def test_the_kind_is_registered_with_its_section_and_options():
             (["loss.pos_weight=2.0"], "loss.pos_weight applies to task=reranker; remove it for task=multi_vector"),
             (["multi_vector.token_dim=0"], "multi_vector.token_dim must be >= 1"),
             (["multi_vector.query_length=0"], "multi_vector.query_length must be >= 1"),
+            (["multi_vector.single_vector_dims=[64]"], "single_vector_dims applies to multi_vector.hybrid=true"),
+            (["multi_vector.hybrid=true", "multi_vector.single_vector_scale=0"], "single_vector_scale > 0"),
             (["evaluation.implementation=stock"], "use evaluation.implementation=sharded"),
             (["loss.implementation=stock"], "loss.implementation=stock is not available for task=multi_vector"),
             (["loss.distillation.scores_column=t", "data.negative_columns=[]"], "set data.negative_columns")):
@@ -59,3 +61,13 @@ def test_the_recipe_builds_the_score_exchange_loss(tmp_path):
                      out=Path(tmp_path), engine=None)
     local = task.build_loss(ctx, torch.nn.Sequential(torch.nn.Linear(2, 2)))
     assert (local.rank, local.world_size) == (0, 1)  # negatives kept on their rank: a world of one
+
+
+def test_the_hybrid_recipe_builds_the_hybrid_loss(tmp_path):
+    cfg = _cfg("multi_vector.hybrid=true", "multi_vector.single_vector_dims=[64,32]",
+               "multi_vector.single_vector_weight=0.5", "multi_vector.single_vector_scale=30")
+    ctx = RunContext(cfg=cfg, info=DistInfo(rank=0, world_size=2), out=Path(tmp_path), engine=None)
+    loss = kinds.get("multi_vector").build_loss(ctx, torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert type(loss).__name__ == "HybridCachedLoss"
+    assert [(d, w) for d, w in loss.single.dims_weights] == [(64, 0.5), (32, 0.5)]
+    assert (loss.single.scale, loss.single.world_size) == (30.0, 2)

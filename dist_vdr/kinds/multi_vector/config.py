@@ -3,7 +3,7 @@ model)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CHUNK_ELEMENTS = 1 << 24
 """Default bound on the ``[queries, pages, query tokens, page tokens]`` similarity block scored at once
@@ -32,7 +32,25 @@ class MultiVectorConfig:
     """The bound on the [queries, pages, query tokens, page tokens] similarity block scored at once, in the loss,
     the evaluation and mining (2**24 floats: 64 MiB in float32)."""
 
+    hybrid: bool = False
+    """Also a pooled single vector on the same backbone (jina-embeddings-v4's design): one encode per mini-batch
+    gives the token vectors and the pooled vector, and the loss trains both (the single vector: cosine InfoNCE over
+    the global batch, Matryoshka on single_vector_dims); the single vector serves as a first stage, the tokens as
+    the exact second stage. The pooling is model.pooling (auto: the base's own Pooling, else last token)."""
+    single_vector_dims: list[int] = field(default_factory=list)
+    """hybrid: the Matryoshka dims of the pooled vector (empty: its full dimension, the backbone's hidden size)."""
+    single_vector_weight: float = 1.0
+    """hybrid: the single-vector term's weight beside the token term."""
+    single_vector_scale: float = 20.0
+    """hybrid: the single-vector term's scale (1 / temperature of its cosine scores)."""
+
     def __post_init__(self) -> None:
+        if self.single_vector_weight < 0 or self.single_vector_scale <= 0:
+            raise ValueError("multi_vector.single_vector_weight must be >= 0 and single_vector_scale > 0")
+        if any(d < 1 for d in self.single_vector_dims):
+            raise ValueError(f"multi_vector.single_vector_dims must be >= 1, got {self.single_vector_dims}")
+        if self.single_vector_dims and not self.hybrid:
+            raise ValueError("multi_vector.single_vector_dims applies to multi_vector.hybrid=true")
         if self.token_dim < 1:
             raise ValueError(f"multi_vector.token_dim must be >= 1, got {self.token_dim}")
         if self.query_length is not None and self.query_length < 1:

@@ -133,7 +133,8 @@ def _backbone_folder(path: str) -> str:
 
 
 def build_multi_vector(model_cfg: ModelConfig, *, precision: str = "fp32", device: str = "cpu", seed: int = 0,
-                       token_dim: int = DEFAULT_TOKEN_DIM, image_tokens_only: bool = False):
+                       token_dim: int = DEFAULT_TOKEN_DIM, image_tokens_only: bool = False, hybrid: bool = False,
+                       pooling: str | None = None):
     """The MultiVectorEncoder of ``model_cfg`` on ``device``, its weights in the dtype and attention
     implementation ``model.dtype`` / ``model.attn_implementation`` resolve to (as the embedding kind's), with
     the recipe's LoRA adapter (``model.adapter``) on the backbone.
@@ -144,7 +145,9 @@ def build_multi_vector(model_cfg: ModelConfig, *, precision: str = "fp32", devic
     such as Qwen3-VL-Embedding, whose pooling is dropped) gets :func:`multi_vector_head`: a new projection to
     ``token_dim`` drawn from ``seed``. With an adapter, the modules after the backbone (the projection) are
     trained in full beside it (ColQwen trains its projection so) and saved with it; a folder written by such a
-    run loads as its base, the same head, the adapter and the trained head."""
+    run loads as its base, the same head, the adapter and the trained head. ``hybrid``: a ``Pooling`` module right
+    after the backbone too (:func:`add_pooling`), unless the model has one: its ``sentence_embedding`` is the
+    single vector of a hybrid model."""
     import dataclasses
 
     from dist_vdr.config import AdapterConfig
@@ -166,10 +169,14 @@ def build_multi_vector(model_cfg: ModelConfig, *, precision: str = "fp32", devic
         return model
     model = _build_base(model_cfg, path, precision=precision, device=device, seed=seed, token_dim=token_dim,
                         image_tokens_only=image_tokens_only)
+    if hybrid and not is_hybrid(model):
+        add_pooling(model, path, pooling or model_cfg.pooling)
     if model_cfg.adapter.type:
         base = str(Path(path).resolve()) if Path(path).is_dir() else path
         head = {} if is_multi_vector_model(path) else \
             {"token_dim": token_dim, "seed": seed, "image_tokens_only": image_tokens_only}
+        if hybrid:
+            head.update(hybrid=True, pooling=pooling or model_cfg.pooling)
         trained = tuple(f"{i}." for i, module in enumerate(model) if i and any(True for _ in module.parameters()))
         count = adapters.attach(model, model_cfg.adapter, base=base, seed=seed, trained_modules=trained,
                                 record=_adapter_record({"head": head}))
@@ -178,6 +185,38 @@ def build_multi_vector(model_cfg: ModelConfig, *, precision: str = "fp32", devic
         if model_cfg.gradient_checkpointing:  # frozen inputs would give the checkpointed blocks no gradient path
             model[0].model.enable_input_require_grads()
     return model
+
+
+def is_hybrid(model) -> bool:
+    """Whether the model also pools a single vector (a ``Pooling`` module in its pipeline)."""
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    return any(isinstance(module, Pooling) for module in model)
+
+
+def add_pooling(model, path: str, pooling: str = "auto") -> None:
+    """Insert a ``Pooling`` module right after the backbone: it reads the backbone's token states (before the
+    projection) and writes ``sentence_embedding``, which the later modules leave alone. ``pooling`` auto: the
+    base's own Pooling mode when ``path`` is a SentenceTransformer folder that has one (Qwen3-VL-Embedding: last
+    token), else last token."""
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    mode = pooling
+    if mode == "auto":
+        mode = "lasttoken"
+        modules = Path(path) / "modules.json"
+        for entry in json.loads(modules.read_text()) if modules.is_file() else []:
+            config = Path(path) / entry.get("path", "") / "config.json"
+            if str(entry.get("type", "")).endswith(".Pooling") and config.is_file():
+                mode = json.loads(config.read_text()).get("pooling_mode", mode)
+    pooling_module = Pooling(model[0].get_embedding_dimension(), pooling_mode=mode)
+    modules = list(model)
+    for key in list(model._modules):
+        del model._modules[key]
+    for i, module in enumerate([modules[0], pooling_module, *modules[1:]]):
+        model.add_module(str(i), module)
+    logger.info("hybrid: %s pooling of the backbone's %d-d states as the single vector", mode,
+                model[0].get_embedding_dimension())
 
 
 def _adapter_record(record: dict) -> dict:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dist_vdr.kinds.multi_vector.config import CHUNK_ELEMENTS
-from dist_vdr.retrieval.scoring import PAGE, QUERY, Scoring
+from dist_vdr.retrieval.scoring import PAGE, QUERY, CosineScoring, Scoring
 
 KINDS = (QUERY, PAGE)
 TASKS = {QUERY: "query", PAGE: "document"}
@@ -248,3 +248,21 @@ class MaxSimScoring(Scoring):
     def encode_queries(self, model, texts: list[str], batch_size: int) -> Tensor:
         tokens = model.encode_query(list(texts), batch_size=batch_size, show_progress_bar=False)
         return self.represent(pad_tokens([t.float().cpu() for t in tokens], QUERY))
+
+
+class PooledScoring(CosineScoring):
+    """A hybrid model's single vector (its ``Pooling`` module's ``sentence_embedding``), compared by cosine: the
+    single-vector kind's rule, read from a MultiVectorEncoder (told the side as its ``task``)."""
+
+    def prepare(self, model, inputs: list, side: str, prompt: str | None) -> dict:
+        return model.preprocess(inputs, prompt=prompt, task=TASKS[side])
+
+    def forward(self, model, features: dict, side: str) -> Tensor:
+        return self.represent(model(dict(features), task=TASKS[side])["sentence_embedding"].float())
+
+    def encode_queries(self, model, texts: list[str], batch_size: int) -> Tensor:
+        outputs = model.encode_query(list(texts), batch_size=batch_size, show_progress_bar=False, output_value=None)
+        return self.represent(torch.stack([o["sentence_embedding"].float().cpu() for o in outputs]))
+
+    def cache_tag(self) -> str:
+        return f"{type(self).__module__}.{type(self).__qualname__}(sentence_embedding of a MultiVectorEncoder)"

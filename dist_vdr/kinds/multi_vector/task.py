@@ -7,6 +7,7 @@ the token dimension); evaluation, mining and teacher scoring are the shared shar
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from sentence_transformers import MultiVectorEncoderTrainingArguments
@@ -15,8 +16,10 @@ from dist_vdr.config import Config
 from dist_vdr.data import id_labels, mixture_rows
 from dist_vdr.engines.trainers import MultiVectorTrainer
 from dist_vdr.kinds.base import RunContext, Task, TaskInputs, dims_headline, write_dims_summary
-from dist_vdr.kinds.multi_vector.model import build_multi_vector, is_multi_vector_model, token_dim
-from dist_vdr.kinds.multi_vector.scoring import MaxSimScoring, from_masked
+from dist_vdr.kinds.multi_vector.evaluation import SINGLE, HybridEvaluator
+from dist_vdr.kinds.multi_vector.loss import HybridCachedLoss
+from dist_vdr.kinds.multi_vector.model import build_multi_vector, is_hybrid, is_multi_vector_model, token_dim
+from dist_vdr.kinds.multi_vector.scoring import MaxSimScoring, PooledScoring, from_masked
 from dist_vdr.losses import distillation, false_negatives
 from dist_vdr.losses.global_batch import dataset_options
 from dist_vdr.models import guide as guide_models
@@ -73,13 +76,17 @@ class MultiVectorTask(Task):
         cfg = ctx.cfg
         return build_multi_vector(cfg.model, precision=cfg.training.precision, device=ctx.info.device,
                                   seed=cfg.training.seed, token_dim=cfg.multi_vector.token_dim,
-                                  image_tokens_only=cfg.multi_vector.image_tokens_only)
+                                  image_tokens_only=cfg.multi_vector.image_tokens_only, hybrid=cfg.multi_vector.hybrid)
 
     def eval_dims(self, cfg: Config, model) -> list[int]:
         dim = token_dim(model)
         check_dims(cfg.loss.matryoshka_dims, dim, "loss.matryoshka_dims")
         dims = cfg.eval_dims(dim)
         check_dims(dims, dim, "evaluation.dims")
+        if cfg.multi_vector.hybrid:  # the single vector's dims, evaluated beside (build_evaluator)
+            width = model[0].get_embedding_dimension()
+            check_dims(cfg.multi_vector.single_vector_dims, width, "multi_vector.single_vector_dims")
+            self.single_dims = list(cfg.multi_vector.single_vector_dims or [width])
         return dims
 
     def training_arguments(self, cfg: Config) -> tuple[type, dict]:
@@ -98,23 +105,42 @@ class MultiVectorTask(Task):
                              f"model of the same backbone, e.g. an earlier run's final/")
         guide = guide_models.load_guide(cfg, model, lambda guide_cfg: build_multi_vector(
             guide_cfg, precision=cfg.training.precision, device=ctx.info.device)) if fn.guide else None
-        return ScoreExchangeCachedLoss(
+        mv = cfg.multi_vector
+        cls, hybrid = (ScoreExchangeCachedLoss, {}) if not mv.hybrid else (HybridCachedLoss, dict(
+            single_dims=mv.single_vector_dims, single_weight=mv.single_vector_weight,
+            single_scale=mv.single_vector_scale))
+        return cls(
             model, self.scoring(cfg), matryoshka_dims=loss.matryoshka_dims, matryoshka_weights=loss.matryoshka_weights,
             rank=0 if local else ctx.info.rank, world_size=1 if local else ctx.info.world_size, scale=loss.scale,
             mini_batch_size=loss.mini_batch_size, mini_batch_num_tokens=loss.mini_batch_num_tokens,
             query_length=cfg.multi_vector.query_length, represent_output=read_tokens,
             mask_same_ids=fn.id_column is not None, guide=guide, guide_margin=fn.margin,
-            guide_margin_strategy=fn.margin_strategy, distillation=loss.distillation, datasets=dataset_options(cfg))
+            guide_margin_strategy=fn.margin_strategy, distillation=loss.distillation, datasets=dataset_options(cfg),
+            **hybrid)
 
     def build_evaluator(self, ctx: RunContext, eval_data, dims: list[int], inputs: TaskInputs):
-        return ShardedRetrievalEvaluator.of(eval_data, dims, ctx.cfg.evaluation, show_progress=True,
-                                            scoring=self.scoring(ctx.cfg))
+        tokens = ShardedRetrievalEvaluator.of(eval_data, dims, ctx.cfg.evaluation, show_progress=True,
+                                              scoring=self.scoring(ctx.cfg))
+        if not ctx.cfg.multi_vector.hybrid:
+            return tokens
+        return HybridEvaluator(tokens, ShardedRetrievalEvaluator.of(eval_data, self.single_dims, ctx.cfg.evaluation,
+                                                                    show_progress=True, scoring=PooledScoring()))
 
     def write_summary(self, out: Path, result: RunResult) -> None:
         write_dims_summary(out, result)
 
     def headline(self, result: RunResult, metric: str) -> str | None:
-        return dims_headline(result, metric)
+        """The token vectors' line; a hybrid's single vector (largest dim) after it."""
+        tokens = dataclasses.replace(result, before=_rows(result.before, False), after=_rows(result.after, False))
+        line = dims_headline(tokens, metric)
+        single = _rows(result.after, True)
+        if line is None or single is None or not single.rows:
+            return line
+        dim = max(int(row.split("/")[1]) for row in single.rows)
+        before = _rows(result.before, True)
+        value = lambda m: "n/a" if m is None or m.get(f"{SINGLE}/{dim}", metric) is None \
+            else f"{m.get(f'{SINGLE}/{dim}', metric):.4f}"  # noqa: E731
+        return f"{line} (single vector, dim {dim}: before={value(before)} after={value(single)})"
 
     def card_usage(self, cfg: Config) -> str:
         if cfg.model.adapter.type:
@@ -133,5 +159,18 @@ class MultiVectorTask(Task):
         return build_multi_vector(model_cfg, precision=precision, device=device)
 
     def command_evaluator(self, cfg, data, model):
-        return ShardedRetrievalEvaluator.of(data, cfg.evaluation.dims or [token_dim(model)], cfg.evaluation,
-                                            cache_dir=cfg.eval.cache, scoring=self.scoring(cfg))
+        tokens = ShardedRetrievalEvaluator.of(data, cfg.evaluation.dims or [token_dim(model)], cfg.evaluation,
+                                              cache_dir=cfg.eval.cache, scoring=self.scoring(cfg))
+        if not is_hybrid(model):
+            return tokens
+        return HybridEvaluator(tokens, ShardedRetrievalEvaluator.of(
+            data, [model[0].get_embedding_dimension()], cfg.evaluation, cache_dir=cfg.eval.cache,
+            scoring=PooledScoring()))
+
+
+def _rows(metrics, single: bool):
+    """``metrics`` with only the single vector's rows (``single``) or only the others."""
+    if metrics is None:
+        return None
+    keep = {row: values for row, values in metrics.rows.items() if row.startswith(f"{SINGLE}/") == single}
+    return dataclasses.replace(metrics, rows=keep)
