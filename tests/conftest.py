@@ -30,6 +30,13 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_multi_vector(tmp_path_factory) -> Path:
+    from dist_vdr.kinds.tiny import build_tiny_multi_vector
+
+    return build_tiny_multi_vector(tmp_path_factory.mktemp("models") / "tiny-multi-vector")
+
+
+@pytest.fixture(scope="session")
 def pages(tmp_path_factory) -> Path:
     from dist_vdr.data.synthetic import SyntheticPagesSpec, generate_pages
 

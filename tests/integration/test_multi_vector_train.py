@@ -37,13 +37,6 @@ DIMS = [32, 16, 8]  # the recipe's loss.matryoshka_dims: token dims
 COMMON = ("data.max_eval_queries=8", "launch.log_collectives=true")
 
 
-@pytest.fixture(scope="session")
-def tiny_multi_vector(tmp_path_factory) -> Path:
-    from dist_vdr.kinds.tiny import build_tiny_multi_vector
-
-    return build_tiny_multi_vector(tmp_path_factory.mktemp("models") / "tiny-multi-vector")
-
-
 def _args(model: Path, pages: Path, out: Path, *more: str) -> list[str]:
     return ["--config", RECIPE, *tiny_overrides(model, pages, out, f"training.max_steps={STEPS}",
                                                 "training.save_total_limit=10", *COMMON, *more)]

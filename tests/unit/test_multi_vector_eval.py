@@ -1,0 +1,72 @@
+"""The sharded evaluator with the multi-vector kind's MaxSim (one process): its metrics equal a brute-force MaxSim
+written out in plain torch over sentence-transformers' own token embeddings, and sentence-transformers'
+MultiVectorInformationRetrievalEvaluator; every token dim comes from one encode. (2 ranks vs 1, and mining:
+tests/integration/test_multi_vector_commands.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_vdr.config import DataConfig, ModelConfig
+from dist_vdr.data.loading import load_eval
+from dist_vdr.kinds.multi_vector.model import build_multi_vector
+from dist_vdr.kinds.multi_vector.scoring import MaxSimScoring
+from dist_vdr.retrieval.metrics import retrieval_metrics
+from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator, trec_tie_key
+from dist_vdr.retrieval.stock import summarise
+
+KS = (1, 3, 5, 10, 100)
+NAMES = ("ndcg@10", "mrr@10", "accuracy@1", "recall@10", "recall@100", "map@100", "precision@3")
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_multi_vector, pages):
+    model = build_multi_vector(ModelConfig(name_or_path=str(tiny_multi_vector)), precision="fp32", device="cpu")
+    data = load_eval(DataConfig(path=str(pages)))
+    ours = ShardedRetrievalEvaluator(data, [32, 16], ks=KS, batch_size=8, num_workers=0, show_progress=False,
+                                     scoring=MaxSimScoring())
+    return model, data, ours, summarise(ours(model))
+
+
+def _brute_force(model, data, dim: int) -> dict[str, float]:
+    """Plain torch: sentence-transformers' token embeddings (each query's, each page's: lists of [T_i, D]),
+    cut to ``dim`` and re-normalised per token, sum over query tokens of the max over page tokens, every page."""
+    qids = list(data.queries)
+    queries = model.encode_query([data.queries[q] for q in qids], batch_size=8)
+    corpus = data.corpus_dict()
+    pids = list(corpus)
+    pages = model.encode_document([corpus[p] for p in pids], batch_size=8)
+
+    def cut(t):
+        return torch.nn.functional.normalize(t[:, :dim].double(), dim=-1)
+
+    scores = torch.tensor([[float((cut(q) @ cut(p).T).max(dim=1).values.sum()) for p in pages] for q in queries])
+    key = torch.as_tensor(trec_tie_key(pids))
+    ranked = {}
+    for i, qid in enumerate(qids):  # score, then the evaluator's tie order (descending id)
+        order = sorted(range(len(pids)), key=lambda j: (-scores[i, j].item(), -key[j].item()))[:max(KS)]
+        ranked[qid] = [pids[j] for j in order]
+    return retrieval_metrics(ranked, data.qrels, KS)
+
+
+def test_metrics_equal_brute_force_maxsim_at_every_token_dim(setting):
+    model, data, _, ours = setting
+    for dim in (32, 16):
+        expected = _brute_force(model, data, dim)
+        for name in NAMES:
+            assert ours[dim][name] == pytest.approx(expected[name], abs=1e-6), (dim, name)
+
+
+def test_metrics_equal_sentence_transformers_multi_vector_evaluator(setting):
+    from sentence_transformers.multi_vector_encoder.evaluation import MultiVectorInformationRetrievalEvaluator
+
+    model, data, _, ours = setting
+    ks = list(KS)
+    theirs = MultiVectorInformationRetrievalEvaluator(
+        queries=data.queries, corpus=data.corpus_dict(), relevant_docs=data.relevant_sets(), batch_size=8,
+        mrr_at_k=ks, ndcg_at_k=ks, accuracy_at_k=ks, precision_recall_at_k=ks, map_at_k=ks, write_csv=False,
+        show_progress_bar=False)(model)
+    prefix = next(k for k in theirs if k.endswith("_ndcg@10")).rsplit("_", 1)[0]  # e.g. maxsim
+    for name in NAMES:
+        assert ours[32][name] == pytest.approx(theirs[f"{prefix}_{name}"], abs=1e-6), name
