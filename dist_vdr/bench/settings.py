@@ -214,3 +214,31 @@ class MaxsimBench:
 @dataclass(kw_only=True)
 class MaxsimBenchCommand:
     bench_maxsim: MaxsimBench = field(default_factory=MaxsimBench)
+
+
+@dataclass(kw_only=True)
+class PoolingBench:
+    """`dist-vdr bench pooling`: index-time token pooling of a multi-vector model's pages, NDCG@10 and bytes per page
+    at each pool factor beside no pooling (one process)."""
+
+    model: str = REQUIRED
+    """A multi-vector model folder (a run's final/)."""
+    data: str = REQUIRED
+    """A page dataset with an eval set (data.eval_format ir: eval_queries / eval_corpus / eval_qrels)."""
+    pool_factors: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0])
+    """The pool factors, the first the baseline of the ratios."""
+    divide_by_query_length: bool = False
+    """MeanMaxSim (as the model was trained: rankings differ where query lengths differ)."""
+    batch_size: int = 16
+    max_queries: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.pool_factors or any(not f >= 1 for f in self.pool_factors):
+            raise ValueError(f"bench_pooling.pool_factors must be >= 1, got {self.pool_factors}")
+        if self.batch_size < 1:
+            raise ValueError("bench_pooling.batch_size must be >= 1")
+
+
+@dataclass(kw_only=True)
+class PoolingBenchCommand:
+    bench_pooling: PoolingBench = field(default_factory=PoolingBench)

@@ -16,6 +16,7 @@ from dist_vdr.bench.settings import (
     EvalBenchCommand,
     LossBenchCommand,
     MaxsimBenchCommand,
+    PoolingBenchCommand,
     SearchBenchCommand,
     StartupBenchCommand,
     TrainBenchCommand,
@@ -61,6 +62,12 @@ CHECKPOINT = Command(CheckpointBenchCommand, (Opt("--work-dir", "bench_checkpoin
 MAXSIM = Command(MaxsimBenchCommand, tuple(Opt(f"--{k.replace('_', '-')}", f"bench_maxsim.{k}") for k in (
     "world_size", "batch", "query_tokens", "page_columns", "page_tokens", "dim", "chunk_elements",
     "score_mini_batch_size", "json")))
+
+POOLING = Command(PoolingBenchCommand, (
+    Opt("--model", "bench_pooling.model"), Opt("--data", "bench_pooling.data"),
+    Opt("--pool-factors", "bench_pooling.pool_factors"),
+    Opt("--divide-by-query-length", "bench_pooling.divide_by_query_length"),
+    Opt("--batch-size", "bench_pooling.batch_size"), Opt("--max-queries", "bench_pooling.max_queries")))
 
 SEARCH = Command(SearchBenchCommand, (
     Opt("--num-pages", "bench_search.num_pages"),
@@ -175,6 +182,16 @@ def _bench_maxsim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_pooling(args: argparse.Namespace) -> int:
+    from dist_vdr.bench import token_pooling
+
+    b = load_command(args, POOLING).bench_pooling
+    rows = token_pooling.run(b.model, b.data, b.pool_factors, divide_by_query_length=b.divide_by_query_length,
+                             batch_size=b.batch_size, max_queries=b.max_queries)
+    print(token_pooling.format_table(rows), flush=True)
+    return 0
+
+
 COMMANDS = {
     "train": (TRAIN, _bench, "training throughput: dist-vdr train vs stock sentence-transformers settings, side by "
                              "side (s/step, triplets/s, tokens/s, MFU, peak memory)"),
@@ -182,6 +199,8 @@ COMMANDS = {
     "eval": (EVAL, _bench_eval, "7-dim sweep: stock per-dim evaluators vs the sharded evaluator, 1 and W ranks"),
     "maxsim": (MAXSIM, _bench_maxsim, "peak memory of the multi-vector scoring step: chunked MaxSim vs the "
                                       "unchunked einsum and sentence-transformers' scoring"),
+    "pooling": (POOLING, _bench_pooling, "index-time token pooling of a multi-vector model's pages: NDCG@10 and "
+                                         "bytes per page at each pool factor beside none"),
     "search": (SEARCH, _bench_search, "exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS"),
     "corpus": (CORPUS, _bench_corpus, "pages build and corpus mining: 1 process vs W, rows compared"),
     "startup": (STARTUP, _bench_startup, "time to the first step by phase: rows, ranks, first start vs resume"),

@@ -49,6 +49,7 @@ REQUIRED = {
     "bench corpus": {"--work-dir": "w"},
     "bench startup": {"--work-dir": "w"},
     "bench checkpoint": {"--work-dir": "w"},
+    "bench pooling": {"--model": "m", "--data": "d"},
 }
 
 
@@ -69,7 +70,7 @@ CONFIGURED = sorted(name for name, p in SUBCOMMANDS.items() if p.get_default("co
 def test_the_settings_commands_are_configured():
     assert set(CONFIGURED) == {"eval", "mine-negatives", "score-rows", "pages build", "submit", "bench train",
                                "bench loss", "bench eval", "bench corpus", "bench startup", "bench checkpoint",
-                               "bench search", "bench maxsim"}
+                               "bench search", "bench maxsim", "bench pooling"}
     assert set(SUBCOMMANDS) == set(CONFIGURED) | set(UNMAPPED)
 
 

@@ -70,3 +70,47 @@ def test_metrics_equal_sentence_transformers_multi_vector_evaluator(setting):
     prefix = next(k for k in theirs if k.endswith("_ndcg@10")).rsplit("_", 1)[0]  # e.g. maxsim
     for name in NAMES:
         assert ours[32][name] == pytest.approx(theirs[f"{prefix}_{name}"], abs=1e-6), name
+
+
+def test_index_time_token_pooling_equals_sentence_transformers_pooled_encode(setting):
+    """multi_vector.pool_factor=2: the stored pages are sentence-transformers' encode_document(token_pooling=
+    HierarchicalTokenPooling(2, no protected token)), about half the tokens; queries are not pooled; the cache keys
+    on it; the evaluator runs with it."""
+    from sentence_transformers.multi_vector_encoder.modules import HierarchicalTokenPooling
+
+    from dist_vdr.kinds.multi_vector.scoring import PAGE, QUERY
+
+    model, data, _, _ = setting
+    pooled = MaxSimScoring(pool_factor=2)
+    corpus = data.corpus_dict()
+    images = [corpus[p] for p in list(corpus)[:6]]
+    features = pooled.prepare(model, images, PAGE, None)
+    with torch.no_grad():
+        ours = pooled.forward(model, features, PAGE)
+        full = MaxSimScoring().forward(model, features, PAGE)
+    theirs = model.encode_document(images, batch_size=6, token_pooling=HierarchicalTokenPooling(
+        2, num_protected_tokens=0, normalize_embeddings=True))
+    for row, ref in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(row[:len(ref)], ref.float(), rtol=0, atol=1e-5)  # then copies of the first
+    assert ours.shape[1] <= (full.shape[1] + 1) // 2 + 1
+    queries = pooled.prepare(model, ["red bar chart"], QUERY, None)
+    with torch.no_grad():
+        assert torch.equal(pooled.forward(model, queries, QUERY), MaxSimScoring().forward(model, queries, QUERY))
+    assert pooled.cache_tag() != MaxSimScoring().cache_tag()  # a cache never mixes pooled and full pages
+    ev = ShardedRetrievalEvaluator(data, [32], ks=KS, batch_size=8, num_workers=0, show_progress=False,
+                                   scoring=pooled)
+    assert 0 < summarise(ev(model))[32]["ndcg@10"] <= 1
+
+
+def test_bench_pooling_prints_the_table(tiny_multi_vector, pages, capsys):
+    """`dist-vdr bench pooling`: a row per pool factor, the first the baseline of the ratios."""
+    from dist_vdr.cli.commands import build_parser
+
+    args = build_parser().parse_args(["bench", "pooling", "--model", str(tiny_multi_vector), "--data", str(pages),
+                                      "--pool-factors", "1,2", "--max-queries", "8", "--batch-size", "8"])
+    assert args.fn(args) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2 and "| 100.0% |" in rows[0], out
+    full, pooled = (float(r.split("|")[5]) for r in rows)  # vectors per page
+    assert pooled < 0.6 * full, out

@@ -32,6 +32,10 @@ class MultiVectorConfig:
     """The bound on the [queries, pages, query tokens, page tokens] similarity block scored at once, in the loss,
     the evaluation and mining (2**24 floats: 64 MiB in float32)."""
 
+    pool_factor: float = 1.0
+    """Index-time token pooling of the evaluation, mining and teacher scoring (not training): each page keeps about
+    1 / pool_factor of its token vectors (sentence-transformers' HierarchicalTokenPooling: Ward clusters replaced by
+    their normalised means); 1: none. Queries are never pooled."""
     hybrid: bool = False
     """Also a pooled single vector on the same backbone (jina-embeddings-v4's design): one encode per mini-batch
     gives the token vectors and the pooled vector, and the loss trains both (the single vector: cosine InfoNCE over
@@ -51,6 +55,8 @@ class MultiVectorConfig:
             raise ValueError(f"multi_vector.single_vector_dims must be >= 1, got {self.single_vector_dims}")
         if self.single_vector_dims and not self.hybrid:
             raise ValueError("multi_vector.single_vector_dims applies to multi_vector.hybrid=true")
+        if not self.pool_factor >= 1:
+            raise ValueError(f"multi_vector.pool_factor must be >= 1 (1: no pooling), got {self.pool_factor}")
         if self.token_dim < 1:
             raise ValueError(f"multi_vector.token_dim must be >= 1, got {self.token_dim}")
         if self.query_length is not None and self.query_length < 1:

@@ -181,11 +181,15 @@ class MaxSimScoring(Scoring):
     inner_product = False
     ragged = True
 
-    def __init__(self, divide_by_query_length: bool = False, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+    def __init__(self, divide_by_query_length: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
+                 pool_factor: float = 1.0) -> None:
         if chunk_elements < 1:
             raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+        if pool_factor < 1:
+            raise ValueError(f"pool_factor must be >= 1, got {pool_factor}")
         self.divide_by_query_length = divide_by_query_length
         self.chunk_elements = int(chunk_elements)
+        self.pool_factor = float(pool_factor)
 
     def represent(self, embeddings: Tensor) -> Tensor:
         return F.normalize(embeddings, p=2, dim=-1)
@@ -228,8 +232,10 @@ class MaxSimScoring(Scoring):
     def cache_tag(self) -> str:
         # Stored representations depend on the layout (per-token L2, the padding rule); the flag is kept in
         # the tag as well, so that a cache never mixes runs of the two conventions.
+        pooled = f", pool_factor={self.pool_factor:g}" if self.pool_factor > 1 else ""
         return (f"{type(self).__module__}.{type(self).__qualname__}(token_embeddings, per-token L2, "
-                f"query pad=zero, page pad=first token, divide_by_query_length={self.divide_by_query_length})")
+                f"query pad=zero, page pad=first token, divide_by_query_length={self.divide_by_query_length}"
+                f"{pooled})")
 
     # -- encoding: sentence-transformers' MultiVectorEncoder, told the side as its ``task`` -----------------
     def prepare(self, model, inputs: list, side: str, prompt: str | None) -> dict:
@@ -238,7 +244,19 @@ class MaxSimScoring(Scoring):
     def forward(self, model, features: dict, side: str) -> Tensor:
         # A shallow copy: the modules write their outputs (the scoring mask over attention_mask) into it.
         out = model(dict(features), task=TASKS[side])
-        return self.represent(from_masked(out["token_embeddings"].float(), out["attention_mask"].bool(), side))
+        tokens, mask = out["token_embeddings"].float(), out["attention_mask"].bool()
+        if side == PAGE and self.pool_factor > 1:  # index-time pooling: the stored pages only, never the queries
+            rows = [t[m] for t, m in zip(tokens, mask, strict=True)]
+            return self.represent(pad_tokens(self.token_pooling().pool(rows, task="document"), PAGE))
+        return self.represent(from_masked(tokens, mask, side))
+
+    def token_pooling(self):
+        """sentence-transformers' ``HierarchicalTokenPooling`` at :attr:`pool_factor` (Ward clustering of a page's
+        tokens, each cluster replaced by its normalised mean; no protected token: the page's first scored token
+        is a patch or text token like any other, as in colpali-engine's pooler)."""
+        from sentence_transformers.multi_vector_encoder.modules import HierarchicalTokenPooling
+
+        return HierarchicalTokenPooling(self.pool_factor, num_protected_tokens=0, normalize_embeddings=True)
 
     def stack(self, items: Sequence[Tensor], side: str, shape: Sequence[int] | None = None) -> Tensor:
         if not items:

@@ -70,7 +70,8 @@ class MultiVectorTask(Task):
 
     def scoring(self, cfg) -> MaxSimScoring:
         mv = cfg.multi_vector
-        return MaxSimScoring(divide_by_query_length=mv.divide_by_query_length, chunk_elements=mv.chunk_elements)
+        return MaxSimScoring(divide_by_query_length=mv.divide_by_query_length, chunk_elements=mv.chunk_elements,
+                             pool_factor=mv.pool_factor)
 
     def build_model(self, ctx: RunContext):
         cfg = ctx.cfg
