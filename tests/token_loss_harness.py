@@ -344,3 +344,27 @@ def rel_diffs(loss: float, grads: dict, ref_loss: float, ref_grads: dict) -> tup
     assert grads.keys() == ref_grads.keys(), set(grads) ^ set(ref_grads)
     worst = max(float((grads[k] - ref_grads[k]).norm()) / max(float(ref_grads[k].norm()), 1e-12) for k in grads)
     return abs(loss - ref_loss) / abs(ref_loss), worst
+
+
+def overflow_worker(rank: int, world: int, init_file: str, case: Case, out_dir: str) -> None:
+    """One step of ``case`` whose queries exceed ``query_length`` on some ranks only: each rank writes what it
+    raised into ``out_dir/rank<r>.txt`` (a rank left waiting in a collective would time out after 30 s instead)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    model = make_model()
+    loss_fn = build_loss(model, case, rank, world)
+    part = slice(rank * case.per_rank_batch, (rank + 1) * case.per_rank_batch)
+    feats = [collate(col[part]) for col in global_micro_batches(case, world)[0]]
+    try:
+        loss_fn(feats, None).backward()
+        outcome = "no error"
+    except Exception as exc:  # noqa: BLE001  (what each rank raised is the test's subject)
+        outcome = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()

@@ -160,7 +160,7 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
         gathered.requires_grad_(with_backward)
         with torch.set_grad_enabled(with_backward):
             local = self._local_scores(gathered, [mb for column in reps[1:] for mb in column])  # (c)
-            if extras:
+            if extras:  # false negatives to mask
                 local = self._mask_local(local, extras, ids, len(reps), batch_size, rank)
         full = self._exchange_scores(local.detach(), rank, world).requires_grad_(with_backward)  # (d)
         total = self._infonce(full, batch_size, world)  # (e)
@@ -178,10 +178,14 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
         return total
 
     def _query_extras(self, ids, reps: list[list[Tensor]], length: int) -> dict[str, Tensor]:
-        """What travels with this rank's queries for false-negative masking: their id sets ``[B, K]`` (by id);
-        the guide's query representations ``[B, Tq, Dg]`` (zero-padded to the queries' length) and its score of
-        each query's own positive ``[B, 1]`` (by guide: the threshold lives with the query's owner)."""
+        """What travels with this rank's queries: with a fixed query length, the rank's longest query (checked on
+        every rank after the gather); for false-negative masking, their id sets ``[B, K]`` (by id), the guide's
+        query representations ``[B, Tq, Dg]`` (zero-padded to the queries' length) and its score of each query's
+        own positive ``[B, 1]`` (by guide: the threshold lives with the query's owner)."""
         extras: dict[str, Tensor] = {}
+        if self.query_length is not None:
+            batch_size = sum(len(mb) for mb in reps[0])
+            extras["longest"] = torch.full((batch_size, 1), self._longest_query, dtype=torch.int64)
         if self.mask_same_ids:
             row_ids = self._id_labels(ids, len(reps), sum(len(mb) for mb in reps[0]))
             extras["ids"] = false_negatives.query_id_sets(row_ids, len(reps))
@@ -213,6 +217,10 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
                                                     layout)
         out = {name: value.reshape(world * batch_size, *extras[name].shape[1:])
                for name, value in zip(extras, unpacked, strict=True)}
+        longest = out.pop("longest", None)
+        if longest is not None and int(longest.max()) > self.query_length:
+            raise ValueError(f"a query has {int(longest.max())} tokens, over multi_vector.query_length="
+                             f"{self.query_length}: raise it (queries are padded to it, never cut)")
         return gathered.reshape(world * batch_size, *rest).contiguous(), out
 
     def _mask_local(self, local: Tensor, extras: dict[str, Tensor], ids, num_columns: int, batch_size: int,
@@ -257,16 +265,13 @@ class ScoreExchangeCachedLoss(GlobalBatchCachedMNRL):
                 for c, column in enumerate(reps)]
 
     def _pad_queries(self, minibatches: list[Tensor], world: int) -> Tensor:
-        """The step's query representations ``[B, Tq, D]``: each mini-batch padded with zero tokens."""
+        """The step's query representations ``[B, Tq, D]``: each mini-batch padded with zero tokens. A query
+        longer than a fixed ``query_length`` is cut here only to keep the gather's shape: its length travels in the
+        gather (:meth:`_query_extras`) and every rank then stops with the same error (:meth:`_gather_queries`)."""
         longest = max(mb.shape[1] for mb in minibatches)
-        if self.query_length is None:
-            length = distributed.max_over_ranks(longest, world)
-        elif longest > self.query_length:
-            raise ValueError(f"a query has {longest} tokens, over query_length={self.query_length}: raise it "
-                             f"(queries are padded to it, never cut)")
-        else:
-            length = self.query_length
-        return torch.cat([F.pad(mb, (0, 0, 0, length - mb.shape[1])) for mb in minibatches])
+        self._longest_query = longest
+        length = distributed.max_over_ranks(longest, world) if self.query_length is None else self.query_length
+        return torch.cat([F.pad(mb[:, :length], (0, 0, 0, length - min(mb.shape[1], length))) for mb in minibatches])
 
     def _local_scores(self, queries: Tensor, pages: list[Tensor]) -> Tensor:
         """``[dims, Q, P]``: every query against this rank's pages (columns in order, rows in order)."""

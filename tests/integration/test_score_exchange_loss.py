@@ -141,6 +141,22 @@ def test_single_process_equals_sentence_transformers():
         assert got["forward"] == {}, got["forward"]  # one process: no collective
 
 
+def test_a_query_over_query_length_on_one_rank_stops_every_rank_alike(tmp_path):
+    """Rank 0's queries have 6 tokens, rank 1's 5, query_length=5: the lengths travel in the query gather, so both
+    ranks raise the same error after it (before, rank 0 raised alone and rank 1 waited in the gather)."""
+    import torch.multiprocessing as mp
+
+    from token_loss_harness import make_columns, overflow_worker
+
+    assert [len(s) for s in make_columns(4, 2, 0)[0]] == [4, 6, 4, 5]  # ranks 0 and 1: longest 6 and 5
+    mp.start_processes(overflow_worker, args=(2, str(tmp_path / "init"), Case("overflow", query_length=5),
+                                              str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert text == "ValueError: a query has 6 tokens, over multi_vector.query_length=5: raise it (queries are " \
+                       "padded to it, never cut)", (rank, text)
+
+
 def test_query_longer_than_query_length_refused():
     case = Case("short", query_length=2)
     loss_fn = build_loss(make_model(), case, 0, 1)
