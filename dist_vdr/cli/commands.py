@@ -205,7 +205,7 @@ def _make_pages(args: argparse.Namespace) -> int:
 
 
 EVAL = Command(EvalCommand, (
-    Opt("--model", "model.name_or_path", help="Embedding model folder or hub id (the retriever)."),
+    Opt("--model", "model.name_or_path", help="Retriever folder or hub id (embedding or multi-vector model)."),
     Opt("--data", "data.path", help="Dataset folder or hub id with the eval splits, or a page corpus "
                                     "(`pages build` output) with --queries and --qrels."),
     Opt("--queries", "data.eval_queries_file"),
@@ -248,6 +248,11 @@ def _eval(args: argparse.Namespace) -> int:
     task.scoring(cfg)  # --model retrieves: a kind that scores no pages alone (a reranker) says so before loading
     model = task.load_model(cfg.model, cfg, device=info.device, precision=precision_of(cfg.model.dtype))
     if cfg.eval.reranker:
+        from dist_vdr.retrieval.scoring import is_cosine
+
+        if not is_cosine(task.scoring(cfg)):
+            raise ValueError(f"--reranker reranks the candidates of a single-vector retriever; --model "
+                             f"{cfg.model.name_or_path} is a model of task={task.name}: give a single-vector --model")
         reranker = kinds.get(kinds.of_folder(cfg.eval.reranker, flag="--reranker"))
         return reranker.rerank_command(cfg, info, data, model, output, write_eval_outputs)
     evaluator = task.command_evaluator(cfg, data, model)

@@ -47,7 +47,7 @@ _ROW_COLUMNS = (
 )
 
 MINE = Command(MineCommand, (
-    Opt("--model", "model.name_or_path", help="Embedding model folder or hub id (the retriever)."),
+    Opt("--model", "model.name_or_path", help="Retriever folder or hub id (embedding or multi-vector model)."),
     Opt("--data", "data.path", help="Training split with query + positive page columns (images) to mine for "
                                     "(give it, --corpus, or a --config file naming it)."),
     Opt("--corpus", "mine.corpus"),

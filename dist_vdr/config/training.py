@@ -86,7 +86,7 @@ class DistillationConfig:
 @dataclass(kw_only=True)
 class LossConfig:
     name: str = "auto"
-    """auto: cmnrl for task=embedding, bce for task=reranker. Embedding: cmnrl
+    """auto: cmnrl for task=embedding, bce for task=reranker, maxsim_infonce for task=multi_vector. Embedding: cmnrl
     (CachedMultipleNegativesRankingLoss, gradient caching) or mnrl (plain MultipleNegativesRankingLoss).
     Reranker: bce (BinaryCrossEntropyLoss over the positive and the hard-negative pairs) or listwise
     (softmax cross-entropy over each query's positive and hard negatives: the cross-encoder
@@ -124,6 +124,8 @@ class LossConfig:
         check_choice("loss", "implementation", self.implementation, ("auto", "global_batch", "stock"))
         if self.mini_batch_size < 1:
             raise ValueError(f"loss.mini_batch_size must be >= 1, got {self.mini_batch_size}")
+        if not self.scale > 0:
+            raise ValueError(f"loss.scale must be > 0 (1 / temperature), got {self.scale}")
         if self.mini_batch_num_tokens is not None and self.mini_batch_num_tokens < 1:
             raise ValueError("loss.mini_batch_num_tokens must be >= 1 or null")
         self._check_matryoshka()
@@ -265,6 +267,8 @@ class EvaluationConfig:
             raise ValueError("evaluation.batch_size must be >= 1")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"evaluation.ks must be positive cutoffs, got {self.ks}")
+        if self.dims is not None and any(d < 1 for d in self.dims):
+            raise ValueError(f"evaluation.dims must be positive dimensions, got {self.dims}")
         name, _, k = self.main_metric.partition("@")
         if name not in _METRICS or not k.isdigit() or int(k) not in self.ks:
             raise ValueError(f"evaluation.main_metric={self.main_metric!r} is not a computed metric: use "

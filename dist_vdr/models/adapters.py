@@ -194,10 +194,11 @@ def load_weights(model, folder: str | Path, key: str = "adapter") -> None:
             raise ValueError(f"{key}={str(folder)!r} holds no {TRAINED_MODULES} (the modules {list(prefixes)} trained "
                              f"beside the adapter): give the final/ folder or a checkpoint of that run")
         trained = load_file(str(path))
-        wanted = {k for k in model.state_dict() if k.startswith(prefixes)}
-        if set(trained) != wanted:
-            raise ValueError(f"{key}={str(folder)!r}: {TRAINED_MODULES} holds {sorted(trained)[:3]}, this model's "
-                             f"modules {list(prefixes)} are {sorted(wanted)[:3]}: {fix}")
+        own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+        if set(trained) != set(own) or any(trained[k].shape != own[k].shape for k in own):
+            shapes = lambda d: {k: tuple(v.shape) for k, v in sorted(d.items())[:2]}  # noqa: E731
+            raise ValueError(f"{key}={str(folder)!r}: {TRAINED_MODULES} holds {shapes(trained)}, this model's "
+                             f"modules {list(prefixes)} are {shapes(own)}: {fix} (and the same head)")
         model.load_state_dict(trained, strict=False)
 
 

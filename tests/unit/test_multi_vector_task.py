@@ -71,3 +71,36 @@ def test_the_hybrid_recipe_builds_the_hybrid_loss(tmp_path):
     assert type(loss).__name__ == "HybridCachedLoss"
     assert [(d, w) for d, w in loss.single.dims_weights] == [(64, 0.5), (32, 0.5)]
     assert (loss.single.scale, loss.single.world_size) == (30.0, 2)
+
+
+def test_what_a_new_user_tried_is_refused_in_one_line(tiny_model, tiny_multi_vector, tmp_path):
+    """The campaign's findings: dims and scales that are no numbers of the kind, a multi-vector model where a
+    single-vector one is read (a reranker's retriever, a guide, a command's model of another kind)."""
+    from dist_vdr.config import ModelConfig
+
+    for overrides, message in ((["evaluation.dims=[0,-8]"], "evaluation.dims must be positive"),
+                               (["loss.scale=0"], "loss.scale must be > 0"),
+                               (["multi_vector.hybrid=true", "multi_vector.single_vector_dims=[32,32]"],
+                                "single_vector_dims has duplicates"),
+                               ([f"loss.false_negatives.guide={tiny_model}"], "is no multi-vector model")):
+        with pytest.raises(ValueError, match=message):
+            _cfg(*overrides)
+    with pytest.raises(ValueError, match="is a model of task=multi_vector: the reranker's retrieval"):
+        load_config(None, ["task=reranker", f"reranker.retriever={tiny_multi_vector}"], check_paths=False)
+    task = kinds.get("multi_vector")
+    with pytest.raises(ValueError, match="is no multi-vector model"):
+        task.load_model(ModelConfig(name_or_path=str(tiny_model)), _cfg(), device="cpu", precision="fp32")
+    # A folder trained with MeanMaxSim records it; the commands then score so without being told.
+    model = task.load_model(ModelConfig(name_or_path=str(tiny_multi_vector)), _cfg(), device="cpu", precision="fp32")
+    model.similarity_fn_name = "meanmaxsim"
+    model.save(str(tmp_path / "mean"))
+    cfg = _cfg()
+    task.load_model(ModelConfig(name_or_path=str(tmp_path / "mean")), cfg, device="cpu", precision="fp32")
+    assert cfg.multi_vector.divide_by_query_length and task.scoring(cfg).divide_by_query_length
+
+
+def test_memory_and_evaluation_keys_do_not_stop_a_resume():
+    from dist_vdr.run.resume_guard import REPORTING_KEYS
+
+    for key in ("multi_vector.chunk_elements", "multi_vector.query_length", "multi_vector.pool_factor"):
+        assert key.startswith(REPORTING_KEYS), key

@@ -53,6 +53,8 @@ class MultiVectorConfig:
             raise ValueError("multi_vector.single_vector_weight must be >= 0 and single_vector_scale > 0")
         if any(d < 1 for d in self.single_vector_dims):
             raise ValueError(f"multi_vector.single_vector_dims must be >= 1, got {self.single_vector_dims}")
+        if len(set(self.single_vector_dims)) != len(self.single_vector_dims):
+            raise ValueError(f"multi_vector.single_vector_dims has duplicates: {self.single_vector_dims}")
         if self.single_vector_dims and not self.hybrid:
             raise ValueError("multi_vector.single_vector_dims applies to multi_vector.hybrid=true")
         if not self.pool_factor >= 1:

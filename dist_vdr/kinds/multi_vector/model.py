@@ -75,12 +75,15 @@ def is_multi_vector_folder(path: str) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("model_type") in MULTI_VECTOR_TYPES
 
 
-def token_dim(model) -> int:
+def token_dim_of(model) -> int:
     """The dimension of the model's token vectors (the last Dense's output; else the backbone's hidden size)."""
     from sentence_transformers.base.modules import Dense
 
     dims = [m.out_features for m in model if isinstance(m, Dense)]
     return dims[-1] if dims else model[0].get_embedding_dimension()
+
+
+token_dim = token_dim_of  # the name the Task uses (a parameter of build_multi_vector shadows it there)
 
 
 def special_token_skiplist(transformer) -> list[str]:
@@ -236,6 +239,9 @@ def _build_base(model_cfg: ModelConfig, path: str, *, precision: str, device: st
     if is_multi_vector_model(path):
         model = MultiVectorEncoder(path, device=device, trust_remote_code=model_cfg.trust_remote_code,
                                    model_kwargs=load_kwargs, processor_kwargs=processor_kwargs)
+        if token_dim != token_dim_of(model) or image_tokens_only:
+            logger.info("%s is a saved MultiVectorEncoder: its own %d-d head is kept (multi_vector.token_dim and "
+                        "image_tokens_only apply to a new head only)", path, token_dim_of(model))
     else:
         config_kwargs = {"trust_remote_code": True} if model_cfg.trust_remote_code else None
         transformer = Transformer(_backbone_folder(path), model_kwargs=load_kwargs, processor_kwargs=processor_kwargs,

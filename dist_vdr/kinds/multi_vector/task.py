@@ -50,6 +50,11 @@ class MultiVectorTask(Task):
             raise ValueError("loss.implementation=stock is not available for task=multi_vector: the loss is the "
                              "score-exchange MaxSim InfoNCE (loss.implementation auto or global_batch)")
         false_negatives.check_id_source(cfg)
+        guide = cfg.loss.false_negatives.guide
+        if guide and Path(guide).is_dir() and not is_multi_vector_model(guide):
+            raise ValueError(f"loss.false_negatives.guide={guide!r} is no multi-vector model (no saved "
+                             f"MultiVectorEncoder): its token projection would be untrained; give a multi-vector "
+                             f"model of the same backbone, e.g. an earlier run's final/")
         if cfg.loss.distillation.enabled:
             distillation.check_scored_columns(cfg)
         mixture_rows.check_loss_options(cfg)
@@ -75,9 +80,13 @@ class MultiVectorTask(Task):
 
     def build_model(self, ctx: RunContext):
         cfg = ctx.cfg
-        return build_multi_vector(cfg.model, precision=cfg.training.precision, device=ctx.info.device,
-                                  seed=cfg.training.seed, token_dim=cfg.multi_vector.token_dim,
-                                  image_tokens_only=cfg.multi_vector.image_tokens_only, hybrid=cfg.multi_vector.hybrid)
+        model = build_multi_vector(cfg.model, precision=cfg.training.precision, device=ctx.info.device,
+                                   seed=cfg.training.seed, token_dim=cfg.multi_vector.token_dim,
+                                   image_tokens_only=cfg.multi_vector.image_tokens_only, hybrid=cfg.multi_vector.hybrid)
+        # final/ records the score convention it is trained for: sentence-transformers' similarity and dist-vdr's
+        # commands then score it so (MeanMaxSim: the sum divided by the query's number of tokens).
+        model.similarity_fn_name = "meanmaxsim" if cfg.multi_vector.divide_by_query_length else "maxsim"
+        return model
 
     def eval_dims(self, cfg: Config, model) -> list[int]:
         dim = token_dim(model)
@@ -157,7 +166,19 @@ class MultiVectorTask(Task):
 
     # -- commands ---------------------------------------------------------------------------------------------
     def load_model(self, model_cfg, cfg, *, device: str, precision: str, flag: str = "--model"):
-        return build_multi_vector(model_cfg, precision=precision, device=device)
+        """A saved multi-vector model (or a multi-vector run's adapter folder) for a command; anything else would
+        score by an untrained projection. The folder's score convention (meanmaxsim) becomes the command's."""
+        from dist_vdr.models import adapters
+
+        path = model_cfg.name_or_path
+        if not adapters.is_adapter_folder(path) and not is_multi_vector_model(path):
+            raise ValueError(f"{flag} {path} is no multi-vector model (no saved MultiVectorEncoder): a new token "
+                             f"projection would be untrained; give a multi-vector run's final/ (or leave the "
+                             f"kind to the folder: --teacher-type auto)")
+        model = build_multi_vector(model_cfg, precision=precision, device=device)
+        if cfg is not None and getattr(model, "similarity_fn_name", None) == "meanmaxsim":
+            cfg.multi_vector.divide_by_query_length = True  # scored as the model was trained
+        return model
 
     def command_evaluator(self, cfg, data, model):
         tokens = ShardedRetrievalEvaluator.of(data, cfg.evaluation.dims or [token_dim(model)], cfg.evaluation,

@@ -40,6 +40,7 @@ class RerankerTask(Task):
             raise ValueError("reranker.retrieval_score_weight > 0 trains on the retriever's scores of each row's "
                              "pages, which mining records: use loss.name=listwise, "
                              "loss.num_in_batch_negatives=0 and mining.enabled=true (or set the weight to 0)")
+        check_retriever(cfg.reranker.retriever, cfg, "reranker.retriever")
 
     def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
         return [("reranker.retriever", "retriever folder")]
@@ -119,3 +120,18 @@ class RerankerTask(Task):
     def rerank_command(self, cfg, info, data, retriever, output, write) -> int:
         return commands.rerank(cfg, info, data, retriever, output, write)
 
+
+def check_retriever(path: str, cfg, key: str) -> None:
+    """ValueError unless the model folder ``path`` retrieves by cosine of one vector (the reranker's first stage
+    and mining score so): a model of another kind (e.g. token vectors by MaxSim) would be loaded as something else."""
+    from pathlib import Path
+
+    from dist_vdr import kinds
+    from dist_vdr.retrieval.scoring import is_cosine
+
+    if not Path(path).is_dir():
+        return
+    kind = kinds.of_folder(path, key)
+    if not is_cosine(kinds.get(kind).scoring(cfg)):
+        raise ValueError(f"{key}={path!r} is a model of task={kind}: the reranker's retrieval and mining score one "
+                         f"vector per page by cosine; give a single-vector embedding model")
