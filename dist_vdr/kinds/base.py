@@ -207,6 +207,49 @@ class Task:
                 "print(model.similarity(queries, pages))\n```")
 
 
+class GlobalBatchTask(Task):
+    """What the retriever kinds share (embedding, multi-vector): trained over de-duplicated global batches, by a
+    loss that reads the rows' labels (false-negative ids, teacher scores) and takes a guide model and mixtures."""
+
+    def configure(self, cfg: Config) -> None:
+        if cfg.training.batch_sampler == "auto":
+            # A repeated page in the global batch would be a false in-batch negative.
+            cfg.training.batch_sampler = "no_duplicates_hashed"
+
+    def check_rows(self, cfg: Config) -> None:
+        """The recipe's rows for the loss: the teacher scores' columns, a mixture's options, the ids' source."""
+        from dist_vdr.data import mixture_rows
+        from dist_vdr.losses import distillation, false_negatives
+
+        if cfg.loss.distillation.enabled:
+            distillation.check_scored_columns(cfg)
+        mixture_rows.check_loss_options(cfg)
+        false_negatives.check_id_source(cfg)
+
+    def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
+        return [("loss.false_negatives.guide", "guide model folder")]
+
+    def extra_columns(self, cfg: Config) -> list[str]:
+        from dist_vdr.data import id_labels
+
+        return id_labels.label_columns(cfg)
+
+    def wrap_collator(self, ctx: RunContext, collator):
+        from dist_vdr.data import id_labels
+
+        if not id_labels.reads_labels(ctx.cfg):
+            return collator
+        return id_labels.RowLabelsCollator.of(ctx.cfg, collator)
+
+    def hashes_training_rows(self, cfg: Config) -> bool:
+        return cfg.training.batch_sampler == "no_duplicates_hashed"
+
+    def write_summary(self, out: Path, result: RunResult) -> None:
+        write_dims_summary(out, result)
+
+    def headline(self, result: RunResult, metric: str) -> str | None:
+        return dims_headline(result, metric)
+
 def before_after(result: RunResult) -> dict[str, dict]:
     """The run's metrics rows before and after training ({} for an evaluation not run)."""
     return {which: m.rows if m else {} for which, m in (("before", result.before), ("after", result.after))}

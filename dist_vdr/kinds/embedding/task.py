@@ -6,34 +6,27 @@ MatryoshkaLoss when dims are given); evaluation is retrieval at every Matryoshka
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sentence_transformers import SentenceTransformerTrainingArguments
 
 from dist_vdr.config import Config
-from dist_vdr.data import id_labels, mixture_rows
 from dist_vdr.engines.trainers import Trainer
-from dist_vdr.kinds.base import RunContext, Task, TaskInputs, dims_headline, write_dims_summary
+from dist_vdr.kinds.base import GlobalBatchTask, RunContext, TaskInputs
 from dist_vdr.kinds.embedding.loss import build_loss
-from dist_vdr.losses import distillation, false_negatives
 from dist_vdr.losses.global_batch import dataset_options
 from dist_vdr.models import guide as guide_models
 from dist_vdr.models.build import build_model, check_dims, embedding_dim
 from dist_vdr.retrieval import stock
 from dist_vdr.retrieval.scoring import is_cosine
 from dist_vdr.retrieval.sharded import ShardedRetrievalEvaluator
-from dist_vdr.run.results import RunResult
 
 
-class EmbeddingTask(Task):
+class EmbeddingTask(GlobalBatchTask):
     trainer_class = Trainer
 
     extends = "embedding"
 
     def configure(self, cfg: Config) -> None:
-        if cfg.training.batch_sampler == "auto":
-            # A repeated page in the global batch would be a false in-batch negative.
-            cfg.training.batch_sampler = "no_duplicates_hashed"
+        super().configure(cfg)
         if cfg.evaluation.implementation == "stock" and not is_cosine(self.scoring(cfg)):
             raise ValueError(f"evaluation.implementation=stock (sentence-transformers' evaluator) scores by cosine; "
                              f"task={self.name} scores by {type(self.scoring(cfg)).__name__}: use "
@@ -45,25 +38,8 @@ class EmbeddingTask(Task):
             if getattr(loss, key).enabled and (loss.name != "cmnrl" or loss.implementation == "stock"):
                 raise ValueError(f"loss.{key} needs the global-batch loss: loss.name=cmnrl with "
                                  f"loss.implementation auto or global_batch")
-        if cfg.loss.distillation.enabled:
-            distillation.check_scored_columns(cfg)
-        mixture_rows.check_loss_options(cfg)
         check_mixture_options(cfg)
-        false_negatives.check_id_source(cfg)
-
-    def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
-        return [("loss.false_negatives.guide", "guide model folder")]
-
-    def extra_columns(self, cfg: Config) -> list[str]:
-        return id_labels.label_columns(cfg)
-
-    def wrap_collator(self, ctx: RunContext, collator):
-        if not id_labels.reads_labels(ctx.cfg):
-            return collator
-        return id_labels.RowLabelsCollator.of(ctx.cfg, collator)
-
-    def hashes_training_rows(self, cfg: Config) -> bool:
-        return cfg.training.batch_sampler == "no_duplicates_hashed"
+        self.check_rows(cfg)
 
     def build_model(self, ctx: RunContext):
         return build_model(ctx.cfg.model, precision=ctx.cfg.training.precision, device=ctx.info.device,
@@ -90,12 +66,6 @@ class EmbeddingTask(Task):
             return stock.build_evaluator(eval_data, dims, batch_size=e.batch_size, ks=e.ks,
                                          show_progress_bar=ctx.info.is_main)
         return ShardedRetrievalEvaluator.of(eval_data, dims, e, show_progress=True, scoring=self.scoring(ctx.cfg))
-
-    def write_summary(self, out: Path, result: RunResult) -> None:
-        write_dims_summary(out, result)
-
-    def headline(self, result: RunResult, metric: str) -> str | None:
-        return dims_headline(result, metric)
 
 
 def check_mixture_options(cfg: Config) -> None:

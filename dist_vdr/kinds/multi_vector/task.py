@@ -13,14 +13,12 @@ from pathlib import Path
 from sentence_transformers import MultiVectorEncoderTrainingArguments
 
 from dist_vdr.config import Config
-from dist_vdr.data import id_labels, mixture_rows
 from dist_vdr.engines.trainers import MultiVectorTrainer
-from dist_vdr.kinds.base import RunContext, Task, TaskInputs, dims_headline, write_dims_summary
+from dist_vdr.kinds.base import GlobalBatchTask, RunContext, TaskInputs, dims_headline
 from dist_vdr.kinds.multi_vector.evaluation import SINGLE, HybridEvaluator
 from dist_vdr.kinds.multi_vector.loss import HybridCachedLoss
 from dist_vdr.kinds.multi_vector.model import build_multi_vector, is_hybrid, is_multi_vector_model, token_dim
 from dist_vdr.kinds.multi_vector.scoring import MaxSimScoring, PooledScoring, from_masked
-from dist_vdr.losses import distillation, false_negatives
 from dist_vdr.losses.global_batch import dataset_options
 from dist_vdr.models import guide as guide_models
 from dist_vdr.models.build import check_dims
@@ -33,45 +31,26 @@ def read_tokens(output: dict, side: str):
     return from_masked(output["token_embeddings"], output["attention_mask"].bool(), side)
 
 
-class MultiVectorTask(Task):
+class MultiVectorTask(GlobalBatchTask):
     trainer_class = MultiVectorTrainer
     card_model_class = "MultiVectorEncoder"
 
     extends = "multi_vector"
 
     def configure(self, cfg: Config) -> None:
-        if cfg.training.batch_sampler == "auto":
-            # A repeated page in the global batch would be a false in-batch negative.
-            cfg.training.batch_sampler = "no_duplicates_hashed"
+        super().configure(cfg)
         if cfg.evaluation.implementation == "stock":
             raise ValueError("evaluation.implementation=stock (sentence-transformers' single-vector evaluator) "
                              "cannot score token vectors: use evaluation.implementation=sharded (exact MaxSim)")
         if cfg.loss.implementation == "stock":
             raise ValueError("loss.implementation=stock is not available for task=multi_vector: the loss is the "
                              "score-exchange MaxSim InfoNCE (loss.implementation auto or global_batch)")
-        false_negatives.check_id_source(cfg)
         guide = cfg.loss.false_negatives.guide
         if guide and Path(guide).is_dir() and not is_multi_vector_model(guide):
             raise ValueError(f"loss.false_negatives.guide={guide!r} is no multi-vector model (no saved "
                              f"MultiVectorEncoder): its token projection would be untrained; give a multi-vector "
                              f"model of the same backbone, e.g. an earlier run's final/")
-        if cfg.loss.distillation.enabled:
-            distillation.check_scored_columns(cfg)
-        mixture_rows.check_loss_options(cfg)
-
-    def local_paths(self, cfg: Config) -> list[tuple[str, str]]:
-        return [("loss.false_negatives.guide", "guide model folder")]
-
-    def extra_columns(self, cfg: Config) -> list[str]:
-        return id_labels.label_columns(cfg)
-
-    def wrap_collator(self, ctx: RunContext, collator):
-        if not id_labels.reads_labels(ctx.cfg):
-            return collator
-        return id_labels.RowLabelsCollator.of(ctx.cfg, collator)
-
-    def hashes_training_rows(self, cfg: Config) -> bool:
-        return cfg.training.batch_sampler == "no_duplicates_hashed"
+        self.check_rows(cfg)
 
     def scoring(self, cfg) -> MaxSimScoring:
         mv = cfg.multi_vector
@@ -135,9 +114,6 @@ class MultiVectorTask(Task):
             return tokens
         return HybridEvaluator(tokens, ShardedRetrievalEvaluator.of(eval_data, self.single_dims, ctx.cfg.evaluation,
                                                                     show_progress=True, scoring=PooledScoring()))
-
-    def write_summary(self, out: Path, result: RunResult) -> None:
-        write_dims_summary(out, result)
 
     def headline(self, result: RunResult, metric: str) -> str | None:
         """The token vectors' line; a hybrid's single vector (largest dim) after it."""
