@@ -10,21 +10,25 @@ import pytest
 from conftest import log_tail, run_accelerate, run_cli
 
 
-def test_eval_command_two_ranks_equal_one_rank(tiny_model, pages, tmp_path):
-    """`dist-vdr eval` under the real launcher with 2 ranks gives the metrics of 1 process."""
-    args = ["--model", str(tiny_model), "--data", str(pages), "--dims", "64,32", "--batch-size", "8"]
+@pytest.mark.parametrize("model, dims", [("tiny_model", (64, 32)), ("tiny_multi_vector", (32, 16))])
+def test_eval_command_two_ranks_equal_one_rank(model, dims, request, pages, tmp_path):
+    """`dist-vdr eval` under the real launcher with 2 ranks gives the metrics and rankings of 1 process, for a
+    single-vector and a multi-vector model (its kind read from the folder; MaxSim over each rank's shard)."""
+    model = request.getfixturevalue(model)
+    args = ["--model", str(model), "--data", str(pages), "--dims", ",".join(map(str, dims)), "--batch-size", "8"]
     one = run_cli(["eval", *args, "--output", str(tmp_path / "one")], timeout=300)
     assert one.returncode == 0, log_tail(one.stderr)
     two = run_accelerate(["eval", *args, "--device", "cpu", "--output", str(tmp_path / "two")], timeout=300)
     assert two.returncode == 0, log_tail(two.stderr)
     a = json.loads((tmp_path / "one" / "retrieval_metrics.json").read_text())["metrics"]
     b = json.loads((tmp_path / "two" / "retrieval_metrics.json").read_text())["metrics"]
-    assert a.keys() == b.keys() == {"64", "32"}
+    assert a.keys() == b.keys() == {str(d) for d in dims}
     for d in a:
         for name, value in a[d].items():
             assert b[d][name] == pytest.approx(value, abs=1e-9), (d, name)
-    assert (tmp_path / "one" / "run.dim64.trec").read_text().split()[2::6] == \
-        (tmp_path / "two" / "run.dim64.trec").read_text().split()[2::6]
+    for dim in dims:  # the same pages in the same order (ties broken by trec_eval's rule on both)
+        assert (tmp_path / "one" / f"run.dim{dim}.trec").read_text().split()[2::6] == \
+            (tmp_path / "two" / f"run.dim{dim}.trec").read_text().split()[2::6]
 
 
 def _listing(folder) -> dict[str, tuple[int, int]]:

@@ -1,7 +1,7 @@
 """The sharded evaluator with the multi-vector kind's MaxSim (one process): its metrics equal a brute-force MaxSim
 written out in plain torch over sentence-transformers' own token embeddings, and sentence-transformers'
-MultiVectorInformationRetrievalEvaluator; every token dim comes from one encode. (2 ranks vs 1, and mining:
-tests/integration/test_multi_vector_commands.py.)"""
+MultiVectorInformationRetrievalEvaluator; every token dim comes from one encode. (2 ranks vs 1: test_eval_command.py,
+mining: tests/integration/test_multi_vector_commands.py.)"""
 
 from __future__ import annotations
 
