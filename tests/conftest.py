@@ -261,6 +261,14 @@ def logged_losses(out: Path, key: str = "loss") -> dict[int, float]:
     return {h["step"]: h[key] for h in state["log_history"] if key in h}
 
 
+def logged_history(out: Path) -> dict[int, tuple[float, float]]:
+    """step -> (loss, grad_norm) from the newest complete checkpoint's trainer state."""
+    from dist_vdr.checkpoints.store import latest_complete
+
+    state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
+    return {h["step"]: (h["loss"], h["grad_norm"]) for h in state["log_history"] if "loss" in h}
+
+
 def kill_after_first_checkpoint(args: list[str], out: Path, timeout_s: float = 300, env: dict | None = None) -> None:
     """Start ``args`` (a launcher command) and SIGKILL it with all its workers as soon as ``out`` holds
     a complete checkpoint: an interruption at an arbitrary point after the first save."""

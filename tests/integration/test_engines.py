@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENGINES, REDUCTIONS, assert_same_step, run_cli, saved_weights, train_engine
+from conftest import ENGINES, REDUCTIONS, assert_same_step, logged_history, run_cli, saved_weights, train_engine
 
 RECIPE = "configs/tiny.yaml"
 STEPS = 6
@@ -26,14 +26,6 @@ STEPS = 6
 
 def _train(launch: str, out: Path, nproc: int, extensions_dir: Path, tiny_model, pages, *more: str) -> str:
     return train_engine(launch, RECIPE, out, nproc, extensions_dir, tiny_model, pages, *more, steps=STEPS)
-
-
-def _history(out: Path) -> dict[int, tuple[float, float]]:
-    """step -> (loss, grad_norm) from the newest checkpoint's trainer state."""
-    from dist_vdr.checkpoints.store import latest_complete
-
-    state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
-    return {h["step"]: (h["loss"], h["grad_norm"]) for h in state["log_history"] if "loss" in h}
 
 
 def _assert_same_curve(got: dict, ref: dict, steps, rel: float | None = None) -> None:
@@ -96,7 +88,7 @@ def test_engine_trains_like_ddp(engine, ddp_run, tmp_path_factory, tiny_model, p
     expected = {"cpu_zero2": "DeepSpeed", "cpu_zero3": "DeepSpeed", "cpu_fsdp2": "FSDP2: 5 sharded units"}[engine]
     assert expected in log
     assert "loss: GlobalBatchCachedMNRL" in log
-    _assert_same_curve(_history(out), _history(ddp_run), range(1, STEPS + 1))
+    _assert_same_curve(logged_history(out), logged_history(ddp_run), range(1, STEPS + 1))
 
     # The final folder is a plain SentenceTransformer with the same weights as DDP's.
     from sentence_transformers import SentenceTransformer
@@ -129,7 +121,7 @@ def test_engine_trains_like_ddp(engine, ddp_run, tmp_path_factory, tiny_model, p
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_resumes_on_another_number_of_ranks(engine, tmp_path_factory, tiny_model, pages, extensions_dir):
     ref_out, _ = _engine_run(engine, tmp_path_factory, tiny_model, pages, extensions_dir)
-    ref = _history(ref_out)
+    ref = logged_history(ref_out)
     base = tmp_path_factory.mktemp(f"{engine}-resume")
     # Known gap (docs/engines.md): DeepSpeed 0.19.8's universal-checkpoint loader for ZeRO-3
     # restores the weights exactly (the first resumed step matches to 1e-7) but not the optimizer
@@ -143,14 +135,14 @@ def test_engine_resumes_on_another_number_of_ranks(engine, tmp_path_factory, tin
     assert "checkpoint written by 2 rank(s), resuming on 1: global batch 16 kept (per-device batch 16)" in log
     if "zero" in engine:
         assert "universal checkpoint" in log
-    _assert_same_curve(_history(down), ref, [3])
-    _assert_same_curve(_history(down), ref, range(4, STEPS + 1), rel=rel)
+    _assert_same_curve(logged_history(down), ref, [3])
+    _assert_same_curve(logged_history(down), ref, range(4, STEPS + 1), rel=rel)
 
     up = base / "1to2"  # the 1-rank run's step-4 checkpoint, continued by 2 ranks
     _restart_from(down, 4, up)
     log = _train(engine, up, 2, extensions_dir, tiny_model, pages, "evaluation.enabled=false")
     assert "checkpoint written by 1 rank(s), resuming on 2: global batch 16 kept (per-device batch 8)" in log
-    _assert_same_curve(_history(up), ref, range(5, STEPS + 1), rel=rel)
+    _assert_same_curve(logged_history(up), ref, range(5, STEPS + 1), rel=rel)
 
 
 def _per_step(out: Path) -> list[dict]:

@@ -23,6 +23,7 @@ from conftest import (
     REDUCTIONS,
     assert_same_step,
     kill_after_first_checkpoint,
+    logged_history,
     logged_losses,
     run_cli,
     run_launcher,
@@ -49,13 +50,6 @@ def ddp_run(tmp_path_factory, tiny_multi_vector, pages) -> tuple[Path, str]:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     return out, log
-
-
-def _history(out: Path) -> dict[int, tuple[float, float]]:
-    from dist_vdr.checkpoints.store import latest_complete
-
-    state = json.loads((latest_complete(out) / "trainer_state.json").read_text())
-    return {h["step"]: (h["loss"], h["grad_norm"]) for h in state["log_history"] if "loss" in h}
 
 
 def _assert_same_curve(got: dict, ref: dict) -> None:
@@ -85,7 +79,7 @@ def test_two_ranks_train_as_one_process_and_the_final_model_is_sentence_transfor
     one = tmp_path / "one"
     proc = run_cli(["train", *_args(tiny_multi_vector, pages, one, "launch.device=cpu", "evaluation.enabled=false")])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    _assert_same_curve(_history(one), _history(out))
+    _assert_same_curve(logged_history(one), logged_history(out))
 
     # final/: sentence-transformers loads it as a MultiVectorEncoder, with dist-vdr's token embeddings.
     import torch
@@ -147,7 +141,7 @@ def test_engine_trains_like_ddp(engine, ddp_run, tmp_path_factory, tiny_multi_ve
     log = train_engine(engine, RECIPE, out, 2, extensions_dir, tiny_multi_vector, pages, *more, steps=STEPS)
     assert {"cpu_zero2": "DeepSpeed", "cpu_zero3": "DeepSpeed", "cpu_fsdp2": "FSDP2"}[engine] in log
     assert "loss: ScoreExchangeCachedLoss" in log
-    _assert_same_curve(_history(out), _history(ref_out))
+    _assert_same_curve(logged_history(out), logged_history(ref_out))
     # The sharded MaxSim evaluation under the engine (sharded parameters after training) agrees with DDP's.
     mine, theirs = (json.loads((d / "metrics.json").read_text()) for d in (out, ref_out))
     assert mine["before"] == theirs["before"]
