@@ -23,7 +23,7 @@ DEMO_MULTI_VECTOR_RUN ?= runs/tiny-multi-vector
 DEMO_PDFS_RUN ?= runs/tiny-pdfs
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-multi-vector demo-lora demo-reranker demo-distill demo-pdfs test test-fast lint venv clean-demo system-deps bench-wheels
+.PHONY: demo demo-multi-vector demo-lora demo-reranker demo-distill demo-pdfs test test-fast lint venv clean-demo system-deps bench-wheels bench-fast-plaid-venv
 
 venv: $(STAMP)
 
@@ -140,6 +140,12 @@ bench-wheels: $(STAMP)
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $(BENCH_PYTHON) \
 		--platform manylinux_2_28_x86_64 -d wheels $$($(BIN)/python -m pip freeze | \
 		grep -iE "^($$(echo $(BENCH_WHEELS) | tr ' ' '|'))==")
+
+# fast-plaid for `dist-vdr bench eval-multi-vector --fast-plaid-python .venv-fast-plaid/bin/python` (its own torch).
+bench-fast-plaid-venv:
+	$(PYTHON) -m venv .venv-fast-plaid
+	.venv-fast-plaid/bin/python -m pip install -q --upgrade pip
+	.venv-fast-plaid/bin/python -m pip install -q -r requirements-fast-plaid.txt
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(DEMO_RERANKER_RUN) $(DEMO_PDFS_RUN) $(DEMO_LORA_RUN) $(DEMO_DISTILL_RUN)

@@ -180,6 +180,50 @@ class SearchBenchCommand:
 
 
 @dataclass(kw_only=True)
+class MultiVectorSearchBench:
+    """`dist-vdr bench eval-multi-vector`: late-interaction search on the same generated token embeddings, side by
+    side (dist_vdr.bench.multi_vector_search): dist-vdr's exact sharded MaxSim on 1 and W ranks, its two-stage
+    search, sentence-transformers' multi-vector evaluator, fast-plaid; seconds, peak RSS, NDCG@10, recall."""
+
+    work_dir: str = REQUIRED
+    """Scratch folder (the generated corpus, the page stores, fast-plaid's index)."""
+    pages: int = 20_000
+    """Pages of the corpus."""
+    page_tokens: int = 64
+    """Most tokens of a page (each has 3/4 to all of them)."""
+    queries: int = 200
+    query_tokens: int = 16
+    """Most tokens of a query (each has half to all of them)."""
+    dim: int = 128
+    """Token dimension."""
+    world_size: int = 2
+    """The ranks of the sharded run beside 1 (gloo processes, the cores split between them)."""
+    candidates: int = 400
+    """Pages per query the two-stage search's first stage keeps (>= 100)."""
+    sentence_transformers: bool = True
+    """Run sentence-transformers' evaluator (one process, the corpus in memory)."""
+    fast_plaid_python: str | None = None
+    """An interpreter with fast-plaid (`make bench-fast-plaid-venv`: .venv-fast-plaid/bin/python); none: skipped."""
+    seed: int = 0
+    json: bool = False
+    """Also print the raw figures as JSON."""
+
+    def __post_init__(self) -> None:
+        for name in ("pages", "page_tokens", "queries", "query_tokens", "dim", "world_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"bench_mv_search.{name} must be >= 1, got {getattr(self, name)}")
+        if self.candidates < 100:
+            raise ValueError(f"bench_mv_search.candidates must be >= 100 (the top-100 is kept), got {self.candidates}")
+        if self.queries > self.pages:
+            raise ValueError("bench_mv_search.queries must be <= pages (each query has a page of its own)")
+
+
+@dataclass(kw_only=True)
+class MultiVectorSearchBenchCommand:
+    bench_mv_search: MultiVectorSearchBench = field(default_factory=MultiVectorSearchBench)
+
+
+@dataclass(kw_only=True)
 class MaxsimBench:
     """`dist-vdr bench maxsim`: peak memory of the multi-vector scoring step (forward + backward), dist-vdr's chunked
     MaxSim vs the unchunked einsum and sentence-transformers' scoring; measured on CPU, computed at the published

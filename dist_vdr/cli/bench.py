@@ -16,6 +16,7 @@ from dist_vdr.bench.settings import (
     EvalBenchCommand,
     LossBenchCommand,
     MaxsimBenchCommand,
+    MultiVectorSearchBenchCommand,
     PoolingBenchCommand,
     SearchBenchCommand,
     StartupBenchCommand,
@@ -62,6 +63,11 @@ CHECKPOINT = Command(CheckpointBenchCommand, (Opt("--work-dir", "bench_checkpoin
 MAXSIM = Command(MaxsimBenchCommand, tuple(Opt(f"--{k.replace('_', '-')}", f"bench_maxsim.{k}") for k in (
     "world_size", "batch", "query_tokens", "page_columns", "page_tokens", "dim", "chunk_elements",
     "score_mini_batch_size", "json")))
+
+MV_SEARCH = Command(MultiVectorSearchBenchCommand, tuple(
+    Opt(f"--{k.replace('_', '-')}", f"bench_mv_search.{k}") for k in (
+        "work_dir", "pages", "page_tokens", "queries", "query_tokens", "dim", "world_size", "candidates",
+        "sentence_transformers", "fast_plaid_python", "seed", "json")))
 
 POOLING = Command(PoolingBenchCommand, (
     Opt("--model", "bench_pooling.model"), Opt("--data", "bench_pooling.data"),
@@ -182,6 +188,21 @@ def _bench_maxsim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_mv_search(args: argparse.Namespace) -> int:
+    from dist_vdr.bench import multi_vector_search
+
+    b = load_command(args, MV_SEARCH).bench_mv_search
+    inputs = {"--fast-plaid-python": b.fast_plaid_python} if b.fast_plaid_python else {}
+    results = _in_work_dir("bench eval-multi-vector", b.work_dir, inputs, lambda work: multi_vector_search.run(
+        work, pages=b.pages, page_tokens=b.page_tokens, queries=b.queries, query_tokens=b.query_tokens, dim=b.dim,
+        world_size=b.world_size, candidates=b.candidates, sentence_transformers=b.sentence_transformers,
+        fast_plaid_python=b.fast_plaid_python, seed=b.seed, log=lambda line: print(line, flush=True)))
+    print(multi_vector_search.format_report(results), flush=True)
+    if b.json:
+        print(json.dumps(results))
+    return 0
+
+
 def _bench_pooling(args: argparse.Namespace) -> int:
     from dist_vdr.bench import token_pooling
 
@@ -199,6 +220,9 @@ COMMANDS = {
     "eval": (EVAL, _bench_eval, "7-dim sweep: stock per-dim evaluators vs the sharded evaluator, 1 and W ranks"),
     "maxsim": (MAXSIM, _bench_maxsim, "peak memory of the multi-vector scoring step: chunked MaxSim vs the "
                                       "unchunked einsum and sentence-transformers' scoring"),
+    "eval-multi-vector": (MV_SEARCH, _bench_mv_search, "late-interaction search on the same token embeddings: "
+                                                       "exact sharded MaxSim (1 and W ranks), two-stage, "
+                                                       "sentence-transformers' evaluator, fast-plaid"),
     "pooling": (POOLING, _bench_pooling, "index-time token pooling of a multi-vector model's pages: NDCG@10 and "
                                          "bytes per page at each pool factor beside none"),
     "search": (SEARCH, _bench_search, "exact top-100 + metrics vs faiss IndexFlatIP, time and peak RSS"),

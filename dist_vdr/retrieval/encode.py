@@ -33,6 +33,7 @@ import torch
 from dist_vdr import distributed
 from dist_vdr.distributed import shard_range, shard_sizes  # noqa: F401  (the evaluators import them from here)
 from dist_vdr.retrieval.scoring import PAGE, Scoring, resolve
+from dist_vdr.retrieval.token_store import TokenStore
 
 MAX_BLOCK_BATCHES = 8
 
@@ -204,52 +205,106 @@ def encode_corpus_shard(model, corpus, *, rank: int, world_size: int, image_colu
     else the caller adds; the scoring's ``cache_tag``), so a different model, corpus, preprocessing or
     representation never reuses them.
     """
-    from sentence_transformers.util import batch_to_device
-    from tqdm.auto import tqdm
-
-    scoring = resolve(scoring)
-    if scoring.cache_tag():
-        cache_key = f"{cache_key}|scoring={scoring.cache_tag()}"
-    block = block_size(len(corpus), batch_size)
-    start, end = corpus_shard_range(len(corpus), rank, world_size, block)
-    shard = corpus.select(range(start, end) if end > start else [])  # a small corpus may leave a rank none
-    n = len(shard)
-    areas, pages_digest = _scan_pages(shard, image_column, digest=bool(cache_dir))
-    cache = _ShardCache(cache_dir, rank, world_size, start, end,
-                        {**embedding_key(model, image_column=image_column, batch_size=batch_size, block=block,
-                                         extra=cache_key), "pages": pages_digest}) if cache_dir else None
+    plan = _ShardPlan(model, corpus, rank, world_size, image_column, batch_size, cache_key, resolve(scoring),
+                      digest=bool(cache_dir))
+    cache = _ShardCache(cache_dir, rank, world_size, plan.start, plan.end, plan.key) if cache_dir else None
     done = cache.load() if cache else {}
-    # A cached batch is whole: the batches still to run are exactly those of the uninterrupted run.
-    batches = [b for b in block_batches(areas, batch_size, block)
-               if not all(p in done for p in b)] if len(done) < n else []
-    # Sharded engines (ZeRO-3, FSDP2) gather parameters inside every forward: a collective, so all
-    # ranks must run the same number of forwards. Ranks with fewer batches run padding forwards.
-    my_batches = len(batches)
-    num_batches = max(distributed.all_gather_objects(my_batches)) if world_size > 1 else my_batches
-    if num_batches:
+
+    def keep(positions, emb):
+        for p, e in zip(positions, emb, strict=True):
+            done[p] = e
+        if cache:
+            cache.save(positions, emb)
+
+    plan.encode(model, done, keep, num_workers=num_workers, show_progress=show_progress)
+    if plan.size == 0:
+        return plan.start, torch.empty(0, 0)
+    return plan.start, plan.scoring.stack([done[i] for i in range(plan.size)], PAGE)
+
+
+def encode_corpus_store(model, corpus, store_root: str | os.PathLike, *, rank: int, world_size: int,
+                        image_column: str = "image", batch_size: int = 16, num_workers: int = 0,
+                        cache_key: str = "", show_progress: bool = False,
+                        scoring: Scoring) -> tuple[int, TokenStore]:
+    """Embed rank's shard of ``corpus`` into a :class:`~dist_vdr.retrieval.token_store.TokenStore` (each page
+    ``scoring.trim``-ed, in ``scoring.store_dtype``) in a sub-folder of ``store_root`` keyed as
+    :func:`encode_corpus_shard`'s cache is: an interrupted encoding continues there, another model, corpus or
+    preprocessing gets a folder of its own. Returns (global offset of the shard, the store). Memory: one batch."""
+    plan = _ShardPlan(model, corpus, rank, world_size, image_column, batch_size, cache_key, scoring, digest=True)
+    manifest = {"start": plan.start, "end": plan.end, "key": plan.key, "dtype": scoring.store_dtype}
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(store_root) / f"tokens-{rank}-of-{world_size}-{digest}"
+    _pin_manifest(folder, manifest)
+    store = TokenStore.open(folder, size=plan.size, dtype=scoring.store_dtype)
+
+    def keep(positions, emb):
+        store.append(positions, [scoring.trim(e, PAGE) for e in emb])
+
+    plan.encode(model, store.stored, keep, num_workers=num_workers, show_progress=show_progress)
+    return plan.start, store
+
+
+class _ShardPlan:
+    """Rank's shard of a corpus and its batches (whole blocks; :func:`block_batches`), with what its encodings are
+    keyed by (:func:`embedding_key` + the pages' digest when ``digest``)."""
+
+    def __init__(self, model, corpus, rank: int, world_size: int, image_column: str, batch_size: int,
+                 cache_key: str, scoring: Scoring, digest: bool) -> None:
+        self.scoring, self.rank, self.world_size = scoring, rank, world_size
+        self.image_column, self.batch_size = image_column, batch_size
+        if scoring.cache_tag():
+            cache_key = f"{cache_key}|scoring={scoring.cache_tag()}"
+        self.block = block_size(len(corpus), batch_size)
+        self.start, self.end = corpus_shard_range(len(corpus), rank, world_size, self.block)
+        # a small corpus may leave a rank none
+        self.shard = corpus.select(range(self.start, self.end) if self.end > self.start else [])
+        self.size = len(self.shard)
+        self.areas, pages_digest = _scan_pages(self.shard, image_column, digest=digest)
+        self.key = {**embedding_key(model, image_column=image_column, batch_size=batch_size, block=self.block,
+                                    extra=cache_key), "pages": pages_digest} if digest else {}
+
+    def encode(self, model, done, keep, *, num_workers: int, show_progress: bool) -> None:
+        """Encode the batches with a position not in ``done``; ``keep(positions, representations)`` per batch."""
+        from sentence_transformers.util import batch_to_device
+        from tqdm.auto import tqdm
+
+        scoring, world_size = self.scoring, self.world_size
+        # A stored batch is whole: the batches still to run are exactly those of the uninterrupted run.
+        batches = [b for b in block_batches(self.areas, self.batch_size, self.block)
+                   if not all(p in done for p in b)] if len(done) < self.size else []
+        # Sharded engines (ZeRO-3, FSDP2) gather parameters inside every forward: a collective, so all
+        # ranks must run the same number of forwards. Ranks with fewer batches run padding forwards.
+        my_batches = len(batches)
+        num_batches = max(distributed.all_gather_objects(my_batches)) if world_size > 1 else my_batches
+        if not num_batches:
+            return
         # Workers are forked: the collate function holds the model's processor (and the module
         # around it), which a spawn/forkserver start would pickle into every worker (measured: 30x
         # slower inside a spawned rank). Where fork is unavailable, preprocess in this process.
         fork = "fork" in multiprocessing.get_all_start_methods()
         workers = (auto_workers(model.device, world_size) if num_workers < 0 else num_workers) if fork else 0
         loader = torch.utils.data.DataLoader(
-            _Pages(shard, image_column), batch_sampler=batches, num_workers=workers,
+            _Pages(self.shard, self.image_column), batch_sampler=batches, num_workers=workers,
             collate_fn=_Collate(model, document_prompt(model), scoring), persistent_workers=False,
             multiprocessing_context="fork" if workers else None,
         )
         device = model.device
         with inference(model):
-            for positions, feats in tqdm(loader, desc=f"encoding pages (rank {rank})", disable=not show_progress):
-                emb = scoring.forward(model, batch_to_device(feats, device), PAGE).cpu()
-                for p, e in zip(positions, emb, strict=True):
-                    done[p] = e
-                if cache:
-                    cache.save(positions, emb)
+            for positions, feats in tqdm(loader, desc=f"encoding pages (rank {self.rank})",
+                                         disable=not show_progress):
+                keep(positions, scoring.forward(model, batch_to_device(feats, device), PAGE).cpu())
             for _ in range(num_batches - my_batches):  # lockstep padding, result discarded
                 scoring.forward(model, batch_to_device(_blank_page_features(model, scoring), device), PAGE)
-    if n == 0:
-        return start, torch.empty(0, 0)
-    return start, scoring.stack([done[i] for i in range(n)], PAGE)
+
+
+def _pin_manifest(folder: Path, manifest: dict) -> None:
+    """``folder`` belongs to ``manifest`` (written on first use; a folder of another is an error)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "manifest.json"
+    if path.is_file() and json.loads(path.read_text()) != manifest:  # only if edited by hand
+        raise ValueError(f"embedding cache {folder} belongs to another model, corpus or split "
+                         f"({path.read_text()}); delete that folder")
+    path.write_text(json.dumps(manifest))
 
 
 def _blank_page_features(model, scoring: Scoring):
@@ -280,12 +335,7 @@ class _ShardCache:
         self.count = 0
 
     def load(self) -> dict[int, torch.Tensor]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        manifest = self.dir / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text()) != self.manifest:  # only if edited by hand
-            raise ValueError(f"embedding cache {self.dir} belongs to another model, corpus or split "
-                             f"({manifest.read_text()}); delete that folder")
-        manifest.write_text(json.dumps(self.manifest))
+        _pin_manifest(self.dir, self.manifest)
         done: dict[int, torch.Tensor] = {}
         for f in sorted(self.dir.glob("batch-*.pt")):
             positions, emb = torch.load(f, weights_only=True)

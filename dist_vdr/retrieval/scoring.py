@@ -54,6 +54,10 @@ class Scoring:
     inner_product: bool = False
     ragged: bool = False
     """True when items' representations differ in shape (a token axis): :meth:`stack` pads them to one."""
+    store_dtype: str | None = None
+    """The sharded evaluator keeps a rank's page representations on disk in this dtype (``"float16"`` or
+    ``"float32"``; :class:`~dist_vdr.retrieval.token_store.TokenStore`) and searches them chunk by chunk, each
+    item as :meth:`trim` gives it; None: in memory as one tensor."""
 
     def represent(self, embeddings: Tensor) -> Tensor:
         """The stored representation of a model's embeddings (default: as they are)."""
@@ -72,6 +76,20 @@ class Scoring:
         if len(queries) == 0:
             return queries.new_empty(0)
         return torch.stack([self.scores(queries[i:i + 1], pages[i:i + 1])[0, 0] for i in range(len(queries))])
+
+    first_stage_candidates: int = 0
+    """The sharded evaluator's two-stage search (:mod:`dist_vdr.retrieval.two_stage`): the pages per query and rank
+    that :meth:`first_stage`'s vectors pick for the exact score; 0: every page is scored exactly."""
+
+    def first_stage(self, items: Sequence[Tensor], side: str) -> Tensor:
+        """``[n, F]`` one vector per item (each as :meth:`trim` gives it) whose inner products approximate
+        :meth:`scores` (the two-stage search's first stage)."""
+        raise NotImplementedError(f"{type(self).__name__} has no first stage")
+
+    def trim(self, rep: Tensor, side: str) -> Tensor:
+        """One item's representation without the padding :meth:`stack` added (what a store keeps; :meth:`stack`
+        of trimmed items must score as the untrimmed ones). Default: as it is."""
+        return rep
 
     def cache_tag(self) -> str:
         """What stored representations depend on besides the model: the evaluator's encoding cache keys on it
@@ -95,6 +113,11 @@ class Scoring:
         if not items:
             return torch.empty(0, *(shape or (0,)))
         return torch.stack(list(items))
+
+    def stack_rows(self, rows: Tensor, counts: Sequence[int], side: str) -> Tensor:
+        """:meth:`stack` of items given as one tensor of their rows one after another (``counts``: rows per item; what
+        a page store reads). Default: split, then :meth:`stack`."""
+        return self.stack(list(torch.split(rows, list(counts))), side)
 
     def encode_queries(self, model, texts: list[str], batch_size: int) -> Tensor:
         """float32 representations on the CPU of ``texts`` through the model's own query encoding

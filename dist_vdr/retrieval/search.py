@@ -18,7 +18,8 @@ import math
 import numpy as np
 import torch
 
-from dist_vdr.retrieval.scoring import Scoring, resolve
+from dist_vdr.retrieval.scoring import PAGE, Scoring, resolve
+from dist_vdr.retrieval.token_store import TokenStore
 
 NEG_INF = float("-inf")
 
@@ -72,35 +73,78 @@ def _torch_topk(queries: torch.Tensor, shard: torch.Tensor, k: int, corpus_chunk
     all_scores, all_idx = [], []
     for qb in range(0, queries.shape[0], query_block):
         q = queries[qb:qb + query_block]
-        best_s = torch.full((q.shape[0], 0), NEG_INF)
-        best_i = torch.empty((q.shape[0], 0), dtype=torch.long)
+        best = empty_top(q.shape[0])
         for cb in range(0, shard.shape[0], corpus_chunk):
             s = scoring.scores(q, shard[cb:cb + corpus_chunk])  # cosine: q @ shard[...].T
-            top = torch.topk(s, min(k, s.shape[1]), dim=1)
-            cand_s = torch.cat([best_s, top.values], dim=1)
-            cand_i = torch.cat([best_i, top.indices + cb], dim=1)
-            keep = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
-            best_s, best_i = keep.values, torch.gather(cand_i, 1, keep.indices)
-        all_scores.append(best_s)
-        all_idx.append(best_i)
+            best = keep_top(best, s, torch.arange(cb, cb + s.shape[1]), k)
+        all_scores.append(best[0])
+        all_idx.append(best[1])
     return torch.cat(all_scores), torch.cat(all_idx)
+
+
+def empty_top(num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A running top-k (scores, ids) holding nothing yet, for :func:`keep_top`."""
+    return torch.full((num_queries, 0), NEG_INF), torch.empty((num_queries, 0), dtype=torch.long)
+
+
+def keep_top(best: tuple[torch.Tensor, torch.Tensor], s: torch.Tensor, ids: torch.Tensor, k: int):
+    """The running top-k (scores, ids) of ``best`` and the new scores ``s`` [Q, n] of items ``ids`` [n]."""
+    top = torch.topk(s, min(k, s.shape[1]), dim=1)
+    cand_s = torch.cat([best[0], top.values], dim=1)
+    cand_i = torch.cat([best[1], ids[top.indices]], dim=1)
+    keep = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
+    return keep.values, torch.gather(cand_i, 1, keep.indices)
+
+
+def store_topk(queries: torch.Tensor, store: TokenStore, k: int, *, scoring: Scoring, dim: int | None = None,
+               progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`shard_topk` of the pages of a :class:`~dist_vdr.retrieval.token_store.TokenStore`, read in chunks of
+    about ``scoring.chunk_elements`` values (2**24 if it has none), each padded (``scoring.stack``) and cut to
+    ``dim`` (``scoring.truncate``): memory is one chunk, its ``[Q, chunk]`` scores and the running top-k.
+    Returns (scores [Q, k], shard positions [Q, k]; -inf / -1 past the stored pages). ``progress``: a bar's
+    title (None: no bar)."""
+    from tqdm.auto import tqdm
+
+    rows = max(1, getattr(scoring, "chunk_elements", 1 << 24) // max(1, store.dim))
+    best = empty_top(queries.shape[0])
+    with tqdm(total=store.rows, desc=progress, unit="vectors", unit_scale=True, disable=progress is None) as bar:
+        for positions, flat, counts in store.chunks(rows):
+            pages = cut_to(scoring, scoring.stack_rows(flat, counts, PAGE), dim)
+            best = keep_top(best, scoring.scores(queries, pages), torch.from_numpy(positions), k)
+            bar.update(len(flat))
+    scores, idx = best
+    if scores.shape[1] < k:
+        pad = k - scores.shape[1]
+        scores = torch.cat([scores, torch.full((scores.shape[0], pad), NEG_INF)], dim=1)
+        idx = torch.cat([idx, torch.full((idx.shape[0], pad), -1, dtype=torch.long)], dim=1)
+    return scores, idx
+
+
+def cut_to(scoring: Scoring, reps: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """``reps`` cut to the Matryoshka ``dim`` (``scoring.truncate``); as they are at their full dim or None."""
+    return scoring.truncate(reps, dim) if dim is not None and dim < reps.shape[-1] else reps
 
 
 RESCORE_SLACK = 8
 """Extra candidates per shard, so that rescoring can reorder near-ties at the k-th place."""
 
 
-def rescore(queries: torch.Tensor, shard: torch.Tensor, idx: torch.Tensor, query_block: int = 1024,
-            scoring: Scoring | None = None) -> torch.Tensor:
+def rescore(queries: torch.Tensor, shard: torch.Tensor | TokenStore, idx: torch.Tensor, query_block: int = 1024,
+            scoring: Scoring | None = None, dim: int | None = None) -> torch.Tensor:
     """The candidates' scores recomputed pair by pair in float64 (inner-product scorings such as cosine: dot
     products; others: ``scoring.pair_scores``), rounded to float32 (-inf for padding).
 
     A matrix product rounds a (query, page) score differently with the shape of the product and
     the tile the pair falls in, i.e. with how the corpus is split over ranks and chunks; near-ties
     then flip with the number of ranks. Recomputed row by row, a pair always gets the same score.
+
+    ``shard``: the stored representations, or a :class:`~dist_vdr.retrieval.token_store.TokenStore` (its
+    candidates read as needed, padded and cut to ``dim``).
     """
     scoring = resolve(scoring)
     out = torch.full(idx.shape, NEG_INF)
+    if isinstance(shard, TokenStore):
+        return _store_rescore(queries, shard, idx, scoring, dim, out)
     if shard.shape[0] == 0:  # a rank without pages (small corpus): only padding
         return out
     for qb in range(0, idx.shape[0], query_block):
@@ -114,14 +158,28 @@ def rescore(queries: torch.Tensor, shard: torch.Tensor, idx: torch.Tensor, query
     return out
 
 
+def _store_rescore(queries: torch.Tensor, store: TokenStore, idx: torch.Tensor, scoring: Scoring, dim: int | None,
+                   out: torch.Tensor) -> torch.Tensor:
+    """:func:`rescore` of candidates in a page store: query by query, its candidates read in one go, padded, cut to
+    ``dim`` and scored against it in float64 (``scoring.scores`` of one query: each pair's own value)."""
+    for i in range(idx.shape[0]):
+        valid = idx[i] >= 0
+        if not bool(valid.any()):
+            continue
+        rows, counts = store.read(idx[i][valid].tolist())
+        pages = cut_to(scoring, scoring.stack_rows(rows, counts, PAGE), dim)
+        out[i, valid] = scoring.scores(queries[i:i + 1].double(), pages.double())[0].float()
+    return out
+
+
 RESCORE_ELEMENTS = 1 << 24
 """Bound on the float64 copies of the (query, candidate) pairs given to ``pair_scores`` at once: a candidate
 may be large (token embeddings ``[T, D]``), and a block holds ``query_block x k`` of them."""
 
 
 def _pair_rescore(queries: torch.Tensor, shard: torch.Tensor, block: torch.Tensor, scoring: Scoring) -> torch.Tensor:
-    """[b, k] float32: ``scoring.pair_scores`` in float64 of query i with each candidate ``block[i, j]``, a
-    bounded number of pairs at a time (a pair's score does not depend on the others)."""
+    """[b, k] float32: ``scoring.pair_scores`` in float64 of query i with each candidate ``block[i, j]``, a bounded
+    number of pairs at a time (a pair's score does not depend on the others)."""
     pages = block.clamp(min=0).reshape(-1)
     owners = torch.arange(block.shape[0]).repeat_interleave(block.shape[1])
     step = max(1, RESCORE_ELEMENTS // max(1, math.prod(shard.shape[1:]) + math.prod(queries.shape[1:])))

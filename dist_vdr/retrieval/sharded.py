@@ -33,10 +33,12 @@ from dist_vdr.data.arrow import column_values
 from dist_vdr.data.judgements import judged_queries
 from dist_vdr.data.loading import EvalData
 from dist_vdr.retrieval import mteb_format, stock
-from dist_vdr.retrieval.encode import encode_corpus_shard, encode_queries, shard_range
+from dist_vdr.retrieval.encode import encode_corpus_shard, encode_corpus_store, encode_queries, shard_range
 from dist_vdr.retrieval.metrics import METRICS, retrieval_metrics
 from dist_vdr.retrieval.scoring import QUERY, Scoring, resolve
-from dist_vdr.retrieval.search import RESCORE_SLACK, has_faiss, merge_topk, rescore, shard_topk
+from dist_vdr.retrieval.search import RESCORE_SLACK, has_faiss, merge_topk, rescore, shard_topk, store_topk
+from dist_vdr.retrieval.token_store import TokenStore
+from dist_vdr.retrieval.two_stage import two_stage_topk
 from dist_vdr.run.folder import NDCG_PLOT
 from dist_vdr.storage import atomic_write
 
@@ -51,7 +53,8 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
     def __init__(self, data: EvalData, dims: list[int], *, ks=(1, 3, 5, 10, 100), batch_size: int = 16,
                  query_batch_size: int = 32, num_workers: int = -1, backend: str = "auto",
                  cache_dir: str | None = None, show_progress: bool = True, run_tag: str = "dist-vdr",
-                 main_metric: str = "ndcg@10", scoring: Scoring | None = None) -> None:
+                 main_metric: str = "ndcg@10", scoring: Scoring | None = None,
+                 scratch_dir: str | None = None) -> None:
         super().__init__()
         self.scoring = resolve(scoring)
         if not dims:
@@ -62,6 +65,7 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
         self.top_k = max(self.ks)
         self.batch_size, self.query_batch_size, self.num_workers = batch_size, query_batch_size, num_workers
         self.backend, self.cache_dir, self.show_progress, self.run_tag = backend, cache_dir, show_progress, run_tag
+        self.scratch_dir = scratch_dir  # where a page store without cache_dir lives during an evaluation
         self.main_metric = main_metric  # the benchmark-format files' main_score
         # Only queries with a relevant page count; they alone go into the metrics and the outputs.
         self.query_ids = judged_queries(list(data.queries), data.qrels, "evaluation data")
@@ -89,22 +93,20 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
         info = distributed.current()
         start = time.perf_counter()
         queries = self._encode_queries(model, info)
-        offset, shard = encode_corpus_shard(
-            model, self.data.corpus, rank=info.rank, world_size=info.world_size, batch_size=self.batch_size,
-            num_workers=self.num_workers, cache_dir=self.cache_dir,
-            show_progress=self.show_progress and info.is_main, scoring=self.scoring)
-        full_dim = queries.shape[-1]
-        too_big = [d for d in self.dims if d > full_dim]
-        if too_big:
-            raise ValueError(f"evaluation dims {too_big} exceed the model's embedding dimension {full_dim}")
-        flat: dict[str, float] = {}
-        for dim in self.dims:
-            scores, idx = self._search(queries, shard, offset, dim)
-            ranked = {qid: [self.page_ids[j] for j in row if j >= 0]
-                      for qid, row in zip(self.query_ids, idx, strict=False)}
-            metrics = retrieval_metrics(ranked, self.data.qrels, self.ks)
-            self.last_rankings[dim], self.last_metrics[dim] = (scores, idx), metrics
-            flat.update({f"dim{dim}_cosine_{name}": value for name, value in metrics.items()})
+        with self._store_root() as store_root:
+            offset, shard = self._encode_pages(model, info, store_root)
+            full_dim = queries.shape[-1]
+            too_big = [d for d in self.dims if d > full_dim]
+            if too_big:
+                raise ValueError(f"evaluation dims {too_big} exceed the model's embedding dimension {full_dim}")
+            flat: dict[str, float] = {}
+            for dim in self.dims:
+                scores, idx = self._search(queries, shard, offset, dim, info)
+                ranked = {qid: [self.page_ids[j] for j in row if j >= 0]
+                          for qid, row in zip(self.query_ids, idx, strict=False)}
+                metrics = retrieval_metrics(ranked, self.data.qrels, self.ks)
+                self.last_rankings[dim], self.last_metrics[dim] = (scores, idx), metrics
+                flat.update({f"dim{dim}_cosine_{name}": value for name, value in metrics.items()})
         self.last_seconds = time.perf_counter() - start
         if output_path and info.is_main:
             self.write_outputs(output_path, steps)
@@ -114,9 +116,37 @@ class ShardedRetrievalEvaluator(BaseEvaluator):
         return encode_queries_sharded(model, [self.data.queries[q] for q in self.query_ids], info,
                                       batch_size=self.query_batch_size, scoring=self.scoring)
 
-    def _search(self, queries: torch.Tensor, shard: torch.Tensor, offset: int, dim: int):
+    def _store_root(self):
+        """Where the pages' store lives (scoring.store_dtype): the cache (kept), else a scratch folder removed after
+        the evaluation; no store: None."""
+        import contextlib
+        import tempfile
+
+        if not self.scoring.store_dtype:
+            return contextlib.nullcontext(None)
+        if self.cache_dir:
+            return contextlib.nullcontext(self.cache_dir)
+        if self.scratch_dir:
+            os.makedirs(self.scratch_dir, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix=".dist-vdr-page-store-", dir=self.scratch_dir)
+
+    def _encode_pages(self, model, info: distributed.DistInfo, store_root: str | None):
+        """(offset, this rank's pages): a tensor, or on disk in ``store_root`` (a TokenStore)."""
+        options = dict(rank=info.rank, world_size=info.world_size, batch_size=self.batch_size,
+                       num_workers=self.num_workers, show_progress=self.show_progress and info.is_main,
+                       scoring=self.scoring)
+        if store_root is not None:
+            return encode_corpus_store(model, self.data.corpus, store_root, **options)
+        return encode_corpus_shard(model, self.data.corpus, cache_dir=self.cache_dir, **options)
+
+    def _search(self, queries: torch.Tensor, shard, offset: int, dim: int, info: distributed.DistInfo):
+        progress = f"MaxSim search, dim {dim} (rank {info.rank})" if self.show_progress and info.is_main and \
+            isinstance(shard, TokenStore) else None
+        if self.scoring.first_stage_candidates:
+            return two_stage_topk(queries, shard, offset, self.top_k, self.tie_key, dim=dim, scoring=self.scoring,
+                                  candidates=max(self.scoring.first_stage_candidates, self.top_k))
         return global_topk(queries, shard, offset, self.top_k, self.tie_key, dim=dim, backend=self.backend,
-                           scoring=self.scoring)
+                           scoring=self.scoring, progress=progress)
 
     # ------------------------------------------------------------------ outputs
     def write_outputs(self, output_path: str, steps: int = -1) -> None:
@@ -172,25 +202,30 @@ def encode_queries_sharded(model, texts: list[str], info: distributed.DistInfo, 
     return out
 
 
-def global_topk(queries: torch.Tensor, shard: torch.Tensor, offset: int, k: int, tie_key: np.ndarray, *,
-                dim: int | None = None, backend: str = "auto",
-                scoring: Scoring | None = None) -> tuple[np.ndarray, np.ndarray]:
+def global_topk(queries: torch.Tensor, shard: torch.Tensor | TokenStore, offset: int, k: int, tie_key: np.ndarray,
+                *, dim: int | None = None, backend: str = "auto", scoring: Scoring | None = None,
+                progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of all queries over the corpus whose rows [offset, offset + len(shard)) this rank holds.
 
     Called on every rank at once: each searches its shard, the per-rank lists are all-gathered and
     merged (score, then ``tie_key``). Returns (scores [Q, k], global page indices [Q, k], -1 = none).
     ``scoring``: the representations' scoring (None: cosine). ``dim``: cut both sides to this Matryoshka
-    dimension first (``scoring.truncate``; cosine: truncate and re-normalise).
+    dimension first (``scoring.truncate``; cosine: truncate and re-normalise). ``shard``: the representations,
+    or a :class:`~dist_vdr.retrieval.token_store.TokenStore` searched chunk by chunk (``progress``: its bar).
     """
     scoring = resolve(scoring)
     dim = dim or queries.shape[-1]
     q = scoring.truncate(queries, dim) if dim < queries.shape[-1] else queries
-    if shard.numel() == 0:
-        shard = torch.empty(0, *queries.shape[1:])
-    e = scoring.truncate(shard, dim) if dim < shard.shape[-1] else shard
-    e = e.contiguous()
-    _, idx = shard_topk(q, e, k + RESCORE_SLACK, backend=backend, scoring=scoring)
-    scores = rescore(q, e, idx, scoring=scoring)
+    if isinstance(shard, TokenStore):
+        _, idx = store_topk(q, shard, k + RESCORE_SLACK, scoring=scoring, dim=dim, progress=progress)
+        scores = rescore(q, shard, idx, scoring=scoring, dim=dim)
+    else:
+        if shard.numel() == 0:
+            shard = torch.empty(0, *queries.shape[1:])
+        e = scoring.truncate(shard, dim) if dim < shard.shape[-1] else shard
+        e = e.contiguous()
+        _, idx = shard_topk(q, e, k + RESCORE_SLACK, backend=backend, scoring=scoring)
+        scores = rescore(q, e, idx, scoring=scoring)
     idx = torch.where(idx >= 0, idx + offset, idx)
     all_scores = distributed.all_gather_same(scores)  # [W, Q, k]
     all_idx = distributed.all_gather_same(idx)

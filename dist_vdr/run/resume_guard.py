@@ -35,8 +35,9 @@ REPORTING_KEYS = (
     # size (tests/integration/test_loss_equivalence.py): lowering them is how a resumed run fits a smaller GPU.
     "loss.mini_batch_size", "loss.mini_batch_num_tokens",
     # The multi-vector scoring's block bound (chunked = unchunked), its fixed vs agreed query length (the same loss)
-    # and its index-time pooling (evaluation, mining and teacher scoring only).
+    # and its index-time pooling and page store (evaluation, mining and teacher scoring only).
     "multi_vector.chunk_elements", "multi_vector.query_length", "multi_vector.pool_factor",
+    "multi_vector.store_dtype", "multi_vector.first_stage_candidates",
     "model.adapter.merge_on_save",  # what final/ holds besides the adapter, not what trains
 )
 SCHEDULE_KEYS = ("training.max_steps", "training.num_epochs")

@@ -1,6 +1,8 @@
 """The sharded evaluator with the multi-vector kind's MaxSim (one process): its metrics equal a brute-force MaxSim
 written out in plain torch over sentence-transformers' own token embeddings, and sentence-transformers'
-MultiVectorInformationRetrievalEvaluator; every token dim comes from one encode. (2 ranks vs 1: test_eval_command.py,
+MultiVectorInformationRetrievalEvaluator; every token dim comes from one encode. The pages are searched from the
+on-disk store: in float32 it equals the in-memory figures exactly; in float16 it equals the brute force over the
+same float16-rounded token vectors. (2 ranks vs 1: test_eval_command.py,
 mining: tests/integration/test_multi_vector_commands.py.)"""
 
 from __future__ import annotations
@@ -21,17 +23,32 @@ NAMES = ("ndcg@10", "mrr@10", "accuracy@1", "recall@10", "recall@100", "map@100"
 
 
 @pytest.fixture(scope="module")
-def setting(tiny_multi_vector, pages):
+def loaded(tiny_multi_vector, pages):
     model = build_multi_vector(ModelConfig(name_or_path=str(tiny_multi_vector)), precision="fp32", device="cpu")
-    data = load_eval(DataConfig(path=str(pages)))
+    return model, load_eval(DataConfig(path=str(pages)))
+
+
+def _evaluated(loaded, store_dtype: str):
+    model, data = loaded
     ours = ShardedRetrievalEvaluator(data, [32, 16], ks=KS, batch_size=8, num_workers=0, show_progress=False,
-                                     scoring=MaxSimScoring())
+                                     scoring=MaxSimScoring(store_dtype=store_dtype))
     return model, data, ours, summarise(ours(model))
 
 
-def _brute_force(model, data, dim: int) -> dict[str, float]:
+@pytest.fixture(scope="module")
+def setting(loaded):
+    return _evaluated(loaded, "float32")
+
+
+@pytest.fixture(scope="module")
+def setting_float16(loaded):
+    return _evaluated(loaded, "float16")
+
+
+def _brute_force(model, data, dim: int, stored=torch.float32) -> dict[str, float]:
     """Plain torch: sentence-transformers' token embeddings (each query's, each page's: lists of [T_i, D]),
-    cut to ``dim`` and re-normalised per token, sum over query tokens of the max over page tokens, every page."""
+    cut to ``dim`` and re-normalised per token, sum over query tokens of the max over page tokens, every page.
+    ``stored``: the pages' token vectors rounded to it first (normalised, as the evaluator stores them)."""
     qids = list(data.queries)
     queries = model.encode_query([data.queries[q] for q in qids], batch_size=8)
     corpus = data.corpus_dict()
@@ -41,7 +58,12 @@ def _brute_force(model, data, dim: int) -> dict[str, float]:
     def cut(t):
         return torch.nn.functional.normalize(t[:, :dim].double(), dim=-1)
 
-    scores = torch.tensor([[float((cut(q) @ cut(p).T).max(dim=1).values.sum()) for p in pages] for q in queries])
+    def as_stored(t):
+        t = torch.nn.functional.normalize(t.float(), dim=-1).to(stored).double()
+        return t if dim == t.shape[-1] else cut(t)  # the full dim is searched as stored
+
+    scores = torch.tensor([[float((cut(q) @ as_stored(p).T).max(dim=1).values.sum()) for p in pages]
+                           for q in queries])
     key = torch.as_tensor(trec_tie_key(pids))
     ranked = {}
     for i, qid in enumerate(qids):  # score, then the evaluator's tie order (descending id)
@@ -50,10 +72,12 @@ def _brute_force(model, data, dim: int) -> dict[str, float]:
     return retrieval_metrics(ranked, data.qrels, KS)
 
 
-def test_metrics_equal_brute_force_maxsim_at_every_token_dim(setting):
-    model, data, _, ours = setting
+@pytest.mark.parametrize("which", ["setting", "setting_float16"])
+def test_metrics_equal_brute_force_maxsim_at_every_token_dim(which, request):
+    model, data, ours_ev, ours = request.getfixturevalue(which)
+    stored = getattr(torch, ours_ev.scoring.store_dtype)
     for dim in (32, 16):
-        expected = _brute_force(model, data, dim)
+        expected = _brute_force(model, data, dim, stored)
         for name in NAMES:
             assert ours[dim][name] == pytest.approx(expected[name], abs=1e-6), (dim, name)
 
@@ -61,7 +85,7 @@ def test_metrics_equal_brute_force_maxsim_at_every_token_dim(setting):
 def test_metrics_equal_sentence_transformers_multi_vector_evaluator(setting):
     from sentence_transformers.multi_vector_encoder.evaluation import MultiVectorInformationRetrievalEvaluator
 
-    model, data, _, ours = setting
+    model, data, _, ours = setting  # sentence-transformers scores float32 token vectors: the float32 store
     ks = list(KS)
     theirs = MultiVectorInformationRetrievalEvaluator(
         queries=data.queries, corpus=data.corpus_dict(), relevant_docs=data.relevant_sets(), batch_size=8,
@@ -114,3 +138,31 @@ def test_bench_pooling_prints_the_table(tiny_multi_vector, pages, capsys):
     assert len(rows) == 2 and "| 100.0% |" in rows[0], out
     full, pooled = (float(r.split("|")[5]) for r in rows)  # vectors per page
     assert pooled < 0.6 * full, out
+
+
+def test_an_interrupted_page_store_goes_on_where_it_stopped(loaded, tmp_path, monkeypatch):
+    """eval.cache holds the keyed page store: a store cut mid-write (a real truncated file) is continued, only the
+    batches it lacks are encoded again, and the metrics are those of the uninterrupted evaluation."""
+    from dist_vdr.kinds.multi_vector.scoring import PAGE
+
+    model, data = loaded
+
+    def evaluate():
+        return ShardedRetrievalEvaluator(data, [32], ks=KS, batch_size=8, num_workers=0, show_progress=False,
+                                         scoring=MaxSimScoring(), cache_dir=str(tmp_path))(model)
+
+    calls = []
+    forward = MaxSimScoring.forward
+    monkeypatch.setattr(MaxSimScoring, "forward",
+                        lambda self, m, f, side: calls.append(side) or forward(self, m, f, side))
+    first = evaluate()
+    full = calls.count(PAGE)
+    (folder,) = tmp_path.glob("tokens-0-of-1-*")
+    tokens = folder / "tokens.bin"
+    with open(tokens, "r+b") as f:
+        f.truncate(tokens.stat().st_size // 2 + 3)
+    calls.clear()
+    assert evaluate() == first
+    assert 0 < calls.count(PAGE) < full
+    calls.clear()
+    assert evaluate() == first and calls.count(PAGE) == 0  # complete: nothing encoded

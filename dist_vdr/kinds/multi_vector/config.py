@@ -36,6 +36,16 @@ class MultiVectorConfig:
     """Index-time token pooling of the evaluation, mining and teacher scoring (not training): each page keeps about
     1 / pool_factor of its token vectors (sentence-transformers' HierarchicalTokenPooling: Ward clusters replaced by
     their normalised means); 1: none. Queries are never pooled."""
+    store_dtype: str = "float16"
+    """The dtype of the evaluation's on-disk page store (each rank writes its pages' token vectors there and scores
+    them chunk by chunk: memory does not grow with the corpus): float16 (half the bytes) or float32 (the encoder's
+    own values). In eval.cache when given (kept, keyed), else a scratch folder removed after each evaluation."""
+    first_stage_candidates: int = 0
+    """> 0: the evaluation (and `dist-vdr eval`) searches in two stages: each rank keeps this many pages per query by
+    the inner product of MUVERA fixed dimensional encodings of the token sets (about 2,048 values per page, computed
+    from the page store as it is read), then scores only those by exact MaxSim. Faster on large corpora, approximate
+    (a page the first stage misses is lost: `dist-vdr bench eval-multi-vector` states the recall); 0: every page is
+    scored exactly."""
     hybrid: bool = False
     """Also a pooled single vector on the same backbone (jina-embeddings-v4's design): one encode per mini-batch
     gives the token vectors and the pooled vector, and the loss trains both (the single vector: cosine InfoNCE over
@@ -59,9 +69,17 @@ class MultiVectorConfig:
             raise ValueError("multi_vector.single_vector_dims applies to multi_vector.hybrid=true")
         if not self.pool_factor >= 1:
             raise ValueError(f"multi_vector.pool_factor must be >= 1 (1: no pooling), got {self.pool_factor}")
+        self._check_evaluation()
         if self.token_dim < 1:
             raise ValueError(f"multi_vector.token_dim must be >= 1, got {self.token_dim}")
         if self.query_length is not None and self.query_length < 1:
             raise ValueError(f"multi_vector.query_length must be >= 1 or null, got {self.query_length}")
         if self.chunk_elements < 1:
             raise ValueError(f"multi_vector.chunk_elements must be >= 1, got {self.chunk_elements}")
+
+    def _check_evaluation(self) -> None:
+        if self.store_dtype not in ("float16", "float32"):
+            raise ValueError(f"multi_vector.store_dtype must be float16 or float32, got {self.store_dtype!r}")
+        if self.first_stage_candidates < 0:
+            raise ValueError(f"multi_vector.first_stage_candidates must be >= 0 (0: exhaustive), got "
+                             f"{self.first_stage_candidates}")

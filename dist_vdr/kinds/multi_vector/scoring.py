@@ -172,6 +172,11 @@ class MaxSimScoring(Scoring):
             :meth:`scores` (queries and pages are chunked to fit; one query against one page may exceed it)
             and ``[pairs, Tq, Tp]`` in :meth:`pair_scores`. Backward keeps only each max's index
             (``[Q, Tq, P]`` in all), never a block.
+        pool_factor: index-time token pooling of the pages (:meth:`forward`); 1: none.
+        store_dtype: the dtype of the sharded evaluator's on-disk page store (``float16``: half the bytes; a
+            normalised token's values lose nothing that moves a ranking in practice, see docs/multi-vector.md).
+        first_stage_candidates: > 0: the evaluator's two-stage search keeps this many pages per query and rank by
+            the inner product of MUVERA encodings (:meth:`first_stage`), then scores them by MaxSim; 0: exhaustive.
 
     Matryoshka cuts the token dimension: :meth:`truncate` keeps the first ``dim`` values of every token and
     re-normalises each token (zero padding stays zero, repeated page tokens stay repeats).
@@ -182,7 +187,7 @@ class MaxSimScoring(Scoring):
     ragged = True
 
     def __init__(self, divide_by_query_length: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
-                 pool_factor: float = 1.0) -> None:
+                 pool_factor: float = 1.0, store_dtype: str = "float16", first_stage_candidates: int = 0) -> None:
         if chunk_elements < 1:
             raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
         if pool_factor < 1:
@@ -190,6 +195,11 @@ class MaxSimScoring(Scoring):
         self.divide_by_query_length = divide_by_query_length
         self.chunk_elements = int(chunk_elements)
         self.pool_factor = float(pool_factor)
+        self.store_dtype = store_dtype
+        if first_stage_candidates < 0:
+            raise ValueError(f"first_stage_candidates must be >= 0, got {first_stage_candidates}")
+        self.first_stage_candidates = int(first_stage_candidates)
+        self._encoders: dict[int, object] = {}
 
     def represent(self, embeddings: Tensor) -> Tensor:
         return F.normalize(embeddings, p=2, dim=-1)
@@ -229,10 +239,33 @@ class MaxSimScoring(Scoring):
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out / real_token_counts(queries) if self.divide_by_query_length else out
 
+    def first_stage(self, items: Sequence[Tensor], side: str) -> Tensor:
+        """MUVERA's fixed dimensional encodings of token sets (:mod:`~dist_vdr.kinds.multi_vector.fde`, its defaults;
+        the same hyperplanes on every rank): a query's inner product with a page's approximates their MaxSim."""
+        from dist_vdr.kinds.multi_vector.fde import FixedDimensionalEncoder
+
+        dim = int(items[0].shape[-1]) if items else 1
+        if dim not in self._encoders:
+            self._encoders[dim] = FixedDimensionalEncoder(dim)
+        return self._encoders[dim].encode(items, query=side == QUERY)
+
+    def trim(self, rep: Tensor, side: str) -> Tensor:
+        """The item's tokens without padding: a page's trailing copies of its first token (a real token equal to
+        the first one is dropped too: a repeat changes no max), a query's trailing zero vectors."""
+        if side == PAGE:
+            pad = (rep == rep[:1]).all(dim=-1)
+            pad[0] = False
+        else:
+            pad = (rep == 0).all(dim=-1)
+        # the length of the trailing run of padding rows
+        real = (~pad).nonzero()
+        return rep[:int(real[-1]) + 1] if len(real) else rep[:0 if side == QUERY else 1]
+
     def cache_tag(self) -> str:
         # Stored representations depend on the layout (per-token L2, the padding rule); the flag is kept in
         # the tag as well, so that a cache never mixes runs of the two conventions.
         pooled = f", pool_factor={self.pool_factor:g}" if self.pool_factor > 1 else ""
+        pooled += f", stored as {self.store_dtype}" if self.store_dtype != "float16" else ""
         return (f"{type(self).__module__}.{type(self).__qualname__}(token_embeddings, per-token L2, "
                 f"query pad=zero, page pad=first token, divide_by_query_length={self.divide_by_query_length}"
                 f"{pooled})")
@@ -262,6 +295,17 @@ class MaxSimScoring(Scoring):
         if not items:
             return torch.empty(0, *(shape or (0, 0)))
         return pad_tokens(list(items), side, width=shape[0] if shape else 0)
+
+    def stack_rows(self, rows: Tensor, counts: Sequence[int], side: str) -> Tensor:
+        """:func:`pad_tokens` of the items in one gather (a page's padding: its first row again; a query's: zeros)."""
+        counts = torch.as_tensor(counts, dtype=torch.long)
+        if side == QUERY or len(counts) == 0 or int(counts.min()) == 0:
+            return super().stack_rows(rows, counts.tolist(), side)
+        width = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        steps = torch.arange(width)[None, :]
+        index = starts[:, None] + torch.where(steps < counts[:, None], steps, 0)
+        return rows[index]
 
     def encode_queries(self, model, texts: list[str], batch_size: int) -> Tensor:
         tokens = model.encode_query(list(texts), batch_size=batch_size, show_progress_bar=False)

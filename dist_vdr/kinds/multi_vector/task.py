@@ -55,7 +55,8 @@ class MultiVectorTask(GlobalBatchTask):
     def scoring(self, cfg) -> MaxSimScoring:
         mv = cfg.multi_vector
         return MaxSimScoring(divide_by_query_length=mv.divide_by_query_length, chunk_elements=mv.chunk_elements,
-                             pool_factor=mv.pool_factor)
+                             pool_factor=mv.pool_factor, store_dtype=mv.store_dtype,
+                             first_stage_candidates=mv.first_stage_candidates)
 
     def build_model(self, ctx: RunContext):
         cfg = ctx.cfg
@@ -108,8 +109,9 @@ class MultiVectorTask(GlobalBatchTask):
             **hybrid)
 
     def build_evaluator(self, ctx: RunContext, eval_data, dims: list[int], inputs: TaskInputs):
+        # The pages' token vectors are stored on disk during each evaluation, in the run's folder (removed after).
         tokens = ShardedRetrievalEvaluator.of(eval_data, dims, ctx.cfg.evaluation, show_progress=True,
-                                              scoring=self.scoring(ctx.cfg))
+                                              scoring=self.scoring(ctx.cfg), scratch_dir=str(ctx.out / PAGE_STORE))
         if not ctx.cfg.multi_vector.hybrid:
             return tokens
         return HybridEvaluator(tokens, ShardedRetrievalEvaluator.of(eval_data, self.single_dims, ctx.cfg.evaluation,
@@ -164,6 +166,10 @@ class MultiVectorTask(GlobalBatchTask):
         return HybridEvaluator(tokens, ShardedRetrievalEvaluator.of(
             data, [model[0].get_embedding_dimension()], cfg.evaluation, cache_dir=cfg.eval.cache,
             scoring=PooledScoring()))
+
+
+PAGE_STORE = ".page-store"
+"""The run folder's sub-folder where an evaluation during training stores its pages (emptied after each)."""
 
 
 def _rows(metrics, single: bool):
