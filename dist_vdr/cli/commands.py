@@ -238,6 +238,7 @@ def _eval(args: argparse.Namespace) -> int:
     from dist_vdr.data.loading import load_eval
     from dist_vdr.models.build import precision_of
     from dist_vdr.retrieval.metrics import headline
+    from dist_vdr.run.step_stats import own_peak_rss_gib
 
     cfg = load_command(args, EVAL)
     output = eval_output(cfg)
@@ -257,10 +258,12 @@ def _eval(args: argparse.Namespace) -> int:
         return reranker.rerank_command(cfg, info, data, model, output, write_eval_outputs)
     evaluator = task.command_evaluator(cfg, data, model)
     flat = evaluator(model)
+    peaks = distributed.all_gather_objects(own_peak_rss_gib())
     if info.is_main:
         write_eval_outputs(output, evaluator)
         for d in evaluator.dims:
             print(f"dim {d}: {headline(evaluator.last_metrics[d])}", flush=True)
+        print(f"peak resident memory per rank: {' / '.join(f'{p:.2f}' for p in peaks)} GiB", flush=True)
         print(f"outputs in {cfg.eval.output}" if cfg.eval.output else json.dumps(flat), flush=True)
     return 0
 

@@ -119,6 +119,10 @@ class Scoring:
         a page store reads). Default: split, then :meth:`stack`."""
         return self.stack(list(torch.split(rows, list(counts))), side)
 
+    def scores_rows(self, queries: Tensor, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        """:meth:`scores` of pages given as :meth:`stack_rows` takes them (default: stacked, then scored)."""
+        return self.scores(queries, self.stack_rows(rows, counts, PAGE))
+
     def encode_queries(self, model, texts: list[str], batch_size: int) -> Tensor:
         """float32 representations on the CPU of ``texts`` through the model's own query encoding
         (sentence-transformers' ``encode_query``)."""

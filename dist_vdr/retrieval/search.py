@@ -160,15 +160,15 @@ def rescore(queries: torch.Tensor, shard: torch.Tensor | TokenStore, idx: torch.
 
 def _store_rescore(queries: torch.Tensor, store: TokenStore, idx: torch.Tensor, scoring: Scoring, dim: int | None,
                    out: torch.Tensor) -> torch.Tensor:
-    """:func:`rescore` of candidates in a page store: query by query, its candidates read in one go, padded, cut to
-    ``dim`` and scored against it in float64 (``scoring.scores`` of one query: each pair's own value)."""
+    """:func:`rescore` of candidates in a page store: query by query, its candidates read in one go, cut to ``dim``
+    and scored against it in float64 (``scoring.scores_rows`` of one query: each pair's own value)."""
     for i in range(idx.shape[0]):
         valid = idx[i] >= 0
         if not bool(valid.any()):
             continue
         rows, counts = store.read(idx[i][valid].tolist())
-        pages = cut_to(scoring, scoring.stack_rows(rows, counts, PAGE), dim)
-        out[i, valid] = scoring.scores(queries[i:i + 1].double(), pages.double())[0].float()
+        out[i, valid] = scoring.scores_rows(queries[i:i + 1].double(), cut_to(scoring, rows, dim).double(),
+                                            counts)[0].float()
     return out
 
 

@@ -23,8 +23,8 @@ from dist_vdr.retrieval.token_store import TokenStore
 
 
 def two_stage_topk(queries: torch.Tensor, shard: torch.Tensor | TokenStore, offset: int, k: int,
-                   tie_key: np.ndarray, *, candidates: int, scoring: Scoring,
-                   dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   tie_key: np.ndarray, *, candidates: int, scoring: Scoring, dim: int | None = None,
+                   timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of all queries over the corpus rows [offset, offset + len(shard)) this rank holds (every rank at once),
     scored exactly on the first stage's ``candidates`` per query and rank (so the result depends on the number of
     ranks: W ranks score W x ``candidates`` pages per query).
@@ -32,7 +32,12 @@ def two_stage_topk(queries: torch.Tensor, shard: torch.Tensor | TokenStore, offs
     ``queries``: the representations (``scoring``'s); ``shard``: this rank's pages (a tensor or a store), read
     chunk by chunk: each chunk's first-stage vectors (``scoring.first_stage`` of its pages cut to ``dim``) are
     scored against the queries' and forgotten, so memory holds one chunk and a running top-``candidates``.
-    Returns what :func:`~dist_vdr.retrieval.sharded.global_topk` does."""
+    Returns what :func:`~dist_vdr.retrieval.sharded.global_topk` does. ``timings``: filled with the seconds of
+    the pages' first-stage vectors (``pages_s``), the first stage's search (``first_s``) and the exact stage
+    (``exact_s``)."""
+    import time
+
+    clock = {"pages_s": 0.0, "first_s": 0.0}
     if candidates < k:
         raise ValueError(f"the first stage must keep at least k={k} candidates, got {candidates}")
     dim = dim or queries.shape[-1]
@@ -40,10 +45,31 @@ def two_stage_topk(queries: torch.Tensor, shard: torch.Tensor | TokenStore, offs
     query_vectors = scoring.first_stage([scoring.trim(row, QUERY) for row in q], QUERY).float()
     best = empty_top(q.shape[0])
     for positions, items in _page_chunks(shard, scoring):
+        t0 = time.perf_counter()
         page_vectors = scoring.first_stage([cut_to(scoring, t, dim) for t in items], PAGE).float()
+        t1 = time.perf_counter()
         best = keep_top(best, query_vectors @ page_vectors.T, torch.as_tensor(positions), candidates)
-    cand = best[1]
-    keep = k + RESCORE_SLACK
+        clock["pages_s"] += t1 - t0
+        clock["first_s"] += time.perf_counter() - t1
+    t0 = time.perf_counter()
+    scores, idx = _exact_stage(q, shard, best[1], k + RESCORE_SLACK, scoring, dim)
+    top = torch.topk(scores, k, dim=1)
+    idx = torch.gather(idx, 1, top.indices)
+    if timings is not None:
+        timings.update(clock, exact_s=time.perf_counter() - t0)
+    idx = torch.where(idx >= 0, idx + offset, idx)
+    all_scores = distributed.all_gather_same(top.values.contiguous())
+    all_idx = distributed.all_gather_same(idx.contiguous())
+    cat_s = all_scores.permute(1, 0, 2).reshape(q.shape[0], -1)
+    cat_i = all_idx.permute(1, 0, 2).reshape(q.shape[0], -1)
+    return merge_topk(cat_s, cat_i, k, tie_key)
+
+
+def _exact_stage(q: torch.Tensor, shard: torch.Tensor | TokenStore, cand: torch.Tensor, keep: int, scoring: Scoring,
+                 dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, shard positions) ``[Q, keep]`` of each query's best ``keep`` candidates by exact score (-inf / -1
+    past its candidates): every candidate scored in float32, the best ``keep`` again in float64, as the exhaustive
+    search's rescoring gives them (both searches write the same score for a page they both rank)."""
     scores, idx = torch.full((q.shape[0], keep), float("-inf")), torch.full((q.shape[0], keep), -1, dtype=torch.long)
     for i in range(q.shape[0]):
         mine = cand[i][cand[i] >= 0]
@@ -51,23 +77,18 @@ def two_stage_topk(queries: torch.Tensor, shard: torch.Tensor | TokenStore, offs
             continue
         if isinstance(shard, TokenStore):
             rows, counts = shard.read(mine.tolist())
-            pages = cut_to(scoring, scoring.stack_rows(rows, counts, PAGE), dim)
+            rows = cut_to(scoring, rows, dim)
         else:
-            pages = cut_to(scoring, shard[mine], dim)
-        # The exact score of every candidate; the best k + slack again in float64, as the exhaustive search's
-        # rescoring gives them (so both searches write the same score for a page they both rank).
-        best_here = torch.topk(scoring.scores(q[i:i + 1], pages)[0], min(keep, len(mine)))
-        n = len(best_here.indices)
-        scores[i, :n] = scoring.scores(q[i:i + 1].double(), pages[best_here.indices].double())[0].float()
-        idx[i, :n] = mine[best_here.indices]
-    top = torch.topk(scores, k, dim=1)
-    idx = torch.gather(idx, 1, top.indices)
-    idx = torch.where(idx >= 0, idx + offset, idx)
-    all_scores = distributed.all_gather_same(top.values.contiguous())
-    all_idx = distributed.all_gather_same(idx.contiguous())
-    cat_s = all_scores.permute(1, 0, 2).reshape(q.shape[0], -1)
-    cat_i = all_idx.permute(1, 0, 2).reshape(q.shape[0], -1)
-    return merge_topk(cat_s, cat_i, k, tie_key)
+            trimmed = [scoring.trim(p, PAGE) for p in cut_to(scoring, shard[mine], dim)]
+            rows, counts = torch.cat(trimmed), np.array([len(t) for t in trimmed])
+        best = torch.topk(scoring.scores_rows(q[i:i + 1], rows, counts)[0], min(keep, len(mine))).indices
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        picked = best.numpy()
+        chosen = torch.from_numpy(np.concatenate([np.arange(starts[j], starts[j] + counts[j]) for j in picked]))
+        scores[i, :len(picked)] = scoring.scores_rows(q[i:i + 1].double(), rows[chosen].double(),
+                                                      counts[picked])[0].float()
+        idx[i, :len(picked)] = mine[best]
+    return scores, idx
 
 
 PAGE_CHUNK_ROWS = 1 << 16

@@ -202,3 +202,16 @@ def device_facts() -> dict:
                 "peak_memory_kind": "cuda max_memory_allocated", "peak_bf16_flops": peak_flops(name)}
     return {"device": "cpu", "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_memory_kind": "max RSS", "peak_bf16_flops": None}
+
+
+def own_peak_rss_gib() -> float:
+    """This process's peak resident memory in GiB: VmHWM, the high-water mark of its own address space
+    (``ru_maxrss`` keeps the parent's peak across the exec of a spawned process); ``ru_maxrss`` where there is
+    no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2 ** 20
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20

@@ -20,6 +20,8 @@ def test_eval_command_two_ranks_equal_one_rank(model, dims, request, pages, tmp_
     assert one.returncode == 0, log_tail(one.stderr)
     two = run_accelerate(["eval", *args, "--device", "cpu", "--output", str(tmp_path / "two")], timeout=300)
     assert two.returncode == 0, log_tail(two.stderr)
+    peaks = [line for line in two.stdout.splitlines() if line.startswith("peak resident memory per rank: ")]
+    assert len(peaks) == 1 and len(peaks[0].split(": ")[1].split(" / ")) == 2, two.stdout[-2000:]
     a = json.loads((tmp_path / "one" / "retrieval_metrics.json").read_text())["metrics"]
     b = json.loads((tmp_path / "two" / "retrieval_metrics.json").read_text())["metrics"]
     assert a.keys() == b.keys() == {str(d) for d in dims}

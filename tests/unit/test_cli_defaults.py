@@ -50,6 +50,7 @@ REQUIRED = {
     "bench startup": {"--work-dir": "w"},
     "bench checkpoint": {"--work-dir": "w"},
     "bench pooling": {"--model": "m", "--data": "d"},
+    "bench eval-multi-vector": {"--work-dir": "w"},
 }
 
 
@@ -70,7 +71,7 @@ CONFIGURED = sorted(name for name, p in SUBCOMMANDS.items() if p.get_default("co
 def test_the_settings_commands_are_configured():
     assert set(CONFIGURED) == {"eval", "mine-negatives", "score-rows", "pages build", "submit", "bench train",
                                "bench loss", "bench eval", "bench corpus", "bench startup", "bench checkpoint",
-                               "bench search", "bench maxsim", "bench pooling"}
+                               "bench search", "bench maxsim", "bench pooling", "bench eval-multi-vector"}
     assert set(SUBCOMMANDS) == set(CONFIGURED) | set(UNMAPPED)
 
 

@@ -166,3 +166,20 @@ def test_an_interrupted_page_store_goes_on_where_it_stopped(loaded, tmp_path, mo
     assert 0 < calls.count(PAGE) < full
     calls.clear()
     assert evaluate() == first and calls.count(PAGE) == 0  # complete: nothing encoded
+
+
+def test_the_two_stage_evaluation_with_every_page_a_candidate_is_the_exhaustive_one(loaded, setting_float16):
+    """multi_vector.first_stage_candidates: the evaluator's two-stage search (MUVERA candidates, then exact MaxSim);
+    with at least as many candidates as pages it gives the exhaustive search's metrics at every token dim, with
+    fewer it still gives metrics (approximate)."""
+    model, data = loaded
+    exhaustive = setting_float16[3]
+    pages = len(data.corpus)
+    for candidates, exact in ((pages, True), (max(100, pages // 4), False)):
+        ev = ShardedRetrievalEvaluator(data, [32, 16], ks=KS, batch_size=8, num_workers=0, show_progress=False,
+                                       scoring=MaxSimScoring(first_stage_candidates=candidates))
+        got = summarise(ev(model))
+        for dim in (32, 16):
+            assert 0 < got[dim]["ndcg@10"] <= 1
+            if exact:
+                assert got[dim] == pytest.approx(exhaustive[dim], abs=1e-9), dim

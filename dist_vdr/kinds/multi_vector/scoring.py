@@ -307,6 +307,26 @@ class MaxSimScoring(Scoring):
         index = starts[:, None] + torch.where(steps < counts[:, None], steps, 0)
         return rows[index]
 
+    def scores_rows(self, queries: Tensor, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        """``[Q, n]`` MaxSim of ``queries`` against n pages given as their rows one after another (``counts`` rows
+        each, at least 1): one matrix product per block of queries and a max over each page's segment of columns,
+        without padding the pages (the two-stage search's exact stage and the rescoring of a page store)."""
+        import numpy as np
+
+        counts = np.asarray(counts, dtype=np.int64)
+        if len(counts) == 0 or counts.min() < 1:
+            return super().scores_rows(queries, rows, counts)
+        num_q, tq, d = queries.shape
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        block = max(1, self.chunk_elements // max(1, tq * len(rows)))
+        parts = []
+        for qb in range(0, num_q, block):
+            sim = queries[qb:qb + block].reshape(-1, d) @ rows.T  # [b * Tq, rows]
+            best = torch.from_numpy(np.maximum.reduceat(sim.numpy(), starts, axis=1))  # [b * Tq, n]
+            parts.append(best.view(-1, tq, len(counts)).to(_accumulator(best.dtype)).sum(dim=1))
+        out = torch.cat(parts)
+        return out / real_token_counts(queries)[:, None] if self.divide_by_query_length else out
+
     def encode_queries(self, model, texts: list[str], batch_size: int) -> Tensor:
         tokens = model.encode_query(list(texts), batch_size=batch_size, show_progress_bar=False)
         return self.represent(pad_tokens([t.float().cpu() for t in tokens], QUERY))
