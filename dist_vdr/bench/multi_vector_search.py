@@ -216,7 +216,9 @@ def _st_worker(rank: int, corpus_dir: str, out: str) -> None:
 def run(work: str, *, pages: int, page_tokens: int, queries: int, query_tokens: int, dim: int, world_size: int,
         candidates: int, k: int = 100, chunk_elements: int = 1 << 24, sentence_transformers: bool = True,
         fast_plaid_python: str | None = None,
-        seed: int = 0, log=print) -> dict:
+        seed: int = 0, log=print, in_process: bool = False) -> dict:
+    """The bench in ``work`` (see the module); ``in_process``: the 1-rank methods run in this process (a test's
+    shortcut: no fresh interpreters, so their peak RSS is this process's)."""
     folder = Path(work)
     cores = os.cpu_count() or 1
     t0 = time.perf_counter()
@@ -236,7 +238,10 @@ def run(work: str, *, pages: int, page_tokens: int, queries: int, query_tokens: 
     def spawn(name: str, fn, w: int, args: tuple) -> dict:
         out = str(folder / f"{name}.json")
         log(f"running {name} ...")
-        distributed.spawn_gloo(fn, w, (*args, out), str(folder), threads_per_rank=max(1, cores // w))
+        if in_process and w == 1:
+            fn(0, *args, out)
+        else:
+            distributed.spawn_gloo(fn, w, (*args, out), str(folder), threads_per_rank=max(1, cores // w))
         result = json.loads(Path(out).read_text())
         results["methods"][name] = result
         return result
