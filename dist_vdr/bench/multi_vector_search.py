@@ -258,17 +258,28 @@ def run(work: str, *, pages: int, page_tokens: int, queries: int, query_tokens: 
         spawn("sentence-transformers evaluator, 1 process", _st_worker, 1, (str(corpus.folder),))
     if fast_plaid_python:
         log("running fast-plaid ...")
-        proc = subprocess.run([fast_plaid_python, str(CHILD), str(corpus.folder), str(folder / "fast-plaid-index"),
-                               str(k)], capture_output=True, text=True)
-        if proc.returncode != 0:  # the other figures stand; the failure is reported
-            results["fast_plaid_error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else \
-                f"exit {proc.returncode}"
-        else:
-            fp = json.loads(proc.stdout.strip().splitlines()[-1])
-            fp["s"], fp["peak_rss_gib"], fp["idx"] = fp.pop("search_s"), [fp["peak_rss_gib"]], fp.pop("ids")
-            fp.pop("scores", None)
-            results["methods"]["fast-plaid (index build + search), 1 process"] = fp
-    for r in results["methods"].values():
+        _fast_plaid(results, fast_plaid_python, corpus, folder / "fast-plaid-index", k)
+    _score(results["methods"], relevant, reference, k)
+    return results
+
+
+def _fast_plaid(results: dict, python: str, corpus: Corpus, index: Path, k: int) -> None:
+    """fast-plaid's build + search in its own interpreter (fast_plaid_child.py), into ``results``; a failure is
+    reported there, the other figures stand."""
+    proc = subprocess.run([python, str(CHILD), str(corpus.folder), str(index), str(k)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        results["fast_plaid_error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else \
+            f"exit {proc.returncode}"
+        return
+    fp = json.loads(proc.stdout.strip().splitlines()[-1])
+    fp["s"], fp["peak_rss_gib"], fp["idx"] = fp.pop("search_s"), [fp["peak_rss_gib"]], fp.pop("ids")
+    fp.pop("scores", None)
+    results["methods"]["fast-plaid (index build + search), 1 process"] = fp
+
+
+def _score(methods: dict, relevant: np.ndarray, reference: np.ndarray, k: int) -> None:
+    """Each method's rankings (``idx``) replaced by its metrics and its agreement with the exact top-k."""
+    for r in methods.values():
         if "idx" in r:
             idx = np.array([row + [-1] * (k - len(row)) for row in r.pop("idx")])
             m = _metrics(idx, relevant)
@@ -276,7 +287,6 @@ def run(work: str, *, pages: int, page_tokens: int, queries: int, query_tokens: 
             r["recall_of_exact_top100"] = float(np.mean([len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, (b >= 0).sum())
                                                          for a, b in zip(idx, reference, strict=True)]))
             r["same_rankings_as_exact"] = bool((idx == reference).all())
-    return results
 
 
 def format_report(results: dict) -> str:
