@@ -100,11 +100,6 @@ class TokenStore:
         """Bytes of the stored rows."""
         return self.rows * self.dim * self.np_dtype.itemsize
 
-    @property
-    def longest(self) -> int:
-        """The most rows of one stored item (0 when none)."""
-        return int(self.counts.max()) if self.size else 0
-
     # ------------------------------------------------------------------ writing
     def append(self, positions: Sequence[int], items: Sequence[torch.Tensor]) -> None:
         """Store one batch: ``items[i]`` (``[T_i, dim]``) is the item at shard position ``positions[i]``."""
