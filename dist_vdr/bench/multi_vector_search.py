@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_vdr import distributed
+from dist_vdr.run.step_stats import own_peak_rss_gib
 
 KS = (1, 3, 5, 10, 100)
 CHILD = Path(__file__).with_name("fast_plaid_child.py")
@@ -118,12 +119,6 @@ def _metrics(idx: np.ndarray, relevant: np.ndarray) -> dict[str, float]:
     return retrieval_metrics(ranked, qrels, KS)
 
 
-def _peak_rss_gib() -> float:
-    from dist_vdr.run.step_stats import own_peak_rss_gib
-
-    return own_peak_rss_gib()
-
-
 # ------------------------------------------------------------------------------------------- workers
 def _search_worker(rank: int, mode: str, corpus_dir: str, store_dirs: list[str], options: dict, out: str) -> None:
     """One rank of dist-vdr's exact (``mode`` "exact") or two-stage search over its page store."""
@@ -156,7 +151,7 @@ def _search_worker(rank: int, mode: str, corpus_dir: str, store_dirs: list[str],
                                      scoring=scoring, timings=phases)
     distributed.barrier()
     seconds = time.perf_counter() - t0
-    rss = distributed.all_gather_objects(_peak_rss_gib())
+    rss = distributed.all_gather_objects(own_peak_rss_gib())
     if rank == 0:
         Path(out).write_text(json.dumps({"s": seconds, "phases": phases, "peak_rss_gib": rss,
                                          "stored_bytes": store.nbytes, "idx": idx.tolist()}))
@@ -207,7 +202,7 @@ def _st_worker(rank: int, corpus_dir: str, out: str) -> None:
     t0 = time.perf_counter()
     metrics = evaluator(model)
     seconds = time.perf_counter() - t0
-    Path(out).write_text(json.dumps({"s": seconds, "peak_rss_gib": [_peak_rss_gib()],
+    Path(out).write_text(json.dumps({"s": seconds, "peak_rss_gib": [own_peak_rss_gib()],
                                      "ndcg@10": metrics["maxsim_ndcg@10"], "recall@100": metrics["maxsim_recall@100"],
                                      "mrr@10": metrics["maxsim_mrr@10"]}))
 

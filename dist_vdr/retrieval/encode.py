@@ -232,8 +232,7 @@ def encode_corpus_store(model, corpus, store_root: str | os.PathLike, *, rank: i
     preprocessing gets a folder of its own. Returns (global offset of the shard, the store). Memory: one batch."""
     plan = _ShardPlan(model, corpus, rank, world_size, image_column, batch_size, cache_key, scoring, digest=True)
     manifest = {"start": plan.start, "end": plan.end, "key": plan.key, "dtype": scoring.store_dtype}
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(store_root) / f"tokens-{rank}-of-{world_size}-{digest}"
+    folder = _keyed_folder(store_root, "tokens", rank, world_size, manifest)
     _pin_manifest(folder, manifest)
     store = TokenStore.open(folder, size=plan.size, dtype=scoring.store_dtype)
 
@@ -297,6 +296,13 @@ class _ShardPlan:
                 scoring.forward(model, batch_to_device(_blank_page_features(model, scoring), device), PAGE)
 
 
+def _keyed_folder(root: str | os.PathLike, prefix: str, rank: int, world_size: int, manifest: dict) -> Path:
+    """A rank's folder under ``root`` named by a digest of ``manifest``: another model, corpus or preprocessing gets a
+    folder of its own, never another's encodings."""
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / f"{prefix}-{rank}-of-{world_size}-{digest}"
+
+
 def _pin_manifest(folder: Path, manifest: dict) -> None:
     """``folder`` belongs to ``manifest`` (written on first use; a folder of another is an error)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -330,8 +336,7 @@ class _ShardCache:
 
     def __init__(self, cache_dir: str, rank: int, world_size: int, start: int, end: int, key: dict) -> None:
         self.manifest = {"start": start, "end": end, "key": key}
-        digest = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
-        self.dir = Path(cache_dir) / f"shard-{rank}-of-{world_size}-{digest}"
+        self.dir = _keyed_folder(cache_dir, "shard", rank, world_size, self.manifest)
         self.count = 0
 
     def load(self) -> dict[int, torch.Tensor]:

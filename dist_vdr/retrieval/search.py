@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from dist_vdr import distributed
 from dist_vdr.retrieval.scoring import PAGE, Scoring, resolve
 from dist_vdr.retrieval.token_store import TokenStore
 
@@ -51,11 +52,16 @@ def shard_topk(queries: torch.Tensor, shard: torch.Tensor, k: int, *, backend: s
         scores, idx = _faiss_topk(queries, shard, kk)
     else:
         scores, idx = _torch_topk(queries, shard, kk, corpus_chunk, query_block, scoring)
-    if kk < k:
-        pad = k - kk
-        scores = torch.cat([scores, torch.full((scores.shape[0], pad), NEG_INF)], dim=1)
-        idx = torch.cat([idx, torch.full((idx.shape[0], pad), -1, dtype=torch.long)], dim=1)
-    return scores, idx
+    return pad_top(scores, idx, k)
+
+
+def pad_top(scores: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A top list of fewer than ``k`` columns (a shard smaller than k) padded to k: -inf scores, index -1."""
+    pad = k - scores.shape[1]
+    if pad <= 0:
+        return scores, idx
+    return (torch.cat([scores, torch.full((scores.shape[0], pad), NEG_INF)], dim=1),
+            torch.cat([idx, torch.full((idx.shape[0], pad), -1, dtype=torch.long)], dim=1))
 
 
 def _faiss_topk(queries: torch.Tensor, shard: torch.Tensor, k: int):
@@ -99,7 +105,7 @@ def keep_top(best: tuple[torch.Tensor, torch.Tensor], s: torch.Tensor, ids: torc
 def store_topk(queries: torch.Tensor, store: TokenStore, k: int, *, scoring: Scoring, dim: int | None = None,
                progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`shard_topk` of the pages of a :class:`~dist_vdr.retrieval.token_store.TokenStore`, read in chunks of
-    about ``scoring.chunk_elements`` values (2**24 if it has none), each padded (``scoring.stack``) and cut to
+    about ``scoring.chunk_elements`` values (2**24 if it has none), each padded (``scoring.stack_rows``) and cut to
     ``dim`` (``scoring.truncate``): memory is one chunk, its ``[Q, chunk]`` scores and the running top-k.
     Returns (scores [Q, k], shard positions [Q, k]; -inf / -1 past the stored pages). ``progress``: a bar's
     title (None: no bar)."""
@@ -112,12 +118,7 @@ def store_topk(queries: torch.Tensor, store: TokenStore, k: int, *, scoring: Sco
             pages = cut_to(scoring, scoring.stack_rows(flat, counts, PAGE), dim)
             best = keep_top(best, scoring.scores(queries, pages), torch.from_numpy(positions), k)
             bar.update(len(flat))
-    scores, idx = best
-    if scores.shape[1] < k:
-        pad = k - scores.shape[1]
-        scores = torch.cat([scores, torch.full((scores.shape[0], pad), NEG_INF)], dim=1)
-        idx = torch.cat([idx, torch.full((idx.shape[0], pad), -1, dtype=torch.long)], dim=1)
-    return scores, idx
+    return pad_top(*best, k)
 
 
 def cut_to(scoring: Scoring, reps: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -138,8 +139,8 @@ def rescore(queries: torch.Tensor, shard: torch.Tensor | TokenStore, idx: torch.
     the tile the pair falls in, i.e. with how the corpus is split over ranks and chunks; near-ties
     then flip with the number of ranks. Recomputed row by row, a pair always gets the same score.
 
-    ``shard``: the stored representations, or a :class:`~dist_vdr.retrieval.token_store.TokenStore` (its
-    candidates read as needed, padded and cut to ``dim``).
+    ``shard``: the stored representations, or a :class:`~dist_vdr.retrieval.token_store.TokenStore` (each query's
+    candidates read as needed and cut to ``dim``).
     """
     scoring = resolve(scoring)
     out = torch.full(idx.shape, NEG_INF)
@@ -187,6 +188,18 @@ def _pair_rescore(queries: torch.Tensor, shard: torch.Tensor, block: torch.Tenso
              for i in range(0, len(pages), step)]
     s = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     return s.reshape(block.shape).float()
+
+
+def merge_over_ranks(scores: torch.Tensor, idx: torch.Tensor, offset: int, k: int,
+                     tie_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's top lists ([Q, n] scores and SHARD positions, -1 = padding; the same n on every rank) made
+    global (+ ``offset``), all-gathered and merged by :func:`merge_topk` (collective: every rank at once)."""
+    idx = torch.where(idx >= 0, idx + offset, idx)
+    all_scores = distributed.all_gather_same(scores.contiguous())  # [W, Q, n]
+    all_idx = distributed.all_gather_same(idx.contiguous())
+    cat_s = all_scores.permute(1, 0, 2).reshape(scores.shape[0], -1)
+    cat_i = all_idx.permute(1, 0, 2).reshape(scores.shape[0], -1)
+    return merge_topk(cat_s, cat_i, k, tie_key)
 
 
 def merge_topk(scores: torch.Tensor, idx: torch.Tensor, k: int, tie_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

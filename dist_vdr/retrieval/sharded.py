@@ -36,7 +36,7 @@ from dist_vdr.retrieval import mteb_format, stock
 from dist_vdr.retrieval.encode import encode_corpus_shard, encode_corpus_store, encode_queries, shard_range
 from dist_vdr.retrieval.metrics import METRICS, retrieval_metrics
 from dist_vdr.retrieval.scoring import QUERY, Scoring, resolve
-from dist_vdr.retrieval.search import RESCORE_SLACK, has_faiss, merge_topk, rescore, shard_topk, store_topk
+from dist_vdr.retrieval.search import RESCORE_SLACK, has_faiss, merge_over_ranks, rescore, shard_topk, store_topk
 from dist_vdr.retrieval.token_store import TokenStore
 from dist_vdr.retrieval.two_stage import two_stage_topk
 from dist_vdr.run.folder import NDCG_PLOT
@@ -226,12 +226,7 @@ def global_topk(queries: torch.Tensor, shard: torch.Tensor | TokenStore, offset:
         e = e.contiguous()
         _, idx = shard_topk(q, e, k + RESCORE_SLACK, backend=backend, scoring=scoring)
         scores = rescore(q, e, idx, scoring=scoring)
-    idx = torch.where(idx >= 0, idx + offset, idx)
-    all_scores = distributed.all_gather_same(scores)  # [W, Q, k]
-    all_idx = distributed.all_gather_same(idx)
-    cat_s = all_scores.permute(1, 0, 2).reshape(q.shape[0], -1)
-    cat_i = all_idx.permute(1, 0, 2).reshape(q.shape[0], -1)
-    return merge_topk(cat_s, cat_i, k, tie_key)
+    return merge_over_ranks(scores, idx, offset, k, tie_key)
 
 
 def sorted_position(ids: list[str]) -> np.ndarray:

@@ -16,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dist_vdr import distributed
 from dist_vdr.retrieval.scoring import PAGE, QUERY, Scoring
-from dist_vdr.retrieval.search import RESCORE_SLACK, cut_to, empty_top, keep_top, merge_topk
+from dist_vdr.retrieval.search import RESCORE_SLACK, cut_to, empty_top, keep_top, merge_over_ranks
 from dist_vdr.retrieval.token_store import TokenStore
 
 
@@ -57,12 +56,7 @@ def two_stage_topk(queries: torch.Tensor, shard: torch.Tensor | TokenStore, offs
     idx = torch.gather(idx, 1, top.indices)
     if timings is not None:
         timings.update(clock, exact_s=time.perf_counter() - t0)
-    idx = torch.where(idx >= 0, idx + offset, idx)
-    all_scores = distributed.all_gather_same(top.values.contiguous())
-    all_idx = distributed.all_gather_same(idx.contiguous())
-    cat_s = all_scores.permute(1, 0, 2).reshape(q.shape[0], -1)
-    cat_i = all_idx.permute(1, 0, 2).reshape(q.shape[0], -1)
-    return merge_topk(cat_s, cat_i, k, tie_key)
+    return merge_over_ranks(top.values, idx, offset, k, tie_key)
 
 
 def _exact_stage(q: torch.Tensor, shard: torch.Tensor | TokenStore, cand: torch.Tensor, keep: int, scoring: Scoring,

@@ -257,8 +257,7 @@ class MaxSimScoring(Scoring):
             pad[0] = False
         else:
             pad = (rep == 0).all(dim=-1)
-        # the length of the trailing run of padding rows
-        real = (~pad).nonzero()
+        real = (~pad).nonzero()  # the rows up to the last real one are kept
         return rep[:int(real[-1]) + 1] if len(real) else rep[:0 if side == QUERY else 1]
 
     def cache_tag(self) -> str:
