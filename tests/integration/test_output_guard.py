@@ -96,6 +96,10 @@ COMMANDS: dict[str, Command] = {
                                                    "--num-scans", "1"], lambda w: []),
     "bench checkpoint": Command(lambda w, out: ["bench", "checkpoint", "--work-dir", str(out), "--size-gb", "0.001"],
                                 lambda w: []),
+    "bench eval-multi-vector": Command(lambda w, out: [
+        "bench", "eval-multi-vector", "--work-dir", str(out), "--pages", "120", "--page-tokens", "8", "--queries", "4",
+        "--query-tokens", "4", "--dim", "8", "--candidates", "120", "--world-size", "1",
+        "bench_mv_search.sentence_transformers=false"], lambda w: []),
 }
 
 HOSTILE = ("is-an-input", "inside-an-input", "contains-an-input", "a-file", "read-only", "full-disk", "ctrl-c")
