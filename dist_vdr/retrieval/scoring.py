@@ -123,6 +123,13 @@ class Scoring:
         """:meth:`scores` of pages given as :meth:`stack_rows` takes them (default: stacked, then scored)."""
         return self.scores(queries, self.stack_rows(rows, counts, PAGE))
 
+    def pair_scores_rows(self, queries: Tensor, query_of: Tensor, rows: Tensor, counts: Sequence[int],
+                         page_of: Tensor) -> Tensor:
+        """``[m]``: the score of ``queries[query_of[i]]`` with page ``page_of[i]`` of pages given as :meth:`stack_rows`
+        takes them (a page store's float32 chunk), in the queries' precision. Default: :meth:`pair_scores` of the
+        stacked pages, one copy per pair."""
+        return self.pair_scores(queries[query_of], self.stack_rows(rows, counts, PAGE)[page_of].to(queries.dtype))
+
     def encode_queries(self, model, texts: list[str], batch_size: int) -> Tensor:
         """float32 representations on the CPU of ``texts`` through the model's own query encoding
         (sentence-transformers' ``encode_query``)."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dist_vdr import distributed
-from dist_vdr.retrieval.scoring import PAGE, Scoring, resolve
+from dist_vdr.retrieval.scoring import Scoring, resolve
 from dist_vdr.retrieval.token_store import TokenStore
 
 NEG_INF = float("-inf")
@@ -105,8 +105,8 @@ def keep_top(best: tuple[torch.Tensor, torch.Tensor], s: torch.Tensor, ids: torc
 def store_topk(queries: torch.Tensor, store: TokenStore, k: int, *, scoring: Scoring, dim: int | None = None,
                progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`shard_topk` of the pages of a :class:`~dist_vdr.retrieval.token_store.TokenStore`, read in chunks of
-    about ``scoring.chunk_elements`` values (2**24 if it has none), each padded (``scoring.stack_rows``) and cut to
-    ``dim`` (``scoring.truncate``): memory is one chunk, its ``[Q, chunk]`` scores and the running top-k.
+    about ``scoring.chunk_elements`` values (2**24 if it has none), each cut to ``dim`` (``scoring.truncate``) and
+    scored as rows (``scoring.scores_rows``): memory is one chunk, its ``[Q, chunk]`` scores and the running top-k.
     Returns (scores [Q, k], shard positions [Q, k]; -inf / -1 past the stored pages). ``progress``: a bar's
     title (None: no bar)."""
     from tqdm.auto import tqdm
@@ -115,8 +115,8 @@ def store_topk(queries: torch.Tensor, store: TokenStore, k: int, *, scoring: Sco
     best = empty_top(queries.shape[0])
     with tqdm(total=store.rows, desc=progress, unit="vectors", unit_scale=True, disable=progress is None) as bar:
         for positions, flat, counts in store.chunks(rows):
-            pages = cut_to(scoring, scoring.stack_rows(flat, counts, PAGE), dim)
-            best = keep_top(best, scoring.scores(queries, pages), torch.from_numpy(positions), k)
+            scores = scoring.scores_rows(queries, cut_to(scoring, flat, dim), counts)
+            best = keep_top(best, scores, torch.from_numpy(positions), k)
             bar.update(len(flat))
     return pad_top(*best, k)
 
@@ -161,15 +161,38 @@ def rescore(queries: torch.Tensor, shard: torch.Tensor | TokenStore, idx: torch.
 
 def _store_rescore(queries: torch.Tensor, store: TokenStore, idx: torch.Tensor, scoring: Scoring, dim: int | None,
                    out: torch.Tensor) -> torch.Tensor:
-    """:func:`rescore` of candidates in a page store: query by query, its candidates read in one go, cut to ``dim``
-    and scored against it in float64 (``scoring.scores_rows`` of one query: each pair's own value)."""
-    for i in range(idx.shape[0]):
-        valid = idx[i] >= 0
-        if not bool(valid.any()):
-            continue
-        rows, counts = store.read(idx[i][valid].tolist())
-        out[i, valid] = scoring.scores_rows(queries[i:i + 1].double(), cut_to(scoring, rows, dim).double(),
-                                            counts)[0].float()
+    """:func:`rescore` of candidates in a page store: :func:`store_pair_scores` in float64, rounded to float32."""
+    out[:] = store_pair_scores(queries, store, idx, scoring=scoring, dim=dim, dtype=torch.float64).float()
+    return out
+
+
+PAIR_CHUNK_ROWS = 1 << 16
+"""Page rows :func:`store_pair_scores` reads at once."""
+
+
+def store_pair_scores(queries: torch.Tensor, store: TokenStore, idx: torch.Tensor, *, scoring: Scoring,
+                      dim: int | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``[Q, n]`` the score of query i with the stored page ``idx[i, j]`` (-inf where it is -1), in ``dtype``.
+
+    Page by page, not query by query: the wanted pages are read once each, in file order, a chunk at a time, and
+    each is scored against the queries that want it. The
+    queries are small beside a page's tokens and a page is wanted by several queries, so this moves far less memory
+    than reading every query's candidates (the two-stage search's exact stage: hundreds per query). A pair's value
+    depends only on the pair's tokens (in float64: up to the last bits of a product's summation order).
+    ``scoring.pair_scores_rows`` scores a chunk's pairs."""
+    out = torch.full(idx.shape, NEG_INF, dtype=dtype)
+    owner, slot = (idx >= 0).nonzero(as_tuple=True)
+    if len(owner) == 0:
+        return out
+    wanted = idx[owner, slot].numpy()
+    local = np.full(store.size, -1, dtype=np.int64)  # a page's index in the chunk being scored
+    q = queries.to(dtype)
+    for positions, rows, counts in store.chunks(PAIR_CHUNK_ROWS, positions=wanted):
+        local[positions] = np.arange(len(positions))
+        mine = torch.from_numpy(np.flatnonzero(local[wanted] >= 0))
+        out[owner[mine], slot[mine]] = scoring.pair_scores_rows(
+            q, owner[mine], cut_to(scoring, rows, dim), counts, torch.from_numpy(local[wanted[mine]])).to(dtype)
+        local[positions] = -1
     return out
 
 

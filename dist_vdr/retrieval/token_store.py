@@ -147,11 +147,12 @@ class TokenStore:
         rows, counts = self.read(positions)
         return list(torch.split(rows, counts.tolist()))
 
-    def chunks(self, max_rows: int) -> Iterator[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
-        """The stored items in file order (sequential reads), a chunk of whole items of at most ``max_rows`` rows at
-        a time (an item longer than that alone): ``(positions [n], float32 rows, counts [n])`` as :meth:`read`
-        gives them."""
-        order = np.flatnonzero(self.starts >= 0)
+    def chunks(self, max_rows: int, positions: Sequence[int] | None = None
+               ) -> Iterator[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
+        """The stored items (or those at ``positions``, each once) in file order (sequential reads), a chunk of whole
+        items of at most ``max_rows`` rows at a time (an item longer than that alone): ``(positions [n], float32
+        rows, counts [n])`` as :meth:`read` gives them."""
+        order = np.flatnonzero(self.starts >= 0) if positions is None else np.unique(np.asarray(positions, np.int64))
         order = order[np.argsort(self.starts[order], kind="stable")]
         ends = np.cumsum(self.counts[order])
         i = 0

@@ -17,7 +17,16 @@ import numpy as np
 import torch
 
 from dist_vdr.retrieval.scoring import PAGE, QUERY, Scoring
-from dist_vdr.retrieval.search import RESCORE_SLACK, cut_to, empty_top, keep_top, merge_over_ranks
+from dist_vdr.retrieval.search import (
+    RESCORE_SLACK,
+    cut_to,
+    empty_top,
+    keep_top,
+    merge_over_ranks,
+    pad_top,
+    rescore,
+    store_pair_scores,
+)
 from dist_vdr.retrieval.token_store import TokenStore
 
 
@@ -62,27 +71,18 @@ def two_stage_topk(queries: torch.Tensor, shard: torch.Tensor | TokenStore, offs
 def _exact_stage(q: torch.Tensor, shard: torch.Tensor | TokenStore, cand: torch.Tensor, keep: int, scoring: Scoring,
                  dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, shard positions) ``[Q, keep]`` of each query's best ``keep`` candidates by exact score (-inf / -1
-    past its candidates): every candidate scored in float32, the best ``keep`` again in float64, as the exhaustive
-    search's rescoring gives them (both searches write the same score for a page they both rank)."""
-    scores, idx = torch.full((q.shape[0], keep), float("-inf")), torch.full((q.shape[0], keep), -1, dtype=torch.long)
-    for i in range(q.shape[0]):
-        mine = cand[i][cand[i] >= 0]
-        if len(mine) == 0:
-            continue
-        if isinstance(shard, TokenStore):
-            rows, counts = shard.read(mine.tolist())
-            rows = cut_to(scoring, rows, dim)
-        else:
-            trimmed = [scoring.trim(p, PAGE) for p in cut_to(scoring, shard[mine], dim)]
-            rows, counts = torch.cat(trimmed), np.array([len(t) for t in trimmed])
-        best = torch.topk(scoring.scores_rows(q[i:i + 1], rows, counts)[0], min(keep, len(mine))).indices
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        picked = best.numpy()
-        chosen = torch.from_numpy(np.concatenate([np.arange(starts[j], starts[j] + counts[j]) for j in picked]))
-        scores[i, :len(picked)] = scoring.scores_rows(q[i:i + 1].double(), rows[chosen].double(),
-                                                      counts[picked])[0].float()
-        idx[i, :len(picked)] = mine[best]
-    return scores, idx
+    past its candidates). A store's candidates are scored in float32 first (:func:`store_pair_scores`, page by
+    page), and the best ``keep`` again by :func:`rescore` (float64), as the exhaustive search scores its own: both
+    searches write the same score for a page they both rank. In memory, every candidate is rescored at once."""
+    if isinstance(shard, TokenStore):
+        rough = store_pair_scores(q, shard, cand, scoring=scoring, dim=dim, dtype=torch.float32)
+        top = torch.topk(rough, min(keep, rough.shape[1]), dim=1)
+        cand = torch.where(torch.isfinite(top.values), torch.gather(cand, 1, top.indices), -1)
+        scores = rescore(q, shard, cand, scoring=scoring, dim=dim)
+    else:
+        scores = rescore(q, cut_to(scoring, shard, dim), cand, scoring=scoring)
+    top = torch.topk(scores, min(keep, scores.shape[1]), dim=1)
+    return pad_top(top.values, torch.where(torch.isfinite(top.values), torch.gather(cand, 1, top.indices), -1), keep)
 
 
 PAGE_CHUNK_ROWS = 1 << 16

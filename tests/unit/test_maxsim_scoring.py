@@ -235,3 +235,34 @@ def test_exact_search_over_token_embedding_shards(monkeypatch):
     # a rank without pages
     e_scores, e_idx = global_topk(q, torch.empty(0, 0), 0, 5, tie_key, scoring=scoring)
     assert (e_idx == -1).all() and np.isneginf(e_scores).all()
+
+
+@pytest.mark.parametrize("divide", [False, True])
+def test_store_kernels_equal_brute_force(monkeypatch, divide):
+    """The page store's two kernels on pages given as rows + counts: ``scores_rows`` (the exhaustive search: blocks of
+    queries and pages of about one length) and ``pair_scores_rows`` (the two-stage search and the rescoring: pairs
+    grouped by page; float32 and float64) equal a brute-force MaxSim, with blocks small enough to split everything."""
+    from dist_vdr.kinds.multi_vector import scoring as mv
+
+    queries = _ragged(13, 1, 9, seed=30, dtype=torch.float32) + [torch.zeros(0, D)]  # an empty query scores 0
+    pages = _ragged(17, 1, 12, seed=31, dtype=torch.float32)
+    q = pad_tokens(queries, "query")
+    rows, counts = torch.cat(pages), [len(p) for p in pages]
+    brute = brute_maxsim([t.double() for t in queries], [t.double() for t in pages])
+    if divide:
+        brute = brute / torch.tensor([max(1, len(t)) for t in queries], dtype=torch.float64)[:, None]
+    scoring = MaxSimScoring(divide_by_query_length=divide)
+    monkeypatch.setattr(mv, "SCORE_BLOCK", (7, 15))
+    got = scoring.scores_rows(q, rows, counts)
+    assert got.dtype == torch.float32 and (got.double() - brute).abs().max() <= 1e-6
+    g = torch.Generator().manual_seed(32)
+    query_of = torch.randint(0, len(queries), (60,), generator=g)
+    page_of = torch.randint(0, 12, (60,), generator=g)  # pages 12..16 wanted by nobody, some by several
+    want = brute[query_of, page_of]
+    for pair_block in (1 << 20, 3 * D * q.shape[1]):  # everything in one batch; three pairs a batch
+        monkeypatch.setattr(mv, "PAIR_BLOCK", pair_block)
+        rough = scoring.pair_scores_rows(q, query_of, rows, counts, page_of)
+        assert rough.dtype == torch.float32 and (rough.double() - want).abs().max() <= 1e-6
+        exact = scoring.pair_scores_rows(q.double(), query_of, rows, counts, page_of)
+        assert exact.dtype == torch.float64 and (exact - want).abs().max() <= 1e-12
+    assert scoring.pair_scores_rows(q, query_of[:0], rows, counts, page_of[:0]).shape == (0,)

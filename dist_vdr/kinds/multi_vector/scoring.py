@@ -152,6 +152,19 @@ def _pair_maxsim(queries: Tensor, pages: Tensor) -> Tensor:
     return best.to(_accumulator(best.dtype)).sum(dim=1)
 
 
+PAIR_BLOCK = 1 << 20
+"""Query values one batch of :meth:`MaxSimScoring.pair_scores_rows` gathers (4 MiB of float32: in the cache)."""
+
+SCORE_BLOCK = (512, 2048)
+"""Query tokens x page tokens of one block of :meth:`MaxSimScoring.scores_rows` (4 MiB of float32 similarities)."""
+
+
+def _lengths(queries: Tensor) -> Tensor:
+    """``[N]`` each query's tokens up to its last non-zero one (the padding after it is zeros)."""
+    real = (queries != 0).any(dim=-1)
+    return torch.where(real.any(dim=1), real.shape[1] - real.flip(1).int().argmax(dim=1), 0)
+
+
 def _check(queries: Tensor, pages: Tensor) -> None:
     if queries.dim() != 3 or pages.dim() != 3 or queries.shape[-1] != pages.shape[-1]:
         raise ValueError(f"MaxSim scores [N, T, D] token embeddings of the same D, got queries "
@@ -308,23 +321,74 @@ class MaxSimScoring(Scoring):
 
     def scores_rows(self, queries: Tensor, rows: Tensor, counts: Sequence[int]) -> Tensor:
         """``[Q, n]`` MaxSim of ``queries`` against n pages given as their rows one after another (``counts`` rows
-        each, at least 1): one matrix product per block of queries and a max over each page's segment of columns,
-        without padding the pages (the two-stage search's exact stage and the rescoring of a page store)."""
+        each, at least 1; the exhaustive search of a page store, without gradients). Blocks of pages of about one
+        length (each padded with its first row: no max changes) meet blocks of queries of about one length (cut to
+        their longest: a zero token adds 0.0 to a sum, exactly): padding costs little, and each block's similarity
+        matrix (``SCORE_BLOCK`` values) stays in the cache for its max."""
+        counts = torch.as_tensor(counts, dtype=torch.long)
+        if len(counts) == 0 or int(counts.min()) < 1 or queries.shape[0] == 0:
+            return super().scores_rows(queries, rows, counts.tolist())
+        (num_q, _, d), n = queries.shape, len(counts)
+        out = torch.empty(num_q, n, dtype=_accumulator(queries.dtype))
+        q_len = _lengths(queries)
+        q_order, p_order = torch.argsort(q_len), torch.argsort(counts)
+        starts = torch.cumsum(counts, 0) - counts
+        q_block = max(1, SCORE_BLOCK[0] // max(1, int(q_len.float().mean())))
+        p_block = max(1, SCORE_BLOCK[1] // max(1, int(counts.float().mean())))
+        for pb in range(0, n, p_block):
+            p_ids = p_order[pb:pb + p_block]
+            width = int(counts[p_ids].max())
+            steps = torch.arange(width)[None, :]
+            page_rows = rows[starts[p_ids][:, None] + torch.where(steps < counts[p_ids][:, None], steps, 0)]
+            flat = page_rows.reshape(-1, d).T
+            for qb in range(0, num_q, q_block):
+                q_ids = q_order[qb:qb + q_block]
+                tq = max(1, int(q_len[q_ids].max()))
+                sim = queries[q_ids, :tq].reshape(-1, d) @ flat  # [b * tq, pages * width]
+                best = sim.view(len(q_ids), tq, len(p_ids), width).amax(dim=-1)
+                out[q_ids[:, None], p_ids[None, :]] = best.to(out.dtype).sum(dim=1)
+        return out / real_token_counts(queries)[:, None] if self.divide_by_query_length else out
+
+    def pair_scores_rows(self, queries: Tensor, query_of: Tensor, rows: Tensor, counts: Sequence[int],
+                         page_of: Tensor) -> Tensor:
+        """``[m]`` MaxSim of ``queries[query_of[i]]`` with page ``page_of[i]`` (pages as :meth:`stack_rows` takes them;
+        without gradients) in the queries' precision, grouped by page: a page's tokens meet all the queries that
+        want it in one batched product, pages with as many queries in one batch, and no page is copied per pair (a
+        page's tokens outweigh a query's several times over). A batch gathers about ``PAIR_BLOCK`` query values:
+        gathered and multiplied while in the cache, they cost a fraction of a gather to memory."""
         import numpy as np
 
-        counts = np.asarray(counts, dtype=np.int64)
-        if len(counts) == 0 or counts.min() < 1:
-            return super().scores_rows(queries, rows, counts)
-        num_q, tq, d = queries.shape
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        block = max(1, self.chunk_elements // max(1, tq * len(rows)))
-        parts = []
-        for qb in range(0, num_q, block):
-            sim = queries[qb:qb + block].reshape(-1, d) @ rows.T  # [b * Tq, rows]
-            best = torch.from_numpy(np.maximum.reduceat(sim.numpy(), starts, axis=1))  # [b * Tq, n]
-            parts.append(best.view(-1, tq, len(counts)).to(_accumulator(best.dtype)).sum(dim=1))
-        out = torch.cat(parts)
-        return out / real_token_counts(queries)[:, None] if self.divide_by_query_length else out
+        query_of, page_of = torch.as_tensor(query_of), torch.as_tensor(page_of)
+        counts = torch.as_tensor(counts, dtype=torch.long)
+        m = len(page_of)
+        out = torch.zeros(m, dtype=_accumulator(queries.dtype))
+        if m == 0:
+            return out
+        (n, (_, tq, d)) = len(counts), queries.shape
+        flat_queries, rows = queries.reshape(len(queries), tq * d), rows.to(queries.dtype)
+        starts = torch.cumsum(counts, 0) - counts
+        order = torch.argsort(page_of, stable=True)  # pair ids, page by page
+        load = torch.bincount(page_of, minlength=n)
+        first = torch.cumsum(load, 0) - load
+        by_load = torch.argsort(load, stable=True)  # pages with as many pairs batched together
+        sorted_load = load[by_load].numpy()
+        budget = max(1, min(self.chunk_elements, PAIR_BLOCK) // (tq * d))  # pairs per batch
+        i = int(np.searchsorted(sorted_load, 0, side="right"))  # pages nobody asked for
+        while i < n:
+            widths = (np.arange(i + 1, n + 1) - i) * sorted_load[i:]
+            j = i + max(1, int(np.searchsorted(widths, budget, side="right")))
+            batch, width = by_load[i:j], int(sorted_load[j - 1])
+            steps = torch.arange(width)[None, :]
+            real_pair = steps < load[batch][:, None]
+            pair = order[(first[batch][:, None] + steps).clamp(max=m - 1)]  # [b, width]; padding: any pair
+            group = flat_queries.index_select(0, query_of[pair].reshape(-1)).view(len(batch), width * tq, d)
+            c = counts[batch]
+            steps = torch.arange(int(c.max()))[None, :]
+            pages = rows[starts[batch][:, None] + torch.where(steps < c[:, None], steps, 0)]  # padding: first row
+            best = torch.bmm(group, pages.transpose(1, 2)).amax(dim=2)  # [b, width * Tq]
+            out[pair[real_pair]] = best.view(len(batch), width, tq).to(out.dtype).sum(dim=2)[real_pair]
+            i = j
+        return out / real_token_counts(queries)[query_of] if self.divide_by_query_length else out
 
     def encode_queries(self, model, texts: list[str], batch_size: int) -> Tensor:
         tokens = model.encode_query(list(texts), batch_size=batch_size, show_progress_bar=False)
