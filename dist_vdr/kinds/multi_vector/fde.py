@@ -39,7 +39,6 @@ class FixedDimensionalEncoder:
         self.projection = signs / proj_dim ** 0.5  # [R, D, proj_dim]
         self.buckets = 2 ** bits
         self._planes_flat = self.planes.permute(1, 0, 2).reshape(dim, -1)  # [D, R * bits]
-        self._projection_flat = self.projection.permute(1, 0, 2).reshape(dim, -1)  # [D, R * proj_dim]
         self._bit_values = 2 ** torch.arange(bits)
 
     @property
@@ -47,47 +46,49 @@ class FixedDimensionalEncoder:
         """Values per encoding."""
         return self.repetitions * self.buckets * self.proj_dim
 
-    def _codes(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """(bucket [n, R], projection [n, R, proj_dim]) of ``n`` tokens ``[n, D]``: one matrix product per side for
-        all repetitions ([n, D] @ [D, R * x])."""
+    def _buckets(self, tokens: Tensor) -> Tensor:
+        """``[n, R]`` each of ``n`` tokens' bucket in every repetition: one matrix product for all of them."""
         n, R = len(tokens), self.repetitions
         signs = (tokens @ self._planes_flat > 0).view(n, R, self.bits).to(torch.int32)
-        bucket = (signs * self._bit_values.to(torch.int32)).sum(-1)
-        return bucket.long(), (tokens @ self._projection_flat).view(n, R, self.proj_dim)
+        return (signs * self._bit_values.to(torch.int32)).sum(-1).long()
 
     def encode(self, items: Sequence[Tensor], query: bool) -> Tensor:
         """``[len(items), size]`` float32: the encodings of token sets ``items`` (each ``[T_i, D]``, unpadded: a
         page's padding would weigh in its means; a query's zero vectors add nothing). ``query``: sums, else means
-        with empty buckets filled. Layout: repetition, then bucket, then the projected values."""
+        with empty buckets filled. Layout: repetition, then bucket, then the projected values.
+
+        The projection is linear, so each bucket's tokens are summed first and the sums projected: ``2**bits``
+        projections per item and repetition, not one per token."""
         n = len(items)
         if n == 0:
             return torch.zeros(0, self.size)
         counts = torch.tensor([len(t) for t in items])
         tokens = torch.cat([t.float() for t in items]) if counts.sum() else torch.zeros(0, self.dim)
         owner = torch.repeat_interleave(torch.arange(n), counts)
-        bucket, proj = self._codes(tokens)  # [N, R], [N, R, P]
+        bucket = self._buckets(tokens)  # [N, R]
         R, B, P = self.repetitions, self.buckets, self.proj_dim
-        slot = (owner[:, None] * R + torch.arange(R)) * B + bucket  # [N, R]: (item, rep, bucket)
-        sums = torch.zeros(n * R * B, P).index_add_(0, slot.reshape(-1), proj.reshape(-1, P))
-        if query:
-            return sums.view(n, -1)
-        hits = torch.bincount(slot.reshape(-1), minlength=n * R * B)
-        out = sums / hits.clamp(min=1)[:, None]
-        empty = (hits == 0) & (counts > 0).repeat_interleave(R * B)  # a page without tokens stays zeros
-        if empty.any():
-            out[empty] = self._nearest(torch.nonzero(empty).flatten(), bucket, proj, counts)
+        out = torch.zeros(n, R, B, P)
+        for r in range(R):
+            slot = owner * B + bucket[:, r]  # (item, bucket)
+            block = (torch.zeros(n * B, self.dim).index_add_(0, slot, tokens) @ self.projection[r]).view(n, B, P)
+            if not query:
+                hits = torch.bincount(slot, minlength=n * B).view(n, B)
+                block /= hits.clamp(min=1)[..., None]
+                empty = (hits == 0) & (counts > 0)[:, None]  # a page without tokens stays zeros
+                if empty.any():
+                    item, code = empty.nonzero(as_tuple=True)
+                    block[item, code] = tokens[self._nearest(item, code, bucket[:, r], counts)] @ self.projection[r]
+            out[:, r] = block
         return out.view(n, -1)
 
-    def _nearest(self, slots: Tensor, bucket: Tensor, proj: Tensor, counts: Tensor) -> Tensor:
-        """``[len(slots), P]``: for each empty (item, repetition, bucket) slot, the projection of the item's token whose
-        bucket code is nearest to the slot's (Hamming distance of the codes; the first such token)."""
-        R, B = self.repetitions, self.buckets
-        item, rep, code = slots // (R * B), (slots // B) % R, slots % B
+    def _nearest(self, item: Tensor, code: Tensor, bucket: Tensor, counts: Tensor) -> Tensor:
+        """For each empty (item, bucket ``code``) of one repetition, the row of the item's token whose bucket
+        (``bucket``: each token's, ``[N]``) is nearest to ``code`` by Hamming distance (the first such token)."""
         starts = torch.cumsum(counts, 0) - counts
         steps = torch.arange(int(counts[item].max()))[None, :]
         real = steps < counts[item][:, None]
         token = starts[item][:, None] + torch.where(real, steps, 0)  # [E, longest]: the item's tokens
-        popcount = ((torch.arange(B)[:, None] // self._bit_values) % 2).sum(-1)  # [B]: set bits of each code
-        distance = popcount[bucket[token, rep[:, None]] ^ code[:, None]]
+        popcount = ((torch.arange(self.buckets)[:, None] // self._bit_values) % 2).sum(-1)  # [B]: set bits per code
+        distance = popcount[bucket[token] ^ code[:, None]]
         nearest = torch.where(real, distance, self.bits + 1).argmin(dim=1)  # argmin: the first of equals
-        return proj[token[torch.arange(len(slots)), nearest], rep]
+        return token[torch.arange(len(item)), nearest]
