@@ -86,6 +86,10 @@ class Scoring:
         :meth:`scores` (the two-stage search's first stage)."""
         raise NotImplementedError(f"{type(self).__name__} has no first stage")
 
+    def first_stage_tag(self) -> str:
+        """What :meth:`first_stage`'s vectors depend on besides the items (a two-stage index on disk keys on it)."""
+        return type(self).__name__
+
     def trim(self, rep: Tensor, side: str) -> Tensor:
         """One item's representation without the padding :meth:`stack` added (what a store keeps; :meth:`stack`
         of trimmed items must score as the untrimmed ones). Default: as it is."""

@@ -13,6 +13,11 @@ one gather of the per-rank lists and the deterministic merge.
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -29,6 +34,9 @@ from dist_vdr.retrieval.search import (
 )
 from dist_vdr.retrieval.token_store import TokenStore
 
+PAGE_CHUNK_ROWS = 1 << 16
+"""Token vectors per chunk of pages the first stage encodes at once."""
+
 
 def two_stage_topk(queries: torch.Tensor, shard: torch.Tensor | TokenStore, offset: int, k: int,
                    tie_key: np.ndarray, *, candidates: int, scoring: Scoring, dim: int | None = None,
@@ -37,28 +45,27 @@ def two_stage_topk(queries: torch.Tensor, shard: torch.Tensor | TokenStore, offs
     scored exactly on the first stage's ``candidates`` per query and rank (so the result depends on the number of
     ranks: W ranks score W x ``candidates`` pages per query).
 
-    ``queries``: the representations (``scoring``'s); ``shard``: this rank's pages (a tensor or a store), read
-    chunk by chunk: each chunk's first-stage vectors (``scoring.first_stage`` of its pages cut to ``dim``) are
-    scored against the queries' and forgotten, so memory holds one chunk and a running top-``candidates``.
-    Returns what :func:`~dist_vdr.retrieval.sharded.global_topk` does. ``timings``: filled with the seconds of
-    the pages' first-stage vectors (``pages_s``), the first stage's search (``first_s``) and the exact stage
-    (``exact_s``)."""
+    ``queries``: the representations (``scoring``'s); ``shard``: this rank's pages. The pages' first-stage vectors
+    (``scoring.first_stage`` of each page cut to ``dim``): of a store, its :class:`FirstStageIndex` (built on the
+    first search, then read); of a tensor, computed chunk by chunk. Either way they are scored against the queries'
+    a chunk at a time and forgotten: memory holds one chunk and a running top-``candidates``. Returns what
+    :func:`~dist_vdr.retrieval.sharded.global_topk` does. ``timings``: filled with the seconds of building the
+    store's index (``index_s``; 0 when it had one), the first stage (``first_s``; a tensor's page vectors are
+    computed in it) and the exact stage (``exact_s``)."""
     import time
 
-    clock = {"pages_s": 0.0, "first_s": 0.0}
     if candidates < k:
         raise ValueError(f"the first stage must keep at least k={k} candidates, got {candidates}")
     dim = dim or queries.shape[-1]
     q = cut_to(scoring, queries, dim)
     query_vectors = scoring.first_stage([scoring.trim(row, QUERY) for row in q], QUERY).float()
     best = empty_top(q.shape[0])
-    for positions, items in _page_chunks(shard, scoring):
-        t0 = time.perf_counter()
-        page_vectors = scoring.first_stage([cut_to(scoring, t, dim) for t in items], PAGE).float()
-        t1 = time.perf_counter()
+    t0 = time.perf_counter()
+    index = FirstStageIndex.open(shard, scoring, dim) if isinstance(shard, TokenStore) else None
+    t1 = time.perf_counter()
+    for positions, page_vectors in index.chunks() if index is not None else _tensor_vectors(shard, scoring, dim):
         best = keep_top(best, query_vectors @ page_vectors.T, torch.as_tensor(positions), candidates)
-        clock["pages_s"] += t1 - t0
-        clock["first_s"] += time.perf_counter() - t1
+    clock = {"index_s": t1 - t0, "first_s": time.perf_counter() - t1}
     t0 = time.perf_counter()
     scores, idx = _exact_stage(q, shard, best[1], k + RESCORE_SLACK, scoring, dim)
     top = torch.topk(scores, k, dim=1)
@@ -66,6 +73,79 @@ def two_stage_topk(queries: torch.Tensor, shard: torch.Tensor | TokenStore, offs
     if timings is not None:
         timings.update(clock, exact_s=time.perf_counter() - t0)
     return merge_over_ranks(top.values, idx, offset, k, tie_key)
+
+
+class FirstStageIndex:
+    """A page store's first-stage vectors at one ``dim``, in files beside its pages (``first-stage-<tag>-<dim>d``,
+    the tag: ``scoring.first_stage_tag()``), built once and read by every later search of that store (an
+    evaluation's cached store: every evaluation with that dim):
+
+    - ``.f32``: the vectors, float32 ``[pages, width]``, in the store's file order;
+    - ``.pos.npy``: each row's shard position;
+    - ``.json``: written last (the index is whole): the store's rows when it was built, the pages and the width; an
+      index of a store that has grown since (an encoding resumed after it) is built again.
+
+    Read with ``pread`` into a buffer a chunk at a time, as the store is: memory holds one chunk."""
+
+    def __init__(self, base: Path, positions: np.ndarray, width: int) -> None:
+        self.base, self.positions, self.width = base, positions, width
+
+    @classmethod
+    def open(cls, store: TokenStore, scoring: Scoring, dim: int) -> FirstStageIndex:
+        """The index of ``store`` at ``dim``; built now from the store's pages if it has none that is whole."""
+        base = store.folder / f"first-stage-{scoring.first_stage_tag()}-{dim}d"
+        marker = _beside(base, ".json")
+        if marker.exists():
+            meta = json.loads(marker.read_text())
+            vectors = _beside(base, ".f32")
+            if meta["rows"] == store.rows and vectors.exists() and \
+                    vectors.stat().st_size == meta["pages"] * meta["width"] * 4:
+                return cls(base, np.load(_beside(base, ".pos.npy")), meta["width"])
+        return cls._build(store, scoring, dim, base)
+
+    @classmethod
+    def _build(cls, store: TokenStore, scoring: Scoring, dim: int, base: Path) -> FirstStageIndex:
+        parts, width = [], 0
+        tmp = _beside(base, ".f32.tmp")
+        with open(tmp, "wb") as f:
+            for positions, rows, counts in store.chunks(PAGE_CHUNK_ROWS):
+                items = torch.split(cut_to(scoring, rows, dim), counts.tolist())
+                vectors = scoring.first_stage(list(items), PAGE).float().numpy()
+                width = vectors.shape[1]
+                f.write(np.ascontiguousarray(vectors).tobytes())
+                parts.append(positions)
+        positions = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        os.replace(tmp, _beside(base, ".f32"))
+        with open(_beside(base, ".pos.tmp"), "wb") as f:
+            np.save(f, positions)
+        os.replace(_beside(base, ".pos.tmp"), _beside(base, ".pos.npy"))
+        marker = _beside(base, ".json.tmp")
+        marker.write_text(json.dumps({"rows": store.rows, "pages": len(positions), "width": width}))
+        os.replace(marker, _beside(base, ".json"))
+        return cls(base, positions, width)
+
+    def chunks(self, max_values: int = 1 << 24) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(shard positions [n], float32 vectors [n, width]), about ``max_values`` values at a time."""
+        step = max(1, max_values // max(1, self.width))
+        with open(_beside(self.base, ".f32"), "rb") as f:
+            for start in range(0, len(self.positions), step):
+                n = min(step, len(self.positions) - start)
+                buffer = np.empty((n, self.width), dtype=np.float32)
+                os.preadv(f.fileno(), [memoryview(buffer.reshape(-1).view(np.uint8))], start * self.width * 4)
+                yield self.positions[start:start + n], torch.from_numpy(buffer)
+
+
+def _beside(base: Path, suffix: str) -> Path:
+    return base.parent / (base.name + suffix)
+
+
+def _tensor_vectors(shard: torch.Tensor, scoring: Scoring, dim: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(positions, first-stage vectors) of an in-memory shard's pages, a chunk at a time."""
+    step = max(1, PAGE_CHUNK_ROWS // max(1, shard.shape[1] if shard.dim() > 2 else 1))
+    for start in range(0, shard.shape[0], step):
+        rows = shard[start:start + step]
+        items = [cut_to(scoring, scoring.trim(r, PAGE), dim) for r in rows]
+        yield np.arange(start, start + len(rows)), scoring.first_stage(items, PAGE).float()
 
 
 def _exact_stage(q: torch.Tensor, shard: torch.Tensor | TokenStore, cand: torch.Tensor, keep: int, scoring: Scoring,
@@ -84,18 +164,3 @@ def _exact_stage(q: torch.Tensor, shard: torch.Tensor | TokenStore, cand: torch.
     top = torch.topk(scores, min(keep, scores.shape[1]), dim=1)
     return pad_top(top.values, torch.where(torch.isfinite(top.values), torch.gather(cand, 1, top.indices), -1), keep)
 
-
-PAGE_CHUNK_ROWS = 1 << 16
-"""Token vectors per chunk of pages the first stage encodes at once."""
-
-
-def _page_chunks(shard: torch.Tensor | TokenStore, scoring: Scoring):
-    """(positions, trimmed pages) of ``shard``, a chunk at a time."""
-    if isinstance(shard, TokenStore):
-        for positions, rows, counts in shard.chunks(PAGE_CHUNK_ROWS):
-            yield positions, torch.split(rows, counts.tolist())
-        return
-    step = max(1, PAGE_CHUNK_ROWS // max(1, shard.shape[1] if shard.dim() > 2 else 1))
-    for start in range(0, shard.shape[0], step):
-        rows = shard[start:start + step]
-        yield np.arange(start, start + len(rows)), [scoring.trim(r, PAGE) for r in rows]

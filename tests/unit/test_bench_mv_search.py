@@ -15,7 +15,7 @@ def test_the_bench_prints_every_method_side_by_side(tmp_path):
     exact = methods["dist-vdr exact, 1 rank"]
     two = methods["dist-vdr two-stage (300 candidates), 1 rank"]
     assert two["same_rankings_as_exact"] and two["recall_of_exact_top100"] == 1.0  # every page a candidate
-    assert set(two["phases"]) == {"pages_s", "first_s", "exact_s"}
+    assert set(two["phases"]) == {"build_s", "index_s", "first_s", "exact_s"}
     st = methods["sentence-transformers evaluator, 1 process"]
     for name in ("ndcg@10", "recall@100", "mrr@10"):
         assert abs(st[name] - exact[name]) <= 1e-6, name

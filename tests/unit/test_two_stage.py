@@ -13,7 +13,7 @@ from dist_vdr.kinds.multi_vector.fde import FixedDimensionalEncoder
 from dist_vdr.kinds.multi_vector.scoring import PAGE, QUERY, MaxSimScoring, pad_tokens
 from dist_vdr.retrieval.sharded import global_topk, trec_tie_key
 from dist_vdr.retrieval.token_store import TokenStore
-from dist_vdr.retrieval.two_stage import two_stage_topk
+from dist_vdr.retrieval.two_stage import FirstStageIndex, two_stage_topk
 
 
 def _tokens(n: int, lo: int, hi: int, dim: int, seed: int) -> list[torch.Tensor]:
@@ -54,6 +54,39 @@ def test_fewer_candidates_keep_the_exact_scores_of_what_they_find(corpus):
         np.testing.assert_allclose(scores[q], exact[q, idx[q]].numpy(), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="at least k=10"):
         two_stage_topk(queries, store, 0, 10, key, candidates=5, scoring=scoring)
+
+
+def test_the_first_stage_index_is_built_once_per_store_and_dim(corpus, monkeypatch, tmp_path):
+    """A store's page vectors are written beside it by the first search and read by the next (same results); another
+    dim gets its own; a store that grew since, or an index cut before its marker, is indexed again."""
+    pages, queries, store = corpus
+    scoring, key = MaxSimScoring(), trec_tie_key([f"p{i:02d}" for i in range(60)])
+    first = two_stage_topk(queries, store, 0, 10, key, candidates=20, scoring=scoring)
+    built = sorted(p.name for p in store.folder.glob("first-stage-*"))
+    tag = scoring.first_stage_tag()
+    assert built == [f"first-stage-{tag}-16d{s}" for s in (".f32", ".json", ".pos.npy")]
+    index = FirstStageIndex.open(store, scoring, 16)
+    assert index.width == FixedDimensionalEncoder(16).size and sorted(index.positions.tolist()) == list(range(60))
+
+    def no_build(*_):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(FirstStageIndex, "_build", classmethod(no_build))
+    again = two_stage_topk(queries, store, 0, 10, key, candidates=20, scoring=scoring)  # read, not built
+    np.testing.assert_array_equal(again[1], first[1])
+    np.testing.assert_array_equal(again[0], first[0])
+    with pytest.raises(AssertionError, match="built again"):  # another dim: its own index
+        FirstStageIndex.open(store, scoring, 8)
+    monkeypatch.undo()
+
+    grown = TokenStore.open(tmp_path / "grown", size=61, dtype="float32")
+    grown.append(list(range(60)), pages)
+    FirstStageIndex.open(grown, scoring, 16)
+    grown.append([60], _tokens(1, 3, 4, 16, 9))  # an encoding resumed after the index was built
+    assert len(FirstStageIndex.open(grown, scoring, 16).positions) == 61
+    (grown.folder / f"first-stage-{tag}-16d.json").unlink()  # cut before its marker
+    assert len(FirstStageIndex.open(grown, scoring, 16).positions) == 61
+    assert not list(grown.folder.glob("*.tmp"))
 
 
 def test_encodings_follow_the_construction():

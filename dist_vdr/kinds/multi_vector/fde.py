@@ -13,9 +13,11 @@ implementation is numpy inside an ONNX runtime package). Per repetition r of ``r
 
 So <query FDE, page FDE> = sum over query tokens of <token, mean of the page's tokens in its bucket>: close to the
 token's best match when similar tokens share buckets. The encoding is ``repetitions * 2**bits * proj_dim`` values
-(defaults 20 x 8 x 32 = 5,120: on `dist-vdr bench eval-multi-vector`'s 5k-page corpus they kept 99.2 % of the exact
-NDCG@10 with 200 candidates, where 8 x 16 x 16 = 2,048 kept 94.8 %). Deterministic given ``seed``: every rank
-builds the same hyperplanes.
+(defaults 20 x 4 x 32 = 2,560). On `dist-vdr bench eval-multi-vector`'s 20k-page corpus (1,000 queries), the share
+of the exact NDCG@10 kept with 500 / 600 / 800 candidates: 20 x 4 x 32: 99.2 / 99.7 / 100.0 %; 20 x 8 x 32 (5,120
+values, twice the first stage's cost): 98.6 / 98.9 / 99.5 %; 16 x 4 x 32: 97.8 / 98.6 / 98.9 %; 20 x 16 x 16: 97.5 %
+at 400; identity projections (``proj_dim`` = D) no better (docs/benchmarks.md). Deterministic given ``seed``: every
+rank builds the same hyperplanes.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ import torch
 from torch import Tensor
 
 
+BITS, REPETITIONS, PROJ_DIM, SEED = 2, 20, 32, 0
+"""The encodings' defaults (module docstring)."""
+
+
 class FixedDimensionalEncoder:
     """MUVERA's encodings of ``dim``-dimensional token vectors (see the module)."""
 
-    def __init__(self, dim: int, *, bits: int = 3, repetitions: int = 20, proj_dim: int = 32, seed: int = 0) -> None:
+    def __init__(self, dim: int, *, bits: int = BITS, repetitions: int = REPETITIONS, proj_dim: int = PROJ_DIM,
+                 seed: int = SEED) -> None:
         if bits < 1 or repetitions < 1 or proj_dim < 1:
             raise ValueError("bits, repetitions and proj_dim must be >= 1")
         g = torch.Generator().manual_seed(seed)
@@ -40,6 +47,11 @@ class FixedDimensionalEncoder:
         self.buckets = 2 ** bits
         self._planes_flat = self.planes.permute(1, 0, 2).reshape(dim, -1)  # [D, R * bits]
         self._bit_values = 2 ** torch.arange(bits)
+
+    @staticmethod
+    def tag(bits: int = BITS, repetitions: int = REPETITIONS, proj_dim: int = PROJ_DIM, seed: int = SEED) -> str:
+        """The encodings' parameters, for a file name."""
+        return f"muvera-b{bits}-r{repetitions}-p{proj_dim}-s{seed}"
 
     @property
     def size(self) -> int:

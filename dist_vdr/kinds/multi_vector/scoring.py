@@ -262,6 +262,11 @@ class MaxSimScoring(Scoring):
             self._encoders[dim] = FixedDimensionalEncoder(dim)
         return self._encoders[dim].encode(items, query=side == QUERY)
 
+    def first_stage_tag(self) -> str:
+        from dist_vdr.kinds.multi_vector.fde import FixedDimensionalEncoder
+
+        return FixedDimensionalEncoder.tag()
+
     def trim(self, rep: Tensor, side: str) -> Tensor:
         """The item's tokens without padding: a page's trailing copies of its first token (a real token equal to
         the first one is dropped too: a repeat changes no max), a query's trailing zero vectors."""
@@ -370,7 +375,8 @@ class MaxSimScoring(Scoring):
         order = torch.argsort(page_of, stable=True)  # pair ids, page by page
         load = torch.bincount(page_of, minlength=n)
         first = torch.cumsum(load, 0) - load
-        by_load = torch.argsort(load, stable=True)  # pages with as many pairs batched together
+        # pages with as many pairs batched together, and of about one length (a batch pads to its longest)
+        by_load = torch.from_numpy(np.lexsort((counts.numpy(), load.numpy())))
         sorted_load = load[by_load].numpy()
         budget = max(1, min(self.chunk_elements, PAIR_BLOCK) // (tq * d))  # pairs per batch
         i = int(np.searchsorted(sorted_load, 0, side="right"))  # pages nobody asked for
