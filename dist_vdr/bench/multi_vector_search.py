@@ -318,6 +318,7 @@ def format_report(results: dict) -> str:
         p = two["phases"]
         lines.append(f"two-stage vs exact: {base / two['s']:.1f}x faster (first stage {p['first_s']:.2f} s, exact "
                      f"stage {p['exact_s']:.2f} s; its index, built once beforehand: {p['build_s']:.2f} s, "
-                     f"{base / (two['s'] + p['build_s']):.1f}x with it); NDCG@10 {two['ndcg@10'] / ours['ndcg@10']:.2%} "
-                     f"of exact, recall of the exact top-100 {two['recall_of_exact_top100']:.4f}")
+                     f"{base / (two['s'] + p['build_s']):.1f}x with it); NDCG@10 "
+                     f"{two['ndcg@10'] / ours['ndcg@10']:.2%} of exact, recall of the exact top-100 "
+                     f"{two['recall_of_exact_top100']:.4f}")
     return "\n".join(lines)

@@ -127,16 +127,20 @@ class TokenStore:
     # ------------------------------------------------------------------ reading
     def read(self, positions: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
         """The items at ``positions``, as one float32 ``[rows, dim]`` of their rows one item after another, and the
-        items' numbers of rows (``torch.split(rows, counts)`` gives the items). One ``pread`` per item."""
+        items' numbers of rows (``torch.split(rows, counts)`` gives the items). One ``pread`` per run of items that lie
+        one after another in the file (a chunk in file order: one read)."""
         positions = np.asarray(positions, dtype=np.int64)
-        counts = self.counts[positions]
+        counts, starts = self.counts[positions], self.starts[positions]
         row_bytes = self.dim * self.np_dtype.itemsize
         buffer = np.empty((int(counts.sum()), self.dim), dtype=self.np_dtype)
         view = memoryview(buffer.reshape(-1).view(np.uint8))
+        breaks = np.flatnonzero(starts[1:] != starts[:-1] + counts[:-1]) + 1  # where a run of adjacent items ends
+        run_starts = np.concatenate([[0], breaks]).astype(np.int64)
+        run_rows = np.add.reduceat(counts, run_starts) if len(counts) else counts
         with open(self._tokens, "rb") as f:
             fd, at = f.fileno(), 0
-            for start, count in zip(self.starts[positions].tolist(), counts.tolist(), strict=True):
-                size = count * row_bytes
+            for start, rows in zip(starts[run_starts].tolist() if len(counts) else [], run_rows.tolist(), strict=True):
+                size = rows * row_bytes
                 if os.preadv(fd, [view[at:at + size]], start * row_bytes) != size:
                     raise OSError(f"token store {self.folder}: tokens.bin is shorter than its records say")
                 at += size

@@ -39,6 +39,12 @@ def test_items_read_back_as_written(tmp_path, dtype):
     assert sorted(seen) == list(range(10)) and all(torch.equal(seen[p], expect[p]) for p in range(10))
     reopened = TokenStore.open(tmp_path / "s", size=10, dtype=dtype)
     assert reopened.stored == set(range(10)) and torch.equal(reopened.take([4])[0], expect[4])
+    # runs of items adjacent in the file (3, 7, 0 / 1, 2 / 8, 4) read in one go, in the order asked, twice over
+    wanted = [1, 2, 3, 7, 0, 8, 4, 6, 3, 7, 5, 5]
+    assert all(torch.equal(g, expect[p]) for g, p in zip(store.take(wanted), wanted, strict=True))
+    assert store.take([]) == [] and store.read([])[0].shape == (0, 8)
+    some = [positions for positions, _, _ in store.chunks(max_rows=1000, positions=[5, 9, 5, 0])]
+    assert [p.tolist() for p in some] == [[0, 9, 5]]  # the positions asked, each once, in file order
 
 
 def test_a_file_cut_mid_batch_keeps_the_whole_items_and_goes_on(tmp_path):
