@@ -42,8 +42,8 @@ class MultiVectorConfig:
     own values). In eval.cache when given (kept, keyed), else a scratch folder removed after each evaluation."""
     first_stage_candidates: int = 0
     """> 0: the evaluation (and `dist-vdr eval`) searches in two stages: each rank keeps this many pages per query by
-    the inner product of MUVERA fixed dimensional encodings of the token sets (5,120 values per page, computed
-    from the page store as it is read), then scores only those by exact MaxSim. Faster on large corpora, approximate
+    the inner product of MUVERA fixed dimensional encodings of the token sets (2,560 values per page, an index
+    written beside the page store at its first search), then scores only those by exact MaxSim. Faster on large corpora, approximate
     (a page the first stage misses is lost: `dist-vdr bench eval-multi-vector` states the recall); 0: every page is
     scored exactly."""
     hybrid: bool = False
