@@ -207,6 +207,9 @@ class MultiVectorSearchBench:
     seed: int = 0
     json: bool = False
     """Also print the raw figures as JSON."""
+    in_process: bool = False
+    """Run the 1-rank methods in this process, not in fresh interpreters: quicker (the tests' setting), but their
+    peak RSS is then this process's, not their own."""
 
     def __post_init__(self) -> None:
         for name in ("pages", "page_tokens", "queries", "query_tokens", "dim", "world_size"):

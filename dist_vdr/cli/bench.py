@@ -196,7 +196,8 @@ def _bench_mv_search(args: argparse.Namespace) -> int:
     results = _in_work_dir("bench eval-multi-vector", b.work_dir, inputs, lambda work: multi_vector_search.run(
         work, pages=b.pages, page_tokens=b.page_tokens, queries=b.queries, query_tokens=b.query_tokens, dim=b.dim,
         world_size=b.world_size, candidates=b.candidates, sentence_transformers=b.sentence_transformers,
-        fast_plaid_python=b.fast_plaid_python, seed=b.seed, log=lambda line: print(line, flush=True)))
+        fast_plaid_python=b.fast_plaid_python, seed=b.seed, log=lambda line: print(line, flush=True),
+        in_process=b.in_process))
     print(multi_vector_search.format_report(results), flush=True)
     if b.json:
         print(json.dumps(results))

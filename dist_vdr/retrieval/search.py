@@ -175,11 +175,10 @@ def store_pair_scores(queries: torch.Tensor, store: TokenStore, idx: torch.Tenso
     """``[Q, n]`` the score of query i with the stored page ``idx[i, j]`` (-inf where it is -1), in ``dtype``.
 
     Page by page, not query by query: the wanted pages are read once each, in file order, a chunk at a time, and
-    each is scored against the queries that want it. The
-    queries are small beside a page's tokens and a page is wanted by several queries, so this moves far less memory
-    than reading every query's candidates (the two-stage search's exact stage: hundreds per query). A pair's value
-    depends only on the pair's tokens (in float64: up to the last bits of a product's summation order).
-    ``scoring.pair_scores_rows`` scores a chunk's pairs."""
+    each is scored against the queries that want it (``scoring.pair_scores_rows`` of the chunk's pairs). Queries
+    are small beside a page's tokens and a page is wanted by several queries, so this moves far less memory than
+    reading every query's candidates (the two-stage search's exact stage: hundreds per query). A pair's value
+    depends only on the pair's tokens (in float64: up to the last bits of a product's summation order)."""
     out = torch.full(idx.shape, NEG_INF, dtype=dtype)
     owner, slot = (idx >= 0).nonzero(as_tuple=True)
     if len(owner) == 0:

@@ -3,10 +3,12 @@
 For a representation too costly to score against every page (token embeddings by MaxSim: ``Tq x Tp`` inner
 products per pair), each page also gets ONE vector whose inner product with a query's vector approximates the
 exact score (e.g. MUVERA's fixed dimensional encodings, :mod:`dist_vdr.kinds.multi_vector.fde`, or a hybrid
-model's pooled vector). The first stage is an exact inner-product search of those vectors (faiss when installed)
-for ``candidates`` pages per query on each rank's shard; the second scores only those pages exactly
-(:func:`~dist_vdr.retrieval.search.rescore`: pair by pair in float64, the scores the exhaustive search gives them)
-and keeps the best ``k``. A page the first stage misses is lost: the recall of the exhaustive top-k is what
+model's pooled vector). A page store's vectors are an index written beside it at its first search
+(:class:`FirstStageIndex`). The first stage is an exact inner-product search of those vectors (one matrix product
+per chunk) for ``candidates`` pages per query on each rank's shard; the second scores only those pages exactly
+(page by page: :func:`~dist_vdr.retrieval.search.store_pair_scores`), rescores the best ``k`` + slack in float64
+(:func:`~dist_vdr.retrieval.search.rescore`: the scores the exhaustive search gives them) and keeps the best
+``k``. A page the first stage misses is lost: the recall of the exhaustive top-k is what
 ``dist-vdr bench eval-multi-vector`` states beside the speed. Then, as :func:`~dist_vdr.retrieval.sharded.global_topk`:
 one gather of the per-rank lists and the deterministic merge.
 """

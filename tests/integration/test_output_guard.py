@@ -99,7 +99,7 @@ COMMANDS: dict[str, Command] = {
     "bench eval-multi-vector": Command(lambda w, out: [
         "bench", "eval-multi-vector", "--work-dir", str(out), "--pages", "120", "--page-tokens", "8", "--queries", "4",
         "--query-tokens", "4", "--dim", "8", "--candidates", "120", "--world-size", "1",
-        "bench_mv_search.sentence_transformers=false"], lambda w: []),
+        "bench_mv_search.sentence_transformers=false", "bench_mv_search.in_process=true"], lambda w: []),
 }
 
 HOSTILE = ("is-an-input", "inside-an-input", "contains-an-input", "a-file", "read-only", "full-disk", "ctrl-c")

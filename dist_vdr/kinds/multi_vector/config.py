@@ -43,9 +43,9 @@ class MultiVectorConfig:
     first_stage_candidates: int = 0
     """> 0: the evaluation (and `dist-vdr eval`) searches in two stages: each rank keeps this many pages per query by
     the inner product of MUVERA fixed dimensional encodings of the token sets (2,560 values per page, an index
-    written beside the page store at its first search), then scores only those by exact MaxSim. Faster on large corpora, approximate
-    (a page the first stage misses is lost: `dist-vdr bench eval-multi-vector` states the recall); 0: every page is
-    scored exactly."""
+    written beside the page store at its first search), then scores only those by exact MaxSim. Faster on large
+    corpora, approximate (a page the first stage misses is lost: `dist-vdr bench eval-multi-vector` states the
+    recall); 0: every page is scored exactly."""
     hybrid: bool = False
     """Also a pooled single vector on the same backbone (jina-embeddings-v4's design): one encode per mini-batch
     gives the token vectors and the pooled vector, and the loss trains both (the single vector: cosine InfoNCE over

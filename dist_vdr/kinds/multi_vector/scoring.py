@@ -369,6 +369,8 @@ class MaxSimScoring(Scoring):
         out = torch.zeros(m, dtype=_accumulator(queries.dtype))
         if m == 0:
             return out
+        if int(counts.min()) < 1:  # a page without rows (a store never holds one): stacked as pad_tokens does
+            return super().pair_scores_rows(queries, query_of, rows, counts.tolist(), page_of)
         (n, (_, tq, d)) = len(counts), queries.shape
         flat_queries, rows = queries.reshape(len(queries), tq * d), rows.to(queries.dtype)
         starts = torch.cumsum(counts, 0) - counts
