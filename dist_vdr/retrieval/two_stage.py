@@ -107,8 +107,10 @@ class FirstStageIndex:
 
     @classmethod
     def _build(cls, store: TokenStore, scoring: Scoring, dim: int, base: Path) -> FirstStageIndex:
-        parts, width = [], 0
-        tmp = _beside(base, ".f32.tmp")
+        # scratch names of this process: two evaluations sharing a cache each write whole files, and the renames
+        # put equal contents in place (the vectors are a function of the store)
+        parts, width, mine = [], 0, f".{os.getpid()}.tmp"
+        tmp = _beside(base, ".f32" + mine)
         with open(tmp, "wb") as f:
             for positions, rows, counts in store.chunks(PAGE_CHUNK_ROWS):
                 items = torch.split(cut_to(scoring, rows, dim), counts.tolist())
@@ -118,10 +120,10 @@ class FirstStageIndex:
                 parts.append(positions)
         positions = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         os.replace(tmp, _beside(base, ".f32"))
-        with open(_beside(base, ".pos.tmp"), "wb") as f:
+        with open(_beside(base, ".pos" + mine), "wb") as f:
             np.save(f, positions)
-        os.replace(_beside(base, ".pos.tmp"), _beside(base, ".pos.npy"))
-        marker = _beside(base, ".json.tmp")
+        os.replace(_beside(base, ".pos" + mine), _beside(base, ".pos.npy"))
+        marker = _beside(base, ".json" + mine)
         marker.write_text(json.dumps({"rows": store.rows, "pages": len(positions), "width": width}))
         os.replace(marker, _beside(base, ".json"))
         return cls(base, positions, width)
