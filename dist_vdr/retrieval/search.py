@@ -139,8 +139,8 @@ def rescore(queries: torch.Tensor, shard: torch.Tensor | TokenStore, idx: torch.
     the tile the pair falls in, i.e. with how the corpus is split over ranks and chunks; near-ties
     then flip with the number of ranks. Recomputed row by row, a pair always gets the same score.
 
-    ``shard``: the stored representations, or a :class:`~dist_vdr.retrieval.token_store.TokenStore` (each query's
-    candidates read as needed and cut to ``dim``).
+    ``shard``: the stored representations, or a :class:`~dist_vdr.retrieval.token_store.TokenStore` (the candidates
+    read page by page and cut to ``dim``: :func:`store_pair_scores`).
     """
     scoring = resolve(scoring)
     out = torch.full(idx.shape, NEG_INF)

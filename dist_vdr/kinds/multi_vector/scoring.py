@@ -159,6 +159,13 @@ SCORE_BLOCK = (512, 2048)
 """Query tokens x page tokens of one block of :meth:`MaxSimScoring.scores_rows` (4 MiB of float32 similarities)."""
 
 
+def _padded(rows: Tensor, starts: Tensor, counts: Tensor) -> Tensor:
+    """``[n, longest, D]``: the items of ``counts[i]`` rows from row ``starts[i]`` of ``rows``, each padded with its
+    first row (a repeat changes no max), in one gather."""
+    steps = torch.arange(int(counts.max()))[None, :]
+    return rows[starts[:, None] + torch.where(steps < counts[:, None], steps, 0)]
+
+
 def _lengths(queries: Tensor) -> Tensor:
     """``[N]`` each query's tokens up to its last non-zero one (the padding after it is zeros)."""
     real = (queries != 0).any(dim=-1)
@@ -318,11 +325,7 @@ class MaxSimScoring(Scoring):
         counts = torch.as_tensor(counts, dtype=torch.long)
         if side == QUERY or len(counts) == 0 or int(counts.min()) == 0:
             return super().stack_rows(rows, counts.tolist(), side)
-        width = int(counts.max())
-        starts = torch.cumsum(counts, 0) - counts
-        steps = torch.arange(width)[None, :]
-        index = starts[:, None] + torch.where(steps < counts[:, None], steps, 0)
-        return rows[index]
+        return _padded(rows, torch.cumsum(counts, 0) - counts, counts)
 
     def scores_rows(self, queries: Tensor, rows: Tensor, counts: Sequence[int]) -> Tensor:
         """``[Q, n]`` MaxSim of ``queries`` against n pages given as their rows one after another (``counts`` rows
@@ -342,9 +345,8 @@ class MaxSimScoring(Scoring):
         p_block = max(1, SCORE_BLOCK[1] // max(1, int(counts.float().mean())))
         for pb in range(0, n, p_block):
             p_ids = p_order[pb:pb + p_block]
-            width = int(counts[p_ids].max())
-            steps = torch.arange(width)[None, :]
-            page_rows = rows[starts[p_ids][:, None] + torch.where(steps < counts[p_ids][:, None], steps, 0)]
+            page_rows = _padded(rows, starts[p_ids], counts[p_ids])
+            width = page_rows.shape[1]
             flat = page_rows.reshape(-1, d).T
             for qb in range(0, num_q, q_block):
                 q_ids = q_order[qb:qb + q_block]
@@ -390,9 +392,7 @@ class MaxSimScoring(Scoring):
             real_pair = steps < load[batch][:, None]
             pair = order[(first[batch][:, None] + steps).clamp(max=m - 1)]  # [b, width]; padding: any pair
             group = flat_queries.index_select(0, query_of[pair].reshape(-1)).view(len(batch), width * tq, d)
-            c = counts[batch]
-            steps = torch.arange(int(c.max()))[None, :]
-            pages = rows[starts[batch][:, None] + torch.where(steps < c[:, None], steps, 0)]  # padding: first row
+            pages = _padded(rows, starts[batch], counts[batch])
             best = torch.bmm(group, pages.transpose(1, 2)).amax(dim=2)  # [b, width * Tq]
             out[pair[real_pair]] = best.view(len(batch), width, tq).to(out.dtype).sum(dim=2)[real_pair]
             i = j
